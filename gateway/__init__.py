@@ -1,0 +1,1 @@
+"""Attested OpenAI-compatible gateway: routing, upstream verification, receipts."""

@@ -1,0 +1,17 @@
+"""Shared test helpers: the public conformance data in ../shared/testdata."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+TESTDATA = Path(__file__).resolve().parents[2] / "shared" / "testdata"
+
+
+@pytest.fixture
+def testdata() -> Path:
+    """The shared conformance data; the test skips when it is absent."""
+    if not TESTDATA.is_dir():
+        pytest.skip(f"shared conformance data not found at {TESTDATA}")
+    return TESTDATA

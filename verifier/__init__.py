@@ -1,0 +1,1 @@
+"""Client side: verify attestation, receipts, checkpoints and proofs; audit logs."""
