@@ -1,0 +1,123 @@
+"""The log over HTTP, as `python -m tlog serve` runs it."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import stat
+
+import httpx
+import pytest
+
+from tests.tlogutil import start_tlog, stop
+from tlog import checkpoint, merkle, note, proof, tiles
+
+
+@pytest.fixture(scope="module")
+def log(tmp_path_factory):
+    data = tmp_path_factory.mktemp("tlog") / "log"
+    proc, url = start_tlog(data)
+    token = (data / "append.token").read_text().strip()
+    verifier = note.verifier_from_vkey((data / "log.vkey").read_text())
+    yield url, token, verifier, data
+    stop(proc)
+
+
+def add(url: str, token: str, entry: bytes) -> httpx.Response:
+    return httpx.post(f"{url}/add", content=entry, headers={"Authorization": f"Bearer {token}"})
+
+
+def test_files_and_modes(log):
+    _, _, verifier, data = log
+    for name in ("log.key", "append.token"):
+        assert stat.S_IMODE((data / name).stat().st_mode) == 0o600
+    assert note.verifier_from_vkey((data / "log.vkey").read_text()).name == "pag.local/log"
+
+
+def test_append_answer_is_a_valid_proof(log):
+    url, token, verifier, _ = log
+    entry = json.dumps({"request_hash": "ab" * 32, "x": 1}).encode()
+    r = add(url, token, entry)
+    assert r.status_code == 200
+    body = r.json()
+    cp, _ = checkpoint.open(body["checkpoint"].encode(), verifier)
+    p = proof.parse(body["proof"].encode())
+    assert p.extra == entry and p.index == body["index"] < cp.size
+    got, _ = checkpoint.open(p.checkpoint, verifier)
+    proof.check_inclusion(p, got)
+    # lookup by request hash gives a proof for the same entry
+    looked = httpx.get(f"{url}/proof/{'ab' * 32}")
+    assert looked.status_code == 200
+    lp = proof.parse(looked.content)
+    assert lp.index == body["index"] and lp.extra == entry
+    proof.check_inclusion(lp, checkpoint.open(lp.checkpoint, verifier)[0])
+
+
+@pytest.mark.parametrize(
+    ("headers", "status"),
+    [({}, 401), ({"Authorization": "Bearer wrong"}, 401), ({"Authorization": "Basic x"}, 401)],
+)
+def test_appends_need_the_token(log, headers, status):
+    url, *_ = log
+    assert httpx.post(f"{url}/add", content=b"x", headers=headers).status_code == status
+
+
+def test_oversized_and_empty_entries(log):
+    url, token, *_ = log
+    assert add(url, token, b"x" * 65536).status_code == 413
+    assert add(url, token, b"").status_code == 400
+    assert add(url, token, b"y" * 65535).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("path", "status"),
+    [("/tile/0/0", 400), ("/tile/0/x000/001", 400), ("/tile/0/000.p/0", 400),
+     ("/tile/99/000", 400), ("/tile/5/000.p/1", 404), ("/tile/0/x999/999", 404),
+     ("/tile/entries/999", 404), ("/proof/ABC", 400), ("/proof/" + "0" * 64, 404),
+     ("/consistency?old=0&new=1", 400), ("/consistency?old=5&new=2", 400),
+     ("/consistency?old=1&new=999999", 400), ("/consistency?old=x", 400), ("/nope", 404)],
+)
+def test_bad_reads_are_4xx(log, path, status):
+    url, *_ = log
+    assert httpx.get(url + path).status_code == status
+
+
+def test_concurrent_appends_batch_and_tiles_recompute_root(log):
+    url, token, verifier, _ = log
+
+    async def burst() -> list[dict]:
+        async with httpx.AsyncClient(timeout=30) as c:
+            rs = await asyncio.gather(*[
+                c.post(f"{url}/add", content=b"burst %d" % i,
+                       headers={"Authorization": f"Bearer {token}"}) for i in range(300)
+            ])
+        return [r.json() for r in rs]
+
+    answers = asyncio.run(burst())
+    indexes = sorted(a["index"] for a in answers)
+    assert len(set(indexes)) == 300
+    sizes = {checkpoint.open(a["checkpoint"].encode(), verifier)[0].size for a in answers}
+    assert len(sizes) < 300  # several appends shared one checkpoint
+
+    r = httpx.get(f"{url}/checkpoint")
+    assert r.headers["content-type"].startswith("text/plain")
+    cp, _ = checkpoint.open(r.content, verifier)
+    leaves: list[bytes] = []
+    for b in tiles.bundles_for_size(cp.size):
+        resp = httpx.get(f"{url}/{b}")
+        assert resp.status_code == 200
+        leaves += [merkle.leaf_hash(e) for e in tiles.decode_bundle(resp.content)]
+    assert merkle.root(leaves) == cp.root_hash
+    for t in tiles.tiles_for_size(cp.size):
+        resp = httpx.get(f"{url}/{t}")
+        assert resp.headers["content-type"] == "application/octet-stream"
+        if not t.partial:
+            assert "immutable" in resp.headers["cache-control"]
+        if t.level == 0:
+            assert resp.content == b"".join(leaves[t.index * 256 : t.index * 256 + t.width])
+    # consistency between an early checkpoint and now
+    old = min(sizes)
+    c = httpx.get(f"{url}/consistency", params={"old": old, "new": cp.size}).json()
+    merkle.verify_consistency(old, cp.size, [base64.b64decode(h) for h in c["proof"]],
+                              merkle.root(leaves[:old]), cp.root_hash)

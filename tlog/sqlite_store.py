@@ -1,0 +1,115 @@
+"""SQLite storage for the log: WAL, synchronous=FULL, explicit transactions.
+
+One file `log.db`. Every write is one `BEGIN IMMEDIATE … COMMIT`, fsynced
+before it returns, so a step that returned survives kill -9.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+from tlog.storage import Head
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS entries (idx INTEGER PRIMARY KEY, data BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS tiles (level INTEGER, idx INTEGER, data BLOB NOT NULL,
+                                  PRIMARY KEY (level, idx)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS checkpoints (size INTEGER PRIMARY KEY, root BLOB NOT NULL,
+                                        note BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS lookup (key TEXT NOT NULL, idx INTEGER NOT NULL,
+                                   PRIMARY KEY (key, idx)) WITHOUT ROWID;
+"""
+
+
+class SQLiteStore:
+    """tlog.storage.Storage on one SQLite database; safe across threads.
+
+    Writes go through one connection; reads use a second one so that WAL lets
+    them run while a write transaction is being fsynced.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(SCHEMA)
+        self._lock = threading.Lock()
+        self._rdb = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+        self._rlock = threading.Lock()
+
+    def size(self) -> int:
+        with self._rlock:
+            row = self._rdb.execute("SELECT MAX(idx) FROM entries").fetchone()
+        return 0 if row[0] is None else row[0] + 1
+
+    def head(self) -> Head | None:
+        with self._rlock:
+            row = self._rdb.execute(
+                "SELECT size, root, note FROM checkpoints ORDER BY size DESC LIMIT 1"
+            ).fetchone()
+        return None if row is None else Head(row[0], bytes(row[1]), bytes(row[2]))
+
+    def read_tile(self, level: int, index: int) -> bytes:
+        with self._rlock:
+            row = self._rdb.execute(
+                "SELECT data FROM tiles WHERE level = ? AND idx = ?", (level, index)
+            ).fetchone()
+        return b"" if row is None else bytes(row[0])
+
+    def read_entries(self, start: int, end: int) -> list[bytes]:
+        with self._rlock:
+            rows = self._rdb.execute(
+                "SELECT data FROM entries WHERE idx >= ? AND idx < ? ORDER BY idx", (start, end)
+            ).fetchall()
+        return [bytes(r[0]) for r in rows]
+
+    def persist(self, start: int, entries: Sequence[bytes], tiles: dict[tuple[int, int], bytes],
+                keys: Sequence[tuple[str, int]]) -> None:
+        with self._lock:
+            db = self._db
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                db.executemany("INSERT INTO entries (idx, data) VALUES (?, ?)",
+                               ((start + i, e) for i, e in enumerate(entries)))
+                db.executemany("INSERT OR REPLACE INTO tiles (level, idx, data) VALUES (?, ?, ?)",
+                               ((lv, ix, d) for (lv, ix), d in tiles.items()))
+                db.executemany("INSERT OR IGNORE INTO lookup (key, idx) VALUES (?, ?)", keys)
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+
+    def checkpoint(self, head: Head) -> None:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.execute("INSERT INTO checkpoints (size, root, note) VALUES (?, ?, ?)",
+                                 (head.size, head.root, head.note))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def update_note(self, size: int, note_bytes: bytes) -> None:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute("UPDATE checkpoints SET note = ? WHERE size = ?", (note_bytes, size))
+            self._db.execute("COMMIT")
+
+    def checkpoint_note(self, size: int) -> bytes | None:
+        with self._rlock:
+            row = self._rdb.execute("SELECT note FROM checkpoints WHERE size = ?", (size,)).fetchone()
+        return None if row is None else bytes(row[0])
+
+    def lookup(self, key: str) -> int | None:
+        with self._rlock:
+            row = self._rdb.execute("SELECT MAX(idx) FROM lookup WHERE key = ?", (key,)).fetchone()
+        return row[0]
+
+    def close(self) -> None:
+        with self._lock, self._rlock:
+            self._db.close()
+            self._rdb.close()
