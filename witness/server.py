@@ -1,0 +1,168 @@
+"""The C2SP tlog-witness HTTP API (ASGI): POST /add-checkpoint and GET /.
+
+A checkpoint is cosigned only if it is signed by the configured key for its
+origin and is consistent with the last checkpoint this witness cosigned for
+that origin; the new size and root are durable before the answer is sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from tlog import checkpoint, merkle, note
+from witness import cosignature, request
+from witness.state import State
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+CRASH_AFTER_PERSIST = "PAG_WITNESS_CRASH_AFTER_PERSIST"
+"""Test hook: exit the process right after persisting, before answering."""
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """An add-checkpoint refusal: HTTP status, body and content type."""
+
+    status: int
+    body: bytes
+    ctype: bytes = b"text/plain; charset=utf-8"
+
+
+class Witness:
+    """The add-checkpoint rules over a State and a cosigner."""
+
+    def __init__(self, state: State, signer: cosignature.CosignatureSigner,
+                 logs: dict[str, note.Ed25519Verifier]) -> None:
+        self.state = state
+        self.signer = signer
+        self.logs = logs
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    async def add_checkpoint(self, body: bytes) -> bytes | Refusal:
+        """Cosignature line(s) for a valid, consistent checkpoint, or a Refusal."""
+        try:
+            req = request.parse(body)
+            text, _ = note.split(req.checkpoint)
+            cp = checkpoint.parse(text)
+        except (request.RequestError, note.NoteError, checkpoint.CheckpointError) as e:
+            return Refusal(400, f"malformed request: {e}\n".encode())
+        verifier = self.logs.get(cp.origin)
+        if verifier is None:
+            return Refusal(404, b"unknown log origin\n")
+        try:
+            checkpoint.open(req.checkpoint, verifier)
+        except checkpoint.CheckpointError:
+            return Refusal(403, b"no valid signature from the log's key\n")
+        if req.old_size > cp.size:
+            return Refusal(400, b"old size exceeds the checkpoint size\n")
+        lock = self._locks.setdefault(cp.origin, asyncio.Lock())
+        async with lock:
+            return await self._check_and_advance(req, cp)
+
+    async def _check_and_advance(self, req: request.AddCheckpoint,
+                                 cp: checkpoint.Checkpoint) -> bytes | Refusal:
+        stored = await asyncio.to_thread(self.state.get, cp.origin)
+        size0, root0 = stored
+        if req.old_size != size0:
+            return Refusal(409, f"{size0}\n".encode(), request.SIZE_CONTENT_TYPE.encode())
+        if req.old_size == 0:
+            if req.proof:
+                return Refusal(422, b"a proof from size 0 must be empty\n")
+            if cp.size == 0 and cp.root_hash != merkle.EMPTY_ROOT:
+                return Refusal(422, b"the empty tree's root must be SHA-256 of nothing\n")
+            if root0 is not None and cp.size == 0 and root0 != cp.root_hash:
+                return Refusal(422, b"fork at size 0\n")
+        elif req.old_size == cp.size:
+            if req.proof:
+                return Refusal(422, b"the proof between equal sizes must be empty\n")
+            if cp.root_hash != root0:
+                cosigned = await asyncio.to_thread(self.state.note, cp.origin)
+                await asyncio.to_thread(self.state.record_fork, cp.origin, cp.size,
+                                        cosigned or b"", req.checkpoint)
+                return Refusal(422, b"fork: same size, different root\n")
+        else:
+            assert root0 is not None
+            try:
+                merkle.verify_consistency(req.old_size, cp.size, list(req.proof), root0, cp.root_hash)
+            except merkle.ProofError as e:
+                return Refusal(422, f"consistency proof: {e}\n".encode())
+        ok = await asyncio.to_thread(self.state.advance, cp.origin, stored, cp.size,
+                                     cp.root_hash, req.checkpoint)
+        if not ok:
+            size_now, _ = await asyncio.to_thread(self.state.get, cp.origin)
+            return Refusal(409, f"{size_now}\n".encode(), request.SIZE_CONTENT_TYPE.encode())
+        if os.environ.get(CRASH_AFTER_PERSIST):
+            os._exit(137)
+        return cosignature.cosign(req.checkpoint, self.signer).line()
+
+    def status(self) -> dict[str, Any]:
+        logs = []
+        for origin, v in sorted(self.logs.items()):
+            size, root = self.state.get(origin)
+            logs.append({"origin": origin, "vkey": v.vkey, "size": size,
+                         "root": root.hex() if root else None})
+        return {"name": self.signer.name, "vkey": self.signer.vkey, "logs": logs,
+                "forks": len(self.state.forks())}
+
+
+class WitnessApp:
+    """ASGI wrapper around a Witness."""
+
+    def __init__(self, witness: Witness) -> None:
+        self.witness = witness
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                msg = await receive()
+                await send({"type": msg["type"] + ".complete"})
+                if msg["type"] == "lifespan.shutdown":
+                    return
+        if scope["type"] != "http":
+            return
+        method, path = scope["method"], scope["path"]
+        if path == "/add-checkpoint":
+            if method != "POST":
+                return await _send(send, 405, b"use POST\n")
+            body = await _body(receive, request.MAX_BODY)
+            if body is None:
+                return await _send(send, 400, b"body too large\n")
+            result = await self.witness.add_checkpoint(body)
+            if isinstance(result, Refusal):
+                return await _send(send, result.status, result.body, result.ctype)
+            return await _send(send, 200, result)
+        if path == "/" and method in ("GET", "HEAD"):
+            return await _send(send, 200, json.dumps(self.witness.status()).encode(),
+                               b"application/json")
+        if path == "/forks" and method in ("GET", "HEAD"):
+            return await _send(send, 200, json.dumps(self.witness.state.forks()).encode(),
+                               b"application/json")
+        await _send(send, 404, b"not found\n")
+
+
+async def _body(receive: Receive, limit: int) -> bytes | None:
+    chunks, total = [], 0
+    while True:
+        msg = await receive()
+        chunk = msg.get("body", b"")
+        total += len(chunk)
+        if total > limit:
+            return None
+        chunks.append(chunk)
+        if not msg.get("more_body"):
+            return b"".join(chunks)
+
+
+async def _send(send: Send, status: int, body: bytes,
+                ctype: bytes = b"text/plain; charset=utf-8") -> None:
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", ctype),
+                            (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})

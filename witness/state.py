@@ -1,0 +1,89 @@
+"""The witness's durable state: the last cosigned (size, root) per log, and forks.
+
+Updates are compare-and-swap in one SQLite transaction (WAL,
+synchronous=FULL): a new size and root are committed only if the stored ones
+are still the ones the request was checked against, and the commit is
+fsynced before the witness answers.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS logs (origin TEXT PRIMARY KEY, size INTEGER NOT NULL,
+                                 root BLOB NOT NULL, note BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS forks (id INTEGER PRIMARY KEY, origin TEXT NOT NULL,
+                                  size INTEGER NOT NULL, cosigned_note BLOB NOT NULL,
+                                  conflicting_note BLOB NOT NULL, seen REAL NOT NULL);
+"""
+
+
+class State:
+    """Per-origin witness state in SQLite."""
+
+    def __init__(self, path: str | Path) -> None:
+        self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(SCHEMA)
+        self._lock = threading.Lock()
+
+    def get(self, origin: str) -> tuple[int, bytes | None]:
+        """(size, root) last cosigned for `origin`; (0, None) if never."""
+        with self._lock:
+            row = self._db.execute("SELECT size, root FROM logs WHERE origin = ?",
+                                   (origin,)).fetchone()
+        return (0, None) if row is None else (row[0], bytes(row[1]))
+
+    def note(self, origin: str) -> bytes | None:
+        """The last checkpoint note cosigned for `origin`."""
+        with self._lock:
+            row = self._db.execute("SELECT note FROM logs WHERE origin = ?", (origin,)).fetchone()
+        return None if row is None else bytes(row[0])
+
+    def advance(self, origin: str, old: tuple[int, bytes | None], size: int, root: bytes,
+                note: bytes) -> bool:
+        """Store (size, root) if the state is still `old`; False if it moved meanwhile."""
+        with self._lock:
+            db = self._db
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                row = db.execute("SELECT size, root FROM logs WHERE origin = ?",
+                                 (origin,)).fetchone()
+                current = (0, None) if row is None else (row[0], bytes(row[1]))
+                if current != old:
+                    db.execute("ROLLBACK")
+                    return False
+                db.execute("INSERT OR REPLACE INTO logs (origin, size, root, note) "
+                           "VALUES (?, ?, ?, ?)", (origin, size, root, note))
+                db.execute("COMMIT")
+                return True
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+
+    def record_fork(self, origin: str, size: int, cosigned: bytes, conflicting: bytes) -> None:
+        """Keep both signed checkpoints of a fork: the one cosigned and the conflicting one."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute(
+                "INSERT INTO forks (origin, size, cosigned_note, conflicting_note, seen) "
+                "VALUES (?, ?, ?, ?, ?)", (origin, size, cosigned, conflicting, time.time()))
+            self._db.execute("COMMIT")
+
+    def forks(self) -> list[dict[str, object]]:
+        """Recorded fork evidence."""
+        with self._lock:
+            rows = self._db.execute("SELECT origin, size, cosigned_note, conflicting_note, seen "
+                                    "FROM forks ORDER BY id").fetchall()
+        return [{"origin": o, "size": s, "cosigned": bytes(a).decode(errors="replace"),
+                 "conflicting": bytes(b).decode(errors="replace"), "seen": t}
+                for o, s, a, b, t in rows]
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
