@@ -79,11 +79,14 @@ def consistency_proof(old_size: int, new_size: int, leaf_hashes: Sequence[bytes]
 # -- node API ---------------------------------------------------------------
 
 
-def range_hash(lo: int, hi: int, node: NodeReader) -> bytes:
+def range_hash(lo: int, hi: int, node: NodeReader,
+               memo: dict[tuple[int, int], bytes] | None = None) -> bytes:
     """Hash of leaves [lo, hi) where lo is aligned as in RFC 6962's recursion.
 
     The range is split at the largest power of two below its length; each
-    complete, aligned subtree is read with `node`.
+    complete, aligned subtree is read with `node`. `memo`, if given, keeps the
+    hashes of incomplete ranges (the tree's right edge) across calls for one
+    tree size.
     """
     n = hi - lo
     if n <= 0:
@@ -91,8 +94,13 @@ def range_hash(lo: int, hi: int, node: NodeReader) -> bytes:
     if n & (n - 1) == 0 and lo % n == 0:
         level = n.bit_length() - 1
         return node(level, lo >> level)
+    if memo is not None and (lo, hi) in memo:
+        return memo[(lo, hi)]
     k = _split(n)
-    return node_hash(range_hash(lo, lo + k, node), range_hash(lo + k, hi, node))
+    h = node_hash(range_hash(lo, lo + k, node, memo), range_hash(lo + k, hi, node, memo))
+    if memo is not None:
+        memo[(lo, hi)] = h
+    return h
 
 
 def tree_root(size: int, node: NodeReader) -> bytes:
@@ -102,8 +110,9 @@ def tree_root(size: int, node: NodeReader) -> bytes:
     return EMPTY_ROOT if size == 0 else range_hash(0, size, node)
 
 
-def prove_inclusion(index: int, size: int, node: NodeReader) -> list[bytes]:
-    """RFC 9162 PATH(index, D[0:size]), leaf-side first."""
+def prove_inclusion(index: int, size: int, node: NodeReader,
+                    memo: dict[tuple[int, int], bytes] | None = None) -> list[bytes]:
+    """RFC 9162 PATH(index, D[0:size]), leaf-side first; `memo` as in range_hash."""
     if not 0 <= index < size:
         raise ProofError(f"index {index} out of range for tree size {size}")
     proof: list[bytes] = []
@@ -111,10 +120,10 @@ def prove_inclusion(index: int, size: int, node: NodeReader) -> list[bytes]:
     while hi - lo > 1:
         k = _split(hi - lo)
         if index < lo + k:
-            proof.append(range_hash(lo + k, hi, node))
+            proof.append(range_hash(lo + k, hi, node, memo))
             hi = lo + k
         else:
-            proof.append(range_hash(lo, lo + k, node))
+            proof.append(range_hash(lo, lo + k, node, memo))
             lo = lo + k
     proof.reverse()
     return proof

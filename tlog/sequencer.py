@@ -13,8 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import threading
-from collections import OrderedDict
 from dataclasses import dataclass
 
 from tlog import merkle, note, proof, tiles
@@ -39,31 +37,18 @@ class Added:
     proof: bytes
 
 
-class _LRU:
-    """A small thread-safe LRU map."""
+class _Cache(dict[tuple[int, int], bytes]):
+    """A bounded map: emptied when full. Single dict operations are atomic
+    under the GIL, so the writer thread and readers may share it."""
 
     def __init__(self, limit: int) -> None:
-        self._d: OrderedDict[tuple[int, int], bytes] = OrderedDict()
+        super().__init__()
         self._limit = limit
-        self._lock = threading.Lock()
-
-    def get(self, key: tuple[int, int]) -> bytes | None:
-        with self._lock:
-            v = self._d.get(key)
-            if v is not None:
-                self._d.move_to_end(key)
-            return v
 
     def put(self, key: tuple[int, int], value: bytes) -> None:
-        with self._lock:
-            self._d[key] = value
-            self._d.move_to_end(key)
-            while len(self._d) > self._limit:
-                self._d.popitem(last=False)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._d.clear()
+        if len(self) >= self._limit:
+            self.clear()
+        self[key] = value
 
 
 class Log:
@@ -84,9 +69,9 @@ class Log:
         self.witnesses = witnesses
         self.max_batch = max_batch
         self._faults = faults
-        self._tiles = _LRU(4096)
-        self._nodes = _LRU(1 << 18)
-        self._bundles = _LRU(1024)
+        self._tiles = _Cache(4096)
+        self._nodes = _Cache(1 << 18)
+        self._bundles = _Cache(1024)
         self.head: Head = recover(store, signer)
         self.size = self.head.size
         self.served: Head = self.head
@@ -140,10 +125,14 @@ class Log:
             raise merkle.ProofError(f"no consistency proof from {old} to {new}")
         return merkle.prove_consistency(old, new, self.node)
 
-    def prove(self, index: int, entry: bytes, head: Head | None = None) -> bytes:
-        """tlog-proof text for entry `index` against `head` (default: served)."""
+    def prove(self, index: int, entry: bytes, head: Head | None = None,
+              memo: dict[tuple[int, int], bytes] | None = None) -> bytes:
+        """tlog-proof text for entry `index` against `head` (default: served).
+
+        Proofs against one head may share a `memo` of its right-edge hashes.
+        """
         h = head or self.served
-        hashes = tuple(merkle.prove_inclusion(index, h.size, self.node))
+        hashes = tuple(merkle.prove_inclusion(index, h.size, self.node, memo))
         return proof.TlogProof(index, hashes, h.note, entry).format()
 
     def proof_for(self, request_hash: str) -> bytes | None:
@@ -237,10 +226,11 @@ class Log:
                     log.error("log recovery failed: %s", e2)
                 self._fail(batch, AppendError("log storage failed"))
                 continue
+            served, memo = self.served, {}
             for i, (entry, fut) in enumerate(batch):
                 if not fut.done():
-                    fut.set_result(Added(start + i, self.served.note,
-                                         self.prove(start + i, entry, self.served)))
+                    fut.set_result(Added(start + i, served.note,
+                                         self.prove(start + i, entry, served, memo)))
 
     @staticmethod
     def _fail(batch: list[tuple[bytes, asyncio.Future[Added]]], err: Exception) -> None:
