@@ -135,3 +135,52 @@ def test_we_accept_go_artefacts(gointerop, tmp_path):
     forged = d(made["note"]).replace(b"\n300\n", b"\n301\n")
     with pytest.raises(checkpoint.CheckpointError):
         checkpoint.open(forged, verifier)
+
+
+def test_go_accepts_a_live_log(gointerop, tmp_path):
+    """Everything `python -m tlog serve` publishes, checked by Go: note, tiles, proofs."""
+    import httpx
+
+    from tests.tlogutil import start_tlog, stop
+    from tlog import proof
+
+    data = tmp_path / "log"
+    proc, url = start_tlog(data)
+    try:
+        token = (data / "append.token").read_text().strip()
+        added = []
+        for i in range(300):
+            r = httpx.post(f"{url}/add", content=b'{"request_hash": "%064x"}' % i,
+                           headers={"Authorization": f"Bearer {token}"})
+            added.append(r.json())
+        out = tmp_path / "mirror"
+        cp_note = httpx.get(f"{url}/checkpoint").content
+        (out / "tile").mkdir(parents=True)
+        (out / "checkpoint").write_bytes(cp_note)
+        (out / "log.vkey").write_text((data / "log.vkey").read_text())
+        cp = checkpoint.parse(note.split(cp_note)[0])
+        for t in tiles.tiles_for_size(cp.size):
+            p = out / str(t)
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_bytes(httpx.get(f"{url}/{t}").content)
+        # the server's own proofs for the latest checkpoint, by request hash
+        incl = [proof.parse(httpx.get(f"{url}/proof/{i:064x}").content) for i in range(0, 300, 37)]
+        assert all(p.checkpoint == cp_note for p in incl)
+        leaves = []
+        for b in tiles.bundles_for_size(cp.size):
+            leaves += tiles.decode_bundle(httpx.get(f"{url}/{b}").content)
+        hashes = [merkle.leaf_hash(e) for e in leaves]
+        cons = [(m, httpx.get(f"{url}/consistency", params={"old": m, "new": cp.size}).json()["proof"])
+                for m in (1, 7, 256, 299)]
+    finally:
+        stop(proc)
+    enc = lambda b: base64.b64encode(b).decode()  # noqa: E731
+    (out / "proofs.json").write_text(json.dumps({
+        "inclusion": [{"index": p.index, "entry": enc(p.extra), "proof": [enc(h) for h in p.hashes]}
+                      for p in incl],
+        "consistency": [{"old": m, "old_root": enc(merkle.root(hashes[:m])), "proof": pr}
+                        for m, pr in cons],
+    }))
+    r = run(gointerop, "verify", str(out))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("OK size=300")
