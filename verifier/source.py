@@ -1,0 +1,36 @@
+"""Read a command's input: a file path, `-` for stdin, or an http(s) URL."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import httpx
+
+MAX_SOURCE = 16 << 20
+
+
+class SourceError(Exception):
+    """The input could not be read; the message says why in one line."""
+
+
+def read_source(src: str) -> bytes:
+    """The bytes at `src` (at most 16 MiB)."""
+    if src == "-":
+        data = sys.stdin.buffer.read(MAX_SOURCE + 1)
+    elif src.startswith(("http://", "https://")):
+        try:
+            r = httpx.get(src, timeout=30, follow_redirects=True)
+        except httpx.HTTPError as e:
+            raise SourceError(f"{src}: {type(e).__name__}") from e
+        if r.status_code != 200:
+            raise SourceError(f"{src}: HTTP {r.status_code}")
+        data = r.content
+    else:
+        try:
+            data = Path(src).read_bytes()
+        except OSError as e:
+            raise SourceError(f"{src}: {e.strerror}") from e
+    if len(data) > MAX_SOURCE:
+        raise SourceError(f"{src}: larger than 16 MiB")
+    return data
