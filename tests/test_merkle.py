@@ -163,3 +163,22 @@ def test_builder_and_root_match_definition(entries):
     assert b.root() == merkle.root(hashes) == _mth(hashes)
     node = lambda level, index: _mth(hashes[index << level : (index + 1) << level])  # noqa: E731
     assert merkle.tree_root(len(hashes), node) == _mth(hashes)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.sampled_from([0, 2, 4]), max_size=12), st.integers(0, 9))
+def test_builder_append_subtree_equals_leaves(levels, tail):
+    a, b = merkle.Builder(), merkle.Builder()
+    n = 0
+    for level in sorted(levels, reverse=True):  # largest first keeps every subtree aligned
+        leaves = [merkle.leaf_hash(b"%d" % (n + i)) for i in range(1 << level)]
+        for h in leaves:
+            a.append(h)
+        b.append_subtree(merkle.root(leaves), level)
+        n += 1 << level
+    assert (a.size, a.root()) == (b.size, b.root())
+    for i in range(tail):
+        a.append(merkle.leaf_hash(b"t%d" % i))
+    if a.size % 2:
+        with pytest.raises(merkle.ProofError):
+            a.append_subtree(bytes(32), 1)

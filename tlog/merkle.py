@@ -272,6 +272,21 @@ class Builder:
         stack.append(h)
         self.size += 1
 
+    def append_subtree(self, h: bytes, level: int) -> None:
+        """Add the root of the next complete subtree of 2**level leaves.
+
+        The tree size must be a multiple of 2**level (the subtree is aligned).
+        """
+        if self.size & ((1 << level) - 1):
+            raise ProofError(f"size {self.size} is not aligned to a subtree of level {level}")
+        n = self.size >> level
+        stack = self._stack
+        while n & 1:
+            h = hashlib.sha256(b"\x01" + stack.pop() + h).digest()
+            n >>= 1
+        stack.append(h)
+        self.size += 1 << level
+
     def root(self) -> bytes:
         """Root of all leaves appended so far."""
         if not self._stack:

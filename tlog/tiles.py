@@ -11,11 +11,12 @@ length, at `tile/entries/<N>[.p/<W>]`.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
-from tlog.merkle import HASH_SIZE, node_hash
+from tlog.merkle import HASH_SIZE
 
 WIDTH = 256
 HEIGHT = 8
@@ -162,8 +163,9 @@ def hashes_root(hashes: Sequence[bytes]) -> bytes:
     layer = list(hashes)
     if not layer or len(layer) & (len(layer) - 1):
         raise TileError("need a power-of-two number of hashes")
+    sha = hashlib.sha256
     while len(layer) > 1:
-        layer = [node_hash(layer[i], layer[i + 1]) for i in range(0, len(layer), 2)]
+        layer = [sha(b"\x01" + a + b).digest() for a, b in zip(layer[::2], layer[1::2], strict=True)]
     return layer[0]
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import json
 import sys
 from collections.abc import Callable, Iterable
@@ -66,7 +67,7 @@ def save_state(path: Path, state: State) -> None:
 class Fetcher:
     """Reads log resources from an http(s) base URL or a local directory."""
 
-    def __init__(self, base: str, concurrency: int = 8) -> None:
+    def __init__(self, base: str, concurrency: int = 16) -> None:
         self.base = base.rstrip("/")
         self.local = None if base.startswith(("http://", "https://")) else \
             Path(base.removeprefix("file://"))
@@ -135,7 +136,7 @@ async def audit(
     start = builder.size
     # level 0 first: entries against leaf tiles, streamed a row of bundles at a time
     roots: dict[int, bytes] = {}  # roots of full level-0 tiles checked in this run
-    row = 16
+    row = 64
     first_tile = start // tiles.WIDTH
     last_tile = (cp.size + tiles.WIDTH - 1) // tiles.WIDTH
     for base in range(first_tile, last_tile, row):
@@ -149,9 +150,9 @@ async def audit(
             for n, w in paths
         ])
         for (n, width), (bundle, tile) in zip(paths, datas, strict=True):
-            _check_leaf_tile(n, width, bundle, tile, builder, on_entry)
-            if width == tiles.WIDTH:
-                roots[n] = tiles.hashes_root(tiles.split_hashes(tile))
+            root = _check_leaf_tile(n, width, bundle, tile, builder, on_entry)
+            if root is not None:
+                roots[n] = root
         if progress is not None:
             progress(min(cp.size, (base + row) * tiles.WIDTH), cp.size)
     if builder.size != cp.size:
@@ -192,7 +193,11 @@ async def _check_extends(fetcher: Fetcher, state: State, size: int) -> None:
 
 
 def _check_leaf_tile(n: int, width: int, bundle: bytes, tile: bytes, builder: merkle.Builder,
-                     on_entry: Callable[[int, bytes], None] | None) -> None:
+                     on_entry: Callable[[int, bytes], None] | None) -> bytes | None:
+    """Check one entry bundle against its level-0 tile and feed the builder.
+
+    Returns the tile's root when the tile is full (for the level above).
+    """
     bpath, tpath = tiles.entries_path(n, width), tiles.path(0, n, width)
     try:
         entries = tiles.decode_bundle(bundle)
@@ -202,17 +207,24 @@ def _check_leaf_tile(n: int, width: int, bundle: bytes, tile: bytes, builder: me
         raise AuditError(f"{bpath}: {len(entries)} entries, expected {width}")
     if len(tile) != width * merkle.HASH_SIZE:
         raise AuditError(f"{tpath}: {len(tile)} bytes, expected {width * 32}")
-    sha = merkle.leaf_hash
-    for i, e in enumerate(entries):
-        h = sha(e)
-        index = n * tiles.WIDTH + i
-        if index < builder.size:
-            continue  # already verified by an earlier run (partial tile grown since)
-        if h != tile[i * 32 : i * 32 + 32]:
-            raise AuditError(f"{bpath}: entry {index} does not match its hash in {tpath}")
-        builder.append(h)
-        if on_entry is not None:
-            on_entry(index, e)
+    sha = hashlib.sha256
+    hashes = [sha(b"\x00" + e).digest() for e in entries]
+    if b"".join(hashes) != tile:
+        bad = next(i for i, h in enumerate(hashes) if h != tile[i * 32 : i * 32 + 32])
+        raise AuditError(f"{bpath}: entry {n * tiles.WIDTH + bad} does not match its hash in {tpath}")
+    first = n * tiles.WIDTH
+    if on_entry is not None:
+        for i, e in enumerate(entries):
+            if first + i >= builder.size:
+                on_entry(first + i, e)
+    if width == tiles.WIDTH and builder.size == first:
+        root = tiles.hashes_root(hashes)
+        builder.append_subtree(root, tiles.HEIGHT)
+        return root
+    for i, h in enumerate(hashes):
+        if first + i >= builder.size:  # entries before were verified by an earlier run
+            builder.append(h)
+    return tiles.hashes_root(hashes) if width == tiles.WIDTH else None
 
 
 async def _check_upper_tiles(fetcher: Fetcher, size: int, roots: dict[int, bytes]) -> None:
