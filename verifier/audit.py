@@ -37,6 +37,7 @@ class State:
     size: int
     root: bytes
     stack: list[bytes] = field(default_factory=list)
+    cosigners: tuple[str, ...] = ()
 
     def to_json(self) -> dict:
         return {"origin": self.origin, "size": self.size,
@@ -160,7 +161,8 @@ async def audit(
     if builder.root() != cp.root_hash:
         raise AuditError("root mismatch: the entries do not hash to the signed root")
     await _check_upper_tiles(fetcher, cp.size, roots)
-    return State(cp.origin, cp.size, cp.root_hash, list(builder._stack))  # noqa: SLF001
+    return State(cp.origin, cp.size, cp.root_hash, list(builder._stack),  # noqa: SLF001
+                 w.cosigners)
 
 
 async def _check_extends(fetcher: Fetcher, state: State, size: int) -> None:

@@ -101,6 +101,8 @@ class Monitor:
         self.state = auditing.load_state(state_path)
         self.alerts: list[dict[str, Any]] = []
         self.counts: dict[str, int] = {}
+        self.receipts: dict[str, dict[str, int]] = {"route": {}, "provider": {}, "verified": {}}
+        self.history: list[dict[str, Any]] = []
 
     def alert(self, kind: str, reason: str, **extra: Any) -> None:
         a = {"alert": kind, "reason": reason, "time": time.time(), **extra}
@@ -116,6 +118,7 @@ class Monitor:
     async def poll(self) -> None:
         """Check what is new since the last poll."""
         def on_entry(index: int, entry: bytes) -> None:
+            self._count(entry)
             for kind, reason in check_receipt(entry, self.policy):
                 self.alert(kind, reason, index=index)
 
@@ -131,9 +134,45 @@ class Monitor:
         finally:
             await fetcher.close()
         self.state = new
+        self.history.append({"time": time.time(), "size": new.size,
+                             "cosigners": len(new.cosigners),
+                             "receipts": sum(self.receipts["route"].values())})
         if self.state_path is not None:
             auditing.save_state(self.state_path, new)
         await self._compare_witnesses(new)
+
+    def _count(self, entry: bytes) -> None:
+        try:
+            r = json.loads(entry)
+        except (ValueError, UnicodeDecodeError):
+            return
+        if not isinstance(r, dict) or r.get("v") != receipt.VERSION:
+            return
+        route, up = r.get("route") or {}, r.get("upstream") or {}
+        for key, value in (("route", route.get("route_id")), ("provider", route.get("provider")),
+                           ("verified", str(up.get("verified")).lower())):
+            bucket = self.receipts[key]
+            bucket[str(value)] = bucket.get(str(value), 0) + 1
+
+    def snapshot(self) -> dict[str, Any]:
+        """What the dashboard shows."""
+        s = self.state
+        return {"log": self.log_url, "origin": s.origin if s else None,
+                "size": s.size if s else 0, "root": s.root.hex() if s else None,
+                "cosigners": list(s.cosigners) if s else [], "receipts": self.receipts,
+                "history": self.history[-500:], "alerts": self.alerts[-200:],
+                "alert_counts": self.counts}
+
+    def metrics(self) -> str:
+        """Prometheus text exposition."""
+        lines = ["# TYPE pag_monitor_alerts_total counter"]
+        lines += [f'pag_monitor_alerts_total{{kind="{k}"}} {v}' for k, v in sorted(self.counts.items())]
+        lines += ["# TYPE pag_monitor_log_size gauge",
+                  f"pag_monitor_log_size {self.state.size if self.state else 0}",
+                  "# TYPE pag_monitor_receipts_total counter"]
+        lines += [f'pag_monitor_receipts_total{{route="{k}"}} {v}'
+                  for k, v in sorted(self.receipts["route"].items())]
+        return "\n".join(lines) + "\n"
 
     async def _compare_witnesses(self, state: auditing.State) -> None:
         """A witness that cosigned another root for the same size shows a split view."""
@@ -175,6 +214,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--interval", type=float, default=10.0)
     p.add_argument("--once", action="store_true", help="poll once; exit 1 if anything alerted")
     p.add_argument("--webhook")
+    p.add_argument("--listen", help="HOST:PORT for the dashboard (/), /api/state and /metrics")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -190,6 +230,12 @@ def run(args: argparse.Namespace) -> int:
     quorum = len(ws) if args.quorum is None else args.quorum
     m = Monitor(args.log, log_verifier, policy, witnesses=ws, quorum=quorum,
                 witness_urls=args.witness_url, state_path=args.state, webhook=args.webhook)
+
+    if args.listen:
+        from verifier.dashboard import serve_dashboard
+
+        host, _, port = args.listen.rpartition(":")
+        serve_dashboard(m, host or "127.0.0.1", int(port))
 
     async def loop() -> None:
         while True:

@@ -1,0 +1,44 @@
+"""The monitor's web dashboard: one static page, no build step, plus JSON and metrics.
+
+Served from a thread with the standard library so a verifier install needs
+no web framework: `/` (the page), `/api/state` (JSON), `/metrics` (Prometheus).
+"""
+
+from __future__ import annotations
+
+import http.server
+import json
+import threading
+from importlib import resources
+from typing import Any
+
+
+def serve_dashboard(monitor: Any, host: str, port: int) -> http.server.ThreadingHTTPServer:
+    """Start serving the dashboard of `monitor` in a daemon thread."""
+    page = resources.files("verifier").joinpath("dashboard.html").read_bytes()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+            if self.path == "/":
+                self._send(200, page, "text/html; charset=utf-8")
+            elif self.path == "/api/state":
+                self._send(200, json.dumps(monitor.snapshot()).encode(), "application/json")
+            elif self.path == "/metrics":
+                self._send(200, monitor.metrics().encode(), "text/plain; version=0.0.4")
+            else:
+                self._send(404, b"not found\n", "text/plain")
+
+        def _send(self, status: int, body: bytes, ctype: str) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Cache-Control", "no-store")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    httpd = http.server.ThreadingHTTPServer((host, port), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    return httpd
