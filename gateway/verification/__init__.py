@@ -1,0 +1,1 @@
+"""Upstream provider verification: evidence adapters, policies and leases."""

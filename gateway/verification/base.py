@@ -1,0 +1,85 @@
+"""The one interface of upstream verification: policy in, lease out, or a refusal.
+
+A `Lease` is what a successful verification of one route yields: the evidence
+digest, the channel binding the gateway must enforce on every connection
+(`tls-spki:<hex>`: the peer's TLS key must hash to this), and a validity
+window. A request never uses a lease past `expires_at`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+
+class VerificationError(Exception):
+    """A route's provider is not verified; `code` is stable, `reason` says why."""
+
+    def __init__(self, code: str, reason: str) -> None:
+        super().__init__(f"{code}: {reason}")
+        self.code = code
+        self.reason = reason
+
+
+CODES = ("upstream_unverified", "evidence_missing", "evidence_malformed", "quote_invalid",
+         "measurement_mismatch", "binding_mismatch", "evidence_expired", "simulated_not_allowed",
+         "unsupported_evidence")
+
+
+@dataclass(frozen=True)
+class Policy:
+    """What a route requires of its provider (`[routes.policy]`)."""
+
+    allow_simulated: bool = False
+    allow_unverified: bool = False
+    max_lease_age: float = 300.0
+    refresh_before: float = 60.0
+    allowed_measurements: tuple[dict[str, str], ...] = ()
+    allowed_tcb_status: tuple[str, ...] = ("UpToDate",)
+    collateral_file: str | None = None
+    app_id: str | None = None
+    compose_hash: str | None = None
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Policy:
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown policy keys: {', '.join(sorted(unknown))}")
+        kw = dict(d)
+        if "allowed_measurements" in kw:
+            kw["allowed_measurements"] = tuple(dict(m) for m in kw["allowed_measurements"])
+        if "allowed_tcb_status" in kw:
+            kw["allowed_tcb_status"] = tuple(kw["allowed_tcb_status"])
+        return cls(**kw)
+
+
+@dataclass(frozen=True)
+class Lease:
+    """A verified route: valid in [verified_at, expires_at) (epoch seconds)."""
+
+    route_id: str
+    provider: str
+    evidence: str
+    evidence_digest: str
+    binding: str
+    verified_at: float
+    expires_at: float
+    verified: bool = True
+    facts: dict[str, Any] = field(default_factory=dict)
+    lease_id: str = field(default_factory=lambda: "lease-" + secrets.token_hex(8))
+
+    @property
+    def tls_spki_sha256(self) -> str | None:
+        kind, _, value = self.binding.partition(":")
+        return value if kind == "tls-spki" else None
+
+    def valid_at(self, now: float) -> bool:
+        return self.verified_at <= now < self.expires_at
+
+
+def digest(data: bytes) -> str:
+    """Lower-case hex SHA-256 of evidence bytes."""
+    return hashlib.sha256(data).hexdigest()

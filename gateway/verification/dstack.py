@@ -1,0 +1,103 @@
+"""The dstack / Intel TDX adapter (the reference evidence kind).
+
+The provider serves `GET <attestation_url>?nonce=<hex>` in the gateway's own
+attestation shape. The gateway checks, before any prompt byte moves:
+the quote (simulated quotes only under `allow_simulated`; real quotes
+verified offline by dcap-qvl against collateral, TCB status in policy), the
+report data binding the provider's keyset and our fresh nonce, RTMR3
+replayed from the event payloads (app id, compose hash), the measurements
+against the allowed sets, and that the route is reached over TLS whose key
+is the attested one (the lease binds `tls-spki:<keyset.tls_spki_sha256>`).
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+
+from gateway import attestation
+from gateway.verification.base import Lease, Policy, VerificationError, digest
+
+MAX_EVIDENCE = 1 << 20
+
+
+def quote_verifier(policy: Policy, now: float):  # noqa: ANN201 - a callable for attestation.check
+    """A dcap-qvl verification of real quotes, with collateral from the policy."""
+
+    def verify(raw: bytes) -> Any:
+        if not policy.collateral_file:
+            raise VerificationError("quote_invalid", "no collateral configured for real quotes")
+        import dcap_qvl
+
+        try:
+            collateral = dcap_qvl.QuoteCollateralV3.from_json(Path(policy.collateral_file).read_text())
+            report = dcap_qvl.verify(raw, collateral, int(now))
+        except (ValueError, OSError, RuntimeError) as e:
+            raise VerificationError("quote_invalid", f"dcap-qvl: {e}") from e
+        status = getattr(report, "status", None)
+        if status not in policy.allowed_tcb_status:
+            raise VerificationError("quote_invalid", f"TCB status {status} not allowed")
+        return report
+
+    return verify
+
+
+def _measurements_ok(facts: attestation.AttestationFacts, policy: Policy) -> bool:
+    if not policy.allowed_measurements:
+        return True
+    have = {"mr_td": facts.mr_td, "rtmr0": facts.rtmrs[0], "rtmr1": facts.rtmrs[1],
+            "rtmr2": facts.rtmrs[2], "compose_hash": facts.compose_hash, "app_id": facts.app_id}
+    return any(all(have.get(k) == v for k, v in m.items()) for m in policy.allowed_measurements)
+
+
+async def verify(client: httpx.AsyncClient, route: Any, policy: Policy, now: float) -> Lease:
+    """Verify a dstack provider; a Lease or VerificationError."""
+    url = route.attestation_url or _default_attestation_url(route.base_url)
+    nonce = secrets.token_hex(32)
+    try:
+        r = await client.get(url, params={"nonce": nonce}, timeout=10)
+    except httpx.HTTPError as e:
+        raise VerificationError("evidence_missing", f"attestation fetch failed: {type(e).__name__}") from e
+    if r.status_code != 200:
+        raise VerificationError("evidence_missing", f"attestation endpoint answered {r.status_code}")
+    if len(r.content) > MAX_EVIDENCE:
+        raise VerificationError("evidence_malformed", "attestation larger than 1 MiB")
+    try:
+        doc = json.loads(r.content)
+        if not isinstance(doc, dict):
+            raise ValueError("not an object")
+    except ValueError as e:
+        raise VerificationError("evidence_malformed", f"attestation is not JSON: {e}") from e
+    try:
+        facts = attestation.check(doc, nonce=nonce, allow_simulated=policy.allow_simulated,
+                                  expected_app_id=policy.app_id,
+                                  expected_compose_hash=policy.compose_hash,
+                                  verify_quote=quote_verifier(policy, now))
+    except attestation.AttestationError as e:
+        code = {"simulated_not_allowed": "simulated_not_allowed", "malformed": "evidence_malformed",
+                "app_id_mismatch": "measurement_mismatch",
+                "compose_hash_mismatch": "measurement_mismatch"}.get(e.code, "quote_invalid")
+        raise VerificationError(code, f"{e.code}: {e}") from e
+    if not _measurements_ok(facts, policy):
+        raise VerificationError("measurement_mismatch", "measurements not in the allowed sets")
+    if urlsplit(route.base_url).scheme != "https":
+        raise VerificationError("binding_mismatch",
+                                "route is not HTTPS: the attested TLS key cannot be pinned")
+    spki = facts.keyset["tls_spki_sha256"]
+    return Lease(route_id=route.id, provider=route.provider, evidence="dstack" +
+                 ("-simulated" if facts.simulated else ""),
+                 evidence_digest=digest(r.content), binding=f"tls-spki:{spki}",
+                 verified_at=now, expires_at=now + policy.max_lease_age,
+                 facts={"app_id": facts.app_id, "compose_hash": facts.compose_hash,
+                        "mr_td": facts.mr_td, "simulated": facts.simulated,
+                        "keyset_hash": facts.keyset_hash})
+
+
+def _default_attestation_url(base_url: str) -> str:
+    u = urlsplit(base_url)
+    return f"{u.scheme}://{u.netloc}/.well-known/attestation"
