@@ -1,0 +1,36 @@
+"""`python -m gateway serve|demo|verify-routes ...`: dispatch to the command's module."""
+
+from __future__ import annotations
+
+import sys
+
+USAGE = """usage: python -m gateway COMMAND [ARGS]
+
+commands:
+  serve --config FILE --listen HOST:PORT     run the gateway
+  demo --data DIR --listen HOST:PORT          run the whole local demo stack
+  verify-routes --config FILE                 verify every route's provider now
+"""
+
+
+def main(argv: list[str]) -> int:
+    """Run one command; its exit status."""
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE, end="")
+        return 0 if argv else 2
+    cmd, rest = argv[0], argv[1:]
+    if cmd == "serve":
+        from gateway import server
+        return server.main(rest)
+    if cmd == "demo":
+        from gateway import demo
+        return demo.main(rest)
+    if cmd == "verify-routes":
+        from gateway import verify_routes
+        return verify_routes.main(rest)
+    print(f"unknown command {cmd!r}\n{USAGE}", end="", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,253 @@
+"""The gateway's TOML configuration (docs/config.md): gateway, dstack, log, api keys, routes.
+
+`load(path)` returns a fully validated `Config`; any unknown key, wrong type or
+missing required value raises `ConfigError` naming the offending key. Relative
+paths resolve against the directory of the config file.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+HEX64 = re.compile(r"[0-9a-f]{64}")
+KINDS = ("chat", "embeddings")
+EVIDENCE = ("dstack", "phala", "nearai", "tinfoil", "nvidia", "none")
+LOG_UNAVAILABLE = ("serve-and-queue", "refuse")
+DURABILITY = ("process", "fsync")
+
+
+class ConfigError(ValueError):
+    """The configuration file is unreadable or invalid; the message names the key."""
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    """The `[gateway]` table."""
+
+    name: str = "pag"
+    max_body_bytes: int = 1 << 20
+    require_log_inclusion: bool = False
+    log_unavailable: str = "serve-and-queue"
+    log_wait_timeout: float = 30.0
+    outbox_durability: str = "process"
+    data_dir: Path = Path(".")
+    admin_key_sha256: str | None = None
+
+
+@dataclass(frozen=True)
+class LogSettings:
+    """The `[log]` table: where receipts are appended."""
+
+    url: str | None = None
+    token_file: Path | None = None
+    vkey: str | None = None
+    witness_vkeys: tuple[str, ...] = ()
+    quorum: int = 0
+    concurrency: int = 128
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    """One `[[api_keys]]` entry; the key itself is stored only as its SHA-256."""
+
+    name: str
+    sha256: str
+    requests_per_minute: int = 0
+    token_budget: int = 0
+
+
+@dataclass(frozen=True)
+class RouteSpec:
+    """One `[[routes]]` entry: a way to serve a public model through one provider."""
+
+    id: str
+    model: str
+    provider: str
+    base_url: str
+    upstream_model: str
+    aliases: tuple[str, ...] = ()
+    attestation_url: str = ""
+    kind: str = "chat"
+    priority: int = 0
+    timeout: float = 30.0
+    retries: int = 0
+    evidence: str = "none"
+    required: bool = True
+    policy: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole validated configuration."""
+
+    path: Path
+    gateway: GatewaySettings
+    dstack_endpoint: str | None
+    log: LogSettings
+    api_keys: tuple[ApiKey, ...]
+    routes: tuple[RouteSpec, ...]
+
+
+def _take(table: dict[str, Any], where: str, spec: dict[str, tuple[type | tuple[type, ...], bool]]
+          ) -> dict[str, Any]:
+    """Check `table` against {key: (types, required)}; reject unknown keys."""
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where} must be a table")
+    unknown = sorted(set(table) - set(spec))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {unknown[0]!r}")
+    out: dict[str, Any] = {}
+    for key, (types, required) in spec.items():
+        if key not in table:
+            if required:
+                raise ConfigError(f"{where}: missing required key {key!r}")
+            continue
+        value = table[key]
+        allowed = types if isinstance(types, tuple) else (types,)
+        if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
+            raise ConfigError(f"{where}.{key}: wrong type {type(value).__name__}")
+        out[key] = value
+    return out
+
+
+def _path(base: Path, value: str) -> Path:
+    p = Path(value)
+    return p if p.is_absolute() else (base / p).resolve()
+
+
+def _http_url(where: str, value: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ConfigError(f"{where}: not an http(s) URL: {value!r}")
+    return value.rstrip("/")
+
+
+def _hex(where: str, value: str) -> str:
+    if not HEX64.fullmatch(value):
+        raise ConfigError(f"{where}: expected lower-case hex SHA-256")
+    return value
+
+
+def _gateway(t: dict[str, Any], base: Path) -> GatewaySettings:
+    v = _take(t, "[gateway]", {
+        "name": (str, False), "max_body_bytes": (int, False),
+        "require_log_inclusion": (bool, False), "log_unavailable": (str, False),
+        "log_wait_timeout": ((int, float), False), "outbox_durability": (str, False),
+        "data_dir": (str, False),
+        "admin_key_sha256": (str, False)})
+    if v.get("log_unavailable", "serve-and-queue") not in LOG_UNAVAILABLE:
+        raise ConfigError(f"[gateway].log_unavailable: one of {', '.join(LOG_UNAVAILABLE)}")
+    if v.get("outbox_durability", "process") not in DURABILITY:
+        raise ConfigError(f"[gateway].outbox_durability: one of {', '.join(DURABILITY)}")
+    if v.get("max_body_bytes", 1) <= 0:
+        raise ConfigError("[gateway].max_body_bytes must be positive")
+    if "admin_key_sha256" in v:
+        _hex("[gateway].admin_key_sha256", v["admin_key_sha256"])
+    if "data_dir" in v:
+        v["data_dir"] = _path(base, v["data_dir"])
+    else:
+        v["data_dir"] = base
+    if "log_wait_timeout" in v:
+        v["log_wait_timeout"] = float(v["log_wait_timeout"])
+    return GatewaySettings(**v)
+
+
+def _log(t: dict[str, Any], base: Path) -> LogSettings:
+    v = _take(t, "[log]", {
+        "url": (str, False), "token_file": (str, False), "vkey": (str, False),
+        "witness_vkeys": (list, False), "quorum": (int, False), "concurrency": (int, False)})
+    if "url" in v:
+        v["url"] = _http_url("[log].url", v["url"])
+    if "token_file" in v:
+        v["token_file"] = _path(base, v["token_file"])
+    wv = v.get("witness_vkeys", [])
+    if not all(isinstance(x, str) for x in wv):
+        raise ConfigError("[log].witness_vkeys must be a list of strings")
+    v["witness_vkeys"] = tuple(wv)
+    if v.get("concurrency", 1) < 1:
+        raise ConfigError("[log].concurrency must be at least 1")
+    return LogSettings(**v)
+
+
+def _api_key(t: dict[str, Any], i: int) -> ApiKey:
+    where = f"[[api_keys]][{i}]"
+    v = _take(t, where, {"name": (str, True), "sha256": (str, True),
+                         "requests_per_minute": (int, False), "token_budget": (int, False)})
+    _hex(f"{where}.sha256", v["sha256"])
+    return ApiKey(**v)
+
+
+def _route(t: dict[str, Any], i: int) -> RouteSpec:
+    where = f"[[routes]][{i}]"
+    v = _take(t, where, {
+        "id": (str, True), "model": (str, True), "aliases": (list, False),
+        "provider": (str, True), "base_url": (str, True), "attestation_url": (str, False),
+        "upstream_model": (str, False), "kind": (str, False), "priority": (int, False),
+        "timeout": ((int, float), False), "retries": (int, False), "evidence": (str, False),
+        "required": (bool, False), "policy": (dict, False)})
+    v["base_url"] = _http_url(f"{where}.base_url", v["base_url"])
+    if "attestation_url" in v:
+        v["attestation_url"] = _http_url(f"{where}.attestation_url", v["attestation_url"])
+    else:
+        parts = urlsplit(v["base_url"])
+        v["attestation_url"] = f"{parts.scheme}://{parts.netloc}/.well-known/attestation"
+    v.setdefault("upstream_model", v["model"])
+    aliases = v.get("aliases", [])
+    if not all(isinstance(a, str) and a for a in aliases):
+        raise ConfigError(f"{where}.aliases must be a list of non-empty strings")
+    v["aliases"] = tuple(aliases)
+    if v.get("kind", "chat") not in KINDS:
+        raise ConfigError(f"{where}.kind: one of {', '.join(KINDS)}")
+    if v.get("evidence", "none") not in EVIDENCE:
+        raise ConfigError(f"{where}.evidence: one of {', '.join(EVIDENCE)}")
+    if "timeout" in v:
+        v["timeout"] = float(v["timeout"])
+        if v["timeout"] <= 0:
+            raise ConfigError(f"{where}.timeout must be positive")
+    if v.get("retries", 0) < 0:
+        raise ConfigError(f"{where}.retries must not be negative")
+    return RouteSpec(**v)
+
+
+def parse(doc: dict[str, Any], path: Path) -> Config:
+    """Validate a parsed TOML document; `path` anchors relative paths."""
+    base = path.resolve().parent
+    top = _take(doc, "config", {"gateway": (dict, False), "dstack": (dict, False),
+                                "log": (dict, False), "api_keys": (list, False),
+                                "routes": (list, False)})
+    dstack = _take(top.get("dstack", {}), "[dstack]", {"endpoint": (str, False)})
+    endpoint = dstack.get("endpoint")
+    if endpoint and "://" not in endpoint:
+        endpoint = str(_path(base, endpoint))
+    keys = tuple(_api_key(t, i) for i, t in enumerate(top.get("api_keys", [])))
+    routes = tuple(_route(t, i) for i, t in enumerate(top.get("routes", [])))
+    seen: set[str] = set()
+    for r in routes:
+        if r.id in seen:
+            raise ConfigError(f"[[routes]]: duplicate route id {r.id!r}")
+        seen.add(r.id)
+    kinds: dict[str, str] = {}
+    for r in routes:
+        for name in (r.model, *r.aliases):
+            if kinds.setdefault(name, r.kind) != r.kind:
+                raise ConfigError(f"[[routes]]: model {name!r} is both chat and embeddings")
+    return Config(path=path.resolve(), gateway=_gateway(top.get("gateway", {}), base),
+                  dstack_endpoint=endpoint, log=_log(top.get("log", {}), base),
+                  api_keys=keys, routes=routes)
+
+
+def load(path: str | Path) -> Config:
+    """Read and validate a TOML config file."""
+    p = Path(path)
+    try:
+        doc = tomllib.loads(p.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ConfigError(f"cannot read {p}: {e.strerror}") from e
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{p}: not valid TOML: {e}") from e
+    return parse(doc, p)

@@ -1,0 +1,436 @@
+"""`python -m gateway demo --data DIR --listen HOST:PORT`: the whole stack on one machine.
+
+Starts, as child processes on 127.0.0.1 (free ports chosen at start, the
+gateway on PORT): two dstack simulators (the gateway's and the provider's),
+the demo model provider, one witness, the tlog (witnessed, quorum 1) and the
+gateway with a generated config. Once every part answers it prints one JSON
+line to stdout (`gateway`, `tlog`, `witness`, `provider`, `log_vkey`,
+`witness_vkey`, `api_key`) and serves until SIGTERM/SIGINT.
+
+Invariants:
+- Every child runs in its own process group with its output in DIR/logs/NAME.log;
+  stopping kills those groups (SIGTERM, SIGKILL after a grace period), all
+  within 10 s, and nothing else.
+- DIR keeps every key (simulator KMS roots, log, witness, API and admin keys)
+  and every log, so a restart on the same DIR continues the same stack.
+- If a part fails to start or dies, its log tail goes to stderr, the rest is
+  stopped and the exit status is non-zero.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import hashlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+GATEWAY_APP_ID = hashlib.sha256(b"pag-demo/gateway").hexdigest()[:40]
+PROVIDER_APP_ID = hashlib.sha256(b"pag-demo/provider").hexdigest()[:40]
+STOP_GRACE = 7.0
+SOCKET_MAX = 100
+LOG_TAIL = 30
+
+
+class DemoError(Exception):
+    """A part of the stack failed to start; the message says which and why."""
+
+
+def free_ports(n: int) -> list[int]:
+    """`n` distinct free TCP ports on 127.0.0.1 (held together while chosen)."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """HOST:PORT (IPv6 hosts in brackets)."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise ValueError(f"--listen wants HOST:PORT, got {value!r}")
+    return host.strip("[]"), int(port)
+
+
+def secret_file(path: Path, make: Callable[[], str]) -> str:
+    """The secret kept in `path`, created (mode 0600) on first use."""
+    if path.exists():
+        return path.read_text().strip()
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, (make() + "\n").encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    return path.read_text().strip()
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when the demo process dies (Linux)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def child_env() -> dict[str, str]:
+    """The environment of every child: this checkout importable, output unbuffered."""
+    env = dict(os.environ)
+    env.pop("DSTACK_SIMULATOR_ENDPOINT", None)
+    env["PYTHONUNBUFFERED"] = "1"
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
+    return env
+
+
+@dataclass
+class Child:
+    """One started part of the stack."""
+
+    name: str
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+
+    def tail(self, lines: int = LOG_TAIL) -> str:
+        """The last lines of the child's log."""
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.rstrip("\n").splitlines()[-lines:])
+
+
+class Stack:
+    """The children started so far, and how to stop them."""
+
+    def __init__(self, logs: Path) -> None:
+        self.logs = logs
+        self.children: list[Child] = []
+        self.stopping = threading.Event()
+        self._env = child_env()
+
+    def start(self, name: str, args: list[str]) -> Child:
+        """Start `python ARGS` in its own process group, output to logs/NAME.log."""
+        path = self.logs / f"{name}.log"
+        with path.open("ab") as out:
+            out.write(f"--- {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} "
+                      f"demo starts {name}\n".encode())
+            out.flush()
+            proc = subprocess.Popen([sys.executable, *args], stdin=subprocess.DEVNULL,
+                                    stdout=out, stderr=out, cwd=str(ROOT), env=self._env,
+                                    start_new_session=True, preexec_fn=_die_with_parent)
+        child = Child(name, proc, path)
+        self.children.append(child)
+        return child
+
+    def run(self, name: str, args: list[str], timeout: float = 60.0) -> str:
+        """Run a short `python ARGS` to completion; its stdout (DemoError on failure)."""
+        try:
+            r = subprocess.run([sys.executable, *args], capture_output=True, cwd=str(ROOT),
+                               env=self._env, timeout=timeout, stdin=subprocess.DEVNULL)
+        except subprocess.TimeoutExpired as e:
+            raise DemoError(f"{name}: did not finish in {timeout:.0f} s") from e
+        if r.returncode != 0:
+            raise DemoError(f"{name}: exit status {r.returncode}\n"
+                            + r.stderr.decode(errors="replace")[-4000:])
+        return r.stdout.decode().strip()
+
+    def dead(self) -> Child | None:
+        """A child that has exited, if any."""
+        return next((c for c in self.children if c.proc.poll() is not None), None)
+
+    def stop(self, grace: float = STOP_GRACE) -> None:
+        """SIGTERM every child's process group, SIGKILL what is left after `grace`."""
+        groups = [c.proc.pid for c in self.children]
+        for pgid in reversed(groups):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pgid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and self._alive(groups):
+            time.sleep(0.05)
+        for pgid in self._alive(groups):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pgid, signal.SIGKILL)
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline and self._alive(groups):
+            time.sleep(0.02)
+
+    def _alive(self, groups: list[int]) -> list[int]:
+        for c in self.children:
+            c.proc.poll()
+        alive = []
+        for pgid in groups:
+            try:
+                os.killpg(pgid, 0)
+            except ProcessLookupError:
+                continue
+            except PermissionError:
+                pass
+            alive.append(pgid)
+        return alive
+
+
+def wait_ready(stack: Stack, child: Child, probe: Callable[[], bool], what: str,
+               deadline: float) -> None:
+    """Poll `probe` until it holds; DemoError if the child dies or time runs out."""
+    while True:
+        if stack.stopping.is_set():
+            raise DemoError("interrupted while starting")
+        if child.proc.poll() is not None:
+            raise DemoError(f"{child.name} exited with status {child.proc.returncode} "
+                            f"before {what}")
+        with contextlib.suppress(httpx.HTTPError, OSError):
+            if probe():
+                return
+        if time.monotonic() > deadline:
+            raise DemoError(f"{child.name} did not become ready ({what}) in time")
+        time.sleep(0.05)
+
+
+def http_ok(url: str, status: tuple[int, ...] = (200,), headers: dict[str, str] | None = None
+            ) -> Callable[[], bool]:
+    """A probe: GET `url` answers with one of `status`."""
+    def probe() -> bool:
+        return httpx.get(url, timeout=2.0, headers=headers).status_code in status
+    return probe
+
+
+def http_answers(url: str) -> Callable[[], bool]:
+    """A probe: anything answers HTTP at `url`."""
+    def probe() -> bool:
+        httpx.get(url, timeout=2.0)
+        return True
+    return probe
+
+
+def unix_answers(path: Path) -> Callable[[], bool]:
+    """A probe: the guest-agent socket answers HTTP."""
+    def probe() -> bool:
+        if not path.exists():
+            return False
+        with httpx.Client(transport=httpx.HTTPTransport(uds=str(path)), timeout=2.0) as c:
+            c.get("http://dstack/")
+        return True
+    return probe
+
+
+def toml_str(value: str) -> str:
+    """A TOML basic string (JSON string escapes are valid TOML)."""
+    return json.dumps(value)
+
+
+def gateway_config(*, data: Path, dstack_socket: Path, tlog_url: str, log_vkey: str,
+                   witness_vkey: str, api_key: str, admin_key: str, provider_http: str,
+                   provider_base: str) -> str:
+    """The demo gateway's TOML config (docs/config.md)."""
+    def sha(s: str) -> str:
+        return hashlib.sha256(s.encode()).hexdigest()
+
+    attestation_url = provider_http + "/.well-known/attestation"
+    policy = ("[routes.policy]\nallow_simulated = true\nallow_unverified = false\n"
+              f"max_lease_age = 300\napp_id = {toml_str(PROVIDER_APP_ID)}\n")
+
+    def route(rid: str, model: str, aliases: list[str], upstream: str, kind: str) -> str:
+        return (f"[[routes]]\nid = {toml_str(rid)}\nmodel = {toml_str(model)}\n"
+                f"aliases = [{', '.join(toml_str(a) for a in aliases)}]\n"
+                f"provider = \"demo\"\nbase_url = {toml_str(provider_base)}\n"
+                f"attestation_url = {toml_str(attestation_url)}\n"
+                f"upstream_model = {toml_str(upstream)}\nkind = {toml_str(kind)}\n"
+                f"priority = 0\ntimeout = 30\nevidence = \"dstack\"\nrequired = true\n"
+                + policy)
+
+    return "\n".join([
+        "# Generated by `python -m gateway demo` at every start; edits are overwritten.",
+        "[gateway]",
+        'name = "pag-demo"',
+        "max_body_bytes = 1048576",
+        "require_log_inclusion = false",
+        'log_unavailable = "serve-and-queue"',
+        f"data_dir = {toml_str(str(data / 'gateway'))}",
+        f"admin_key_sha256 = {toml_str(sha(admin_key))}",
+        "",
+        "[dstack]",
+        f"endpoint = {toml_str(str(dstack_socket))}",
+        "",
+        "[log]",
+        f"url = {toml_str(tlog_url)}",
+        f"token_file = {toml_str(str(data / 'tlog' / 'append.token'))}",
+        f"vkey = {toml_str(log_vkey)}",
+        f"witness_vkeys = [{toml_str(witness_vkey)}]",
+        "quorum = 1",
+        "",
+        "[[api_keys]]",
+        'name = "demo"',
+        f"sha256 = {toml_str(sha(api_key))}",
+        "requests_per_minute = 6000000",
+        "token_budget = 0",
+        "",
+        route("demo-dstack", "demo-chat", ["gpt-4o-mini"], "demo-chat-1", "chat"),
+        route("demo-dstack-embed", "demo-embed", ["text-embedding-3-small"], "demo-embed-1",
+              "embeddings"),
+    ])
+
+
+def socket_dir(data: Path) -> tuple[Path, bool]:
+    """(directory for the simulators' sockets, whether it is a temporary one).
+
+    DIR itself unless its path is too long for a unix socket name.
+    """
+    if len(str(data / "dstack-provider.sock")) <= SOCKET_MAX:
+        return data, False
+    return Path(tempfile.mkdtemp(prefix="pag-demo-")), True
+
+
+def start_stack(stack: Stack, data: Path, host: str, port: int, timeout: float,
+                sockets: Path) -> dict[str, Any]:
+    """Start every part and wait for it; the ready line's members."""
+    deadline = time.monotonic() + timeout
+    provider_port, provider_tls_port, witness_port, tlog_port = free_ports(4)
+    api_key = secret_file(data / "api_key", lambda: "sk-pag-demo-" + secrets.token_urlsafe(24))
+    admin_key = secret_file(data / "admin_key",
+                            lambda: "sk-pag-admin-" + secrets.token_urlsafe(24))
+
+    sims = {}
+    for who, app_id in (("gateway", GATEWAY_APP_ID), ("provider", PROVIDER_APP_ID)):
+        sock = sockets / f"dstack-{who}.sock"
+        with contextlib.suppress(FileNotFoundError):
+            sock.unlink()
+        sims[who] = (sock, stack.start(f"dstack-{who}", [
+            "-m", "gateway.dstack_sim", "--socket", str(sock),
+            "--data", str(data / f"dstack-{who}"), "--app-id", app_id,
+            "--app-name", f"pag-demo-{who}"]))
+    for sock, child in sims.values():
+        wait_ready(stack, child, unix_answers(sock), "its socket answered", deadline)
+
+    log_vkey = stack.run("tlog vkey", ["-m", "tlog", "vkey", "--data", str(data / "tlog")])
+    witness_vkey = stack.run("witness vkey",
+                             ["-m", "witness", "vkey", "--data", str(data / "witness")])
+    origin = log_vkey.split("+", 1)[0]
+
+    witness_url = f"http://127.0.0.1:{witness_port}"
+    witness = stack.start("witness", [
+        "-m", "witness", "serve", "--data", str(data / "witness"),
+        "--listen", f"127.0.0.1:{witness_port}", "--log", f"{origin}={log_vkey}"])
+    provider_url = f"http://127.0.0.1:{provider_port}"
+    provider = stack.start("provider", [
+        "-m", "gateway.demo_provider", "--listen", f"127.0.0.1:{provider_port}",
+        "--tls-listen", f"127.0.0.1:{provider_tls_port}",
+        "--dstack", str(sims["provider"][0])])
+    wait_ready(stack, witness, http_answers(witness_url), "it answered HTTP", deadline)
+
+    tlog_url = f"http://127.0.0.1:{tlog_port}"
+    tlog = stack.start("tlog", [
+        "-m", "tlog", "serve", "--data", str(data / "tlog"),
+        "--listen", f"127.0.0.1:{tlog_port}", "--witness", witness_url, "--quorum", "1"])
+    wait_ready(stack, provider, http_ok(provider_url + "/v1/models"), "/v1/models answered",
+               deadline)
+    wait_ready(stack, tlog, http_ok(tlog_url + "/checkpoint"), "/checkpoint answered",
+               deadline)
+
+    cfg = data / "gateway.toml"
+    cfg.write_text(gateway_config(
+        data=data, dstack_socket=sims["gateway"][0], tlog_url=tlog_url, log_vkey=log_vkey,
+        witness_vkey=witness_vkey, api_key=api_key, admin_key=admin_key,
+        provider_http=provider_url, provider_base=f"https://127.0.0.1:{provider_tls_port}/v1"))
+    gateway_url = f"http://{host}:{port}" if ":" not in host else f"http://[{host}]:{port}"
+    gateway = stack.start("gateway", ["-m", "gateway", "serve", "--config", str(cfg),
+                                      "--listen", f"{host}:{port}"])
+    wait_ready(stack, gateway, http_ok(gateway_url + "/healthz"), "/healthz answered",
+               deadline)
+    check_routes(gateway_url, admin_key)
+    return {"gateway": gateway_url, "tlog": tlog_url, "witness": witness_url,
+            "provider": provider_url + "/v1", "log_vkey": log_vkey,
+            "witness_vkey": witness_vkey, "api_key": api_key}
+
+
+def check_routes(gateway_url: str, admin_key: str) -> None:
+    """Verify every route now (GET /v1/routes); warn on stderr about any refused one."""
+    try:
+        r = httpx.get(gateway_url + "/v1/routes", timeout=30.0,
+                      headers={"Authorization": f"Bearer {admin_key}"})
+        routes = r.json().get("routes", []) if r.status_code == 200 else []
+    except (httpx.HTTPError, ValueError):
+        routes = []
+    for route in routes:
+        if route.get("state") != "verified":
+            print(f"demo: warning: route {route.get('id')} is {route.get('state')}: "
+                  f"{route.get('last_error')}", file=sys.stderr, flush=True)
+
+
+def main(argv: list[str]) -> int:
+    """Entry point of `python -m gateway demo`."""
+    ap = argparse.ArgumentParser(prog="python -m gateway demo",
+                                 description="run the whole local demo stack")
+    ap.add_argument("--data", required=True, type=Path, help="state directory (kept)")
+    ap.add_argument("--listen", required=True, help="HOST:PORT of the gateway (port 0: any)")
+    ap.add_argument("--startup-timeout", type=float, default=90.0, help="seconds")
+    a = ap.parse_args(argv)
+    try:
+        host, port = parse_listen(a.listen)
+    except ValueError as e:
+        print(f"demo: {e}", file=sys.stderr)
+        return 2
+    if port == 0:
+        port = free_ports(1)[0]
+    data = a.data.resolve()
+    (data / "logs").mkdir(parents=True, exist_ok=True)
+    stack = Stack(data / "logs")
+
+    def on_signal(signum: int, frame: Any) -> None:
+        stack.stopping.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_signal)
+    sockets, temporary = socket_dir(data)
+    status = 0
+    try:
+        try:
+            ready = start_stack(stack, data, host, port, a.startup_timeout, sockets)
+        except DemoError as e:
+            if stack.stopping.is_set():
+                return 0
+            print(f"demo: {e}", file=sys.stderr)
+            failed = stack.dead() or (stack.children[-1] if stack.children else None)
+            if failed is not None:
+                print(f"demo: last lines of {failed.log_path}:\n{failed.tail()}",
+                      file=sys.stderr)
+            return 1
+        print(json.dumps(ready), flush=True)
+        print(f"demo: ready; logs in {data / 'logs'}; SIGTERM or Ctrl-C stops it",
+              file=sys.stderr, flush=True)
+        while not stack.stopping.wait(0.25):
+            dead = stack.dead()
+            if dead is not None:
+                print(f"demo: {dead.name} exited with status {dead.proc.returncode}; "
+                      f"stopping\ndemo: last lines of {dead.log_path}:\n{dead.tail()}",
+                      file=sys.stderr, flush=True)
+                status = 1
+                break
+    finally:
+        stack.stop()
+        if temporary:
+            shutil.rmtree(sockets, ignore_errors=True)
+    return status

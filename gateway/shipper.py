@@ -1,0 +1,322 @@
+"""Ships outbox receipts to the transparency log (`POST /add`) and records their proofs.
+
+The shipper runs as its own process (`python -m gateway.shipper`, started by
+`gateway serve`) or as tasks in the caller's loop; either way it reads new
+receipts from the outbox (polling by sequence number), writes acknowledgements
+to the ledger, and the gateway learns about them through `LogStatus`.
+
+Invariants:
+- A receipt is marked logged only after the log answered 200 with an index and
+  a tlog-proof whose entry is exactly the receipt (and, when the log's vkey is
+  configured, whose checkpoint is signed by the log and includes the entry).
+- Failures are retried forever with capped exponential backoff; nothing is
+  dropped. `log_down` is true from a failed attempt until the next success.
+- Many posts are in flight at once (the log batches them into one checkpoint),
+  each on its own pooled keep-alive HTTP/1.1 connection.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import orjson
+
+from gateway.outbox import Ledger, Outbox
+from gateway.upstream import Connection, Pool, ProtocolError, exchange
+from tlog import checkpoint, merkle, note, proof
+
+log = logging.getLogger("gateway.shipper")
+
+BACKOFF_START = 0.05
+BACKOFF_MAX = 2.0
+POST_TIMEOUT = 30.0
+POLL = 0.002
+LOCK_FILE = "shipper.lock"
+LOCK_WAIT = 15.0
+
+
+class ShipError(Exception):
+    """The log did not acknowledge an entry (the message is safe to log)."""
+
+    def __init__(self, message: str, *, log_down: bool) -> None:
+        super().__init__(message)
+        self.log_down = log_down
+
+
+class ProofChecker:
+    """Checks the log's answer for one entry; caches checkpoints already verified."""
+
+    def __init__(self, vkey: str | None) -> None:
+        self._verifier = note.verifier_from_vkey(vkey) if vkey else None
+        self._seen: dict[bytes, checkpoint.Checkpoint] = {}
+
+    def check(self, entry: bytes, answer: bytes) -> proof.TlogProof:
+        """The proof from a `POST /add` answer, or ShipError."""
+        try:
+            doc = orjson.loads(answer)
+            index = doc["index"]
+            text = doc["proof"]
+            if not isinstance(index, int) or isinstance(index, bool) or not isinstance(text, str):
+                raise TypeError("index or proof of the wrong type")
+            p = proof.parse(text.encode())
+        except (orjson.JSONDecodeError, KeyError, TypeError, proof.ProofFormatError) as e:
+            raise ShipError(f"log answer malformed: {e}", log_down=False) from e
+        if p.index != index or (p.extra is not None and p.extra != entry):
+            raise ShipError("log proof does not match the entry sent", log_down=False)
+        if self._verifier is not None:
+            try:
+                cp = self._seen.get(p.checkpoint)
+                if cp is None:
+                    cp, _ = checkpoint.open(p.checkpoint, self._verifier)
+                    if len(self._seen) > 64:
+                        self._seen.clear()
+                    self._seen[p.checkpoint] = cp
+                proof.check_inclusion(p, cp, entry)
+            except (checkpoint.CheckpointError, merkle.ProofError) as e:
+                raise ShipError(f"log proof does not verify: {e}", log_down=False) from e
+        return p
+
+
+
+
+class Shipper:
+    """Appends outbox receipts to the log, many posts in flight, retrying forever."""
+
+    def __init__(self, data_dir: Path, url: str, token: str | None, vkey: str | None = None,
+                 concurrency: int = 128) -> None:
+        self.data_dir = data_dir
+        self.url = url.rstrip("/")
+        u = urlsplit(self.url)
+        if u.scheme not in ("http", "https") or not u.hostname:
+            raise ValueError("log url must be http(s)://host[:port][/prefix]")
+        self._target = (u.hostname, u.port or (443 if u.scheme == "https" else 80),
+                        u.scheme == "https", None)
+        auth = f"Authorization: Bearer {token}\r\n" if token else ""
+        self._head = (f"POST {u.path.rstrip('/')}/add HTTP/1.1\r\nHost: {u.netloc}\r\n{auth}"
+                      "Content-Type: application/octet-stream\r\n").encode()
+        self._checker = ProofChecker(vkey)
+        self._concurrency = concurrency
+        self._queue: asyncio.Queue[tuple[int, str, bytes]] = asyncio.Queue()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._pool = Pool()
+        self._lock: int | None = None
+        self.outbox: Outbox | None = None
+        self.ledger: Ledger | None = None
+        self.log_down = False
+        self.shipped = 0
+
+    async def start(self) -> None:
+        """Take the single-shipper lock, open the stores, start polling and posting."""
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.data_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+        for _ in range(int(LOCK_WAIT / POLL)):  # a previous shipper may still be exiting
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError:
+                await asyncio.sleep(POLL)
+        else:
+            os.close(fd)
+            raise RuntimeError(f"another shipper holds {self.data_dir / LOCK_FILE}")
+        self._lock = fd
+        self.outbox = Outbox(self.data_dir, writable=False)
+        self.ledger = Ledger(self.data_dir)
+        await self.ledger.set_state(False, None)
+        self._tasks = [asyncio.create_task(self._poll())]
+        self._tasks += [asyncio.create_task(self._worker()) for _ in range(self._concurrency)]
+
+    async def _poll(self) -> None:
+        """Queue receipts not yet logged, oldest first, keeping the queue short."""
+        assert self.outbox is not None
+        cursor = 0
+        while True:
+            if self._queue.qsize() > 4 * self._concurrency:
+                await asyncio.sleep(POLL)
+                continue
+            rows = self.outbox.unlogged_after(cursor, 4 * self._concurrency)
+            for row in rows:
+                self._queue.put_nowait(row)
+                cursor = row[0]
+            await asyncio.sleep(0 if rows else POLL)
+
+    async def _post(self, entry: bytes) -> bytes:
+        conn: Connection | None = None
+        try:
+            async with asyncio.timeout(POST_TIMEOUT):
+                conn, status, _ = await exchange(
+                    self._pool, self._target,
+                    self._head + b"Content-Length: %d\r\n\r\n" % len(entry) + entry)
+                body = await conn.body()
+            self._pool.release(conn)
+        except (OSError, TimeoutError, asyncio.IncompleteReadError, ProtocolError) as e:
+            if conn is not None:
+                conn.close()
+            raise ShipError(f"log unreachable: {type(e).__name__}", log_down=True) from e
+        if status != 200:
+            raise ShipError(f"log answered HTTP {status}",
+                            log_down=status >= 500 or status in (401, 403))
+        return body
+
+    async def _ship(self, seq: int, receipt_id: str, entry: bytes) -> None:
+        assert self.ledger is not None
+        delay = BACKOFF_START
+        while True:
+            try:
+                p = self._checker.check(entry, await self._post(entry))
+                await self.ledger.record(seq, p)
+                break
+            except ShipError as e:
+                if e.log_down and not self.log_down:
+                    log.warning("receipt log unavailable: %s", e)
+                    self.log_down = True
+                    await self.ledger.set_state(True, str(e))
+                elif not e.log_down:
+                    log.error("receipt %s not accepted by the log: %s", receipt_id, e)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, BACKOFF_MAX)
+        self.shipped += 1
+        if self.log_down:
+            log.info("receipt log reachable again")
+            self.log_down = False
+            await self.ledger.set_state(False, None)
+
+    async def _worker(self) -> None:
+        while True:
+            seq, rid, entry = await self._queue.get()
+            await self._ship(seq, rid, entry)
+
+    async def close(self) -> None:
+        """Stop (receipts not yet logged stay in the outbox for the next start)."""
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+        self._pool.close()
+        if self.ledger is not None:
+            self.ledger.close()
+        if self.outbox is not None:
+            self.outbox.close()
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
+
+
+class LogStatus:
+    """The gateway's view of shipping: is the log down, and waiting for a receipt's proof."""
+
+    def __init__(self, outbox: Outbox, enabled: bool) -> None:
+        self.outbox = outbox
+        self.enabled = enabled
+        self.log_down = False
+        self.last_error: str | None = None
+        self._waiters: dict[str, list[asyncio.Future[None]]] = {}
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        """Start following the ledger."""
+        if self.enabled:
+            self._tasks = [asyncio.create_task(self._refresh()),
+                           asyncio.create_task(self._resolve())]
+
+    async def _refresh(self) -> None:
+        while True:
+            st = self.outbox.state()
+            self.log_down = st.get("log_down") == "1"
+            self.last_error = st.get("last_error") or None
+            await asyncio.sleep(0.05)
+
+    async def _resolve(self) -> None:
+        while True:
+            if not self._waiters:
+                self._wake.clear()
+                await self._wake.wait()
+            for rid in self.outbox.logged_among(list(self._waiters)[:500]):
+                for fut in self._waiters.pop(rid, ()):
+                    if not fut.done():
+                        fut.set_result(None)
+            await asyncio.sleep(POLL)
+
+    async def wait_logged(self, receipt_id: str, timeout: float) -> bool:
+        """Wait until the log acknowledged the receipt; False on timeout (it stays queued)."""
+        fut = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(receipt_id, []).append(fut)
+        self._wake.set()
+        try:
+            await asyncio.wait_for(fut, timeout)
+            return True
+        except TimeoutError:
+            waiting = self._waiters.get(receipt_id, [])
+            if fut in waiting:
+                waiting.remove(fut)
+            if not waiting:
+                self._waiters.pop(receipt_id, None)
+            return False
+
+    async def close(self) -> None:
+        """Stop following."""
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to SIGTERM this process when its parent dies (so kill -9 of the
+    gateway does not leave a second shipper behind)."""
+    with contextlib.suppress(OSError, AttributeError):
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def main(argv: list[str]) -> int:
+    """`python -m gateway.shipper --data DIR --log URL [--token-file F] [--vkey V]`."""
+    ap = argparse.ArgumentParser(prog="python -m gateway.shipper")
+    ap.add_argument("--data", required=True, type=Path)
+    ap.add_argument("--log", required=True)
+    ap.add_argument("--token-file", type=Path)
+    ap.add_argument("--vkey")
+    ap.add_argument("--concurrency", type=int, default=128)
+    ap.add_argument("--parent", type=int, help="exit when this process is gone")
+    a = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s shipper %(levelname)s %(message)s")
+    _die_with_parent()
+    token = a.token_file.read_text().strip() if a.token_file else None
+
+    async def run() -> None:
+        shipper = Shipper(a.data, a.log, token, a.vkey, a.concurrency)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await shipper.start()
+        try:
+            while not stop.is_set():
+                if a.parent and os.getppid() != a.parent:
+                    break
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), 0.5)
+        finally:
+            await shipper.close()
+
+    try:
+        import uvloop
+        uvloop.run(run())
+    except RuntimeError as e:
+        print(f"shipper: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

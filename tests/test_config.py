@@ -1,0 +1,115 @@
+"""The gateway's TOML configuration: the documented shape, and clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gateway import config
+
+EXAMPLE = """
+[gateway]
+name = "pag-demo"
+max_body_bytes = 1048576
+require_log_inclusion = false
+log_unavailable = "serve-and-queue"
+data_dir = "state"
+admin_key_sha256 = "{admin}"
+
+[dstack]
+endpoint = "sim/dstack.sock"
+
+[log]
+url = "http://127.0.0.1:9000/"
+token_file = "append.token"
+vkey = "log+01234567+AAAA"
+witness_vkeys = ["w+01234567+AAAA"]
+quorum = 1
+
+[[api_keys]]
+name = "demo"
+sha256 = "{key}"
+requests_per_minute = 6000
+token_budget = 100000000
+
+[[routes]]
+id = "demo-dstack"
+model = "demo-chat"
+aliases = ["gpt-4o-mini"]
+provider = "demo"
+base_url = "http://127.0.0.1:8001/v1"
+upstream_model = "demo-chat-1"
+kind = "chat"
+priority = 0
+timeout = 30
+evidence = "dstack"
+required = true
+[routes.policy]
+allow_simulated = true
+allow_unverified = false
+max_lease_age = 300
+""".format(admin="a" * 64, key="b" * 64)
+
+
+def write(tmp: Path, text: str) -> Path:
+    p = tmp / "gateway.toml"
+    p.write_text(text)
+    return p
+
+
+def test_documented_example_loads(tmp_path: Path) -> None:
+    cfg = config.load(write(tmp_path, EXAMPLE))
+    assert cfg.gateway.name == "pag-demo"
+    assert cfg.gateway.data_dir == tmp_path.resolve() / "state"
+    assert cfg.dstack_endpoint == str(tmp_path.resolve() / "sim" / "dstack.sock")
+    assert cfg.log.url == "http://127.0.0.1:9000"
+    assert cfg.log.token_file == tmp_path.resolve() / "append.token"
+    assert cfg.log.witness_vkeys == ("w+01234567+AAAA",)
+    assert cfg.api_keys[0].requests_per_minute == 6000
+    r = cfg.routes[0]
+    assert (r.id, r.aliases, r.upstream_model, r.timeout) == (
+        "demo-dstack", ("gpt-4o-mini",), "demo-chat-1", 30.0)
+    assert r.attestation_url == "http://127.0.0.1:8001/.well-known/attestation"
+    assert r.policy == {"allow_simulated": True, "allow_unverified": False, "max_lease_age": 300}
+
+
+def test_defaults(tmp_path: Path) -> None:
+    cfg = config.load(write(tmp_path, '[[routes]]\nid="r"\nmodel="m"\nprovider="p"\n'
+                                      'base_url="https://x.example/v1"\n'))
+    assert cfg.gateway.data_dir == tmp_path.resolve()
+    assert cfg.log.url is None and cfg.dstack_endpoint is None
+    assert cfg.routes[0].upstream_model == "m" and cfg.routes[0].kind == "chat"
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[gateway]\nnmae = 'x'\n", "unknown key 'nmae'"),
+    ("[extra]\n", "unknown key 'extra'"),
+    ("[gateway]\nmax_body_bytes = '1'\n", "max_body_bytes: wrong type"),
+    ("[gateway]\nrequire_log_inclusion = 1\n", "require_log_inclusion: wrong type"),
+    ("[gateway]\nmax_body_bytes = true\n", "max_body_bytes: wrong type"),
+    ("[gateway]\nlog_unavailable = 'maybe'\n", "log_unavailable"),
+    ("[gateway]\nadmin_key_sha256 = 'ABC'\n", "admin_key_sha256"),
+    ("[log]\nurl = 'ftp://x'\n", "not an http(s) URL"),
+    ("[[api_keys]]\nname = 'k'\n", "missing required key 'sha256'"),
+    ("[[routes]]\nid='r'\nmodel='m'\nprovider='p'\nbase_url='http://x/v1'\nkind='image'\n",
+     "kind"),
+    ("[[routes]]\nid='r'\nmodel='m'\nprovider='p'\nbase_url='http://x/v1'\nevidence='magic'\n",
+     "evidence"),
+    ("[[routes]]\nid='r'\nmodel='m'\nprovider='p'\nbase_url='http://x/v1'\ntimeout=0\n",
+     "timeout"),
+    ("[[routes]]\nid='r'\nmodel='m'\nprovider='p'\nbase_url='http://x/v1'\n"
+     "[[routes]]\nid='r'\nmodel='m'\nprovider='p'\nbase_url='http://x/v1'\n", "duplicate"),
+    ("[[routes]]\nid='r'\nmodel='m'\nprovider='p'\nbase_url='http://x/v1'\n"
+     "[[routes]]\nid='s'\nmodel='m'\nprovider='p'\nbase_url='http://x/v1'\nkind='embeddings'\n",
+     "both chat and embeddings"),
+    ("not toml = = =", "not valid TOML"),
+])
+def test_errors_name_the_key(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(config.ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        config.load(write(tmp_path, text))
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(config.ConfigError, match="cannot read"):
+        config.load(tmp_path / "absent.toml")

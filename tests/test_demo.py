@@ -1,0 +1,244 @@
+"""`python -m gateway demo`: ready line, clean stop of every part, restart on the same DIR,
+failure reporting; plus helpers the end-to-end tests share."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import queue
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from gateway import demo
+
+ROOT = Path(__file__).resolve().parents[1]
+READY_KEYS = {"gateway", "tlog", "witness", "provider", "log_vkey", "witness_vkey", "api_key"}
+START_TIMEOUT = 120.0
+
+
+def _stat(pid: int) -> tuple[int, str] | None:
+    """(parent pid, state) of a process, None if it is gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = text[text.rindex(")") + 2:].split()
+    return int(fields[1]), fields[0]
+
+
+def descendants(pid: int) -> set[int]:
+    """Every live descendant of `pid` (from /proc)."""
+    parents: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            st = _stat(int(entry))
+            if st is not None:
+                parents.setdefault(st[0], []).append(int(entry))
+    out: set[int] = set()
+    todo = [pid]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            if child not in out:
+                out.add(child)
+                todo.append(child)
+    return out
+
+
+def alive(pids: set[int]) -> set[int]:
+    """The pids that still run (zombies count as gone)."""
+    return {p for p in pids if (st := _stat(p)) is not None and st[1] != "Z"}
+
+
+class Demo:
+    """A running `python -m gateway demo` and its ready line."""
+
+    def __init__(self, data: Path, listen: str = "127.0.0.1:0",
+                 cmd: list[str] | None = None) -> None:
+        self.data = data
+        self.stderr_path = data.parent / f"{data.name}-demo.stderr"
+        args = cmd or [sys.executable, "-m", "gateway", "demo", "--data", str(data),
+                       "--listen", listen]
+        with self.stderr_path.open("ab") as err:
+            self.proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=err,
+                                         stdin=subprocess.DEVNULL, start_new_session=True)
+        self.children: set[int] = set()
+        lines: queue.Queue[bytes] = queue.Queue()
+        assert self.proc.stdout is not None
+        threading.Thread(target=lambda: lines.put(self.proc.stdout.readline()),
+                         daemon=True).start()
+        try:
+            line = lines.get(timeout=START_TIMEOUT)
+        except queue.Empty:
+            line = b""
+        if not line:
+            self.kill()
+            pytest.fail(f"demo printed no ready line; stderr:\n{self.stderr()[-4000:]}")
+        self.ready: dict[str, Any] = json.loads(line)
+        self.children = descendants(self.proc.pid)
+
+    def stderr(self) -> str:
+        """What the demo wrote to stderr so far."""
+        return self.stderr_path.read_text(errors="replace")
+
+    def terminate(self, timeout: float = 10.0, group: bool = False) -> int:
+        """SIGTERM the demo (only the demo process, or its whole group) and wait for it."""
+        self.children |= descendants(self.proc.pid)
+        if group:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        else:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            self.kill()
+
+    def kill(self) -> None:
+        """Last resort clean-up of everything this demo started."""
+        pids = (self.children | descendants(self.proc.pid)) if self.proc.poll() is None \
+            else set(self.children)
+        for pid in alive(pids):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+
+def auth(ready: dict[str, Any]) -> dict[str, str]:
+    """The demo API key as a header."""
+    return {"Authorization": f"Bearer {ready['api_key']}"}
+
+
+def chat(ready: dict[str, Any], text: str) -> httpx.Response:
+    """One non-streaming chat call through the gateway."""
+    return httpx.post(ready["gateway"] + "/v1/chat/completions", headers=auth(ready),
+                      json={"model": "demo-chat",
+                            "messages": [{"role": "user", "content": text}]}, timeout=30)
+
+
+def test_restart_reuses_keys_and_sigterm_stops_every_part(tmp_path: Path) -> None:
+    data = tmp_path / "d"
+    d = Demo(data)
+    try:
+        ready = d.ready
+        assert set(ready) == READY_KEYS
+        assert ready["provider"].endswith("/v1")
+        assert httpx.get(ready["provider"] + "/models", timeout=10).status_code == 200
+        r = chat(ready, "hello")
+        assert r.status_code == 200, r.text
+        receipt_id = r.headers["x-receipt-id"]
+        key1 = httpx.get(ready["gateway"] + "/.well-known/attestation",
+                         timeout=30).json()["keyset"]
+        children = set(d.children)
+        # two simulators, witness, provider, tlog, gateway (+ its shipper)
+        assert len(children) >= 6
+        assert d.terminate() == 0
+        assert alive(children) == set()
+        assert (data / "logs" / "gateway.log").exists()
+    finally:
+        d.kill()
+
+    d2 = Demo(data)
+    try:
+        again = d2.ready
+        for k in ("log_vkey", "witness_vkey", "api_key"):
+            assert again[k] == ready[k]
+        key2 = httpx.get(again["gateway"] + "/.well-known/attestation",
+                         timeout=30).json()["keyset"]
+        assert key2["receipt_signing_key"] == key1["receipt_signing_key"]
+        old = httpx.get(f"{again['gateway']}/v1/receipts/{receipt_id}", timeout=10)
+        assert old.status_code == 200
+        assert old.json()["receipt"]["id"] == receipt_id
+        assert chat(again, "hello again").status_code == 200
+        assert d2.terminate() == 0
+        assert alive(d2.children) == set()
+    finally:
+        d2.kill()
+
+
+def test_a_part_that_fails_is_reported_and_the_rest_stopped(tmp_path: Path) -> None:
+    s = socket.socket()  # hold the port so the gateway cannot bind it
+    s.bind(("127.0.0.1", 0))
+    s.listen()
+    port = s.getsockname()[1]
+    try:
+        data = tmp_path / "d"
+        r = subprocess.run([sys.executable, "-m", "gateway", "demo", "--data", str(data),
+                            "--listen", f"127.0.0.1:{port}"], cwd=ROOT, capture_output=True,
+                           text=True, timeout=180)
+    finally:
+        s.close()
+    assert r.returncode == 1
+    assert r.stdout == ""
+    assert "gateway" in r.stderr and "last lines of" in r.stderr
+    assert "Traceback" not in r.stderr.split("last lines of")[0]
+
+
+def test_bad_arguments_exit_2(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    assert demo.main(["--data", str(tmp_path), "--listen", "nope"]) == 2
+    assert "--listen wants HOST:PORT" in capsys.readouterr().err
+
+
+def test_generated_config_is_valid_and_hashes_keys(tmp_path: Path) -> None:
+    from gateway import config
+
+    text = demo.gateway_config(
+        data=tmp_path, dstack_socket=tmp_path / "s.sock", tlog_url="http://127.0.0.1:1",
+        log_vkey="v", witness_vkey="w", api_key="sk-secret", admin_key="sk-admin",
+        provider_http="http://127.0.0.1:2", provider_base="https://127.0.0.1:3/v1")
+    path = tmp_path / "gateway.toml"
+    path.write_text(text)
+    cfg = config.load(path)
+    assert "sk-secret" not in text and "sk-admin" not in text
+    assert {r.model: r.kind for r in cfg.routes} == {"demo-chat": "chat",
+                                                     "demo-embed": "embeddings"}
+    assert all(r.policy["allow_simulated"] is True and r.evidence == "dstack"
+               for r in cfg.routes)
+    assert cfg.routes[0].attestation_url == "http://127.0.0.1:2/.well-known/attestation"
+    assert all(r.policy["app_id"] == demo.PROVIDER_APP_ID for r in cfg.routes)
+    assert cfg.log.quorum == 1 and cfg.log.witness_vkeys == ("w",)
+
+
+def test_secret_file_is_created_once_private(tmp_path: Path) -> None:
+    p = tmp_path / "k"
+    first = demo.secret_file(p, lambda: "one")
+    assert first == "one"
+    assert demo.secret_file(p, lambda: "two") == "one"
+    assert p.stat().st_mode & 0o777 == 0o600
+
+
+def test_free_ports_are_distinct() -> None:
+    ports = demo.free_ports(5)
+    assert len(set(ports)) == 5 and all(0 < p < 65536 for p in ports)
+
+
+def test_make_demo_with_overrides(tmp_path: Path) -> None:
+    """The README's `make demo DATA=... LISTEN=...`, when the venv is already set up."""
+    if shutil.which("make") is None:
+        pytest.skip("make not installed")
+    if subprocess.run(["make", "-q", ".venv/.installed"], cwd=ROOT).returncode != 0:
+        pytest.skip("make demo would run set-up first (.venv/.installed out of date)")
+    data = tmp_path / "made"
+    d = Demo(data, cmd=["make", "--no-print-directory", "-s", "demo", f"DATA={data}",
+                        "LISTEN=127.0.0.1:0"])
+    try:
+        assert set(d.ready) == READY_KEYS
+        assert (data / "gateway.toml").exists()
+        assert chat(d.ready, "made").status_code == 200
+        children = set(d.children)
+        d.terminate(group=True)
+        assert alive(children) == set()
+    finally:
+        d.kill()

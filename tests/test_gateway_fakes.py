@@ -1,0 +1,411 @@
+"""Test doubles for the gateway tests: a fake OpenAI provider, a fake lease store,
+a fake C2SP log (`POST /add` with real proofs), and an in-process gateway runner.
+
+This module holds no tests; the gateway test modules import it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import datetime
+import hashlib
+import json
+import socket
+import ssl
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+from aiohttp import web
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from cryptography.x509.oid import NameOID
+
+from gateway import config as gconfig
+from gateway.apikeys import hash_key
+from gateway.app import Gateway
+from gateway.outbox import Outbox, ReceiptSigner
+from gateway.shipper import LogStatus, Shipper
+from gateway.upstream import Leases
+from tlog import checkpoint, merkle, note, proof
+
+API_KEY = "sk-test-key"
+ADMIN_KEY = "admin-test-key"
+MARKER = "PROMPT-MARKER-7f3c9a-should-never-be-logged"
+COMPLETION = "COMPLETION-MARKER-51d2-secret-answer"
+
+
+def tls_server_context(tmp: Path) -> tuple[ssl.SSLContext, str]:
+    """A TLS server context with a fresh self-signed key; (context, SPKI SHA-256 hex)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "provider.test")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .sign(key, hashes.SHA256()))
+    (tmp / "tls.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (tmp / "tls.key").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(tmp / "tls.crt", tmp / "tls.key")
+    spki = key.public_key().public_bytes(serialization.Encoding.DER,
+                                         serialization.PublicFormat.SubjectPublicKeyInfo)
+    return ctx, hashlib.sha256(spki).hexdigest()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class FakeProvider:
+    """An OpenAI-compatible provider recording the exact bytes it received and sent."""
+
+    def __init__(self) -> None:
+        self.received: list[bytes] = []
+        self.sent: list[bytes] = []
+        self.fail_status: int | None = None
+        self.delay = 0.0
+        self.runner: web.AppRunner | None = None
+        self.port = 0
+        self.tls: ssl.SSLContext | None = None
+        self.break_stream = False
+
+    @property
+    def base_url(self) -> str:
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}/v1"
+
+    async def start(self, tls: ssl.SSLContext | None = None) -> None:
+        self.tls = tls
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", self._chat)
+        app.router.add_post("/v1/embeddings", self._embeddings)
+        self.runner = web.AppRunner(app, access_log=None)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0, ssl_context=tls)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        self.received.append(body)
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        if self.fail_status:
+            return web.Response(status=self.fail_status, body=b'{"error":"boom"}',
+                                content_type="application/json")
+        req = json.loads(body)
+        model = req["model"]
+        if req.get("stream"):
+            resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            await resp.prepare(request)
+            sent = b""
+            words = [COMPLETION, " and", " more"]
+            for i, w in enumerate(words):
+                if self.break_stream and i == 2:
+                    assert request.transport is not None
+                    request.transport.close()
+                    return resp
+                chunk = {"id": "c1", "object": "chat.completion.chunk", "model": model,
+                         "choices": [{"index": 0, "delta": {"content": w},
+                                      "finish_reason": None if i < 2 else "stop"}]}
+                data = b"data: " + json.dumps(chunk).encode() + b"\n\n"
+                sent += data
+                await resp.write(data)
+            if (req.get("stream_options") or {}).get("include_usage"):
+                data = b"data: " + json.dumps({"id": "c1", "choices": [], "usage": {
+                    "prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}}).encode() \
+                    + b"\n\n"
+                sent += data
+                await resp.write(data)
+            sent += b"data: [DONE]\n\n"
+            await resp.write(b"data: [DONE]\n\n")
+            await resp.write_eof()
+            self.sent.append(sent)
+            return resp
+        out = json.dumps({"id": "c1", "object": "chat.completion", "model": model, "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": COMPLETION},
+             "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}}).encode()
+        self.sent.append(out)
+        return web.Response(body=out, content_type="application/json")
+
+    async def _embeddings(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        self.received.append(body)
+        req = json.loads(body)
+        inputs = req["input"] if isinstance(req["input"], list) else [req["input"]]
+        out = json.dumps({"object": "list", "model": req["model"], "data": [
+            {"object": "embedding", "index": i, "embedding": [0.25, -0.5, float(i)]}
+            for i in range(len(inputs))],
+            "usage": {"prompt_tokens": 2, "total_tokens": 2}}).encode()
+        self.sent.append(out)
+        return web.Response(body=out, content_type="application/json")
+
+
+class FakeVerificationError(Exception):
+    """Stands in for gateway.verification's VerificationError(code, reason)."""
+
+    def __init__(self, code: str, reason: str) -> None:
+        super().__init__(f"{code}: {reason}")
+        self.code = code
+        self.reason = reason
+
+
+@dataclass
+class FakeLease:
+    lease_id: str
+    verified: bool = True
+    evidence: str = "dstack"
+    binding: str = "none"
+    verified_at: float = field(default_factory=time.time)
+    expires_at: float = field(default_factory=lambda: time.time() + 300)
+
+
+class FakeLeaseStore:
+    """Per-route outcome: a lease, or the VerificationError to raise."""
+
+    def __init__(self) -> None:
+        self.outcomes: dict[str, FakeLease | FakeVerificationError] = {}
+        self.calls: list[str] = []
+
+    async def ensure(self, route: gconfig.RouteSpec, now: float) -> FakeLease:
+        self.calls.append(route.id)
+        out = self.outcomes.get(route.id, FakeLease(f"lease-{route.id}"))
+        if isinstance(out, Exception):
+            raise out
+        return out
+
+
+class FakeLog:
+    """`POST /add` with bearer auth, answering with a real, verifiable tlog-proof."""
+
+    def __init__(self, token: str = "append-token") -> None:
+        self.token = token
+        self.signer = note.generate_signer("fake.log/test")
+        self.entries: list[bytes] = []
+        self.leaves: list[bytes] = []
+        self.port = free_port()
+        self.runner: web.AppRunner | None = None
+        self.fail = False
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def vkey(self) -> str:
+        return self.signer.vkey
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_post("/add", self._add)
+        self.runner = web.AppRunner(app, access_log=None)
+        await self.runner.setup()
+        await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+            self.runner = None
+
+    async def _add(self, request: web.Request) -> web.Response:
+        if request.headers.get("Authorization") != f"Bearer {self.token}":
+            return web.Response(status=401)
+        if self.fail:
+            return web.Response(status=503)
+        entry = await request.read()
+        index = len(self.entries)
+        self.entries.append(entry)
+        self.leaves.append(merkle.leaf_hash(entry))
+        size = len(self.leaves)
+        cp = checkpoint.Checkpoint("fake.log/test", size, merkle.root(self.leaves), ())
+        p = proof.TlogProof(index, tuple(merkle.inclusion_proof(index, size, self.leaves)),
+                            checkpoint.sign(cp, self.signer), entry)
+        return web.json_response({"index": index, "checkpoint": p.checkpoint.decode(),
+                                  "proof": p.format().decode()})
+
+
+@dataclass
+class LogRef:
+    """Where a log listens, its append token and verifier key (fake or real tlog)."""
+
+    url: str
+    token: str
+    vkey: str
+
+
+def write_config(tmp: Path, provider_url: str, *, log: FakeLog | LogRef | None = None,
+                 extra_gateway: str = "", routes: str | None = None,
+                 rpm: int = 0, budget: int = 0) -> Path:
+    """A config file with chat routes r1 (priority 0) and r2 (priority 1) and embeddings."""
+    token = tmp / "append.token"
+    if log is not None:
+        token.write_text(log.token + "\n")
+    log_table = (f'[log]\nurl = "{log.url}"\ntoken_file = "append.token"\nvkey = "{log.vkey}"\n'
+                 if log is not None else "")
+    routes = routes if routes is not None else f"""
+[[routes]]
+id = "r1"
+model = "chat-model"
+aliases = ["gpt-4o-mini"]
+provider = "p1"
+base_url = "{provider_url}"
+upstream_model = "upstream-chat-1"
+priority = 0
+evidence = "dstack"
+
+[[routes]]
+id = "r2"
+model = "chat-model"
+provider = "p2"
+base_url = "{provider_url}"
+upstream_model = "upstream-chat-2"
+priority = 1
+evidence = "dstack"
+
+[[routes]]
+id = "e1"
+model = "embed-model"
+provider = "p1"
+base_url = "{provider_url}"
+upstream_model = "upstream-embed"
+kind = "embeddings"
+"""
+    text = f"""
+[gateway]
+name = "test"
+max_body_bytes = 4096
+data_dir = "data"
+admin_key_sha256 = "{hash_key(ADMIN_KEY)}"
+{extra_gateway}
+
+{log_table}
+
+[[api_keys]]
+name = "test"
+sha256 = "{hash_key(API_KEY)}"
+requests_per_minute = {rpm}
+token_budget = {budget}
+{routes}
+"""
+    path = tmp / "gateway.toml"
+    path.write_text(text)
+    return path
+
+
+@dataclass
+class Running:
+    """A gateway served by uvicorn in this event loop."""
+
+    app: Gateway
+    url: str
+    receipt_key: Ed25519PrivateKey
+    e2ee_key: X25519PrivateKey
+    store: FakeLeaseStore
+    shipper: Shipper | None
+
+
+IDENTITY = {"app_id": "ab" * 20, "compose_hash": "cd" * 32, "keyset_hash": "ef" * 32}
+
+
+async def attest(nonce: str | None) -> dict[str, Any]:
+    return {"quote": "00", "event_log": [], "simulated": True, "nonce": nonce}
+
+
+@contextlib.asynccontextmanager
+async def run_gateway(cfg_path: Path, store: FakeLeaseStore | None = None
+                      ) -> AsyncIterator[Running]:
+    """Start the gateway app on a free port; stop it (and close its outbox) on exit."""
+    cfg = gconfig.load(cfg_path)
+    rk = Ed25519PrivateKey.generate()
+    ek = X25519PrivateKey.generate()
+    store = store or FakeLeaseStore()
+    outbox = Outbox(cfg.gateway.data_dir, cfg.gateway.outbox_durability)
+    token = cfg.log.token_file.read_text().strip() if cfg.log.token_file else None
+    shipper = Shipper(cfg.gateway.data_dir, cfg.log.url, token, cfg.log.vkey,
+                      concurrency=8) if cfg.log.url else None
+    status = LogStatus(outbox, shipper is not None)
+    app = Gateway(cfg, signer=ReceiptSigner(rk), identity=IDENTITY, outbox=outbox,
+                  status=status, leases=Leases(store, FakeVerificationError), attest=attest,
+                  e2ee_key=ek.private_bytes_raw())
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)  # asyncio sets
+    # TCP_NODELAY only on sockets whose proto is TCP (else Nagle adds 40 ms per response)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, lifespan="on", log_level="warning",
+                                           access_log=False))
+    if shipper is not None:
+        await shipper.start()
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    try:
+        while not server.started:
+            if task.done():
+                task.result()
+            await asyncio.sleep(0.01)
+        yield Running(app, f"http://127.0.0.1:{port}", rk, ek, store, shipper)
+    finally:
+        server.should_exit = True
+        await task
+        sock.close()
+        if shipper is not None:
+            await shipper.close()
+        outbox.close()
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def serve_main(argv: list[str]) -> None:
+    """`python -m tests.test_gateway_fakes CONFIG PORT`: the gateway with fake keys and
+    leases, but the real outbox, shipper process and uvicorn serving (for kill -9 tests)."""
+    import uvloop
+
+    from gateway import server
+
+    cfg = gconfig.load(argv[0])
+
+    async def main() -> None:
+        outbox = Outbox(cfg.gateway.data_dir, cfg.gateway.outbox_durability)
+        shipper = server.start_shipper(cfg)
+        app = Gateway(cfg, signer=ReceiptSigner(Ed25519PrivateKey.generate()),
+                      identity=IDENTITY, outbox=outbox,
+                      status=LogStatus(outbox, shipper is not None),
+                      leases=Leases(FakeLeaseStore(), FakeVerificationError), attest=attest)
+        srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=int(argv[1]),
+                                            lifespan="on", log_level="warning",
+                                            access_log=False, loop="none"))
+        try:
+            await srv.serve()
+        finally:
+            server.stop_process(shipper)
+            outbox.close()
+
+    uvloop.run(main())
+
+
+if __name__ == "__main__":
+    import sys
+
+    serve_main(sys.argv[1:])

@@ -1,0 +1,74 @@
+"""The `python -m gateway` command line: dispatch, argument and config errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gateway import __main__ as cli
+from gateway import server
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_parse_listen() -> None:
+    assert server.parse_listen("127.0.0.1:8080") == ("127.0.0.1", 8080)
+    assert server.parse_listen("[::1]:9") == ("::1", 9)
+    for bad in ("8080", "host:", ":80", "host:http"):
+        with pytest.raises(ValueError):
+            server.parse_listen(bad)
+
+
+def test_dispatch_errors(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main([]) == 2
+    assert cli.main(["--help"]) == 0
+    assert cli.main(["frobnicate"]) == 2
+    assert "unknown command" in capsys.readouterr().err
+
+
+def test_serve_rejects_a_bad_config_cleanly(tmp_path: Path) -> None:
+    cfg = tmp_path / "g.toml"
+
+    def serve(listen: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "gateway", "serve", "--config", str(cfg),
+                               "--listen", listen], cwd=ROOT, capture_output=True, text=True,
+                              timeout=60)
+
+    cfg.write_text("[gateway]\nbogus = 1\n")
+    r = serve("127.0.0.1:0")
+    assert r.returncode == 2
+    assert "unknown key 'bogus'" in r.stderr
+    assert "Traceback" not in r.stderr
+    cfg.write_text("[gateway]\nname = 'ok'\n")
+    r = serve("nope")
+    assert r.returncode == 2
+    assert "--listen wants HOST:PORT" in r.stderr
+
+
+def test_bootstrap_against_the_dstack_simulator(tmp_path: Path) -> None:
+    sim = pytest.importorskip("gateway.dstack_sim")
+    import asyncio
+    import base64
+
+    from gateway import attestation, config
+
+    async def go() -> None:
+        sock = tmp_path / "d.sock"
+        async with sim.SimulatorServer(sock, tmp_path / "sim"):
+            (tmp_path / "g.toml").write_text(
+                f'[dstack]\nendpoint = "{sock}"\n[log]\nvkey = "log.test+01020304+AAAA"\n')
+            cfg = config.load(tmp_path / "g.toml")
+            ident = await server.bootstrap(cfg)
+            again = await server.bootstrap(cfg)
+            doc = await ident.attest("00ff")
+        pub = ident.receipt_key.public_key().public_bytes_raw()
+        assert again.receipt_key.public_key().public_bytes_raw() == pub  # deterministic
+        assert doc["keyset"]["receipt_signing_key"] == base64.b64encode(pub).decode()
+        assert doc["keyset"]["log_vkey"] == "log.test+01020304+AAAA"
+        assert ident.gateway == {"app_id": doc["app_id"], "compose_hash": doc["compose_hash"],
+                                 "keyset_hash": doc["keyset_hash"]}
+        attestation.check(doc, nonce="00ff", allow_simulated=True)
+    asyncio.run(go())
