@@ -239,3 +239,37 @@ def test_expired_lease_is_never_used(tmp_path):
         await store.close()
 
     asyncio.run(run())
+
+
+def test_verify_routes_table_and_exit_code(tmp_path, capsys):
+    from gateway import verify_routes
+
+    async def start() -> tuple[SimulatorServer, Adversary, Adversary]:
+        sim = SimulatorServer(str(tmp_path / "dstack.sock"), tmp_path / "sim")
+        await sim.start()
+        good, bad = Adversary("honest"), Adversary("no_evidence")
+        await good.start(str(tmp_path / "dstack.sock"), tmp_path)
+        await bad.start(str(tmp_path / "dstack.sock"), tmp_path)
+        return sim, good, bad
+
+    loop = asyncio.new_event_loop()
+    sim, good, bad = loop.run_until_complete(start())
+    import threading
+    t = threading.Thread(target=loop.run_forever, daemon=True)
+    t.start()
+    try:
+        routes = _routes(good) + _routes(bad).replace('id = "adv"', 'id = "broken"')
+        cfg = write_config(tmp_path, "unused", routes=routes)
+        rc = verify_routes.main(["--config", str(cfg)])
+        out = capsys.readouterr().out
+        assert rc == 1
+        lines = out.splitlines()
+        assert lines[0].split()[:4] == ["ROUTE", "PROVIDER", "EVIDENCE", "RESULT"]
+        row = {ln.split()[0]: ln for ln in lines[1:]}
+        assert " ok " in row["adv"] and "tls-spki:" in row["adv"]
+        assert " FAIL " in row["broken"] and "evidence_missing" in row["broken"]
+    finally:
+        for coro in (good.stop(), bad.stop(), sim.stop()):
+            asyncio.run_coroutine_threadsafe(coro, loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        t.join(5)
