@@ -139,6 +139,8 @@ def test_we_accept_go_artefacts(gointerop, tmp_path):
 
 def test_go_accepts_a_live_log(gointerop, tmp_path):
     """Everything `python -m tlog serve` publishes, checked by Go: note, tiles, proofs."""
+    import asyncio
+
     import httpx
 
     from tests.tlogutil import start_tlog, stop
@@ -148,11 +150,15 @@ def test_go_accepts_a_live_log(gointerop, tmp_path):
     proc, url = start_tlog(data)
     try:
         token = (data / "append.token").read_text().strip()
-        added = []
-        for i in range(300):
-            r = httpx.post(f"{url}/add", content=b'{"request_hash": "%064x"}' % i,
-                           headers={"Authorization": f"Bearer {token}"})
-            added.append(r.json())
+
+        async def append_all() -> None:
+            async with httpx.AsyncClient(timeout=30) as c:
+                rs = await asyncio.gather(*[
+                    c.post(f"{url}/add", content=b'{"request_hash": "%064x"}' % i,
+                           headers={"Authorization": f"Bearer {token}"}) for i in range(300)])
+            assert all(r.status_code == 200 for r in rs)
+
+        asyncio.run(append_all())
         out = tmp_path / "mirror"
         cp_note = httpx.get(f"{url}/checkpoint").content
         (out / "tile").mkdir(parents=True)
