@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml scripts/setup.sh
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m gateway demo --data $(DATA) --listen $(LISTEN)
+	@$(BIN)/python -m gateway demo --data $(DATA) --listen $(LISTEN)
 
 test: $(STAMP)
 	$(BIN)/ruff check .

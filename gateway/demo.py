@@ -47,6 +47,7 @@ PROVIDER_APP_ID = hashlib.sha256(b"pag-demo/provider").hexdigest()[:40]
 STOP_GRACE = 7.0
 SOCKET_MAX = 100
 LOG_TAIL = 30
+TAIL_BYTES = 1 << 16
 
 
 class DemoError(Exception):
@@ -117,7 +118,9 @@ class Child:
     def tail(self, lines: int = LOG_TAIL) -> str:
         """The last lines of the child's log."""
         try:
-            text = self.log_path.read_text(errors="replace")
+            with self.log_path.open("rb") as f:
+                f.seek(max(0, f.seek(0, os.SEEK_END) - TAIL_BYTES))
+                text = f.read().decode(errors="replace")
         except OSError:
             return ""
         return "\n".join(text.rstrip("\n").splitlines()[-lines:])

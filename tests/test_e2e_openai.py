@@ -30,6 +30,7 @@ from tlog import proof as tproof
 from witness import cosignature
 
 PROOF_WAIT = 60.0
+PROMPTS = ("Say something, demo.", "Stream, please.", "alpha-embedding-input", "verify me")
 
 
 class Recorded(httpx.SyncByteStream):
@@ -186,7 +187,7 @@ def test_chat_streaming_with_usage(stack: Demo, client: tuple[openai.OpenAI, Cap
 def test_embeddings(stack: Demo, client: tuple[openai.OpenAI, Capture],
                     attested_key: bytes) -> None:
     c, cap = client
-    out = c.embeddings.create(model="demo-embed", input=["alpha", "beta"])
+    out = c.embeddings.create(model="demo-embed", input=["alpha-embedding-input", "beta"])
     assert [e.index for e in out.data] == [0, 1]
     assert len(out.data[0].embedding) == 32 and out.data[0].embedding != out.data[1].embedding
     (sent, headers, got), = cap.log
@@ -248,9 +249,15 @@ def test_verifier_cli_checks_the_proof_and_the_receipt(
     assert bad.returncode != 0
 
 
-def test_sigterm_stops_every_part(stack: Demo) -> None:
-    """Runs last in this module: stops the shared demo."""
+def test_sigterm_stops_every_part_and_logs_hold_no_content(stack: Demo) -> None:
+    """Runs last in this module: stops the shared demo, then reads every part's log."""
     children = stack.children | set()
     assert len(children) >= 6
     assert stack.terminate() == 0
     assert alive(children) == set()
+    logs = sorted((stack.data / "logs").glob("*.log"))
+    assert {p.stem for p in logs} >= {"gateway", "tlog", "witness", "provider"}
+    for path in logs:
+        text = path.read_text(errors="replace")
+        for content in (*PROMPTS, "[demo "):
+            assert content not in text, f"{content!r} leaked into {path.name}"

@@ -37,6 +37,7 @@ class LeaseStore:
         self.status: dict[str, RouteStatus] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._refresh: dict[str, asyncio.Task[None]] = {}
+        self._policies: dict[str, Policy] = {}
 
     def _http(self) -> httpx.AsyncClient:
         if self._client is None:
@@ -79,7 +80,9 @@ class LeaseStore:
         return lease
 
     def _maybe_refresh(self, route: Any, lease: Lease, now: float) -> None:
-        policy = Policy.from_dict(getattr(route, "policy", {}) or {})
+        policy = self._policies.get(route.id)
+        if policy is None:
+            policy = self._policies[route.id] = Policy.from_dict(getattr(route, "policy", {}) or {})
         if lease.expires_at - now > policy.refresh_before:
             return
         task = self._refresh.get(route.id)
