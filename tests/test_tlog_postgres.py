@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import secrets
 import urllib.parse
 
 import httpx
 import pytest
 
+from tests.test_tlog_crash import _run
 from tests.tlogutil import start_tlog, stop
 from tlog import checkpoint, keys, merkle, note, storage, tiles
 from tlog.sequencer import AppendError, Log
@@ -29,17 +29,6 @@ def pg_url():
     yield f"{BASE}?options={opts}"
     admin.execute(f"DROP SCHEMA {schema} CASCADE")
     admin.close()
-
-
-def _run(log: Log, entries: list[bytes]) -> list:
-    async def go() -> list:
-        await log.start()
-        try:
-            return await asyncio.gather(*[log.add(e) for e in entries], return_exceptions=True)
-        finally:
-            await log.close()
-
-    return asyncio.run(go())
 
 
 @pytest.mark.parametrize("step", storage.STEPS)
