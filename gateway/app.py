@@ -428,12 +428,12 @@ class Gateway:
             fwd_bytes = orjson.dumps(fwd)
             call.forwarded_hash = call.provider_request_hash = \
                 hashlib.sha256(fwd_bytes).hexdigest()
-            assert self.upstream is not None
             try:
-                reply = await self.upstream.send(route, lease, UPSTREAM_PATH[call.kind],
-                                                 fwd_bytes, stream)
+                reply = await self._send(call, route, lease, fwd_bytes, stream)
             except GatewayError as e:
                 call.attempts.append(f"{route.id}:{e.code}")
+                if e.code == "binding_mismatch":  # refused on the handshake: nothing forwarded
+                    call.forwarded_hash = call.provider_request_hash = None
                 refusals.append(e)
                 continue
             call.upstream_status = reply.status
@@ -446,6 +446,29 @@ class Gateway:
         detail = "; ".join(e.message for e in refusals)
         raise GatewayError(first.status, first.code, f"no usable route for model {model[:64]!r}: "
                            f"{detail}", type_=first.type, route_id=first.route_id)
+
+    async def _send(self, call: Call, route: RouteSpec, lease: LeaseFacts, body: bytes,
+                    stream: bool) -> UpstreamReply:
+        """Forward under the lease; if the provider's TLS key no longer matches it (a key
+        rotation, or an impostor), re-verify once and retry once under the new lease.
+        The refused handshake sent no byte; a failed re-verification refuses the call."""
+        assert self.upstream is not None
+        path = UPSTREAM_PATH[call.kind]
+        try:
+            return await self.upstream.send(route, lease, path, body, stream)
+        except GatewayError as e:
+            if e.code != "binding_mismatch" or lease.pin is None:
+                raise
+            first = e
+        log.info("route %s: provider key differs from lease %s; re-verifying once",
+                 route.id, lease.lease_id)
+        await self.leases.invalidate(route, lease)
+        fresh = await self._acquire(route)
+        if fresh.pin == lease.pin:
+            raise first
+        call.lease = fresh
+        call.attempts.append(f"{route.id}:binding_mismatch")
+        return await self.upstream.send(route, fresh, path, body, stream)
 
     def _finish_json(self, call: Call, reply: UpstreamReply,
                      sealer: aci.Sealer | None) -> tuple[int, bytes, bytes]:

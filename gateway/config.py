@@ -14,9 +14,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from gateway.verification.base import PATH_KEYS, Policy
+
 HEX64 = re.compile(r"[0-9a-f]{64}")
 KINDS = ("chat", "embeddings")
-EVIDENCE = ("dstack", "phala", "nearai", "tinfoil", "nvidia", "none")
+EVIDENCE = ("dstack", "phala", "nearai", "tinfoil", "none")
 LOG_UNAVAILABLE = ("serve-and-queue", "refuse")
 DURABILITY = ("process", "fsync")
 
@@ -49,6 +51,14 @@ class LogSettings:
     witness_vkeys: tuple[str, ...] = ()
     quorum: int = 0
     concurrency: int = 128
+
+
+@dataclass(frozen=True)
+class LeaseSettings:
+    """The `[leases]` table: where replicas share verified leases (none: per process)."""
+
+    redis_url: str | None = None
+    prefix: str = "pag:lease:"
 
 
 @dataclass(frozen=True)
@@ -91,6 +101,7 @@ class Config:
     log: LogSettings
     api_keys: tuple[ApiKey, ...]
     routes: tuple[RouteSpec, ...]
+    leases: LeaseSettings = LeaseSettings()
 
 
 def _take(table: dict[str, Any], where: str, spec: dict[str, tuple[type | tuple[type, ...], bool]]
@@ -174,6 +185,14 @@ def _log(t: dict[str, Any], base: Path) -> LogSettings:
     return LogSettings(**v)
 
 
+def _leases(t: dict[str, Any]) -> LeaseSettings:
+    v = _take(t, "[leases]", {"redis_url": (str, False), "prefix": (str, False)})
+    url = v.get("redis_url")
+    if url is not None and urlsplit(url).scheme not in ("redis", "rediss", "unix"):
+        raise ConfigError(f"[leases].redis_url: not a redis:// URL: {url!r}")
+    return LeaseSettings(**v)
+
+
 def _api_key(t: dict[str, Any], i: int) -> ApiKey:
     where = f"[[api_keys]][{i}]"
     v = _take(t, where, {"name": (str, True), "sha256": (str, True),
@@ -182,7 +201,7 @@ def _api_key(t: dict[str, Any], i: int) -> ApiKey:
     return ApiKey(**v)
 
 
-def _route(t: dict[str, Any], i: int) -> RouteSpec:
+def _route(t: dict[str, Any], i: int, base: Path) -> RouteSpec:
     where = f"[[routes]][{i}]"
     v = _take(t, where, {
         "id": (str, True), "model": (str, True), "aliases": (list, False),
@@ -211,6 +230,13 @@ def _route(t: dict[str, Any], i: int) -> RouteSpec:
             raise ConfigError(f"{where}.timeout must be positive")
     if v.get("retries", 0) < 0:
         raise ConfigError(f"{where}.retries must not be negative")
+    try:
+        Policy.from_dict(v.get("policy", {}))
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{where}.policy: {e}") from e
+    if "policy" in v:
+        v["policy"] = {k: str(_path(base, x)) if k in PATH_KEYS else x
+                       for k, x in v["policy"].items()}
     return RouteSpec(**v)
 
 
@@ -219,13 +245,13 @@ def parse(doc: dict[str, Any], path: Path) -> Config:
     base = path.resolve().parent
     top = _take(doc, "config", {"gateway": (dict, False), "dstack": (dict, False),
                                 "log": (dict, False), "api_keys": (list, False),
-                                "routes": (list, False)})
+                                "routes": (list, False), "leases": (dict, False)})
     dstack = _take(top.get("dstack", {}), "[dstack]", {"endpoint": (str, False)})
     endpoint = dstack.get("endpoint")
     if endpoint and "://" not in endpoint:
         endpoint = str(_path(base, endpoint))
     keys = tuple(_api_key(t, i) for i, t in enumerate(top.get("api_keys", [])))
-    routes = tuple(_route(t, i) for i, t in enumerate(top.get("routes", [])))
+    routes = tuple(_route(t, i, base) for i, t in enumerate(top.get("routes", [])))
     seen: set[str] = set()
     for r in routes:
         if r.id in seen:
@@ -238,7 +264,7 @@ def parse(doc: dict[str, Any], path: Path) -> Config:
                 raise ConfigError(f"[[routes]]: model {name!r} is both chat and embeddings")
     return Config(path=path.resolve(), gateway=_gateway(top.get("gateway", {}), base),
                   dstack_endpoint=endpoint, log=_log(top.get("log", {}), base),
-                  api_keys=keys, routes=routes)
+                  api_keys=keys, routes=routes, leases=_leases(top.get("leases", {})))
 
 
 def load(path: str | Path) -> Config:

@@ -30,6 +30,7 @@ from gateway.shipper import LogStatus
 from gateway.upstream import Leases
 
 log = logging.getLogger("gateway.server")
+LEASE_MAC_PATH = "pag/gateway/lease-cache"
 
 
 @dataclass
@@ -40,6 +41,7 @@ class Identity:
     e2ee_private: bytes
     gateway: dict[str, str]
     attest: Any
+    lease_mac_key: bytes = b""
 
 
 async def bootstrap(cfg: gconfig.Config) -> Identity:
@@ -53,6 +55,7 @@ async def bootstrap(cfg: gconfig.Config) -> Identity:
         else AsyncDstackClient()
     keyset = await keys.load(client, log_vkey=cfg.log.vkey or "")
     doc = await attestation.build(client, keyset, None)
+    mac = await keys.derive_seed(client, LEASE_MAC_PATH) if cfg.leases.redis_url else b""
 
     async def attest(nonce: str | None) -> dict[str, Any]:
         return await attestation.build(client, keyset, nonce)
@@ -62,15 +65,20 @@ async def bootstrap(cfg: gconfig.Config) -> Identity:
         e2ee_private=keyset.e2ee_private_bytes(),
         gateway={"app_id": str(doc["app_id"]), "compose_hash": str(doc["compose_hash"]),
                  "keyset_hash": keyset.keyset_hash()},
-        attest=attest)
+        attest=attest, lease_mac_key=mac)
 
 
-def lease_source(cfg: gconfig.Config) -> Leases:
-    """The provider-verification engine's lease store behind the gateway's adapter."""
+def lease_source(cfg: gconfig.Config, mac_key: bytes = b"") -> Leases:
+    """The provider-verification engine's lease store behind the gateway's adapter;
+    shared through Redis when `[leases].redis_url` is set (entries MACed with a key
+    every replica of this app derives from dstack KMS)."""
     from gateway.verification.base import VerificationError
     from gateway.verification.lease import LeaseStore
+    from gateway.verification.shared import SharedLeases
 
-    return Leases(LeaseStore(), VerificationError)
+    shared = SharedLeases(cfg.leases.redis_url, mac_key, cfg.leases.prefix) \
+        if cfg.leases.redis_url else None
+    return Leases(LeaseStore(shared=shared), VerificationError)
 
 
 def start_shipper(cfg: gconfig.Config) -> subprocess.Popen[bytes] | None:
@@ -121,7 +129,7 @@ async def serve(cfg: gconfig.Config, host: str, port: int) -> None:
     try:
         app = Gateway(cfg, signer=ReceiptSigner(ident.receipt_key), identity=ident.gateway,
                       outbox=outbox, status=LogStatus(outbox, shipper is not None),
-                      leases=lease_source(cfg), attest=ident.attest,
+                      leases=lease_source(cfg, ident.lease_mac_key), attest=ident.attest,
                       e2ee_key=ident.e2ee_private)
         server = uvicorn.Server(uvicorn.Config(
             app, host=host, port=port, lifespan="on", http="httptools", loop="none",

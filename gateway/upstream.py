@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import hmac
 import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -53,7 +54,7 @@ class LeaseFacts:
     lease_id: str
     verified_at: str | None
     expires_at: str | None
-    spki_sha256: bytes | None = None
+    pin: tuple[str, bytes] | None = None
 
     def receipt(self) -> dict[str, Any]:
         """The receipt's `upstream` member."""
@@ -71,30 +72,31 @@ class LeaseSource(Protocol):
 
     async def ensure(self, route: RouteSpec, now: float) -> Any: ...
 
+    async def invalidate(self, route: RouteSpec, lease_id: str) -> None: ...
 
-def _spki_from_binding(binding: Any) -> tuple[str, bytes | None]:
-    """(binding text for the receipt, SPKI SHA-256 to pin or None)."""
-    if binding is None:
-        return "none", None
-    if isinstance(binding, dict):
-        spki = binding.get("tls_spki_sha256")
-        if spki:
-            return f"tls_spki_sha256:{spki}", bytes.fromhex(spki)
-        kind = binding.get("kind") or binding.get("type") or "none"
-        return str(kind), None
-    text = str(binding)
-    if text.startswith(("tls_spki_sha256:", "tls-spki:", "tls_spki:")):
-        return text, bytes.fromhex(text.split(":", 1)[1])
-    return text, None
+
+PIN_KINDS = {"tls-spki": "spki", "tls_spki_sha256": "spki", "tls-cert": "cert"}
+
+
+def pin_of(binding: str) -> tuple[str, bytes] | None:
+    """The TLS pin a binding demands: ("spki" | "cert", SHA-256), or None.
+
+    `tls-spki:<hex>` pins the SHA-256 of the peer's SubjectPublicKeyInfo,
+    `tls-cert:<hex>` the SHA-256 of its DER certificate. Any other binding
+    pins nothing on the connection.
+    """
+    kind, sep, value = binding.partition(":")
+    if not sep or kind not in PIN_KINDS:
+        return None
+    digest = bytes.fromhex(value)
+    if len(digest) != 32:
+        raise ValueError("a TLS pin is a 32-byte SHA-256")
+    return PIN_KINDS[kind], digest
 
 
 def facts_of(lease: Any) -> LeaseFacts:
     """Translate the verification engine's Lease into receipt facts."""
-    binding, spki = _spki_from_binding(getattr(lease, "binding", None))
-    spki_attr = getattr(lease, "tls_spki_sha256", None)
-    if spki is None and spki_attr:
-        spki = bytes.fromhex(spki_attr)
-        binding = f"tls_spki_sha256:{spki_attr}"
+    binding = str(getattr(lease, "binding", None) or "none")
     return LeaseFacts(
         verified=bool(getattr(lease, "verified", False)),
         evidence=str(getattr(lease, "evidence", "none")),
@@ -102,7 +104,7 @@ def facts_of(lease: Any) -> LeaseFacts:
         lease_id=str(getattr(lease, "lease_id", None) or getattr(lease, "id", "")),
         verified_at=rfc3339(getattr(lease, "verified_at", None)),
         expires_at=rfc3339(getattr(lease, "expires_at", None)),
-        spki_sha256=spki)
+        pin=pin_of(binding))
 
 
 class Leases:
@@ -125,13 +127,24 @@ class Leases:
         cached = self._facts.get(route.id)
         if cached is not None and cached[0] is lease:
             return cached[1]
-        facts = facts_of(lease)
-        if facts.spki_sha256 is not None and not route.base_url.startswith("https://"):
+        try:
+            facts = facts_of(lease)
+        except ValueError as e:
+            raise refused(502, "binding_mismatch", f"route {route.id!r} refused: "
+                          f"binding_mismatch: malformed binding: {e}", route_id=route.id) from e
+        if facts.pin is not None and not route.base_url.startswith("https://"):
             raise refused(502, "binding_mismatch",
                           f"route {route.id!r} refused: binding_mismatch: lease binds a TLS "
                           "key but the route is not HTTPS", route_id=route.id)
         self._facts[route.id] = (lease, facts)
         return facts
+
+    async def invalidate(self, route: RouteSpec, facts: LeaseFacts) -> None:
+        """Forget a lease whose key the provider no longer presents (next acquire re-verifies)."""
+        cached = self._facts.get(route.id)
+        if cached is not None and cached[1] is facts:
+            del self._facts[route.id]
+        await self._store.invalidate(route, facts.lease_id)
 
 
 class ProtocolError(Exception):
@@ -150,6 +163,15 @@ def spki_sha256(der_cert: bytes) -> bytes:
     spki = x509.load_der_x509_certificate(der_cert).public_key().public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     return hashlib.sha256(spki).digest()
+
+
+def pin_matches(der_cert: bytes | None, pin: tuple[str, bytes]) -> bool:
+    """Whether the peer certificate satisfies a `pin_of` pin."""
+    if der_cert is None:
+        return False
+    kind, digest = pin
+    have = spki_sha256(der_cert) if kind == "spki" else hashlib.sha256(der_cert).digest()
+    return hmac.compare_digest(have, digest)
 
 
 class Connection:
@@ -261,7 +283,7 @@ class Pool:
         self._pinned.check_hostname = False
         self._pinned.verify_mode = ssl.CERT_NONE
 
-    async def connect(self, host: str, port: int, tls: bool, pin: bytes | None,
+    async def connect(self, host: str, port: int, tls: bool, pin: tuple[str, bytes] | None,
                       fresh: bool = False) -> tuple[Connection, bool]:
         """(connection, whether it was reused); the pin is checked before it is returned."""
         key = (host, port, tls, pin)
@@ -273,7 +295,7 @@ class Pool:
         if pin is not None:
             sslobj = writer.get_extra_info("ssl_object")
             der = sslobj.getpeercert(binary_form=True) if sslobj is not None else None
-            if der is None or spki_sha256(der) != pin:
+            if not pin_matches(der, pin):
                 writer.close()
                 raise BindingError("peer TLS key differs from the lease binding")
         return Connection(reader, writer, key), False
@@ -293,7 +315,8 @@ class Pool:
         self._idle.clear()
 
 
-async def exchange(pool: Pool, target: tuple[str, int, bool, bytes | None], data: bytes
+async def exchange(pool: Pool, target: tuple[str, int, bool, tuple[str, bytes] | None],
+                   data: bytes
                    ) -> tuple[Connection, int, dict[bytes, bytes]]:
     """Send a request on a pooled connection (once more on a fresh one if a reused
     connection turns out to be closed before any answer byte)."""
@@ -381,7 +404,7 @@ class Upstream:
         """POST `body` to `route.base_url + path`; retries on connection errors, timeouts, 5xx."""
         t = self._target(route, path)
         data = t.heads[stream] + b"Content-Length: %d\r\n\r\n" % len(body) + body
-        target = (t.host, t.port, t.tls, lease.spki_sha256)
+        target = (t.host, t.port, t.tls, lease.pin)
         last: GatewayError | None = None
         for _ in range(route.retries + 1):
             conn: Connection | None = None

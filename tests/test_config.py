@@ -103,6 +103,14 @@ def test_defaults(tmp_path: Path) -> None:
     ("[[routes]]\nid='r'\nmodel='m'\nprovider='p'\nbase_url='http://x/v1'\n"
      "[[routes]]\nid='s'\nmodel='m'\nprovider='p'\nbase_url='http://x/v1'\nkind='embeddings'\n",
      "both chat and embeddings"),
+    ("[[routes]]\nid='r'\nmodel='m'\nprovider='p'\nbase_url='http://x/v1'\n"
+     "[routes.policy]\nallow_simulatd = true\n", "unknown policy keys: allow_simulatd"),
+    ("[[routes]]\nid='r'\nmodel='m'\nprovider='p'\nbase_url='http://x/v1'\n"
+     "[routes.policy]\nallow_simulated = 'false'\n", "'allow_simulated': wrong type str"),
+    ("[[routes]]\nid='r'\nmodel='m'\nprovider='p'\nbase_url='http://x/v1'\n"
+     "[routes.policy]\nmax_lease_age = 0\n", "max_lease_age must be positive"),
+    ("[leases]\nredis_url = 'http://127.0.0.1:6379'\n", "not a redis:// URL"),
+    ("[leases]\nredis = 'redis://127.0.0.1'\n", "unknown key 'redis'"),
     ("not toml = = =", "not valid TOML"),
 ])
 def test_errors_name_the_key(tmp_path: Path, text: str, message: str) -> None:
@@ -113,3 +121,11 @@ def test_errors_name_the_key(tmp_path: Path, text: str, message: str) -> None:
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(config.ConfigError, match="cannot read"):
         config.load(tmp_path / "absent.toml")
+
+
+def test_policy_paths_resolve_against_the_config_directory(tmp_path: Path) -> None:
+    cfg = config.load(write(tmp_path, "[[routes]]\nid='r'\nmodel='m'\nprovider='p'\n"
+                            "base_url='https://x/v1'\nevidence='dstack'\n[routes.policy]\n"
+                            "collateral_file = 'pcs/col.json'\nallow_simulated = false\n"))
+    assert cfg.routes[0].policy == {"collateral_file": str(tmp_path / "pcs" / "col.json"),
+                                    "allow_simulated": False}

@@ -192,6 +192,9 @@ class FakeLeaseStore:
             raise out
         return out
 
+    async def invalidate(self, route: gconfig.RouteSpec, lease_id: str) -> None:
+        self.calls.append(f"invalidate:{route.id}:{lease_id}")
+
 
 class FakeLog:
     """`POST /add` with bearer auth, answering with a real, verifiable tlog-proof."""

@@ -59,13 +59,16 @@ def test_bootstrap_against_the_dstack_simulator(tmp_path: Path) -> None:
         sock = tmp_path / "d.sock"
         async with sim.SimulatorServer(sock, tmp_path / "sim"):
             (tmp_path / "g.toml").write_text(
-                f'[dstack]\nendpoint = "{sock}"\n[log]\nvkey = "log.test+01020304+AAAA"\n')
+                f'[dstack]\nendpoint = "{sock}"\n[log]\nvkey = "log.test+01020304+AAAA"\n'
+                '[leases]\nredis_url = "redis://127.0.0.1:6379/0"\n')
             cfg = config.load(tmp_path / "g.toml")
             ident = await server.bootstrap(cfg)
             again = await server.bootstrap(cfg)
             doc = await ident.attest("00ff")
         pub = ident.receipt_key.public_key().public_bytes_raw()
         assert again.receipt_key.public_key().public_bytes_raw() == pub  # deterministic
+        assert len(ident.lease_mac_key) == 32 and ident.lease_mac_key == again.lease_mac_key
+        assert ident.lease_mac_key not in (ident.e2ee_private, ident.receipt_key.private_bytes_raw())
         assert doc["keyset"]["receipt_signing_key"] == base64.b64encode(pub).decode()
         assert doc["keyset"]["log_vkey"] == "log.test+01020304+AAAA"
         assert ident.gateway == {"app_id": doc["app_id"], "compose_hash": doc["compose_hash"],

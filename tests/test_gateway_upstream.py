@@ -117,13 +117,13 @@ def test_facts_and_times() -> None:
         lease_id = "x"
         verified = True
         evidence = "dstack"
-        binding = {"tls_spki_sha256": "ab" * 32}
+        binding = "tls-spki:" + "ab" * 32
         verified_at = 0.0
         expires_at = "2030-01-01T00:00:00Z"
 
     f = facts_of(L())
-    assert f.spki_sha256 == bytes.fromhex("ab" * 32)
-    assert f.binding == "tls_spki_sha256:" + "ab" * 32
+    assert f.pin == ("spki", bytes.fromhex("ab" * 32))
+    assert f.binding == "tls-spki:" + "ab" * 32
     assert f.receipt()["verified_at"] == "1970-01-01T00:00:00Z"
     assert f.receipt()["expires_at"] == "2030-01-01T00:00:00Z"
     assert rfc3339(None) is None

@@ -66,6 +66,7 @@ class Adversary:
             (d / "k.pem").write_bytes(self.keyset.tls_key_pem())
             ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             ctx.load_cert_chain(d / "c.pem", d / "k.pem")
+        self.tls_ctx = ctx
         tls = web.TCPSite(self.runner, "127.0.0.1", 0, ssl_context=ctx)
         await tls.start()
         self.tls_port = tls._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]

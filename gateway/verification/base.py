@@ -25,7 +25,7 @@ class VerificationError(Exception):
 
 CODES = ("upstream_unverified", "evidence_missing", "evidence_malformed", "quote_invalid",
          "measurement_mismatch", "binding_mismatch", "evidence_expired", "simulated_not_allowed",
-         "unsupported_evidence")
+         "unsupported_evidence", "gpu_unverified")
 
 
 @dataclass(frozen=True)
@@ -39,8 +39,17 @@ class Policy:
     allowed_measurements: tuple[dict[str, str], ...] = ()
     allowed_tcb_status: tuple[str, ...] = ("UpToDate",)
     collateral_file: str | None = None
+    pccs_url: str | None = None
+    collateral_cache_dir: str | None = None
     app_id: str | None = None
     compose_hash: str | None = None
+    require_gpu: bool = False
+    allow_gpu_unverified_offline: bool = False
+    signing_address: str | None = None
+    sigstore_bundle: str | None = None
+    sigstore_identity: str | None = None
+    sigstore_issuer: str = "https://token.actions.githubusercontent.com"
+    sigstore_trusted_root: str | None = None
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Policy:
@@ -48,12 +57,37 @@ class Policy:
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"unknown policy keys: {', '.join(sorted(unknown))}")
+        kinds = {f.name: str(f.type) for f in fields(cls)}
+        for key, value in d.items():
+            if not _type_ok(kinds[key], value):
+                raise ValueError(f"policy key {key!r}: wrong type {type(value).__name__}")
+        for m in d.get("allowed_measurements", ()):
+            if not isinstance(m, dict) or not all(isinstance(v, str) for v in m.values()):
+                raise ValueError("allowed_measurements: a list of tables of hex strings")
+        if d.get("max_lease_age", 1) <= 0:
+            raise ValueError("max_lease_age must be positive")
         kw = dict(d)
         if "allowed_measurements" in kw:
             kw["allowed_measurements"] = tuple(dict(m) for m in kw["allowed_measurements"])
         if "allowed_tcb_status" in kw:
             kw["allowed_tcb_status"] = tuple(kw["allowed_tcb_status"])
         return cls(**kw)
+
+
+PATH_KEYS = ("collateral_file", "collateral_cache_dir", "sigstore_bundle", "sigstore_trusted_root")
+
+
+def _type_ok(kind: str, value: Any) -> bool:
+    """Whether a TOML value fits a Policy field's annotation (bools are not numbers)."""
+    if kind == "bool":
+        return isinstance(value, bool)
+    if kind == "float":
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if kind.startswith("str"):
+        return isinstance(value, str)
+    if kind.startswith("tuple"):
+        return isinstance(value, list | tuple)
+    return True
 
 
 @dataclass(frozen=True)

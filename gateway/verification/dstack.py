@@ -21,38 +21,35 @@ from urllib.parse import urlsplit
 import httpx
 
 from gateway import attestation
+from gateway import quote as tdxquote
+from gateway.verification import collateral, tdx
 from gateway.verification.base import Lease, Policy, VerificationError, digest
 
 MAX_EVIDENCE = 1 << 20
 
 
-def quote_verifier(policy: Policy, now: float):  # noqa: ANN201 - a callable for attestation.check
-    """A dcap-qvl verification of real quotes, with collateral from the policy."""
+def quote_verifier(policy: Policy, now: float, col: Any = None):  # noqa: ANN201
+    """A synchronous dcap-qvl check for attestation.check (collateral given or from the file)."""
 
     def verify(raw: bytes) -> Any:
-        if not policy.collateral_file:
-            raise VerificationError("quote_invalid", "no collateral configured for real quotes")
-        import dcap_qvl
-
-        try:
-            collateral = dcap_qvl.QuoteCollateralV3.from_json(Path(policy.collateral_file).read_text())
-            report = dcap_qvl.verify(raw, collateral, int(now))
-        except (ValueError, OSError, RuntimeError) as e:
-            raise VerificationError("quote_invalid", f"dcap-qvl: {e}") from e
-        status = getattr(report, "status", None)
-        if status not in policy.allowed_tcb_status:
-            raise VerificationError("quote_invalid", f"TCB status {status} not allowed")
-        return report
+        nonlocal col
+        if col is None:
+            if not policy.collateral_file:
+                raise VerificationError("quote_invalid", "no collateral configured for real quotes")
+            try:
+                col = collateral.load(Path(policy.collateral_file).read_text())
+            except OSError as e:
+                raise VerificationError("quote_invalid", f"collateral: {e.strerror}") from e
+        return tdx.check_real(raw, tdx.parse(raw), col, policy, now)
 
     return verify
 
 
 def _measurements_ok(facts: attestation.AttestationFacts, policy: Policy) -> bool:
-    if not policy.allowed_measurements:
-        return True
     have = {"mr_td": facts.mr_td, "rtmr0": facts.rtmrs[0], "rtmr1": facts.rtmrs[1],
-            "rtmr2": facts.rtmrs[2], "compose_hash": facts.compose_hash, "app_id": facts.app_id}
-    return any(all(have.get(k) == v for k, v in m.items()) for m in policy.allowed_measurements)
+            "rtmr2": facts.rtmrs[2], "rtmr3": facts.rtmrs[3], "compose_hash": facts.compose_hash,
+            "app_id": facts.app_id}
+    return tdx.measurements_ok(have, policy)
 
 
 async def verify(client: httpx.AsyncClient, route: Any, policy: Policy, now: float) -> Lease:
@@ -73,12 +70,16 @@ async def verify(client: httpx.AsyncClient, route: Any, policy: Policy, now: flo
             raise ValueError("not an object")
     except ValueError as e:
         raise VerificationError("evidence_malformed", f"attestation is not JSON: {e}") from e
+    col = await _collateral(doc, policy)
     try:
         facts = attestation.check(doc, nonce=nonce, allow_simulated=policy.allow_simulated,
                                   expected_app_id=policy.app_id,
                                   expected_compose_hash=policy.compose_hash,
-                                  verify_quote=quote_verifier(policy, now))
+                                  verify_quote=quote_verifier(policy, now, col))
     except attestation.AttestationError as e:
+        cause = e.__cause__
+        if isinstance(cause, VerificationError):
+            raise VerificationError(cause.code, cause.reason) from e
         code = {"simulated_not_allowed": "simulated_not_allowed", "malformed": "evidence_malformed",
                 "app_id_mismatch": "measurement_mismatch",
                 "compose_hash_mismatch": "measurement_mismatch"}.get(e.code, "quote_invalid")
@@ -96,6 +97,19 @@ async def verify(client: httpx.AsyncClient, route: Any, policy: Policy, now: flo
                  facts={"app_id": facts.app_id, "compose_hash": facts.compose_hash,
                         "mr_td": facts.mr_td, "simulated": facts.simulated,
                         "keyset_hash": facts.keyset_hash})
+
+
+async def _collateral(doc: dict[str, Any], policy: Policy) -> Any:
+    """Collateral for a real quote (None for simulated or unparsable ones: check refuses those)."""
+    q = doc.get("quote")
+    try:
+        raw = bytes.fromhex(q) if isinstance(q, str) else b""
+        tdx.parse(raw)
+    except (ValueError, VerificationError):
+        return None
+    if tdxquote.is_simulated(raw) or tdxquote.looks_simulated(raw):
+        return None
+    return await collateral.for_quote(raw, policy)
 
 
 def _default_attestation_url(base_url: str) -> str:

@@ -1,9 +1,12 @@
 """Leases per route: verified once, reused until shortly before they expire.
 
 `ensure` never returns a lease that is not valid at `now`; one verification
-per route runs at a time; a lease inside its refresh window is returned while
-a background verification replaces it. A failed verification is remembered
-(for the route view) and raised to the caller: the request fails closed.
+per route runs at a time (across replicas too, with a `SharedLeases` Redis
+cache); a lease inside its refresh window is returned while a background
+verification replaces it. A failed verification is remembered (for the route
+view) and raised to the caller: the request fails closed. `invalidate` drops
+a lease whose key the provider no longer presents, so the next use
+re-verifies.
 """
 
 from __future__ import annotations
@@ -18,6 +21,9 @@ import httpx
 
 from gateway.verification.base import Lease, Policy, VerificationError
 from gateway.verification.registry import verify_route
+from gateway.verification.shared import SharedLeases
+
+SHARED_WAIT = 15.0
 
 
 @dataclass
@@ -32,8 +38,10 @@ class RouteStatus:
 class LeaseStore:
     """In-process lease cache in front of the evidence adapters."""
 
-    def __init__(self, client: httpx.AsyncClient | None = None) -> None:
+    def __init__(self, client: httpx.AsyncClient | None = None,
+                 shared: SharedLeases | None = None) -> None:
         self._client = client
+        self._shared = shared
         self.status: dict[str, RouteStatus] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._refresh: dict[str, asyncio.Task[None]] = {}
@@ -60,13 +68,40 @@ class LeaseStore:
             lease = self.get_valid(route.id, now)
             if lease is not None:
                 return lease
-            return await self._verify(route, now)
+            if self._shared is None:
+                return await self._verify(route, now)
+            return await self._verify_shared(route, now)
 
-    async def invalidate(self, route_id: str) -> None:
-        """Drop a route's lease (its key no longer matches): the next use re-verifies."""
-        st = self.status.get(route_id)
-        if st is not None:
+    async def _verify_shared(self, route: Any, now: float) -> Lease:
+        """Adopt another replica's lease, or verify under the shared lock and publish."""
+        shared = self._shared
+        assert shared is not None
+        lease = await shared.get(route, now)
+        if lease is None:
+            token = await shared.lock(route)
+            if token is None:
+                lease = await shared.wait(route, now, SHARED_WAIT)
+                token = None if lease is not None else await shared.lock(route)
+            if lease is None:
+                try:
+                    lease = await self._verify(route, now)
+                    await shared.put(route, lease, now)
+                finally:
+                    if token is not None:
+                        await shared.unlock(route, token)
+                return lease
+        st = self.status.setdefault(route.id, RouteStatus())
+        st.lease, st.last_error, st.checked_at = lease, None, now
+        return lease
+
+    async def invalidate(self, route: Any, lease_id: str) -> None:
+        """Drop the route's lease if it is still `lease_id` (the provider's key no longer
+        matches it): the next `ensure` re-verifies. A newer lease is kept."""
+        st = self.status.get(route.id)
+        if st is not None and st.lease is not None and st.lease.lease_id == lease_id:
             st.lease = None
+        if self._shared is not None:
+            await self._shared.drop(route, lease_id)
 
     async def _verify(self, route: Any, now: float) -> Lease:
         st = self.status.setdefault(route.id, RouteStatus())
@@ -93,7 +128,10 @@ class LeaseStore:
             lock = self._locks.setdefault(route.id, asyncio.Lock())
             async with lock:
                 with contextlib.suppress(VerificationError):
-                    await self._verify(route, time.time())
+                    t = time.time()
+                    lease = await self._verify(route, t)
+                    if self._shared is not None:
+                        await self._shared.put(route, lease, t)
 
         self._refresh[route.id] = asyncio.create_task(refresh())
 
@@ -102,3 +140,5 @@ class LeaseStore:
             t.cancel()
         if self._client is not None:
             await self._client.aclose()
+        if self._shared is not None:
+            await self._shared.close()

@@ -2,17 +2,31 @@
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import httpx
 
-from gateway.verification import dstack
 from gateway.verification.base import Lease, Policy, VerificationError
 
 Adapter = Callable[[httpx.AsyncClient, Any, Policy, float], Awaitable[Lease]]
 
-ADAPTERS: dict[str, Adapter] = {"dstack": dstack.verify}
+# evidence kind -> the adapter, or the module whose `verify` it is (imported on first use)
+ADAPTERS: dict[str, str | Adapter] = {
+    "dstack": "gateway.verification.dstack",
+    "phala": "gateway.verification.phala",
+    "nearai": "gateway.verification.nearai",
+    "tinfoil": "gateway.verification.tinfoil",
+}
+
+
+def adapter(kind: str) -> Adapter | None:
+    """The verify function for an evidence kind, or None if there is none."""
+    found = ADAPTERS.get(kind)
+    if found is None or callable(found):
+        return found
+    return importlib.import_module(found).verify
 
 
 async def verify_route(client: httpx.AsyncClient, route: Any, now: float) -> Lease:
@@ -31,7 +45,7 @@ async def verify_route(client: httpx.AsyncClient, route: Any, now: float) -> Lea
                                     "route has no evidence and policy requires verification")
         return Lease(route.id, route.provider, "none", "", "none", now, now + policy.max_lease_age,
                      verified=False)
-    adapter = ADAPTERS.get(route.evidence)
-    if adapter is None:
+    verify = adapter(route.evidence)
+    if verify is None:
         raise VerificationError("unsupported_evidence", f"no verifier for {route.evidence!r}")
-    return await adapter(client, route, policy, now)
+    return await verify(client, route, policy, now)
