@@ -33,8 +33,11 @@ async def verify_all(cfg: gconfig.Config, now: float) -> list[dict[str, Any]]:
             except VerificationError as e:
                 return {**row, "result": "FAIL", "code": e.code, "reason": e.reason,
                         "expires": None}
+            notes = " ".join(f"{k}={lease.facts[k]}" for k in ("gpu", "tcb_status")
+                             if lease.facts.get(k))
             return {**row, "result": "ok" if lease.verified else "unverified",
-                    "code": None, "reason": lease.binding, "expires": rfc3339(lease.expires_at)}
+                    "code": None, "reason": f"{lease.binding} {notes}".strip(),
+                    "expires": rfc3339(lease.expires_at)}
 
         return await asyncio.gather(*[one(r) for r in cfg.routes])
 

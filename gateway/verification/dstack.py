@@ -96,6 +96,7 @@ async def verify(client: httpx.AsyncClient, route: Any, policy: Policy, now: flo
                  verified_at=now, expires_at=now + policy.max_lease_age,
                  facts={"app_id": facts.app_id, "compose_hash": facts.compose_hash,
                         "mr_td": facts.mr_td, "simulated": facts.simulated,
+                        "tcb_status": getattr(facts.quote_verification, "tcb_status", None),
                         "keyset_hash": facts.keyset_hash})
 
 
