@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import hmac
 import logging
 import re
 import secrets
@@ -26,6 +27,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import httpx
 import orjson
 
 from gateway import aci
@@ -47,6 +49,8 @@ Attest = Callable[[str | None], Awaitable[dict[str, Any]]]
 
 HEX64 = re.compile(r"[0-9a-f]{64}")
 RECEIPT_ID = re.compile(r"[0-9a-f]{32}")
+RESPONSE_ID = re.compile(r"[A-Za-z0-9._:-]{1,200}")
+SIGNATURE_BINDING = "signing-address:"
 NONCE = re.compile(r"(?:[0-9a-fA-F]{2}){1,64}")
 JSON = b"application/json"
 PATHS = {b"/v1/chat/completions": "chat", b"/v1/embeddings": "embeddings"}
@@ -130,6 +134,7 @@ class Call:
     usage: dict[str, int] | None = None
     refusal: dict[str, Any] | None = None
     attempts: list[str] = field(default_factory=list)
+    response_signature: str | None = None
     sealer: aci.Sealer | None = None
 
 
@@ -163,6 +168,7 @@ class Gateway:
         self.keys = KeyStore(cfg.api_keys)
         self.limiter = Limiter()
         self.upstream: Upstream | None = None
+        self.signatures: httpx.AsyncClient | None = None
         self.route_state = {r.id: RouteState() for r in cfg.routes}
         self._max_body = cfg.gateway.max_body_bytes
         self._models_body = orjson.dumps({"object": "list", "data": [
@@ -172,12 +178,16 @@ class Gateway:
     async def startup(self) -> None:
         """Open the upstream pool and start shipping queued receipts."""
         self.upstream = Upstream()
+        if any(r.evidence == "phala" for r in self.cfg.routes):
+            self.signatures = httpx.AsyncClient()  # CA-verified: it may carry the route's key
         await self.status.start()
 
     async def shutdown(self) -> None:
         """Close the pool and stop following the ledger."""
         if self.upstream is not None:
             await self.upstream.close()
+        if self.signatures is not None:
+            await self.signatures.aclose()
         await self.status.close()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -428,8 +438,17 @@ class Gateway:
             fwd_bytes = orjson.dumps(fwd)
             call.forwarded_hash = call.provider_request_hash = \
                 hashlib.sha256(fwd_bytes).hexdigest()
+            signed_only = lease.binding.startswith(SIGNATURE_BINDING)
+            if signed_only and stream:
+                refusals.append(refused(
+                    502, "binding_mismatch", f"route {route.id!r} refused: its lease binds only a "
+                    "response-signing key, so a stream could not be verified before delivery",
+                    route_id=route.id))
+                continue
             try:
                 reply = await self._send(call, route, lease, fwd_bytes, stream)
+                if signed_only and reply.status == 200:
+                    await self._check_response_signature(call, route, lease, fwd_bytes, reply)
             except GatewayError as e:
                 call.attempts.append(f"{route.id}:{e.code}")
                 if e.code == "binding_mismatch":  # refused on the handshake: nothing forwarded
@@ -469,6 +488,34 @@ class Gateway:
         call.lease = fresh
         call.attempts.append(f"{route.id}:binding_mismatch")
         return await self.upstream.send(route, fresh, path, body, stream)
+
+    async def _check_response_signature(self, call: Call, route: RouteSpec, lease: LeaseFacts,
+                                        forwarded: bytes, reply: UpstreamReply) -> None:
+        """For a lease bound to a signing key (vllm-proxy style): the provider's signature over
+        `sha256(forwarded request):sha256(response)` must recover to the attested address, or
+        the response is withheld (`response_signature_invalid`)."""
+        from gateway.verification import phala
+
+        address = lease.binding.removeprefix(SIGNATURE_BINDING)
+        try:
+            chat_id = orjson.loads(reply.body)["id"]
+            if not isinstance(chat_id, str) or not RESPONSE_ID.fullmatch(chat_id):
+                raise ValueError("no usable response id")
+            assert self.signatures is not None
+            sig = await phala.fetch_signature(self.signatures, route, chat_id)
+            text, signature = sig["text"], sig["signature"]
+            if not isinstance(text, str) or not isinstance(signature, str):
+                raise ValueError("signature document without text and signature")
+        except (ValueError, KeyError, TypeError, orjson.JSONDecodeError, httpx.HTTPError) as e:
+            raise refused(502, "response_signature_invalid", f"route {route.id!r}: no valid "
+                          f"response signature: {type(e).__name__}", route_id=route.id) from None
+        want = f"{hashlib.sha256(forwarded).hexdigest()}:{hashlib.sha256(reply.body).hexdigest()}"
+        if not (hmac.compare_digest(text, want)
+                and phala.verify_response_signature(text, signature, address)):
+            raise refused(502, "response_signature_invalid", f"route {route.id!r}: the response "
+                          "is not signed by the attested key over these exact bytes",
+                          route_id=route.id)
+        call.response_signature = "verified"
 
     def _finish_json(self, call: Call, reply: UpstreamReply,
                      sealer: aci.Sealer | None) -> tuple[int, bytes, bytes]:
@@ -571,6 +618,8 @@ class Gateway:
             body["upstream_status"] = call.upstream_status
         if call.attempts:
             body["failed_attempts"] = call.attempts
+        if call.response_signature is not None and call.lease is not None:
+            body["upstream"]["response_signature"] = call.response_signature
         _, entry = self.signer.sign(body)
         await self.outbox.put(call.receipt_id, call.request_hash, entry)
 

@@ -89,6 +89,7 @@ class RouteSpec:
     evidence: str = "none"
     required: bool = True
     policy: dict[str, Any] = field(default_factory=dict)
+    api_key: str = field(default="", repr=False)  # the provider's credential (never logged)
 
 
 @dataclass(frozen=True)
@@ -201,6 +202,16 @@ def _api_key(t: dict[str, Any], i: int) -> ApiKey:
     return ApiKey(**v)
 
 
+def default_attestation_url(evidence: str, base_url: str) -> str:
+    """Where each evidence kind's provider serves its attestation, by default."""
+    parts = urlsplit(base_url)
+    origin = f"{parts.scheme}://{parts.netloc}"
+    return {"dstack": origin + "/.well-known/attestation",
+            "phala": base_url + "/attestation/report",
+            "nearai": origin + "/v1/attestation/report",
+            "tinfoil": origin + "/.well-known/tinfoil-attestation"}.get(evidence, "")
+
+
 def _route(t: dict[str, Any], i: int, base: Path) -> RouteSpec:
     where = f"[[routes]][{i}]"
     v = _take(t, where, {
@@ -208,13 +219,23 @@ def _route(t: dict[str, Any], i: int, base: Path) -> RouteSpec:
         "provider": (str, True), "base_url": (str, True), "attestation_url": (str, False),
         "upstream_model": (str, False), "kind": (str, False), "priority": (int, False),
         "timeout": ((int, float), False), "retries": (int, False), "evidence": (str, False),
-        "required": (bool, False), "policy": (dict, False)})
+        "required": (bool, False), "policy": (dict, False), "api_key_file": (str, False)})
     v["base_url"] = _http_url(f"{where}.base_url", v["base_url"])
     if "attestation_url" in v:
         v["attestation_url"] = _http_url(f"{where}.attestation_url", v["attestation_url"])
     else:
-        parts = urlsplit(v["base_url"])
-        v["attestation_url"] = f"{parts.scheme}://{parts.netloc}/.well-known/attestation"
+        v["attestation_url"] = default_attestation_url(v.get("evidence", "none"), v["base_url"])
+    if "api_key_file" in v:
+        key_path = _path(base, v.pop("api_key_file"))
+        try:
+            v["api_key"] = key_path.read_text(encoding="utf-8").strip()
+        except OSError as e:
+            raise ConfigError(f"{where}.api_key_file: cannot read {key_path}: {e.strerror}") from e
+        if not v["api_key"] or any(c in v["api_key"] for c in "\r\n\0"):
+            raise ConfigError(f"{where}.api_key_file: empty, or not a single-line key")
+        if any(urlsplit(u).scheme != "https" for u in (v["base_url"], v["attestation_url"]) if u):
+            raise ConfigError(f"{where}.api_key_file: credentials are only sent over https "
+                              "(base_url and attestation_url)")
     v.setdefault("upstream_model", v["model"])
     aliases = v.get("aliases", [])
     if not all(isinstance(a, str) and a for a in aliases):

@@ -390,10 +390,11 @@ class Upstream:
         if t is None:
             u = urlsplit(route.base_url + path)
             tls = u.scheme == "https"
+            auth = f"Authorization: Bearer {route.api_key}\r\n" if route.api_key else ""
             heads = {stream: (
                 f"POST {u.path} HTTP/1.1\r\nHost: {u.netloc}\r\n"
                 "Content-Type: application/json\r\n"
-                f"Accept: {'text/event-stream' if stream else 'application/json'}\r\n"
+                f"Accept: {'text/event-stream' if stream else 'application/json'}\r\n{auth}"
             ).encode() for stream in (False, True)}
             t = self._targets[(route.id, path)] = _Target(
                 u.hostname or "", u.port or (443 if tls else 80), tls, heads)

@@ -129,3 +129,31 @@ def test_policy_paths_resolve_against_the_config_directory(tmp_path: Path) -> No
                             "collateral_file = 'pcs/col.json'\nallow_simulated = false\n"))
     assert cfg.routes[0].policy == {"collateral_file": str(tmp_path / "pcs" / "col.json"),
                                     "allow_simulated": False}
+
+
+@pytest.mark.parametrize(("evidence", "url"), [
+    ("dstack", "https://p.example:8443/.well-known/attestation"),
+    ("phala", "https://p.example:8443/v1/attestation/report"),
+    ("nearai", "https://p.example:8443/v1/attestation/report"),
+    ("tinfoil", "https://p.example:8443/.well-known/tinfoil-attestation"),
+    ("none", ""),
+])
+def test_attestation_url_defaults_per_evidence_kind(tmp_path: Path, evidence: str, url: str) -> None:
+    cfg = config.load(write(tmp_path, "[[routes]]\nid='r'\nmodel='m'\nprovider='p'\n"
+                            f"base_url='https://p.example:8443/v1'\nevidence='{evidence}'\n"))
+    assert cfg.routes[0].attestation_url == url
+
+
+def test_provider_key_is_read_from_its_file_and_never_shown(tmp_path: Path) -> None:
+    (tmp_path / "near.key").write_text("sk-secret-123\n")
+    route = "[[routes]]\nid='r'\nmodel='m'\nprovider='p'\nevidence='nearai'\n"
+    cfg = config.load(write(tmp_path, route + "base_url='https://x/v1'\napi_key_file='near.key'\n"))
+    assert cfg.routes[0].api_key == "sk-secret-123"
+    assert "sk-secret" not in repr(cfg)
+    with pytest.raises(config.ConfigError, match="only sent over https"):
+        config.load(write(tmp_path, route + "base_url='http://x/v1'\napi_key_file='near.key'\n"))
+    with pytest.raises(config.ConfigError, match="cannot read"):
+        config.load(write(tmp_path, route + "base_url='https://x/v1'\napi_key_file='nope.key'\n"))
+    (tmp_path / "near.key").write_text("\n")
+    with pytest.raises(config.ConfigError, match="empty"):
+        config.load(write(tmp_path, route + "base_url='https://x/v1'\napi_key_file='near.key'\n"))

@@ -127,3 +127,35 @@ def test_facts_and_times() -> None:
     assert f.receipt()["verified_at"] == "1970-01-01T00:00:00Z"
     assert f.receipt()["expires_at"] == "2030-01-01T00:00:00Z"
     assert rfc3339(None) is None
+
+
+def test_route_credential_is_sent_to_the_provider_and_only_there() -> None:
+    from gateway.config import RouteSpec
+    from gateway.upstream import LeaseFacts, Upstream
+
+    seen: list[bytes] = []
+
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        while not r.at_eof():
+            try:
+                seen.append(await read_request(r))
+            except asyncio.IncompleteReadError:
+                return
+            w.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+            await w.drain()
+
+    async def go() -> None:
+        srv, port = await serve(handler)
+        up = Upstream()
+        lease = LeaseFacts(True, "x", "none", "l", None, None)
+        for rid, key in (("with", "sk-123"), ("without", "")):
+            route = RouteSpec(id=rid, model="m", provider="p", upstream_model="m",
+                              base_url=f"http://127.0.0.1:{port}/v1", api_key=key)
+            reply = await up.send(route, lease, "/chat/completions", b"{}", False)
+            assert reply.status == 200
+        await up.close()
+        srv.close()
+
+    asyncio.run(go())
+    assert b"\r\nAuthorization: Bearer sk-123\r\n" in seen[0]
+    assert b"authorization" not in seen[1].lower()

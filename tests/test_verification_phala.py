@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 import pytest
 from aiohttp import web
+from eth_keys import keys as eth_keys
 
 from gateway import eventlog
 from gateway.config import RouteSpec
@@ -26,7 +27,7 @@ from gateway.quote import build_simulated_quote
 from gateway.verification import nvidia, phala, tdx
 from gateway.verification.base import Policy, VerificationError
 from gateway.verification.lease import LeaseStore
-from tests.test_gateway_fakes import MARKER, tls_server_context, write_config
+from tests.test_gateway_fakes import API_KEY, MARKER, tls_server_context, write_config
 from tests.test_verification_failclosed import _call, gateway
 from tests.test_verification_nvidia import GpuTestCa
 
@@ -35,10 +36,12 @@ REPORT = json.loads((FIXTURES / "attestation_report.json").read_text())
 SIGNATURES = json.loads((FIXTURES / "signatures.json").read_text())
 REAL_NONCE = bytes.fromhex(REPORT["request_nonce"])
 
-ADDRESS = "0x" + "5a17" * 10
+SIGNER = eth_keys.PrivateKey(hashlib.sha256(b"pag test vllm-proxy signer").digest())
+ADDRESS = SIGNER.public_key.to_checksum_address()  # the attested response-signing key
 MR_TD = bytes.fromhex("a1" * 48)
 APP_ID, COMPOSE_HASH = "2c" * 20, "24" * 32
-OK_POLICY = {"allow_simulated": True, "allow_gpu_unverified_offline": True}
+OK_POLICY = {"allow_simulated": True, "allow_gpu_unverified_offline": True,
+             "allow_signature_binding": True}
 
 
 # --- (a) the real report -------------------------------------------------------------------
@@ -94,7 +97,8 @@ def test_real_report_passes_every_other_check_once_its_quote_is_vouched_for(tmp_
     monkeypatch.setattr(tdx, "verify_quote", vouched)
     monkeypatch.setattr(phala.secrets, "token_bytes", lambda n: REAL_NONCE)
     tcb = REPORT["info"]["tcb_info"]
-    policy = {"allow_gpu_unverified_offline": True, "signing_address": REPORT["signing_address"],
+    policy = {"allow_gpu_unverified_offline": True, "allow_signature_binding": True,
+              "signing_address": REPORT["signing_address"],
               "app_id": REPORT["info"]["app_id"], "compose_hash": REPORT["info"]["compose_hash"],
               "allowed_measurements": [{"mr_td": tcb["mrtd"], "rtmr3": tcb["rtmr3"]}]}
     lease = asyncio.run(_verify_against(Provider("real"), policy, tmp_path))
@@ -133,6 +137,7 @@ class Provider:
         app = web.Application()
         app.router.add_get("/v1/attestation/report", self._attest)
         app.router.add_post("/v1/chat/completions", self._chat)
+        app.router.add_get("/v1/signature/{chat_id}", self._signature)
         self.runner = web.AppRunner(app, access_log=None)
         await self.runner.setup()
         site = web.TCPSite(self.runner, "127.0.0.1", 0)
@@ -192,9 +197,23 @@ class Provider:
 
     async def _chat(self, request: web.Request) -> web.Response:
         self.received.append(await request.read())
-        return web.json_response({"id": "x", "object": "chat.completion", "choices": [
+        self.sent = json.dumps({"id": "chatcmpl-1", "object": "chat.completion", "choices": [
             {"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}],
-            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}})
+            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}).encode()
+        return web.Response(body=self.sent, content_type="application/json")
+
+    async def _signature(self, request: web.Request) -> web.Response:
+        """vllm-proxy's per-response signature: personal_sign of `sha256(req):sha256(resp)`."""
+        if self.mode == "sig_missing" or request.match_info["chat_id"] != "chatcmpl-1":
+            return web.Response(status=404)
+        resp = b"tampered" if self.mode == "sig_wrong_text" else self.sent
+        text = f"{hashlib.sha256(self.received[-1]).hexdigest()}:{hashlib.sha256(resp).hexdigest()}"
+        key = eth_keys.PrivateKey(bytes(31) + b"\x07") if self.mode == "sig_wrong_key" else SIGNER
+        msg = b"\x19Ethereum Signed Message:\n" + str(len(text)).encode() + text.encode()
+        sig = key.sign_msg_hash(phala._keccak256(msg)).to_bytes()
+        sig = sig[:64] + bytes([sig[64] + 27])
+        return web.json_response({"text": text, "signature": "0x" + sig.hex(),
+                                  "signing_address": ADDRESS, "signing_algo": "ecdsa"})
 
 
 async def _verify_against(provider: Provider, policy: dict[str, Any], tmp: Path,
@@ -284,6 +303,7 @@ REFUSALS = [
     ("honest", {"signing_address": "0x" + "11" * 20}, "binding_mismatch", "pinned"),
     ("honest", {"allow_simulated": False}, "simulated_not_allowed", "simulated"),
     ("honest", {"allow_gpu_unverified_offline": False}, "gpu_unverified", "NRAS"),
+    ("honest", {"allow_signature_binding": False}, "binding_mismatch", "cannot be pinned"),
 ]
 
 
@@ -311,7 +331,7 @@ def _routes(p: Provider, policy: str) -> str:
 id = "ph"
 model = "chat-model"
 provider = "phala"
-base_url = "http://127.0.0.1:{p.http_port}/v1"
+base_url = "{f'https://127.0.0.1:{p.tls_port}' if p.tls else f'http://127.0.0.1:{p.http_port}'}/v1"
 attestation_url = "http://127.0.0.1:{p.http_port}/v1/attestation/report"
 upstream_model = "phala/test-model"
 evidence = "phala"
@@ -348,8 +368,70 @@ def test_gateway_refuses_and_no_prompt_byte_moves(tmp_path, trust_test_gpus, mod
     assert MARKER not in r.text
 
 
-def test_gateway_serves_through_an_honest_provider(tmp_path, trust_test_gpus):
-    p = Provider("honest")
+def test_gateway_serves_through_an_honest_provider_over_the_attested_tls_key(
+        tmp_path, trust_test_gpus):
+    p = Provider("honest", tls=True)
     r = _through_gateway(tmp_path, p, GATEWAY_POLICY)
     assert r.status_code == 200, r.text
     assert len(p.received) == 1 and MARKER.encode() in p.received[0]
+
+
+def test_gateway_refuses_a_report_binding_no_tls_key_by_default(tmp_path, trust_test_gpus):
+    p = Provider("honest")
+    r = _through_gateway(tmp_path, p, GATEWAY_POLICY)
+    assert r.status_code == 502 and r.json()["error"]["code"] == "binding_mismatch", r.text
+    assert p.queries and p.received == []
+
+
+SIGNED_POLICY = GATEWAY_POLICY + "\nallow_signature_binding = true"
+
+
+def test_signature_bound_route_serves_a_response_signed_by_the_attested_key(
+        tmp_path, trust_test_gpus):
+    p = Provider("honest")
+
+    async def run() -> tuple[httpx.Response, dict[str, Any]]:
+        await p.start(tmp_path)
+        try:
+            cfg = write_config(tmp_path, "unused", routes=_routes(p, SIGNED_POLICY))
+            async with gateway(cfg, LeaseStore()) as url, httpx.AsyncClient() as c:
+                r = await _call(url)
+                rec = (await c.get(f"{url}/v1/receipts/{r.headers['x-receipt-id']}")).json()
+                return r, rec["receipt"]
+        finally:
+            await p.stop()
+
+    r, receipt = asyncio.run(run())
+    assert r.status_code == 200, r.text
+    assert receipt["upstream"]["binding"] == f"signing-address:{ADDRESS.lower()}"
+    assert receipt["upstream"]["response_signature"] == "verified"
+    assert receipt["provider_response_hash"] == hashlib.sha256(p.sent).hexdigest()
+
+
+@pytest.mark.parametrize("mode", ["sig_wrong_key", "sig_wrong_text", "sig_missing"])
+def test_response_without_a_valid_signature_is_withheld(tmp_path, trust_test_gpus, mode):
+    p = Provider(mode)
+    r = _through_gateway(tmp_path, p, SIGNED_POLICY)
+    assert r.status_code == 502, r.text
+    assert r.json()["error"]["code"] == "response_signature_invalid"
+    assert '"ok"' not in r.text  # the unverified completion never reaches the client
+
+
+def test_signature_bound_route_refuses_streams_before_sending(tmp_path, trust_test_gpus):
+    p = Provider("honest")
+
+    async def run() -> httpx.Response:
+        await p.start(tmp_path)
+        try:
+            cfg = write_config(tmp_path, "unused", routes=_routes(p, SIGNED_POLICY))
+            async with gateway(cfg, LeaseStore()) as url, httpx.AsyncClient() as c:
+                return await c.post(f"{url}/v1/chat/completions",
+                                    headers={"Authorization": f"Bearer {API_KEY}"},
+                                    json={"model": "chat-model", "stream": True,
+                                          "messages": [{"role": "user", "content": MARKER}]})
+        finally:
+            await p.stop()
+
+    r = asyncio.run(run())
+    assert r.status_code == 502 and r.json()["error"]["code"] == "binding_mismatch", r.text
+    assert p.received == []

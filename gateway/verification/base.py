@@ -50,6 +50,7 @@ class Policy:
     sigstore_identity: str | None = None
     sigstore_issuer: str = "https://token.actions.githubusercontent.com"
     sigstore_trusted_root: str | None = None
+    allow_signature_binding: bool = False
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Policy:

@@ -76,6 +76,24 @@ def verify_response_signature(text: str, signature_hex: str, signing_address: st
     return tdx.same(_keccak256(public.to_bytes())[-20:], bytes.fromhex(signing_address[2:]))
 
 
+async def fetch_signature(client: httpx.AsyncClient, route: Any, chat_id: str) -> dict[str, Any]:
+    """The provider's `GET <base_url>/signature/<id>` document (text, signature, address).
+
+    Raises httpx.HTTPError or ValueError when it is unavailable, not 200, over 64 KiB or
+    not a JSON object; checking it is the caller's job (`verify_response_signature`).
+    """
+    headers = {"Authorization": f"Bearer {route.api_key}"} if getattr(route, "api_key", "") else {}
+    r = await client.get(f"{route.base_url}/signature/{chat_id}", timeout=route.timeout,
+                         headers=headers,
+                         params={"model": route.upstream_model, "signing_algo": "ecdsa"})
+    if r.status_code != 200 or len(r.content) > 1 << 16:
+        raise ValueError(f"signature endpoint answered {r.status_code}")
+    doc = json.loads(r.content)
+    if not isinstance(doc, dict):
+        raise ValueError("signature document is not a JSON object")
+    return doc
+
+
 async def verify(client: httpx.AsyncClient, route: Any, policy: Policy, now: float) -> Lease:
     """Verify a vllm-proxy provider; a Lease or VerificationError."""
     nonce = secrets.token_bytes(32)
@@ -101,6 +119,10 @@ async def verify(client: httpx.AsyncClient, route: Any, policy: Policy, now: flo
         raise VerificationError("measurement_mismatch", "measurements not in the allowed sets")
     gpu = nvidia.check_gpu(doc.get("nvidia_payload"), nonce.hex(), policy)
     if fingerprint is None:
+        if not policy.allow_signature_binding:
+            raise VerificationError("binding_mismatch", "report binds no TLS key: the channel "
+                                    "cannot be pinned before sending (allow_signature_binding "
+                                    "accepts a response-signing key instead)")
         binding = f"signing-address:{address.lower()}"
     elif urlsplit(route.base_url).scheme != "https":
         raise VerificationError("binding_mismatch",

@@ -48,4 +48,8 @@ async def verify_route(client: httpx.AsyncClient, route: Any, now: float) -> Lea
     verify = adapter(route.evidence)
     if verify is None:
         raise VerificationError("unsupported_evidence", f"no verifier for {route.evidence!r}")
+    key = getattr(route, "api_key", "")
+    if key:  # the provider wants its credential: only over CA-verified TLS (config: https only)
+        async with httpx.AsyncClient(headers={"Authorization": f"Bearer {key}"}) as authed:
+            return await verify(authed, route, policy, now)
     return await verify(client, route, policy, now)
