@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives import serialization
 from gateway import eventlog
 from gateway.quote import build_simulated_quote
 from gateway.verification import nearai, tdx
-from gateway.verification.base import Policy, VerificationError
+from gateway.verification.base import MAX_EVIDENCE, Policy, VerificationError
 from gateway.verification.lease import LeaseStore
 from tests.test_gateway_fakes import API_KEY, MARKER, tls_server_context, write_config
 from tests.test_verification_failclosed import gateway
@@ -237,7 +237,7 @@ class NearProvider:
         nonce = self.captured_nonce if self.mode == "replayed" else request.query["nonce"]
         doc = self.report(nonce)
         if self.mode == "oversized":  # a valid report, padded past the limit
-            doc["padding"] = "x" * nearai.MAX_EVIDENCE
+            doc["padding"] = "x" * MAX_EVIDENCE
         return web.json_response(doc)
 
     async def _chat(self, request: web.Request) -> web.Response:

@@ -25,7 +25,7 @@ from gateway import eventlog
 from gateway.config import RouteSpec
 from gateway.quote import build_simulated_quote
 from gateway.verification import nvidia, phala, tdx
-from gateway.verification.base import Policy, VerificationError
+from gateway.verification.base import MAX_EVIDENCE, Policy, VerificationError
 from gateway.verification.lease import LeaseStore
 from tests.test_gateway_fakes import API_KEY, MARKER, tls_server_context, write_config
 from tests.test_verification_failclosed import _call, gateway
@@ -187,7 +187,7 @@ class Provider:
         if self.mode == "malformed":
             body = b"{not json"
         elif self.mode == "oversized":
-            body = b" " * (phala.MAX_EVIDENCE + 1) + b"{}"
+            body = b" " * (MAX_EVIDENCE + 1) + b"{}"
         elif self.mode == "real":
             body = json.dumps(REPORT).encode()
         else:

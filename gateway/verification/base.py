@@ -10,8 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any
+
+import httpx
+
+MAX_EVIDENCE = 1 << 20
 
 
 class VerificationError(Exception):
@@ -118,3 +123,29 @@ class Lease:
 def digest(data: bytes) -> str:
     """Lower-case hex SHA-256 of evidence bytes."""
     return hashlib.sha256(data).hexdigest()
+
+
+async def fetch_evidence(client: httpx.AsyncClient, url: str, params: dict[str, str] | None = None,
+                         inspect: Callable[[httpx.Response], Any] | None = None
+                         ) -> tuple[bytes, Any]:
+    """GET a provider's evidence: (body, `inspect(response)` or None).
+
+    Not 200 or unreachable: `evidence_missing`; more than MAX_EVIDENCE bytes:
+    `evidence_malformed` (read no further). `inspect` sees the live response
+    (e.g. the TLS peer) before the body is read.
+    """
+    try:
+        async with client.stream("GET", url, params=params, timeout=10) as r:
+            if r.status_code != 200:
+                raise VerificationError("evidence_missing",
+                                        f"attestation endpoint answered {r.status_code}")
+            seen = inspect(r) if inspect is not None else None
+            body = bytearray()
+            async for chunk in r.aiter_bytes():
+                body += chunk
+                if len(body) > MAX_EVIDENCE:
+                    raise VerificationError("evidence_malformed", "attestation larger than 1 MiB")
+    except httpx.HTTPError as e:
+        raise VerificationError("evidence_missing",
+                                f"attestation fetch failed: {type(e).__name__}") from e
+    return bytes(body), seen

@@ -23,9 +23,13 @@ import httpx
 from gateway import attestation
 from gateway import quote as tdxquote
 from gateway.verification import collateral, tdx
-from gateway.verification.base import Lease, Policy, VerificationError, digest
-
-MAX_EVIDENCE = 1 << 20
+from gateway.verification.base import (
+    Lease,
+    Policy,
+    VerificationError,
+    digest,
+    fetch_evidence,
+)
 
 
 def quote_verifier(policy: Policy, now: float, col: Any = None):  # noqa: ANN201
@@ -56,16 +60,9 @@ async def verify(client: httpx.AsyncClient, route: Any, policy: Policy, now: flo
     """Verify a dstack provider; a Lease or VerificationError."""
     url = route.attestation_url or _default_attestation_url(route.base_url)
     nonce = secrets.token_hex(32)
+    body, _ = await fetch_evidence(client, url, {"nonce": nonce})
     try:
-        r = await client.get(url, params={"nonce": nonce}, timeout=10)
-    except httpx.HTTPError as e:
-        raise VerificationError("evidence_missing", f"attestation fetch failed: {type(e).__name__}") from e
-    if r.status_code != 200:
-        raise VerificationError("evidence_missing", f"attestation endpoint answered {r.status_code}")
-    if len(r.content) > MAX_EVIDENCE:
-        raise VerificationError("evidence_malformed", "attestation larger than 1 MiB")
-    try:
-        doc = json.loads(r.content)
+        doc = json.loads(body)
         if not isinstance(doc, dict):
             raise ValueError("not an object")
     except ValueError as e:
@@ -92,7 +89,7 @@ async def verify(client: httpx.AsyncClient, route: Any, policy: Policy, now: flo
     spki = facts.keyset["tls_spki_sha256"]
     return Lease(route_id=route.id, provider=route.provider, evidence="dstack" +
                  ("-simulated" if facts.simulated else ""),
-                 evidence_digest=digest(r.content), binding=f"tls-spki:{spki}",
+                 evidence_digest=digest(body), binding=f"tls-spki:{spki}",
                  verified_at=now, expires_at=now + policy.max_lease_age,
                  facts={"app_id": facts.app_id, "compose_hash": facts.compose_hash,
                         "mr_td": facts.mr_td, "simulated": facts.simulated,

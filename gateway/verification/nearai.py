@@ -34,9 +34,14 @@ import httpx
 
 from gateway import eventlog
 from gateway.verification import nvidia, tdx
-from gateway.verification.base import Lease, Policy, VerificationError, digest
+from gateway.verification.base import (
+    Lease,
+    Policy,
+    VerificationError,
+    digest,
+    fetch_evidence,
+)
 
-MAX_EVIDENCE = 1 << 20
 REPORT_PATH = "/v1/attestation/report"
 
 
@@ -159,23 +164,6 @@ def signing_algo(policy: Policy) -> str:
     return "ed25519" if pin and len(_norm_address(pin)) == 64 else "ecdsa"
 
 
-async def _fetch(client: httpx.AsyncClient, url: str, params: dict[str, str]) -> bytes:
-    try:
-        async with client.stream("GET", url, params=params, timeout=10) as r:
-            if r.status_code != 200:
-                raise VerificationError("evidence_missing",
-                                        f"attestation endpoint answered {r.status_code}")
-            body = bytearray()
-            async for chunk in r.aiter_bytes():
-                body += chunk
-                if len(body) > MAX_EVIDENCE:
-                    raise VerificationError("evidence_malformed", "attestation larger than 1 MiB")
-            return bytes(body)
-    except httpx.HTTPError as e:
-        raise VerificationError("evidence_missing",
-                                f"attestation fetch failed: {type(e).__name__}") from e
-
-
 async def verify(client: httpx.AsyncClient, route: Any, policy: Policy, now: float) -> Lease:
     """Verify a NEAR AI Cloud route; a Lease binding the gateway's TLS key, or VerificationError."""
     base = urlsplit(route.base_url)
@@ -184,7 +172,7 @@ async def verify(client: httpx.AsyncClient, route: Any, policy: Policy, now: flo
                                 "route is not HTTPS: the attested TLS key cannot be pinned")
     url = route.attestation_url or f"https://{base.netloc}{REPORT_PATH}"
     nonce = secrets.token_hex(32)
-    raw = await _fetch(client, url, {"model": route.upstream_model, "nonce": nonce,
+    raw, _ = await fetch_evidence(client, url, {"model": route.upstream_model, "nonce": nonce,
                                      "signing_algo": signing_algo(policy),
                                      "include_tls_fingerprint": "true"})
     try:

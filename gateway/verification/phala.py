@@ -40,9 +40,14 @@ from eth_keys.exceptions import BadSignature, ValidationError
 
 from gateway import eventlog
 from gateway.verification import nvidia, tdx
-from gateway.verification.base import Lease, Policy, VerificationError, digest
+from gateway.verification.base import (
+    Lease,
+    Policy,
+    VerificationError,
+    digest,
+    fetch_evidence,
+)
 
-MAX_EVIDENCE = 1 << 20
 _ADDRESS = re.compile(r"0x[0-9a-fA-F]{40}")
 _SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
 
@@ -141,19 +146,7 @@ async def _fetch(client: httpx.AsyncClient, route: Any, nonce: bytes) -> bytes:
     """The attestation body for our nonce (at most MAX_EVIDENCE bytes)."""
     params = {"model": route.upstream_model, "nonce": nonce.hex(), "signing_algo": "ecdsa",
               "include_tls_fingerprint": "true"}
-    try:
-        async with client.stream("GET", route.attestation_url, params=params, timeout=10) as r:
-            if r.status_code != 200:
-                raise VerificationError("evidence_missing",
-                                        f"attestation endpoint answered {r.status_code}")
-            body = b""
-            async for chunk in r.aiter_bytes():
-                body += chunk
-                if len(body) > MAX_EVIDENCE:
-                    raise VerificationError("evidence_malformed", "attestation larger than 1 MiB")
-    except httpx.HTTPError as e:
-        raise VerificationError("evidence_missing",
-                                f"attestation fetch failed: {type(e).__name__}") from e
+    body, _ = await fetch_evidence(client, route.attestation_url, params)
     return body
 
 

@@ -39,13 +39,18 @@ import httpx
 from gateway import quote as tdxquote
 from gateway import upstream
 from gateway.verification import tdx
-from gateway.verification.base import Lease, Policy, VerificationError, digest
+from gateway.verification.base import (
+    Lease,
+    Policy,
+    VerificationError,
+    digest,
+    fetch_evidence,
+)
 from gateway.verification.sigstore_release import Release, ReleaseError, verify_release
 
 TDX_GUEST_V2 = "https://tinfoil.sh/predicate/tdx-guest/v2"
 SEV_GUEST_V2 = "https://tinfoil.sh/predicate/sev-snp-guest/v2"
 ATTESTATION_PATH = "/.well-known/tinfoil-attestation"
-MAX_EVIDENCE = 1 << 20
 MAX_REPORT = 64 << 10
 TD_ATTRIBUTES_DEBUG = 0x01  # TUD.DEBUG, bit 0 of TDATTRIBUTES
 HARDWARE_KEYS = frozenset({"mr_td", "rtmr0"})
@@ -151,21 +156,7 @@ def _peer_spki(response: httpx.Response) -> bytes | None:
 
 async def fetch(client: httpx.AsyncClient, url: str) -> tuple[bytes, bytes | None]:
     """(document bytes, SPKI SHA-256 of the TLS peer or None); at most 1 MiB."""
-    try:
-        async with client.stream("GET", url, timeout=10) as r:
-            if r.status_code != 200:
-                raise VerificationError("evidence_missing",
-                                        f"attestation endpoint answered {r.status_code}")
-            peer = _peer_spki(r)
-            body = bytearray()
-            async for chunk in r.aiter_bytes():
-                body += chunk
-                if len(body) > MAX_EVIDENCE:
-                    raise VerificationError("evidence_malformed", "attestation larger than 1 MiB")
-    except httpx.HTTPError as e:
-        raise VerificationError("evidence_missing",
-                                f"attestation fetch failed: {type(e).__name__}") from e
-    return bytes(body), peer
+    return await fetch_evidence(client, url, inspect=_peer_spki)
 
 
 async def verify(client: httpx.AsyncClient, route: Any, policy: Policy, now: float) -> Lease:
