@@ -163,6 +163,8 @@ CASES = [
     ("honest", {"policy": 'allow_simulated = true\nallowed_measurements = [{mr_td = "00"}]'},
      "measurement_mismatch"),
     ("honest", {"https": False}, "binding_mismatch"),
+    ("honest", {"policy": 'allow_simulated = true\nkey_provider_id = "00"'},
+     "measurement_mismatch"),
 ]
 
 
@@ -274,3 +276,24 @@ def test_verify_routes_table_and_exit_code(tmp_path, capsys):
             asyncio.run_coroutine_threadsafe(coro, loop).result(10)
         loop.call_soon_threadsafe(loop.stop)
         t.join(5)
+
+
+def test_pinned_key_provider_is_accepted(tmp_path):
+    async def run() -> httpx.Response:
+        sim = SimulatorServer(str(tmp_path / "dstack.sock"), tmp_path / "sim")
+        await sim.start()
+        adv = Adversary("honest")
+        try:
+            await adv.start(str(tmp_path / "dstack.sock"), tmp_path)
+            doc = await attestation.build(adv.client, adv.keyset, "n")
+            kms = doc["key_provider"]["id"]
+            cfg = write_config(tmp_path, "unused", routes=_routes(
+                adv, policy=f'allow_simulated = true\nkey_provider_id = "{kms.upper()}"'))
+            async with gateway(cfg, LeaseStore()) as url:
+                return await _call(url)
+        finally:
+            await adv.stop()
+            await sim.stop()
+
+    r = asyncio.run(run())
+    assert r.status_code == 200, r.text

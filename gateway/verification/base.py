@@ -56,6 +56,7 @@ class Policy:
     sigstore_issuer: str = "https://token.actions.githubusercontent.com"
     sigstore_trusted_root: str | None = None
     allow_signature_binding: bool = False
+    key_provider_id: str | None = None
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Policy:

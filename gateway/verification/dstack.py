@@ -81,6 +81,11 @@ async def verify(client: httpx.AsyncClient, route: Any, policy: Policy, now: flo
                 "app_id_mismatch": "measurement_mismatch",
                 "compose_hash_mismatch": "measurement_mismatch"}.get(e.code, "quote_invalid")
         raise VerificationError(code, f"{e.code}: {e}") from e
+    if policy.key_provider_id is not None:
+        kp = facts.key_provider or {}
+        if str(kp.get("id", "")).lower() != policy.key_provider_id.lower():
+            raise VerificationError("measurement_mismatch",
+                                    "key-provider event does not name the pinned key provider")
     if not _measurements_ok(facts, policy):
         raise VerificationError("measurement_mismatch", "measurements not in the allowed sets")
     if urlsplit(route.base_url).scheme != "https":
@@ -94,6 +99,7 @@ async def verify(client: httpx.AsyncClient, route: Any, policy: Policy, now: flo
                  facts={"app_id": facts.app_id, "compose_hash": facts.compose_hash,
                         "mr_td": facts.mr_td, "simulated": facts.simulated,
                         "tcb_status": getattr(facts.quote_verification, "tcb_status", None),
+                        "key_provider": facts.key_provider,
                         "keyset_hash": facts.keyset_hash})
 
 
