@@ -160,13 +160,18 @@ def bundles_for_size(size: int) -> list[TilePath]:
 
 def hashes_root(hashes: Sequence[bytes]) -> bytes:
     """Root of a power-of-two run of same-level hashes."""
-    layer = list(hashes)
-    if not layer or len(layer) & (len(layer) - 1):
+    return run_root(b"".join(hashes))
+
+
+def run_root(data: bytes) -> bytes:
+    """Root of a power-of-two run of same-level hashes given concatenated (as in a tile)."""
+    n = len(data) // HASH_SIZE
+    if not n or n & (n - 1) or len(data) % HASH_SIZE:
         raise TileError("need a power-of-two number of hashes")
     sha = hashlib.sha256
-    while len(layer) > 1:
-        layer = [sha(b"\x01" + a + b).digest() for a, b in zip(layer[::2], layer[1::2], strict=True)]
-    return layer[0]
+    while len(data) > HASH_SIZE:  # each pair is one 64-byte slice of the layer below
+        data = b"".join([sha(b"\x01" + data[i : i + 64]).digest() for i in range(0, len(data), 64)])
+    return data
 
 
 def locate(level: int, index: int) -> tuple[int, int, int, int]:
@@ -186,7 +191,7 @@ def node_from_tile(tile: bytes, level: int, index: int) -> bytes:
     end = (first + count) * HASH_SIZE
     if len(tile) < end:
         raise TileError("tile too short for the requested node")
-    return hashes_root(split_hashes(tile[first * HASH_SIZE : end]))
+    return run_root(tile[first * HASH_SIZE : end])
 
 
 TileReader = Callable[[int, int], bytes]

@@ -250,7 +250,7 @@ async def _check_upper_tiles(fetcher: Fetcher, size: int, roots: dict[int, bytes
                     raise AuditError(f"{p}: hash {i} is not the root of "
                                      f"{tiles.path(level - 1, n * tiles.WIDTH + i)}")
             if width == tiles.WIDTH:
-                above[n] = tiles.hashes_root(tiles.split_hashes(data))
+                above[n] = tiles.run_root(data)
         level, count, roots = level + 1, count >> tiles.HEIGHT, above
 
 
