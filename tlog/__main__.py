@@ -9,12 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-
-def _listen(value: str) -> tuple[str, int]:
-    host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit():
-        raise argparse.ArgumentTypeError("expected HOST:PORT")
-    return host.strip("[]") or "127.0.0.1", int(port)
+from tlog.asgi import listen_address
 
 
 def parser() -> argparse.ArgumentParser:
@@ -22,7 +17,7 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("serve", help="run the log")
     s.add_argument("--data", type=Path, required=True, help="directory for keys and storage")
-    s.add_argument("--listen", type=_listen, required=True, metavar="HOST:PORT")
+    s.add_argument("--listen", type=listen_address, required=True, metavar="HOST:PORT")
     s.add_argument("--origin", help="log origin and key name (first start only)")
     s.add_argument("--database", help="postgresql://… URL (default: SQLite in --data)")
     s.add_argument("--witness", action="append", default=[], metavar="URL",

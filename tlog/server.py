@@ -11,18 +11,12 @@ import base64
 import hmac
 import json
 import re
-from collections.abc import Awaitable, Callable
-from typing import Any
 from urllib.parse import parse_qs
 
 from tlog import merkle, tiles
+from tlog.asgi import TEXT, Receive, Scope, Send, read_body, respond
 from tlog.sequencer import AppendError, Log
 
-Scope = dict[str, Any]
-Receive = Callable[[], Awaitable[dict[str, Any]]]
-Send = Callable[[dict[str, Any]], Awaitable[None]]
-
-TEXT = b"text/plain; charset=utf-8"
 OCTETS = b"application/octet-stream"
 JSON = b"application/json"
 IMMUTABLE = b"public, max-age=31536000, immutable"
@@ -48,12 +42,12 @@ class TlogApp:
         method, path = scope["method"], scope["path"]
         if path == "/add":
             if method != "POST":
-                return await _respond(send, 405, b"use POST\n")
+                return await respond(send, 405, b"use POST\n")
             return await self._add(scope, receive, send)
         if method not in ("GET", "HEAD"):
-            return await _respond(send, 405, b"method not allowed\n")
+            return await respond(send, 405, b"method not allowed\n")
         if path == "/checkpoint":
-            return await _respond(send, 200, self.log.served.note, TEXT, b"no-cache")
+            return await respond(send, 200, self.log.served.note, TEXT, b"no-cache")
         if path.startswith("/tile/"):
             return await self._tile(path[1:], send)
         if path.startswith("/proof/"):
@@ -63,8 +57,8 @@ class TlogApp:
         if path == "/":
             body = json.dumps({"origin": self.log.origin, "size": self.log.served.size,
                                "vkey": self.log.signer.vkey}).encode()
-            return await _respond(send, 200, body, JSON, b"no-cache")
-        await _respond(send, 404, b"not found\n")
+            return await respond(send, 200, body, JSON, b"no-cache")
+        await respond(send, 404, b"not found\n")
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:
@@ -81,7 +75,7 @@ class TlogApp:
         auth = dict(scope["headers"]).get(b"authorization", b"")
         if not hmac.compare_digest(auth, self._auth):
             return await _json(send, 401, {"error": "missing or wrong bearer token"})
-        body = await _read_body(scope, receive, self.max_entry)
+        body = await read_body(scope, receive, self.max_entry)
         if body is None:
             return await _json(send, 413, {"error": f"entry larger than {self.max_entry} bytes"})
         if not body:
@@ -97,23 +91,23 @@ class TlogApp:
         try:
             t = tiles.parse_path(p)
         except tiles.TileError as e:
-            return await _respond(send, 400, f"{e}\n".encode())
+            return await respond(send, 400, f"{e}\n".encode())
         if t.level is None:
             data = self.log.bundle(t.index, t.width)
         else:
             data = self.log.tile(t.level, t.index, t.width)
         if data is None:
-            return await _respond(send, 404, b"tile beyond the tree\n")
+            return await respond(send, 404, b"tile beyond the tree\n")
         cache = IMMUTABLE if not t.partial else b"public, max-age=3600"
-        await _respond(send, 200, data, OCTETS, cache)
+        await respond(send, 200, data, OCTETS, cache)
 
     async def _proof(self, request_hash: str, send: Send) -> None:
         if not HEX64.fullmatch(request_hash):
-            return await _respond(send, 400, b"request hash must be 64 lower-case hex digits\n")
+            return await respond(send, 400, b"request hash must be 64 lower-case hex digits\n")
         text = self.log.proof_for(request_hash)
         if text is None:
-            return await _respond(send, 404, b"no logged receipt with that request hash\n")
-        await _respond(send, 200, text, TEXT, b"no-cache")
+            return await respond(send, 404, b"no logged receipt with that request hash\n")
+        await respond(send, 200, text, TEXT, b"no-cache")
 
     async def _consistency(self, scope: Scope, send: Send) -> None:
         q = parse_qs(scope.get("query_string", b"").decode("latin-1"))
@@ -125,32 +119,5 @@ class TlogApp:
         await _json(send, 200, {"proof": [base64.b64encode(h).decode() for h in hashes]})
 
 
-async def _read_body(scope: Scope, receive: Receive, limit: int) -> bytes | None:
-    """The request body, or None once it exceeds `limit` bytes."""
-    length = dict(scope["headers"]).get(b"content-length")
-    if length is not None and length.isdigit() and int(length) > limit:
-        return None
-    chunks: list[bytes] = []
-    total = 0
-    while True:
-        msg = await receive()
-        chunk = msg.get("body", b"")
-        total += len(chunk)
-        if total > limit:
-            return None
-        chunks.append(chunk)
-        if not msg.get("more_body"):
-            return b"".join(chunks)
-
-
-async def _respond(send: Send, status: int, body: bytes, ctype: bytes = TEXT,
-                   cache: bytes | None = None) -> None:
-    headers = [(b"content-type", ctype), (b"content-length", str(len(body)).encode())]
-    if cache is not None:
-        headers.append((b"cache-control", cache))
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
-
-
 async def _json(send: Send, status: int, obj: object) -> None:
-    await _respond(send, status, json.dumps(obj).encode(), JSON, b"no-store")
+    await respond(send, status, json.dumps(obj).encode(), JSON, b"no-store")

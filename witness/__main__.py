@@ -9,16 +9,10 @@ import sys
 from pathlib import Path
 
 from tlog import note
+from tlog.asgi import listen_address
 from witness import cosignature
 
 DEFAULT_NAME = "pag.local/witness"
-
-
-def _listen(value: str) -> tuple[str, int]:
-    host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit():
-        raise argparse.ArgumentTypeError("expected HOST:PORT")
-    return host.strip("[]") or "127.0.0.1", int(port)
 
 
 def load_signer(data: Path, name: str | None) -> cosignature.CosignatureSigner:
@@ -63,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("serve")
     s.add_argument("--data", type=Path, required=True)
-    s.add_argument("--listen", type=_listen, required=True, metavar="HOST:PORT")
+    s.add_argument("--listen", type=listen_address, required=True, metavar="HOST:PORT")
     s.add_argument("--log", action="append", default=[], metavar="ORIGIN=VKEY")
     s.add_argument("--config", type=Path, help="file of ORIGIN=VKEY lines")
     s.add_argument("--name", help="witness key name (first start only)")

@@ -10,17 +10,13 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 from tlog import checkpoint, merkle, note
+from tlog.asgi import Receive, Scope, Send, read_body, respond
 from witness import cosignature, request
 from witness.state import State
-
-Scope = dict[str, Any]
-Receive = Callable[[], Awaitable[dict[str, Any]]]
-Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 CRASH_AFTER_PERSIST = "PAG_WITNESS_CRASH_AFTER_PERSIST"
 """Test hook: exit the process right after persisting, before answering."""
@@ -130,39 +126,18 @@ class WitnessApp:
         method, path = scope["method"], scope["path"]
         if path == "/add-checkpoint":
             if method != "POST":
-                return await _send(send, 405, b"use POST\n")
-            body = await _body(receive, request.MAX_BODY)
+                return await respond(send, 405, b"use POST\n")
+            body = await read_body(scope, receive, request.MAX_BODY)
             if body is None:
-                return await _send(send, 400, b"body too large\n")
+                return await respond(send, 400, b"body too large\n")
             result = await self.witness.add_checkpoint(body)
             if isinstance(result, Refusal):
-                return await _send(send, result.status, result.body, result.ctype)
-            return await _send(send, 200, result)
+                return await respond(send, result.status, result.body, result.ctype)
+            return await respond(send, 200, result)
         if path == "/" and method in ("GET", "HEAD"):
-            return await _send(send, 200, json.dumps(self.witness.status()).encode(),
+            return await respond(send, 200, json.dumps(self.witness.status()).encode(),
                                b"application/json")
         if path == "/forks" and method in ("GET", "HEAD"):
-            return await _send(send, 200, json.dumps(self.witness.state.forks()).encode(),
+            return await respond(send, 200, json.dumps(self.witness.state.forks()).encode(),
                                b"application/json")
-        await _send(send, 404, b"not found\n")
-
-
-async def _body(receive: Receive, limit: int) -> bytes | None:
-    chunks, total = [], 0
-    while True:
-        msg = await receive()
-        chunk = msg.get("body", b"")
-        total += len(chunk)
-        if total > limit:
-            return None
-        chunks.append(chunk)
-        if not msg.get("more_body"):
-            return b"".join(chunks)
-
-
-async def _send(send: Send, status: int, body: bytes,
-                ctype: bytes = b"text/plain; charset=utf-8") -> None:
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", ctype),
-                            (b"content-length", str(len(body)).encode())]})
-    await send({"type": "http.response.body", "body": body})
+        await respond(send, 404, b"not found\n")
