@@ -81,3 +81,22 @@ def test_unverified_route_refused_unless_policy_allows(calls: list[float]) -> No
     assert ei.value.code == "upstream_unverified"
     lease = asyncio.run(run(True))
     assert lease.verified is False and lease.binding == "none"
+
+
+def test_an_adapter_crash_fails_closed_as_a_verification_error(monkeypatch: pytest.MonkeyPatch
+                                                               ) -> None:
+    async def crashing(client: object, route: SimpleNamespace, policy: object, now: float) -> Lease:
+        return {"unexpected": "shape"}["missing"]  # a KeyError an adapter did not foresee
+
+    monkeypatch.setitem(registry.ADAPTERS, "fake", crashing)
+
+    async def run() -> VerificationError:
+        store = LeaseStore(client=object())  # type: ignore[arg-type]
+        try:
+            await store.ensure(_route(), 1000.0)
+        except VerificationError as e:
+            return e
+        raise AssertionError("a crashing adapter yielded a lease")
+
+    err = asyncio.run(run())
+    assert err.code == "evidence_malformed" and "KeyError" in err.reason

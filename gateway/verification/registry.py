@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -11,6 +12,8 @@ import httpx
 from gateway.verification.base import Lease, Policy, VerificationError
 
 Adapter = Callable[[httpx.AsyncClient, Any, Policy, float], Awaitable[Lease]]
+
+log = logging.getLogger("gateway.verification")
 
 # evidence kind -> the adapter, or the module whose `verify` it is (imported on first use)
 ADAPTERS: dict[str, str | Adapter] = {
@@ -48,8 +51,16 @@ async def verify_route(client: httpx.AsyncClient, route: Any, now: float) -> Lea
     verify = adapter(route.evidence)
     if verify is None:
         raise VerificationError("unsupported_evidence", f"no verifier for {route.evidence!r}")
-    key = getattr(route, "api_key", "")
-    if key:  # the provider wants its credential: only over CA-verified TLS (config: https only)
-        async with httpx.AsyncClient(headers={"Authorization": f"Bearer {key}"}) as authed:
-            return await verify(authed, route, policy, now)
-    return await verify(client, route, policy, now)
+    try:
+        key = getattr(route, "api_key", "")
+        if key:  # the provider wants its credential: only over CA-verified TLS (https only)
+            async with httpx.AsyncClient(headers={"Authorization": f"Bearer {key}"}) as authed:
+                return await verify(authed, route, policy, now)
+        return await verify(client, route, policy, now)
+    except VerificationError:
+        raise
+    except Exception as e:  # an adapter bug or evidence it did not foresee: fail closed, no 5xx
+        log.exception("route %s: %s verifier failed unexpectedly", route.id, route.evidence)
+        raise VerificationError("evidence_malformed",
+                                f"{route.evidence} evidence could not be checked "
+                                f"({type(e).__name__})") from e
