@@ -148,6 +148,7 @@ class RouteState:
     expires_at: str | None = None
     last_error: str | None = None
     checked_at: float | None = None
+    notes: dict[str, Any] = field(default_factory=dict)
 
 
 class Gateway:
@@ -330,7 +331,7 @@ class Gateway:
                         "provider": r.provider, "evidence": r.evidence, "kind": r.kind,
                         "priority": r.priority, "state": st.state, "lease_id": st.lease_id,
                         "verified_at": st.verified_at, "lease_expires_at": st.expires_at,
-                        "last_error": st.last_error, "checked_at": now_rfc3339(st.checked_at) if st.checked_at else None})
+                        "last_error": st.last_error, "facts": st.notes, "checked_at": now_rfc3339(st.checked_at) if st.checked_at else None})
         total, pending = self.outbox.counts()
         await self._respond(send, 200, orjson.dumps({
             "routes": out, "receipts": total, "unlogged": pending,
@@ -353,6 +354,7 @@ class Gateway:
         st.state = "verified" if facts.verified else "unverified-allowed"
         st.lease_id, st.verified_at, st.expires_at = (facts.lease_id, facts.verified_at,
                                                       facts.expires_at)
+        st.notes = facts.notes
         return facts
 
     async def _model_call(self, scope: Scope, receive: Receive, send: Send, kind: str) -> None:

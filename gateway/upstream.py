@@ -18,7 +18,7 @@ import hashlib
 import hmac
 import ssl
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
 from urllib.parse import urlsplit
@@ -55,6 +55,7 @@ class LeaseFacts:
     verified_at: str | None
     expires_at: str | None
     pin: tuple[str, bytes] | None = None
+    notes: dict[str, Any] = field(default_factory=dict)  # for the route view, not receipts
 
     def receipt(self) -> dict[str, Any]:
         """The receipt's `upstream` member."""
@@ -75,6 +76,7 @@ class LeaseSource(Protocol):
     async def invalidate(self, route: RouteSpec, lease_id: str) -> None: ...
 
 
+ROUTE_NOTES = ("gpu", "tcb_status", "simulated", "app_id", "compose_hash", "signing_address")
 PIN_KINDS = {"tls-spki": "spki", "tls_spki_sha256": "spki", "tls-cert": "cert"}
 
 
@@ -104,7 +106,8 @@ def facts_of(lease: Any) -> LeaseFacts:
         lease_id=str(getattr(lease, "lease_id", None) or getattr(lease, "id", "")),
         verified_at=rfc3339(getattr(lease, "verified_at", None)),
         expires_at=rfc3339(getattr(lease, "expires_at", None)),
-        pin=pin_of(binding))
+        pin=pin_of(binding),
+        notes={k: v for k, v in (getattr(lease, "facts", None) or {}).items() if k in ROUTE_NOTES})
 
 
 class Leases:

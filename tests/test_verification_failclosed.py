@@ -33,7 +33,14 @@ from gateway.shipper import LogStatus
 from gateway.upstream import Leases
 from gateway.verification.base import Lease, VerificationError
 from gateway.verification.lease import LeaseStore, RouteStatus
-from tests.test_gateway_fakes import API_KEY, IDENTITY, MARKER, tls_server_context, write_config
+from tests.test_gateway_fakes import (
+    ADMIN_KEY,
+    API_KEY,
+    IDENTITY,
+    MARKER,
+    tls_server_context,
+    write_config,
+)
 
 
 class Adversary:
@@ -209,6 +216,9 @@ def test_honest_provider_is_served_and_receipt_names_the_lease(tmp_path):
                 r = await _call(url)
                 async with httpx.AsyncClient() as c:
                     rec = (await c.get(f"{url}/v1/receipts/{r.headers['x-receipt-id']}")).json()
+                    view = (await c.get(f"{url}/v1/routes",
+                                        headers={"Authorization": f"Bearer {ADMIN_KEY}"})).json()
+                rec["view"] = view["routes"][0]
                 return r, adv, rec
         finally:
             await adv.stop()
@@ -220,6 +230,9 @@ def test_honest_provider_is_served_and_receipt_names_the_lease(tmp_path):
     up = rec["receipt"]["upstream"]
     assert up["verified"] is True and up["evidence"] == "dstack-simulated"
     assert up["binding"] == f"tls-spki:{adv.keyset.keyset.tls_spki_sha256}"
+    view = rec["view"]
+    assert view["state"] == "verified" and view["lease_id"] == up["lease_id"]
+    assert view["facts"]["simulated"] is True and len(view["facts"]["compose_hash"]) == 64
 
 
 def test_expired_lease_is_never_used(tmp_path):
