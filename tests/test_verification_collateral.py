@@ -10,15 +10,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import urllib.parse
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from aiohttp import web
 
 from gateway.verification import collateral, tdx
 from gateway.verification.base import Policy, VerificationError
+from tests.pccs import Pccs
 
 
 @pytest.fixture
@@ -29,54 +28,17 @@ def vec(testdata: Path) -> Path:
     return d
 
 
-class Pccs:
-    """Serves one QuoteCollateralV3 as a PCCS would; counts requests; can go down."""
-
-    def __init__(self, col: dict[str, str]) -> None:
-        self.col = col
-        self.requests: list[str] = []
-        self.down = False
-
-    async def handle(self, req: web.Request) -> web.Response:
-        self.requests.append(req.path)
-        d, q = self.col, urllib.parse.quote
-        if self.down:
-            return web.Response(status=503)
-        if req.path.endswith("/pckcrl"):
-            return web.Response(body=bytes.fromhex(d["pck_crl"]),
-                                headers={"SGX-PCK-CRL-Issuer-Chain": q(d["pck_crl_issuer_chain"])})
-        if req.path.endswith("/tcb"):
-            return web.Response(
-                text='{"tcbInfo":' + d["tcb_info"] + ',"signature":"' + d["tcb_info_signature"] + '"}',
-                content_type="application/json",
-                headers={"TCB-Info-Issuer-Chain": q(d["tcb_info_issuer_chain"])})
-        if req.path.endswith("/qe/identity"):
-            return web.Response(
-                text='{"enclaveIdentity":' + d["qe_identity"] + ',"signature":"'
-                + d["qe_identity_signature"] + '"}', content_type="application/json",
-                headers={"SGX-Enclave-Identity-Issuer-Chain": q(d["qe_identity_issuer_chain"])})
-        if req.path.endswith("/rootcacrl"):
-            return web.Response(text=d["root_ca_crl"])
-        return web.Response(status=404)
-
-
 @contextlib.asynccontextmanager
 async def pccs(vec: Path) -> AsyncIterator[tuple[Pccs, str]]:
     """A running PCCS on a loopback port, and its URL."""
-    server = Pccs(json.loads((vec / "tdx_quote_collateral.json").read_text()))
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", server.handle)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    server = Pccs([json.loads((vec / "tdx_quote_collateral.json").read_text())])
+    await server.start()
     collateral._memory.clear()
     try:
-        yield server, f"http://127.0.0.1:{port}"
+        yield server, server.url
     finally:
         collateral._memory.clear()
-        await runner.cleanup()
+        await server.stop()
 
 
 def _times(vec: Path) -> tuple[float, float]:

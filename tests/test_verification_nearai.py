@@ -15,7 +15,6 @@ import hashlib
 import json
 import secrets
 import ssl
-import urllib.parse
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -31,6 +30,7 @@ from gateway.quote import build_simulated_quote
 from gateway.verification import nearai, tdx
 from gateway.verification.base import MAX_EVIDENCE, Policy, VerificationError
 from gateway.verification.lease import LeaseStore
+from tests.pccs import Pccs
 from tests.test_gateway_fakes import API_KEY, MARKER, tls_server_context, write_config
 from tests.test_verification_failclosed import gateway
 
@@ -400,57 +400,11 @@ def test_gpu_required_but_absent_is_refused(tmp_path):
     assert e.value.code == "evidence_missing"
 
 
-class Pccs:
-    """Intel's recorded PCS answers, per platform (FMSPC), on a loopback port."""
-
-    def __init__(self) -> None:
-        cols = [json.loads(f.read_text()) for f in (MODEL_COLLATERAL, GATEWAY_COLLATERAL)]
-        self.by_fmspc = {json.loads(c["tcb_info"])["fmspc"]: c for c in cols}
-        self.any = cols[0]  # CRLs, QE identity and chains are the same for both
-        self.runner: web.AppRunner | None = None
-        self.url = ""
-
-    async def handle(self, req: web.Request) -> web.Response:
-        q = urllib.parse.quote
-        if req.path.endswith("/tcb"):
-            d = self.by_fmspc.get(req.query.get("fmspc", "").lower())
-            if d is None:
-                return web.Response(status=404)
-            return web.Response(
-                text='{"tcbInfo":' + d["tcb_info"] + ',"signature":"' + d["tcb_info_signature"] + '"}',
-                content_type="application/json",
-                headers={"TCB-Info-Issuer-Chain": q(d["tcb_info_issuer_chain"])})
-        d = self.any
-        if req.path.endswith("/pckcrl"):
-            return web.Response(body=bytes.fromhex(d["pck_crl"]),
-                                headers={"SGX-PCK-CRL-Issuer-Chain": q(d["pck_crl_issuer_chain"])})
-        if req.path.endswith("/qe/identity"):
-            return web.Response(
-                text='{"enclaveIdentity":' + d["qe_identity"] + ',"signature":"'
-                + d["qe_identity_signature"] + '"}', content_type="application/json",
-                headers={"SGX-Enclave-Identity-Issuer-Chain": q(d["qe_identity_issuer_chain"])})
-        if req.path.endswith("/rootcacrl"):
-            return web.Response(text=d["root_ca_crl"])
-        return web.Response(status=404)
-
-    async def start(self) -> None:
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", self.handle)
-        self.runner = web.AppRunner(app, access_log=None)
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
-        await site.start()
-        self.url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
-
-    async def stop(self) -> None:
-        if self.runner is not None:
-            await self.runner.cleanup()
-
-
 def run_real(tmp: Path, **policy_kw: Any):
     """The real capture served by a provider under test control, verified at its time."""
     async def go():
-        prov, pccs = NearProvider(tmp, "real"), Pccs()
+        prov = NearProvider(tmp, "real")
+        pccs = Pccs([json.loads(f.read_text()) for f in (MODEL_COLLATERAL, GATEWAY_COLLATERAL)])
         await prov.start()
         await pccs.start()
         try:
