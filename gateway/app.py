@@ -434,12 +434,6 @@ class Gateway:
             except GatewayError as e:
                 refusals.append(e)
                 continue
-            call.route, call.lease = route, lease
-            fwd = dict(obj)
-            fwd["model"] = route.upstream_model
-            fwd_bytes = orjson.dumps(fwd)
-            call.forwarded_hash = call.provider_request_hash = \
-                hashlib.sha256(fwd_bytes).hexdigest()
             signed_only = lease.binding.startswith(SIGNATURE_BINDING)
             if signed_only and stream:
                 refusals.append(refused(
@@ -447,6 +441,12 @@ class Gateway:
                     "response-signing key, so a stream could not be verified before delivery",
                     route_id=route.id))
                 continue
+            call.route, call.lease = route, lease
+            fwd = dict(obj)
+            fwd["model"] = route.upstream_model
+            fwd_bytes = orjson.dumps(fwd)
+            call.forwarded_hash = call.provider_request_hash = \
+                hashlib.sha256(fwd_bytes).hexdigest()
             try:
                 reply = await self._send(call, route, lease, fwd_bytes, stream)
                 if signed_only and reply.status == 200:

@@ -420,18 +420,21 @@ def test_response_without_a_valid_signature_is_withheld(tmp_path, trust_test_gpu
 def test_signature_bound_route_refuses_streams_before_sending(tmp_path, trust_test_gpus):
     p = Provider("honest")
 
-    async def run() -> httpx.Response:
+    async def run() -> tuple[httpx.Response, dict[str, Any]]:
         await p.start(tmp_path)
         try:
             cfg = write_config(tmp_path, "unused", routes=_routes(p, SIGNED_POLICY))
             async with gateway(cfg, LeaseStore()) as url, httpx.AsyncClient() as c:
-                return await c.post(f"{url}/v1/chat/completions",
-                                    headers={"Authorization": f"Bearer {API_KEY}"},
-                                    json={"model": "chat-model", "stream": True,
-                                          "messages": [{"role": "user", "content": MARKER}]})
+                r = await c.post(f"{url}/v1/chat/completions",
+                                 headers={"Authorization": f"Bearer {API_KEY}"},
+                                 json={"model": "chat-model", "stream": True,
+                                       "messages": [{"role": "user", "content": MARKER}]})
+                rec = await c.get(f"{url}/v1/receipts/{r.headers['x-receipt-id']}")
+                return r, rec.json()["receipt"]
         finally:
             await p.stop()
 
-    r = asyncio.run(run())
+    r, receipt = asyncio.run(run())
     assert r.status_code == 502 and r.json()["error"]["code"] == "binding_mismatch", r.text
     assert p.received == []
+    assert receipt["refusal"]["code"] == "binding_mismatch" and receipt["forwarded_hash"] is None
