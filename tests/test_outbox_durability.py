@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import os
 import signal
@@ -15,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
-from gateway import receipt
+from gateway import receipt, shipper
 from tests.test_gateway_fakes import (
     API_KEY,
     COMPLETION,
@@ -94,6 +95,21 @@ async def wait_ready(url: str, proc: Any, timeout: float = 30) -> None:
             await asyncio.sleep(0.05)
 
 
+async def shippers_gone(data: Path, timeout: float = 15.0) -> None:
+    """Wait until no shipper holds the data directory's lock (all have closed their files)."""
+    fd = os.open(data / shipper.LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        for _ in range(int(timeout / 0.05)):
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except OSError:
+                await asyncio.sleep(0.05)
+        raise AssertionError("a shipper still holds the data directory")
+    finally:
+        os.close(fd)
+
+
 def test_gateway_kill9_under_load_loses_no_receipt(tmp_path: Path) -> None:
     async def go() -> None:
         prov, log = FakeProvider(), FakeLog()
@@ -139,6 +155,7 @@ def test_gateway_kill9_under_load_loses_no_receipt(tmp_path: Path) -> None:
             await prov.stop()
             await log.stop()
             out.close()
+        await shippers_gone(tmp_path / "data")  # the killed gateway's shipper exits late
         data = (tmp_path / "data").iterdir()
         for blob in [(tmp_path / "gateway.out").read_bytes(), *log.entries,
                      *(p.read_bytes() for p in data)]:
