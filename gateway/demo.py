@@ -32,7 +32,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -132,7 +131,7 @@ class Stack:
     def __init__(self, logs: Path) -> None:
         self.logs = logs
         self.children: list[Child] = []
-        self.stopping = threading.Event()
+        self.stopping = False  # set from a signal handler: a plain flag, never a lock
         self._env = child_env()
 
     def start(self, name: str, args: list[str]) -> Child:
@@ -182,8 +181,13 @@ class Stack:
             time.sleep(0.02)
 
     def _alive(self, groups: list[int]) -> list[int]:
+        """The groups with a live member. Zombies do not count: an orphaned child that
+        exited stays a zombie until init reaps it, yet it runs nothing."""
         for c in self.children:
             c.proc.poll()
+        running = live_groups()
+        if running is not None:
+            return [g for g in groups if g in running]
         alive = []
         for pgid in groups:
             try:
@@ -196,11 +200,32 @@ class Stack:
         return alive
 
 
+def live_groups() -> set[int] | None:
+    """Process groups with a member that is not a zombie (from /proc; None without it)."""
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return None
+    out: set[int] = set()
+    for e in entries:
+        if not e.isdigit():
+            continue
+        try:
+            with open(f"/proc/{e}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(b")") + 2 :].split()  # after "pid (comm) "
+        if len(fields) > 2 and fields[0] != b"Z":
+            out.add(int(fields[2]))
+    return out
+
+
 def wait_ready(stack: Stack, child: Child, probe: Callable[[], bool], what: str,
                deadline: float) -> None:
     """Poll `probe` until it holds; DemoError if the child dies or time runs out."""
     while True:
-        if stack.stopping.is_set():
+        if stack.stopping:
             raise DemoError("interrupted while starting")
         if child.proc.poll() is not None:
             raise DemoError(f"{child.name} exited with status {child.proc.returncode} "
@@ -403,7 +428,7 @@ def main(argv: list[str]) -> int:
     stack = Stack(data / "logs")
 
     def on_signal(signum: int, frame: Any) -> None:
-        stack.stopping.set()
+        stack.stopping = True  # an Event.set() here could deadlock on the Event's own lock
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, on_signal)
@@ -413,7 +438,7 @@ def main(argv: list[str]) -> int:
         try:
             ready = start_stack(stack, data, host, port, a.startup_timeout, sockets)
         except DemoError as e:
-            if stack.stopping.is_set():
+            if stack.stopping:
                 return 0
             print(f"demo: {e}", file=sys.stderr)
             failed = stack.dead() or (stack.children[-1] if stack.children else None)
@@ -424,7 +449,8 @@ def main(argv: list[str]) -> int:
         print(json.dumps(ready), flush=True)
         print(f"demo: ready; logs in {data / 'logs'}; SIGTERM or Ctrl-C stops it",
               file=sys.stderr, flush=True)
-        while not stack.stopping.wait(0.25):
+        while not stack.stopping:
+            time.sleep(0.25)
             dead = stack.dead()
             if dead is not None:
                 print(f"demo: {dead.name} exited with status {dead.proc.returncode}; "
