@@ -12,7 +12,9 @@ Invariants:
 - Failures are retried forever with capped exponential backoff; nothing is
   dropped. `log_down` is true from a failed attempt until the next success.
 - Many posts are in flight at once (the log batches them into one checkpoint),
-  each on its own pooled keep-alive HTTP/1.1 connection.
+  each on its own pooled keep-alive HTTP/1.1 connection; receipts that queue
+  up go in one `POST /add-batch` (up to BATCH), each answer checked on its
+  own; whatever a batch did not get acknowledged is shipped singly.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import orjson
 
 from gateway.outbox import Ledger, Outbox
 from gateway.upstream import Connection, Pool, ProtocolError, exchange
-from tlog import checkpoint, merkle, note, proof
+from tlog import checkpoint, merkle, note, proof, tiles
 
 log = logging.getLogger("gateway.shipper")
 
@@ -40,6 +42,7 @@ BACKOFF_START = 0.05
 BACKOFF_MAX = 2.0
 POST_TIMEOUT = 30.0
 POLL = 0.002
+BATCH = 64  # receipts per POST /add-batch at most
 LOCK_FILE = "shipper.lock"
 LOCK_WAIT = 15.0
 
@@ -47,9 +50,10 @@ LOCK_WAIT = 15.0
 class ShipError(Exception):
     """The log did not acknowledge an entry (the message is safe to log)."""
 
-    def __init__(self, message: str, *, log_down: bool) -> None:
+    def __init__(self, message: str, *, log_down: bool, status: int | None = None) -> None:
         super().__init__(message)
         self.log_down = log_down
+        self.status = status
 
 
 class ProofChecker:
@@ -63,12 +67,21 @@ class ProofChecker:
         """The proof from a `POST /add` answer, or ShipError."""
         try:
             doc = orjson.loads(answer)
+        except orjson.JSONDecodeError as e:
+            raise ShipError(f"log answer malformed: {e}", log_down=False) from e
+        return self.check_doc(entry, doc)
+
+    def check_doc(self, entry: bytes, doc: object) -> proof.TlogProof:
+        """The proof from one parsed answer (of `POST /add`, or an item of `/add-batch`)."""
+        try:
+            if not isinstance(doc, dict):
+                raise TypeError("answer is not an object")
             index = doc["index"]
             text = doc["proof"]
             if not isinstance(index, int) or isinstance(index, bool) or not isinstance(text, str):
                 raise TypeError("index or proof of the wrong type")
             p = proof.parse(text.encode())
-        except (orjson.JSONDecodeError, KeyError, TypeError, proof.ProofFormatError) as e:
+        except (KeyError, TypeError, proof.ProofFormatError) as e:
             raise ShipError(f"log answer malformed: {e}", log_down=False) from e
         if p.index != index or (p.extra is not None and p.extra != entry):
             raise ShipError("log proof does not match the entry sent", log_down=False)
@@ -101,8 +114,11 @@ class Shipper:
         self._target = (u.hostname, u.port or (443 if u.scheme == "https" else 80),
                         u.scheme == "https", None)
         auth = f"Authorization: Bearer {token}\r\n" if token else ""
-        self._head = (f"POST {u.path.rstrip('/')}/add HTTP/1.1\r\nHost: {u.netloc}\r\n{auth}"
-                      "Content-Type: application/octet-stream\r\n").encode()
+        self._head, self._batch_head = ((
+            f"POST {u.path.rstrip('/')}{path} HTTP/1.1\r\nHost: {u.netloc}\r\n{auth}"
+            "Content-Type: application/octet-stream\r\n").encode()
+            for path in ("/add", "/add-batch"))
+        self._batching = True  # until the log answers 404/405 to /add-batch
         self._checker = ProofChecker(vkey)
         self._concurrency = concurrency
         self._queue: asyncio.Queue[tuple[int, str, bytes]] = asyncio.Queue()
@@ -113,6 +129,7 @@ class Shipper:
         self.ledger: Ledger | None = None
         self.log_down = False
         self.shipped = 0
+        self.batched = 0  # of those shipped, acknowledged through /add-batch
 
     async def start(self) -> None:
         """Take the single-shipper lock, open the stores, start polling and posting."""
@@ -148,13 +165,13 @@ class Shipper:
                 cursor = row[0]
             await asyncio.sleep(0 if rows else POLL)
 
-    async def _post(self, entry: bytes) -> bytes:
+    async def _post(self, entry: bytes, head: bytes | None = None) -> bytes:
         conn: Connection | None = None
         try:
             async with asyncio.timeout(POST_TIMEOUT):
                 conn, status, _ = await exchange(
                     self._pool, self._target,
-                    self._head + b"Content-Length: %d\r\n\r\n" % len(entry) + entry)
+                    (head or self._head) + b"Content-Length: %d\r\n\r\n" % len(entry) + entry)
                 body = await conn.body()
             self._pool.release(conn)
         except (OSError, TimeoutError, asyncio.IncompleteReadError, ProtocolError) as e:
@@ -163,7 +180,7 @@ class Shipper:
             raise ShipError(f"log unreachable: {type(e).__name__}", log_down=True) from e
         if status != 200:
             raise ShipError(f"log answered HTTP {status}",
-                            log_down=status >= 500 or status in (401, 403))
+                            log_down=status >= 500 or status in (401, 403), status=status)
         return body
 
     async def _ship(self, seq: int, receipt_id: str, entry: bytes) -> None:
@@ -184,15 +201,55 @@ class Shipper:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, BACKOFF_MAX)
         self.shipped += 1
+        await self._reachable()
+
+    async def _reachable(self) -> None:
+        assert self.ledger is not None
         if self.log_down:
             log.info("receipt log reachable again")
             self.log_down = False
             await self.ledger.set_state(False, None)
 
+    async def _ship_batch(self, batch: list[tuple[int, str, bytes]]
+                          ) -> list[tuple[int, str, bytes]]:
+        """One `POST /add-batch`; returns what it did not get acknowledged (shipped singly)."""
+        assert self.ledger is not None
+        try:
+            answer = await self._post(tiles.encode_bundle(e for _, _, e in batch),
+                                      self._batch_head)
+            items = orjson.loads(answer)["entries"]
+            if not isinstance(items, list) or len(items) != len(batch):
+                raise TypeError("wrong number of answers")
+        except ShipError as e:
+            if e.status in (404, 405):
+                log.info("the log has no /add-batch; appending one entry per request")
+                self._batching = False
+            return batch
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            return batch
+        rest = []
+        for (seq, rid, entry), item in zip(batch, items, strict=True):
+            try:
+                p = self._checker.check_doc(entry, item)
+            except ShipError:
+                rest.append((seq, rid, entry))
+                continue
+            await self.ledger.record(seq, p)
+            self.shipped += 1
+            self.batched += 1
+        if len(rest) < len(batch):
+            await self._reachable()
+        return rest
+
     async def _worker(self) -> None:
         while True:
-            seq, rid, entry = await self._queue.get()
-            await self._ship(seq, rid, entry)
+            batch = [await self._queue.get()]
+            while len(batch) < BATCH and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            if len(batch) > 1 and self._batching:
+                batch = await self._ship_batch(batch)
+            for seq, rid, entry in batch:
+                await self._ship(seq, rid, entry)
 
     async def close(self) -> None:
         """Stop (receipts not yet logged stay in the outbox for the next start)."""

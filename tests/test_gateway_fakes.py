@@ -35,7 +35,7 @@ from gateway.app import Gateway
 from gateway.outbox import Outbox, ReceiptSigner
 from gateway.shipper import LogStatus, Shipper
 from gateway.upstream import Leases
-from tlog import checkpoint, merkle, note, proof
+from tlog import checkpoint, merkle, note, proof, tiles
 
 API_KEY = "sk-test-key"
 ADMIN_KEY = "admin-test-key"
@@ -199,8 +199,9 @@ class FakeLeaseStore:
 class FakeLog:
     """`POST /add` with bearer auth, answering with a real, verifiable tlog-proof."""
 
-    def __init__(self, token: str = "append-token") -> None:
+    def __init__(self, token: str = "append-token", batch_refusals: bool = False) -> None:
         self.token = token
+        self.batch_refusals = batch_refusals  # serve /add-batch, acknowledging no entry
         self.signer = note.generate_signer("fake.log/test")
         self.entries: list[bytes] = []
         self.leaves: list[bytes] = []
@@ -219,6 +220,8 @@ class FakeLog:
     async def start(self) -> None:
         app = web.Application()
         app.router.add_post("/add", self._add)
+        if self.batch_refusals:
+            app.router.add_post("/add-batch", self._refuse_batch)
         self.runner = web.AppRunner(app, access_log=None)
         await self.runner.setup()
         await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
@@ -227,6 +230,10 @@ class FakeLog:
         if self.runner is not None:
             await self.runner.cleanup()
             self.runner = None
+
+    async def _refuse_batch(self, request: web.Request) -> web.Response:
+        n = len(tiles.decode_bundle(await request.read()))
+        return web.json_response({"entries": [{"error": "not now"}] * n})
 
     async def _add(self, request: web.Request) -> web.Response:
         if request.headers.get("Authorization") != f"Bearer {self.token}":

@@ -121,3 +121,45 @@ def test_concurrent_appends_batch_and_tiles_recompute_root(log):
     c = httpx.get(f"{url}/consistency", params={"old": old, "new": cp.size}).json()
     merkle.verify_consistency(old, cp.size, [base64.b64decode(h) for h in c["proof"]],
                               merkle.root(leaves[:old]), cp.root_hash)
+
+
+def add_batch(url: str, token: str, body: bytes) -> httpx.Response:
+    return httpx.post(f"{url}/add-batch", content=body,
+                      headers={"Authorization": f"Bearer {token}"})
+
+
+def test_batch_append_answers_a_valid_proof_per_entry_in_order(log):
+    url, token, verifier, _ = log
+    entries = [json.dumps({"request_hash": f"{i:064x}", "batch": True}).encode() for i in range(5)]
+    r = add_batch(url, token, tiles.encode_bundle(entries))
+    assert r.status_code == 200, r.text
+    items = r.json()["entries"]
+    assert len(items) == 5 and len({it["index"] for it in items}) == 5
+    for entry, it in zip(entries, items, strict=True):
+        p = proof.parse(it["proof"].encode())
+        assert p.extra == entry and p.index == it["index"]
+        proof.check_inclusion(p, checkpoint.open(p.checkpoint, verifier)[0])
+    looked = httpx.get(f"{url}/proof/{3:064x}")
+    assert proof.parse(looked.content).extra == entries[3]
+
+
+@pytest.mark.parametrize(("body", "status"), [
+    (b"", 400),                                   # no entry
+    (b"\x00\x05abc", 400),                        # truncated
+    (b"\x00\x00", 400),                           # an empty entry
+    (tiles.encode_bundle([b"x"] * 257), 400),      # more than 256 entries
+    (b"\x00\x01" + b"x" * 70000, 400),            # trailing bytes form a truncated entry
+])
+def test_bad_batches_are_refused_whole(log, body, status):
+    url, token, _, _ = log
+    size = httpx.get(f"{url}/").json()["size"]
+    r = add_batch(url, token, body)
+    assert r.status_code == status, r.text
+    assert httpx.get(f"{url}/").json()["size"] == size  # nothing of it was appended
+
+
+def test_batch_append_needs_the_token(log):
+    url, _, _, _ = log
+    r = httpx.post(f"{url}/add-batch", content=tiles.encode_bundle([b"x"]))
+    assert r.status_code == 401
+    assert httpx.get(f"{url}/add-batch").status_code == 405

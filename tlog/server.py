@@ -1,12 +1,14 @@
 """The log's HTTP API as a plain ASGI app (run by uvicorn).
 
 GET /checkpoint, GET /tile/..., GET /tile/entries/..., POST /add,
-GET /proof/{request_hash}, GET /consistency?old=M&new=N, GET / (status).
+POST /add-batch (an extension: many entries, one request), GET
+/proof/{request_hash}, GET /consistency?old=M&new=N, GET / (status).
 Every malformed request is a 4xx with a short plain-text or JSON reason.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hmac
 import json
@@ -40,10 +42,12 @@ class TlogApp:
         if scope["type"] != "http":
             return
         method, path = scope["method"], scope["path"]
-        if path == "/add":
+        if path in ("/add", "/add-batch"):
             if method != "POST":
                 return await respond(send, 405, b"use POST\n")
-            return await self._add(scope, receive, send)
+            if path == "/add":
+                return await self._add(scope, receive, send)
+            return await self._add_batch(scope, receive, send)
         if method not in ("GET", "HEAD"):
             return await respond(send, 405, b"method not allowed\n")
         if path == "/checkpoint":
@@ -86,6 +90,39 @@ class TlogApp:
             return await _json(send, 503, {"error": str(e)})
         await _json(send, 200, {"index": added.index, "checkpoint": added.checkpoint.decode(),
                                 "proof": added.proof.decode()})
+
+    async def _add_batch(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Body: up to 256 entries in entry-bundle encoding (2-byte big-endian length, bytes).
+
+        Answers 200 `{"entries": [...]}` in order, each either what `POST /add`
+        answers for that entry (`index`, `checkpoint`, `proof`) or `{"error"}`
+        when that entry was not acknowledged (the client sends it again).
+        """
+        auth = dict(scope["headers"]).get(b"authorization", b"")
+        if not hmac.compare_digest(auth, self._auth):
+            return await _json(send, 401, {"error": "missing or wrong bearer token"})
+        body = await read_body(scope, receive, tiles.WIDTH * (self.max_entry + 2))
+        if body is None:
+            return await _json(send, 413, {"error": "batch larger than 256 largest entries"})
+        try:
+            entries = tiles.decode_bundle(body)
+        except tiles.TileError as e:
+            return await _json(send, 400, {"error": f"bad batch: {e}"})
+        if not entries or any(not e or len(e) > self.max_entry for e in entries):
+            return await _json(send, 400, {"error": "empty batch, empty entry or entry larger "
+                                                    f"than {self.max_entry} bytes"})
+        results = await asyncio.gather(*(self.log.add(e) for e in entries),
+                                       return_exceptions=True)
+        out: list[dict[str, object]] = []
+        for r in results:
+            if isinstance(r, AppendError):
+                out.append({"error": str(r)})
+            elif isinstance(r, BaseException):
+                raise r
+            else:
+                out.append({"index": r.index, "checkpoint": r.checkpoint.decode(),
+                            "proof": r.proof.decode()})
+        await _json(send, 200, {"entries": out})
 
     async def _tile(self, p: str, send: Send) -> None:
         try:
