@@ -104,33 +104,29 @@ def test_queued_receipts_go_in_batches_each_proof_checked(tmp_path: Path) -> Non
         proof.check_inclusion(p, checkpoint.open(p.checkpoint, verifier)[0])
 
 
-def test_a_log_without_batches_gets_one_entry_per_request(tmp_path: Path) -> None:
+def _ship_to_fake(tmp: Path, n: int, **fake: Any) -> tuple[Any, list, int]:
+    """Ship n receipts to a FakeLog; (shipper, rows, entries the fake logged)."""
     async def run() -> tuple[Any, list, int]:
-        fake = FakeLog()
-        await fake.start()
+        log = FakeLog(**fake)
+        await log.start()
         try:
-            sh, rows = await _ship_all(tmp_path / "gw", fake.url, fake.token, fake.vkey, 40)
-            return sh, rows, len(fake.entries)
+            sh, rows = await _ship_all(tmp / "gw", log.url, log.token, log.vkey, n)
+            return sh, rows, len(log.entries)
         finally:
-            await fake.stop()
+            await log.stop()
 
-    sh, rows, logged = asyncio.run(run())
+    return asyncio.run(run())
+
+
+def test_a_log_without_batches_gets_one_entry_per_request(tmp_path: Path) -> None:
+    sh, rows, logged = _ship_to_fake(tmp_path, 40)
     assert not sh._batching and sh.shipped == 40 and logged == 40  # noqa: SLF001
     assert sh.batched == 0
     assert all(r.log_index is not None for r in rows)
 
 
 def test_entries_a_batch_did_not_get_acknowledged_are_shipped_singly(tmp_path: Path) -> None:
-    async def run() -> tuple[Any, list, int]:
-        fake = FakeLog(batch_refusals=True)
-        await fake.start()
-        try:
-            sh, rows = await _ship_all(tmp_path / "gw", fake.url, fake.token, fake.vkey, 40)
-            return sh, rows, len(fake.entries)
-        finally:
-            await fake.stop()
-
-    sh, rows, logged = asyncio.run(run())
+    sh, rows, logged = _ship_to_fake(tmp_path, 40, batch_refusals=True)
     assert sh._batching and sh.batched == 0  # noqa: SLF001 - the log has batches, refused these
     assert sh.shipped == 40 and logged == 40
     assert all(r.log_index is not None for r in rows)

@@ -386,22 +386,30 @@ def test_gateway_refuses_a_report_binding_no_tls_key_by_default(tmp_path, trust_
 SIGNED_POLICY = GATEWAY_POLICY + "\nallow_signature_binding = true"
 
 
-def test_signature_bound_route_serves_a_response_signed_by_the_attested_key(
-        tmp_path, trust_test_gpus):
-    p = Provider("honest")
-
+def _call_with_receipt(tmp: Path, p: Provider, policy: str, stream: bool = False
+                       ) -> tuple[httpx.Response, dict[str, Any]]:
+    """One chat call through a real Gateway to `p`, and the receipt it got."""
     async def run() -> tuple[httpx.Response, dict[str, Any]]:
-        await p.start(tmp_path)
+        await p.start(tmp)
         try:
-            cfg = write_config(tmp_path, "unused", routes=_routes(p, SIGNED_POLICY))
+            cfg = write_config(tmp, "unused", routes=_routes(p, policy))
             async with gateway(cfg, LeaseStore()) as url, httpx.AsyncClient() as c:
-                r = await _call(url)
-                rec = (await c.get(f"{url}/v1/receipts/{r.headers['x-receipt-id']}")).json()
-                return r, rec["receipt"]
+                r = await c.post(f"{url}/v1/chat/completions",
+                                 headers={"Authorization": f"Bearer {API_KEY}"},
+                                 json={"model": "chat-model", "stream": stream,
+                                       "messages": [{"role": "user", "content": MARKER}]})
+                rec = await c.get(f"{url}/v1/receipts/{r.headers['x-receipt-id']}")
+                return r, rec.json()["receipt"]
         finally:
             await p.stop()
 
-    r, receipt = asyncio.run(run())
+    return asyncio.run(run())
+
+
+def test_signature_bound_route_serves_a_response_signed_by_the_attested_key(
+        tmp_path, trust_test_gpus):
+    p = Provider("honest")
+    r, receipt = _call_with_receipt(tmp_path, p, SIGNED_POLICY)
     assert r.status_code == 200, r.text
     assert receipt["upstream"]["binding"] == f"signing-address:{ADDRESS.lower()}"
     assert receipt["upstream"]["response_signature"] == "verified"
@@ -419,22 +427,7 @@ def test_response_without_a_valid_signature_is_withheld(tmp_path, trust_test_gpu
 
 def test_signature_bound_route_refuses_streams_before_sending(tmp_path, trust_test_gpus):
     p = Provider("honest")
-
-    async def run() -> tuple[httpx.Response, dict[str, Any]]:
-        await p.start(tmp_path)
-        try:
-            cfg = write_config(tmp_path, "unused", routes=_routes(p, SIGNED_POLICY))
-            async with gateway(cfg, LeaseStore()) as url, httpx.AsyncClient() as c:
-                r = await c.post(f"{url}/v1/chat/completions",
-                                 headers={"Authorization": f"Bearer {API_KEY}"},
-                                 json={"model": "chat-model", "stream": True,
-                                       "messages": [{"role": "user", "content": MARKER}]})
-                rec = await c.get(f"{url}/v1/receipts/{r.headers['x-receipt-id']}")
-                return r, rec.json()["receipt"]
-        finally:
-            await p.stop()
-
-    r, receipt = asyncio.run(run())
+    r, receipt = _call_with_receipt(tmp_path, p, SIGNED_POLICY, stream=True)
     assert r.status_code == 502 and r.json()["error"]["code"] == "binding_mismatch", r.text
     assert p.received == []
     assert receipt["refusal"]["code"] == "binding_mismatch" and receipt["forwarded_hash"] is None
