@@ -28,7 +28,7 @@ from gateway.verification import nvidia, phala, tdx
 from gateway.verification.base import MAX_EVIDENCE, Policy, VerificationError
 from gateway.verification.lease import LeaseStore
 from tests.test_gateway_fakes import API_KEY, MARKER, tls_server_context, write_config
-from tests.test_verification_failclosed import _call, gateway
+from tests.test_verification_failclosed import gateway
 from tests.test_verification_nvidia import GpuTestCa
 
 FIXTURES = Path(__file__).parent / "fixtures" / "providers" / "phala"
@@ -341,16 +341,8 @@ evidence = "phala"
 
 
 def _through_gateway(tmp: Path, p: Provider, policy: str) -> httpx.Response:
-    async def run() -> httpx.Response:
-        await p.start(tmp)
-        try:
-            cfg = write_config(tmp, "unused", routes=_routes(p, policy))
-            async with gateway(cfg, LeaseStore()) as url:
-                return await _call(url)
-        finally:
-            await p.stop()
-
-    return asyncio.run(run())
+    """One chat call through a real Gateway to `p`."""
+    return _call_with_receipt(tmp, p, policy)[0]
 
 
 GATEWAY_POLICY = "allow_simulated = true\nallow_gpu_unverified_offline = true"
