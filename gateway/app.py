@@ -39,6 +39,7 @@ from gateway.ratelimit import Limiter
 from gateway.router import Router
 from gateway.shipper import LogStatus
 from gateway.upstream import LeaseFacts, Leases, ProtocolError, Upstream, UpstreamReply
+from gateway.verification.base import SIGNATURE_BINDING
 
 log = logging.getLogger("gateway")
 
@@ -50,7 +51,6 @@ Attest = Callable[[str | None], Awaitable[dict[str, Any]]]
 HEX64 = re.compile(r"[0-9a-f]{64}")
 RECEIPT_ID = re.compile(r"[0-9a-f]{32}")
 RESPONSE_ID = re.compile(r"[A-Za-z0-9._:-]{1,200}")
-SIGNATURE_BINDING = "signing-address:"
 NONCE = re.compile(r"(?:[0-9a-fA-F]{2}){1,64}")
 JSON = b"application/json"
 PATHS = {b"/v1/chat/completions": "chat", b"/v1/embeddings": "embeddings"}

@@ -101,14 +101,20 @@ def completion_text(digest: bytes) -> str:
     return f"[demo {digest[:4].hex()}] {PHRASES[a]} {PHRASES[b]}"
 
 
-def parse_chat(body: bytes) -> dict[str, Any]:
-    """A validated chat request object."""
+def _json_object(body: bytes) -> dict[str, Any]:
+    """The request body as a JSON object (BadRequest otherwise)."""
     try:
         req = orjson.loads(body)
     except orjson.JSONDecodeError:
         raise BadRequest("request body is not valid JSON") from None
     if not isinstance(req, dict):
         raise BadRequest("request body must be a JSON object")
+    return req
+
+
+def parse_chat(body: bytes) -> dict[str, Any]:
+    """A validated chat request object."""
+    req = _json_object(body)
     if not isinstance(req.get("model"), str) or not req["model"]:
         raise BadRequest("'model' must be a non-empty string", "model")
     msgs = req.get("messages")
@@ -190,12 +196,7 @@ def embedding_vector(model: str, item: str, dim: int) -> list[float]:
 
 def embeddings(body: bytes) -> bytes:
     """The `list` of embeddings for a request body (BadRequest on bad input)."""
-    try:
-        req = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        raise BadRequest("request body is not valid JSON") from None
-    if not isinstance(req, dict):
-        raise BadRequest("request body must be a JSON object")
+    req = _json_object(body)
     model = req.get("model")
     if not isinstance(model, str) or not model:
         raise BadRequest("'model' must be a non-empty string", "model")

@@ -40,6 +40,10 @@ from tlog import checkpoint, merkle, note, proof, tiles
 API_KEY = "sk-test-key"
 ADMIN_KEY = "admin-test-key"
 MARKER = "PROMPT-MARKER-7f3c9a-should-never-be-logged"
+# The completion the verification tests' providers answer every chat call with.
+OK_COMPLETION = json.dumps({"id": "chatcmpl-1", "object": "chat.completion", "choices": [
+    {"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}],
+    "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}).encode()
 COMPLETION = "COMPLETION-MARKER-51d2-secret-answer"
 
 

@@ -38,6 +38,7 @@ from tests.test_gateway_fakes import (
     API_KEY,
     IDENTITY,
     MARKER,
+    OK_COMPLETION,
     tls_server_context,
     write_config,
 )
@@ -101,9 +102,7 @@ class Adversary:
 
     async def _chat(self, request: web.Request) -> web.Response:
         self.received.append(await request.read())
-        return web.json_response({"id": "x", "object": "chat.completion", "choices": [
-            {"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}],
-            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}})
+        return web.Response(body=OK_COMPLETION, content_type="application/json")
 
     async def stop(self) -> None:
         if self.runner is not None:

@@ -31,7 +31,13 @@ from gateway.verification import nearai, tdx
 from gateway.verification.base import MAX_EVIDENCE, Policy, VerificationError
 from gateway.verification.lease import LeaseStore
 from tests.pccs import Pccs
-from tests.test_gateway_fakes import API_KEY, MARKER, tls_server_context, write_config
+from tests.test_gateway_fakes import (
+    API_KEY,
+    MARKER,
+    OK_COMPLETION,
+    tls_server_context,
+    write_config,
+)
 from tests.test_verification_failclosed import gateway
 
 FIXTURES = Path(__file__).parent / "fixtures" / "providers" / "nearai"
@@ -242,9 +248,7 @@ class NearProvider:
 
     async def _chat(self, request: web.Request) -> web.Response:
         self.received.append(await request.read())
-        return web.json_response({"id": "x", "object": "chat.completion", "choices": [
-            {"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}],
-            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}})
+        return web.Response(body=OK_COMPLETION, content_type="application/json")
 
     async def stop(self) -> None:
         if self.runner is not None:

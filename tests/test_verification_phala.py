@@ -27,7 +27,13 @@ from gateway.quote import build_simulated_quote
 from gateway.verification import nvidia, phala, tdx
 from gateway.verification.base import MAX_EVIDENCE, Policy, VerificationError
 from gateway.verification.lease import LeaseStore
-from tests.test_gateway_fakes import API_KEY, MARKER, tls_server_context, write_config
+from tests.test_gateway_fakes import (
+    API_KEY,
+    MARKER,
+    OK_COMPLETION,
+    tls_server_context,
+    write_config,
+)
 from tests.test_verification_failclosed import gateway
 from tests.test_verification_nvidia import GpuTestCa
 
@@ -197,9 +203,7 @@ class Provider:
 
     async def _chat(self, request: web.Request) -> web.Response:
         self.received.append(await request.read())
-        self.sent = json.dumps({"id": "chatcmpl-1", "object": "chat.completion", "choices": [
-            {"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}],
-            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}).encode()
+        self.sent = OK_COMPLETION
         return web.Response(body=self.sent, content_type="application/json")
 
     async def _signature(self, request: web.Request) -> web.Response:

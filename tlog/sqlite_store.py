@@ -24,6 +24,16 @@ CREATE TABLE IF NOT EXISTS lookup (key TEXT NOT NULL, idx INTEGER NOT NULL,
 """
 
 
+def connect_durable(path: str | Path, schema: str) -> sqlite3.Connection:
+    """An autocommit connection (explicit transactions) in WAL mode whose commits are
+    fsynced (synchronous=FULL), with `schema` applied."""
+    db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=FULL")
+    db.executescript(schema)
+    return db
+
+
 class SQLiteStore:
     """tlog.storage.Storage on one SQLite database; safe across threads.
 
@@ -32,10 +42,7 @@ class SQLiteStore:
     """
 
     def __init__(self, path: str | Path) -> None:
-        self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(SCHEMA)
+        self._db = connect_durable(path, SCHEMA)
         self._lock = threading.Lock()
         self._rdb = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
         self._rlock = threading.Lock()

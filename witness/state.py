@@ -8,10 +8,11 @@ fsynced before the witness answers.
 
 from __future__ import annotations
 
-import sqlite3
 import threading
 import time
 from pathlib import Path
+
+from tlog.sqlite_store import connect_durable
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS logs (origin TEXT PRIMARY KEY, size INTEGER NOT NULL,
@@ -26,10 +27,7 @@ class State:
     """Per-origin witness state in SQLite."""
 
     def __init__(self, path: str | Path) -> None:
-        self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(SCHEMA)
+        self._db = connect_durable(path, SCHEMA)
         self._lock = threading.Lock()
 
     def get(self, origin: str) -> tuple[int, bytes | None]:

@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 
 MAX_EVIDENCE = 1 << 20
+SIGNATURE_BINDING = "signing-address:"  # a lease bound only to a response-signing key
 
 
 class VerificationError(Exception):

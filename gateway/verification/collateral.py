@@ -54,7 +54,7 @@ async def fetch(pccs_url: str, raw: bytes) -> str:
     return col.to_json()
 
 
-async def for_quote(raw: bytes, policy: Policy, *, clock: Any = time.time) -> Any:
+async def for_quote(raw: bytes, policy: Policy) -> Any:
     """The collateral to verify `raw` against under `policy` (see module docstring)."""
     if policy.collateral_file:
         try:
@@ -72,7 +72,7 @@ async def for_quote(raw: bytes, policy: Policy, *, clock: Any = time.time) -> An
     lock = _locks.setdefault(key, asyncio.Lock())
     async with lock:
         cached = _memory.get(key) or _read_disk(policy, key[1])
-        if cached is not None and clock() - cached[0] < CACHE_SECONDS:
+        if cached is not None and time.time() - cached[0] < CACHE_SECONDS:
             _memory[key] = cached
             return load(cached[1])
         try:
@@ -82,7 +82,7 @@ async def for_quote(raw: bytes, policy: Policy, *, clock: Any = time.time) -> An
                 raise VerificationError("evidence_missing",
                                         f"collateral fetch from PCCS failed: {e}") from e
             return load(cached[1])
-        entry = (clock(), text)
+        entry = (time.time(), text)
         _memory[key] = entry
         _write_disk(policy, key[1], entry)
         return load(text)

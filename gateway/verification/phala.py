@@ -41,6 +41,7 @@ from eth_keys.exceptions import BadSignature, ValidationError
 from gateway import eventlog
 from gateway.verification import nvidia, tdx
 from gateway.verification.base import (
+    SIGNATURE_BINDING,
     Lease,
     Policy,
     VerificationError,
@@ -128,7 +129,7 @@ async def verify(client: httpx.AsyncClient, route: Any, policy: Policy, now: flo
             raise VerificationError("binding_mismatch", "report binds no TLS key: the channel "
                                     "cannot be pinned before sending (allow_signature_binding "
                                     "accepts a response-signing key instead)")
-        binding = f"signing-address:{address.lower()}"
+        binding = SIGNATURE_BINDING + address.lower()
     elif urlsplit(route.base_url).scheme != "https":
         raise VerificationError("binding_mismatch",
                                 "route is not HTTPS: the attested TLS key cannot be pinned")
