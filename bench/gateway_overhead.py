@@ -157,10 +157,10 @@ class Demo:
         kids = {cmdline(p): p for p in children_of(self.proc.pid)}
         self.pids = {name: next(p for c, p in kids.items() if pat in c)
                      for name, pat in (("gateway", "gateway serve"),
-                                       ("provider", "gateway.demo_provider"),
+                                       ("provider", "gateway.demo.provider"),
                                        ("tlog", "tlog serve"), ("witness", "witness serve"))}
         self.pids["shipper"] = next(
-            (p for p in children_of(self.pids["gateway"]) if "gateway.shipper" in cmdline(p)),
+            (p for p in children_of(self.pids["gateway"]) if "gateway.receipts.shipper" in cmdline(p)),
             0)
 
     def status(self) -> dict:

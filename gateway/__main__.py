@@ -20,13 +20,13 @@ def main(argv: list[str]) -> int:
         return 0 if argv else 2
     cmd, rest = argv[0], argv[1:]
     if cmd == "serve":
-        from gateway import server
+        from gateway.api import server
         return server.main(rest)
     if cmd == "demo":
-        from gateway import demo
+        from gateway.demo import stack as demo
         return demo.main(rest)
     if cmd == "verify-routes":
-        from gateway import verify_routes
+        from gateway.api import verify_routes
         return verify_routes.main(rest)
     print(f"unknown command {cmd!r}\n{USAGE}", end="", file=sys.stderr)
     return 2

@@ -8,7 +8,7 @@ import json
 import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from gateway import aci
+from verifier import aci
 
 GW = X25519PrivateKey.generate()
 GW_PRIV = GW.private_bytes_raw()

@@ -19,9 +19,12 @@ import rfc8785
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from gateway import attestation, eventlog, keys, quote
-from gateway.attestation import AttestationError
-from gateway.dstack_sim import SimulatorServer
+from gateway.identity import attestation as identity_attestation
+from gateway.identity import keys
+from gateway.identity.dstack_sim import SimulatorServer
+from verifier.tee import attestation, eventlog, quote
+from verifier.tee import keyset as keyset_fmt
+from verifier.tee.attestation import AttestationError
 
 dstack_sdk = pytest.importorskip("dstack_sdk")
 
@@ -52,7 +55,7 @@ def _with_sim(short_dir: Path, fn: Any, **kw: Any) -> Any:
 def _build(short_dir: Path, nonce: str | None = "n-123") -> tuple[dict[str, Any], Any]:
     async def fn(client: Any, srv: Any) -> tuple[dict[str, Any], Any]:
         gk = await keys.load(client, log_vkey=VKEY)
-        return await attestation.build(client, gk, nonce), gk
+        return await identity_attestation.build(client, gk, nonce), gk
 
     return _with_sim(short_dir, fn)
 
@@ -72,14 +75,14 @@ def test_keyset_is_deterministic_and_well_formed(short_dir: Path) -> None:
     assert len(s1) == 32 and s1 != s2
     Ed25519PrivateKey.from_private_bytes(s1)  # usable as a note-signing seed
     ks = gk1.to_json()
-    assert list(ks) == list(keys.KEYSET_FIELDS) and ks["log_vkey"] == VKEY
+    assert list(ks) == list(keyset_fmt.KEYSET_FIELDS) and ks["log_vkey"] == VKEY
     assert base64.b64decode(ks["receipt_signing_key"]) == \
         gk1.receipt_key.public_key().public_bytes_raw()
     assert base64.b64decode(ks["e2ee_public_key"]) == \
         gk1.e2ee_key.public_key().public_bytes_raw()
     assert len(gk1.e2ee_private_bytes()) == 32
     assert gk1.keyset_hash() == hashlib.sha256(rfc8785.dumps(ks)).hexdigest()
-    assert gk1.keyset_hash() != keys.Keyset.from_json({**ks, "log_vkey": "x"}).keyset_hash()
+    assert gk1.keyset_hash() != keyset_fmt.Keyset.from_json({**ks, "log_vkey": "x"}).keyset_hash()
     # Receipt, E2EE and TLS keys are independent of each other.
     assert len({ks["receipt_signing_key"], ks["e2ee_public_key"]}) == 2
 
@@ -89,7 +92,7 @@ def test_tls_files_match_attested_spki(short_dir: Path) -> None:
     cert_path, key_path = keys.write_tls_files(gk, short_dir / "tls")
     assert oct(key_path.stat().st_mode & 0o777) == "0o600"
     cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
-    assert keys.spki_sha256(cert.public_key()) == gk.keyset.tls_spki_sha256
+    assert keyset_fmt.spki_sha256(cert.public_key()) == gk.keyset.tls_spki_sha256
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.load_cert_chain(str(cert_path), str(key_path))  # key and certificate match
 
@@ -98,11 +101,11 @@ def test_keyset_from_json_validates() -> None:
     good = {"receipt_signing_key": base64.b64encode(bytes(32)).decode(),
             "e2ee_public_key": base64.b64encode(bytes(32)).decode(),
             "tls_spki_sha256": "ab" * 32, "log_vkey": VKEY}
-    assert keys.Keyset.from_json(good).to_json() == good
+    assert keyset_fmt.Keyset.from_json(good).to_json() == good
     for bad in ({**good, "extra": "x"}, {**good, "tls_spki_sha256": "AB" * 32},
                 {**good, "e2ee_public_key": base64.b64encode(bytes(31)).decode()}):
-        with pytest.raises(keys.KeysetError):
-            keys.Keyset.from_json(bad)
+        with pytest.raises(keyset_fmt.KeysetError):
+            keyset_fmt.Keyset.from_json(bad)
 
 
 # -- build + check --------------------------------------------------------------------
@@ -147,7 +150,7 @@ def test_tampering_is_refused_with_distinct_codes(short_dir: Path) -> None:
     swapped = copy.deepcopy(doc)
     swapped["keyset"]["receipt_signing_key"] = other_key
     assert _code(swapped) == "keyset_hash_mismatch"
-    swapped["keyset_hash"] = keys.keyset_hash(swapped["keyset"])  # consistent, but unattested
+    swapped["keyset_hash"] = keyset_fmt.keyset_hash(swapped["keyset"])  # consistent, but unattested
     assert _code(swapped) == "keyset_not_bound"
 
     assert _code(doc, nonce="another-nonce") == "nonce_mismatch"
@@ -188,7 +191,7 @@ def _real_doc(testdata: Path) -> dict[str, Any]:
           "e2ee_public_key": base64.b64encode(bytes(32)).decode(),
           "tls_spki_sha256": "00" * 32, "log_vkey": ""}
     return {"quote": path.read_bytes().hex(), "event_log": "[]", "simulated": False,
-            "keyset": ks, "keyset_hash": keys.keyset_hash(ks)}
+            "keyset": ks, "keyset_hash": keyset_fmt.keyset_hash(ks)}
 
 
 def test_real_quote_needs_a_verifier(testdata: Path) -> None:
@@ -209,5 +212,5 @@ def test_check_is_importable_without_dcap_qvl() -> None:
     import sys
 
     code = ("import sys; sys.modules['dcap_qvl'] = None; sys.modules['fastapi'] = None; "
-            "import gateway.attestation, gateway.quote, gateway.eventlog, gateway.keys")
+            "import verifier.tee.attestation, verifier.tee.quote, verifier.tee.eventlog, gateway.identity.keys")
     assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0

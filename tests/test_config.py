@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway import config
+from gateway.api import config
 
 EXAMPLE = """
 [gateway]

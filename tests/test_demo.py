@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
-from gateway import demo
+from gateway.demo import stack as demo
 
 ROOT = Path(__file__).resolve().parents[1]
 READY_KEYS = {"gateway", "tlog", "witness", "provider", "log_vkey", "witness_vkey", "api_key"}
@@ -192,7 +192,7 @@ def test_bad_arguments_exit_2(capsys: pytest.CaptureFixture[str], tmp_path: Path
 
 
 def test_generated_config_is_valid_and_hashes_keys(tmp_path: Path) -> None:
-    from gateway import config
+    from gateway.api import config
 
     text = demo.gateway_config(
         data=tmp_path, dstack_socket=tmp_path / "s.sock", tlog_url="http://127.0.0.1:1",

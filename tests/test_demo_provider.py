@@ -11,7 +11,7 @@ from typing import Any
 import orjson
 from aiohttp.test_utils import TestClient, TestServer
 
-from gateway import demo_provider as dp
+from gateway.demo import provider as dp
 
 CHAT = {"model": "demo-chat-1", "messages": [{"role": "user", "content": "one two three"}]}
 

@@ -16,8 +16,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from gateway import eventlog, quote
-from gateway.dstack_sim import SimulatorServer
+from gateway.identity.dstack_sim import SimulatorServer
+from verifier.tee import eventlog, quote
 
 dstack_sdk = pytest.importorskip("dstack_sdk")
 
@@ -136,7 +136,7 @@ def test_thread_mode_with_sync_client(short_dir: Path) -> None:
 def test_cli_serves_and_stops_on_sigterm(short_dir: Path) -> None:
     sock = short_dir / "c.sock"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "gateway.dstack_sim", "--socket", str(sock), "--data",
+        [sys.executable, "-m", "gateway.identity.dstack_sim", "--socket", str(sock), "--data",
          str(short_dir / "data"), "--app-id", APP_ID, "--compose-hash", COMPOSE],
         stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1])
     try:
@@ -155,7 +155,7 @@ def test_cli_serves_and_stops_on_sigterm(short_dir: Path) -> None:
 
 
 def test_cli_rejects_bad_app_id(short_dir: Path) -> None:
-    r = subprocess.run([sys.executable, "-m", "gateway.dstack_sim", "--socket",
+    r = subprocess.run([sys.executable, "-m", "gateway.identity.dstack_sim", "--socket",
                         str(short_dir / "x.sock"), "--data", str(short_dir / "d"),
                         "--app-id", "abcd"], capture_output=True, text=True, timeout=60,
                        cwd=Path(__file__).resolve().parents[1], env=dict(os.environ))

@@ -23,10 +23,10 @@ import httpx
 import openai
 import pytest
 
-from gateway import receipt as receipts
 from tests.test_demo import ROOT, Demo, alive
 from tlog import note
 from tlog import proof as tproof
+from verifier import receipt as receipts
 from witness import cosignature
 
 PROOF_WAIT = 60.0
@@ -91,7 +91,7 @@ def client(stack: Demo) -> Iterator[tuple[openai.OpenAI, Capture]]:
 @pytest.fixture(scope="module")
 def attested_key(stack: Demo) -> bytes:
     """The receipt key from the gateway's attestation, checked with a fresh nonce."""
-    from gateway import attestation
+    from verifier.tee import attestation
 
     nonce = secrets.token_hex(32)
     doc = httpx.get(stack.ready["gateway"] + "/.well-known/attestation",

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from gateway import eventlog
+from verifier.tee import eventlog
 
 
 def _sha384(b: bytes) -> bytes:

@@ -29,12 +29,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.x509.oid import NameOID
 
-from gateway import config as gconfig
-from gateway.apikeys import hash_key
-from gateway.app import Gateway
-from gateway.outbox import Outbox, ReceiptSigner
-from gateway.shipper import LogStatus, Shipper
-from gateway.upstream import Leases
+from gateway.api import config as gconfig
+from gateway.api.apikeys import hash_key
+from gateway.api.app import Gateway
+from gateway.receipts.outbox import Outbox, ReceiptSigner
+from gateway.receipts.shipper import LogStatus, Shipper
+from gateway.upstream.client import Leases
 from tlog import checkpoint, merkle, note, proof, tiles
 
 API_KEY = "sk-test-key"
@@ -396,7 +396,7 @@ def serve_main(argv: list[str]) -> None:
     leases, but the real outbox, shipper process and uvicorn serving (for kill -9 tests)."""
     import uvloop
 
-    from gateway import server
+    from gateway.api import server
 
     cfg = gconfig.load(argv[0])
 

@@ -14,7 +14,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway import aci, receipt
 from tests.test_gateway_fakes import (
     ADMIN_KEY,
     API_KEY,
@@ -31,6 +30,7 @@ from tests.test_gateway_fakes import (
     write_config,
 )
 from tlog import checkpoint, note, proof
+from verifier import aci, receipt
 
 AUTH = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
 CHAT = (b'{"model": "chat-model",  "messages": [{"role": "user", "content": "'

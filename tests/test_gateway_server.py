@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from gateway import __main__ as cli
-from gateway import server
+from gateway.api import server
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,11 +49,12 @@ def test_serve_rejects_a_bad_config_cleanly(tmp_path: Path) -> None:
 
 
 def test_bootstrap_against_the_dstack_simulator(tmp_path: Path) -> None:
-    sim = pytest.importorskip("gateway.dstack_sim")
+    sim = pytest.importorskip("gateway.identity.dstack_sim")
     import asyncio
     import base64
 
-    from gateway import attestation, config
+    from gateway.api import config
+    from verifier.tee import attestation
 
     async def go() -> None:
         sock = tmp_path / "d.sock"

@@ -11,9 +11,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway import receipt
-from gateway.outbox import Ledger, Outbox, ReceiptSigner, canonical
+from gateway.receipts.outbox import Ledger, Outbox, ReceiptSigner, canonical
 from tlog import proof
+from verifier import receipt
 
 receipt_values = st.recursive(
     st.none() | st.booleans() | st.integers(min_value=-(2**53) + 1, max_value=2**53 - 1)

@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
-from gateway import receipt, shipper
+from gateway.receipts import shipper
 from tests.test_gateway_fakes import (
     API_KEY,
     COMPLETION,
@@ -29,6 +29,7 @@ from tests.test_gateway_fakes import (
     write_config,
 )
 from tlog import checkpoint, note, proof
+from verifier import receipt
 
 ROOT = Path(__file__).resolve().parents[1]
 AUTH = {"Authorization": f"Bearer {API_KEY}"}

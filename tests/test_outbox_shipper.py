@@ -10,8 +10,8 @@ from typing import Any
 import httpx
 import pytest
 
-from gateway.outbox import Outbox
-from gateway.shipper import ProofChecker, ShipError, Shipper
+from gateway.receipts.outbox import Outbox
+from gateway.receipts.shipper import ProofChecker, ShipError, Shipper
 from tests.test_gateway_fakes import FakeLog
 from tests.tlogutil import start_tlog, stop
 from tlog import checkpoint, merkle, note, proof

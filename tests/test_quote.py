@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway import quote
+from verifier.tee import quote
 
 FIELD_NAMES = {"rt_mr0": "rtmr0", "rt_mr1": "rtmr1", "rt_mr2": "rtmr2", "rt_mr3": "rtmr3"}
 

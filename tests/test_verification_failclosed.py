@@ -24,13 +24,14 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from dstack_sdk import AsyncDstackClient
 
-from gateway import attestation, keys
-from gateway import config as gconfig
-from gateway.app import Gateway
-from gateway.dstack_sim import SimulatorServer
-from gateway.outbox import Outbox, ReceiptSigner
-from gateway.shipper import LogStatus
-from gateway.upstream import Leases
+from gateway.api import config as gconfig
+from gateway.api.app import Gateway
+from gateway.identity import attestation as identity_attestation
+from gateway.identity import keys
+from gateway.identity.dstack_sim import SimulatorServer
+from gateway.receipts.outbox import Outbox, ReceiptSigner
+from gateway.receipts.shipper import LogStatus
+from gateway.upstream.client import Leases
 from gateway.verification.base import Lease, VerificationError
 from gateway.verification.lease import LeaseStore, RouteStatus
 from tests.test_gateway_fakes import (
@@ -89,7 +90,7 @@ class Adversary:
             return web.json_response({"attestation": {"tdx": "00"}, "version": 2})
         if self.mode == "replayed" and self.docs:
             return web.json_response(self.docs[0])  # a genuine document for another nonce
-        doc = await attestation.build(self.client, self.keyset,
+        doc = await identity_attestation.build(self.client, self.keyset,
                                       "stale-nonce" if self.mode == "replayed" else nonce)
         if self.mode == "keyset_not_bound":
             doc["keyset"] = dict(doc["keyset"], e2ee_public_key=doc["keyset"]["receipt_signing_key"])
@@ -257,7 +258,7 @@ def test_expired_lease_is_never_used(tmp_path):
 
 
 def test_verify_routes_table_and_exit_code(tmp_path, capsys):
-    from gateway import verify_routes
+    from gateway.api import verify_routes
 
     async def start() -> tuple[SimulatorServer, Adversary, Adversary]:
         sim = SimulatorServer(str(tmp_path / "dstack.sock"), tmp_path / "sim")
@@ -297,7 +298,7 @@ def test_pinned_key_provider_is_accepted(tmp_path):
         adv = Adversary("honest")
         try:
             await adv.start(str(tmp_path / "dstack.sock"), tmp_path)
-            doc = await attestation.build(adv.client, adv.keyset, "n")
+            doc = await identity_attestation.build(adv.client, adv.keyset, "n")
             kms = doc["key_provider"]["id"]
             cfg = write_config(tmp_path, "unused", routes=_routes(
                 adv, policy=f'allow_simulated = true\nkey_provider_id = "{kms.upper()}"'))

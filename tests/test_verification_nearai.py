@@ -25,8 +25,6 @@ from aiohttp import web
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from gateway import eventlog
-from gateway.quote import build_simulated_quote
 from gateway.verification import nearai, tdx
 from gateway.verification.base import MAX_EVIDENCE, Policy, VerificationError
 from gateway.verification.lease import LeaseStore
@@ -39,6 +37,8 @@ from tests.test_gateway_fakes import (
     write_config,
 )
 from tests.test_verification_failclosed import gateway
+from verifier.tee import eventlog
+from verifier.tee.quote import build_simulated_quote
 
 FIXTURES = Path(__file__).parent / "fixtures" / "providers" / "nearai"
 FIXTURE = FIXTURES / "attestation_report_20260424.json"

@@ -21,9 +21,7 @@ import pytest
 from aiohttp import web
 from eth_keys import keys as eth_keys
 
-from gateway import eventlog
-from gateway.config import RouteSpec
-from gateway.quote import build_simulated_quote
+from gateway.api.config import RouteSpec
 from gateway.verification import nvidia, phala, tdx
 from gateway.verification.base import MAX_EVIDENCE, Policy, VerificationError
 from gateway.verification.lease import LeaseStore
@@ -36,6 +34,8 @@ from tests.test_gateway_fakes import (
 )
 from tests.test_verification_failclosed import gateway
 from tests.test_verification_nvidia import GpuTestCa
+from verifier.tee import eventlog
+from verifier.tee.quote import build_simulated_quote
 
 FIXTURES = Path(__file__).parent / "fixtures" / "providers" / "phala"
 REPORT = json.loads((FIXTURES / "attestation_report.json").read_text())

@@ -10,8 +10,8 @@ from pathlib import Path
 import httpx
 from aiohttp import web
 
-from gateway import keys
-from gateway.dstack_sim import SimulatorServer
+from gateway.identity import keys
+from gateway.identity.dstack_sim import SimulatorServer
 from gateway.verification.lease import LeaseStore
 from tests.test_gateway_fakes import MARKER, write_config
 from tests.test_verification_failclosed import Adversary, _call, _routes, gateway

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from gateway import receipt
 from tlog import checkpoint, merkle, note, tiles
+from verifier import receipt
 
 
 def verifier(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess:

@@ -17,10 +17,11 @@ from typing import Any
 
 import httpx
 
-from gateway import attestation, receipt
 from tlog import merkle, note, proof
 from verifier import audit as auditing
+from verifier import receipt
 from verifier.source import SourceError, read_source
+from verifier.tee import attestation
 from witness import cosignature
 
 

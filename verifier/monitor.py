@@ -29,9 +29,9 @@ from typing import Any
 
 import httpx
 
-from gateway import receipt
 from tlog import checkpoint, note
 from verifier import audit as auditing
+from verifier import receipt
 from witness import cosignature
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.verification.base import Policy, VerificationError
+from verifier.tee import dcap
 
 CACHE_SECONDS = 3600.0
 _memory: dict[tuple[str, str], tuple[float, str]] = {}
@@ -31,27 +32,17 @@ _locks: dict[tuple[str, str], asyncio.Lock] = {}
 
 def platform_key(raw: bytes) -> str:
     """Cache key: SHA-256 of the quote's signature data (the same platform, the same chain)."""
-    from gateway import quote as tdxquote
+    from verifier.tee import quote as tdxquote
 
     return hashlib.sha256(tdxquote.parse_quote(raw).signature_data[-4096:]).hexdigest()
 
 
 def load(text: str) -> Any:
     """Parse QuoteCollateralV3 JSON, or `quote_invalid`."""
-    import dcap_qvl
-
     try:
-        return dcap_qvl.QuoteCollateralV3.from_json(text)
-    except (ValueError, RuntimeError) as e:
-        raise VerificationError("quote_invalid", f"collateral is not QuoteCollateralV3: {e}") from e
-
-
-async def fetch(pccs_url: str, raw: bytes) -> str:
-    """Collateral JSON for a quote from a PCCS (or Intel PCS) via dcap-qvl."""
-    import dcap_qvl
-
-    col = await dcap_qvl.get_collateral(pccs_url, raw)
-    return col.to_json()
+        return dcap.load_collateral(text)
+    except dcap.DcapError as e:
+        raise VerificationError(e.code, e.message) from e
 
 
 async def for_quote(raw: bytes, policy: Policy) -> Any:
@@ -76,8 +67,8 @@ async def for_quote(raw: bytes, policy: Policy) -> Any:
             _memory[key] = cached
             return load(cached[1])
         try:
-            text = await fetch(policy.pccs_url, raw)
-        except Exception as e:  # noqa: BLE001 - any fetch failure falls back to the cache
+            text = await dcap.fetch_collateral(policy.pccs_url, raw)
+        except dcap.DcapError as e:  # any fetch failure falls back to the cache
             if cached is None:
                 raise VerificationError("evidence_missing",
                                         f"collateral fetch from PCCS failed: {e}") from e

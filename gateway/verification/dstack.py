@@ -20,8 +20,6 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from gateway import attestation
-from gateway import quote as tdxquote
 from gateway.verification import collateral, tdx
 from gateway.verification.base import (
     Lease,
@@ -30,6 +28,8 @@ from gateway.verification.base import (
     digest,
     fetch_evidence,
 )
+from verifier.tee import attestation
+from verifier.tee import quote as tdxquote
 
 
 def quote_verifier(policy: Policy, now: float, col: Any = None):  # noqa: ANN201

@@ -32,7 +32,6 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from gateway import eventlog
 from gateway.verification import nvidia, tdx
 from gateway.verification.base import (
     Lease,
@@ -41,6 +40,7 @@ from gateway.verification.base import (
     digest,
     fetch_evidence,
 )
+from verifier.tee import eventlog
 
 REPORT_PATH = "/v1/attestation/report"
 

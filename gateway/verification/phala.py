@@ -38,7 +38,6 @@ from Crypto.Hash import keccak
 from eth_keys import keys
 from eth_keys.exceptions import BadSignature, ValidationError
 
-from gateway import eventlog
 from gateway.verification import nvidia, tdx
 from gateway.verification.base import (
     SIGNATURE_BINDING,
@@ -48,6 +47,7 @@ from gateway.verification.base import (
     digest,
     fetch_evidence,
 )
+from verifier.tee import eventlog
 
 _ADDRESS = re.compile(r"0x[0-9a-fA-F]{40}")
 _SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")

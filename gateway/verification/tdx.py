@@ -1,7 +1,7 @@
 """One TDX quote check shared by every evidence kind that carries a TDX quote.
 
 `verify_quote(raw, policy, now)` returns the parsed quote only if it is
-vouched for: a simulated quote (gateway/quote.py) only under
+vouched for: a simulated quote (verifier/tee/quote.py) only under
 `allow_simulated`; a real quote only if dcap-qvl verifies its signature chain
 against Intel collateral at `now` (never the wall clock inside this function)
 and the TCB status is in `allowed_tcb_status`. Collateral comes from
@@ -15,9 +15,10 @@ import hmac
 from dataclasses import dataclass
 from typing import Any
 
-from gateway import quote as tdxquote
 from gateway.verification import collateral
 from gateway.verification.base import Policy, VerificationError
+from verifier.tee import dcap
+from verifier.tee import quote as tdxquote
 
 
 @dataclass(frozen=True)
@@ -66,18 +67,14 @@ async def verify_quote(raw: bytes, policy: Policy, now: float) -> VerifiedQuote:
 def check_real(raw: bytes, parsed: tdxquote.TdxQuote, col: Any, policy: Policy,
                now: float) -> VerifiedQuote:
     """dcap-qvl verification of a real quote against collateral (synchronous)."""
-    import dcap_qvl
-
     try:
-        report = dcap_qvl.verify(raw, col, int(now))
-    except (ValueError, RuntimeError) as e:
-        text = str(e)
-        code = "evidence_expired" if "expired" in text.lower() else "quote_invalid"
-        raise VerificationError(code, f"dcap-qvl: {text}") from e
-    status = getattr(report, "status", None)
-    if status not in policy.allowed_tcb_status:
-        raise VerificationError("quote_invalid", f"TCB status {status} not allowed by policy")
-    return VerifiedQuote(parsed, False, status, tuple(getattr(report, "advisory_ids", ()) or ()))
+        result = dcap.verify(raw, col, now)
+    except dcap.DcapError as e:
+        raise VerificationError(e.code, e.message) from e
+    if result.tcb_status not in policy.allowed_tcb_status:
+        raise VerificationError("quote_invalid",
+                                f"TCB status {result.tcb_status} not allowed by policy")
+    return VerifiedQuote(parsed, False, result.tcb_status, result.advisory_ids)
 
 
 def measurements_ok(have: dict[str, Any], policy: Policy) -> bool:

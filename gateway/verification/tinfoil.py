@@ -36,8 +36,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from gateway import quote as tdxquote
-from gateway import upstream
+from gateway.upstream import client as upstream
 from gateway.verification import tdx
 from gateway.verification.base import (
     Lease,
@@ -47,6 +46,7 @@ from gateway.verification.base import (
     fetch_evidence,
 )
 from gateway.verification.sigstore_release import Release, ReleaseError, verify_release
+from verifier.tee import quote as tdxquote
 
 TDX_GUEST_V2 = "https://tinfoil.sh/predicate/tdx-guest/v2"
 SEV_GUEST_V2 = "https://tinfoil.sh/predicate/sev-snp-guest/v2"

@@ -78,7 +78,7 @@ def canonical(obj: Any) -> bytes:
 
 
 class ReceiptSigner:
-    """Signs receipt bodies exactly as `gateway.receipt.sign`, returning the log entry too.
+    """Signs receipt bodies exactly as `verifier.receipt.sign`, returning the log entry too.
 
     The body must follow the `canonical` value rules (no floats, ASCII keys).
     """

@@ -1,6 +1,6 @@
 """A dstack guest-agent simulator speaking the real guest-agent protocol.
 
-`python -m gateway.dstack_sim --socket PATH --data DIR [--app-id HEX] [--compose-hash HEX]`
+`python -m gateway.identity.dstack_sim --socket PATH --data DIR [--app-id HEX] [--compose-hash HEX]`
 
 HTTP over a unix socket; each RPC is `POST /<Method>` with a JSON body and a
 JSON answer, bytes as lower-case hex, exactly the shapes `dstack_sdk`'s
@@ -15,10 +15,10 @@ Invariants:
   0600) and the app id. As in dstack, the key depends on the path only (not on
   `purpose` or `algorithm`); a restart with the same DIR and app id gives the
   same keys.
-* Every quote is built by `gateway.quote.build_simulated_quote`, so
-  `gateway.quote.is_simulated` is true of it; its report data is the caller's
+* Every quote is built by `verifier.tee.quote.build_simulated_quote`, so
+  `verifier.tee.quote.is_simulated` is true of it; its report data is the caller's
   (zero-padded to 64 bytes) and its RTMR3 is the replay of the event log
-  returned with it (`gateway.eventlog.replay_rtmr3`).
+  returned with it (`verifier.tee.eventlog.replay_rtmr3`).
 * The `signature_chain` of `GetKey` is *simulated*: secp256k1 signatures over
   SHA-256 (RFC 6979, deterministic) by a simulated app key and KMS root (no
   Ethereum-style recovery id: the last byte is 0xff). Nothing should treat it
@@ -48,7 +48,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.x509.oid import NameOID
 
-from gateway import eventlog, quote
+from verifier.tee import eventlog, quote
 
 SIM_VERSION = "0.5.4-pag-simulator"
 SEED_FILE = "sim-seed"
@@ -67,7 +67,7 @@ def _measure(label: str) -> bytes:
 def default_app_compose(app_name: str) -> str:
     """The simulated app-compose JSON (its SHA-256 is the default compose hash)."""
     return json.dumps({"manifest_version": 2, "name": app_name, "runner": "docker-compose",
-                       "docker_compose_file": "# simulated by gateway.dstack_sim\n",
+                       "docker_compose_file": "# simulated by gateway.identity.dstack_sim\n",
                        "kms_enabled": True, "key_provider": "kms", "simulated": True},
                       separators=(",", ":"), sort_keys=True)
 
@@ -400,8 +400,8 @@ async def _serve(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of `python -m gateway.dstack_sim`."""
-    ap = argparse.ArgumentParser(prog="python -m gateway.dstack_sim",
+    """Entry point of `python -m gateway.identity.dstack_sim`."""
+    ap = argparse.ArgumentParser(prog="python -m gateway.identity.dstack_sim",
                                  description="dstack guest-agent simulator (simulated quotes)")
     ap.add_argument("--socket", required=True, help="unix socket path to listen on")
     ap.add_argument("--data", required=True, help="directory holding the simulator seed")

@@ -30,16 +30,16 @@ from typing import Any
 import httpx
 import orjson
 
-from gateway import aci
-from gateway.apikeys import KeyStore, admin_ok
-from gateway.config import ApiKey, Config, RouteSpec
-from gateway.errors import GatewayError, bad_request, refused, unauthorized
-from gateway.outbox import Outbox, ReceiptSigner
-from gateway.ratelimit import Limiter
-from gateway.router import Router
-from gateway.shipper import LogStatus
-from gateway.upstream import LeaseFacts, Leases, ProtocolError, Upstream, UpstreamReply
+from gateway.api.apikeys import KeyStore, admin_ok
+from gateway.api.config import ApiKey, Config, RouteSpec
+from gateway.api.errors import GatewayError, bad_request, refused, unauthorized
+from gateway.api.ratelimit import Limiter
+from gateway.api.router import Router
+from gateway.receipts.outbox import Outbox, ReceiptSigner
+from gateway.receipts.shipper import LogStatus
+from gateway.upstream.client import LeaseFacts, Leases, ProtocolError, Upstream, UpstreamReply
 from gateway.verification.base import SIGNATURE_BINDING
+from verifier import aci
 
 log = logging.getLogger("gateway")
 

@@ -1,11 +1,11 @@
 """The demo's local OpenAI-compatible model provider.
 
-`python -m gateway.demo_provider --listen HOST:PORT --dstack SOCKET [--tls-listen HOST:PORT]`
+`python -m gateway.demo.provider --listen HOST:PORT --dstack SOCKET [--tls-listen HOST:PORT]`
 
 Serves `POST /v1/chat/completions` (JSON, or SSE with `stream_options.include_usage`),
 `POST /v1/embeddings` (float or base64 vectors), `GET /v1/models` and
 `GET /.well-known/attestation[?nonce=HEX]`, the latter built by
-`gateway.attestation.build` from the keyset its own dstack guest agent (the
+`gateway.identity.attestation.build` from the keyset its own dstack guest agent (the
 simulator in the demo) derives, so the gateway's dstack adapter can verify it.
 With `--tls-listen` the same app is also served over HTTPS with the attested
 TLS key, which lets a route pin the provider's TLS SPKI.
@@ -38,7 +38,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-log = logging.getLogger("gateway.demo_provider")
+log = logging.getLogger("gateway.demo.provider")
 
 CHAT_MODEL = "demo-chat-1"
 EMBED_MODEL = "demo-embed-1"
@@ -303,7 +303,7 @@ async def load_identity(socket_path: str) -> tuple[Attest, Any]:
     """(attest function, keyset) from the provider's own dstack guest agent."""
     from dstack_sdk import AsyncDstackClient
 
-    from gateway import attestation, keys
+    from gateway.identity import attestation, keys
 
     client = AsyncDstackClient(socket_path)
     keyset = await keys.load(client, log_vkey="")
@@ -352,8 +352,8 @@ async def serve(listen: tuple[str, int], dstack: str, tls_listen: tuple[str, int
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of `python -m gateway.demo_provider`."""
-    ap = argparse.ArgumentParser(prog="python -m gateway.demo_provider",
+    """Entry point of `python -m gateway.demo.provider`."""
+    ap = argparse.ArgumentParser(prog="python -m gateway.demo.provider",
                                  description="local OpenAI-compatible demo model provider")
     ap.add_argument("--listen", type=parse_listen, required=True, metavar="HOST:PORT")
     ap.add_argument("--dstack", required=True, metavar="SOCKET",

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from gateway.config import ApiKey
-from gateway.errors import GatewayError, rate_limited
+from gateway.api.config import ApiKey
+from gateway.api.errors import GatewayError, rate_limited
 
 
 @dataclass

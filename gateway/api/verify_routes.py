@@ -15,8 +15,8 @@ from typing import Any
 
 import httpx
 
-from gateway import config as gconfig
-from gateway.upstream import rfc3339
+from gateway.api import config as gconfig
+from gateway.upstream.client import rfc3339
 from gateway.verification.base import VerificationError
 from gateway.verification.registry import verify_route
 

@@ -6,7 +6,7 @@ import hashlib
 import hmac
 from collections.abc import Iterable
 
-from gateway.config import ApiKey
+from gateway.api.config import ApiKey
 
 
 def hash_key(key: str) -> str:

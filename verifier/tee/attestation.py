@@ -1,4 +1,5 @@
-"""The `GET /.well-known/attestation` document: `build` it (I/O) and `check` it (pure).
+"""The `GET /.well-known/attestation` document and its `check` (pure; the gateway builds it
+in gateway/identity/attestation.py).
 
 Report data rule (64 bytes, the TDX quote's `report_data`):
 
@@ -32,8 +33,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from gateway import eventlog, quote
-from gateway.keys import Keyset, KeysetError, keyset_hash
+from verifier.tee import eventlog, quote
+from verifier.tee.keyset import Keyset, KeysetError
 
 DOC_VERSION = "pag-attestation/1"
 MAX_NONCE_LEN = 1024
@@ -77,45 +78,6 @@ def report_data_for(keyset_hash_hex: str, nonce: str | None) -> bytes:
     if len(kh) != 32:
         raise ValueError("keyset_hash must be 32 bytes of hex")
     return kh + nonce_digest(nonce)
-
-
-def _keyset_json(keyset: Any) -> dict[str, str]:
-    if isinstance(keyset, Mapping):
-        return dict(keyset)
-    return dict(keyset.to_json())
-
-
-async def build(client: Any, keyset: Any, nonce: str | None = None) -> dict[str, Any]:
-    """Ask the guest agent for a quote over the keyset (and nonce); return the document.
-
-    `client` is a `dstack_sdk.AsyncDstackClient`; `keyset` a `Keyset`,
-    `GatewayKeys` or the keyset JSON object.
-    """
-    if nonce is not None and len(nonce) > MAX_NONCE_LEN:
-        raise ValueError(f"nonce longer than {MAX_NONCE_LEN} characters")
-    ks = _keyset_json(keyset)
-    kh = keyset_hash(ks)
-    rd = report_data_for(kh, nonce)
-    resp = await client.get_quote(rd)
-    raw = bytes.fromhex(resp.quote)
-    facts = eventlog.replay(resp.event_log)
-    doc: dict[str, Any] = {
-        "v": DOC_VERSION,
-        "quote": raw.hex(),
-        "event_log": resp.event_log,
-        "simulated": quote.is_simulated(raw),
-        "app_id": facts.app_id,
-        "compose_hash": facts.compose_hash,
-        "instance_id": facts.instance_id,
-        "key_provider": facts.key_provider,
-        "keyset": ks,
-        "keyset_hash": kh,
-        "report_data": rd.hex(),
-        "vm_config": getattr(resp, "vm_config", ""),
-    }
-    if nonce is not None:
-        doc["nonce"] = nonce
-    return doc
 
 
 def _eq(a: bytes, b: bytes) -> bool:

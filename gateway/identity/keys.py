@@ -12,8 +12,8 @@ so a restart of the same app (same dstack app id) gets the same keys:
 `get_key` is called with the default algorithm (secp256k1), which every
 dstack OS version supports; dstack derives the key bytes from the path only.
 
-The public half is the attested `Keyset`; `keyset_hash()` is the lower-case
-hex SHA-256 of its RFC 8785 bytes, which the attestation's report data commits to.
+The public half is the attested `Keyset` (verifier/tee/keyset.py, the format
+clients check).
 """
 
 from __future__ import annotations
@@ -22,12 +22,10 @@ import base64
 import datetime
 import hashlib
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-import rfc8785
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -36,12 +34,12 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.x509.oid import NameOID
 
+from verifier.tee.keyset import Keyset, spki_sha256
+
 RECEIPT_KEY_PATH = "pag/gateway/receipt-signing"
 E2EE_KEY_PATH = "pag/gateway/e2ee"
 TLS_KEY_PATH = "pag/gateway/tls"
-KEYSET_FIELDS = ("receipt_signing_key", "e2ee_public_key", "tls_spki_sha256", "log_vkey")
 _P256_N = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
-_HEX64 = re.compile(r"[0-9a-f]{64}")
 TLS_NOT_BEFORE = datetime.datetime(2024, 1, 1, tzinfo=datetime.UTC)
 TLS_NOT_AFTER = datetime.datetime(9999, 12, 31, 23, 59, 59, tzinfo=datetime.UTC)
 
@@ -51,10 +49,6 @@ class KeyClient(Protocol):
 
     async def get_key(self, path: str | None = None, purpose: str | None = None,
                       algorithm: str = "secp256k1") -> Any: ...
-
-
-class KeysetError(ValueError):
-    """A keyset object is malformed."""
 
 
 def _hkdf(ikm: bytes, info: str, length: int = 32) -> bytes:
@@ -76,58 +70,6 @@ async def derive_seed(client: KeyClient, path: str) -> bytes:
     Same app + same path -> same seed; distinct paths -> independent seeds.
     """
     return _hkdf(await _kms_key(client, path, "ed25519-seed"), "pag/ed25519-seed/v1|" + path)
-
-
-def spki_sha256(public_key: Any) -> str:
-    """Lower-case hex SHA-256 of a public key's DER SubjectPublicKeyInfo."""
-    der = public_key.public_bytes(serialization.Encoding.DER,
-                                  serialization.PublicFormat.SubjectPublicKeyInfo)
-    return hashlib.sha256(der).hexdigest()
-
-
-@dataclass(frozen=True)
-class Keyset:
-    """The attested public keyset (exactly the four `KEYSET_FIELDS`)."""
-
-    receipt_signing_key: str  # base64 of the raw 32-byte Ed25519 public key
-    e2ee_public_key: str  # base64 of the raw 32-byte X25519 public key
-    tls_spki_sha256: str  # lower-case hex SHA-256 of the TLS key's DER SPKI
-    log_vkey: str  # the transparency log's signed-note verifier key ("" if none)
-
-    def to_json(self) -> dict[str, str]:
-        """The JSON object served as `keyset`."""
-        return {f: getattr(self, f) for f in KEYSET_FIELDS}
-
-    def canonical_bytes(self) -> bytes:
-        """RFC 8785 bytes of `to_json()`."""
-        return rfc8785.dumps(self.to_json())
-
-    def keyset_hash(self) -> str:
-        """Lower-case hex SHA-256 of the RFC 8785 bytes of `to_json()`."""
-        return hashlib.sha256(self.canonical_bytes()).hexdigest()
-
-    @classmethod
-    def from_json(cls, obj: Any) -> Keyset:
-        """Validate and load a keyset object (exact member set, well-formed values)."""
-        if not isinstance(obj, dict) or set(obj) != set(KEYSET_FIELDS):
-            raise KeysetError(f"keyset must be an object with exactly {list(KEYSET_FIELDS)}")
-        if not all(isinstance(obj[f], str) for f in KEYSET_FIELDS):
-            raise KeysetError("keyset members must be strings")
-        for f in ("receipt_signing_key", "e2ee_public_key"):
-            try:
-                raw = base64.b64decode(obj[f], validate=True)
-            except ValueError as e:
-                raise KeysetError(f"keyset {f} is not base64") from e
-            if len(raw) != 32:
-                raise KeysetError(f"keyset {f} must be 32 bytes")
-        if not _HEX64.fullmatch(obj["tls_spki_sha256"]):
-            raise KeysetError("keyset tls_spki_sha256 must be 64 lower-case hex digits")
-        return cls(**{f: obj[f] for f in KEYSET_FIELDS})
-
-
-def keyset_hash(obj: dict[str, Any]) -> str:
-    """Lower-case hex SHA-256 of the RFC 8785 bytes of any keyset-like object."""
-    return hashlib.sha256(rfc8785.dumps(obj)).hexdigest()
 
 
 @dataclass(frozen=True)

@@ -26,8 +26,8 @@ from urllib.parse import urlsplit
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from gateway.config import RouteSpec
-from gateway.errors import GatewayError, refused
+from gateway.api.config import RouteSpec
+from gateway.api.errors import GatewayError, refused
 
 UNVERIFIED_CODES = ("upstream_unverified", "binding_mismatch", "evidence_expired",
                     "evidence_invalid", "policy_violation")

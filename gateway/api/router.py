@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from gateway.config import RouteSpec
+from gateway.api.config import RouteSpec
 
 
 class Router:

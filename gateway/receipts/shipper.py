@@ -1,6 +1,6 @@
 """Ships outbox receipts to the transparency log (`POST /add`) and records their proofs.
 
-The shipper runs as its own process (`python -m gateway.shipper`, started by
+The shipper runs as its own process (`python -m gateway.receipts.shipper`, started by
 `gateway serve`) or as tasks in the caller's loop; either way it reads new
 receipts from the outbox (polling by sequence number), writes acknowledgements
 to the ledger, and the gateway learns about them through `LogStatus`.
@@ -32,11 +32,11 @@ from urllib.parse import urlsplit
 
 import orjson
 
-from gateway.outbox import Ledger, Outbox
-from gateway.upstream import Connection, Pool, ProtocolError, exchange
+from gateway.receipts.outbox import Ledger, Outbox
+from gateway.upstream.client import Connection, Pool, ProtocolError, exchange
 from tlog import checkpoint, merkle, note, proof, tiles
 
-log = logging.getLogger("gateway.shipper")
+log = logging.getLogger("gateway.receipts.shipper")
 
 BACKOFF_START = 0.05
 BACKOFF_MAX = 2.0
@@ -337,8 +337,8 @@ def _die_with_parent() -> None:
 
 
 def main(argv: list[str]) -> int:
-    """`python -m gateway.shipper --data DIR --log URL [--token-file F] [--vkey V]`."""
-    ap = argparse.ArgumentParser(prog="python -m gateway.shipper")
+    """`python -m gateway.receipts.shipper --data DIR --log URL [--token-file F] [--vkey V]`."""
+    ap = argparse.ArgumentParser(prog="python -m gateway.receipts.shipper")
     ap.add_argument("--data", required=True, type=Path)
     ap.add_argument("--log", required=True)
     ap.add_argument("--token-file", type=Path)

@@ -2,7 +2,7 @@
 
 Start-up order: load the config; get the keys and workload identity from the
 dstack guest agent (`[dstack] endpoint`); open the outbox; start the shipper
-process (`python -m gateway.shipper`, which dies with the gateway); serve the
+process (`python -m gateway.receipts.shipper`, which dies with the gateway); serve the
 ASGI app with uvicorn (uvloop, httptools). When listening, one JSON line goes to
 stdout: `{"gateway": URL, "receipt_signing_key": B64, "keyset_hash": HEX}`.
 SIGTERM/SIGINT stop it cleanly.
@@ -24,12 +24,12 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from gateway import config as gconfig
-from gateway.outbox import Outbox, ReceiptSigner
-from gateway.shipper import LogStatus
-from gateway.upstream import Leases
+from gateway.api import config as gconfig
+from gateway.receipts.outbox import Outbox, ReceiptSigner
+from gateway.receipts.shipper import LogStatus
+from gateway.upstream.client import Leases
 
-log = logging.getLogger("gateway.server")
+log = logging.getLogger("gateway.api.server")
 LEASE_MAC_PATH = "pag/gateway/lease-cache"
 
 
@@ -49,7 +49,7 @@ async def bootstrap(cfg: gconfig.Config) -> Identity:
     compose hash) is read from the gateway's own attestation, as clients will see it."""
     from dstack_sdk import AsyncDstackClient
 
-    from gateway import attestation, keys
+    from gateway.identity import attestation, keys
 
     client = AsyncDstackClient(cfg.dstack_endpoint) if cfg.dstack_endpoint \
         else AsyncDstackClient()
@@ -82,10 +82,10 @@ def lease_source(cfg: gconfig.Config, mac_key: bytes = b"") -> Leases:
 
 
 def start_shipper(cfg: gconfig.Config) -> subprocess.Popen[bytes] | None:
-    """Start `python -m gateway.shipper` for the configured log (None without a log)."""
+    """Start `python -m gateway.receipts.shipper` for the configured log (None without a log)."""
     if not cfg.log.url:
         return None
-    cmd = [sys.executable, "-m", "gateway.shipper", "--data", str(cfg.gateway.data_dir),
+    cmd = [sys.executable, "-m", "gateway.receipts.shipper", "--data", str(cfg.gateway.data_dir),
            "--log", cfg.log.url, "--concurrency", str(cfg.log.concurrency),
            "--parent", str(os.getpid())]
     if cfg.log.token_file:
@@ -111,7 +111,7 @@ async def serve(cfg: gconfig.Config, host: str, port: int) -> None:
     """Run until SIGTERM/SIGINT."""
     import uvicorn
 
-    from gateway.app import Gateway
+    from gateway.api.app import Gateway
 
     ident = await bootstrap(cfg)
     outbox = Outbox(cfg.gateway.data_dir, cfg.gateway.outbox_durability)

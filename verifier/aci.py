@@ -24,10 +24,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+import copy
+import json
 from collections.abc import Iterator
 from typing import Any
 
-import orjson
 from pyhpke import AEADId, CipherSuite, KDFId, KEMId, KEMKey
 from pyhpke.context_interface import ContextInterface
 from pyhpke.exceptions import PyHPKEError
@@ -124,7 +125,7 @@ def _open(ctx: ContextInterface, value: Any, path: str) -> bytes:
 
 
 def _copy(obj: Any) -> Any:
-    return orjson.loads(orjson.dumps(obj))
+    return copy.deepcopy(obj)
 
 
 class Sealer:
@@ -143,7 +144,7 @@ class Sealer:
         out = _copy(obj)
         for holder, key, path in _response_fields(out):
             v = holder[key]
-            plain = v.encode() if isinstance(v, str) else orjson.dumps(v)
+            plain = v.encode() if isinstance(v, str) else json.dumps(v, separators=(",", ":")).encode()
             holder[key] = _seal(self._ctx, plain, path)
         return out
 
@@ -198,7 +199,7 @@ class Opener:
         out = _copy(obj)
         for holder, key, path in _response_fields(out):
             plain = _open(self._ctx, holder[key], path)
-            holder[key] = orjson.loads(plain) if path.endswith(".embedding") else plain.decode()
+            holder[key] = json.loads(plain) if path.endswith(".embedding") else plain.decode()
         return out
 
 

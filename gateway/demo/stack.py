@@ -347,7 +347,7 @@ def start_stack(stack: Stack, data: Path, host: str, port: int, timeout: float,
         with contextlib.suppress(FileNotFoundError):
             sock.unlink()
         sims[who] = (sock, stack.start(f"dstack-{who}", [
-            "-m", "gateway.dstack_sim", "--socket", str(sock),
+            "-m", "gateway.identity.dstack_sim", "--socket", str(sock),
             "--data", str(data / f"dstack-{who}"), "--app-id", app_id,
             "--app-name", f"pag-demo-{who}"]))
     for sock, child in sims.values():
@@ -364,7 +364,7 @@ def start_stack(stack: Stack, data: Path, host: str, port: int, timeout: float,
         "--listen", f"127.0.0.1:{witness_port}", "--log", f"{origin}={log_vkey}"])
     provider_url = f"http://127.0.0.1:{provider_port}"
     provider = stack.start("provider", [
-        "-m", "gateway.demo_provider", "--listen", f"127.0.0.1:{provider_port}",
+        "-m", "gateway.demo.provider", "--listen", f"127.0.0.1:{provider_port}",
         "--tls-listen", f"127.0.0.1:{provider_tls_port}",
         "--dstack", str(sims["provider"][0])])
     wait_ready(stack, witness, http_answers(witness_url), "it answered HTTP", deadline)
