@@ -187,8 +187,10 @@ def test_a_part_that_fails_is_reported_and_the_rest_stopped(tmp_path: Path) -> N
 
 
 def test_bad_arguments_exit_2(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    assert demo.main(["--data", str(tmp_path), "--listen", "nope"]) == 2
-    assert "--listen wants HOST:PORT" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        demo.main(["--data", str(tmp_path), "--listen", "nope"])
+    assert exit_.value.code == 2
+    assert "expected HOST:PORT" in capsys.readouterr().err
 
 
 def test_generated_config_is_valid_and_hashes_keys(tmp_path: Path) -> None:

@@ -34,7 +34,7 @@ from gateway.api.apikeys import hash_key
 from gateway.api.app import Gateway
 from gateway.receipts.outbox import Outbox, ReceiptSigner
 from gateway.receipts.shipper import LogStatus, Shipper
-from gateway.upstream.client import Leases
+from gateway.upstream.leases import Leases
 from tlog import checkpoint, merkle, note, proof, tiles
 
 API_KEY = "sk-test-key"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 from pathlib import Path
@@ -10,16 +11,17 @@ import pytest
 
 from gateway import __main__ as cli
 from gateway.api import server
+from tlog.service import listen_address
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_parse_listen() -> None:
-    assert server.parse_listen("127.0.0.1:8080") == ("127.0.0.1", 8080)
-    assert server.parse_listen("[::1]:9") == ("::1", 9)
-    for bad in ("8080", "host:", ":80", "host:http"):
-        with pytest.raises(ValueError):
-            server.parse_listen(bad)
+def test_listen_address() -> None:
+    assert listen_address("127.0.0.1:8080") == ("127.0.0.1", 8080)
+    assert listen_address("[::1]:9") == ("::1", 9)
+    for bad in ("8080", "host:", ":80", "host:http", "host:65536"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            listen_address(bad)
 
 
 def test_dispatch_errors(capsys: pytest.CaptureFixture[str]) -> None:
@@ -45,7 +47,7 @@ def test_serve_rejects_a_bad_config_cleanly(tmp_path: Path) -> None:
     cfg.write_text("[gateway]\nname = 'ok'\n")
     r = serve("nope")
     assert r.returncode == 2
-    assert "--listen wants HOST:PORT" in r.stderr
+    assert "expected HOST:PORT" in r.stderr
 
 
 def test_bootstrap_against_the_dstack_simulator(tmp_path: Path) -> None:

@@ -7,7 +7,8 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
-from gateway.upstream.client import Pool, ProtocolError, exchange, facts_of, rfc3339
+from gateway.upstream.client import Pool, ProtocolError, exchange
+from gateway.upstream.leases import facts_of, rfc3339
 
 REQ = b"POST /x HTTP/1.1\r\nHost: h\r\nContent-Length: 2\r\n\r\nhi"
 
@@ -131,7 +132,8 @@ def test_facts_and_times() -> None:
 
 def test_route_credential_is_sent_to_the_provider_and_only_there() -> None:
     from gateway.api.config import RouteSpec
-    from gateway.upstream.client import LeaseFacts, Upstream
+    from gateway.upstream.client import Upstream
+    from gateway.upstream.leases import LeaseFacts
 
     seen: list[bytes] = []
 

@@ -31,7 +31,7 @@ from gateway.identity import keys
 from gateway.identity.dstack_sim import SimulatorServer
 from gateway.receipts.outbox import Outbox, ReceiptSigner
 from gateway.receipts.shipper import LogStatus
-from gateway.upstream.client import Leases
+from gateway.upstream.leases import Leases
 from gateway.verification.base import Lease, VerificationError
 from gateway.verification.lease import LeaseStore, RouteStatus
 from tests.test_gateway_fakes import (

@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from tlog.asgi import listen_address
+from tlog.service import listen_address
 
 
 def parser() -> argparse.ArgumentParser:

@@ -9,33 +9,13 @@ touches the disk.
 from __future__ import annotations
 
 import hashlib
-import os
 import secrets
 from pathlib import Path
 
 from tlog import note
+from tlog.service import write_private, write_public
 
 DEFAULT_ORIGIN = "pag.local/log"
-
-
-def write_private(path: Path, data: str) -> None:
-    """Create `path` with mode 0600 (atomically, fsynced); never overwrite."""
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, data.encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.link(tmp, path)  # fails if path exists: a key is never replaced
-    os.unlink(tmp)
-
-
-def write_public(path: Path, data: str) -> None:
-    """Write a public file atomically."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(data)
-    os.replace(tmp, path)
 
 
 async def dstack_seed(endpoint: str, path: str) -> bytes:

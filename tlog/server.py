@@ -16,8 +16,8 @@ import re
 from urllib.parse import parse_qs
 
 from tlog import merkle, tiles
-from tlog.asgi import TEXT, Receive, Scope, Send, read_body, respond
 from tlog.sequencer import AppendError, Log
+from tlog.service import TEXT, Receive, Scope, Send, read_body, respond
 
 OCTETS = b"application/octet-stream"
 JSON = b"application/json"

@@ -11,6 +11,7 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
+from tlog.service import connect_durable
 from tlog.storage import Head
 
 SCHEMA = """
@@ -22,16 +23,6 @@ CREATE TABLE IF NOT EXISTS checkpoints (size INTEGER PRIMARY KEY, root BLOB NOT 
 CREATE TABLE IF NOT EXISTS lookup (key TEXT NOT NULL, idx INTEGER NOT NULL,
                                    PRIMARY KEY (key, idx)) WITHOUT ROWID;
 """
-
-
-def connect_durable(path: str | Path, schema: str) -> sqlite3.Connection:
-    """An autocommit connection (explicit transactions) in WAL mode whose commits are
-    fsynced (synchronous=FULL), with `schema` applied."""
-    db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
-    db.execute("PRAGMA journal_mode=WAL")
-    db.execute("PRAGMA synchronous=FULL")
-    db.executescript(schema)
-    return db
 
 
 class SQLiteStore:

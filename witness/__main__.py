@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from tlog import note
-from tlog.asgi import listen_address
+from tlog.service import listen_address
 from witness import cosignature
 
 DEFAULT_NAME = "pag.local/witness"
@@ -17,7 +17,7 @@ DEFAULT_NAME = "pag.local/witness"
 
 def load_signer(data: Path, name: str | None) -> cosignature.CosignatureSigner:
     """The witness cosigning key, created (0600) on first use."""
-    from tlog.keys import write_private, write_public
+    from tlog.service import write_private, write_public
 
     data.mkdir(parents=True, exist_ok=True)
     key_file = data / "witness.key"

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tlog import checkpoint, merkle, note
-from tlog.asgi import Receive, Scope, Send, read_body, respond
+from tlog.service import Receive, Scope, Send, read_body, respond
 from witness import cosignature, request
 from witness.state import State
 

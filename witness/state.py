@@ -12,7 +12,7 @@ import threading
 import time
 from pathlib import Path
 
-from tlog.sqlite_store import connect_durable
+from tlog.service import connect_durable
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS logs (origin TEXT PRIMARY KEY, size INTEGER NOT NULL,

@@ -37,7 +37,8 @@ from gateway.api.ratelimit import Limiter
 from gateway.api.router import Router
 from gateway.receipts.outbox import Outbox, ReceiptSigner
 from gateway.receipts.shipper import LogStatus
-from gateway.upstream.client import LeaseFacts, Leases, ProtocolError, Upstream, UpstreamReply
+from gateway.upstream.client import ProtocolError, Upstream, UpstreamReply
+from gateway.upstream.leases import LeaseFacts, Leases
 from gateway.verification.base import SIGNATURE_BINDING
 from verifier import aci
 

@@ -27,7 +27,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from gateway.api import config as gconfig
 from gateway.receipts.outbox import Outbox, ReceiptSigner
 from gateway.receipts.shipper import LogStatus
-from gateway.upstream.client import Leases
+from gateway.upstream.leases import Leases
+from tlog.service import listen_address
 
 log = logging.getLogger("gateway.api.server")
 LEASE_MAC_PATH = "pag/gateway/lease-cache"
@@ -151,30 +152,21 @@ async def serve(cfg: gconfig.Config, host: str, port: int) -> None:
         outbox.close()
 
 
-def parse_listen(value: str) -> tuple[str, int]:
-    """HOST:PORT (IPv6 hosts in brackets)."""
-    host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or not host:
-        raise ValueError(f"--listen wants HOST:PORT, got {value!r}")
-    return host.strip("[]"), int(port)
-
-
 def main(argv: list[str]) -> int:
     """Entry point of `python -m gateway serve`."""
     ap = argparse.ArgumentParser(prog="python -m gateway serve")
     ap.add_argument("--config", required=True)
-    ap.add_argument("--listen", required=True, help="HOST:PORT")
+    ap.add_argument("--listen", required=True, type=listen_address, metavar="HOST:PORT")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         cfg = gconfig.load(a.config)
-        host, port = parse_listen(a.listen)
     except (gconfig.ConfigError, ValueError) as e:
         print(f"gateway: {e}", file=sys.stderr)
         return 2
     import uvloop
 
     with contextlib.suppress(KeyboardInterrupt):
-        uvloop.run(serve(cfg, host, port))
+        uvloop.run(serve(cfg, *a.listen))
     return 0

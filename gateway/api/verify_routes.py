@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 
 from gateway.api import config as gconfig
-from gateway.upstream.client import rfc3339
+from gateway.upstream.leases import rfc3339
 from gateway.verification.base import VerificationError
 from gateway.verification.registry import verify_route
 

@@ -38,6 +38,8 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from tlog.service import listen_address
+
 log = logging.getLogger("gateway.demo.provider")
 
 CHAT_MODEL = "demo-chat-1"
@@ -291,14 +293,6 @@ def make_app(attest: Attest) -> web.Application:
     return app
 
 
-def parse_listen(value: str) -> tuple[str, int]:
-    """HOST:PORT (IPv6 hosts in brackets)."""
-    host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or not host:
-        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {value!r}")
-    return host.strip("[]"), int(port)
-
-
 async def load_identity(socket_path: str) -> tuple[Attest, Any]:
     """(attest function, keyset) from the provider's own dstack guest agent."""
     from dstack_sdk import AsyncDstackClient
@@ -355,10 +349,10 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of `python -m gateway.demo.provider`."""
     ap = argparse.ArgumentParser(prog="python -m gateway.demo.provider",
                                  description="local OpenAI-compatible demo model provider")
-    ap.add_argument("--listen", type=parse_listen, required=True, metavar="HOST:PORT")
+    ap.add_argument("--listen", type=listen_address, required=True, metavar="HOST:PORT")
     ap.add_argument("--dstack", required=True, metavar="SOCKET",
                     help="the provider's dstack guest-agent socket")
-    ap.add_argument("--tls-listen", type=parse_listen, metavar="HOST:PORT",
+    ap.add_argument("--tls-listen", type=listen_address, metavar="HOST:PORT",
                     help="also serve HTTPS with the attested TLS key")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="demo-provider: %(message)s")

@@ -40,6 +40,8 @@ from typing import Any
 
 import httpx
 
+from tlog.service import listen_address
+
 ROOT = Path(__file__).resolve().parents[1]
 GATEWAY_APP_ID = hashlib.sha256(b"pag-demo/gateway").hexdigest()[:40]
 PROVIDER_APP_ID = hashlib.sha256(b"pag-demo/provider").hexdigest()[:40]
@@ -65,14 +67,6 @@ def free_ports(n: int) -> list[int]:
     finally:
         for s in socks:
             s.close()
-
-
-def parse_listen(value: str) -> tuple[str, int]:
-    """HOST:PORT (IPv6 hosts in brackets)."""
-    host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or not host:
-        raise ValueError(f"--listen wants HOST:PORT, got {value!r}")
-    return host.strip("[]"), int(port)
 
 
 def secret_file(path: Path, make: Callable[[], str]) -> str:
@@ -413,14 +407,11 @@ def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="python -m gateway demo",
                                  description="run the whole local demo stack")
     ap.add_argument("--data", required=True, type=Path, help="state directory (kept)")
-    ap.add_argument("--listen", required=True, help="HOST:PORT of the gateway (port 0: any)")
+    ap.add_argument("--listen", required=True, type=listen_address, metavar="HOST:PORT",
+                    help="HOST:PORT of the gateway (port 0: any)")
     ap.add_argument("--startup-timeout", type=float, default=90.0, help="seconds")
     a = ap.parse_args(argv)
-    try:
-        host, port = parse_listen(a.listen)
-    except ValueError as e:
-        print(f"demo: {e}", file=sys.stderr)
-        return 2
+    host, port = a.listen
     if port == 0:
         port = free_ports(1)[0]
     data = a.data.resolve()

@@ -1,11 +1,7 @@
-"""Talking to providers: the lease adapter (the one place that knows the
-verification API) and a lean pooled HTTP/1.1 client that forwards requests
-(about a third of aiohttp's CPU per request, measured here).
+"""Talking to providers: a lean pooled HTTP/1.1 client that forwards requests
+under a lease (about a third of aiohttp's CPU per request, measured here).
 
 Invariants:
-- `Leases.acquire` returns facts only for a lease that satisfies the route's
-  policy; otherwise it raises a GatewayError with the stable code, and the
-  caller sends nothing upstream.
 - A TLS SPKI binding is checked on the TLS handshake, before any request byte
   is written; a route bound to a TLS key but reached over plain HTTP is refused.
 - Upstream failures become GatewayError 502/504 with stable codes, never 500.
@@ -18,9 +14,8 @@ import hashlib
 import hmac
 import ssl
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlsplit
 
 from cryptography import x509
@@ -28,126 +23,7 @@ from cryptography.hazmat.primitives import serialization
 
 from gateway.api.config import RouteSpec
 from gateway.api.errors import GatewayError, refused
-
-UNVERIFIED_CODES = ("upstream_unverified", "binding_mismatch", "evidence_expired",
-                    "evidence_invalid", "policy_violation")
-
-
-def rfc3339(t: float | datetime | str | None) -> str | None:
-    """RFC 3339 UTC text for a timestamp given as epoch seconds, datetime or text."""
-    if t is None or isinstance(t, str):
-        return t
-    if isinstance(t, datetime):
-        dt = t if t.tzinfo else t.replace(tzinfo=UTC)
-    else:
-        dt = datetime.fromtimestamp(t, UTC)
-    return dt.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
-
-
-@dataclass(frozen=True)
-class LeaseFacts:
-    """What the receipt's `upstream` member records, plus the channel pin to enforce."""
-
-    verified: bool
-    evidence: str
-    binding: str
-    lease_id: str
-    verified_at: str | None
-    expires_at: str | None
-    pin: tuple[str, bytes] | None = None
-    notes: dict[str, Any] = field(default_factory=dict)  # for the route view, not receipts
-
-    def receipt(self) -> dict[str, Any]:
-        """The receipt's `upstream` member."""
-        out: dict[str, Any] = {"verified": self.verified, "evidence": self.evidence,
-                               "binding": self.binding, "lease_id": self.lease_id}
-        if self.verified_at is not None:
-            out["verified_at"] = self.verified_at
-        if self.expires_at is not None:
-            out["expires_at"] = self.expires_at
-        return out
-
-
-class LeaseSource(Protocol):
-    """What the gateway needs from a lease store: `ensure(route, now) -> Lease`."""
-
-    async def ensure(self, route: RouteSpec, now: float) -> Any: ...
-
-    async def invalidate(self, route: RouteSpec, lease_id: str) -> None: ...
-
-
-ROUTE_NOTES = ("gpu", "tcb_status", "simulated", "app_id", "compose_hash", "signing_address")
-PIN_KINDS = {"tls-spki": "spki", "tls_spki_sha256": "spki", "tls-cert": "cert"}
-
-
-def pin_of(binding: str) -> tuple[str, bytes] | None:
-    """The TLS pin a binding demands: ("spki" | "cert", SHA-256), or None.
-
-    `tls-spki:<hex>` pins the SHA-256 of the peer's SubjectPublicKeyInfo,
-    `tls-cert:<hex>` the SHA-256 of its DER certificate. Any other binding
-    pins nothing on the connection.
-    """
-    kind, sep, value = binding.partition(":")
-    if not sep or kind not in PIN_KINDS:
-        return None
-    digest = bytes.fromhex(value)
-    if len(digest) != 32:
-        raise ValueError("a TLS pin is a 32-byte SHA-256")
-    return PIN_KINDS[kind], digest
-
-
-def facts_of(lease: Any) -> LeaseFacts:
-    """Translate the verification engine's Lease into receipt facts."""
-    binding = str(getattr(lease, "binding", None) or "none")
-    return LeaseFacts(
-        verified=bool(getattr(lease, "verified", False)),
-        evidence=str(getattr(lease, "evidence", "none")),
-        binding=binding,
-        lease_id=str(getattr(lease, "lease_id", None) or getattr(lease, "id", "")),
-        verified_at=rfc3339(getattr(lease, "verified_at", None)),
-        expires_at=rfc3339(getattr(lease, "expires_at", None)),
-        pin=pin_of(binding),
-        notes={k: v for k, v in (getattr(lease, "facts", None) or {}).items() if k in ROUTE_NOTES})
-
-
-class Leases:
-    """Adapter over the verification engine's LeaseStore."""
-
-    def __init__(self, store: LeaseSource, error_type: type[Exception]) -> None:
-        self._store = store
-        self._error_type = error_type
-        self._facts: dict[str, tuple[Any, LeaseFacts]] = {}
-
-    async def acquire(self, route: RouteSpec, now: float) -> LeaseFacts:
-        """A lease satisfying the route's policy, or a refusal naming the route."""
-        try:
-            lease = await self._store.ensure(route, now)
-        except self._error_type as e:
-            code = str(getattr(e, "code", "upstream_unverified"))
-            reason = str(getattr(e, "reason", e))
-            raise refused(502, code, f"route {route.id!r} refused: {code}: {reason}",
-                          route_id=route.id) from e
-        cached = self._facts.get(route.id)
-        if cached is not None and cached[0] is lease:
-            return cached[1]
-        try:
-            facts = facts_of(lease)
-        except ValueError as e:
-            raise refused(502, "binding_mismatch", f"route {route.id!r} refused: "
-                          f"binding_mismatch: malformed binding: {e}", route_id=route.id) from e
-        if facts.pin is not None and not route.base_url.startswith("https://"):
-            raise refused(502, "binding_mismatch",
-                          f"route {route.id!r} refused: binding_mismatch: lease binds a TLS "
-                          "key but the route is not HTTPS", route_id=route.id)
-        self._facts[route.id] = (lease, facts)
-        return facts
-
-    async def invalidate(self, route: RouteSpec, facts: LeaseFacts) -> None:
-        """Forget a lease whose key the provider no longer presents (next acquire re-verifies)."""
-        cached = self._facts.get(route.id)
-        if cached is not None and cached[1] is facts:
-            del self._facts[route.id]
-        await self._store.invalidate(route, facts.lease_id)
+from gateway.upstream.leases import LeaseFacts
 
 
 class ProtocolError(Exception):
