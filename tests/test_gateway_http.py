@@ -407,20 +407,20 @@ def test_log_unavailable_refuse_then_recover(tmp_path: Path) -> None:
                 first = await c.post(url, content=CHAT, headers=AUTH)
                 assert first.status_code == 200  # served; its receipt waits in the outbox
                 for _ in range(200):
-                    if gw.app.status.log_down:
+                    if gw.app.svc.status.log_down:
                         break
                     await asyncio.sleep(0.01)
-                assert gw.app.status.log_down
+                assert gw.app.svc.status.log_down
                 r = await c.post(url, content=CHAT, headers=AUTH)
                 assert (r.status_code, r.json()["error"]["code"]) == (503, "log_unavailable")
                 await log.start()
                 for rid in (first.headers["x-receipt-id"], r.headers["x-receipt-id"]):
                     check_proof(await fetch_receipt(c, gw.url, rid, logged=True), log.vkey)
                 for _ in range(100):
-                    if not gw.app.status.log_down:
+                    if not gw.app.svc.status.log_down:
                         break
                     await asyncio.sleep(0.01)
-                assert not gw.app.status.log_down
+                assert not gw.app.svc.status.log_down
                 assert (await c.post(url, content=CHAT, headers=AUTH)).status_code == 200
         finally:
             await prov.stop()

@@ -44,12 +44,16 @@ async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes | None:
 
 
 async def respond(send: Send, status: int, body: bytes, ctype: bytes = TEXT,
-                  cache: bytes | None = None) -> None:
-    """A whole response with Content-Type, Content-Length and optional Cache-Control."""
-    headers = [(b"content-type", ctype), (b"content-length", str(len(body)).encode())]
+                  cache: bytes | None = None,
+                  headers: list[tuple[bytes, bytes]] | None = None) -> None:
+    """A whole response with Content-Type, Content-Length, optional Cache-Control and
+    any further `headers`."""
+    h = [(b"content-type", ctype), (b"content-length", b"%d" % len(body))]
     if cache is not None:
-        headers.append((b"cache-control", cache))
-    await send({"type": "http.response.start", "status": status, "headers": headers})
+        h.append((b"cache-control", cache))
+    if headers:
+        h += headers
+    await send({"type": "http.response.start", "status": status, "headers": h})
     await send({"type": "http.response.body", "body": body})
 
 
