@@ -9,7 +9,6 @@ and be included in a log checkpoint cosigned by the demo's witness.
 from __future__ import annotations
 
 import base64
-import hashlib
 import importlib.util
 import secrets
 import subprocess
@@ -117,13 +116,14 @@ def fetch_logged(gateway: str, receipt_id: str) -> dict[str, Any]:
 def check_exchange(stack: Demo, key: bytes, sent: bytes, headers: httpx.Headers,
                    got: bytes, route_id: str, model: str) -> dict[str, Any]:
     """Every receipt property the issue asks for; returns the logged receipt document."""
-    request_hash = hashlib.sha256(sent).hexdigest()
+    salt = bytes.fromhex(headers["x-receipt-salt"])
+    request_hash = receipts.digest(salt, sent)
     assert headers["x-request-hash"] == request_hash
     doc = fetch_logged(stack.ready["gateway"], headers["x-receipt-id"])
     rec = doc["receipt"]
     assert rec["id"] == headers["x-receipt-id"]
     assert rec["request_hash"] == request_hash
-    assert rec["response_hash"] == hashlib.sha256(got).hexdigest()
+    assert rec["response_hash"] == receipts.digest(salt, got)
     # No E2EE: the gateway relays the provider's bytes unchanged.
     assert rec["provider_response_hash"] == rec["response_hash"]
     assert rec["route"]["route_id"] == route_id and rec["route"]["model"] == model
@@ -209,7 +209,8 @@ def test_refusal_carries_a_receipt(stack: Demo, client: tuple[openai.OpenAI, Cap
                                   messages=[{"role": "user", "content": "x"}])
     assert e.value.code == "model_not_found"
     (sent, headers, _), = cap.log
-    assert headers["x-request-hash"] == hashlib.sha256(sent).hexdigest()
+    assert headers["x-request-hash"] == receipts.digest(bytes.fromhex(headers["x-receipt-salt"]),
+                                                       sent)
     r = httpx.get(f"{stack.ready['gateway']}/v1/receipts/{headers['x-receipt-id']}", timeout=10)
     assert r.json()["receipt"]["refusal"]["code"] == "model_not_found"
 

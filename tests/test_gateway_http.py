@@ -25,7 +25,6 @@ from tests.test_gateway_fakes import (
     FakeProvider,
     FakeVerificationError,
     run_gateway,
-    sha,
     tls_server_context,
     write_config,
 )
@@ -35,6 +34,11 @@ from verifier import aci, receipt
 AUTH = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
 CHAT = (b'{"model": "chat-model",  "messages": [{"role": "user", "content": "'
         + MARKER.encode() + b'"}]}')
+
+
+def D(resp: httpx.Response, data: bytes) -> str:
+    """The receipt digest of `data` under the salt the gateway returned with `resp`."""
+    return receipt.digest(bytes.fromhex(resp.headers["x-receipt-salt"]), data)
 
 
 def run(coro: Any) -> Any:
@@ -70,7 +74,7 @@ def test_chat_json_receipt_hashes_and_proof(tmp_path: Path) -> None:
             async with run_gateway(cfg) as gw, httpx.AsyncClient() as c:
                 r = await c.post(gw.url + "/v1/chat/completions", content=CHAT, headers=AUTH)
                 assert r.status_code == 200
-                assert r.headers["x-request-hash"] == sha(CHAT)
+                assert r.headers["x-request-hash"] == D(r, CHAT)
                 assert json.loads(prov.received[-1])["model"] == "upstream-chat-1"
                 assert r.content == prov.sent[-1]
                 doc = await fetch_receipt(c, gw.url, r.headers["x-receipt-id"], logged=True)
@@ -78,11 +82,11 @@ def test_chat_json_receipt_hashes_and_proof(tmp_path: Path) -> None:
                 pub = gw.receipt_key.public_key().public_bytes_raw()
                 assert receipt.verify(rc, expected_key=pub) == pub
                 assert rc["id"] == r.headers["x-receipt-id"]
-                assert rc["request_hash"] == sha(CHAT)
-                assert rc["forwarded_hash"] == sha(prov.received[-1])
-                assert rc["provider_request_hash"] == sha(prov.received[-1])
-                assert rc["provider_response_hash"] == sha(prov.sent[-1])
-                assert rc["response_hash"] == sha(r.content)
+                assert rc["request_hash"] == D(r, CHAT)
+                assert rc["forwarded_hash"] == D(r, prov.received[-1])
+                assert rc["provider_request_hash"] == D(r, prov.received[-1])
+                assert rc["provider_response_hash"] == D(r, prov.sent[-1])
+                assert rc["response_hash"] == D(r, r.content)
                 assert rc["route"] == {"route_id": "r1", "model": "chat-model",
                                        "provider": "p1", "upstream_model": "upstream-chat-1"}
                 assert rc["upstream"]["verified"] is True
@@ -91,7 +95,7 @@ def test_chat_json_receipt_hashes_and_proof(tmp_path: Path) -> None:
                 assert rc["usage"]["total_tokens"] == 8
                 assert log.entries[doc["index"]] == receipt.entry(rc)
                 check_proof(doc, log.vkey)
-                by = await c.get(f"{gw.url}/v1/receipts/by-request-hash/{sha(CHAT)}")
+                by = await c.get(f"{gw.url}/v1/receipts/by-request-hash/{r.headers['x-request-hash']}")
                 assert by.json()["receipt"]["id"] == rc["id"]
         finally:
             await prov.stop()
@@ -117,9 +121,9 @@ def test_sse_stream_hash_covers_whole_stream(tmp_path: Path) -> None:
                 assert got.endswith(b"data: [DONE]\n\n")
                 assert got == prov.sent[-1]
                 rc = (await fetch_receipt(c, gw.url, r.headers["x-receipt-id"]))["receipt"]
-                assert rc["response_hash"] == sha(got)
-                assert rc["provider_response_hash"] == sha(prov.sent[-1])
-                assert rc["request_hash"] == sha(body)
+                assert rc["response_hash"] == D(r, got)
+                assert rc["provider_response_hash"] == D(r, prov.sent[-1])
+                assert rc["request_hash"] == D(r, body)
                 assert rc["usage"] == {"prompt_tokens": 5, "completion_tokens": 3,
                                        "total_tokens": 8}
                 assert rc["route"]["route_id"] == "r1"
@@ -163,7 +167,7 @@ def test_bad_input_is_4xx_never_5xx(tmp_path: Path) -> None:
                     assert set(err) == {"message", "type", "code", "param"}
                     if status not in (401, 413):
                         assert "x-receipt-id" in r.headers
-                        assert r.headers["x-request-hash"] == sha(body)
+                        assert r.headers["x-request-hash"] == D(r, body)
                 r = await c.post(gw.url + "/v1/embeddings", content=b'{"model": "embed-model"}',
                                  headers=AUTH)
                 assert (r.status_code, r.json()["error"]["param"]) == (400, "input")
@@ -199,7 +203,7 @@ def test_models_embeddings_attestation(tmp_path: Path) -> None:
                 assert r.status_code == 200 and len(r.json()["data"]) == 2
                 rc = (await fetch_receipt(c, gw.url, r.headers["x-receipt-id"]))["receipt"]
                 assert rc["route"]["upstream_model"] == "upstream-embed"
-                assert rc["response_hash"] == sha(r.content)
+                assert rc["response_hash"] == D(r, r.content)
                 a = await c.get(gw.url + "/.well-known/attestation?nonce=00ff")
                 assert a.json()["nonce"] == "00ff"
         finally:
@@ -241,7 +245,7 @@ def test_fallback_only_to_verified_routes(tmp_path: Path) -> None:
                 assert rc["forwarded_hash"] is None
                 assert rc["provider_request_hash"] is None
                 assert rc["provider_response_hash"] is None
-                assert rc["response_hash"] == sha(r.content)
+                assert rc["response_hash"] == D(r, r.content)
 
                 routes = await c.get(gw.url + "/v1/routes")
                 assert routes.status_code == 401
@@ -284,7 +288,7 @@ retries = 1
                 r = await c.post(url, content=body, headers=AUTH)
                 assert r.status_code == 400 and r.content == b'{"error":"boom"}'
                 rc = (await fetch_receipt(c, gw.url, r.headers["x-receipt-id"]))["receipt"]
-                assert rc["provider_response_hash"] == sha(b'{"error":"boom"}')
+                assert rc["provider_response_hash"] == D(r, b'{"error":"boom"}')
                 prov.fail_status = None
                 prov.delay = 1.0
                 r = await c.post(url, content=body, headers=AUTH)
@@ -453,8 +457,8 @@ def test_aci_e2ee_round_trip(tmp_path: Path) -> None:
                 assert opened["choices"][0]["message"]["content"] == COMPLETION
                 rc = (await fetch_receipt(c, gw.url, r.headers["x-receipt-id"]))["receipt"]
                 assert rc["e2ee"] == {"mode": "aci-1"}
-                assert rc["response_hash"] == sha(r.content)
-                assert rc["provider_response_hash"] == sha(prov.sent[-1])
+                assert rc["response_hash"] == D(r, r.content)
+                assert rc["provider_response_hash"] == D(r, prov.sent[-1])
 
                 sealed, headers, opener = aci.seal_request(
                     {**req, "stream": True}, "chat", gpub, client_sk)
@@ -472,7 +476,7 @@ def test_aci_e2ee_round_trip(tmp_path: Path) -> None:
                 assert text == COMPLETION + " and more"
                 assert COMPLETION.encode() not in raw
                 rc = (await fetch_receipt(c, gw.url, s.headers["x-receipt-id"]))["receipt"]
-                assert rc["response_hash"] == sha(raw)
+                assert rc["response_hash"] == D(s, raw)
 
                 bad = json.loads(body)
                 bad["messages"][0]["content"] = "plaintext"
@@ -507,7 +511,7 @@ def test_tls_spki_binding_is_enforced_before_any_byte(tmp_path: Path) -> None:
                 assert r.status_code == 200, r.text
                 rc = (await fetch_receipt(c, gw.url, r.headers["x-receipt-id"]))["receipt"]
                 assert rc["upstream"]["binding"] == f"tls_spki_sha256:{spki}"
-                assert rc["provider_response_hash"] == sha(prov.sent[-1])
+                assert rc["provider_response_hash"] == D(r, prov.sent[-1])
                 store.outcomes["r1"] = FakeVerificationError("evidence_expired", "stale")
                 before = len(prov.received)
                 r = await c.post(url, content=CHAT, headers=AUTH)
@@ -550,7 +554,7 @@ def test_broken_stream_still_gets_a_receipt(tmp_path: Path) -> None:
                 assert r.status_code == 200 and b"[DONE]" not in got
                 rc = (await fetch_receipt(c, gw.url, r.headers["x-receipt-id"]))["receipt"]
                 assert rc["refusal"] == {"code": "upstream_stream_broken", "status": 200}
-                assert rc["response_hash"] == sha(got)
+                assert rc["response_hash"] == D(r, got)
                 prov.break_stream = False
                 r = await c.post(gw.url + "/v1/chat/completions", content=CHAT, headers=AUTH)
                 assert r.status_code == 200  # the pool dropped the broken connection

@@ -12,7 +12,9 @@ from verifier import receipt
 
 
 def _body() -> dict:
-    h = receipt.sha256_hex
+    def h(data: bytes) -> str:
+        return receipt.digest(b"s" * 32, data)
+
     return {
         "v": receipt.VERSION, "id": "r-1", "time": "2026-11-24T00:00:00Z",
         "gateway": {"app_id": "a", "compose_hash": h(b"c"), "keyset_hash": h(b"k")},
@@ -33,7 +35,7 @@ def test_sign_verify_roundtrip_and_canonical_entry():
     entry = receipt.entry(r)
     # RFC 8785: sorted keys, no whitespace; member order of the input does not matter
     assert entry == receipt.entry(dict(reversed(list(r.items()))))
-    assert b" " not in entry.replace(b"pag-receipt/1", b"")
+    assert b" " not in entry.replace(b"pag-receipt/2", b"")
     assert json.loads(entry) == r
 
 
@@ -41,7 +43,7 @@ def test_sign_verify_roundtrip_and_canonical_entry():
     "mutate",
     [
         lambda r: r["route"].__setitem__("provider", "evil"),
-        lambda r: r.__setitem__("response_hash", receipt.sha256_hex(b"other")),
+        lambda r: r.__setitem__("response_hash", receipt.digest(b"s" * 32, b"other")),
         lambda r: r["upstream"].__setitem__("verified", False),
         lambda r: r.__setitem__("extra", 1),
     ],

@@ -34,6 +34,7 @@ from tests.test_gateway_fakes import (
 )
 from tests.test_verification_failclosed import gateway
 from tests.test_verification_nvidia import GpuTestCa
+from verifier import receipt as receipts
 from verifier.tee import eventlog
 from verifier.tee.quote import build_simulated_quote
 
@@ -409,7 +410,8 @@ def test_signature_bound_route_serves_a_response_signed_by_the_attested_key(
     assert r.status_code == 200, r.text
     assert receipt["upstream"]["binding"] == f"signing-address:{ADDRESS.lower()}"
     assert receipt["upstream"]["response_signature"] == "verified"
-    assert receipt["provider_response_hash"] == hashlib.sha256(p.sent).hexdigest()
+    salt = bytes.fromhex(r.headers["x-receipt-salt"])
+    assert receipt["provider_response_hash"] == receipts.digest(salt, p.sent)
 
 
 @pytest.mark.parametrize("mode", ["sig_wrong_key", "sig_wrong_text", "sig_missing"])

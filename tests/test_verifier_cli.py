@@ -184,7 +184,9 @@ def test_audit_log_built_by_go(tmp_path):
 
 def _receipt(key: Ed25519PrivateKey, route: str = "demo", provider: str = "demo",
              verified: bool = True, request: bytes = b"r") -> bytes:
-    h = receipt.sha256_hex
+    def h(data: bytes) -> str:
+        return receipt.digest(b"s" * 32, data)
+
     body = {"v": receipt.VERSION, "id": "r-" + h(request)[:8], "time": "2026-11-24T00:00:00Z",
             "gateway": {"app_id": "a", "compose_hash": h(b"c"), "keyset_hash": h(b"k")},
             "request_hash": h(request), "forwarded_hash": h(request),

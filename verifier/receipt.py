@@ -1,9 +1,23 @@
-"""The signed receipt (`pag-receipt/1`): what happened to one request.
+"""The signed receipt (`pag-receipt/2`): what happened to one request (pure).
 
-A receipt is a JSON object holding only hashes, the route, verification facts
-and usage counts, never prompt or completion text. `sig` is Ed25519 over the
-RFC 8785 canonical bytes of the object without its `signature` member; the
-log entry is the RFC 8785 canonical bytes of the whole signed receipt.
+A receipt holds the route, verification facts and usage counts in clear, for
+auditors, and content only as salted digests: every digest member is
+
+    D(x) = HMAC-SHA256(key = the 32-byte receipt salt, message = x)
+
+as lower-case hex, over the exact bytes (`request_hash`: the body the client
+sent; `forwarded_hash`/`provider_request_hash`: the bytes sent upstream;
+`provider_response_hash`: the bytes the provider returned; `response_hash`:
+the bytes returned to the client, the whole SSE stream when streaming). A
+digest of nothing (a refused call forwarded nothing) is `null`. The salt is
+per call and goes only to the caller (`x-receipt-salt`), so a log reader
+holding a list of guessed prompts can confirm none of them, and two identical
+calls have unrelated digests.
+
+`sig` is Ed25519 over the RFC 8785 canonical bytes of the object without its
+`signature` member; the log entry is the RFC 8785 canonical bytes of the
+whole signed receipt. (`pag-receipt/1`, with plain SHA-256 digests, is
+retired and refused.)
 """
 
 from __future__ import annotations
@@ -12,7 +26,9 @@ import base64
 import binascii
 import copy
 import hashlib
+import hmac
 import re
+import secrets
 from typing import Any
 
 import rfc8785
@@ -22,21 +38,40 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PublicKey,
 )
 
-VERSION = "pag-receipt/1"
+VERSION = "pag-receipt/2"
+SALT_SIZE = 32
 HEX64 = re.compile(r"[0-9a-f]{64}")
-HASH_FIELDS = ("request_hash", "forwarded_hash", "provider_request_hash",
-               "provider_response_hash", "response_hash")
+DIGEST_FIELDS = ("request_hash", "forwarded_hash", "provider_request_hash",
+                 "provider_response_hash", "response_hash")
 REQUIRED = ("v", "id", "time", "gateway", "request_hash", "forwarded_hash", "route",
-            "upstream", "response_hash", "e2ee", "signature")
+            "upstream", "provider_request_hash", "provider_response_hash", "response_hash",
+            "e2ee", "signature")
 
 
 class ReceiptError(ValueError):
-    """A malformed receipt or a signature that does not verify."""
+    """A malformed receipt, a signature that does not verify, or a digest that does not match."""
 
 
-def sha256_hex(data: bytes) -> str:
-    """Lower-case hex SHA-256, the HEX of every receipt hash field."""
-    return hashlib.sha256(data).hexdigest()
+def new_salt() -> bytes:
+    """A fresh 32-byte receipt salt."""
+    return secrets.token_bytes(SALT_SIZE)
+
+
+def parse_salt(text: str) -> bytes:
+    """A receipt salt from its 64-hex-digit form (either case), else ReceiptError."""
+    if not isinstance(text, str) or not re.fullmatch(r"[0-9a-fA-F]{64}", text):
+        raise ReceiptError("receipt salt must be 64 hex digits (32 bytes)")
+    return bytes.fromhex(text)
+
+
+def digest(salt: bytes, data: bytes) -> str:
+    """D(data): lower-case hex HMAC-SHA256 keyed with the receipt salt."""
+    return hmac.new(salt, data, hashlib.sha256).hexdigest()
+
+
+def digester(salt: bytes) -> Any:
+    """An incremental D(...) (`update(bytes)`, then `hexdigest()`), for streams."""
+    return hmac.new(salt, digestmod=hashlib.sha256)
 
 
 def canonical(obj: Any) -> bytes:
@@ -68,7 +103,7 @@ def entry(receipt: dict[str, Any]) -> bytes:
     return canonical(receipt)
 
 
-def check_shape(receipt: dict[str, Any]) -> None:
+def check_shape(receipt: Any) -> None:
     """Raise ReceiptError unless the fixed members are present and well formed."""
     if not isinstance(receipt, dict):
         raise ReceiptError("receipt is not a JSON object")
@@ -76,19 +111,28 @@ def check_shape(receipt: dict[str, Any]) -> None:
     if missing:
         raise ReceiptError(f"receipt lacks {', '.join(missing)}")
     if receipt["v"] != VERSION:
-        raise ReceiptError(f"unknown receipt version {receipt['v']!r}")
-    for k in HASH_FIELDS:
-        v = receipt.get(k)
+        raise ReceiptError(f"unknown receipt version {str(receipt['v'])[:40]!r}")
+    for k in DIGEST_FIELDS:
+        v = receipt[k]
         if v is not None and not (isinstance(v, str) and HEX64.fullmatch(v)):
-            raise ReceiptError(f"{k} is not lower-case hex SHA-256")
+            raise ReceiptError(f"{k} is not 64 lower-case hex digits")
+    if receipt["request_hash"] is None or receipt["response_hash"] is None:
+        raise ReceiptError("request_hash and response_hash are never null")
+    for k in ("id", "time"):
+        if not isinstance(receipt[k], str):
+            raise ReceiptError(f"{k} is not a string")
     for k in ("gateway", "route", "upstream", "e2ee", "signature"):
         if not isinstance(receipt[k], dict):
             raise ReceiptError(f"{k} is not an object")
     if not isinstance(receipt["upstream"].get("verified"), bool):
         raise ReceiptError("upstream.verified is not a boolean")
+    if "keyset_index" in receipt:
+        ki = receipt["keyset_index"]
+        if not isinstance(ki, int) or isinstance(ki, bool) or not 0 <= ki < 2**63:
+            raise ReceiptError("keyset_index is not a log index")
 
 
-def verify(receipt: dict[str, Any], expected_key: bytes | None = None) -> bytes:
+def verify(receipt: Any, expected_key: bytes | None = None) -> bytes:
     """Check shape and signature; return the raw Ed25519 public key that signed.
 
     With `expected_key` (the attested receipt_signing_key), any other key fails.
@@ -100,14 +144,23 @@ def verify(receipt: dict[str, Any], expected_key: bytes | None = None) -> bytes:
     try:
         pub = base64.b64decode(sig.get("key", ""), validate=True)
         raw = base64.b64decode(sig.get("sig", ""), validate=True)
-    except (binascii.Error, TypeError) as e:
+    except (binascii.Error, TypeError, ValueError) as e:
         raise ReceiptError("malformed receipt signature") from e
     if len(pub) != 32 or len(raw) != 64:
         raise ReceiptError("malformed receipt signature")
-    if expected_key is not None and pub != expected_key:
+    if expected_key is not None and not hmac.compare_digest(pub, expected_key):
         raise ReceiptError("receipt is signed by a key other than the attested one")
     try:
         Ed25519PublicKey.from_public_bytes(pub).verify(raw, signing_bytes(receipt))
-    except InvalidSignature as e:
+    except (InvalidSignature, ValueError, TypeError) as e:
         raise ReceiptError("receipt signature does not verify") from e
     return pub
+
+
+def check_digest(receipt: dict[str, Any], member: str, salt: bytes, data: bytes) -> None:
+    """Raise ReceiptError unless `receipt[member]` is D(data) under `salt`."""
+    if member not in DIGEST_FIELDS:
+        raise ReceiptError(f"{member} is not a digest member")
+    have = receipt.get(member)
+    if not isinstance(have, str) or not hmac.compare_digest(have, digest(salt, data)):
+        raise ReceiptError(f"{member} does not match the bytes given (or the salt is wrong)")

@@ -48,7 +48,7 @@ from gateway.upstream.client import ProtocolError, Upstream, UpstreamReply
 from gateway.upstream.leases import LeaseFacts
 from gateway.verification.base import SIGNATURE_BINDING
 from tlog.service import Receive, Scope, Send, respond
-from verifier import aci
+from verifier import aci, receipt
 
 log = logging.getLogger("gateway")
 
@@ -91,6 +91,7 @@ class Call:
     """What one model call accumulates for its receipt."""
 
     receipt_id: str
+    salt: bytes
     request_hash: str
     kind: str
     key: ApiKey
@@ -110,7 +111,8 @@ class Call:
     def headers(self) -> Headers:
         """The response headers every answer to this call carries."""
         h = [(b"x-request-hash", self.request_hash.encode()),
-             (b"x-receipt-id", self.receipt_id.encode())]
+             (b"x-receipt-id", self.receipt_id.encode()),
+             (b"x-receipt-salt", self.salt.hex().encode())]
         if self.sealer is not None:
             h += self.sealer.headers()
         return h
@@ -123,15 +125,17 @@ async def model_call(svc: Services, scope: Scope, receive: Receive, send: Send,
                      kind: str) -> None:
     """Serve one chat or embeddings call (the module docstring's sequence)."""
     body = await read_body(scope, receive, svc.cfg.gateway.max_body_bytes)
-    request_hash = hashlib.sha256(body).hexdigest()
     hdrs = dict(scope["headers"])
+    salt = receipt_salt(hdrs)
+    request_hash = receipt.digest(salt, body)
     try:
         key = authenticate(svc.keys, hdrs)
     except GatewayError as e:
         await respond(send, e.status, e.body(), JSON,
-                      headers=[(b"x-request-hash", request_hash.encode())])
+                      headers=[(b"x-request-hash", request_hash.encode()),
+                               (b"x-receipt-salt", salt.hex().encode())])
         return
-    call = Call(secrets.token_hex(16), request_hash, kind, key)
+    call = Call(secrets.token_hex(16), salt, request_hash, kind, key)
     try:
         admit(svc, key)
         req = parse(body, kind)
@@ -147,7 +151,7 @@ async def model_call(svc: Services, scope: Scope, receive: Receive, send: Send,
             call.route = svc.router.by_id.get(e.route_id)
         status, out, ctype = e.status, e.body(), JSON
         log.info("refused %s: %s (route %s)", request_hash, e.code, e.route_id or "-")
-    await commit_receipt(svc, call, hashlib.sha256(out).hexdigest())
+    await commit_receipt(svc, call, receipt.digest(call.salt, out))
     if not await logged_in_time(svc, call):
         err = refused(503, "log_unavailable",
                       "the receipt could not be logged in time; it stays queued")
@@ -180,6 +184,18 @@ async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
         chunks.append(chunk)
         if not msg.get("more_body", False):
             return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def receipt_salt(hdrs: dict[bytes, bytes]) -> bytes:
+    """The caller's `x-receipt-salt` (64 hex), or a fresh one; 400 if malformed."""
+    given = hdrs.get(b"x-receipt-salt")
+    if given is None:
+        return receipt.new_salt()
+    try:
+        return receipt.parse_salt(given.decode("latin-1"))
+    except receipt.ReceiptError:
+        raise bad_request("invalid_receipt_salt",
+                          "x-receipt-salt must be 64 hex digits (32 bytes)") from None
 
 
 def authenticate(keys: KeyStore, hdrs: dict[bytes, bytes]) -> ApiKey:
@@ -289,7 +305,7 @@ async def route_and_forward(svc: Services, call: Call, req: Request) -> Upstream
         fwd = dict(req.obj)
         fwd["model"] = route.upstream_model
         fwd_bytes = orjson.dumps(fwd)
-        call.forwarded_hash = call.provider_request_hash = hashlib.sha256(fwd_bytes).hexdigest()
+        call.forwarded_hash = call.provider_request_hash = receipt.digest(call.salt, fwd_bytes)
         try:
             reply = await forward(svc, call, route, lease, fwd_bytes, req.stream)
             if signed_only and reply.status == 200:
@@ -376,7 +392,7 @@ def finish_json(svc: Services, call: Call, reply: UpstreamReply) -> tuple[int, b
     """(status, body, content type) of a whole (non-streamed) reply: usage charged, fields
     sealed under E2EE, a provider's error text withheld from an E2EE caller."""
     data = reply.body
-    call.provider_response_hash = hashlib.sha256(data).hexdigest()
+    call.provider_response_hash = receipt.digest(call.salt, data)
     ctype = reply.content_type.encode("latin-1")
     if reply.status == 200:
         try:
@@ -408,8 +424,8 @@ async def relay_stream(svc: Services, call: Call, reply: UpstreamReply, send: Se
     await send({"type": "http.response.start", "status": 200, "headers": [
         (b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"),
         *call.headers()]})
-    prov = hashlib.sha256()
-    resp = hashlib.sha256()
+    prov = receipt.digester(call.salt)
+    resp = receipt.digester(call.salt)
     events = aci.SseSplitter()
     try:
         async for chunk in reply.chunks():
@@ -459,7 +475,7 @@ def receipt_body(call: Call, identity: dict[str, str], response_hash: str) -> di
     """The unsigned receipt of a call (docs/receipts.md)."""
     route = call.route
     body: dict[str, Any] = {
-        "v": "pag-receipt/1", "id": call.receipt_id, "time": now_rfc3339(),
+        "v": receipt.VERSION, "id": call.receipt_id, "time": now_rfc3339(),
         "gateway": identity, "request_hash": call.request_hash,
         "forwarded_hash": call.forwarded_hash,
         "route": {"route_id": route.id, "model": route.model, "provider": route.provider,
