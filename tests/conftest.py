@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,3 +18,11 @@ def testdata() -> Path:
     if not TESTDATA.is_dir():
         pytest.skip(f"shared conformance data not found at {TESTDATA}")
     return TESTDATA
+
+
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    """A fresh directory under /tmp, short enough for unix socket paths."""
+    d = Path(tempfile.mkdtemp(prefix="pagatt-", dir="/tmp"))
+    yield d
+    shutil.rmtree(d, ignore_errors=True)

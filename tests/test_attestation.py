@@ -7,10 +7,7 @@ import base64
 import copy
 import hashlib
 import json
-import shutil
 import ssl
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,13 +28,6 @@ dstack_sdk = pytest.importorskip("dstack_sdk")
 APP_ID = "a1" * 20
 COMPOSE = "c0" * 32
 VKEY = "example.com/log+01020304+AQIDBAUGBwgJCgsMDQ4PEBESExQVFhcYGRobHB0eHyA="
-
-
-@pytest.fixture
-def short_dir() -> Iterator[Path]:
-    d = Path(tempfile.mkdtemp(prefix="pagatt-", dir="/tmp"))
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
 
 
 def _with_sim(short_dir: Path, fn: Any, **kw: Any) -> Any:
