@@ -158,7 +158,8 @@ def test_restart_reuses_keys_and_sigterm_stops_every_part(tmp_path: Path) -> Non
         key2 = httpx.get(again["gateway"] + "/.well-known/attestation",
                          timeout=30).json()["keyset"]
         assert key2["receipt_signing_key"] == key1["receipt_signing_key"]
-        old = httpx.get(f"{again['gateway']}/v1/receipts/{receipt_id}", timeout=10)
+        old = httpx.get(f"{again['gateway']}/v1/receipts/{receipt_id}", timeout=10,
+                        headers=auth(again))
         assert old.status_code == 200
         assert old.json()["receipt"]["id"] == receipt_id
         assert chat(again, "hello again").status_code == 200

@@ -48,7 +48,7 @@ def run(coro: Any) -> Any:
 async def fetch_receipt(client: httpx.AsyncClient, url: str, rid: str,
                         logged: bool = False) -> dict[str, Any]:
     for _ in range(500):
-        r = await client.get(f"{url}/v1/receipts/{rid}")
+        r = await client.get(f"{url}/v1/receipts/{rid}", headers=AUTH)
         assert r.status_code == 200
         doc = r.json()
         if not logged or doc["proof"] is not None:
@@ -383,7 +383,8 @@ def test_require_log_inclusion_waits_for_proof(tmp_path: Path) -> None:
                 url = gw.url + "/v1/chat/completions"
                 r = await c.post(url, content=CHAT, headers=AUTH)
                 assert r.status_code == 200
-                doc = (await c.get(f"{gw.url}/v1/receipts/{r.headers['x-receipt-id']}")).json()
+                doc = (await c.get(f"{gw.url}/v1/receipts/{r.headers['x-receipt-id']}",
+                                   headers=AUTH)).json()
                 assert doc["index"] is not None
                 check_proof(doc, log.vkey)
                 log.fail = True

@@ -69,7 +69,7 @@ async def wait_logged(c: httpx.AsyncClient, url: str, ids: list[str], vkey: str 
     while pending:
         assert loop.time() < deadline, f"{len(pending)} receipts never logged"
         rid = pending[-1]
-        r = await c.get(f"{url}/v1/receipts/{rid}")
+        r = await c.get(f"{url}/v1/receipts/{rid}", headers={"Authorization": f"Bearer {API_KEY}"})
         assert r.status_code == 200, f"receipt {rid} lost"
         doc = r.json()
         if doc["proof"] is None:

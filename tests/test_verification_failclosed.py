@@ -215,7 +215,8 @@ def test_honest_provider_is_served_and_receipt_names_the_lease(tmp_path):
             async with gateway(cfg, LeaseStore()) as url:
                 r = await _call(url)
                 async with httpx.AsyncClient() as c:
-                    rec = (await c.get(f"{url}/v1/receipts/{r.headers['x-receipt-id']}")).json()
+                    rec = (await c.get(f"{url}/v1/receipts/{r.headers['x-receipt-id']}",
+                                  headers={"Authorization": f"Bearer {API_KEY}"})).json()
                     view = (await c.get(f"{url}/v1/routes",
                                         headers={"Authorization": f"Bearer {ADMIN_KEY}"})).json()
                 rec["view"] = view["routes"][0]

@@ -482,7 +482,8 @@ def run_gateway(tmp: Path, mode: str, policy: str) -> tuple[httpx.Response, Near
                 rec: dict = {}
                 if r.status_code == 200:
                     async with httpx.AsyncClient() as c:
-                        rec = (await c.get(f"{url}/v1/receipts/{r.headers['x-receipt-id']}")).json()
+                        rec = (await c.get(f"{url}/v1/receipts/{r.headers['x-receipt-id']}",
+                                  headers={"Authorization": f"Bearer {API_KEY}"})).json()
                 return r, prov, rec
         finally:
             await prov.stop()

@@ -395,7 +395,8 @@ def _call_with_receipt(tmp: Path, p: Provider, policy: str, stream: bool = False
                                  headers={"Authorization": f"Bearer {API_KEY}"},
                                  json={"model": "chat-model", "stream": stream,
                                        "messages": [{"role": "user", "content": MARKER}]})
-                rec = await c.get(f"{url}/v1/receipts/{r.headers['x-receipt-id']}")
+                rec = await c.get(f"{url}/v1/receipts/{r.headers['x-receipt-id']}",
+                                  headers={"Authorization": f"Bearer {API_KEY}"})
                 return r, rec.json()["receipt"]
         finally:
             await p.stop()

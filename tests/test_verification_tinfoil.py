@@ -340,7 +340,8 @@ def _run(tmp_path: Path, mode: str, **route_kw: Any) -> tuple[httpx.Response, Pr
                                        "messages": [{"role": "user", "content": MARKER}]})
                 rec = {}
                 if r.status_code == 200:
-                    rec = (await c.get(f"{url}/v1/receipts/{r.headers['x-receipt-id']}")).json()
+                    rec = (await c.get(f"{url}/v1/receipts/{r.headers['x-receipt-id']}",
+                                  headers={"Authorization": f"Bearer {API_KEY}"})).json()
                 return r, prov, rec
         finally:
             await prov.stop()

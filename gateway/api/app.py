@@ -8,6 +8,7 @@ endpoints: models, attestation, receipt lookup, the admin route view, health.
 from __future__ import annotations
 
 import contextlib
+import hmac
 import re
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -18,7 +19,7 @@ import orjson
 from gateway.api import pipeline
 from gateway.api.apikeys import KeyStore, admin_ok
 from gateway.api.config import Config
-from gateway.api.errors import GatewayError, bad_request
+from gateway.api.errors import GatewayError, bad_request, unauthorized
 from gateway.api.ratelimit import Limiter
 from gateway.api.router import Router
 from gateway.api.routes import RouteBook
@@ -36,6 +37,11 @@ RECEIPT_ID = re.compile(r"[0-9a-f]{32}")
 NONCE = re.compile(r"(?:[0-9a-fA-F]{2}){1,64}")
 MODEL_CALLS = {"/v1/chat/completions": "chat", "/v1/embeddings": "embeddings"}
 GETS = ("/v1/models", "/.well-known/attestation", "/v1/routes", "/healthz")
+
+
+def header(scope: Scope, name: bytes) -> bytes | None:
+    """The first value of a request header (lower-case name), or None."""
+    return next((v for k, v in scope["headers"] if k == name), None)
 
 
 class Gateway:
@@ -110,7 +116,7 @@ class Gateway:
             elif path == "/.well-known/attestation":
                 await self._attestation(scope, send)
             elif path.startswith("/v1/receipts/"):
-                await self._receipt(path[len("/v1/receipts/"):], send)
+                await self._receipt(path[len("/v1/receipts/"):], scope, send)
             elif path == "/v1/routes":
                 await self._routes(scope, send)
             elif path == "/healthz":
@@ -134,16 +140,25 @@ class Gateway:
         doc = await self.attest(nonce)
         await respond(send, 200, orjson.dumps(doc), JSON, cache=b"no-store")
 
-    async def _receipt(self, rest: str, send: Send) -> None:
+    async def _receipt(self, rest: str, scope: Scope, send: Send) -> None:
+        """A receipt and its proof. By id: only for the API key that made the call (any other
+        key, or an unknown id, is the same 404). By request hash: no key, because the salted
+        hash is a capability only the caller can compute (docs/receipts.md)."""
         outbox = self.svc.outbox
         if rest.startswith("by-request-hash/"):
             h = rest[len("by-request-hash/"):]
             if not HEX64.fullmatch(h):
                 raise bad_request("invalid_request_hash",
-                                  "request hash must be lower-case hex SHA-256")
+                                  "request hash must be 64 lower-case hex digits")
             row = outbox.by_request_hash(h)
         else:
+            key = self.svc.keys.lookup(header(scope, b"authorization"))
+            if key is None:
+                raise unauthorized("the API key that made the call is required")
             row = outbox.get(rest) if RECEIPT_ID.fullmatch(rest) else None
+            if row is not None and (row.key_sha256 is None or not hmac.compare_digest(
+                    row.key_sha256, key.sha256)):
+                row = None
         if row is None:
             raise GatewayError(404, "receipt_not_found", "no such receipt")
         body = b'{"receipt":' + row.entry + b',"proof":' + orjson.dumps(row.proof) + \
@@ -151,8 +166,7 @@ class Gateway:
         await respond(send, 200, body, JSON)
 
     async def _routes(self, scope: Scope, send: Send) -> None:
-        auth = next((v for k, v in scope["headers"] if k == b"authorization"), None)
-        if not admin_ok(auth, self.svc.cfg.gateway.admin_key_sha256):
+        if not admin_ok(header(scope, b"authorization"), self.svc.cfg.gateway.admin_key_sha256):
             raise GatewayError(401, "invalid_admin_key", "admin key required",
                                type_="authentication_error")
         book = self.svc.routes

@@ -502,7 +502,7 @@ def receipt_body(call: Call, identity: dict[str, str], response_hash: str) -> di
 async def commit_receipt(svc: Services, call: Call, response_hash: str) -> None:
     """Sign the call's receipt and commit it to the outbox (the shipper picks it up)."""
     _, entry = svc.signer.sign(receipt_body(call, svc.identity, response_hash))
-    await svc.outbox.put(call.receipt_id, call.request_hash, entry)
+    await svc.outbox.put(call.receipt_id, call.request_hash, entry, call.key.sha256)
 
 
 async def logged_in_time(svc: Services, call: Call) -> bool:
