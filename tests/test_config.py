@@ -7,7 +7,10 @@ from pathlib import Path
 import pytest
 
 from gateway.api import config
+from tlog import note
+from witness import cosignature
 
+WITNESS_VKEY = cosignature.generate_signer("w").vkey
 EXAMPLE = """
 [gateway]
 name = "pag-demo"
@@ -23,8 +26,8 @@ endpoint = "sim/dstack.sock"
 [log]
 url = "http://127.0.0.1:9000/"
 token_file = "append.token"
-vkey = "log+01234567+AAAA"
-witness_vkeys = ["w+01234567+AAAA"]
+vkey = "{log_vkey}"
+witness_vkeys = ["{witness_vkey}"]
 quorum = 1
 
 [[api_keys]]
@@ -49,7 +52,8 @@ required = true
 allow_simulated = true
 allow_unverified = false
 max_lease_age = 300
-""".format(admin="a" * 64, key="b" * 64)
+""".format(admin="a" * 64, key="b" * 64, log_vkey=note.generate_signer("log").vkey,
+           witness_vkey=WITNESS_VKEY)
 
 
 def write(tmp: Path, text: str) -> Path:
@@ -65,7 +69,7 @@ def test_documented_example_loads(tmp_path: Path) -> None:
     assert cfg.dstack_endpoint == str(tmp_path.resolve() / "sim" / "dstack.sock")
     assert cfg.log.url == "http://127.0.0.1:9000"
     assert cfg.log.token_file == tmp_path.resolve() / "append.token"
-    assert cfg.log.witness_vkeys == ("w+01234567+AAAA",)
+    assert cfg.log.witness_vkeys == (WITNESS_VKEY,) and cfg.log.quorum == 1
     assert cfg.api_keys[0].requests_per_minute == 6000
     r = cfg.routes[0]
     assert (r.id, r.aliases, r.upstream_model, r.timeout) == (

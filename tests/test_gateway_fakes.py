@@ -36,6 +36,7 @@ from gateway.receipts.outbox import Outbox, ReceiptSigner
 from gateway.receipts.shipper import LogStatus, Shipper
 from gateway.upstream.leases import Leases
 from tlog import checkpoint, merkle, note, proof, tiles
+from witness import cosignature
 
 API_KEY = "sk-test-key"
 ADMIN_KEY = "admin-test-key"
@@ -201,11 +202,16 @@ class FakeLeaseStore:
 
 
 class FakeLog:
-    """`POST /add` with bearer auth, answering with a real, verifiable tlog-proof."""
+    """`POST /add` with bearer auth, answering with a real, verifiable tlog-proof;
+    `GET /checkpoint` and `GET /proof/{request_hash}` too. With a `witness`, every
+    checkpoint carries its cosignature while `cosign` is true."""
 
-    def __init__(self, token: str = "append-token", batch_refusals: bool = False) -> None:
+    def __init__(self, token: str = "append-token", batch_refusals: bool = False,
+                 witness: cosignature.CosignatureSigner | None = None) -> None:
         self.token = token
         self.batch_refusals = batch_refusals  # serve /add-batch, acknowledging no entry
+        self.witness = witness
+        self.cosign = True
         self.signer = note.generate_signer("fake.log/test")
         self.entries: list[bytes] = []
         self.leaves: list[bytes] = []
@@ -224,6 +230,8 @@ class FakeLog:
     async def start(self) -> None:
         app = web.Application()
         app.router.add_post("/add", self._add)
+        app.router.add_get("/checkpoint", self._checkpoint)
+        app.router.add_get("/proof/{h}", self._proof)
         if self.batch_refusals:
             app.router.add_post("/add-batch", self._refuse_batch)
         self.runner = web.AppRunner(app, access_log=None)
@@ -245,15 +253,37 @@ class FakeLog:
         if self.fail:
             return web.Response(status=503)
         entry = await request.read()
-        index = len(self.entries)
         self.entries.append(entry)
         self.leaves.append(merkle.leaf_hash(entry))
-        size = len(self.leaves)
-        cp = checkpoint.Checkpoint("fake.log/test", size, merkle.root(self.leaves), ())
-        p = proof.TlogProof(index, tuple(merkle.inclusion_proof(index, size, self.leaves)),
-                            checkpoint.sign(cp, self.signer), entry)
-        return web.json_response({"index": index, "checkpoint": p.checkpoint.decode(),
+        p = self.prove(len(self.entries) - 1)
+        return web.json_response({"index": p.index, "checkpoint": p.checkpoint.decode(),
                                   "proof": p.format().decode()})
+
+    def signed_checkpoint(self) -> bytes:
+        """The current checkpoint, signed (and cosigned when the witness is on)."""
+        cp = checkpoint.Checkpoint("fake.log/test", len(self.leaves), merkle.root(self.leaves),
+                                   ())
+        signed = checkpoint.sign(cp, self.signer)
+        if self.witness is not None and self.cosign:
+            signed += cosignature.cosign(signed, self.witness).line()
+        return signed
+
+    def prove(self, index: int) -> proof.TlogProof:
+        """The proof of entry `index` under the current checkpoint."""
+        size = len(self.leaves)
+        return proof.TlogProof(index, tuple(merkle.inclusion_proof(index, size, self.leaves)),
+                               self.signed_checkpoint(), self.entries[index])
+
+    async def _checkpoint(self, request: web.Request) -> web.Response:
+        return web.Response(body=self.signed_checkpoint(), content_type="text/plain")
+
+    async def _proof(self, request: web.Request) -> web.Response:
+        want = request.match_info["h"]
+        for i, entry in enumerate(self.entries):
+            with contextlib.suppress(ValueError, AttributeError):
+                if json.loads(entry).get("request_hash") == want:
+                    return web.Response(body=self.prove(i).format(), content_type="text/plain")
+        return web.Response(status=404)
 
 
 @dataclass
@@ -274,6 +304,10 @@ def write_config(tmp: Path, provider_url: str, *, log: FakeLog | LogRef | None =
         token.write_text(log.token + "\n")
     log_table = (f'[log]\nurl = "{log.url}"\ntoken_file = "append.token"\nvkey = "{log.vkey}"\n'
                  if log is not None else "")
+    witness = getattr(log, "witness", None)
+    if witness is not None:
+        log_table += f'witness_vkeys = ["{witness.vkey}"]\nquorum = 1\n'
+
     routes = routes if routes is not None else f"""
 [[routes]]
 id = "r1"
@@ -354,7 +388,8 @@ async def run_gateway(cfg_path: Path, store: FakeLeaseStore | None = None
     outbox = Outbox(cfg.gateway.data_dir, cfg.gateway.outbox_durability)
     token = cfg.log.token_file.read_text().strip() if cfg.log.token_file else None
     shipper = Shipper(cfg.gateway.data_dir, cfg.log.url, token, cfg.log.vkey,
-                      concurrency=8) if cfg.log.url else None
+                      concurrency=8, witnesses=cfg.log.witness_vkeys,
+                      quorum=cfg.log.quorum) if cfg.log.url else None
     status = LogStatus(outbox, shipper is not None)
     app = Gateway(cfg, signer=ReceiptSigner(rk), identity=IDENTITY, outbox=outbox,
                   status=status, leases=Leases(store, FakeVerificationError), attest=attest,

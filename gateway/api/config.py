@@ -15,6 +15,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from gateway.verification.base import PATH_KEYS, Policy
+from tlog import note
+from witness import cosignature
 
 HEX64 = re.compile(r"[0-9a-f]{64}")
 KINDS = ("chat", "embeddings")
@@ -43,7 +45,9 @@ class GatewaySettings:
 
 @dataclass(frozen=True)
 class LogSettings:
-    """The `[log]` table: where receipts are appended."""
+    """The `[log]` table: where receipts and the keyset and evidence entries are appended, and
+    whose proofs count as logged (signed by `vkey`, cosigned by `quorum` of `witness_vkeys`;
+    `quorum` defaults to the number of witness keys)."""
 
     url: str | None = None
     token_file: Path | None = None
@@ -181,6 +185,20 @@ def _log(t: dict[str, Any], base: Path) -> LogSettings:
     if not all(isinstance(x, str) for x in wv):
         raise ConfigError("[log].witness_vkeys must be a list of strings")
     v["witness_vkeys"] = tuple(wv)
+    try:
+        if "vkey" in v:
+            note.verifier_from_vkey(v["vkey"])
+        witnesses = cosignature.parse_vkeys(wv)
+    except note.NoteError as e:
+        raise ConfigError(f"[log]: bad verifier key: {e}") from e
+    if len({(w.name, w.key_id) for w in witnesses}) != len(witnesses):
+        raise ConfigError("[log].witness_vkeys: the same witness key twice")
+    v.setdefault("quorum", len(wv))
+    if not 0 <= v["quorum"] <= len(wv):
+        raise ConfigError(f"[log].quorum must be between 0 and the {len(wv)} witness keys")
+    if "url" in v and "vkey" not in v:
+        raise ConfigError("[log].vkey is required with [log].url: every proof the log returns "
+                          "is checked against it")
     if v.get("concurrency", 1) < 1:
         raise ConfigError("[log].concurrency must be at least 1")
     return LogSettings(**v)

@@ -93,6 +93,9 @@ def start_shipper(cfg: gconfig.Config) -> subprocess.Popen[bytes] | None:
         cmd += ["--token-file", str(cfg.log.token_file)]
     if cfg.log.vkey:
         cmd += ["--vkey", cfg.log.vkey]
+    for w in cfg.log.witness_vkeys:
+        cmd += ["--witness-vkey", w]
+    cmd += ["--quorum", str(cfg.log.quorum)]
     return subprocess.Popen(cmd)
 
 
