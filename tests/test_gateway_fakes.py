@@ -30,12 +30,17 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.x509.oid import NameOID
 
 from gateway.api import config as gconfig
+from gateway.api import server
 from gateway.api.apikeys import hash_key
 from gateway.api.app import Gateway
+from gateway.api.routes import now_rfc3339
+from gateway.receipts import keysets
+from gateway.receipts.logclient import LogClient
 from gateway.receipts.outbox import Outbox, ReceiptSigner
 from gateway.receipts.shipper import LogStatus, Shipper
 from gateway.upstream.leases import Leases
 from tlog import checkpoint, merkle, note, proof, tiles
+from verifier.tee.keyset import keyset_hash
 from witness import cosignature
 
 API_KEY = "sk-test-key"
@@ -368,13 +373,46 @@ class Running:
     e2ee_key: X25519PrivateKey
     store: FakeLeaseStore
     shipper: Shipper | None
+    keyset_index: int
+    log_client: LogClient | None
 
 
 IDENTITY = {"app_id": "ab" * 20, "compose_hash": "cd" * 32, "keyset_hash": "ef" * 32}
 
 
-async def attest(nonce: str | None) -> dict[str, Any]:
-    return {"quote": "00", "event_log": [], "simulated": True, "nonce": nonce}
+@dataclass
+class FakeIdentity:
+    """A gateway identity without a TEE: the keyset of the given keys, an attestation
+    document without a real quote, and (with a log) its keyset entry logged."""
+
+    identity: dict[str, str]
+    keyset_index: int
+    log_client: LogClient | None
+    keyset: dict[str, str] = field(default_factory=dict)
+
+    async def attest(self, nonce: str | None) -> dict[str, Any]:
+        doc = {"quote": "00", "event_log": "[]", "simulated": True, "keyset": self.keyset,
+               "keyset_hash": self.identity["keyset_hash"], "app_id": self.identity["app_id"],
+               "compose_hash": self.identity["compose_hash"]}
+        if nonce is not None:
+            doc["nonce"] = nonce
+        return doc
+
+
+async def fake_identity(cfg: gconfig.Config, rk: Ed25519PrivateKey,
+                        ek: X25519PrivateKey) -> FakeIdentity:
+    """The identity of a test gateway; its keyset entry is appended when a log is set."""
+    keyset = {"receipt_signing_key": b64(rk.public_key().public_bytes_raw()),
+              "e2ee_public_key": b64(ek.public_key().public_bytes_raw()),
+              "tls_spki_sha256": "00" * 32, "log_vkey": cfg.log.vkey or ""}
+    fake = FakeIdentity(dict(IDENTITY, keyset_hash=keyset_hash(keyset)), 0, None, keyset)
+    if cfg.log.url:
+        fake.log_client = server.log_client(cfg)
+        rec = await keysets.ensure_logged(fake.log_client, fake.attest,
+                                          fake.identity["keyset_hash"], cfg.log.vkey or "",
+                                          cfg.gateway.data_dir, now_rfc3339)
+        fake.keyset_index = rec.index
+    return fake
 
 
 @contextlib.asynccontextmanager
@@ -391,8 +429,10 @@ async def run_gateway(cfg_path: Path, store: FakeLeaseStore | None = None
                       concurrency=8, witnesses=cfg.log.witness_vkeys,
                       quorum=cfg.log.quorum) if cfg.log.url else None
     status = LogStatus(outbox, shipper is not None)
-    app = Gateway(cfg, signer=ReceiptSigner(rk), identity=IDENTITY, outbox=outbox,
-                  status=status, leases=Leases(store, FakeVerificationError), attest=attest,
+    ident = await fake_identity(cfg, rk, ek)
+    app = Gateway(cfg, signer=ReceiptSigner(rk), identity=ident.identity, outbox=outbox,
+                  status=status, leases=Leases(store, FakeVerificationError),
+                  attest=ident.attest, keyset_index=ident.keyset_index,
                   e2ee_key=ek.private_bytes_raw())
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)  # asyncio sets
     # TCP_NODELAY only on sockets whose proto is TCP (else Nagle adds 40 ms per response)
@@ -408,13 +448,16 @@ async def run_gateway(cfg_path: Path, store: FakeLeaseStore | None = None
             if task.done():
                 task.result()
             await asyncio.sleep(0.01)
-        yield Running(app, f"http://127.0.0.1:{port}", rk, ek, store, shipper)
+        yield Running(app, f"http://127.0.0.1:{port}", rk, ek, store, shipper,
+                      ident.keyset_index, ident.log_client)
     finally:
         server.should_exit = True
         await task
         sock.close()
         if shipper is not None:
             await shipper.close()
+        if ident.log_client is not None:
+            await ident.log_client.close()
         outbox.close()
 
 
@@ -431,17 +474,17 @@ def serve_main(argv: list[str]) -> None:
     leases, but the real outbox, shipper process and uvicorn serving (for kill -9 tests)."""
     import uvloop
 
-    from gateway.api import server
-
     cfg = gconfig.load(argv[0])
 
     async def main() -> None:
+        rk, ek = Ed25519PrivateKey.generate(), X25519PrivateKey.generate()
+        ident = await fake_identity(cfg, rk, ek)
         outbox = Outbox(cfg.gateway.data_dir, cfg.gateway.outbox_durability)
         shipper = server.start_shipper(cfg)
-        app = Gateway(cfg, signer=ReceiptSigner(Ed25519PrivateKey.generate()),
-                      identity=IDENTITY, outbox=outbox,
+        app = Gateway(cfg, signer=ReceiptSigner(rk), identity=ident.identity, outbox=outbox,
                       status=LogStatus(outbox, shipper is not None),
-                      leases=Leases(FakeLeaseStore(), FakeVerificationError), attest=attest)
+                      leases=Leases(FakeLeaseStore(), FakeVerificationError),
+                      attest=ident.attest, keyset_index=ident.keyset_index)
         srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=int(argv[1]),
                                             lifespan="on", log_level="warning",
                                             access_log=False, loop="none"))

@@ -404,10 +404,12 @@ def test_log_unavailable_refuse_then_recover(tmp_path: Path) -> None:
     async def go() -> None:
         prov, log = FakeProvider(), FakeLog()
         await prov.start()
+        await log.start()  # the gateway listens only once its keyset entry is logged
         try:
             cfg = write_config(tmp_path, prov.base_url, log=log,
                                extra_gateway='log_unavailable = "refuse"')
             async with run_gateway(cfg) as gw, httpx.AsyncClient() as c:
+                await log.stop()
                 url = gw.url + "/v1/chat/completions"
                 first = await c.post(url, content=CHAT, headers=AUTH)
                 assert first.status_code == 200  # served; its receipt waits in the outbox

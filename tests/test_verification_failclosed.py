@@ -117,6 +117,7 @@ async def gateway(cfg_path: Path, store: LeaseStore):
     app = Gateway(cfg, signer=ReceiptSigner(Ed25519PrivateKey.generate()), identity=IDENTITY,
                   outbox=outbox, status=LogStatus(outbox, False),
                   leases=Leases(store, VerificationError), attest=lambda n: {},  # unused here
+                  keyset_index=0,  # no log here
                   e2ee_key=X25519PrivateKey.generate().private_bytes_raw())
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.bind(("127.0.0.1", 0))

@@ -49,12 +49,12 @@ class Gateway:
 
     def __init__(self, cfg: Config, *, signer: ReceiptSigner, identity: dict[str, str],
                  outbox: Outbox, status: LogStatus, leases: Leases, attest: Attest,
-                 e2ee_key: bytes | None = None) -> None:
+                 keyset_index: int, e2ee_key: bytes | None = None) -> None:
         router = Router(cfg.routes)
         self.svc = pipeline.Services(
             cfg=cfg, keys=KeyStore(cfg.api_keys), limiter=Limiter(), router=router,
             routes=RouteBook(router.routes, leases), signer=signer, outbox=outbox,
-            status=status, identity=identity, e2ee_key=e2ee_key)
+            status=status, identity=identity, keyset_index=keyset_index, e2ee_key=e2ee_key)
         self.attest = attest
         self._models_body = orjson.dumps({"object": "list", "data": [
             {"id": m, "object": "model", "created": 0, "owned_by": "pag"}
@@ -137,7 +137,8 @@ class Gateway:
                     raise bad_request("invalid_nonce", "nonce must be 1 to 64 bytes of hex",
                                       "nonce")
                 nonce = v.lower()
-        doc = await self.attest(nonce)
+        doc = dict(await self.attest(nonce))
+        doc["keyset_index"] = self.svc.keyset_index  # where the log holds this keyset
         await respond(send, 200, orjson.dumps(doc), JSON, cache=b"no-store")
 
     async def _receipt(self, rest: str, scope: Scope, send: Send) -> None:

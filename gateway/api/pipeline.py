@@ -72,6 +72,7 @@ class Services:
     outbox: Outbox
     status: LogStatus
     identity: dict[str, str]
+    keyset_index: int
     e2ee_key: bytes | None = None
     upstream: Upstream | None = None
     signatures: httpx.AsyncClient | None = None
@@ -471,8 +472,10 @@ def seal_event(call: Call, ev: bytes, payload: bytes) -> bytes:
     return b"data: " + orjson.dumps(call.sealer.seal_response(obj)) + b"\n\n"
 
 
-def receipt_body(call: Call, identity: dict[str, str], response_hash: str) -> dict[str, Any]:
-    """The unsigned receipt of a call (docs/receipts.md)."""
+def receipt_body(call: Call, identity: dict[str, str], keyset_index: int,
+                 response_hash: str) -> dict[str, Any]:
+    """The unsigned receipt of a call (docs/receipts.md); `keyset_index` is the log index of
+    the keyset entry holding the signing key (logged before the gateway listened)."""
     route = call.route
     body: dict[str, Any] = {
         "v": receipt.VERSION, "id": call.receipt_id, "time": now_rfc3339(),
@@ -485,6 +488,7 @@ def receipt_body(call: Call, identity: dict[str, str], response_hash: str) -> di
         "provider_request_hash": call.provider_request_hash,
         "provider_response_hash": call.provider_response_hash,
         "response_hash": response_hash, "e2ee": {"mode": call.e2ee_mode},
+        "keyset_index": keyset_index,
     }
     if call.usage:
         body["usage"] = call.usage
@@ -501,7 +505,8 @@ def receipt_body(call: Call, identity: dict[str, str], response_hash: str) -> di
 
 async def commit_receipt(svc: Services, call: Call, response_hash: str) -> None:
     """Sign the call's receipt and commit it to the outbox (the shipper picks it up)."""
-    _, entry = svc.signer.sign(receipt_body(call, svc.identity, response_hash))
+    _, entry = svc.signer.sign(receipt_body(call, svc.identity, svc.keyset_index,
+                                            response_hash))
     await svc.outbox.put(call.receipt_id, call.request_hash, entry, call.key.sha256)
 
 

@@ -1,10 +1,13 @@
 """`python -m gateway serve --config FILE --listen HOST:PORT`: run the gateway.
 
-Start-up order: load the config; get the keys and workload identity from the
-dstack guest agent (`[dstack] endpoint`); open the outbox; start the shipper
-process (`python -m gateway.receipts.shipper`, which dies with the gateway); serve the
-ASGI app with uvicorn (uvloop, httptools). When listening, one JSON line goes to
-stdout: `{"gateway": URL, "receipt_signing_key": B64, "keyset_hash": HEX}`.
+Start-up order: load the config (a `[log]` url is required); get the keys and
+workload identity from the dstack guest agent (`[dstack] endpoint`); open the
+outbox; make sure the keyset entry is in the log (gateway/receipts/keysets.py:
+reused from the data directory, or appended; until then the gateway does not
+listen); start the shipper process (`python -m gateway.receipts.shipper`, which
+dies with the gateway); serve the ASGI app with uvicorn (uvloop, httptools).
+When listening, one JSON line goes to stdout: `{"gateway": URL,
+"receipt_signing_key": B64, "keyset_hash": HEX, "keyset_index": INT}`.
 SIGTERM/SIGINT stop it cleanly.
 """
 
@@ -25,6 +28,9 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from gateway.api import config as gconfig
+from gateway.api.routes import now_rfc3339
+from gateway.receipts import keysets
+from gateway.receipts.logclient import LogClient, LogError
 from gateway.receipts.outbox import Outbox, ReceiptSigner
 from gateway.receipts.shipper import LogStatus
 from gateway.upstream.leases import Leases
@@ -82,6 +88,13 @@ def lease_source(cfg: gconfig.Config, mac_key: bytes = b"") -> Leases:
     return Leases(LeaseStore(shared=shared), VerificationError)
 
 
+def log_client(cfg: gconfig.Config) -> LogClient:
+    """The checked single-entry client of the configured log (keyset and evidence entries)."""
+    assert cfg.log.url is not None and cfg.log.vkey is not None
+    token = cfg.log.token_file.read_text().strip() if cfg.log.token_file else None
+    return LogClient(cfg.log.url, token, cfg.log.vkey, cfg.log.witness_vkeys, cfg.log.quorum)
+
+
 def start_shipper(cfg: gconfig.Config) -> subprocess.Popen[bytes] | None:
     """Start `python -m gateway.receipts.shipper` for the configured log (None without a log)."""
     if not cfg.log.url:
@@ -118,6 +131,14 @@ async def serve(cfg: gconfig.Config, host: str, port: int) -> None:
     from gateway.api.app import Gateway
 
     ident = await bootstrap(cfg)
+    logc = log_client(cfg)
+    try:
+        logged = await keysets.ensure_logged(logc, ident.attest, ident.gateway["keyset_hash"],
+                                             cfg.log.vkey or "", cfg.gateway.data_dir,
+                                             now_rfc3339)
+    except BaseException:
+        await logc.close()
+        raise
     outbox = Outbox(cfg.gateway.data_dir, cfg.gateway.outbox_durability)
     shipper = start_shipper(cfg)
 
@@ -134,7 +155,7 @@ async def serve(cfg: gconfig.Config, host: str, port: int) -> None:
         app = Gateway(cfg, signer=ReceiptSigner(ident.receipt_key), identity=ident.gateway,
                       outbox=outbox, status=LogStatus(outbox, shipper is not None),
                       leases=lease_source(cfg, ident.lease_mac_key), attest=ident.attest,
-                      e2ee_key=ident.e2ee_private)
+                      e2ee_key=ident.e2ee_private, keyset_index=logged.index)
         server = uvicorn.Server(uvicorn.Config(
             app, host=host, port=port, lifespan="on", http="httptools", loop="none",
             access_log=False, log_level="warning", timeout_graceful_shutdown=5,
@@ -147,12 +168,14 @@ async def serve(cfg: gconfig.Config, host: str, port: int) -> None:
                 "gateway": f"http://{host}:{port}",
                 "receipt_signing_key": base64.b64encode(
                     ident.receipt_key.public_key().public_bytes_raw()).decode(),
-                "keyset_hash": ident.gateway["keyset_hash"]}), flush=True)
+                "keyset_hash": ident.gateway["keyset_hash"],
+                "keyset_index": logged.index}), flush=True)
         await task
     finally:
         watch.cancel()
         stop_process(shipper)
         outbox.close()
+        await logc.close()
 
 
 def main(argv: list[str]) -> int:
@@ -168,8 +191,19 @@ def main(argv: list[str]) -> int:
     except (gconfig.ConfigError, ValueError) as e:
         print(f"gateway: {e}", file=sys.stderr)
         return 2
+    if not cfg.log.url:
+        print("gateway: [log] url is required: every receipt names the log index of the "
+              "gateway's keyset entry, which is logged before the first receipt", file=sys.stderr)
+        return 2
+    if cfg.log.token_file is not None and not os.access(cfg.log.token_file, os.R_OK):
+        print(f"gateway: cannot read [log].token_file {cfg.log.token_file}", file=sys.stderr)
+        return 2
     import uvloop
 
-    with contextlib.suppress(KeyboardInterrupt):
-        uvloop.run(serve(cfg, *a.listen))
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            uvloop.run(serve(cfg, *a.listen))
+    except LogError as e:
+        print(f"gateway: the keyset entry cannot be logged: {e}", file=sys.stderr)
+        return 1
     return 0
