@@ -196,7 +196,6 @@ def test_bad_arguments_exit_2(capsys: pytest.CaptureFixture[str], tmp_path: Path
 
 def test_generated_config_is_valid_and_hashes_keys(tmp_path: Path) -> None:
     from gateway.api import config
-
     from tlog import note
     from witness import cosignature
 
@@ -216,6 +215,7 @@ def test_generated_config_is_valid_and_hashes_keys(tmp_path: Path) -> None:
                for r in cfg.routes)
     assert cfg.routes[0].attestation_url == "http://127.0.0.1:2/.well-known/attestation"
     assert all(r.policy["app_id"] == demo.PROVIDER_APP_ID for r in cfg.routes)
+    assert all(r.policy["compose_hash"] == demo.PROVIDER_COMPOSE_HASH for r in cfg.routes)
     assert cfg.log.quorum == 1 and cfg.log.witness_vkeys == (w,)
 
 

@@ -323,6 +323,7 @@ base_url = "{provider_url}"
 upstream_model = "upstream-chat-1"
 priority = 0
 evidence = "dstack"
+policy = {{ allow_any_workload = true }}
 
 [[routes]]
 id = "r2"
@@ -332,6 +333,7 @@ base_url = "{provider_url}"
 upstream_model = "upstream-chat-2"
 priority = 1
 evidence = "dstack"
+policy = {{ app_id = "{'ab' * 20}" }}
 
 [[routes]]
 id = "e1"

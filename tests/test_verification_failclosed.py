@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import socket
 import ssl
 import tempfile
@@ -28,7 +29,7 @@ from gateway.api import config as gconfig
 from gateway.api.app import Gateway
 from gateway.identity import attestation as identity_attestation
 from gateway.identity import keys
-from gateway.identity.dstack_sim import SimulatorServer
+from gateway.identity.dstack_sim import SimulatorServer, default_app_compose
 from gateway.receipts.outbox import Outbox, ReceiptSigner
 from gateway.receipts.shipper import LogStatus
 from gateway.upstream.leases import Leases
@@ -43,6 +44,9 @@ from tests.test_gateway_fakes import (
     tls_server_context,
     write_config,
 )
+
+# the app id the simulator reports by default (dstack: the compose hash cut to 20 bytes)
+SIM_APP_ID = hashlib.sha256(default_app_compose("pag-simulated-app").encode()).hexdigest()[:40]
 
 
 class Adversary:
@@ -149,6 +153,7 @@ upstream_model = "u"
 evidence = "dstack"
 [routes.policy]
 {policy}
+{"" if "app_id" in policy else f'app_id = "{SIM_APP_ID}"'}
 """
 
 
@@ -282,9 +287,10 @@ def test_verify_routes_table_and_exit_code(tmp_path, capsys):
         out = capsys.readouterr().out
         assert rc == 1
         lines = out.splitlines()
-        assert lines[0].split()[:4] == ["ROUTE", "PROVIDER", "EVIDENCE", "RESULT"]
+        assert lines[0].split()[:5] == ["ROUTE", "PROVIDER", "EVIDENCE", "PINS", "RESULT"]
         row = {ln.split()[0]: ln for ln in lines[1:]}
         assert " ok " in row["adv"] and "tls-spki:" in row["adv"]
+        assert row["adv"].split()[3] == "app_id"
         assert " FAIL " in row["broken"] and "evidence_missing" in row["broken"]
     finally:
         for coro in (good.stop(), bad.stop(), sim.stop()):

@@ -26,7 +26,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from gateway.verification import nearai, tdx
-from gateway.verification.base import MAX_EVIDENCE, Policy, VerificationError
+from gateway.verification.base import MAX_EVIDENCE, WORKLOAD_PINS, Policy, VerificationError
 from gateway.verification.lease import LeaseStore
 from tests.pccs import Pccs
 from tests.test_gateway_fakes import (
@@ -460,6 +460,7 @@ upstream_model = "upstream-model"
 evidence = "nearai"
 [routes.policy]
 {policy}
+{"" if any(k in policy for k in WORKLOAD_PINS) else "allow_any_workload = true"}
 """
 
 

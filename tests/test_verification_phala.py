@@ -23,7 +23,7 @@ from eth_keys import keys as eth_keys
 
 from gateway.api.config import RouteSpec
 from gateway.verification import nvidia, phala, tdx
-from gateway.verification.base import MAX_EVIDENCE, Policy, VerificationError
+from gateway.verification.base import MAX_EVIDENCE, WORKLOAD_PINS, Policy, VerificationError
 from gateway.verification.lease import LeaseStore
 from tests.test_gateway_fakes import (
     API_KEY,
@@ -342,6 +342,7 @@ upstream_model = "phala/test-model"
 evidence = "phala"
 [routes.policy]
 {policy}
+{"" if any(k in policy for k in WORKLOAD_PINS) else "allow_any_workload = true"}
 """
 
 

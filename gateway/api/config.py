@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from gateway.verification.base import PATH_KEYS, Policy
+from gateway.verification.base import PATH_KEYS, WORKLOAD_PINS, Policy
 from tlog import note
 from witness import cosignature
 
@@ -270,9 +270,14 @@ def _route(t: dict[str, Any], i: int, base: Path) -> RouteSpec:
     if v.get("retries", 0) < 0:
         raise ConfigError(f"{where}.retries must not be negative")
     try:
-        Policy.from_dict(v.get("policy", {}))
+        policy = Policy.from_dict(v.get("policy", {}))
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{where}.policy: {e}") from e
+    if v.get("evidence", "none") != "none" and not policy.pinned_workload() \
+            and not policy.allow_any_workload:
+        raise ConfigError(f"{where}.policy pins no workload identity (one of "
+                          f"{', '.join(WORKLOAD_PINS)}), so any genuine TEE workload would be "
+                          "accepted: pin one, or set allow_any_workload = true")
     if "policy" in v:
         v["policy"] = {k: str(_path(base, x)) if k in PATH_KEYS else x
                        for k, x in v["policy"].items()}

@@ -58,6 +58,13 @@ class Policy:
     sigstore_trusted_root: str | None = None
     allow_signature_binding: bool = False
     key_provider_id: str | None = None
+    allow_any_workload: bool = False
+
+    def pinned_workload(self) -> tuple[str, ...]:
+        """The policy keys that pin which workload may serve (`WORKLOAD_PINS` that are set).
+        Without any, every genuine TEE workload passes: config load refuses such a route
+        unless `allow_any_workload` says that is intended."""
+        return tuple(k for k in WORKLOAD_PINS if getattr(self, k))
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Policy:
@@ -72,6 +79,9 @@ class Policy:
         for m in d.get("allowed_measurements", ()):
             if not isinstance(m, dict) or not all(isinstance(v, str) for v in m.values()):
                 raise ValueError("allowed_measurements: a list of tables of hex strings")
+            if not m or not all(v.strip() for v in m.values()):
+                raise ValueError("allowed_measurements: an empty measurement set (or value) "
+                                 "would match every quote")
         if d.get("max_lease_age", 1) <= 0:
             raise ValueError("max_lease_age must be positive")
         kw = dict(d)
@@ -82,6 +92,8 @@ class Policy:
         return cls(**kw)
 
 
+WORKLOAD_PINS = ("allowed_measurements", "app_id", "compose_hash", "signing_address",
+                 "sigstore_identity")
 PATH_KEYS = ("collateral_file", "collateral_cache_dir", "sigstore_bundle", "sigstore_trusted_root")
 
 
