@@ -418,9 +418,11 @@ async def fake_identity(cfg: gconfig.Config, rk: Ed25519PrivateKey,
 
 
 @contextlib.asynccontextmanager
-async def run_gateway(cfg_path: Path, store: FakeLeaseStore | None = None
+async def run_gateway(cfg_path: Path, store: Any = None,
+                      error_type: type[Exception] = FakeVerificationError
                       ) -> AsyncIterator[Running]:
-    """Start the gateway app on a free port; stop it (and close its outbox) on exit."""
+    """Start the gateway app on a free port; stop it (and close its outbox) on exit.
+    `store` is a FakeLeaseStore by default (or a real LeaseStore, with its error type)."""
     cfg = gconfig.load(cfg_path)
     rk = Ed25519PrivateKey.generate()
     ek = X25519PrivateKey.generate()
@@ -433,7 +435,7 @@ async def run_gateway(cfg_path: Path, store: FakeLeaseStore | None = None
     status = LogStatus(outbox, shipper is not None)
     ident = await fake_identity(cfg, rk, ek)
     app = Gateway(cfg, signer=ReceiptSigner(rk), identity=ident.identity, outbox=outbox,
-                  status=status, leases=Leases(store, FakeVerificationError),
+                  status=status, leases=Leases(store, error_type),
                   attest=ident.attest, keyset_index=ident.keyset_index,
                   e2ee_key=ek.private_bytes_raw())
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)  # asyncio sets

@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from gateway.api import config as gconfig
 from gateway.api.routes import now_rfc3339
 from gateway.receipts import keysets
+from gateway.receipts.evidence import EvidenceLog
 from gateway.receipts.logclient import LogClient, LogError
 from gateway.receipts.outbox import Outbox, ReceiptSigner
 from gateway.receipts.shipper import LogStatus
@@ -75,17 +76,20 @@ async def bootstrap(cfg: gconfig.Config) -> Identity:
         attest=attest, lease_mac_key=mac)
 
 
-def lease_source(cfg: gconfig.Config, mac_key: bytes = b"") -> Leases:
+def lease_source(cfg: gconfig.Config, mac_key: bytes = b"",
+                 evidence: EvidenceLog | None = None) -> Leases:
     """The provider-verification engine's lease store behind the gateway's adapter;
     shared through Redis when `[leases].redis_url` is set (entries MACed with a key
-    every replica of this app derives from dstack KMS)."""
+    every replica of this app derives from dstack KMS). With `evidence`, every lease's
+    evidence is logged before the lease serves."""
     from gateway.verification.base import VerificationError
     from gateway.verification.lease import LeaseStore
     from gateway.verification.shared import SharedLeases
 
     shared = SharedLeases(cfg.leases.redis_url, mac_key, cfg.leases.prefix) \
         if cfg.leases.redis_url else None
-    return Leases(LeaseStore(shared=shared), VerificationError)
+    return Leases(LeaseStore(shared=shared, publish=evidence.publish if evidence else None),
+                  VerificationError)
 
 
 def log_client(cfg: gconfig.Config) -> LogClient:
@@ -154,7 +158,9 @@ async def serve(cfg: gconfig.Config, host: str, port: int) -> None:
     try:
         app = Gateway(cfg, signer=ReceiptSigner(ident.receipt_key), identity=ident.gateway,
                       outbox=outbox, status=LogStatus(outbox, shipper is not None),
-                      leases=lease_source(cfg, ident.lease_mac_key), attest=ident.attest,
+                      leases=lease_source(cfg, ident.lease_mac_key,
+                                          EvidenceLog(logc, now_rfc3339)),
+                      attest=ident.attest,
                       e2ee_key=ident.e2ee_private, keyset_index=logged.index)
         server = uvicorn.Server(uvicorn.Config(
             app, host=host, port=port, lifespan="on", http="httptools", loop="none",

@@ -3,7 +3,10 @@
 A `Lease` is what a successful verification of one route yields: the evidence
 digest, the channel binding the gateway must enforce on every connection
 (`tls-spki:<hex>`: the peer's TLS key must hash to this), and a validity
-window. A request never uses a lease past `expires_at`.
+window. A request never uses a lease past `expires_at`. It also carries the
+evidence document and the nonce it answered, so the document can be logged
+(a `pag-evidence/1` entry) before the lease serves; once logged the lease
+keeps only the entry's index.
 """
 
 from __future__ import annotations
@@ -124,6 +127,9 @@ class Lease:
     verified: bool = True
     facts: dict[str, Any] = field(default_factory=dict)
     lease_id: str = field(default_factory=lambda: "lease-" + secrets.token_hex(8))
+    nonce: str = ""  # the fresh nonce sent with the evidence request ("" if the kind has none)
+    document_b64: str = ""  # the evidence bytes as served (base64), until logged
+    evidence_index: int | None = None  # log index of its pag-evidence/1 entry, once logged
 
     @property
     def tls_spki_sha256(self) -> str | None:

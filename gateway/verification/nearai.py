@@ -23,6 +23,7 @@ fingerprint (zero-padded address) is refused: it binds no channel.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import secrets
@@ -195,4 +196,5 @@ async def verify(client: httpx.AsyncClient, route: Any, policy: Policy, now: flo
     return Lease(route_id=route.id, provider=route.provider,
                  evidence="nearai-simulated" if simulated else "nearai",
                  evidence_digest=digest(raw), binding=f"tls-spki:{gateway.tls_fingerprint}",
-                 verified_at=now, expires_at=now + policy.max_lease_age, facts=facts)
+                 verified_at=now, expires_at=now + policy.max_lease_age, facts=facts,
+                 nonce=nonce, document_b64=base64.b64encode(raw).decode())

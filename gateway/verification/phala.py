@@ -26,6 +26,7 @@ sending, only afterwards, on each response signature
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import re
@@ -138,7 +139,8 @@ async def verify(client: httpx.AsyncClient, route: Any, policy: Policy, now: flo
     return Lease(route_id=route.id, provider=route.provider,
                  evidence="phala-simulated" if vq.simulated else "phala",
                  evidence_digest=digest(body), binding=binding, verified_at=now,
-                 expires_at=now + policy.max_lease_age,
+                 expires_at=now + policy.max_lease_age, nonce=nonce.hex(),
+                 document_b64=base64.b64encode(body).decode(),
                  facts={"signing_address": address.lower(), "mr_td": vq.measurements()["mr_td"],
                         "tcb_status": vq.tcb_status, "simulated": vq.simulated, **identity, **gpu})
 
