@@ -222,8 +222,10 @@ class NearProvider:
         mr_td = bytes(48) if self.mode == "wrong_measurement" else MR_TD
         model = attestation(self.model_address, self.model_fp,
                             self.captured_nonce if self.mode == "model_replayed" else nonce,
-                            mr_td=bytes(48) if self.mode == "model_wrong_measurement" else mr_td)
-        model.update(model_name="upstream-model", nvidia_payload=self.gpu_payload)
+                            mr_td=bytes(48) if self.mode == "model_wrong_measurement" else mr_td,
+                            app_id="ee" * 20 if self.mode == "model_other_app" else APP_ID)
+        model.update(model_name="another-model" if self.mode == "model_other_model"
+                     else "upstream-model", nvidia_payload=self.gpu_payload)
         gw = attestation(self.gateway_address, self.fingerprint, nonce, bound_fingerprint=bound,
                          mr_td=mr_td)
         if self.mode == "event_log_forged":  # claims another app than the one measured
@@ -323,6 +325,9 @@ ADAPTER_CASES = [
     ("event_log_forged", SIM, "quote_invalid"),
     ("honest", Policy(allow_simulated=True, compose_hash="00" * 32), "measurement_mismatch"),
     ("honest", Policy(allow_simulated=True, app_id="00" * 20), "measurement_mismatch"),
+    # a lease binds the model it serves: each model attestation names it and meets the pins
+    ("model_other_model", SIM, "model_mismatch"),
+    ("model_other_app", Policy(allow_simulated=True, app_id=APP_ID), "measurement_mismatch"),
     ("honest", Policy(allow_simulated=True, signing_address="0x" + "00" * 20), "binding_mismatch"),
     ("honest", Policy(), "simulated_not_allowed"),
     ("malformed", SIM, "evidence_malformed"),

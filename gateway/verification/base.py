@@ -34,7 +34,7 @@ class VerificationError(Exception):
 
 CODES = ("upstream_unverified", "evidence_missing", "evidence_malformed", "quote_invalid",
          "measurement_mismatch", "binding_mismatch", "evidence_expired", "simulated_not_allowed",
-         "unsupported_evidence", "gpu_unverified")
+         "unsupported_evidence", "gpu_unverified", "model_mismatch", "log_unavailable")
 
 
 @dataclass(frozen=True)
