@@ -316,7 +316,8 @@ def test_rate_limit_and_budget(tmp_path: Path) -> None:
                 assert [r.status_code for r in codes] == [200, 200, 429]
                 assert codes[2].json()["error"]["code"] == "rate_limit_exceeded"
             (tmp_path / "b").mkdir()
-            cfg = write_config(tmp_path / "b", prov.base_url, budget=8)
+            # room for one call's reservation (body + max_reserve_tokens), not two
+            cfg = write_config(tmp_path / "b", prov.base_url, budget=len(CHAT) + 4096)
             async with run_gateway(cfg) as gw, httpx.AsyncClient() as c:
                 url = gw.url + "/v1/chat/completions"
                 assert (await c.post(url, content=CHAT, headers=AUTH)).status_code == 200

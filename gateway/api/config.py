@@ -73,6 +73,7 @@ class ApiKey:
     sha256: str
     requests_per_minute: int = 0
     token_budget: int = 0
+    max_reserve_tokens: int = 4096  # completion reserved when a call sets no max_tokens
 
 
 @dataclass(frozen=True)
@@ -215,8 +216,14 @@ def _leases(t: dict[str, Any]) -> LeaseSettings:
 def _api_key(t: dict[str, Any], i: int) -> ApiKey:
     where = f"[[api_keys]][{i}]"
     v = _take(t, where, {"name": (str, True), "sha256": (str, True),
-                         "requests_per_minute": (int, False), "token_budget": (int, False)})
+                         "requests_per_minute": (int, False), "token_budget": (int, False),
+                         "max_reserve_tokens": (int, False)})
     _hex(f"{where}.sha256", v["sha256"])
+    for k in ("requests_per_minute", "token_budget"):
+        if v.get(k, 0) < 0:
+            raise ConfigError(f"{where}.{k} must not be negative")
+    if v.get("max_reserve_tokens", 1) < 1:
+        raise ConfigError(f"{where}.max_reserve_tokens must be positive")
     return ApiKey(**v)
 
 
