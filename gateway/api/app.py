@@ -10,14 +10,13 @@ from __future__ import annotations
 import contextlib
 import hmac
 import re
-from collections.abc import Awaitable, Callable
-from typing import Any
 
 import httpx
 import orjson
 
 from gateway.api import pipeline
 from gateway.api.apikeys import KeyStore, admin_ok
+from gateway.api.attestation import Attest, AttestationDocuments
 from gateway.api.config import Config
 from gateway.api.errors import GatewayError, bad_request, unauthorized
 from gateway.api.ratelimit import Limiter
@@ -28,8 +27,6 @@ from gateway.receipts.shipper import LogStatus
 from gateway.upstream.client import Upstream
 from gateway.upstream.leases import Leases
 from tlog.service import Receive, Scope, Send, respond
-
-Attest = Callable[[str | None], Awaitable[dict[str, Any]]]
 
 JSON = pipeline.JSON
 HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -55,7 +52,11 @@ class Gateway:
             cfg=cfg, keys=KeyStore(cfg.api_keys), limiter=Limiter(), router=router,
             routes=RouteBook(router.routes, leases), signer=signer, outbox=outbox,
             status=status, identity=identity, keyset_index=keyset_index, e2ee_key=e2ee_key)
-        self.attest = attest
+        g = cfg.gateway
+        self.attestations = AttestationDocuments(
+            attest, ttl=g.attestation_cache_seconds,
+            per_client_per_minute=g.attestation_nonce_per_client_per_minute,
+            global_per_second=g.attestation_nonce_per_second)
         self._models_body = orjson.dumps({"object": "list", "data": [
             {"id": m, "object": "model", "created": 0, "owned_by": "pag"}
             for m in router.models()]})
@@ -137,7 +138,8 @@ class Gateway:
                     raise bad_request("invalid_nonce", "nonce must be 1 to 64 bytes of hex",
                                       "nonce")
                 nonce = v.lower()
-        doc = dict(await self.attest(nonce))
+        client = scope.get("client") or ("", 0)
+        doc = dict(await self.attestations.document(nonce, str(client[0])))
         doc["keyset_index"] = self.svc.keyset_index  # where the log holds this keyset
         await respond(send, 200, orjson.dumps(doc), JSON, cache=b"no-store")
 

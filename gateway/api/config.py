@@ -41,6 +41,9 @@ class GatewaySettings:
     outbox_durability: str = "process"
     data_dir: Path = Path(".")
     admin_key_sha256: str | None = None
+    attestation_cache_seconds: float = 60.0  # the nonce-less attestation is shared this long
+    attestation_nonce_per_client_per_minute: int = 60  # quotes with a nonce, per address
+    attestation_nonce_per_second: int = 20  # quotes with a nonce, all addresses together
 
 
 @dataclass(frozen=True)
@@ -156,7 +159,9 @@ def _gateway(t: dict[str, Any], base: Path) -> GatewaySettings:
         "require_log_inclusion": (bool, False), "log_unavailable": (str, False),
         "log_wait_timeout": ((int, float), False), "outbox_durability": (str, False),
         "data_dir": (str, False),
-        "admin_key_sha256": (str, False)})
+        "admin_key_sha256": (str, False), "attestation_cache_seconds": ((int, float), False),
+        "attestation_nonce_per_client_per_minute": (int, False),
+        "attestation_nonce_per_second": (int, False)})
     if v.get("log_unavailable", "serve-and-queue") not in LOG_UNAVAILABLE:
         raise ConfigError(f"[gateway].log_unavailable: one of {', '.join(LOG_UNAVAILABLE)}")
     if v.get("outbox_durability", "process") not in DURABILITY:
@@ -171,6 +176,12 @@ def _gateway(t: dict[str, Any], base: Path) -> GatewaySettings:
         v["data_dir"] = base
     if "log_wait_timeout" in v:
         v["log_wait_timeout"] = float(v["log_wait_timeout"])
+    for k in ("attestation_cache_seconds", "attestation_nonce_per_client_per_minute",
+              "attestation_nonce_per_second"):
+        if v.get(k, 1) <= 0:
+            raise ConfigError(f"[gateway].{k} must be positive")
+    if "attestation_cache_seconds" in v:
+        v["attestation_cache_seconds"] = float(v["attestation_cache_seconds"])
     return GatewaySettings(**v)
 
 
