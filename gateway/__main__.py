@@ -1,4 +1,4 @@
-"""`python -m gateway serve|demo|verify-routes|verify-evidence ...`: dispatch to the command's module."""
+"""`python -m gateway COMMAND ...` (serve, demo, verify-routes, verify-evidence): dispatch."""
 
 from __future__ import annotations
 
