@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import json
 import signal
 import subprocess
@@ -35,12 +36,13 @@ ROOT = Path(__file__).resolve().parents[1]
 WITNESS = cosignature.generate_signer("witness.test/k")
 
 
-def _sim_run(short_dir: Path, fn: Any) -> Any:
+def _sim_run(short_dir: Path, fn: Any, compose_hash: str | None = None) -> Any:
     """`fn(attest, keyset_hash)` against a fresh dstack simulator (real simulated quotes)."""
     sock = short_dir / "s.sock"
 
     async def run() -> Any:
-        async with SimulatorServer(sock, short_dir / "sim", app_name="pag-keyset-test"):
+        async with SimulatorServer(sock, short_dir / "sim", app_name="pag-keyset-test",
+                                   compose_hash=compose_hash):
             client = dstack_sdk.AsyncDstackClient(str(sock))
             gk = await keys.load(client, log_vkey="")
 
@@ -110,6 +112,40 @@ def test_an_unwitnessed_or_forged_append_is_not_taken_as_logged(short_dir: Path)
             await log.stop()
 
     _sim_run(short_dir, fn)
+
+
+RELEASE = json.dumps({"docker_compose_file": (
+    "services:\n  gateway:\n    image: ghcr.io/pag/gateway@sha256:" + "ab" * 32 + "\n"
+    "  tlog:\n    image: 'ghcr.io/pag/tlog@sha256:" + "cd" * 32 + "'\n"
+    "  cache:\n    image: redis:7\n"), "name": "pag"})
+
+
+def test_keyset_entry_lists_the_attested_release(short_dir: Path) -> None:
+    """Release transparency: the app-compose document whose hash the quote attests, and the
+    images it pins by digest, are in the entry; a document or listing that is not the
+    attested one is refused."""
+    compose_hash = hashlib.sha256(RELEASE.encode()).hexdigest()
+    log = FakeLog()
+    cp = log.signed_checkpoint()
+
+    async def fn(attest: Any, kh: str) -> dict[str, Any]:
+        return keyset_entry.build(await attest(keyset_entry.nonce_for(cp)), cp,
+                                  "2026-12-04T00:00:00Z", RELEASE)
+
+    obj = _sim_run(short_dir, fn, compose_hash)
+    log_key = note.verifier_from_vkey(log.vkey)
+    facts = keyset_entry.check(obj, log_verifier=log_key, allow_simulated=True)
+    assert facts.compose_hash == compose_hash
+    assert obj["image_digests"] == {"ghcr.io/pag/gateway": "sha256:" + "ab" * 32,
+                                    "ghcr.io/pag/tlog": "sha256:" + "cd" * 32}
+    for mutate in (lambda o: o.__setitem__("app_compose", RELEASE.replace("ab", "ef")),
+                   lambda o: o["image_digests"].__setitem__("ghcr.io/pag/gateway", "sha256:0"),
+                   lambda o: o.pop("app_compose")):
+        bad = json.loads(json.dumps(obj))
+        mutate(bad)
+        with pytest.raises(keyset_entry.KeysetEntryError) as e:
+            keyset_entry.check(bad, log_verifier=log_key, allow_simulated=True)
+        assert e.value.code == "release_mismatch"
 
 
 def test_start_up_waits_for_the_log(short_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -205,6 +241,8 @@ def test_gateway_serve_listens_only_once_its_keyset_is_logged(short_dir: Path) -
         entry = _log_entry(f"http://127.0.0.1:{log_port}", index)
         assert entry["v"] == keyset_entry.VERSION
         assert entry["keyset"]["receipt_signing_key"] == ready["receipt_signing_key"]
+        assert hashlib.sha256(entry["app_compose"].encode()).hexdigest() == entry["compose_hash"]
+        assert entry["image_digests"] == {}  # the simulator's compose pins no image
         assert httpx.get(gw_url + "/.well-known/attestation",
                          timeout=10).json()["keyset_index"] == index
         r = httpx.post(gw_url + "/v1/chat/completions", timeout=10,

@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import base64
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -50,6 +51,7 @@ class Identity:
     gateway: dict[str, str]
     attest: Any
     lease_mac_key: bytes = b""
+    app_compose: str | None = None  # the attested app-compose document, when dstack gives it
 
 
 async def bootstrap(cfg: gconfig.Config) -> Identity:
@@ -63,6 +65,7 @@ async def bootstrap(cfg: gconfig.Config) -> Identity:
         else AsyncDstackClient()
     keyset = await keys.load(client, log_vkey=cfg.log.vkey or "")
     doc = await attestation.build(client, keyset, None)
+    app_compose = await attested_app_compose(client, str(doc["compose_hash"]))
     mac = await keys.derive_seed(client, LEASE_MAC_PATH) if cfg.leases.redis_url else b""
 
     async def attest(nonce: str | None) -> dict[str, Any]:
@@ -73,7 +76,22 @@ async def bootstrap(cfg: gconfig.Config) -> Identity:
         e2ee_private=keyset.e2ee_private_bytes(),
         gateway={"app_id": str(doc["app_id"]), "compose_hash": str(doc["compose_hash"]),
                  "keyset_hash": keyset.keyset_hash()},
-        attest=attest, lease_mac_key=mac)
+        attest=attest, lease_mac_key=mac, app_compose=app_compose)
+
+
+async def attested_app_compose(client: Any, compose_hash: str) -> str | None:
+    """The app-compose document from the guest agent's `Info`, if it hashes to the attested
+    compose hash (else None: logging a document the quote does not attest would be a lie)."""
+    try:
+        text = (await client.info()).tcb_info.app_compose
+    except Exception as e:  # noqa: BLE001 - an agent without it: the entry goes without
+        log.warning("no app-compose document from the guest agent (%s)", type(e).__name__)
+        return None
+    if not isinstance(text, str) or hashlib.sha256(text.encode()).hexdigest() != compose_hash:
+        log.warning("the guest agent's app-compose document is not the attested one; "
+                    "the keyset entry goes without it")
+        return None
+    return text
 
 
 def lease_source(cfg: gconfig.Config, mac_key: bytes = b"",
@@ -139,7 +157,7 @@ async def serve(cfg: gconfig.Config, host: str, port: int) -> None:
     try:
         logged = await keysets.ensure_logged(logc, ident.attest, ident.gateway["keyset_hash"],
                                              cfg.log.vkey or "", cfg.gateway.data_dir,
-                                             now_rfc3339)
+                                             now_rfc3339, ident.app_compose)
     except BaseException:
         await logc.close()
         raise

@@ -12,7 +12,9 @@ The story of a start-up (`ensure_logged`, run before the gateway opens its liste
    postdates that checkpoint; build the entry and append it (`LogClient.append`: the
    proof must show exactly this entry under a checkpoint signed by the log and cosigned
    by the witness quorum). Only then is the record written (temporary file, fsync,
-   rename), and the index returned.
+   rename), and the index returned. When the TEE reports its app-compose document
+   (whose SHA-256 is the attested compose hash), the entry carries it and the image
+   digests it pins, for release transparency.
 3. Wait. Until step 2 succeeds the gateway does not listen: no receipt can be signed
    with an unlogged keyset, and `/healthz` does not answer, so a supervisor sees it is
    not ready. Failures are retried forever with capped backoff, each logged on one line.
@@ -102,17 +104,21 @@ def save_record(data_dir: Path, rec: LoggedKeyset) -> None:
 
 
 async def append_keyset(client: LogClient, attest: Attest, keyset_hash: str,
-                        now: Callable[[], str]) -> proof.TlogProof:
-    """Step 2: append the keyset entry; the verified proof of the append."""
+                        now: Callable[[], str], app_compose: str | None = None
+                        ) -> proof.TlogProof:
+    """Step 2: append the keyset entry (with the app-compose document and its image
+    digests when given); the verified proof of the append."""
     cp = await client.checkpoint()
     doc = await attest(keyset_entry.nonce_for(cp))
     if doc.get("keyset_hash") != keyset_hash:
         raise LogError("keyset_mismatch", "the attested keyset is not the gateway's own")
-    return await client.append(keyset_entry.entry(keyset_entry.build(doc, cp, now())))
+    return await client.append(keyset_entry.entry(
+        keyset_entry.build(doc, cp, now(), app_compose)))
 
 
 async def ensure_logged(client: LogClient, attest: Attest, keyset_hash: str, log_vkey: str,
-                        data_dir: Path, now: Callable[[], str]) -> LoggedKeyset:
+                        data_dir: Path, now: Callable[[], str],
+                        app_compose: str | None = None) -> LoggedKeyset:
     """The logged keyset entry of this keyset: reused, or appended (retrying forever)."""
     rec = load_record(data_dir, keyset_hash, log_vkey)
     if rec is not None:
@@ -121,7 +127,7 @@ async def ensure_logged(client: LogClient, attest: Attest, keyset_hash: str, log
     delay = BACKOFF_START
     while True:
         try:
-            p = await append_keyset(client, attest, keyset_hash, now)
+            p = await append_keyset(client, attest, keyset_hash, now, app_compose)
         except LogError as e:
             if e.code in ("entry_too_large", "keyset_mismatch"):
                 raise
