@@ -168,3 +168,23 @@ def test_limiter_reservations_are_atomic_and_settle_once() -> None:
         assert lim.used(key) == 10
         assert (await lim.reserve(key, 90)).tokens == 90
     asyncio.run(go())
+
+
+def test_usage_members_on_chunks_are_removed_for_a_client_that_did_not_ask(tmp_path: Path
+                                                                          ) -> None:
+    """Providers that follow OpenAI put `"usage": null` on every chunk once usage is asked
+    for: a client that did not ask gets none of it."""
+    async def go() -> None:
+        prov = FakeProvider()
+        prov.usage_on_chunks = True
+        await prov.start()
+        try:
+            async with run_gateway(write_config(tmp_path, prov.base_url, budget=100_000)) as gw, \
+                    httpx.AsyncClient() as c:
+                _, got = await _stream(c, gw.url, chat(stream=True))
+                assert b'"usage":null' in prov.sent[-1].replace(b" ", b"")
+                assert b'"usage"' not in got and b"COMPLETION-MARKER" in got
+                assert key_used(gw) == 8
+        finally:
+            await prov.stop()
+    asyncio.run(go())

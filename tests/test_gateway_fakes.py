@@ -92,6 +92,7 @@ class FakeProvider:
         self.port = 0
         self.tls: ssl.SSLContext | None = None
         self.break_stream = False
+        self.usage_on_chunks = False  # "usage": null on every chunk when usage is asked for
 
     @property
     def base_url(self) -> str:
@@ -135,6 +136,9 @@ class FakeProvider:
                 chunk = {"id": "c1", "object": "chat.completion.chunk", "model": model,
                          "choices": [{"index": 0, "delta": {"content": w},
                                       "finish_reason": None if i < 2 else "stop"}]}
+                if self.usage_on_chunks and (req.get("stream_options") or {}).get(
+                        "include_usage"):
+                    chunk["usage"] = None
                 data = b"data: " + json.dumps(chunk).encode() + b"\n\n"
                 sent += data
                 await resp.write(data)

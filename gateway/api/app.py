@@ -165,7 +165,8 @@ class Gateway:
         if row is None:
             raise GatewayError(404, "receipt_not_found", "no such receipt")
         body = b'{"receipt":' + row.entry + b',"proof":' + orjson.dumps(row.proof) + \
-            b',"index":' + orjson.dumps(row.log_index) + b"}"
+            b',"index":' + orjson.dumps(row.log_index) + \
+            b',"log":' + orjson.dumps(self.svc.cfg.log.url) + b"}"  # where to read the log
         await respond(send, 200, body, JSON)
 
     async def _routes(self, scope: Scope, send: Send) -> None:

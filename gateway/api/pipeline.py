@@ -512,7 +512,7 @@ async def relay_stream(svc: Services, call: Call, reply: UpstreamReply, send: Se
 
 def seal_event(call: Call, ev: bytes, payload: bytes) -> bytes:
     """One SSE event as relayed: usage noted (and taken out when only the gateway asked for
-    it: a usage-only event is dropped), fields sealed under E2EE."""
+    it: a usage-only event is dropped, a `usage` member removed), fields sealed under E2EE."""
     try:
         obj = orjson.loads(payload)
     except orjson.JSONDecodeError:
@@ -523,8 +523,8 @@ def seal_event(call: Call, ev: bytes, payload: bytes) -> bytes:
     if u:
         call.usage = u
     changed = False
-    if call.strip_usage and obj.get("usage") is not None:
-        if not obj.get("choices"):
+    if call.strip_usage and "usage" in obj:  # the client did not ask: none of it, not even null
+        if obj["usage"] is not None and not obj.get("choices"):
             return b""
         del obj["usage"]
         changed = True
