@@ -15,11 +15,12 @@ import json
 import socket
 import ssl
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 import uvicorn
 from aiohttp import web
 from cryptography import x509
@@ -103,8 +104,10 @@ class FakeProvider:
         self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
 
     async def stop(self) -> None:
+        """Stop serving; stopping twice is harmless (a test may stop it mid-run)."""
         if self.runner is not None:
             await self.runner.cleanup()
+            self.runner = None
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
@@ -381,6 +384,47 @@ async def run_gateway(cfg_path: Path, store: FakeLeaseStore | None = None
         if shipper is not None:
             await shipper.close()
         outbox.close()
+
+
+@dataclass
+class Stack:
+    """A fake provider, an optional fake log, a gateway routed to them, and a client."""
+
+    prov: FakeProvider
+    log: FakeLog | None
+    gw: Running
+    client: httpx.AsyncClient
+
+    @property
+    def url(self) -> str:
+        return self.gw.url
+
+
+@contextlib.asynccontextmanager
+async def gateway_stack(tmp: Path, *, log: bool = False, log_up: bool = True,
+                        store: FakeLeaseStore | None = None, tls: ssl.SSLContext | None = None,
+                        routes: Callable[[str], str] | None = None, timeout: float = 5.0,
+                        extra_gateway: str = "", rpm: int = 0, budget: int = 0
+                        ) -> AsyncIterator[Stack]:
+    """The one set-up of the gateway HTTP tests: start a `FakeProvider` (over `tls` if
+    given) and, with `log`, a `FakeLog` (left down when `log_up` is false); write the
+    config in `tmp` (`routes` builds the route tables from the provider's base URL);
+    serve the gateway and open a client. Everything is stopped on exit, even on failure."""
+    prov = FakeProvider()
+    fake_log = FakeLog() if log else None
+    await prov.start(tls=tls)
+    try:
+        if fake_log is not None and log_up:
+            await fake_log.start()
+        cfg = write_config(tmp, prov.base_url, log=fake_log, extra_gateway=extra_gateway,
+                           routes=routes(prov.base_url) if routes else None,
+                           rpm=rpm, budget=budget)
+        async with run_gateway(cfg, store) as gw, httpx.AsyncClient(timeout=timeout) as client:
+            yield Stack(prov, fake_log, gw, client)
+    finally:
+        await prov.stop()
+        if fake_log is not None:
+            await fake_log.stop()
 
 
 def b64(data: bytes) -> str:
