@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import ast
 import os
+import re
 import subprocess
 import sys
 import textwrap
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -147,6 +149,21 @@ def test_pure_formats_import_no_io() -> None:
     assert bad == []
 
 
+def test_pure_formats_hold_no_mutable_state() -> None:
+    """No `global` statements and no module-level list, dict or set: constants only."""
+    mutable = (ast.List, ast.Dict, ast.Set, ast.ListComp, ast.DictComp, ast.SetComp)
+    bad: list[str] = []
+    for m in MODULES:
+        if not under(m, *PURE):
+            continue
+        tree = ast.parse(MODULES[m].read_text())
+        bad += [f"{m}:{n.lineno} global" for n in ast.walk(tree)
+                if isinstance(n, ast.Global | ast.Nonlocal)]
+        bad += [f"{m}:{n.lineno} mutable module state" for n in tree.body
+                if isinstance(n, ast.Assign | ast.AnnAssign) and isinstance(n.value, mutable)]
+    assert bad == []
+
+
 def test_the_log_and_witness_know_nothing_of_the_gateway_or_verifier() -> None:
     bad = [str(i) for i in in_packages("tlog", "witness") if under(i.name, "gateway", "verifier")]
     assert bad == []
@@ -224,6 +241,31 @@ def test_every_package_says_what_it_owns_and_may_import() -> None:
     assert missing == []
     assert set(GATEWAY_RULES) | {"gateway.demo"} == {m for m in packages
                                                       if m.startswith("gateway.")}
+
+
+IMPORT_NAME = {"pycryptodome": "Crypto"}  # distributions imported under another name
+
+
+def declared() -> dict[str, list[str]]:
+    """pyproject's base and `server` dependencies, as the names the code imports."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    out: dict[str, list[str]] = {}
+    for group, reqs in (("base", project["dependencies"]),
+                        ("server", project["optional-dependencies"]["server"])):
+        dists = [re.split(r"[\[<>=!~;\s]", r, maxsplit=1)[0].lower() for r in reqs]
+        out[group] = [IMPORT_NAME.get(d, d.replace("-", "_")) for d in dists]
+    return out
+
+
+def test_every_dependency_is_used_and_every_import_declared() -> None:
+    """No declared dependency without a use; no third-party import left undeclared."""
+    deps = declared()
+    assert set(deps["base"]) == BASE
+    used = {target(i.name) for imps in IMPORTS.values() for i in imps}
+    third_party = {t for t in used if t not in MODULES and not stdlib(t)}
+    declared_names = set(deps["base"]) | set(deps["server"])
+    assert sorted(declared_names - third_party) == []  # declared, never imported
+    assert sorted(third_party - declared_names) == []  # imported, never declared
 
 
 VERIFIER_CHECK = textwrap.dedent("""
