@@ -35,7 +35,7 @@ from gateway.api.apikeys import hash_key
 from gateway.api.app import Gateway
 from gateway.receipts.outbox import Outbox, ReceiptSigner
 from gateway.receipts.shipper import LogStatus, Shipper
-from gateway.upstream.leases import Leases
+from gateway.upstream.leases import Leases, LeaseSource
 from tlog import checkpoint, merkle, note, proof, tiles
 
 API_KEY = "sk-test-key"
@@ -164,6 +164,25 @@ class FakeProvider:
             "usage": {"prompt_tokens": 2, "total_tokens": 2}}).encode()
         self.sent.append(out)
         return web.Response(body=out, content_type="application/json")
+
+
+class RecordingProvider:
+    """Base of the verification tests' providers: its chat endpoint records every body it
+    receives and answers OK_COMPLETION; a subclass serves its own evidence and starts
+    `self.runner`."""
+
+    def __init__(self) -> None:
+        self.received: list[bytes] = []
+        self.runner: web.AppRunner | None = None
+
+    async def _chat(self, request: web.Request) -> web.Response:
+        self.received.append(await request.read())
+        return web.Response(body=OK_COMPLETION, content_type="application/json")
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+            self.runner = None
 
 
 class FakeVerificationError(Exception):
@@ -335,7 +354,7 @@ class Running:
     url: str
     receipt_key: Ed25519PrivateKey
     e2ee_key: X25519PrivateKey
-    store: FakeLeaseStore
+    store: LeaseSource
     shipper: Shipper | None
 
 
@@ -347,9 +366,13 @@ async def attest(nonce: str | None) -> dict[str, Any]:
 
 
 @contextlib.asynccontextmanager
-async def run_gateway(cfg_path: Path, store: FakeLeaseStore | None = None
+async def run_gateway(cfg_path: Path, store: LeaseSource | None = None,
+                      error_type: type[Exception] = FakeVerificationError
                       ) -> AsyncIterator[Running]:
-    """Start the gateway app on a free port; stop it (and close its outbox) on exit."""
+    """Start the gateway app on a free port; stop it (and close its outbox) on exit.
+
+    `store` grants leases (a `FakeLeaseStore` unless given: the verification tests
+    pass the real one, with its `VerificationError` as `error_type`)."""
     cfg = gconfig.load(cfg_path)
     rk = Ed25519PrivateKey.generate()
     ek = X25519PrivateKey.generate()
@@ -360,7 +383,7 @@ async def run_gateway(cfg_path: Path, store: FakeLeaseStore | None = None
                       concurrency=8) if cfg.log.url else None
     status = LogStatus(outbox, shipper is not None)
     app = Gateway(cfg, signer=ReceiptSigner(rk), identity=IDENTITY, outbox=outbox,
-                  status=status, leases=Leases(store, FakeVerificationError), attest=attest,
+                  status=status, leases=Leases(store, error_type), attest=attest,
                   e2ee_key=ek.private_bytes_raw())
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)  # asyncio sets
     # TCP_NODELAY only on sockets whose proto is TCP (else Nagle adds 40 ms per response)
@@ -425,6 +448,18 @@ async def gateway_stack(tmp: Path, *, log: bool = False, log_up: bool = True,
         await prov.stop()
         if fake_log is not None:
             await fake_log.stop()
+
+
+async def post_chat(url: str, *, stream: bool | None = None) -> httpx.Response:
+    """One chat call to the gateway at `url` with the test API key; the prompt is MARKER
+    (`stream` is sent only when given)."""
+    body: dict[str, Any] = {"model": "chat-model",
+                            "messages": [{"role": "user", "content": MARKER}]}
+    if stream is not None:
+        body["stream"] = stream
+    async with httpx.AsyncClient(timeout=30) as c:
+        return await c.post(f"{url}/v1/chat/completions",
+                            headers={"Authorization": f"Bearer {API_KEY}"}, json=body)
 
 
 def b64(data: bytes) -> str:
