@@ -16,7 +16,7 @@ import httpx
 import pytest
 from dstack_sdk import AsyncDstackClient
 
-from gateway.api import verify_evidence
+from gateway.api import server, verify_evidence
 from gateway.api.routes import now_rfc3339
 from gateway.identity import attestation as identity_attestation
 from gateway.identity import keys
@@ -146,7 +146,7 @@ def _serve(tmp_path: Path, fail_log: bool = False, calls: int = 2) -> dict[str, 
             cfg = write_config(tmp_path, "unused", log=log, routes=_routes(
                 adv, policy="allow_simulated = true\nallow_any_workload = true"))
             evidence = LogClient(log.url, log.token, log.vkey)
-            store = LeaseStore(publish=EvidenceLog(evidence, now_rfc3339).publish)
+            store = LeaseStore(publish=server.evidence_hook(EvidenceLog(evidence, now_rfc3339)))
             async with run_gateway(cfg, store, VerificationError) as gw, \
                     httpx.AsyncClient(timeout=30) as c:
                 log.fail = fail_log

@@ -29,6 +29,7 @@ from tests.test_gateway_fakes import (
     API_KEY,
     MARKER,
     OK_COMPLETION,
+    post_chat,
     tls_server_context,
     write_config,
 )
@@ -395,10 +396,7 @@ def _call_with_receipt(tmp: Path, p: Provider, policy: str, stream: bool = False
         try:
             cfg = write_config(tmp, "unused", routes=_routes(p, policy))
             async with gateway(cfg, LeaseStore()) as url, httpx.AsyncClient() as c:
-                r = await c.post(f"{url}/v1/chat/completions",
-                                 headers={"Authorization": f"Bearer {API_KEY}"},
-                                 json={"model": "chat-model", "stream": stream,
-                                       "messages": [{"role": "user", "content": MARKER}]})
+                r = await post_chat(url, stream=stream)
                 rec = await c.get(f"{url}/v1/receipts/{r.headers['x-receipt-id']}",
                                   headers={"Authorization": f"Bearer {API_KEY}"})
                 return r, rec.json()["receipt"]

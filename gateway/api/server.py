@@ -106,8 +106,23 @@ def lease_source(cfg: gconfig.Config, mac_key: bytes = b"",
 
     shared = SharedLeases(cfg.leases.redis_url, mac_key, cfg.leases.prefix) \
         if cfg.leases.redis_url else None
-    return Leases(LeaseStore(shared=shared, publish=evidence.publish if evidence else None),
-                  VerificationError)
+    return Leases(LeaseStore(shared=shared, publish=evidence_hook(evidence) if evidence
+                             else None), VerificationError)
+
+
+def evidence_hook(evidence: EvidenceLog) -> Any:
+    """The lease store's publish hook: log the lease's evidence, or refuse the lease with
+    `log_unavailable` (nothing is sent upstream under a lease whose evidence is unlogged)."""
+    from gateway.verification.base import VerificationError
+
+    async def publish(route: Any, lease: Any) -> Any:
+        try:
+            return await evidence.publish(route, lease)
+        except LogError as e:
+            raise VerificationError("log_unavailable",
+                                    f"the lease's evidence entry was not logged: {e}") from e
+
+    return publish
 
 
 def log_client(cfg: gconfig.Config) -> LogClient:

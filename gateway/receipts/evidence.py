@@ -7,8 +7,8 @@ route, binding, validity window, a reference to the collateral that vouched for 
 quote, and the facts the gateway concluded), appends the document's parts first when it is
 too large for one entry, then the entry itself, each proof checked (`LogClient`: log
 signature, witness quorum, inclusion). It returns the lease with the entry's index and
-without the document. Any failure refuses the lease (`VerificationError` with code
-`log_unavailable`): a receipt never names an evidence entry that is not logged, because
+without the document, or raises `LogError`; the lease store then refuses the lease
+(`log_unavailable`): a receipt never names an evidence entry that is not logged, because
 the receipt is signed only after the lease it records was returned, and the lease is
 returned only once its entry is proven in the log.
 
@@ -27,8 +27,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from gateway.receipts.logclient import LogClient, LogError
-from gateway.verification.base import Lease, Policy, VerificationError
+from gateway.receipts.logclient import LogClient
 from verifier import evidence_entry
 
 FACTS = ("app_id", "compose_hash", "mr_td", "tcb_status", "simulated", "signing_address",
@@ -40,22 +39,23 @@ def rfc3339(t: float) -> str:
     return datetime.fromtimestamp(t, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
-def collateral_reference(policy: Policy, simulated: bool) -> dict[str, str] | None:
-    """What vouched for a real quote: the collateral file's SHA-256, or the PCCS used."""
+def collateral_reference(policy: dict[str, Any], simulated: bool) -> dict[str, str] | None:
+    """What vouched for a real quote (from the route's `[routes.policy]`): the collateral
+    file's SHA-256, or the PCCS used."""
     if simulated:
         return None
-    if policy.collateral_file:
+    if policy.get("collateral_file"):
         try:
-            data = Path(policy.collateral_file).read_bytes()
+            data = Path(policy["collateral_file"]).read_bytes()
         except OSError:
             return {"source": "file"}
         return {"source": "file", "sha256": hashlib.sha256(data).hexdigest()}
-    if policy.pccs_url:
-        return {"source": "pccs", "url": policy.pccs_url}
+    if policy.get("pccs_url"):
+        return {"source": "pccs", "url": str(policy["pccs_url"])}
     return None
 
 
-def _facts(lease: Lease) -> dict[str, Any]:
+def _facts(lease: Any) -> dict[str, Any]:
     """The lease's facts that are plain JSON (what the gateway concluded), by name."""
     out = {}
     for k in FACTS:
@@ -77,10 +77,9 @@ class EvidenceLog:
         self.client = client
         self.now = now
 
-    async def publish(self, route: Any, lease: Lease) -> Lease:
-        """`lease` with the log index of its evidence entry (and no document), once proven
-        in the log; VerificationError(log_unavailable) otherwise."""
-        policy = Policy.from_dict(getattr(route, "policy", {}) or {})
+    async def publish(self, route: Any, lease: Any) -> Any:
+        """`lease` (a `gateway.verification.base.Lease`) with the log index of its evidence
+        entry and without its document, once proven in the log; LogError otherwise."""
         obj, parts = evidence_entry.build(
             route={"route_id": route.id, "model": route.model, "provider": route.provider,
                    "upstream_model": route.upstream_model},
@@ -88,13 +87,10 @@ class EvidenceLog:
             lease_id=lease.lease_id, verified_at=rfc3339(lease.verified_at),
             expires_at=rfc3339(lease.expires_at), nonce=lease.nonce,
             document=base64.b64decode(lease.document_b64),
-            collateral=collateral_reference(policy, bool(lease.facts.get("simulated"))),
+            collateral=collateral_reference(getattr(route, "policy", {}) or {},
+                                            bool(lease.facts.get("simulated"))),
             facts=_facts(lease), time=self.now())
-        try:
-            indices = [(await self.client.append(evidence_entry.entry(p))).index for p in parts]
-            obj["document_parts"] = indices
-            p = await self.client.append(evidence_entry.entry(obj))
-        except LogError as e:
-            raise VerificationError("log_unavailable",
-                                    f"the lease's evidence entry was not logged: {e}") from e
+        obj["document_parts"] = [(await self.client.append(evidence_entry.entry(p))).index
+                                 for p in parts]
+        p = await self.client.append(evidence_entry.entry(obj))
         return dataclasses.replace(lease, document_b64="", evidence_index=p.index)
