@@ -29,6 +29,7 @@ SERVER = ("aiohttp", "orjson", "fastapi", "starlette", "uvicorn", "uvloop", "red
 # Pure formats: bytes in, values or errors out; no I/O of any kind.
 PURE = ("tlog.merkle", "tlog.note", "tlog.checkpoint", "tlog.tiles", "tlog.proof",
         "witness.cosignature", "witness.request", "verifier.receipt", "verifier.keyset_entry",
+        "verifier.evidence_entry",
         "verifier.aci", "verifier.tee")
 PURE_THIRD_PARTY = {"cryptography", "rfc8785", "pyhpke", "dcap_qvl"}
 IO = {"asyncio", "socket", "ssl", "selectors", "subprocess", "multiprocessing", "threading",
