@@ -178,7 +178,9 @@ def test_full_loop_two_witnesses_quorum_two(tmp_path):
                                "--log", f"{log_signer.name}={log_signer.vkey}", ready=url + "/"))
             urls.append(url)
             vkeys.append((wd / "witness.vkey").read_text())
-        tproc, turl = start_tlog(data, *sum([["--witness", u] for u in urls], []), "--quorum", "2")
+        flags = sum([["--witness", u, "--witness-vkey", v]
+                     for u, v in zip(urls, vkeys, strict=True)], [])
+        tproc, turl = start_tlog(data, *flags, "--quorum", "2")
         procs.append(tproc)
         witnesses = cosignature.parse_vkeys(vkeys)
         token = (data / "append.token").read_text().strip()

@@ -22,8 +22,11 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--database", help="postgresql://… URL (default: SQLite in --data)")
     s.add_argument("--witness", action="append", default=[], metavar="URL",
                    help="witness to submit checkpoints to (repeat)")
+    s.add_argument("--witness-vkey", action="append", default=[], metavar="VKEY",
+                   help="a witness's cosignature key (repeat); only cosignatures that verify "
+                        "under one of these are kept, served and counted")
     s.add_argument("--quorum", type=int, default=0,
-                   help="answer appends only once K witnesses cosigned")
+                   help="answer appends only once K distinct witness keys cosigned")
     s.add_argument("--witness-timeout", type=float, default=5.0)
     s.add_argument("--max-entry", type=int, default=65535, help="largest entry in bytes")
     s.add_argument("--dstack", default=os.environ.get("DSTACK_SIMULATOR_ENDPOINT"),
@@ -54,11 +57,12 @@ def serve(args: argparse.Namespace) -> int:
     from tlog import keys
     from tlog.sequencer import Log
     from tlog.server import TlogApp
-    from tlog.witnessing import WitnessPool
 
     logging.basicConfig(level=logging.INFO, format="tlog: %(message)s")
-    if args.quorum > len(args.witness) or args.quorum < 0:
-        print("tlog: --quorum must be between 0 and the number of --witness", file=sys.stderr)
+    try:
+        pool = witness_pool(args)
+    except ValueError as e:
+        print(f"tlog: {e}", file=sys.stderr)
         return 2
     if not 0 < args.max_entry <= 65535:
         print("tlog: --max-entry must be 1..65535", file=sys.stderr)
@@ -73,8 +77,6 @@ def serve(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as e:
         print(f"tlog: {e}", file=sys.stderr)
         return 2
-    pool = WitnessPool(args.witness, quorum=args.quorum, timeout=args.witness_timeout) \
-        if args.witness else None
     log = Log(store, signer, witnesses=pool)
     app = TlogApp(log, token, args.max_entry)
     host, port = args.listen
@@ -86,6 +88,32 @@ def serve(args: argparse.Namespace) -> int:
     server.run()
     store.close()
     return 0
+
+
+def witness_pool(args: argparse.Namespace):  # noqa: ANN201 - WitnessPool | None
+    """The witnesses from --witness/--witness-vkey/--quorum, checked (ValueError if unusable)."""
+    from tlog import note
+    from tlog.witnessing import WitnessPool
+    from witness import cosignature
+
+    try:
+        verifiers = cosignature.parse_vkeys(args.witness_vkey)
+    except note.NoteError as e:
+        raise ValueError(f"bad --witness-vkey: {e}") from e
+    keys = {(v.name, v.key_id) for v in verifiers}
+    if args.quorum < 0 or args.quorum > len(keys):
+        raise ValueError(f"--quorum {args.quorum} must be between 0 and the number of distinct "
+                         f"--witness-vkey keys ({len(keys)})")
+    if args.quorum > len(args.witness):
+        raise ValueError(f"--quorum {args.quorum} exceeds the number of --witness URLs "
+                         f"({len(args.witness)})")
+    if args.witness and not verifiers:
+        raise ValueError("--witness needs the witnesses' --witness-vkey: the log keeps and serves "
+                         "only cosignatures it verified")
+    if not args.witness:
+        return None
+    return WitnessPool(args.witness, verifiers, quorum=args.quorum,
+                       timeout=args.witness_timeout)
 
 
 def open_store(data: Path, database: str | None):  # noqa: ANN201 - a Storage backend

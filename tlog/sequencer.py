@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from tlog import merkle, note, proof, tiles
 from tlog.storage import FaultHook, Head, Storage, lookup_key, recover, sign_head
-from tlog.witnessing import QuorumNotReached, WitnessPool
+from tlog.witnessing import QuorumNotReached, WitnessPool, cosigned_note
 
 log = logging.getLogger("tlog")
 
@@ -74,7 +74,7 @@ class Log:
         self._bundles = _Cache(1024)
         self.head: Head = recover(store, signer)
         self.size = self.head.size
-        self.served: Head = self.head
+        self.served: Head = self._verified(self.head)
         self._queue: asyncio.Queue[tuple[bytes, asyncio.Future[Added]]] | None = None
         self._task: asyncio.Task[None] | None = None
         self._cosign_task: asyncio.Task[None] | None = None
@@ -238,12 +238,19 @@ class Log:
             if not fut.done():
                 fut.set_exception(err)
 
+    def _verified(self, head: Head, new: list[note.Signature] | None = None) -> Head:
+        """`head` carrying only the log's signature and valid witness cosignatures."""
+        verifiers = self.witnesses.verifiers if self.witnesses is not None else []
+        text, _ = cosigned_note(head.note, (self.signer.name, self.signer.key_id), new or [],
+                                verifiers)
+        return Head(head.size, head.root, text)
+
     async def _cosign(self, head: Head) -> None:
-        """Gather cosignatures for `head`, persist them and serve it."""
+        """Gather verified cosignatures for `head`, persist them and serve it."""
         assert self.witnesses is not None
         sigs = await self.witnesses.cosign(head.note, head.size, self._prove_for_witness)
-        cosigned = Head(head.size, head.root, head.note + b"".join(s.line() for s in sigs))
-        if sigs:
+        cosigned = self._verified(head, sigs)
+        if cosigned.note != head.note:
             await asyncio.to_thread(self.store.update_note, head.size, cosigned.note)
         if cosigned.size >= self.served.size:
             self.served = cosigned
