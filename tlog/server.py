@@ -148,12 +148,27 @@ class TlogApp:
 
     async def _consistency(self, scope: Scope, send: Send) -> None:
         q = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+        old, new = _size(q.get("old")), _size(q.get("new"))
+        if old is None or new is None:
+            return await _json(send, 400, {"error": "old and new must each be given once, "
+                                                    "as decimal tree sizes"})
         try:
-            old, new = int(q["old"][0]), int(q["new"][0])
             hashes = self.log.consistency(old, new)
-        except (KeyError, ValueError, IndexError, merkle.ProofError) as e:
+        except merkle.ProofError as e:
             return await _json(send, 400, {"error": f"bad consistency request: {e}"})
         await _json(send, 200, {"proof": [base64.b64encode(h).decode() for h in hashes]})
+
+
+def _size(values: list[str] | None) -> int | None:
+    """A tree size given exactly once as canonical decimal (ASCII digits, no leading zero,
+    at most the largest tree size), else None."""
+    if values is None or len(values) != 1:
+        return None
+    v = values[0]
+    if not (v.isascii() and v.isdigit()) or len(v) > 19 or (len(v) > 1 and v[0] == "0"):
+        return None
+    n = int(v)
+    return n if n <= tiles.MAX_TREE_SIZE else None
 
 
 async def _json(send: Send, status: int, obj: object) -> None:
