@@ -1,20 +1,28 @@
 """Plumbing every HTTP service of the project shares (log, witness, gateway).
 
-The ASGI body reader and responder, `--listen` parsing, private key files and
-the durable SQLite opener; nothing here knows what a log or a witness is.
+The ASGI body reader and responder, `--listen` parsing and binding, data
+directory checks, private key files, the durable SQLite opener, the
+single-writer lock and the package version; nothing here knows what a log or
+a witness is.
 
 Invariants: `read_body` never buffers more than `limit` bytes (a declared
 Content-Length over the limit is refused before reading); `respond` always
 sends Content-Length; `write_private` creates a 0600 file atomically and
-fsynced and never replaces one; `connect_durable` commits are fsynced.
+fsynced and never replaces one; `connect_durable` commits are fsynced;
+`lock_exclusive` succeeds in at most one process at a time per file, and the
+lock dies with the process (kill -9 included), so it never needs cleaning up.
 """
 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import os
+import socket
 import sqlite3
+import tempfile
 from collections.abc import Awaitable, Callable
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +73,54 @@ def listen_address(value: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def bind(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to host:port and listening, for uvicorn's `run(sockets=...)`.
+
+    Raises OSError whose `str` is one line naming the address and the reason
+    (address already in use, cannot assign the address, unknown host, ...).
+    """
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+    except OSError as e:
+        raise OSError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError as e:
+        sock.close()
+        raise OSError(f"cannot listen on {host}:{port}: {(e.strerror or str(e)).lower()}") \
+            from None
+    return sock
+
+
+def check_data_dir(path: Path) -> None:
+    """Create `path` if missing; ValueError (one line) unless it is a directory this process
+    can create files in (tried, not guessed from mode bits: root ignores them)."""
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"data directory {path} is not a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"cannot create data directory {path}: "
+                         f"{(e.strerror or str(e)).lower()}") from None
+    try:
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise ValueError(f"data directory {path} is not writable: "
+                         f"{(e.strerror or str(e)).lower()}") from None
+
+
+def package_version() -> str:
+    """The installed project's version (for `--version`)."""
+    try:
+        return metadata.version("private-ai-gateway")
+    except metadata.PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def write_private(path: Path, data: str) -> None:
     """Create `path` with mode 0600 (atomically, fsynced); never overwrite."""
     tmp = path.with_name(path.name + ".tmp")
@@ -93,3 +149,25 @@ def connect_durable(path: str | Path, schema: str) -> sqlite3.Connection:
     db.execute("PRAGMA synchronous=FULL")
     db.executescript(schema)
     return db
+
+
+class LockHeld(RuntimeError):
+    """Another process holds an exclusive lock this one needs."""
+
+
+def lock_exclusive(path: Path) -> int:
+    """Take an exclusive lock on `path` (created 0600 if missing) without waiting.
+
+    Returns the open file descriptor: the lock lasts until it is closed or the
+    process ends. Raises LockHeld if another open file holds the lock.
+    """
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise LockHeld(f"{path} is locked by another process") from None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd

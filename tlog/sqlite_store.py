@@ -2,16 +2,23 @@
 
 One file `log.db`. Every write is one `BEGIN IMMEDIATE … COMMIT`, fsynced
 before it returns, so a step that returned survives kill -9.
+
+A log has one writer: opening the store takes an exclusive lock on
+`log.lock` beside the database, held until `close` (or the process's end,
+kill -9 included). A second store on the same file, in this process or
+another, is refused with `LockHeld` before it reads or writes anything, so
+two `tlog serve` on one data dir can never both sequence.
 """
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 from collections.abc import Sequence
 from pathlib import Path
 
-from tlog.service import connect_durable
+from tlog.service import connect_durable, lock_exclusive
 from tlog.storage import Head
 
 SCHEMA = """
@@ -33,7 +40,13 @@ class SQLiteStore:
     """
 
     def __init__(self, path: str | Path) -> None:
-        self._db = connect_durable(path, SCHEMA)
+        path = Path(path)
+        self._lock_fd = lock_exclusive(path.with_suffix(".lock"))
+        try:
+            self._db = connect_durable(path, SCHEMA)
+        except BaseException:
+            os.close(self._lock_fd)
+            raise
         self._lock = threading.Lock()
         self._rdb = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
         self._rlock = threading.Lock()
@@ -111,3 +124,6 @@ class SQLiteStore:
         with self._lock, self._rlock:
             self._db.close()
             self._rdb.close()
+            if self._lock_fd >= 0:
+                os.close(self._lock_fd)
+                self._lock_fd = -1
