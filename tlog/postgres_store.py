@@ -12,7 +12,15 @@ from collections.abc import Sequence
 
 import psycopg
 
-from tlog.storage import Head
+from tlog.storage import Head, StorageError
+
+CONNECT_TIMEOUT = 5
+"""Seconds to wait for a connection before the database counts as unreachable."""
+
+
+def one_line(e: BaseException) -> str:
+    """The first line of a database error (psycopg's carry hints on further lines)."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS tlog_entries (idx BIGINT PRIMARY KEY, data BYTEA NOT NULL);
@@ -29,13 +37,16 @@ class PostgresStore:
     """tlog.storage.Storage on PostgreSQL (psycopg 3); safe across threads."""
 
     def __init__(self, url: str) -> None:
-        self._db = psycopg.connect(url, autocommit=True)
-        self._db.execute("SET synchronous_commit = on")
-        with self._db.transaction():
-            self._db.execute("SELECT pg_advisory_xact_lock(7466726)")  # one schema creator
-            for stmt in filter(str.strip, SCHEMA.split(";")):
-                self._db.execute(stmt)
-        self._rdb = psycopg.connect(url, autocommit=True)
+        try:
+            self._db = psycopg.connect(url, autocommit=True, connect_timeout=CONNECT_TIMEOUT)
+            self._db.execute("SET synchronous_commit = on")
+            with self._db.transaction():
+                self._db.execute("SELECT pg_advisory_xact_lock(7466726)")  # one schema creator
+                for stmt in filter(str.strip, SCHEMA.split(";")):
+                    self._db.execute(stmt)
+            self._rdb = psycopg.connect(url, autocommit=True, connect_timeout=CONNECT_TIMEOUT)
+        except psycopg.Error as e:
+            raise StorageError(f"cannot use the database: {one_line(e)}") from None
         self._lock = threading.Lock()
         self._rlock = threading.Lock()
 
