@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from tlog.service import connect_durable, lock_exclusive
-from tlog.storage import Head
+from tlog.storage import Head, StorageError
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS entries (idx INTEGER PRIMARY KEY, data BLOB NOT NULL);
@@ -50,6 +50,18 @@ class SQLiteStore:
         self._lock = threading.Lock()
         self._rdb = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
         self._rlock = threading.Lock()
+        self._path = path
+        self._inode = os.stat(path).st_ino
+
+    def fence(self, token: int) -> None:
+        """Nothing to do: the file lock already makes this the only writer."""
+
+    def ping(self) -> None:
+        """The file on disk is still the one opened (not deleted or replaced) and answers."""
+        if os.stat(self._path).st_ino != self._inode:
+            raise StorageError(f"{self._path} was replaced or deleted while open")
+        with self._rlock:
+            self._rdb.execute("SELECT size FROM checkpoints ORDER BY size DESC LIMIT 1")
 
     def size(self) -> int:
         with self._rlock:
@@ -57,11 +69,15 @@ class SQLiteStore:
         return 0 if row[0] is None else row[0] + 1
 
     def head(self) -> Head | None:
+        heads = self.recent(1)
+        return heads[0] if heads else None
+
+    def recent(self, count: int) -> list[Head]:
         with self._rlock:
-            row = self._rdb.execute(
-                "SELECT size, root, note FROM checkpoints ORDER BY size DESC LIMIT 1"
-            ).fetchone()
-        return None if row is None else Head(row[0], bytes(row[1]), bytes(row[2]))
+            rows = self._rdb.execute(
+                "SELECT size, root, note FROM checkpoints ORDER BY size DESC LIMIT ?", (count,)
+            ).fetchall()
+        return [Head(r[0], bytes(r[1]), bytes(r[2])) for r in rows]
 
     def read_tile(self, level: int, index: int) -> bytes:
         with self._rlock:
