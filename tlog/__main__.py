@@ -21,7 +21,13 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--data", type=Path, required=True, help="directory for keys and storage")
     s.add_argument("--listen", type=listen_address, required=True, metavar="HOST:PORT")
     s.add_argument("--origin", help="log origin and key name (first start only)")
-    s.add_argument("--database", help="postgresql://… URL (default: SQLite in --data)")
+    s.add_argument("--database", help="postgresql://… URL (default: SQLite in --data); "
+                   "several processes on one database are replicas, one of which sequences")
+    s.add_argument("--lease-ttl", type=float, default=3.0, metavar="SECONDS",
+                   help="PostgreSQL: how long the sequencer lease lasts without renewal")
+    s.add_argument("--advertise", metavar="URL",
+                   help="PostgreSQL: this replica's URL as other replicas name it to clients "
+                        "(default http://HOST:PORT of --listen)")
     s.add_argument("--witness", action="append", default=[], metavar="URL",
                    help="witness to submit checkpoints to (repeat)")
     s.add_argument("--witness-vkey", action="append", default=[], metavar="VKEY",
@@ -81,6 +87,8 @@ def serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="tlog: %(message)s")
     if not 0 < args.max_entry <= 65535:
         return fail(EXIT_USAGE, "--max-entry must be 1..65535")
+    if not 0.5 <= args.lease_ttl <= 600:
+        return fail(EXIT_USAGE, "--lease-ttl must be between 0.5 and 600 seconds")
     try:
         pool = witness_pool(args)
         check_data_dir(args.data)
@@ -112,15 +120,23 @@ def serve(args: argparse.Namespace) -> int:
                                       "one writer")
     except (StorageError, OSError) as e:
         return fail(EXIT_ENVIRONMENT, str(e))
+    lease = None
+    if args.database is not None:
+        from tlog.election import PostgresLease
+
+        shown = f"[{host}]" if ":" in host else host
+        advertise = args.advertise or f"http://{shown}:{port}"
+        lease = PostgresLease(args.database, advertise, args.lease_ttl)
     try:
-        log = Log(store, signer, witnesses=pool)
+        log = Log(store, signer, witnesses=pool, lease=lease)
     except Exception as e:  # noqa: BLE001 - recovery failed: say why in one line
         store.close()
         return fail(EXIT_ENVIRONMENT, f"cannot open the stored log: {type(e).__name__}: {e}")
     app = TlogApp(log, token, args.max_entry)
     config = uvicorn.Config(app, log_level="warning", lifespan="on", access_log=False)
-    print(f"tlog: {signer.name} serving on http://{host}:{port} (size {log.head.size})",
-          file=sys.stderr, flush=True)
+    role = "replica" if lease is not None else "sequencer"
+    print(f"tlog: {signer.name} serving on http://{host}:{port} (size {log.head.size}, "
+          f"{role})", file=sys.stderr, flush=True)
     uvicorn.Server(config).run(sockets=[sock])
     store.close()
     return 0

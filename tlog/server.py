@@ -16,7 +16,7 @@ import re
 from urllib.parse import parse_qs
 
 from tlog import merkle, tiles
-from tlog.sequencer import AppendError, Log
+from tlog.sequencer import SEQUENCER, AppendError, Log, NotSequencer
 from tlog.service import TEXT, Receive, Scope, Send, read_body, respond
 
 OCTETS = b"application/octet-stream"
@@ -60,7 +60,8 @@ class TlogApp:
             return await self._consistency(scope, send)
         if path == "/":
             body = json.dumps({"origin": self.log.origin, "size": self.log.served.size,
-                               "vkey": self.log.signer.vkey}).encode()
+                               "vkey": self.log.signer.vkey, "role": self.log.role,
+                               "sequencer": self.log.sequencer_url}).encode()
             return await respond(send, 200, body, JSON, b"no-cache")
         await respond(send, 404, b"not found\n")
 
@@ -86,6 +87,8 @@ class TlogApp:
             return await _json(send, 400, {"error": "empty entry"})
         try:
             added = await self.log.add(body)
+        except NotSequencer as e:
+            return await _not_sequencer(send, e.sequencer)
         except AppendError as e:
             return await _json(send, 503, {"error": str(e)})
         await _json(send, 200, {"index": added.index, "checkpoint": added.checkpoint.decode(),
@@ -111,6 +114,8 @@ class TlogApp:
         if not entries or any(not e or len(e) > self.max_entry for e in entries):
             return await _json(send, 400, {"error": "empty batch, empty entry or entry larger "
                                                     f"than {self.max_entry} bytes"})
+        if self.log.role != SEQUENCER:
+            return await _not_sequencer(send, self.log.sequencer_url)
         results = await asyncio.gather(*(self.log.add(e) for e in entries),
                                        return_exceptions=True)
         out: list[dict[str, object]] = []
@@ -169,6 +174,14 @@ def _size(values: list[str] | None) -> int | None:
         return None
     n = int(v)
     return n if n <= tiles.MAX_TREE_SIZE else None
+
+
+async def _not_sequencer(send: Send, sequencer: str | None) -> None:
+    """503 for an append sent to a replica that does not sequence; names the one that does."""
+    body = {"error": "this log replica is not the sequencer; append at the sequencer",
+            "code": "not_sequencer", "sequencer": sequencer}
+    await respond(send, 503, json.dumps(body).encode(), JSON, b"no-store",
+                  [(b"retry-after", b"1")])
 
 
 async def _json(send: Send, status: int, obj: object) -> None:
