@@ -11,6 +11,7 @@ import base64
 import contextlib
 import json
 import signal
+import threading
 import time
 from collections import defaultdict
 
@@ -248,6 +249,51 @@ def test_kill_9_sequencer_under_load(tmp_path, pg_url):  # noqa: F811
             merkle.verify_consistency(size, latest.size,
                                       [base64.b64decode(h) for h in r.json()["proof"]],
                                       old_root, latest.root_hash)
+    finally:
+        for p in procs.values():
+            stop(p)
+
+
+def test_paused_sequencer_wakes_up_fenced(tmp_path, pg_url):  # noqa: F811
+    """SIGSTOP the sequencer past its lease: a replica takes over; when the old one resumes,
+    the append it was holding is refused and it never writes again."""
+    data = tmp_path / "log"
+    procs = dict(start_tlog(data, "--database", pg_url, "--lease-ttl", "1") for _ in range(2))
+    procs = {u: p for p, u in procs.items()}
+    token = (data / "append.token").read_text().strip()
+    auth = {"Authorization": f"Bearer {token}"}
+    try:
+        roles = wait_for_one_sequencer(list(procs))
+        old = next(u for u, r in roles.items() if r["role"] == SEQUENCER)
+        new = next(u for u in procs if u != old)
+        assert httpx.post(f"{old}/add", content=b"before", headers=auth).status_code == 200
+        procs[old].send_signal(signal.SIGSTOP)
+        answer: list[httpx.Response] = []
+        with httpx.Client(timeout=30) as c:
+            try:
+                deadline = time.monotonic() + 15
+                while httpx.get(f"{new}/").json()["role"] != SEQUENCER:
+                    assert time.monotonic() < deadline, "no takeover from a paused sequencer"
+                    time.sleep(0.1)
+                after = httpx.post(f"{new}/add", content=b"after", headers=auth)
+                assert after.status_code == 200 and after.json()["index"] == 1
+                held = threading.Thread(target=lambda: answer.append(
+                    c.post(f"{old}/add", content=b"while paused", headers=auth)))
+                held.start()
+                time.sleep(0.5)  # the request waits in the paused process's socket
+            finally:
+                procs[old].send_signal(signal.SIGCONT)
+            held.join(30)
+        assert answer and answer[0].status_code == 503, answer
+        assert answer[0].json()["code"] == "not_sequencer"
+        deadline = time.monotonic() + 10
+        while httpx.get(f"{old}/").json()["role"] != REPLICA:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        more = httpx.post(f"{new}/add", content=b"later", headers=auth)
+        assert more.status_code == 200 and more.json()["index"] == 2
+        bundle = httpx.get(f"{new}/tile/entries/000.p/3").content
+        assert tiles.decode_bundle(bundle) == [b"before", b"after", b"later"]
     finally:
         for p in procs.values():
             stop(p)
