@@ -97,6 +97,7 @@ def serve(args: argparse.Namespace) -> int:
     host, port = args.listen
     try:
         sock = bind(host, port)
+        port = sock.getsockname()[1]
     except OSError as e:
         return fail(EXIT_ENVIRONMENT, str(e))
     seed = None

@@ -2,7 +2,10 @@
 
 GET /checkpoint, GET /tile/..., GET /tile/entries/..., POST /add,
 POST /add-batch (an extension: many entries, one request), GET
-/proof/{request_hash}, GET /consistency?old=M&new=N, GET / (status).
+/proof/{request_hash}, GET /consistency?old=M&new=N, GET / (status), and
+for operators GET /metrics (tlog/metrics.py), GET /healthz (the process
+answers) and GET /readyz (storage answers now, the served checkpoint is
+signed by the loaded key: 200, else 503 naming what failed).
 Every malformed request is a 4xx with a short plain-text or JSON reason.
 """
 
@@ -13,16 +16,20 @@ import base64
 import hmac
 import json
 import re
+import time
 from urllib.parse import parse_qs
 
-from tlog import merkle, tiles
+from tlog import checkpoint, merkle, tiles
+from tlog.metrics import CONTENT_TYPE, LogMetrics
 from tlog.sequencer import SEQUENCER, AppendError, Log, NotSequencer
-from tlog.service import TEXT, Receive, Scope, Send, read_body, respond
+from tlog.service import TEXT, Probe, Receive, Scope, Send, observed, read_body, respond
 
 OCTETS = b"application/octet-stream"
 JSON = b"application/json"
 IMMUTABLE = b"public, max-age=31536000, immutable"
 HEX64 = re.compile(r"[0-9a-f]{64}")
+PING_TIMEOUT = 3.0
+"""Seconds /readyz waits for storage to answer."""
 
 
 class TlogApp:
@@ -34,8 +41,14 @@ class TlogApp:
         self.log = log
         self._auth = f"Bearer {token}".encode()
         self.max_entry = max_entry
+        self.metrics = LogMetrics(log)
+        self._handle = observed(self._dispatch, self.metrics.record)
+        self._storage_probe = Probe(log.store.ping, PING_TIMEOUT)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self._handle(scope, receive, send)
+
+    async def _dispatch(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
             await self._lifespan(receive, send)
             return
@@ -63,7 +76,25 @@ class TlogApp:
                                "vkey": self.log.signer.vkey, "role": self.log.role,
                                "sequencer": self.log.sequencer_url}).encode()
             return await respond(send, 200, body, JSON, b"no-cache")
+        if path == "/metrics":
+            return await respond(send, 200, self.metrics.render(), CONTENT_TYPE, b"no-store")
+        if path == "/healthz":
+            return await _json(send, 200, {"alive": True})
+        if path == "/readyz":
+            return await self._readyz(send)
         await respond(send, 404, b"not found\n")
+
+    async def _readyz(self, send: Send) -> None:
+        """200 only if storage answers now and the served checkpoint verifies under our key."""
+        checks = {"storage": await self._storage_probe(), "checkpoint": "ok"}
+        try:
+            checkpoint.open(self.log.served.note, self.log.signer.verifier())
+        except checkpoint.CheckpointError as e:
+            checks["checkpoint"] = f"the served checkpoint does not verify: {e}"
+        ready = all(v == "ok" for v in checks.values())
+        await _json(send, 200 if ready else 503,
+                    {"ready": ready, "checks": checks, "role": self.log.role,
+                     "size": self.log.served.size})
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:
@@ -85,12 +116,14 @@ class TlogApp:
             return await _json(send, 413, {"error": f"entry larger than {self.max_entry} bytes"})
         if not body:
             return await _json(send, 400, {"error": "empty entry"})
+        started = time.perf_counter()
         try:
             added = await self.log.add(body)
         except NotSequencer as e:
             return await _not_sequencer(send, e.sequencer)
         except AppendError as e:
             return await _json(send, 503, {"error": str(e)})
+        self.metrics.append_seconds.observe(time.perf_counter() - started)
         await _json(send, 200, {"index": added.index, "checkpoint": added.checkpoint.decode(),
                                 "proof": added.proof.decode()})
 

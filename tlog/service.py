@@ -16,11 +16,13 @@ lock dies with the process (kill -9 included), so it never needs cleaning up.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import fcntl
 import os
 import socket
 import sqlite3
 import tempfile
+import time
 from collections.abc import Awaitable, Callable
 from importlib import metadata
 from pathlib import Path
@@ -63,6 +65,57 @@ async def respond(send: Send, status: int, body: bytes, ctype: bytes = TEXT,
         h += headers
     await send({"type": "http.response.start", "status": status, "headers": h})
     await send({"type": "http.response.body", "body": body})
+
+
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+Recorder = Callable[[str, int, float], None]
+"""record(path, status, seconds) for one answered HTTP request."""
+
+
+def observed(app: ASGIApp, record: Recorder) -> ASGIApp:
+    """`app` with every HTTP request reported to `record` once answered (status 500 if the
+    app raised before answering). Other scope types pass through untouched."""
+
+    async def wrapped(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await app(scope, receive, send)
+        started = time.perf_counter()
+        status = 500
+
+        async def send_observed(msg: dict[str, Any]) -> None:
+            nonlocal status
+            if msg["type"] == "http.response.start":
+                status = msg["status"]
+            await send(msg)
+
+        try:
+            await app(scope, receive, send_observed)
+        finally:
+            record(scope["path"], status, time.perf_counter() - started)
+
+    return wrapped
+
+
+class Probe:
+    """A blocking readiness check run in a thread, at most one in flight (a hung dependency
+    cannot pile up threads). `await probe()` is "ok" or a one-line reason."""
+
+    def __init__(self, check: Callable[[], object], timeout: float) -> None:
+        self._check = check
+        self._timeout = timeout
+        self._running: asyncio.Future[object] | None = None
+
+    async def __call__(self) -> str:
+        if self._running is None or self._running.done():
+            self._running = asyncio.ensure_future(asyncio.to_thread(self._check))
+            self._running.add_done_callback(lambda f: f.cancelled() or f.exception())
+        try:
+            await asyncio.wait_for(asyncio.shield(self._running), self._timeout)
+        except TimeoutError:
+            return f"no answer within {self._timeout:g} s"
+        except Exception as e:  # noqa: BLE001 - whatever the dependency raises: not ready
+            return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+        return "ok"
 
 
 def listen_address(value: str) -> tuple[str, int]:

@@ -58,7 +58,11 @@ class SQLiteStore:
 
     def ping(self) -> None:
         """The file on disk is still the one opened (not deleted or replaced) and answers."""
-        if os.stat(self._path).st_ino != self._inode:
+        try:
+            inode = os.stat(self._path).st_ino
+        except FileNotFoundError:
+            inode = None
+        if inode != self._inode:
             raise StorageError(f"{self._path} was replaced or deleted while open")
         with self._rlock:
             self._rdb.execute("SELECT size FROM checkpoints ORDER BY size DESC LIMIT 1")
