@@ -14,7 +14,8 @@
 
 `route` is one of ROUTES, never the request path, so no client can grow the
 set of label values; `witness` is a configured URL and `reason` one of the
-witness pool's stable failure labels.
+witness pool's stable failure labels. Only the sequencer talks to witnesses,
+so a replica reports no `tlog_witness_*` samples.
 """
 
 from __future__ import annotations
@@ -88,7 +89,7 @@ class LogMetrics(Collector):
                                    "valid cosignature", labels=["witness"])
         bad = CounterMetricFamily("tlog_witness_failures", "Witness answers without a valid "
                                   "cosignature, by reason", labels=["witness", "reason"])
-        if log.witnesses is not None:
+        if log.witnesses is not None and log.role == SEQUENCER:  # only it asks witnesses
             for url, st in log.witnesses.status.items():
                 size.add_metric([url], st.size)
                 lag.add_metric([url], max(0, served.size - st.size))

@@ -29,7 +29,16 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from tlog import merkle, note, proof, tiles
-from tlog.storage import FaultHook, Fenced, Head, Storage, lookup_key, recover, sign_head
+from tlog.storage import (
+    FaultHook,
+    Fenced,
+    Head,
+    Storage,
+    StorageError,
+    lookup_key,
+    recover,
+    sign_head,
+)
 from tlog.witnessing import QuorumNotReached, WitnessPool, cosigned_note
 
 if TYPE_CHECKING:
@@ -224,8 +233,7 @@ class Log:
 
     async def refresh(self) -> None:
         """Replica: serve the newest checkpoint storage holds that meets the quorum."""
-        quorum = self.witnesses.quorum if self.witnesses is not None else 0
-        heads = await asyncio.to_thread(self.store.recent, RECENT_HEADS if quorum else 1)
+        heads = await asyncio.to_thread(self.store.recent, RECENT_HEADS if self._quorum() else 1)
         best = self._servable(heads)
         if best is not None and self.role == REPLICA:
             self._advance_served(best)
@@ -269,6 +277,8 @@ class Log:
         self.role, self.term = REPLICA, None
         self._new_generation()
         self._drain(NotSequencer(self.sequencer_url))
+        if self._cosign_task is not None and self._cosign_task is not asyncio.current_task():
+            self._cosign_task.cancel()
 
     def _drain(self, err: Exception) -> None:
         """Stop taking appends; every queued one fails with `err`."""
@@ -449,8 +459,13 @@ class Log:
         async def loop() -> None:
             while True:
                 head = self.head
-                with contextlib.suppress(QuorumNotReached):
+                try:
                     await self._cosign(head)
+                except QuorumNotReached:
+                    pass
+                except StorageError as e:  # fenced, or the database is down: stop here
+                    log.warning("storing cosignatures failed: %s", e)
+                    return
                 if self.head.size == head.size:
                     return
 
