@@ -25,7 +25,6 @@ from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from prometheus_client.registry import Collector
 
 from tlog.sequencer import SEQUENCER
@@ -33,7 +32,6 @@ from tlog.sequencer import SEQUENCER
 if TYPE_CHECKING:
     from tlog.sequencer import Log
 
-CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4.encode()
 ROUTES = {"/checkpoint": "checkpoint", "/add": "add", "/add-batch": "add-batch",
           "/consistency": "consistency", "/": "status", "/metrics": "metrics",
           "/healthz": "healthz", "/readyz": "readyz"}

@@ -20,9 +20,19 @@ import time
 from urllib.parse import parse_qs
 
 from tlog import checkpoint, merkle, tiles
-from tlog.metrics import CONTENT_TYPE, LogMetrics
+from tlog.metrics import LogMetrics
 from tlog.sequencer import SEQUENCER, AppendError, Log, NotSequencer
-from tlog.service import TEXT, Probe, Receive, Scope, Send, observed, read_body, respond
+from tlog.service import (
+    METRICS_TEXT,
+    TEXT,
+    Probe,
+    Receive,
+    Scope,
+    Send,
+    observed,
+    read_body,
+    respond,
+)
 
 OCTETS = b"application/octet-stream"
 JSON = b"application/json"
@@ -77,7 +87,7 @@ class TlogApp:
                                "sequencer": self.log.sequencer_url}).encode()
             return await respond(send, 200, body, JSON, b"no-cache")
         if path == "/metrics":
-            return await respond(send, 200, self.metrics.render(), CONTENT_TYPE, b"no-store")
+            return await respond(send, 200, self.metrics.render(), METRICS_TEXT, b"no-store")
         if path == "/healthz":
             return await _json(send, 200, {"alive": True})
         if path == "/readyz":

@@ -33,6 +33,9 @@ Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 TEXT = b"text/plain; charset=utf-8"
+METRICS_TEXT = b"text/plain; version=0.0.4; charset=utf-8"
+"""Content-Type of a Prometheus text-format page (what prometheus_client's
+generate_latest writes)."""
 
 
 async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes | None:

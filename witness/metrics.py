@@ -4,7 +4,7 @@
 |---|---|---|---|
 | `witness_http_requests_total` | counter | `route`, `status` | HTTP requests answered |
 | `witness_cosignatures_total` | counter | `origin` | checkpoints cosigned |
-| `witness_refusals_total` | counter | `status` | add-checkpoint refusals (400, 403, 404, 409, 422) |
+| `witness_refusals_total` | counter | `status` | add-checkpoint refusals (400 … 422) |
 | `witness_log_size` | gauge | `origin` | the size last cosigned for each configured log |
 | `witness_forks` | gauge | | forks recorded as evidence (GET /forks) |
 

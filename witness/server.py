@@ -18,8 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tlog import checkpoint, merkle, note
-from tlog.metrics import CONTENT_TYPE
-from tlog.service import Probe, Receive, Scope, Send, observed, read_body, respond
+from tlog.service import METRICS_TEXT, Probe, Receive, Scope, Send, observed, read_body, respond
 from witness import cosignature, request
 from witness.metrics import WitnessMetrics
 from witness.state import State
@@ -160,7 +159,7 @@ class WitnessApp:
             return await respond(send, 200, json.dumps(self.witness.state.forks()).encode(),
                                b"application/json")
         if path == "/metrics" and method in ("GET", "HEAD"):
-            return await respond(send, 200, self.metrics.render(), CONTENT_TYPE, b"no-store")
+            return await respond(send, 200, self.metrics.render(), METRICS_TEXT, b"no-store")
         if path == "/healthz" and method in ("GET", "HEAD"):
             return await respond(send, 200, b'{"alive": true}', b"application/json")
         if path == "/readyz" and method in ("GET", "HEAD"):
