@@ -237,56 +237,6 @@ class LiteLLM:
         self.log.close()
 
 
-def nolog_config(text: str, data_dir: Path) -> str:
-    """The demo gateway's config without its `[log]` table and with its own state
-    directory: receipts are still signed and committed to the outbox, never shipped."""
-    out, skip = [], False
-    for line in text.splitlines():
-        if line.startswith("["):
-            skip = line.strip() == "[log]"
-        if line.startswith("data_dir = "):
-            line = f"data_dir = {json.dumps(str(data_dir))}"
-        if not skip:
-            out.append(line)
-    return "\n".join(out) + "\n"
-
-
-class NoLogGateway:
-    """A second gateway on the demo's config minus the log (to split the costs)."""
-
-    def __init__(self, data: Path, port: int) -> None:
-        cfg = data / "gateway-nolog.toml"
-        cfg.write_text(nolog_config((data / "gateway.toml").read_text(),
-                                    data / "gateway-nolog"))
-        self.log = (data / "logs" / "gateway-nolog.log").open("wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway", "serve", "--config", str(cfg),
-             "--listen", f"127.0.0.1:{port}"], cwd=ROOT, stdout=self.log, stderr=self.log,
-            stdin=subprocess.DEVNULL)
-        self.url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError("the log-less gateway exited")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(self.url + "/healthz", timeout=2).status_code == 200:
-                    return
-            time.sleep(0.1)
-        self.stop()
-        raise RuntimeError("the log-less gateway did not become ready")
-
-    def stop(self) -> None:
-        """SIGTERM, SIGKILL after 10 s."""
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
-
-
 def free_port() -> int:
     """A free TCP port on 127.0.0.1."""
     import socket
@@ -330,8 +280,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--litellm-venv", type=Path, default=ROOT / ".bench-venv")
     ap.add_argument("--profile", type=int, default=8,
                     help="seconds of py-spy sampling per process at c=16 (0: none)")
-    ap.add_argument("--no-nolog", dest="nolog", action="store_false",
-                    help="skip the extra target: a gateway with the log switched off")
     ap.add_argument("--top", type=int, default=15, help="profile entries to print")
     a = ap.parse_args(argv)
     if shutil.which("wrk") is None:
@@ -341,17 +289,12 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="pag-bench-"))
     demo = Demo(work / "demo")
     litellm: LiteLLM | None = None
-    nolog: NoLogGateway | None = None
     try:
         ready = demo.ready
         targets = [Target("direct", ready["provider"], "demo-chat-1", "unused",
                           [demo.pids["provider"]]),
                    Target("gateway", ready["gateway"] + "/v1", "demo-chat", ready["api_key"],
                           [demo.pids["gateway"]])]
-        if a.nolog:
-            nolog = NoLogGateway(work / "demo", free_port())
-            targets.append(Target("gw-nolog", nolog.url + "/v1", "demo-chat", ready["api_key"],
-                                  [nolog.proc.pid]))
         if (a.litellm_venv / "bin" / "litellm").exists():
             try:
                 litellm = LiteLLM(a.litellm_venv, ready["provider"], free_port(), work)
@@ -403,10 +346,6 @@ def main(argv: list[str] | None = None) -> int:
             line = (f"c={c}: gateway adds {s['gateway'].p50_ms - s['direct'].p50_ms:+.3f} ms "
                     f"at p50 over direct; runs at {s['gateway'].rps / s['direct'].rps:.2f}x "
                     f"direct throughput")
-            if "gw-nolog" in s:
-                line += (f"; with the log off it adds "
-                         f"{s['gw-nolog'].p50_ms - s['direct'].p50_ms:+.3f} ms "
-                         f"at {s['gw-nolog'].rps:.0f} req/s")
             if "litellm" in s:
                 line += (f"; LiteLLM adds {s['litellm'].p50_ms - s['direct'].p50_ms:+.3f} ms; "
                          f"gateway/LiteLLM throughput {s['gateway'].rps / s['litellm'].rps:.1f}x")
@@ -460,8 +399,6 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if litellm is not None:
             litellm.stop()
-        if nolog is not None:
-            nolog.stop()
         demo.stop()
         shutil.rmtree(work, ignore_errors=True)
     return 0

@@ -1,4 +1,4 @@
-"""`python -m gateway serve|demo|verify-routes ...`: dispatch to the command's module."""
+"""`python -m gateway COMMAND ...` (serve, demo, verify-routes, verify-evidence): dispatch."""
 
 from __future__ import annotations
 
@@ -10,6 +10,9 @@ commands:
   serve --config FILE --listen HOST:PORT     run the gateway
   demo --data DIR --listen HOST:PORT          run the whole local demo stack
   verify-routes --config FILE                 verify every route's provider now
+  verify-evidence --log URL --vkey VKEY --index N [--witness VKEY ...]
+                  [--allow-simulated] [--collateral FILE]
+                                              re-verify a logged pag-evidence/1 entry
 """
 
 
@@ -28,6 +31,9 @@ def main(argv: list[str]) -> int:
     if cmd == "verify-routes":
         from gateway.api import verify_routes
         return verify_routes.main(rest)
+    if cmd == "verify-evidence":
+        from gateway.api import verify_evidence
+        return verify_evidence.main(rest)
     print(f"unknown command {cmd!r}\n{USAGE}", end="", file=sys.stderr)
     return 2
 

@@ -7,7 +7,10 @@ from pathlib import Path
 import pytest
 
 from gateway.api import config
+from tlog import note
+from witness import cosignature
 
+WITNESS_VKEY = cosignature.generate_signer("w").vkey
 EXAMPLE = """
 [gateway]
 name = "pag-demo"
@@ -23,8 +26,8 @@ endpoint = "sim/dstack.sock"
 [log]
 url = "http://127.0.0.1:9000/"
 token_file = "append.token"
-vkey = "log+01234567+AAAA"
-witness_vkeys = ["w+01234567+AAAA"]
+vkey = "{log_vkey}"
+witness_vkeys = ["{witness_vkey}"]
 quorum = 1
 
 [[api_keys]]
@@ -49,7 +52,9 @@ required = true
 allow_simulated = true
 allow_unverified = false
 max_lease_age = 300
-""".format(admin="a" * 64, key="b" * 64)
+app_id = "{app}"
+""".format(admin="a" * 64, key="b" * 64, app="c" * 40, log_vkey=note.generate_signer("log").vkey,
+           witness_vkey=WITNESS_VKEY)
 
 
 def write(tmp: Path, text: str) -> Path:
@@ -65,13 +70,14 @@ def test_documented_example_loads(tmp_path: Path) -> None:
     assert cfg.dstack_endpoint == str(tmp_path.resolve() / "sim" / "dstack.sock")
     assert cfg.log.url == "http://127.0.0.1:9000"
     assert cfg.log.token_file == tmp_path.resolve() / "append.token"
-    assert cfg.log.witness_vkeys == ("w+01234567+AAAA",)
+    assert cfg.log.witness_vkeys == (WITNESS_VKEY,) and cfg.log.quorum == 1
     assert cfg.api_keys[0].requests_per_minute == 6000
     r = cfg.routes[0]
     assert (r.id, r.aliases, r.upstream_model, r.timeout) == (
         "demo-dstack", ("gpt-4o-mini",), "demo-chat-1", 30.0)
     assert r.attestation_url == "http://127.0.0.1:8001/.well-known/attestation"
-    assert r.policy == {"allow_simulated": True, "allow_unverified": False, "max_lease_age": 300}
+    assert r.policy == {"allow_simulated": True, "allow_unverified": False, "max_lease_age": 300,
+                        "app_id": "c" * 40}
 
 
 def test_defaults(tmp_path: Path) -> None:
@@ -126,9 +132,10 @@ def test_missing_file(tmp_path: Path) -> None:
 def test_policy_paths_resolve_against_the_config_directory(tmp_path: Path) -> None:
     cfg = config.load(write(tmp_path, "[[routes]]\nid='r'\nmodel='m'\nprovider='p'\n"
                             "base_url='https://x/v1'\nevidence='dstack'\n[routes.policy]\n"
-                            "collateral_file = 'pcs/col.json'\nallow_simulated = false\n"))
+                            "collateral_file = 'pcs/col.json'\nallow_simulated = false\n"
+                            "allow_any_workload = true\n"))
     assert cfg.routes[0].policy == {"collateral_file": str(tmp_path / "pcs" / "col.json"),
-                                    "allow_simulated": False}
+                                    "allow_simulated": False, "allow_any_workload": True}
 
 
 @pytest.mark.parametrize(("evidence", "url"), [
@@ -140,13 +147,15 @@ def test_policy_paths_resolve_against_the_config_directory(tmp_path: Path) -> No
 ])
 def test_attestation_url_defaults_per_evidence_kind(tmp_path: Path, evidence: str, url: str) -> None:
     cfg = config.load(write(tmp_path, "[[routes]]\nid='r'\nmodel='m'\nprovider='p'\n"
-                            f"base_url='https://p.example:8443/v1'\nevidence='{evidence}'\n"))
+                            f"base_url='https://p.example:8443/v1'\nevidence='{evidence}'\n"
+                            "policy = { allow_any_workload = true }\n"))
     assert cfg.routes[0].attestation_url == url
 
 
 def test_provider_key_is_read_from_its_file_and_never_shown(tmp_path: Path) -> None:
     (tmp_path / "near.key").write_text("sk-secret-123\n")
-    route = "[[routes]]\nid='r'\nmodel='m'\nprovider='p'\nevidence='nearai'\n"
+    route = ("[[routes]]\nid='r'\nmodel='m'\nprovider='p'\nevidence='nearai'\n"
+             "policy = { app_id = 'ab' }\n")
     cfg = config.load(write(tmp_path, route + "base_url='https://x/v1'\napi_key_file='near.key'\n"))
     assert cfg.routes[0].api_key == "sk-secret-123"
     assert "sk-secret" not in repr(cfg)

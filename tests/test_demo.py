@@ -158,7 +158,8 @@ def test_restart_reuses_keys_and_sigterm_stops_every_part(tmp_path: Path) -> Non
         key2 = httpx.get(again["gateway"] + "/.well-known/attestation",
                          timeout=30).json()["keyset"]
         assert key2["receipt_signing_key"] == key1["receipt_signing_key"]
-        old = httpx.get(f"{again['gateway']}/v1/receipts/{receipt_id}", timeout=10)
+        old = httpx.get(f"{again['gateway']}/v1/receipts/{receipt_id}", timeout=10,
+                        headers=auth(again))
         assert old.status_code == 200
         assert old.json()["receipt"]["id"] == receipt_id
         assert chat(again, "hello again").status_code == 200
@@ -195,10 +196,14 @@ def test_bad_arguments_exit_2(capsys: pytest.CaptureFixture[str], tmp_path: Path
 
 def test_generated_config_is_valid_and_hashes_keys(tmp_path: Path) -> None:
     from gateway.api import config
+    from tlog import note
+    from witness import cosignature
 
+    w = cosignature.generate_signer("w").vkey
     text = demo.gateway_config(
         data=tmp_path, dstack_socket=tmp_path / "s.sock", tlog_url="http://127.0.0.1:1",
-        log_vkey="v", witness_vkey="w", api_key="sk-secret", admin_key="sk-admin",
+        log_vkey=note.generate_signer("v").vkey, witness_vkey=w, api_key="sk-secret",
+        admin_key="sk-admin",
         provider_http="http://127.0.0.1:2", provider_base="https://127.0.0.1:3/v1")
     path = tmp_path / "gateway.toml"
     path.write_text(text)
@@ -210,7 +215,8 @@ def test_generated_config_is_valid_and_hashes_keys(tmp_path: Path) -> None:
                for r in cfg.routes)
     assert cfg.routes[0].attestation_url == "http://127.0.0.1:2/.well-known/attestation"
     assert all(r.policy["app_id"] == demo.PROVIDER_APP_ID for r in cfg.routes)
-    assert cfg.log.quorum == 1 and cfg.log.witness_vkeys == ("w",)
+    assert all(r.policy["compose_hash"] == demo.PROVIDER_COMPOSE_HASH for r in cfg.routes)
+    assert cfg.log.quorum == 1 and cfg.log.witness_vkeys == (w,)
 
 
 def test_secret_file_is_created_once_private(tmp_path: Path) -> None:

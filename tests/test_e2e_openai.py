@@ -101,11 +101,13 @@ def attested_key(stack: Demo) -> bytes:
     return base64.b64decode(doc["keyset"]["receipt_signing_key"])
 
 
-def fetch_logged(gateway: str, receipt_id: str) -> dict[str, Any]:
-    """GET /v1/receipts/{id} until it carries a proof (the shipper logs asynchronously)."""
+def fetch_logged(ready: dict[str, Any], receipt_id: str) -> dict[str, Any]:
+    """GET /v1/receipts/{id} (as its owner) until it carries a proof (the shipper logs
+    asynchronously)."""
     deadline = time.monotonic() + PROOF_WAIT
     while True:
-        r = httpx.get(f"{gateway}/v1/receipts/{receipt_id}", timeout=10)
+        r = httpx.get(f"{ready['gateway']}/v1/receipts/{receipt_id}", timeout=10,
+                      headers={"Authorization": f"Bearer {ready['api_key']}"})
         assert r.status_code == 200, r.text
         doc = r.json()
         if doc["proof"] is not None or time.monotonic() > deadline:
@@ -119,7 +121,7 @@ def check_exchange(stack: Demo, key: bytes, sent: bytes, headers: httpx.Headers,
     salt = bytes.fromhex(headers["x-receipt-salt"])
     request_hash = receipts.digest(salt, sent)
     assert headers["x-request-hash"] == request_hash
-    doc = fetch_logged(stack.ready["gateway"], headers["x-receipt-id"])
+    doc = fetch_logged(stack.ready, headers["x-receipt-id"])
     rec = doc["receipt"]
     assert rec["id"] == headers["x-receipt-id"]
     assert rec["request_hash"] == request_hash
@@ -211,7 +213,8 @@ def test_refusal_carries_a_receipt(stack: Demo, client: tuple[openai.OpenAI, Cap
     (sent, headers, _), = cap.log
     assert headers["x-request-hash"] == receipts.digest(bytes.fromhex(headers["x-receipt-salt"]),
                                                        sent)
-    r = httpx.get(f"{stack.ready['gateway']}/v1/receipts/{headers['x-receipt-id']}", timeout=10)
+    r = httpx.get(f"{stack.ready['gateway']}/v1/receipts/{headers['x-receipt-id']}", timeout=10,
+                  headers={"Authorization": f"Bearer {stack.ready['api_key']}"})
     assert r.json()["receipt"]["refusal"]["code"] == "model_not_found"
 
 

@@ -31,12 +31,18 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.x509.oid import NameOID
 
 from gateway.api import config as gconfig
+from gateway.api import server
 from gateway.api.apikeys import hash_key
 from gateway.api.app import Gateway
+from gateway.api.routes import now_rfc3339
+from gateway.receipts import keysets
+from gateway.receipts.logclient import LogClient
 from gateway.receipts.outbox import Outbox, ReceiptSigner
 from gateway.receipts.shipper import LogStatus, Shipper
 from gateway.upstream.leases import Leases, LeaseSource
 from tlog import checkpoint, merkle, note, proof, tiles
+from verifier.tee.keyset import keyset_hash
+from witness import cosignature
 
 API_KEY = "sk-test-key"
 ADMIN_KEY = "admin-test-key"
@@ -87,6 +93,7 @@ class FakeProvider:
         self.port = 0
         self.tls: ssl.SSLContext | None = None
         self.break_stream = False
+        self.usage_on_chunks = False  # "usage": null on every chunk when usage is asked for
 
     @property
     def base_url(self) -> str:
@@ -132,6 +139,9 @@ class FakeProvider:
                 chunk = {"id": "c1", "object": "chat.completion.chunk", "model": model,
                          "choices": [{"index": 0, "delta": {"content": w},
                                       "finish_reason": None if i < 2 else "stop"}]}
+                if self.usage_on_chunks and (req.get("stream_options") or {}).get(
+                        "include_usage"):
+                    chunk["usage"] = None
                 data = b"data: " + json.dumps(chunk).encode() + b"\n\n"
                 sent += data
                 await resp.write(data)
@@ -223,11 +233,16 @@ class FakeLeaseStore:
 
 
 class FakeLog:
-    """`POST /add` with bearer auth, answering with a real, verifiable tlog-proof."""
+    """`POST /add` with bearer auth, answering with a real, verifiable tlog-proof;
+    `GET /checkpoint` and `GET /proof/{request_hash}` too. With a `witness`, every
+    checkpoint carries its cosignature while `cosign` is true."""
 
-    def __init__(self, token: str = "append-token", batch_refusals: bool = False) -> None:
+    def __init__(self, token: str = "append-token", batch_refusals: bool = False,
+                 witness: cosignature.CosignatureSigner | None = None) -> None:
         self.token = token
         self.batch_refusals = batch_refusals  # serve /add-batch, acknowledging no entry
+        self.witness = witness
+        self.cosign = True
         self.signer = note.generate_signer("fake.log/test")
         self.entries: list[bytes] = []
         self.leaves: list[bytes] = []
@@ -246,6 +261,8 @@ class FakeLog:
     async def start(self) -> None:
         app = web.Application()
         app.router.add_post("/add", self._add)
+        app.router.add_get("/checkpoint", self._checkpoint)
+        app.router.add_get("/proof/{h}", self._proof)
         if self.batch_refusals:
             app.router.add_post("/add-batch", self._refuse_batch)
         self.runner = web.AppRunner(app, access_log=None)
@@ -267,15 +284,37 @@ class FakeLog:
         if self.fail:
             return web.Response(status=503)
         entry = await request.read()
-        index = len(self.entries)
         self.entries.append(entry)
         self.leaves.append(merkle.leaf_hash(entry))
-        size = len(self.leaves)
-        cp = checkpoint.Checkpoint("fake.log/test", size, merkle.root(self.leaves), ())
-        p = proof.TlogProof(index, tuple(merkle.inclusion_proof(index, size, self.leaves)),
-                            checkpoint.sign(cp, self.signer), entry)
-        return web.json_response({"index": index, "checkpoint": p.checkpoint.decode(),
+        p = self.prove(len(self.entries) - 1)
+        return web.json_response({"index": p.index, "checkpoint": p.checkpoint.decode(),
                                   "proof": p.format().decode()})
+
+    def signed_checkpoint(self) -> bytes:
+        """The current checkpoint, signed (and cosigned when the witness is on)."""
+        cp = checkpoint.Checkpoint("fake.log/test", len(self.leaves), merkle.root(self.leaves),
+                                   ())
+        signed = checkpoint.sign(cp, self.signer)
+        if self.witness is not None and self.cosign:
+            signed += cosignature.cosign(signed, self.witness).line()
+        return signed
+
+    def prove(self, index: int) -> proof.TlogProof:
+        """The proof of entry `index` under the current checkpoint."""
+        size = len(self.leaves)
+        return proof.TlogProof(index, tuple(merkle.inclusion_proof(index, size, self.leaves)),
+                               self.signed_checkpoint(), self.entries[index])
+
+    async def _checkpoint(self, request: web.Request) -> web.Response:
+        return web.Response(body=self.signed_checkpoint(), content_type="text/plain")
+
+    async def _proof(self, request: web.Request) -> web.Response:
+        want = request.match_info["h"]
+        for i, entry in enumerate(self.entries):
+            with contextlib.suppress(ValueError, AttributeError):
+                if json.loads(entry).get("request_hash") == want:
+                    return web.Response(body=self.prove(i).format(), content_type="text/plain")
+        return web.Response(status=404)
 
 
 @dataclass
@@ -296,6 +335,10 @@ def write_config(tmp: Path, provider_url: str, *, log: FakeLog | LogRef | None =
         token.write_text(log.token + "\n")
     log_table = (f'[log]\nurl = "{log.url}"\ntoken_file = "append.token"\nvkey = "{log.vkey}"\n'
                  if log is not None else "")
+    witness = getattr(log, "witness", None)
+    if witness is not None:
+        log_table += f'witness_vkeys = ["{witness.vkey}"]\nquorum = 1\n'
+
     routes = routes if routes is not None else f"""
 [[routes]]
 id = "r1"
@@ -306,6 +349,7 @@ base_url = "{provider_url}"
 upstream_model = "upstream-chat-1"
 priority = 0
 evidence = "dstack"
+policy = {{ allow_any_workload = true }}
 
 [[routes]]
 id = "r2"
@@ -315,6 +359,7 @@ base_url = "{provider_url}"
 upstream_model = "upstream-chat-2"
 priority = 1
 evidence = "dstack"
+policy = {{ app_id = "{'ab' * 20}" }}
 
 [[routes]]
 id = "e1"
@@ -356,13 +401,46 @@ class Running:
     e2ee_key: X25519PrivateKey
     store: LeaseSource
     shipper: Shipper | None
+    keyset_index: int
+    log_client: LogClient | None
 
 
 IDENTITY = {"app_id": "ab" * 20, "compose_hash": "cd" * 32, "keyset_hash": "ef" * 32}
 
 
-async def attest(nonce: str | None) -> dict[str, Any]:
-    return {"quote": "00", "event_log": [], "simulated": True, "nonce": nonce}
+@dataclass
+class FakeIdentity:
+    """A gateway identity without a TEE: the keyset of the given keys, an attestation
+    document without a real quote, and (with a log) its keyset entry logged."""
+
+    identity: dict[str, str]
+    keyset_index: int
+    log_client: LogClient | None
+    keyset: dict[str, str] = field(default_factory=dict)
+
+    async def attest(self, nonce: str | None) -> dict[str, Any]:
+        doc = {"quote": "00", "event_log": "[]", "simulated": True, "keyset": self.keyset,
+               "keyset_hash": self.identity["keyset_hash"], "app_id": self.identity["app_id"],
+               "compose_hash": self.identity["compose_hash"]}
+        if nonce is not None:
+            doc["nonce"] = nonce
+        return doc
+
+
+async def fake_identity(cfg: gconfig.Config, rk: Ed25519PrivateKey,
+                        ek: X25519PrivateKey) -> FakeIdentity:
+    """The identity of a test gateway; its keyset entry is appended when a log is set."""
+    keyset = {"receipt_signing_key": b64(rk.public_key().public_bytes_raw()),
+              "e2ee_public_key": b64(ek.public_key().public_bytes_raw()),
+              "tls_spki_sha256": "00" * 32, "log_vkey": cfg.log.vkey or ""}
+    fake = FakeIdentity(dict(IDENTITY, keyset_hash=keyset_hash(keyset)), 0, None, keyset)
+    if cfg.log.url:
+        fake.log_client = server.log_client(cfg)
+        rec = await keysets.ensure_logged(fake.log_client, fake.attest,
+                                          fake.identity["keyset_hash"], cfg.log.vkey or "",
+                                          cfg.gateway.data_dir, now_rfc3339)
+        fake.keyset_index = rec.index
+    return fake
 
 
 @contextlib.asynccontextmanager
@@ -380,10 +458,13 @@ async def run_gateway(cfg_path: Path, store: LeaseSource | None = None,
     outbox = Outbox(cfg.gateway.data_dir, cfg.gateway.outbox_durability)
     token = cfg.log.token_file.read_text().strip() if cfg.log.token_file else None
     shipper = Shipper(cfg.gateway.data_dir, cfg.log.url, token, cfg.log.vkey,
-                      concurrency=8) if cfg.log.url else None
+                      concurrency=8, witnesses=cfg.log.witness_vkeys,
+                      quorum=cfg.log.quorum) if cfg.log.url else None
     status = LogStatus(outbox, shipper is not None)
-    app = Gateway(cfg, signer=ReceiptSigner(rk), identity=IDENTITY, outbox=outbox,
-                  status=status, leases=Leases(store, error_type), attest=attest,
+    ident = await fake_identity(cfg, rk, ek)
+    app = Gateway(cfg, signer=ReceiptSigner(rk), identity=ident.identity, outbox=outbox,
+                  status=status, leases=Leases(store, error_type),
+                  attest=ident.attest, keyset_index=ident.keyset_index,
                   e2ee_key=ek.private_bytes_raw())
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)  # asyncio sets
     # TCP_NODELAY only on sockets whose proto is TCP (else Nagle adds 40 ms per response)
@@ -399,13 +480,16 @@ async def run_gateway(cfg_path: Path, store: LeaseSource | None = None,
             if task.done():
                 task.result()
             await asyncio.sleep(0.01)
-        yield Running(app, f"http://127.0.0.1:{port}", rk, ek, store, shipper)
+        yield Running(app, f"http://127.0.0.1:{port}", rk, ek, store, shipper,
+                      ident.keyset_index, ident.log_client)
     finally:
         server.should_exit = True
         await task
         sock.close()
         if shipper is not None:
             await shipper.close()
+        if ident.log_client is not None:
+            await ident.log_client.close()
         outbox.close()
 
 
@@ -424,20 +508,20 @@ class Stack:
 
 
 @contextlib.asynccontextmanager
-async def gateway_stack(tmp: Path, *, log: bool = False, log_up: bool = True,
+async def gateway_stack(tmp: Path, *, log: bool = False,
                         store: FakeLeaseStore | None = None, tls: ssl.SSLContext | None = None,
                         routes: Callable[[str], str] | None = None, timeout: float = 5.0,
                         extra_gateway: str = "", rpm: int = 0, budget: int = 0
                         ) -> AsyncIterator[Stack]:
     """The one set-up of the gateway HTTP tests: start a `FakeProvider` (over `tls` if
-    given) and, with `log`, a `FakeLog` (left down when `log_up` is false); write the
-    config in `tmp` (`routes` builds the route tables from the provider's base URL);
-    serve the gateway and open a client. Everything is stopped on exit, even on failure."""
+    given) and, with `log`, a `FakeLog` (running: the gateway listens only once its keyset
+    entry is logged); write the config in `tmp` (`routes` builds the route tables from the
+    provider's base URL); serve the gateway and open a client. Everything is stopped on exit, even on failure."""
     prov = FakeProvider()
     fake_log = FakeLog() if log else None
     await prov.start(tls=tls)
     try:
-        if fake_log is not None and log_up:
+        if fake_log is not None:
             await fake_log.start()
         cfg = write_config(tmp, prov.base_url, log=fake_log, extra_gateway=extra_gateway,
                            routes=routes(prov.base_url) if routes else None,
@@ -475,17 +559,17 @@ def serve_main(argv: list[str]) -> None:
     leases, but the real outbox, shipper process and uvicorn serving (for kill -9 tests)."""
     import uvloop
 
-    from gateway.api import server
-
     cfg = gconfig.load(argv[0])
 
     async def main() -> None:
+        rk, ek = Ed25519PrivateKey.generate(), X25519PrivateKey.generate()
+        ident = await fake_identity(cfg, rk, ek)
         outbox = Outbox(cfg.gateway.data_dir, cfg.gateway.outbox_durability)
         shipper = server.start_shipper(cfg)
-        app = Gateway(cfg, signer=ReceiptSigner(Ed25519PrivateKey.generate()),
-                      identity=IDENTITY, outbox=outbox,
+        app = Gateway(cfg, signer=ReceiptSigner(rk), identity=ident.identity, outbox=outbox,
                       status=LogStatus(outbox, shipper is not None),
-                      leases=Leases(FakeLeaseStore(), FakeVerificationError), attest=attest)
+                      leases=Leases(FakeLeaseStore(), FakeVerificationError),
+                      attest=ident.attest, keyset_index=ident.keyset_index)
         srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=int(argv[1]),
                                             lifespan="on", log_level="warning",
                                             access_log=False, loop="none"))

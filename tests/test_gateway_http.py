@@ -50,7 +50,7 @@ def run(coro: Any) -> Any:
 async def fetch_receipt(s: Stack, rid: str, logged: bool = False) -> dict[str, Any]:
     """The gateway's `/v1/receipts/{rid}` document; with `logged`, once it has a proof."""
     for _ in range(500):
-        r = await s.client.get(f"{s.url}/v1/receipts/{rid}")
+        r = await s.client.get(f"{s.url}/v1/receipts/{rid}", headers=AUTH)
         assert r.status_code == 200
         doc = r.json()
         if not logged or doc["proof"] is not None:
@@ -295,7 +295,8 @@ def test_rate_limit_and_budget(tmp_path: Path) -> None:
             assert [r.status_code for r in codes] == [200, 200, 429]
             assert codes[2].json()["error"]["code"] == "rate_limit_exceeded"
         (tmp_path / "b").mkdir()
-        async with gateway_stack(tmp_path / "b", budget=8) as s:
+        # room for one call's reservation (body + max_reserve_tokens), not two
+        async with gateway_stack(tmp_path / "b", budget=len(CHAT) + 4096) as s:
             url = s.url + "/v1/chat/completions"
             assert (await s.client.post(url, content=CHAT, headers=AUTH)).status_code == 200
             r = await s.client.post(url, content=CHAT, headers=AUTH)
@@ -350,7 +351,8 @@ def test_require_log_inclusion_waits_for_proof(tmp_path: Path) -> None:
             url = s.url + "/v1/chat/completions"
             r = await c.post(url, content=CHAT, headers=AUTH)
             assert r.status_code == 200
-            doc = (await c.get(f"{s.url}/v1/receipts/{r.headers['x-receipt-id']}")).json()
+            doc = (await c.get(f"{s.url}/v1/receipts/{r.headers['x-receipt-id']}",
+                               headers=AUTH)).json()
             assert doc["index"] is not None
             check_proof(doc, log.vkey)
             log.fail = True
@@ -365,10 +367,12 @@ def test_require_log_inclusion_waits_for_proof(tmp_path: Path) -> None:
 
 def test_log_unavailable_refuse_then_recover(tmp_path: Path) -> None:
     async def go() -> None:
-        async with gateway_stack(tmp_path, log=True, log_up=False,
+        # the gateway listens only once its keyset entry is logged: the log goes down after
+        async with gateway_stack(tmp_path, log=True,
                                  extra_gateway='log_unavailable = "refuse"') as s:
             assert s.log is not None
             c, log = s.client, s.log
+            await log.stop()
             url = s.url + "/v1/chat/completions"
             first = await c.post(url, content=CHAT, headers=AUTH)
             assert first.status_code == 200  # served; its receipt waits in the outbox

@@ -11,7 +11,10 @@ import pytest
 
 from gateway import __main__ as cli
 from gateway.api import server
+from tlog import note
 from tlog.service import listen_address
+
+LOG_VKEY = note.generate_signer("log.test").vkey
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -62,7 +65,7 @@ def test_bootstrap_against_the_dstack_simulator(tmp_path: Path) -> None:
         sock = tmp_path / "d.sock"
         async with sim.SimulatorServer(sock, tmp_path / "sim"):
             (tmp_path / "g.toml").write_text(
-                f'[dstack]\nendpoint = "{sock}"\n[log]\nvkey = "log.test+01020304+AAAA"\n'
+                f'[dstack]\nendpoint = "{sock}"\n[log]\nvkey = "{LOG_VKEY}"\n'
                 '[leases]\nredis_url = "redis://127.0.0.1:6379/0"\n')
             cfg = config.load(tmp_path / "g.toml")
             ident = await server.bootstrap(cfg)
@@ -73,7 +76,7 @@ def test_bootstrap_against_the_dstack_simulator(tmp_path: Path) -> None:
         assert len(ident.lease_mac_key) == 32 and ident.lease_mac_key == again.lease_mac_key
         assert ident.lease_mac_key not in (ident.e2ee_private, ident.receipt_key.private_bytes_raw())
         assert doc["keyset"]["receipt_signing_key"] == base64.b64encode(pub).decode()
-        assert doc["keyset"]["log_vkey"] == "log.test+01020304+AAAA"
+        assert doc["keyset"]["log_vkey"] == LOG_VKEY
         assert ident.gateway == {"app_id": doc["app_id"], "compose_hash": doc["compose_hash"],
                                  "keyset_hash": doc["keyset_hash"]}
         attestation.check(doc, nonce="00ff", allow_simulated=True)

@@ -29,6 +29,7 @@ SERVER = ("aiohttp", "orjson", "fastapi", "starlette", "uvicorn", "uvloop", "red
 # Pure formats: bytes in, values or errors out; no I/O of any kind.
 PURE = ("tlog.merkle", "tlog.note", "tlog.checkpoint", "tlog.tiles", "tlog.proof",
         "witness.cosignature", "witness.request", "verifier.receipt", "verifier.keyset_entry",
+        "verifier.evidence_entry",
         "verifier.aci", "verifier.tee")
 PURE_THIRD_PARTY = {"cryptography", "rfc8785", "pyhpke", "dcap_qvl"}
 IO = {"asyncio", "socket", "ssl", "selectors", "subprocess", "multiprocessing", "threading",
@@ -288,7 +289,8 @@ VERIFIER_CHECK = textwrap.dedent("""
              "gateway": {{}}, "request_hash": receipt.digest(salt, b"q"),
              "forwarded_hash": None, "route": {{}}, "upstream": {{"verified": False}},
              "provider_request_hash": None, "provider_response_hash": None,
-             "response_hash": receipt.digest(salt, b"a"), "e2ee": {{"mode": "none"}}}}
+             "response_hash": receipt.digest(salt, b"a"), "e2ee": {{"mode": "none"}},
+             "keyset_index": 0}}
     signed = receipt.sign(body, key)
     assert receipt.verify(signed) == key.public_key().public_bytes_raw()
     print(len(names), "modules imported")

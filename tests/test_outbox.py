@@ -36,7 +36,8 @@ def body() -> dict[str, object]:
             "upstream": {"verified": False, "evidence": "none"},
             "provider_request_hash": None, "provider_response_hash": None,
             "response_hash": "3" * 64, "e2ee": {"mode": "none"},
-            "refusal": {"code": "no_route", "status": 502}, "usage": {"total_tokens": 3}}
+            "refusal": {"code": "no_route", "status": 502}, "usage": {"total_tokens": 3},
+            "keyset_index": 4}
 
 
 def test_signer_matches_reference_receipt_module() -> None:

@@ -25,7 +25,7 @@ from gateway.api import pipeline
 from gateway.api.apikeys import KeyStore, hash_key
 from gateway.api.config import ApiKey, Config, GatewaySettings, LogSettings, RouteSpec
 from gateway.api.errors import GatewayError
-from gateway.api.ratelimit import Limiter
+from gateway.api.ratelimit import Hold, Limiter
 from gateway.api.router import Router
 from gateway.api.routes import RouteBook
 from gateway.receipts.outbox import ReceiptSigner
@@ -45,6 +45,7 @@ from verifier import aci, receipt
 
 SALT = bytes(range(32))
 KEY = ApiKey("test", hash_key(API_KEY))
+KEYSET_INDEX = 7  # where the (fake) log holds the gateway's keyset entry
 AUTH = f"Bearer {API_KEY}".encode()
 CHAT = {"model": "chat-model", "messages": [{"role": "user", "content": MARKER}]}
 PIN = "tls_spki_sha256:" + "aa" * 32
@@ -82,9 +83,12 @@ class MemoryOutbox:
 
     def __init__(self) -> None:
         self.puts: list[tuple[str, str, bytes]] = []
+        self.owners: list[str | None] = []
 
-    async def put(self, receipt_id: str, request_hash: str, entry: bytes) -> None:
+    async def put(self, receipt_id: str, request_hash: str, entry: bytes,
+                  key_sha256: str | None = None) -> None:
         self.puts.append((receipt_id, request_hash, entry))
+        self.owners.append(key_sha256)
 
 
 @dataclass
@@ -118,7 +122,8 @@ def services(*, routes: tuple[RouteSpec, ...] = ROUTES, store: FakeLeaseStore | 
         routes=RouteBook(router.routes, leases), signer=ReceiptSigner(Ed25519PrivateKey
                                                                       .generate()),
         outbox=MemoryOutbox(), status=FakeStatus(), identity=IDENTITY,  # type: ignore[arg-type]
-        e2ee_key=e2ee_key, upstream=FakeUpstream())  # type: ignore[arg-type]
+        keyset_index=KEYSET_INDEX, e2ee_key=e2ee_key,
+        upstream=FakeUpstream())  # type: ignore[arg-type]
 
 
 def new_call(kind: str = "chat", key: ApiKey = KEY) -> pipeline.Call:
@@ -229,27 +234,27 @@ def test_authenticate_accepts_only_the_bearer_key() -> None:
 def test_admit_enforces_rate_then_budget() -> None:
     svc = services()
     limited = ApiKey("limited", hash_key("k2"), requests_per_minute=1, token_budget=10)
-    pipeline.admit(svc, limited)
+    run(pipeline.admit(svc, limited))
     with pytest.raises(GatewayError) as e:
-        pipeline.admit(svc, limited)
+        run(pipeline.admit(svc, limited))
     assert refusal(e) == (429, "rate_limit_exceeded")
     budget = ApiKey("budget", hash_key("k3"), token_budget=10)
-    pipeline.admit(svc, budget)
-    svc.limiter.charge(budget, 10)
+    run(pipeline.admit(svc, budget))
+    run(svc.limiter.settle(Hold(budget.sha256, 0), 10))
     with pytest.raises(GatewayError) as e:
-        pipeline.admit(svc, budget)
+        run(pipeline.admit(svc, budget))
     assert refusal(e) == (429, "budget_exceeded")
 
 
 def test_admit_refuses_while_the_log_is_down_only_under_the_refuse_policy() -> None:
     queue = services()
     queue.status.log_down = True
-    pipeline.admit(queue, KEY)  # serve-and-queue: served, the receipt waits
+    run(pipeline.admit(queue, KEY))  # serve-and-queue: served, the receipt waits
     strict = services(log_unavailable="refuse")
-    pipeline.admit(strict, KEY)
+    run(pipeline.admit(strict, KEY))
     strict.status.log_down = True
     with pytest.raises(GatewayError) as e:
-        pipeline.admit(strict, KEY)
+        run(pipeline.admit(strict, KEY))
     assert refusal(e) == (503, "log_unavailable")
 
 
@@ -476,14 +481,18 @@ ANSWER = {"id": "c1", "choices": [{"message": {"role": "assistant", "content": C
           "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}}
 
 
-def test_finish_json_records_usage_and_charges_the_key() -> None:
+def test_finish_json_records_usage_and_settle_charges_the_key() -> None:
     svc = services()
     call = served_call(svc)
+    call.hold = run(svc.limiter.reserve(KEY, 100))
     data = json.dumps(ANSWER).encode()
     status, out, ctype = pipeline.finish_json(svc, call, reply(data, ctype="application/json"))
     assert (status, out, ctype) == (200, data, b"application/json")
     assert call.provider_response_hash == receipt.digest(SALT, data)
-    assert call.usage == ANSWER["usage"] and svc.limiter.used(KEY) == 8
+    assert call.usage == ANSWER["usage"]
+    run(pipeline.settle(svc, call))
+    run(pipeline.settle(svc, call))  # once only
+    assert svc.limiter.used(KEY) == 8 and call.hold is None
 
 
 def test_finish_json_malformed_json_is_a_502_naming_the_route_only() -> None:
@@ -604,6 +613,7 @@ def relay(svc: pipeline.Services, call: pipeline.Call,
 def test_relay_stream_hashes_both_sides_and_commits_before_the_end() -> None:
     svc = services()
     call = served_call(svc)
+    call.hold = run(svc.limiter.reserve(KEY, 100))  # settled with the usage, before commit
     ev1, _ = chunk_event({"choices": [{"delta": {"content": "a"}}]})
     ev2, _ = chunk_event({"choices": [], "usage": {"total_tokens": 4}})
     parts = [ev1[:7], ev1[7:] + ev2, b"data: [DONE]\n\n", b"data: tail"]
@@ -612,6 +622,7 @@ def test_relay_stream_hashes_both_sides_and_commits_before_the_end() -> None:
     assert relayed == b"".join(parts)
     assert call.provider_response_hash == receipt.digest(SALT, b"".join(parts))
     assert call.usage == {"total_tokens": 4} and svc.limiter.used(KEY) == 4
+    assert call.hold is None
     assert call.refusal is None
     signed = json.loads(svc.outbox.puts[0][2])  # type: ignore[attr-defined]
     assert signed["response_hash"] == receipt.digest(SALT, relayed)
@@ -643,10 +654,11 @@ def test_receipt_body_of_a_served_call() -> None:
     call.upstream_status, call.usage = 200, {"total_tokens": 8}
     call.attempts = ["r0:upstream_timeout"]
     call.response_signature = "verified"
-    body = pipeline.receipt_body(call, IDENTITY, receipt.digest(SALT, b"out"))
+    body = pipeline.receipt_body(call, IDENTITY, KEYSET_INDEX, receipt.digest(SALT, b"out"))
     assert set(body) == set(receipt.REQUIRED) - {"signature"} | {
         "usage", "upstream_status", "failed_attempts"}
     assert body["v"] == receipt.VERSION and body["gateway"] == IDENTITY
+    assert body["keyset_index"] == KEYSET_INDEX
     assert RFC3339_MS.fullmatch(body["time"])
     assert body["route"] == {"route_id": "r1", "model": "chat-model", "provider": "p-r1",
                              "upstream_model": "up-r1"}
@@ -664,14 +676,14 @@ def test_receipt_body_of_a_refused_call() -> None:
     call = new_call()
     call.refusal = {"code": "model_not_found", "status": 404}
     call.response_signature = "verified"  # without a lease it is not claimed
-    body = pipeline.receipt_body(call, IDENTITY, receipt.digest(SALT, b"err"))
+    body = pipeline.receipt_body(call, IDENTITY, KEYSET_INDEX, receipt.digest(SALT, b"err"))
     assert body["route"] == {}
     assert body["upstream"] == {"verified": False, "evidence": "none"}
     assert body["refusal"] == call.refusal
     assert body["forwarded_hash"] is None and body["provider_response_hash"] is None
     assert not {"usage", "upstream_status", "failed_attempts"} & set(body)
     call.route = route("r9", evidence="tinfoil")
-    assert pipeline.receipt_body(call, IDENTITY, "00" * 32)["upstream"] == {
+    assert pipeline.receipt_body(call, IDENTITY, KEYSET_INDEX, "00" * 32)["upstream"] == {
         "verified": False, "evidence": "tinfoil"}
 
 
@@ -681,6 +693,7 @@ def test_commit_receipt_queues_the_signed_entry_without_content() -> None:
     run(pipeline.commit_receipt(svc, call, receipt.digest(SALT, COMPLETION.encode())))
     [(rid, rhash, entry)] = svc.outbox.puts  # type: ignore[attr-defined]
     assert (rid, rhash) == (call.receipt_id, call.request_hash)
+    assert svc.outbox.owners == [KEY.sha256]  # type: ignore[attr-defined]
     signed = json.loads(entry)
     assert receipt.verify(signed) == svc.signer.public_key
     assert MARKER.encode() not in entry and COMPLETION.encode() not in entry

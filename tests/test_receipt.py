@@ -25,6 +25,7 @@ def _body() -> dict:
                      "expires_at": "2026-11-24T00:05:00Z"},
         "provider_request_hash": h(b"preq"), "provider_response_hash": h(b"presp"),
         "response_hash": h(b"resp"), "e2ee": {"mode": "none"}, "usage": {"total_tokens": 3},
+        "keyset_index": 0,
     }
 
 
@@ -75,3 +76,14 @@ def test_wrong_key_and_malformed_refused():
     forged["signature"] = dict(r["signature"], sig=base64.b64encode(b"\0" * 64).decode())
     with pytest.raises(receipt.ReceiptError):
         receipt.verify(forged)
+
+
+@pytest.mark.parametrize("value", [None, "0", -1, True, 1.0, 2**63])
+def test_keyset_index_is_a_required_log_index(value):
+    key = Ed25519PrivateKey.generate()
+    body = _body()
+    with pytest.raises(receipt.ReceiptError):
+        receipt.check_shape(receipt.sign({k: v for k, v in body.items()
+                                          if k != "keyset_index"}, key))
+    with pytest.raises(receipt.ReceiptError, match="keyset_index"):
+        receipt.check_shape(dict(receipt.sign(body, key), keyset_index=value))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import ssl
 import tempfile
 from collections.abc import AsyncIterator
@@ -23,11 +24,12 @@ from dstack_sdk import AsyncDstackClient
 
 from gateway.identity import attestation as identity_attestation
 from gateway.identity import keys
-from gateway.identity.dstack_sim import SimulatorServer
+from gateway.identity.dstack_sim import SimulatorServer, default_app_compose
 from gateway.verification.base import Lease, VerificationError
 from gateway.verification.lease import LeaseStore, RouteStatus
 from tests.test_gateway_fakes import (
     ADMIN_KEY,
+    API_KEY,
     MARKER,
     RecordingProvider,
     post_chat,
@@ -35,6 +37,9 @@ from tests.test_gateway_fakes import (
     tls_server_context,
     write_config,
 )
+
+# the app id the simulator reports by default (dstack: the compose hash cut to 20 bytes)
+SIM_APP_ID = hashlib.sha256(default_app_compose("pag-simulated-app").encode()).hexdigest()[:40]
 
 
 class Adversary(RecordingProvider):
@@ -117,6 +122,7 @@ upstream_model = "u"
 evidence = "dstack"
 [routes.policy]
 {policy}
+{"" if "app_id" in policy else f'app_id = "{SIM_APP_ID}"'}
 """
 
 
@@ -177,7 +183,8 @@ def test_honest_provider_is_served_and_receipt_names_the_lease(tmp_path):
             async with gateway(cfg, LeaseStore()) as url:
                 r = await post_chat(url)
                 async with httpx.AsyncClient() as c:
-                    rec = (await c.get(f"{url}/v1/receipts/{r.headers['x-receipt-id']}")).json()
+                    rec = (await c.get(f"{url}/v1/receipts/{r.headers['x-receipt-id']}",
+                                  headers={"Authorization": f"Bearer {API_KEY}"})).json()
                     view = (await c.get(f"{url}/v1/routes",
                                         headers={"Authorization": f"Bearer {ADMIN_KEY}"})).json()
                 rec["view"] = view["routes"][0]
@@ -242,9 +249,10 @@ def test_verify_routes_table_and_exit_code(tmp_path, capsys):
         out = capsys.readouterr().out
         assert rc == 1
         lines = out.splitlines()
-        assert lines[0].split()[:4] == ["ROUTE", "PROVIDER", "EVIDENCE", "RESULT"]
+        assert lines[0].split()[:5] == ["ROUTE", "PROVIDER", "EVIDENCE", "PINS", "RESULT"]
         row = {ln.split()[0]: ln for ln in lines[1:]}
         assert " ok " in row["adv"] and "tls-spki:" in row["adv"]
+        assert row["adv"].split()[3] == "app_id"
         assert " FAIL " in row["broken"] and "evidence_missing" in row["broken"]
     finally:
         for coro in (good.stop(), bad.stop(), sim.stop()):

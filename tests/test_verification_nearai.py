@@ -26,10 +26,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from gateway.verification import nearai, tdx
-from gateway.verification.base import MAX_EVIDENCE, Policy, VerificationError
+from gateway.verification.base import MAX_EVIDENCE, WORKLOAD_PINS, Policy, VerificationError
 from gateway.verification.lease import LeaseStore
 from tests.pccs import Pccs
 from tests.test_gateway_fakes import (
+    API_KEY,
     MARKER,
     RecordingProvider,
     post_chat,
@@ -221,8 +222,10 @@ class NearProvider(RecordingProvider):
         mr_td = bytes(48) if self.mode == "wrong_measurement" else MR_TD
         model = attestation(self.model_address, self.model_fp,
                             self.captured_nonce if self.mode == "model_replayed" else nonce,
-                            mr_td=bytes(48) if self.mode == "model_wrong_measurement" else mr_td)
-        model.update(model_name="upstream-model", nvidia_payload=self.gpu_payload)
+                            mr_td=bytes(48) if self.mode == "model_wrong_measurement" else mr_td,
+                            app_id="ee" * 20 if self.mode == "model_other_app" else APP_ID)
+        model.update(model_name="another-model" if self.mode == "model_other_model"
+                     else "upstream-model", nvidia_payload=self.gpu_payload)
         gw = attestation(self.gateway_address, self.fingerprint, nonce, bound_fingerprint=bound,
                          mr_td=mr_td)
         if self.mode == "event_log_forged":  # claims another app than the one measured
@@ -314,6 +317,9 @@ ADAPTER_CASES = [
     ("event_log_forged", SIM, "quote_invalid"),
     ("honest", Policy(allow_simulated=True, compose_hash="00" * 32), "measurement_mismatch"),
     ("honest", Policy(allow_simulated=True, app_id="00" * 20), "measurement_mismatch"),
+    # a lease binds the model it serves: each model attestation names it and meets the pins
+    ("model_other_model", SIM, "model_mismatch"),
+    ("model_other_app", Policy(allow_simulated=True, app_id=APP_ID), "measurement_mismatch"),
     ("honest", Policy(allow_simulated=True, signing_address="0x" + "00" * 20), "binding_mismatch"),
     ("honest", Policy(), "simulated_not_allowed"),
     ("malformed", SIM, "evidence_malformed"),
@@ -451,6 +457,7 @@ upstream_model = "upstream-model"
 evidence = "nearai"
 [routes.policy]
 {policy}
+{"" if any(k in policy for k in WORKLOAD_PINS) else "allow_any_workload = true"}
 """
 
 
@@ -465,7 +472,8 @@ def run_gateway(tmp: Path, mode: str, policy: str) -> tuple[httpx.Response, Near
                 rec: dict = {}
                 if r.status_code == 200:
                     async with httpx.AsyncClient() as c:
-                        rec = (await c.get(f"{url}/v1/receipts/{r.headers['x-receipt-id']}")).json()
+                        rec = (await c.get(f"{url}/v1/receipts/{r.headers['x-receipt-id']}",
+                                  headers={"Authorization": f"Bearer {API_KEY}"})).json()
                 return r, prov, rec
         finally:
             await prov.stop()

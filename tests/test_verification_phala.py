@@ -23,9 +23,10 @@ from eth_keys import keys as eth_keys
 
 from gateway.api.config import RouteSpec
 from gateway.verification import nvidia, phala, tdx
-from gateway.verification.base import MAX_EVIDENCE, Policy, VerificationError
+from gateway.verification.base import MAX_EVIDENCE, WORKLOAD_PINS, Policy, VerificationError
 from gateway.verification.lease import LeaseStore
 from tests.test_gateway_fakes import (
+    API_KEY,
     MARKER,
     OK_COMPLETION,
     post_chat,
@@ -163,8 +164,9 @@ class Provider:
     def route(self, policy: dict[str, Any], https: bool = False) -> RouteSpec:
         base = (f"https://127.0.0.1:{self.tls_port}/v1" if https
                 else f"http://127.0.0.1:{self.http_port}/v1")
+        model = REPORT["model_name"] if self.mode == "real" else "phala/test-model"
         return RouteSpec(id="ph", model="chat-model", provider="phala", base_url=base,
-                         upstream_model="phala/test-model", evidence="phala", policy=policy,
+                         upstream_model=model, evidence="phala", policy=policy,
                          attestation_url=f"http://127.0.0.1:{self.http_port}/v1/attestation/report")
 
     def report(self, nonce: str) -> dict[str, Any]:
@@ -178,7 +180,8 @@ class Provider:
         rd = phala.expected_report_data(bound, bytes.fromhex(quote_nonce), self.spki)
         quote = build_simulated_quote(rd, mr_td=MR_TD, rtmrs=(bytes(48),) * 3 + (rtmr3,))
         gpu_nonce = "dd" * 32 if self.mode == "gpu_nonce" else nonce
-        doc = {"signing_address": ADDRESS, "signing_algo": "ecdsa", "request_nonce": nonce,
+        doc = {"model_name": "another/model" if self.mode == "other_model" else "phala/test-model",
+               "signing_address": ADDRESS, "signing_algo": "ecdsa", "request_nonce": nonce,
                "intel_quote": quote.hex(), "nvidia_payload": self.ca.payload(gpu_nonce),
                "event_log": json.loads(eventlog.dumps_event_log(events)),
                "info": {"app_id": APP_ID, "compose_hash": COMPOSE_HASH}}
@@ -309,6 +312,7 @@ REFUSALS = [
     ("honest", {"allow_simulated": False}, "simulated_not_allowed", "simulated"),
     ("honest", {"allow_gpu_unverified_offline": False}, "gpu_unverified", "NRAS"),
     ("honest", {"allow_signature_binding": False}, "binding_mismatch", "cannot be pinned"),
+    ("other_model", {}, "model_mismatch", "not the route's"),  # a lease binds its model
 ]
 
 
@@ -342,6 +346,7 @@ upstream_model = "phala/test-model"
 evidence = "phala"
 [routes.policy]
 {policy}
+{"" if any(k in policy for k in WORKLOAD_PINS) else "allow_any_workload = true"}
 """
 
 
@@ -392,7 +397,8 @@ def _call_with_receipt(tmp: Path, p: Provider, policy: str, stream: bool = False
             cfg = write_config(tmp, "unused", routes=_routes(p, policy))
             async with gateway(cfg, LeaseStore()) as url, httpx.AsyncClient() as c:
                 r = await post_chat(url, stream=stream)
-                rec = await c.get(f"{url}/v1/receipts/{r.headers['x-receipt-id']}")
+                rec = await c.get(f"{url}/v1/receipts/{r.headers['x-receipt-id']}",
+                                  headers={"Authorization": f"Bearer {API_KEY}"})
                 return r, rec.json()["receipt"]
         finally:
             await p.stop()

@@ -13,7 +13,7 @@ from aiohttp import web
 from gateway.identity import keys
 from gateway.identity.dstack_sim import SimulatorServer
 from gateway.verification.lease import LeaseStore
-from tests.test_gateway_fakes import MARKER, post_chat, write_config
+from tests.test_gateway_fakes import API_KEY, MARKER, post_chat, write_config
 from tests.test_verification_failclosed import Adversary, _routes, gateway
 
 
@@ -48,7 +48,8 @@ class RotatingProvider(Adversary):
 
 async def _receipt(url: str, r: httpx.Response) -> dict:
     async with httpx.AsyncClient() as c:
-        got = await c.get(f"{url}/v1/receipts/{r.headers['x-receipt-id']}")
+        got = await c.get(f"{url}/v1/receipts/{r.headers['x-receipt-id']}",
+                          headers={"Authorization": f"Bearer {API_KEY}"})
         return got.json()["receipt"]
 
 

@@ -47,7 +47,8 @@ def calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
 def _route(**policy: object) -> SimpleNamespace:
     return SimpleNamespace(id="r1", provider="p", base_url="https://127.0.0.1:1", evidence="fake",
-                           attestation_url="", policy={"max_lease_age": 100, **policy})
+                           upstream_model="u", attestation_url="",
+                           policy={"max_lease_age": 100, **policy})
 
 
 def _replicas(n: int, key: bytes | None = None) -> tuple[list[LeaseStore], str]:

@@ -29,6 +29,7 @@ from gateway.verification.base import Policy, VerificationError
 from gateway.verification.lease import LeaseStore
 from gateway.verification.sigstore_release import ReleaseError, parse_statement, verify_release
 from tests.test_gateway_fakes import (
+    API_KEY,
     MARKER,
     RecordingProvider,
     post_chat,
@@ -328,7 +329,8 @@ def _run(tmp_path: Path, mode: str, **route_kw: Any) -> tuple[httpx.Response, Pr
                 r = await post_chat(url)
                 rec = {}
                 if r.status_code == 200:
-                    rec = (await c.get(f"{url}/v1/receipts/{r.headers['x-receipt-id']}")).json()
+                    rec = (await c.get(f"{url}/v1/receipts/{r.headers['x-receipt-id']}",
+                                  headers={"Authorization": f"Bearer {API_KEY}"})).json()
                 return r, prov, rec
         finally:
             await prov.stop()

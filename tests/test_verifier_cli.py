@@ -194,7 +194,7 @@ def _receipt(key: Ed25519PrivateKey, route: str = "demo", provider: str = "demo"
             "upstream": {"verified": verified, "evidence": "dstack", "binding": "x",
                          "lease_id": "l", "verified_at": "t", "expires_at": "t"},
             "provider_request_hash": h(b"p"), "provider_response_hash": h(b"q"),
-            "response_hash": h(b"s"), "e2ee": {"mode": "none"}}
+            "response_hash": h(b"s"), "e2ee": {"mode": "none"}, "keyset_index": 0}
     return receipt.entry(receipt.sign(body, key))
 
 

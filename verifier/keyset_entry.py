@@ -4,7 +4,9 @@ first receipt is signed with it (pure).
     {"v": "pag-keyset/1", "keyset": {...}, "keyset_hash": HEX,
      "attestation": {the /.well-known/attestation document, quote and event log},
      "checkpoint": "<the log's signed checkpoint the gateway saw, note text>",
-     "app_id": STR, "compose_hash": HEX, "time": RFC3339}
+     "app_id": STR, "compose_hash": HEX, "time": RFC3339,
+     "app_compose": STR,                  # optional: the dstack app-compose document
+     "image_digests": {IMAGE: "sha256:HEX"}}  # with app_compose: its digest-pinned images
 
 Rules:
 - The log entry is the RFC 8785 canonical bytes of the object.
@@ -18,6 +20,14 @@ Rules:
 - A receipt's `keyset_index` names the log index of such an entry, which must
   come before the receipt in the log, and whose `keyset.receipt_signing_key`
   signed it.
+- Release transparency: when the TEE reports its app-compose document, the
+  entry carries it (`app_compose`) and the images it pins by digest
+  (`image_digests`, image name to `sha256:` digest, as `image_digests` reads
+  them from its `docker_compose_file`). The compose hash the quote attests is
+  SHA-256 of that document, so the listing is as attested as the hash; an
+  entry whose document does not hash to the attested compose hash, or whose
+  listing is not the document's, is refused. `image_digests` without
+  `app_compose` is an unverifiable claim and refused.
 
 `check` is the one place a keyset entry is accepted.
 """
@@ -26,6 +36,8 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -66,16 +78,58 @@ class KeysetFacts:
     attestation: attestation.AttestationFacts
 
 
+def _check_release(obj: Mapping[str, Any], compose_hash: str) -> None:
+    """`app_compose` hashes to the attested compose hash; `image_digests` is its listing."""
+    doc = obj.get("app_compose")
+    if doc is None:
+        if "image_digests" in obj:
+            raise KeysetEntryError("release_mismatch", "image_digests without the app_compose "
+                                   "document they come from")
+        return
+    if not isinstance(doc, str) or not hmac.compare_digest(
+            hashlib.sha256(doc.encode("utf-8", "surrogatepass")).hexdigest(), compose_hash):
+        raise KeysetEntryError("release_mismatch", "app_compose does not hash to the attested "
+                               "compose hash")
+    if obj.get("image_digests") != image_digests(doc):
+        raise KeysetEntryError("release_mismatch", "image_digests is not the app_compose "
+                               "document's listing")
+
+
 def nonce_for(checkpoint_note: bytes) -> str:
     """The attestation nonce binding a keyset entry to the checkpoint it saw."""
     return hashlib.sha256(NONCE_CONTEXT + checkpoint_note).hexdigest()
 
 
-def build(doc: Mapping[str, Any], checkpoint_note: bytes, time: str) -> dict[str, Any]:
-    """The entry for an attestation document made with `nonce_for(checkpoint_note)`."""
-    return {"v": VERSION, "keyset": dict(doc["keyset"]), "keyset_hash": doc["keyset_hash"],
-            "attestation": dict(doc), "checkpoint": checkpoint_note.decode(),
-            "app_id": doc["app_id"], "compose_hash": doc["compose_hash"], "time": time}
+def build(doc: Mapping[str, Any], checkpoint_note: bytes, time: str,
+          app_compose: str | None = None) -> dict[str, Any]:
+    """The entry for an attestation document made with `nonce_for(checkpoint_note)`; with
+    the TEE's app-compose document, that document and the images it pins."""
+    obj = {"v": VERSION, "keyset": dict(doc["keyset"]), "keyset_hash": doc["keyset_hash"],
+           "attestation": dict(doc), "checkpoint": checkpoint_note.decode(),
+           "app_id": doc["app_id"], "compose_hash": doc["compose_hash"], "time": time}
+    if app_compose is not None:
+        obj["app_compose"] = app_compose
+        obj["image_digests"] = image_digests(app_compose)
+    return obj
+
+
+IMAGE_LINE = re.compile(r"""^\s*(?:-\s*)?image:\s*["']?([^"'\s#]+)""", re.MULTILINE)
+
+
+def image_digests(app_compose: str) -> dict[str, str]:
+    """The images a dstack app-compose document's `docker_compose_file` pins by digest
+    (`image: NAME@sha256:HEX`), as {NAME: "sha256:HEX"}; images named by tag only are not
+    listed (they pin nothing). {} for a document that is not app-compose JSON."""
+    try:
+        compose = json.loads(app_compose).get("docker_compose_file", "")
+    except (ValueError, AttributeError):
+        return {}
+    out: dict[str, str] = {}
+    for ref in IMAGE_LINE.findall(compose if isinstance(compose, str) else ""):
+        name, sep, digest = ref.partition("@")
+        if sep and re.fullmatch(r"sha256:[0-9a-f]{64}", digest):
+            out[name] = digest
+    return dict(sorted(out.items()))
 
 
 def entry(obj: Mapping[str, Any]) -> bytes:
@@ -105,7 +159,7 @@ def check(obj: Any, *, log_verifier: note.Verifier, allow_simulated: bool = Fals
     Codes: malformed, checkpoint_invalid, attestation_invalid (the
     attestation's own code is in the message), keyset_mismatch,
     identity_mismatch, app_id_mismatch, compose_hash_mismatch,
-    measurement_mismatch.
+    measurement_mismatch, release_mismatch.
     """
     if not isinstance(obj, dict) or obj.get("v") != VERSION:
         raise KeysetEntryError("malformed", "not a pag-keyset/1 object")
@@ -133,6 +187,7 @@ def check(obj: Any, *, log_verifier: note.Verifier, allow_simulated: bool = Fals
     if obj["app_id"] != facts.app_id or obj["compose_hash"] != facts.compose_hash:
         raise KeysetEntryError("identity_mismatch",
                                "the entry's app id or compose hash is not the attested one")
+    _check_release(obj, facts.compose_hash)
     have = {"mr_td": facts.mr_td, "rtmr0": facts.rtmrs[0], "rtmr1": facts.rtmrs[1],
             "rtmr2": facts.rtmrs[2], "rtmr3": facts.rtmrs[3]}
     if measurements:

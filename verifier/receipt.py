@@ -14,6 +14,12 @@ per call and goes only to the caller (`x-receipt-salt`), so a log reader
 holding a list of guessed prompts can confirm none of them, and two identical
 calls have unrelated digests.
 
+`keyset_index` (required) is the log index of the `pag-keyset/1` entry
+(verifier/keyset_entry.py) whose `receipt_signing_key` signed the receipt; that
+entry precedes the receipt in the log. `shape` checks only that it is a log
+index: whether the entry exists, precedes and names the key is for the code
+that reads the log.
+
 `sig` is Ed25519 over the RFC 8785 canonical bytes of the object without its
 `signature` member; the log entry is the RFC 8785 canonical bytes of the
 whole signed receipt. (`pag-receipt/1`, with plain SHA-256 digests, is
@@ -45,7 +51,7 @@ DIGEST_FIELDS = ("request_hash", "forwarded_hash", "provider_request_hash",
                  "provider_response_hash", "response_hash")
 REQUIRED = ("v", "id", "time", "gateway", "request_hash", "forwarded_hash", "route",
             "upstream", "provider_request_hash", "provider_response_hash", "response_hash",
-            "e2ee", "signature")
+            "keyset_index", "e2ee", "signature")
 
 
 class ReceiptError(ValueError):
@@ -126,10 +132,9 @@ def check_shape(receipt: Any) -> None:
             raise ReceiptError(f"{k} is not an object")
     if not isinstance(receipt["upstream"].get("verified"), bool):
         raise ReceiptError("upstream.verified is not a boolean")
-    if "keyset_index" in receipt:
-        ki = receipt["keyset_index"]
-        if not isinstance(ki, int) or isinstance(ki, bool) or not 0 <= ki < 2**63:
-            raise ReceiptError("keyset_index is not a log index")
+    ki = receipt["keyset_index"]
+    if not isinstance(ki, int) or isinstance(ki, bool) or not 0 <= ki < 2**63:
+        raise ReceiptError("keyset_index is not a log index")
 
 
 def verify(receipt: Any, expected_key: bytes | None = None) -> bytes:

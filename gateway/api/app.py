@@ -8,17 +8,17 @@ endpoints: models, attestation, receipt lookup, the admin route view, health.
 from __future__ import annotations
 
 import contextlib
+import hmac
 import re
-from collections.abc import Awaitable, Callable
-from typing import Any
 
 import httpx
 import orjson
 
 from gateway.api import pipeline
 from gateway.api.apikeys import KeyStore, admin_ok
+from gateway.api.attestation import Attest, AttestationDocuments
 from gateway.api.config import Config
-from gateway.api.errors import GatewayError, bad_request
+from gateway.api.errors import GatewayError, bad_request, unauthorized
 from gateway.api.ratelimit import Limiter
 from gateway.api.router import Router
 from gateway.api.routes import RouteBook
@@ -28,8 +28,6 @@ from gateway.upstream.client import Upstream
 from gateway.upstream.leases import Leases
 from tlog.service import Receive, Scope, Send, respond
 
-Attest = Callable[[str | None], Awaitable[dict[str, Any]]]
-
 JSON = pipeline.JSON
 HEX64 = re.compile(r"[0-9a-f]{64}")
 RECEIPT_ID = re.compile(r"[0-9a-f]{32}")
@@ -38,18 +36,27 @@ MODEL_CALLS = {"/v1/chat/completions": "chat", "/v1/embeddings": "embeddings"}
 GETS = ("/v1/models", "/.well-known/attestation", "/v1/routes", "/healthz")
 
 
+def header(scope: Scope, name: bytes) -> bytes | None:
+    """The first value of a request header (lower-case name), or None."""
+    return next((v for k, v in scope["headers"] if k == name), None)
+
+
 class Gateway:
     """The ASGI app; `startup`/`shutdown` run from the ASGI lifespan protocol."""
 
     def __init__(self, cfg: Config, *, signer: ReceiptSigner, identity: dict[str, str],
                  outbox: Outbox, status: LogStatus, leases: Leases, attest: Attest,
-                 e2ee_key: bytes | None = None) -> None:
+                 keyset_index: int, e2ee_key: bytes | None = None) -> None:
         router = Router(cfg.routes)
         self.svc = pipeline.Services(
             cfg=cfg, keys=KeyStore(cfg.api_keys), limiter=Limiter(), router=router,
             routes=RouteBook(router.routes, leases), signer=signer, outbox=outbox,
-            status=status, identity=identity, e2ee_key=e2ee_key)
-        self.attest = attest
+            status=status, identity=identity, keyset_index=keyset_index, e2ee_key=e2ee_key)
+        g = cfg.gateway
+        self.attestations = AttestationDocuments(
+            attest, ttl=g.attestation_cache_seconds,
+            per_client_per_minute=g.attestation_nonce_per_client_per_minute,
+            global_per_second=g.attestation_nonce_per_second)
         self._models_body = orjson.dumps({"object": "list", "data": [
             {"id": m, "object": "model", "created": 0, "owned_by": "pag"}
             for m in router.models()]})
@@ -110,7 +117,7 @@ class Gateway:
             elif path == "/.well-known/attestation":
                 await self._attestation(scope, send)
             elif path.startswith("/v1/receipts/"):
-                await self._receipt(path[len("/v1/receipts/"):], send)
+                await self._receipt(path[len("/v1/receipts/"):], scope, send)
             elif path == "/v1/routes":
                 await self._routes(scope, send)
             elif path == "/healthz":
@@ -131,28 +138,39 @@ class Gateway:
                     raise bad_request("invalid_nonce", "nonce must be 1 to 64 bytes of hex",
                                       "nonce")
                 nonce = v.lower()
-        doc = await self.attest(nonce)
+        client = scope.get("client") or ("", 0)
+        doc = dict(await self.attestations.document(nonce, str(client[0])))
+        doc["keyset_index"] = self.svc.keyset_index  # where the log holds this keyset
         await respond(send, 200, orjson.dumps(doc), JSON, cache=b"no-store")
 
-    async def _receipt(self, rest: str, send: Send) -> None:
+    async def _receipt(self, rest: str, scope: Scope, send: Send) -> None:
+        """A receipt and its proof. By id: only for the API key that made the call (any other
+        key, or an unknown id, is the same 404). By request hash: no key, because the salted
+        hash is a capability only the caller can compute (docs/receipts.md)."""
         outbox = self.svc.outbox
         if rest.startswith("by-request-hash/"):
             h = rest[len("by-request-hash/"):]
             if not HEX64.fullmatch(h):
                 raise bad_request("invalid_request_hash",
-                                  "request hash must be lower-case hex SHA-256")
+                                  "request hash must be 64 lower-case hex digits")
             row = outbox.by_request_hash(h)
         else:
+            key = self.svc.keys.lookup(header(scope, b"authorization"))
+            if key is None:
+                raise unauthorized("the API key that made the call is required")
             row = outbox.get(rest) if RECEIPT_ID.fullmatch(rest) else None
+            if row is not None and (row.key_sha256 is None or not hmac.compare_digest(
+                    row.key_sha256, key.sha256)):
+                row = None
         if row is None:
             raise GatewayError(404, "receipt_not_found", "no such receipt")
         body = b'{"receipt":' + row.entry + b',"proof":' + orjson.dumps(row.proof) + \
-            b',"index":' + orjson.dumps(row.log_index) + b"}"
+            b',"index":' + orjson.dumps(row.log_index) + \
+            b',"log":' + orjson.dumps(self.svc.cfg.log.url) + b"}"  # where to read the log
         await respond(send, 200, body, JSON)
 
     async def _routes(self, scope: Scope, send: Send) -> None:
-        auth = next((v for k, v in scope["headers"] if k == b"authorization"), None)
-        if not admin_ok(auth, self.svc.cfg.gateway.admin_key_sha256):
+        if not admin_ok(header(scope, b"authorization"), self.svc.cfg.gateway.admin_key_sha256):
             raise GatewayError(401, "invalid_admin_key", "admin key required",
                                type_="authentication_error")
         book = self.svc.routes

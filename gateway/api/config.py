@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from gateway.verification.base import PATH_KEYS, Policy
+from gateway.verification.base import PATH_KEYS, WORKLOAD_PINS, Policy
+from tlog import note
+from witness import cosignature
 
 HEX64 = re.compile(r"[0-9a-f]{64}")
 KINDS = ("chat", "embeddings")
@@ -39,11 +41,16 @@ class GatewaySettings:
     outbox_durability: str = "process"
     data_dir: Path = Path(".")
     admin_key_sha256: str | None = None
+    attestation_cache_seconds: float = 60.0  # the nonce-less attestation is shared this long
+    attestation_nonce_per_client_per_minute: int = 60  # quotes with a nonce, per address
+    attestation_nonce_per_second: int = 20  # quotes with a nonce, all addresses together
 
 
 @dataclass(frozen=True)
 class LogSettings:
-    """The `[log]` table: where receipts are appended."""
+    """The `[log]` table: where receipts and the keyset and evidence entries are appended, and
+    whose proofs count as logged (signed by `vkey`, cosigned by `quorum` of `witness_vkeys`;
+    `quorum` defaults to the number of witness keys)."""
 
     url: str | None = None
     token_file: Path | None = None
@@ -69,6 +76,7 @@ class ApiKey:
     sha256: str
     requests_per_minute: int = 0
     token_budget: int = 0
+    max_reserve_tokens: int = 4096  # completion reserved when a call sets no max_tokens
 
 
 @dataclass(frozen=True)
@@ -151,7 +159,9 @@ def _gateway(t: dict[str, Any], base: Path) -> GatewaySettings:
         "require_log_inclusion": (bool, False), "log_unavailable": (str, False),
         "log_wait_timeout": ((int, float), False), "outbox_durability": (str, False),
         "data_dir": (str, False),
-        "admin_key_sha256": (str, False)})
+        "admin_key_sha256": (str, False), "attestation_cache_seconds": ((int, float), False),
+        "attestation_nonce_per_client_per_minute": (int, False),
+        "attestation_nonce_per_second": (int, False)})
     if v.get("log_unavailable", "serve-and-queue") not in LOG_UNAVAILABLE:
         raise ConfigError(f"[gateway].log_unavailable: one of {', '.join(LOG_UNAVAILABLE)}")
     if v.get("outbox_durability", "process") not in DURABILITY:
@@ -166,6 +176,12 @@ def _gateway(t: dict[str, Any], base: Path) -> GatewaySettings:
         v["data_dir"] = base
     if "log_wait_timeout" in v:
         v["log_wait_timeout"] = float(v["log_wait_timeout"])
+    for k in ("attestation_cache_seconds", "attestation_nonce_per_client_per_minute",
+              "attestation_nonce_per_second"):
+        if v.get(k, 1) <= 0:
+            raise ConfigError(f"[gateway].{k} must be positive")
+    if "attestation_cache_seconds" in v:
+        v["attestation_cache_seconds"] = float(v["attestation_cache_seconds"])
     return GatewaySettings(**v)
 
 
@@ -181,6 +197,20 @@ def _log(t: dict[str, Any], base: Path) -> LogSettings:
     if not all(isinstance(x, str) for x in wv):
         raise ConfigError("[log].witness_vkeys must be a list of strings")
     v["witness_vkeys"] = tuple(wv)
+    try:
+        if "vkey" in v:
+            note.verifier_from_vkey(v["vkey"])
+        witnesses = cosignature.parse_vkeys(wv)
+    except note.NoteError as e:
+        raise ConfigError(f"[log]: bad verifier key: {e}") from e
+    if len({(w.name, w.key_id) for w in witnesses}) != len(witnesses):
+        raise ConfigError("[log].witness_vkeys: the same witness key twice")
+    v.setdefault("quorum", len(wv))
+    if not 0 <= v["quorum"] <= len(wv):
+        raise ConfigError(f"[log].quorum must be between 0 and the {len(wv)} witness keys")
+    if "url" in v and "vkey" not in v:
+        raise ConfigError("[log].vkey is required with [log].url: every proof the log returns "
+                          "is checked against it")
     if v.get("concurrency", 1) < 1:
         raise ConfigError("[log].concurrency must be at least 1")
     return LogSettings(**v)
@@ -197,8 +227,14 @@ def _leases(t: dict[str, Any]) -> LeaseSettings:
 def _api_key(t: dict[str, Any], i: int) -> ApiKey:
     where = f"[[api_keys]][{i}]"
     v = _take(t, where, {"name": (str, True), "sha256": (str, True),
-                         "requests_per_minute": (int, False), "token_budget": (int, False)})
+                         "requests_per_minute": (int, False), "token_budget": (int, False),
+                         "max_reserve_tokens": (int, False)})
     _hex(f"{where}.sha256", v["sha256"])
+    for k in ("requests_per_minute", "token_budget"):
+        if v.get(k, 0) < 0:
+            raise ConfigError(f"{where}.{k} must not be negative")
+    if v.get("max_reserve_tokens", 1) < 1:
+        raise ConfigError(f"{where}.max_reserve_tokens must be positive")
     return ApiKey(**v)
 
 
@@ -252,9 +288,14 @@ def _route(t: dict[str, Any], i: int, base: Path) -> RouteSpec:
     if v.get("retries", 0) < 0:
         raise ConfigError(f"{where}.retries must not be negative")
     try:
-        Policy.from_dict(v.get("policy", {}))
+        policy = Policy.from_dict(v.get("policy", {}))
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{where}.policy: {e}") from e
+    if v.get("evidence", "none") != "none" and not policy.pinned_workload() \
+            and not policy.allow_any_workload:
+        raise ConfigError(f"{where}.policy pins no workload identity (one of "
+                          f"{', '.join(WORKLOAD_PINS)}), so any genuine TEE workload would be "
+                          "accepted: pin one, or set allow_any_workload = true")
     if "policy" in v:
         v["policy"] = {k: str(_path(base, x)) if k in PATH_KEYS else x
                        for k, x in v["policy"].items()}

@@ -1,11 +1,11 @@
 """One model call as a sequence of named steps.
 
-    read the body → authenticate → admit → parse → open E2EE
+    read the body → authenticate → admit → parse → open E2EE → reserve budget
       → for each candidate route, in priority order:
             acquire its lease → forward (re-verify once if the key rotated)
             → check the response signature (signature-bound leases only)
       → seal the answer (the JSON body, or each SSE event)
-      → sign the receipt and queue it → respond
+      → sign the receipt and queue it → respond      (and, whatever happened: settle)
 
 `model_call` is that sequence and nothing else; each step is a function of
 what the earlier ones produced, so each can be tested alone. A `Call`
@@ -19,6 +19,13 @@ Invariants:
   chunk of a stream).
 - Prompt and completion text never reach a receipt, a log line or an error
   message; only hashes, routes, codes and usage counts do.
+- Every call is charged: a key with a budget reserves the most the call could
+  use before anything is forwarded, and settles with the real usage however
+  the call ends. A stream is always asked for its usage upstream
+  (`stream_options.include_usage`); if the client did not ask for it, the
+  usage is taken out of what the client receives (and `response_hash` covers
+  exactly what the client received; `provider_response_hash` what the
+  provider sent).
 """
 
 from __future__ import annotations
@@ -39,7 +46,7 @@ import orjson
 from gateway.api.apikeys import KeyStore
 from gateway.api.config import ApiKey, Config, RouteSpec
 from gateway.api.errors import GatewayError, bad_request, refused, unauthorized
-from gateway.api.ratelimit import Limiter
+from gateway.api.ratelimit import Hold, Limits
 from gateway.api.router import Router
 from gateway.api.routes import RouteBook, now_rfc3339
 from gateway.receipts.outbox import Outbox, ReceiptSigner
@@ -56,6 +63,7 @@ JSON = b"application/json"
 RESPONSE_ID = re.compile(r"[A-Za-z0-9._:-]{1,200}")
 UPSTREAM_PATH = {"chat": "/chat/completions", "embeddings": "/embeddings"}
 USAGE_KEYS = ("prompt_tokens", "completion_tokens", "total_tokens")
+COMPLETION_LIMITS = ("max_completion_tokens", "max_tokens")
 Headers = list[tuple[bytes, bytes]]
 
 
@@ -65,13 +73,14 @@ class Services:
 
     cfg: Config
     keys: KeyStore
-    limiter: Limiter
+    limiter: Limits
     router: Router
     routes: RouteBook
     signer: ReceiptSigner
     outbox: Outbox
     status: LogStatus
     identity: dict[str, str]
+    keyset_index: int
     e2ee_key: bytes | None = None
     upstream: Upstream | None = None
     signatures: httpx.AsyncClient | None = None
@@ -84,6 +93,7 @@ class Request:
     obj: dict[str, Any]
     model: str
     stream: bool
+    wants_usage: bool = False  # a stream whose client asked for stream_options.include_usage
 
 
 @dataclass
@@ -107,6 +117,8 @@ class Call:
     attempts: list[str] = field(default_factory=list)
     response_signature: str | None = None
     sealer: aci.Sealer | None = None
+    hold: Hold | None = None  # the budget reservation, until settled
+    strip_usage: bool = False  # usage was asked upstream for the gateway, not the client
 
     def headers(self) -> Headers:
         """The response headers every answer to this call carries."""
@@ -137,20 +149,24 @@ async def model_call(svc: Services, scope: Scope, receive: Receive, send: Send,
         return
     call = Call(secrets.token_hex(16), salt, request_hash, kind, key)
     try:
-        admit(svc, key)
-        req = parse(body, kind)
-        call.sealer = open_e2ee(svc, call, req, hdrs)
-        reply = await route_and_forward(svc, call, req)
-        if reply.streaming:
-            await relay_stream(svc, call, reply, send)
-            return  # the receipt was committed before the stream ended
-        status, out, ctype = finish_json(svc, call, reply)
-    except GatewayError as e:
-        call.refusal = {"code": e.code, "status": e.status}
-        if e.route_id is not None and call.route is None:
-            call.route = svc.router.by_id.get(e.route_id)
-        status, out, ctype = e.status, e.body(), JSON
-        log.info("refused %s: %s (route %s)", request_hash, e.code, e.route_id or "-")
+        try:
+            await admit(svc, key)
+            req = parse(body, kind)
+            call.sealer = open_e2ee(svc, call, req, hdrs)
+            call.hold = await reserve(svc, key, req, len(body))
+            reply = await route_and_forward(svc, call, req)
+            if reply.streaming:
+                await relay_stream(svc, call, reply, send)
+                return  # the receipt was committed before the stream ended
+            status, out, ctype = finish_json(svc, call, reply)
+        except GatewayError as e:
+            call.refusal = {"code": e.code, "status": e.status}
+            if e.route_id is not None and call.route is None:
+                call.route = svc.router.by_id.get(e.route_id)
+            status, out, ctype = e.status, e.body(), JSON
+            log.info("refused %s: %s (route %s)", request_hash, e.code, e.route_id or "-")
+    finally:
+        await settle(svc, call)
     await commit_receipt(svc, call, receipt.digest(call.salt, out))
     if not await logged_in_time(svc, call):
         err = refused(503, "log_unavailable",
@@ -206,9 +222,9 @@ def authenticate(keys: KeyStore, hdrs: dict[bytes, bytes]) -> ApiKey:
     return key
 
 
-def admit(svc: Services, key: ApiKey) -> None:
+async def admit(svc: Services, key: ApiKey) -> None:
     """429 over the key's rate or budget; 503 if policy refuses to serve while the log is down."""
-    err = svc.limiter.admit(key, time.monotonic())
+    err = await svc.limiter.admit(key, time.monotonic())
     if err is not None:
         raise err
     if svc.cfg.gateway.log_unavailable == "refuse" and svc.status.log_down:
@@ -244,6 +260,10 @@ def parse(body: bytes, kind: str) -> Request:
         if so is not None and not isinstance(so, dict):
             raise bad_request("invalid_type", "'stream_options' must be an object",
                               "stream_options")
+        for name in COMPLETION_LIMITS + ("n",):
+            v = obj.get(name)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                raise bad_request("invalid_type", f"'{name}' must be a positive integer", name)
     else:
         inp = obj.get("input")
         if inp is None:
@@ -254,7 +274,41 @@ def parse(body: bytes, kind: str) -> Request:
         if stream is not False:
             raise bad_request("invalid_type", "embeddings do not stream", "stream")
         stream = False
-    return Request(obj, model, stream)
+    wants_usage = stream and isinstance(so := obj.get("stream_options"), dict) \
+        and so.get("include_usage") is True
+    return Request(obj, model, stream, wants_usage)
+
+
+def reserve_tokens(key: ApiKey, req: Request, body_size: int) -> int:
+    """The most tokens a call could use: its prompt (at most one token per byte of the
+    request body, which bounds any tokenizer's count of the text it carries) plus its
+    completion (`max_completion_tokens` or `max_tokens`, else the key's
+    `max_reserve_tokens`) for each of its `n` choices."""
+    completion = next((req.obj[k] for k in COMPLETION_LIMITS if req.obj.get(k) is not None),
+                      key.max_reserve_tokens)
+    n = req.obj.get("n") or 1
+    return body_size + (completion * n if "messages" in req.obj else 0)
+
+
+async def reserve(svc: Services, key: ApiKey, req: Request, body_size: int) -> Hold:
+    """Reserve the call's bound against the key's budget before anything is forwarded
+    (429 `budget_exceeded` if it does not fit)."""
+    return await svc.limiter.reserve(key, reserve_tokens(key, req, body_size))
+
+
+async def settle(svc: Services, call: Call) -> None:
+    """Release the call's reservation, charging its real usage; if the provider answered
+    without saying what it used, the whole reservation. Runs once, however the call ended."""
+    hold, call.hold = call.hold, None
+    if hold is None:
+        return
+    if call.usage and "total_tokens" in call.usage:
+        used = call.usage["total_tokens"]
+    elif call.upstream_status == 200:
+        used = hold.tokens
+    else:
+        used = 0
+    await svc.limiter.settle(hold, used)
 
 
 def open_e2ee(svc: Services, call: Call, req: Request,
@@ -304,6 +358,10 @@ async def route_and_forward(svc: Services, call: Call, req: Request) -> Upstream
         call.route, call.lease = route, lease
         fwd = dict(req.obj)
         fwd["model"] = route.upstream_model
+        if req.stream:  # every call is charged: the usage is asked for, whoever wants it
+            fwd["stream_options"] = {**(req.obj.get("stream_options") or {}),
+                                     "include_usage": True}
+            call.strip_usage = not req.wants_usage
         fwd_bytes = orjson.dumps(fwd)
         call.forwarded_hash = call.provider_request_hash = receipt.digest(call.salt, fwd_bytes)
         try:
@@ -413,8 +471,6 @@ def finish_json(svc: Services, call: Call, reply: UpstreamReply) -> tuple[int, b
                                f"provider rejected the request with HTTP {reply.status}",
                                type_="upstream_error")
             return reply.status, err.body(), JSON
-    if call.usage:
-        svc.limiter.charge(call.key, call.usage.get("total_tokens", 0))
     return reply.status, data, ctype
 
 
@@ -449,14 +505,14 @@ async def relay_stream(svc: Services, call: Call, reply: UpstreamReply, send: Se
         call.refusal = {"code": "upstream_stream_broken", "status": 200}
         log.warning("stream broken %s: %s", call.request_hash, type(e).__name__)
     call.provider_response_hash = prov.hexdigest()
-    if call.usage:
-        svc.limiter.charge(call.key, call.usage.get("total_tokens", 0))
+    await settle(svc, call)
     await commit_receipt(svc, call, resp.hexdigest())
     await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 def seal_event(call: Call, ev: bytes, payload: bytes) -> bytes:
-    """One SSE event as relayed: usage noted, fields sealed under E2EE."""
+    """One SSE event as relayed: usage noted (and taken out when only the gateway asked for
+    it: a usage-only event is dropped, a `usage` member removed), fields sealed under E2EE."""
     try:
         obj = orjson.loads(payload)
     except orjson.JSONDecodeError:
@@ -466,13 +522,21 @@ def seal_event(call: Call, ev: bytes, payload: bytes) -> bytes:
     u = usage_of(obj.get("usage"))
     if u:
         call.usage = u
-    if call.sealer is None:
-        return ev
-    return b"data: " + orjson.dumps(call.sealer.seal_response(obj)) + b"\n\n"
+    changed = False
+    if call.strip_usage and "usage" in obj:  # the client did not ask: none of it, not even null
+        if obj["usage"] is not None and not obj.get("choices"):
+            return b""
+        del obj["usage"]
+        changed = True
+    if call.sealer is not None:
+        return b"data: " + orjson.dumps(call.sealer.seal_response(obj)) + b"\n\n"
+    return b"data: " + orjson.dumps(obj) + b"\n\n" if changed else ev
 
 
-def receipt_body(call: Call, identity: dict[str, str], response_hash: str) -> dict[str, Any]:
-    """The unsigned receipt of a call (docs/receipts.md)."""
+def receipt_body(call: Call, identity: dict[str, str], keyset_index: int,
+                 response_hash: str) -> dict[str, Any]:
+    """The unsigned receipt of a call (docs/receipts.md); `keyset_index` is the log index of
+    the keyset entry holding the signing key (logged before the gateway listened)."""
     route = call.route
     body: dict[str, Any] = {
         "v": receipt.VERSION, "id": call.receipt_id, "time": now_rfc3339(),
@@ -485,6 +549,7 @@ def receipt_body(call: Call, identity: dict[str, str], response_hash: str) -> di
         "provider_request_hash": call.provider_request_hash,
         "provider_response_hash": call.provider_response_hash,
         "response_hash": response_hash, "e2ee": {"mode": call.e2ee_mode},
+        "keyset_index": keyset_index,
     }
     if call.usage:
         body["usage"] = call.usage
@@ -501,8 +566,9 @@ def receipt_body(call: Call, identity: dict[str, str], response_hash: str) -> di
 
 async def commit_receipt(svc: Services, call: Call, response_hash: str) -> None:
     """Sign the call's receipt and commit it to the outbox (the shipper picks it up)."""
-    _, entry = svc.signer.sign(receipt_body(call, svc.identity, response_hash))
-    await svc.outbox.put(call.receipt_id, call.request_hash, entry)
+    _, entry = svc.signer.sign(receipt_body(call, svc.identity, svc.keyset_index,
+                                            response_hash))
+    await svc.outbox.put(call.receipt_id, call.request_hash, entry, call.key.sha256)
 
 
 async def logged_in_time(svc: Services, call: Call) -> bool:

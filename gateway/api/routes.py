@@ -14,6 +14,7 @@ from typing import Any
 from gateway.api.config import RouteSpec
 from gateway.api.errors import GatewayError
 from gateway.upstream.leases import LeaseFacts, Leases
+from gateway.verification.base import Policy
 
 _second: list[Any] = [-1, ""]
 
@@ -38,6 +39,14 @@ class RouteState:
     last_error: str | None = None
     checked_at: float | None = None
     notes: dict[str, Any] = field(default_factory=dict)
+
+
+def workload_pins(route: RouteSpec) -> dict[str, Any]:
+    """`pins`: the policy keys pinning which workload may serve the route, and
+    `allow_any_workload`: whether the route accepts any genuine TEE workload."""
+    policy = Policy.from_dict(route.policy)
+    return {"pins": list(policy.pinned_workload()),
+            "allow_any_workload": policy.allow_any_workload}
 
 
 class RouteBook:
@@ -68,7 +77,8 @@ class RouteBook:
         st = self.state[route.id]
         return {"id": route.id, "model": route.model, "aliases": list(route.aliases),
                 "provider": route.provider, "evidence": route.evidence, "kind": route.kind,
-                "priority": route.priority, "state": st.state, "lease_id": st.lease_id,
+                "priority": route.priority, **workload_pins(route),
+                "state": st.state, "lease_id": st.lease_id,
                 "verified_at": st.verified_at, "lease_expires_at": st.expires_at,
                 "last_error": st.last_error, "facts": st.notes,
                 "checked_at": now_rfc3339(st.checked_at) if st.checked_at else None}

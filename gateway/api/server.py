@@ -1,10 +1,13 @@
 """`python -m gateway serve --config FILE --listen HOST:PORT`: run the gateway.
 
-Start-up order: load the config; get the keys and workload identity from the
-dstack guest agent (`[dstack] endpoint`); open the outbox; start the shipper
-process (`python -m gateway.receipts.shipper`, which dies with the gateway); serve the
-ASGI app with uvicorn (uvloop, httptools). When listening, one JSON line goes to
-stdout: `{"gateway": URL, "receipt_signing_key": B64, "keyset_hash": HEX}`.
+Start-up order: load the config (a `[log]` url is required); get the keys and
+workload identity from the dstack guest agent (`[dstack] endpoint`); open the
+outbox; make sure the keyset entry is in the log (gateway/receipts/keysets.py:
+reused from the data directory, or appended; until then the gateway does not
+listen); start the shipper process (`python -m gateway.receipts.shipper`, which
+dies with the gateway); serve the ASGI app with uvicorn (uvloop, httptools).
+When listening, one JSON line goes to stdout: `{"gateway": URL,
+"receipt_signing_key": B64, "keyset_hash": HEX, "keyset_index": INT}`.
 SIGTERM/SIGINT stop it cleanly.
 """
 
@@ -14,6 +17,7 @@ import argparse
 import asyncio
 import base64
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -25,6 +29,10 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from gateway.api import config as gconfig
+from gateway.api.routes import now_rfc3339
+from gateway.receipts import keysets
+from gateway.receipts.evidence import EvidenceLog
+from gateway.receipts.logclient import LogClient, LogError
 from gateway.receipts.outbox import Outbox, ReceiptSigner
 from gateway.receipts.shipper import LogStatus
 from gateway.upstream.leases import Leases
@@ -43,6 +51,7 @@ class Identity:
     gateway: dict[str, str]
     attest: Any
     lease_mac_key: bytes = b""
+    app_compose: str | None = None  # the attested app-compose document, when dstack gives it
 
 
 async def bootstrap(cfg: gconfig.Config) -> Identity:
@@ -56,6 +65,7 @@ async def bootstrap(cfg: gconfig.Config) -> Identity:
         else AsyncDstackClient()
     keyset = await keys.load(client, log_vkey=cfg.log.vkey or "")
     doc = await attestation.build(client, keyset, None)
+    app_compose = await attested_app_compose(client, str(doc["compose_hash"]))
     mac = await keys.derive_seed(client, LEASE_MAC_PATH) if cfg.leases.redis_url else b""
 
     async def attest(nonce: str | None) -> dict[str, Any]:
@@ -66,20 +76,60 @@ async def bootstrap(cfg: gconfig.Config) -> Identity:
         e2ee_private=keyset.e2ee_private_bytes(),
         gateway={"app_id": str(doc["app_id"]), "compose_hash": str(doc["compose_hash"]),
                  "keyset_hash": keyset.keyset_hash()},
-        attest=attest, lease_mac_key=mac)
+        attest=attest, lease_mac_key=mac, app_compose=app_compose)
 
 
-def lease_source(cfg: gconfig.Config, mac_key: bytes = b"") -> Leases:
+async def attested_app_compose(client: Any, compose_hash: str) -> str | None:
+    """The app-compose document from the guest agent's `Info`, if it hashes to the attested
+    compose hash (else None: logging a document the quote does not attest would be a lie)."""
+    try:
+        text = (await client.info()).tcb_info.app_compose
+    except Exception as e:  # noqa: BLE001 - an agent without it: the entry goes without
+        log.warning("no app-compose document from the guest agent (%s)", type(e).__name__)
+        return None
+    if not isinstance(text, str) or hashlib.sha256(text.encode()).hexdigest() != compose_hash:
+        log.warning("the guest agent's app-compose document is not the attested one; "
+                    "the keyset entry goes without it")
+        return None
+    return text
+
+
+def lease_source(cfg: gconfig.Config, mac_key: bytes = b"",
+                 evidence: EvidenceLog | None = None) -> Leases:
     """The provider-verification engine's lease store behind the gateway's adapter;
     shared through Redis when `[leases].redis_url` is set (entries MACed with a key
-    every replica of this app derives from dstack KMS)."""
+    every replica of this app derives from dstack KMS). With `evidence`, every lease's
+    evidence is logged before the lease serves."""
     from gateway.verification.base import VerificationError
     from gateway.verification.lease import LeaseStore
     from gateway.verification.shared import SharedLeases
 
     shared = SharedLeases(cfg.leases.redis_url, mac_key, cfg.leases.prefix) \
         if cfg.leases.redis_url else None
-    return Leases(LeaseStore(shared=shared), VerificationError)
+    return Leases(LeaseStore(shared=shared, publish=evidence_hook(evidence) if evidence
+                             else None), VerificationError)
+
+
+def evidence_hook(evidence: EvidenceLog) -> Any:
+    """The lease store's publish hook: log the lease's evidence, or refuse the lease with
+    `log_unavailable` (nothing is sent upstream under a lease whose evidence is unlogged)."""
+    from gateway.verification.base import VerificationError
+
+    async def publish(route: Any, lease: Any) -> Any:
+        try:
+            return await evidence.publish(route, lease)
+        except LogError as e:
+            raise VerificationError("log_unavailable",
+                                    f"the lease's evidence entry was not logged: {e}") from e
+
+    return publish
+
+
+def log_client(cfg: gconfig.Config) -> LogClient:
+    """The checked single-entry client of the configured log (keyset and evidence entries)."""
+    assert cfg.log.url is not None and cfg.log.vkey is not None
+    token = cfg.log.token_file.read_text().strip() if cfg.log.token_file else None
+    return LogClient(cfg.log.url, token, cfg.log.vkey, cfg.log.witness_vkeys, cfg.log.quorum)
 
 
 def start_shipper(cfg: gconfig.Config) -> subprocess.Popen[bytes] | None:
@@ -93,6 +143,9 @@ def start_shipper(cfg: gconfig.Config) -> subprocess.Popen[bytes] | None:
         cmd += ["--token-file", str(cfg.log.token_file)]
     if cfg.log.vkey:
         cmd += ["--vkey", cfg.log.vkey]
+    for w in cfg.log.witness_vkeys:
+        cmd += ["--witness-vkey", w]
+    cmd += ["--quorum", str(cfg.log.quorum)]
     return subprocess.Popen(cmd)
 
 
@@ -115,6 +168,14 @@ async def serve(cfg: gconfig.Config, host: str, port: int) -> None:
     from gateway.api.app import Gateway
 
     ident = await bootstrap(cfg)
+    logc = log_client(cfg)
+    try:
+        logged = await keysets.ensure_logged(logc, ident.attest, ident.gateway["keyset_hash"],
+                                             cfg.log.vkey or "", cfg.gateway.data_dir,
+                                             now_rfc3339, ident.app_compose)
+    except BaseException:
+        await logc.close()
+        raise
     outbox = Outbox(cfg.gateway.data_dir, cfg.gateway.outbox_durability)
     shipper = start_shipper(cfg)
 
@@ -130,8 +191,10 @@ async def serve(cfg: gconfig.Config, host: str, port: int) -> None:
     try:
         app = Gateway(cfg, signer=ReceiptSigner(ident.receipt_key), identity=ident.gateway,
                       outbox=outbox, status=LogStatus(outbox, shipper is not None),
-                      leases=lease_source(cfg, ident.lease_mac_key), attest=ident.attest,
-                      e2ee_key=ident.e2ee_private)
+                      leases=lease_source(cfg, ident.lease_mac_key,
+                                          EvidenceLog(logc, now_rfc3339)),
+                      attest=ident.attest,
+                      e2ee_key=ident.e2ee_private, keyset_index=logged.index)
         server = uvicorn.Server(uvicorn.Config(
             app, host=host, port=port, lifespan="on", http="httptools", loop="none",
             access_log=False, log_level="warning", timeout_graceful_shutdown=5,
@@ -144,12 +207,14 @@ async def serve(cfg: gconfig.Config, host: str, port: int) -> None:
                 "gateway": f"http://{host}:{port}",
                 "receipt_signing_key": base64.b64encode(
                     ident.receipt_key.public_key().public_bytes_raw()).decode(),
-                "keyset_hash": ident.gateway["keyset_hash"]}), flush=True)
+                "keyset_hash": ident.gateway["keyset_hash"],
+                "keyset_index": logged.index}), flush=True)
         await task
     finally:
         watch.cancel()
         stop_process(shipper)
         outbox.close()
+        await logc.close()
 
 
 def main(argv: list[str]) -> int:
@@ -165,8 +230,19 @@ def main(argv: list[str]) -> int:
     except (gconfig.ConfigError, ValueError) as e:
         print(f"gateway: {e}", file=sys.stderr)
         return 2
+    if not cfg.log.url:
+        print("gateway: [log] url is required: every receipt names the log index of the "
+              "gateway's keyset entry, which is logged before the first receipt", file=sys.stderr)
+        return 2
+    if cfg.log.token_file is not None and not os.access(cfg.log.token_file, os.R_OK):
+        print(f"gateway: cannot read [log].token_file {cfg.log.token_file}", file=sys.stderr)
+        return 2
     import uvloop
 
-    with contextlib.suppress(KeyboardInterrupt):
-        uvloop.run(serve(cfg, *a.listen))
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            uvloop.run(serve(cfg, *a.listen))
+    except LogError as e:
+        print(f"gateway: the keyset entry cannot be logged: {e}", file=sys.stderr)
+        return 1
     return 0

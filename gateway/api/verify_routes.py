@@ -1,7 +1,9 @@
 """`python -m gateway verify-routes --config FILE`: re-verify every route at once.
 
-Prints one row per route (route, provider, evidence, result, reason, lease
-expiry) and exits 1 if any route marked `required` fails, 2 on a bad config.
+Prints one row per route (route, provider, evidence, the policy keys pinning
+the workload, or `ANY WORKLOAD` when the route says `allow_any_workload`,
+result, reason, lease expiry) and exits 1 if any route marked `required`
+fails, 2 on a bad config.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any
 import httpx
 
 from gateway.api import config as gconfig
+from gateway.api.routes import workload_pins
 from gateway.upstream.leases import rfc3339
 from gateway.verification.base import VerificationError
 from gateway.verification.registry import verify_route
@@ -26,8 +29,12 @@ async def verify_all(cfg: gconfig.Config, now: float) -> list[dict[str, Any]]:
     async with httpx.AsyncClient(verify=False) as client:  # noqa: S501 - trust comes from the quote
 
         async def one(route: gconfig.RouteSpec) -> dict[str, Any]:
+            pins = workload_pins(route)
             row = {"route": route.id, "provider": route.provider, "evidence": route.evidence,
-                   "required": route.required}
+                   "required": route.required,
+                   "pins": "ANY WORKLOAD" if pins["allow_any_workload"] and not pins["pins"]
+                   else ",".join(pins["pins"]) or "-",
+                   "allow_any_workload": pins["allow_any_workload"]}
             try:
                 lease = await verify_route(client, route, now)
             except VerificationError as e:
@@ -56,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(rows))
     else:
-        cols = ("route", "provider", "evidence", "result", "reason", "expires")
+        cols = ("route", "provider", "evidence", "pins", "result", "reason", "expires")
         widths = {c: max(len(c), *(len(str(r[c] if c != "reason" else
                                         (f"{r['code']}: {r['reason']}" if r["code"] else r["reason"])))
                                    for r in rows)) for c in cols} if rows else {c: len(c) for c in cols}

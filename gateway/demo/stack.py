@@ -40,11 +40,15 @@ from typing import Any
 
 import httpx
 
+from gateway.identity.dstack_sim import default_app_compose
 from tlog.service import listen_address
 
 ROOT = Path(__file__).resolve().parents[1]
 GATEWAY_APP_ID = hashlib.sha256(b"pag-demo/gateway").hexdigest()[:40]
 PROVIDER_APP_ID = hashlib.sha256(b"pag-demo/provider").hexdigest()[:40]
+PROVIDER_APP_NAME = "pag-demo-provider"
+# what the provider's simulator attests as its compose hash (its app-compose for that name)
+PROVIDER_COMPOSE_HASH = hashlib.sha256(default_app_compose(PROVIDER_APP_NAME).encode()).hexdigest()
 STOP_GRACE = 7.0
 SOCKET_MAX = 100
 LOG_TAIL = 30
@@ -273,7 +277,8 @@ def gateway_config(*, data: Path, dstack_socket: Path, tlog_url: str, log_vkey: 
 
     attestation_url = provider_http + "/.well-known/attestation"
     policy = ("[routes.policy]\nallow_simulated = true\nallow_unverified = false\n"
-              f"max_lease_age = 300\napp_id = {toml_str(PROVIDER_APP_ID)}\n")
+              f"max_lease_age = 300\napp_id = {toml_str(PROVIDER_APP_ID)}\n"
+              f"compose_hash = {toml_str(PROVIDER_COMPOSE_HASH)}\n")
 
     def route(rid: str, model: str, aliases: list[str], upstream: str, kind: str) -> str:
         return (f"[[routes]]\nid = {toml_str(rid)}\nmodel = {toml_str(model)}\n"
@@ -343,7 +348,7 @@ def start_stack(stack: Stack, data: Path, host: str, port: int, timeout: float,
         sims[who] = (sock, stack.start(f"dstack-{who}", [
             "-m", "gateway.identity.dstack_sim", "--socket", str(sock),
             "--data", str(data / f"dstack-{who}"), "--app-id", app_id,
-            "--app-name", f"pag-demo-{who}"]))
+            "--app-name", PROVIDER_APP_NAME if who == "provider" else f"pag-demo-{who}"]))
     for sock, child in sims.values():
         wait_ready(stack, child, unix_answers(sock), "its socket answered", deadline)
 

@@ -17,6 +17,10 @@ Invariants:
 - Durability "fsync": synchronous=FULL, and commits are grouped: one writer
   thread drains every queued write into a single transaction, so concurrent
   requests share one fsync (survives power loss too).
+- Each receipt row records the SHA-256 of the API key that made the call
+  (`key_sha256`), so `GET /v1/receipts/{id}` answers its owner only. Outbox
+  files from before that column existed are migrated on open (ALTER TABLE ADD
+  COLUMN); their old rows have no owner.
 - A receipt counts as logged only once the ledger holds the index and proof the
   log returned; receipts are never deleted. The stored proof omits its `extra`
   line (the entry, already stored) and gets it back when read.
@@ -46,8 +50,9 @@ CREATE TABLE IF NOT EXISTS receipts (
   seq INTEGER PRIMARY KEY,
   id TEXT NOT NULL UNIQUE,
   request_hash TEXT NOT NULL,
-  entry BLOB NOT NULL
-);
+  entry BLOB NOT NULL,
+  key_sha256 TEXT                   -- the caller's API key hash (NULL in outboxes made
+);                                  -- before owners were recorded: no owner can read them by id
 CREATE INDEX IF NOT EXISTS receipts_request_hash ON receipts(request_hash, seq);
 """
 LEDGER_SCHEMA = """
@@ -61,7 +66,8 @@ CREATE TABLE IF NOT EXISTS state (
   v TEXT NOT NULL
 ) WITHOUT ROWID;
 """
-ROW = ("SELECT r.id, r.request_hash, r.entry, l.log_index, l.proof FROM receipts r "
+ROW = ("SELECT r.id, r.request_hash, r.entry, l.log_index, l.proof, r.key_sha256 "
+       "FROM receipts r "
        "LEFT JOIN ledger.logged l ON l.seq = r.seq ")
 DURABILITY = ("process", "fsync")
 
@@ -106,6 +112,7 @@ class Row:
     entry: bytes
     log_index: int | None
     proof: str | None
+    key_sha256: str | None = None
 
 
 _Op = tuple[str, tuple[Any, ...], Callable[[BaseException | None], None]]
@@ -124,7 +131,22 @@ def _connect(path: Path, schema: str) -> sqlite3.Connection:
     conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.executescript(schema)
+    if schema == OUTBOX_SCHEMA:
+        _migrate_outbox(conn)
     return conn
+
+
+def _migrate_outbox(conn: sqlite3.Connection) -> None:
+    """Add the columns later versions introduced to an older outbox file (one transaction)."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        cols = {row[1] for row in conn.execute("PRAGMA table_info(receipts)")}
+        if "key_sha256" not in cols:
+            conn.execute("ALTER TABLE receipts ADD COLUMN key_sha256 TEXT")
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
 
 
 class _Writer:
@@ -245,12 +267,13 @@ class Outbox:
         self._rconn.execute("ATTACH DATABASE ? AS ledger", (str(data_dir / LEDGER_FILE),))
         self._rconn.execute("PRAGMA query_only=1")
 
-    async def put(self, receipt_id: str, request_hash: str, entry: bytes) -> None:
-        """Commit one receipt durably."""
+    async def put(self, receipt_id: str, request_hash: str, entry: bytes,
+                  key_sha256: str | None = None) -> None:
+        """Commit one receipt durably, with the hash of the API key that owns it."""
         assert self._writer is not None, "outbox opened read-only"
         await self._writer.submit(
-            "INSERT INTO receipts(id, request_hash, entry) VALUES (?, ?, ?)",
-            (receipt_id, request_hash, entry))
+            "INSERT INTO receipts(id, request_hash, entry, key_sha256) VALUES (?, ?, ?, ?)",
+            (receipt_id, request_hash, entry, key_sha256))
 
     def unlogged_after(self, seq: int, limit: int = 1000) -> list[tuple[int, str, bytes]]:
         """(seq, id, entry) of receipts after `seq` the log has not acknowledged, oldest first."""
@@ -269,7 +292,7 @@ class Outbox:
         if r[4] is not None:
             p = proof.parse(bytes(r[4]))
             text = proof.TlogProof(p.index, p.hashes, p.checkpoint, entry).format().decode()
-        return Row(r[0], r[1], entry, r[3], text)
+        return Row(r[0], r[1], entry, r[3], text, r[5])
 
     def get(self, receipt_id: str) -> Row | None:
         """The receipt with that id (with the full tlog-proof text once logged)."""

@@ -7,8 +7,12 @@ to the ledger, and the gateway learns about them through `LogStatus`.
 
 Invariants:
 - A receipt is marked logged only after the log answered 200 with an index and
-  a tlog-proof whose entry is exactly the receipt (and, when the log's vkey is
-  configured, whose checkpoint is signed by the log and includes the entry).
+  a tlog-proof whose entry is exactly the receipt and (with the log's vkey, which
+  `gateway serve` requires) whose checkpoint is signed by the log, cosigned by
+  at least the configured quorum of distinct witnesses, and includes the entry.
+- A proof below the quorum is not recorded. Its entry is in the log, so it is
+  not appended again: the shipper asks `GET /proof/{request_hash}` for a fresher
+  proof (with backoff) until one meets the quorum.
 - Failures are retried forever with capped exponential backoff; nothing is
   dropped. `log_down` is true from a failed attempt until the next success.
 - Many posts are in flight at once (the log batches them into one checkpoint),
@@ -25,8 +29,10 @@ import contextlib
 import fcntl
 import logging
 import os
+import re
 import signal
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -35,6 +41,7 @@ import orjson
 from gateway.receipts.outbox import Ledger, Outbox
 from gateway.upstream.client import Connection, Pool, ProtocolError, exchange
 from tlog import checkpoint, merkle, note, proof, tiles
+from witness import cosignature
 
 log = logging.getLogger("gateway.receipts.shipper")
 
@@ -45,22 +52,39 @@ POLL = 0.002
 BATCH = 64  # receipts per POST /add-batch at most
 LOCK_FILE = "shipper.lock"
 LOCK_WAIT = 15.0
+HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
 class ShipError(Exception):
-    """The log did not acknowledge an entry (the message is safe to log)."""
+    """The log did not acknowledge an entry (the message is safe to log).
 
-    def __init__(self, message: str, *, log_down: bool, status: int | None = None) -> None:
+    `appended`: the log did sign a checkpoint including the entry, but with fewer valid
+    witness cosignatures than the quorum; asking for a fresher proof beats appending it
+    again."""
+
+    def __init__(self, message: str, *, log_down: bool, status: int | None = None,
+                 appended: bool = False) -> None:
         super().__init__(message)
         self.log_down = log_down
         self.status = status
+        self.appended = appended
 
 
 class ProofChecker:
-    """Checks the log's answer for one entry; caches checkpoints already verified."""
+    """Checks the log's answer for one entry: the proof's entry is the one sent, its
+    checkpoint is signed by the log (`vkey`) and cosigned by at least `quorum` distinct
+    configured witnesses (`witness.cosignature.verify_witnessed`), and the entry is included
+    under it. Checkpoints already verified are cached. Without a vkey only the entry and
+    index are compared (no witness policy is possible then)."""
 
-    def __init__(self, vkey: str | None) -> None:
+    def __init__(self, vkey: str | None, witnesses: Sequence[str] = (), quorum: int = 0) -> None:
         self._verifier = note.verifier_from_vkey(vkey) if vkey else None
+        self._witnesses = cosignature.parse_vkeys(witnesses)
+        if quorum and self._verifier is None:
+            raise ValueError("a witness quorum needs the log's vkey")
+        if quorum > len(self._witnesses):
+            raise ValueError(f"quorum {quorum} exceeds the {len(self._witnesses)} witness keys")
+        self._quorum = quorum
         self._seen: dict[bytes, checkpoint.Checkpoint] = {}
 
     def check(self, entry: bytes, answer: bytes) -> proof.TlogProof:
@@ -83,29 +107,46 @@ class ProofChecker:
             p = proof.parse(text.encode())
         except (KeyError, TypeError, proof.ProofFormatError) as e:
             raise ShipError(f"log answer malformed: {e}", log_down=False) from e
-        if p.index != index or (p.extra is not None and p.extra != entry):
+        if p.index != index:
             raise ShipError("log proof does not match the entry sent", log_down=False)
-        if self._verifier is not None:
-            try:
-                cp = self._seen.get(p.checkpoint)
-                if cp is None:
-                    cp, _ = checkpoint.open(p.checkpoint, self._verifier)
-                    if len(self._seen) > 64:
-                        self._seen.clear()
-                    self._seen[p.checkpoint] = cp
-                proof.check_inclusion(p, cp, entry)
-            except (checkpoint.CheckpointError, merkle.ProofError) as e:
-                raise ShipError(f"log proof does not verify: {e}", log_down=False) from e
+        return self.check_proof(entry, p)
+
+    def check_proof(self, entry: bytes, p: proof.TlogProof) -> proof.TlogProof:
+        """`p` if it proves `entry` under a checkpoint meeting the policy, else ShipError."""
+        if p.extra is not None and p.extra != entry:
+            raise ShipError("log proof does not match the entry sent", log_down=False)
+        if self._verifier is None:
+            return p
+        try:
+            cp = self._seen.get(p.checkpoint)
+            if cp is None:
+                cp = self._witnessed(entry, p)
+                if len(self._seen) > 64:
+                    self._seen.clear()
+                self._seen[p.checkpoint] = cp
+            proof.check_inclusion(p, cp, entry)
+        except (checkpoint.CheckpointError, note.NoteError, merkle.ProofError) as e:
+            raise ShipError(f"log proof does not verify: {e}", log_down=False) from e
         return p
 
-
+    def _witnessed(self, entry: bytes, p: proof.TlogProof) -> checkpoint.Checkpoint:
+        assert self._verifier is not None
+        try:
+            return cosignature.verify_witnessed(p.checkpoint, self._verifier, self._witnesses,
+                                                self._quorum).checkpoint
+        except cosignature.QuorumError as e:
+            cp, _ = checkpoint.open(p.checkpoint, self._verifier)
+            proof.check_inclusion(p, cp, entry)  # appended (not yet witnessed enough)?
+            raise ShipError(f"log proof is not witnessed: {e}", log_down=True,
+                            appended=True) from e
 
 
 class Shipper:
     """Appends outbox receipts to the log, many posts in flight, retrying forever."""
 
     def __init__(self, data_dir: Path, url: str, token: str | None, vkey: str | None = None,
-                 concurrency: int = 128) -> None:
+                 concurrency: int = 128, witnesses: Sequence[str] = (),
+                 quorum: int = 0) -> None:
         self.data_dir = data_dir
         self.url = url.rstrip("/")
         u = urlsplit(self.url)
@@ -118,8 +159,10 @@ class Shipper:
             f"POST {u.path.rstrip('/')}{path} HTTP/1.1\r\nHost: {u.netloc}\r\n{auth}"
             "Content-Type: application/octet-stream\r\n").encode()
             for path in ("/add", "/add-batch"))
+        self._proof_head = f"GET {u.path.rstrip('/')}/proof/%s HTTP/1.1\r\nHost: {u.netloc}\r\n\r\n"
+
         self._batching = True  # until the log answers 404/405 to /add-batch
-        self._checker = ProofChecker(vkey)
+        self._checker = ProofChecker(vkey, witnesses, quorum)
         self._concurrency = concurrency
         self._queue: asyncio.Queue[tuple[int, str, bytes]] = asyncio.Queue()
         self._tasks: list[asyncio.Task[None]] = []
@@ -165,33 +208,64 @@ class Shipper:
                 cursor = row[0]
             await asyncio.sleep(0 if rows else POLL)
 
-    async def _post(self, entry: bytes, head: bytes | None = None) -> bytes:
+    async def _exchange(self, request: bytes) -> tuple[int, bytes]:
+        """(status, body) of one request on a pooled connection; ShipError if unreachable."""
         conn: Connection | None = None
         try:
             async with asyncio.timeout(POST_TIMEOUT):
-                conn, status, _ = await exchange(
-                    self._pool, self._target,
-                    (head or self._head) + b"Content-Length: %d\r\n\r\n" % len(entry) + entry)
+                conn, status, _ = await exchange(self._pool, self._target, request)
                 body = await conn.body()
             self._pool.release(conn)
         except (OSError, TimeoutError, asyncio.IncompleteReadError, ProtocolError) as e:
             if conn is not None:
                 conn.close()
             raise ShipError(f"log unreachable: {type(e).__name__}", log_down=True) from e
+        return status, body
+
+    async def _post(self, entry: bytes, head: bytes | None = None) -> bytes:
+        status, body = await self._exchange(
+            (head or self._head) + b"Content-Length: %d\r\n\r\n" % len(entry) + entry)
         if status != 200:
             raise ShipError(f"log answered HTTP {status}",
                             log_down=status >= 500 or status in (401, 403), status=status)
         return body
 
-    async def _ship(self, seq: int, receipt_id: str, entry: bytes) -> None:
+    async def _fresh_proof(self, entry: bytes) -> proof.TlogProof:
+        """A proof of an entry the log already holds, from `GET /proof/{request_hash}`.
+        ShipError(appended=False) if the log does not have it (then it is appended again)."""
+        try:
+            h = orjson.loads(entry).get("request_hash")
+        except (orjson.JSONDecodeError, AttributeError):
+            h = None
+        if not isinstance(h, str) or not HEX64.fullmatch(h):
+            raise ShipError("entry has no request hash to look up", log_down=False)
+        status, body = await self._exchange((self._proof_head % h).encode())
+        if status != 200:
+            raise ShipError(f"log answered HTTP {status} to GET /proof", log_down=status >= 500,
+                            status=status, appended=status >= 500)
+        try:
+            p = proof.parse(body)
+        except proof.ProofFormatError as e:
+            raise ShipError(f"log proof malformed: {e}", log_down=False) from e
+        if p.extra != entry:
+            raise ShipError("the log's proof for that request hash is of another entry",
+                            log_down=False)
+        return self._checker.check_proof(entry, p)
+
+    async def _ship(self, seq: int, receipt_id: str, entry: bytes, appended: bool = False
+                    ) -> None:
         assert self.ledger is not None
         delay = BACKOFF_START
         while True:
             try:
-                p = self._checker.check(entry, await self._post(entry))
+                if appended:
+                    p = await self._fresh_proof(entry)
+                else:
+                    p = self._checker.check(entry, await self._post(entry))
                 await self.ledger.record(seq, p)
                 break
             except ShipError as e:
+                appended = e.appended or (appended and e.log_down)
                 if e.log_down and not self.log_down:
                     log.warning("receipt log unavailable: %s", e)
                     self.log_down = True
@@ -211,8 +285,9 @@ class Shipper:
             await self.ledger.set_state(False, None)
 
     async def _ship_batch(self, batch: list[tuple[int, str, bytes]]
-                          ) -> list[tuple[int, str, bytes]]:
-        """One `POST /add-batch`; returns what it did not get acknowledged (shipped singly)."""
+                          ) -> list[tuple[int, str, bytes, bool]]:
+        """One `POST /add-batch`; returns what it did not get acknowledged (shipped singly),
+        each with whether the log holds it already."""
         assert self.ledger is not None
         try:
             answer = await self._post(tiles.encode_bundle(e for _, _, e in batch),
@@ -224,15 +299,15 @@ class Shipper:
             if e.status in (404, 405):
                 log.info("the log has no /add-batch; appending one entry per request")
                 self._batching = False
-            return batch
+            return [(*b, False) for b in batch]
         except (orjson.JSONDecodeError, KeyError, TypeError):
-            return batch
+            return [(*b, False) for b in batch]
         rest = []
         for (seq, rid, entry), item in zip(batch, items, strict=True):
             try:
                 p = self._checker.check_doc(entry, item)
-            except ShipError:
-                rest.append((seq, rid, entry))
+            except ShipError as e:
+                rest.append((seq, rid, entry, e.appended))
                 continue
             await self.ledger.record(seq, p)
             self.shipped += 1
@@ -246,10 +321,11 @@ class Shipper:
             batch = [await self._queue.get()]
             while len(batch) < BATCH and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
+            rest = [(*b, False) for b in batch]
             if len(batch) > 1 and self._batching:
-                batch = await self._ship_batch(batch)
-            for seq, rid, entry in batch:
-                await self._ship(seq, rid, entry)
+                rest = await self._ship_batch(batch)
+            for seq, rid, entry, appended in rest:
+                await self._ship(seq, rid, entry, appended)
 
     async def close(self) -> None:
         """Stop (receipts not yet logged stay in the outbox for the next start)."""
@@ -337,12 +413,17 @@ def _die_with_parent() -> None:
 
 
 def main(argv: list[str]) -> int:
-    """`python -m gateway.receipts.shipper --data DIR --log URL [--token-file F] [--vkey V]`."""
+    """`python -m gateway.receipts.shipper --data DIR --log URL [--token-file F] [--vkey V]
+    [--witness-vkey W ...] [--quorum K]`."""
     ap = argparse.ArgumentParser(prog="python -m gateway.receipts.shipper")
     ap.add_argument("--data", required=True, type=Path)
     ap.add_argument("--log", required=True)
     ap.add_argument("--token-file", type=Path)
     ap.add_argument("--vkey")
+    ap.add_argument("--witness-vkey", action="append", default=[],
+                    help="a witness whose cosignatures count (repeated)")
+    ap.add_argument("--quorum", type=int, default=0,
+                    help="distinct valid witness cosignatures a proof needs")
     ap.add_argument("--concurrency", type=int, default=128)
     ap.add_argument("--parent", type=int, help="exit when this process is gone")
     a = ap.parse_args(argv)
@@ -351,7 +432,7 @@ def main(argv: list[str]) -> int:
     token = a.token_file.read_text().strip() if a.token_file else None
 
     async def run() -> None:
-        shipper = Shipper(a.data, a.log, token, a.vkey, a.concurrency)
+        shipper = Shipper(a.data, a.log, token, a.vkey, a.concurrency, a.witness_vkey, a.quorum)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -44,6 +44,7 @@ class LeaseFacts:
     expires_at: str | None
     pin: tuple[str, bytes] | None = None
     notes: dict[str, Any] = field(default_factory=dict)  # for the route view, not receipts
+    evidence_index: int | None = None  # log index of the lease's pag-evidence/1 entry
 
     def receipt(self) -> dict[str, Any]:
         """The receipt's `upstream` member."""
@@ -53,6 +54,8 @@ class LeaseFacts:
             out["verified_at"] = self.verified_at
         if self.expires_at is not None:
             out["expires_at"] = self.expires_at
+        if self.evidence_index is not None:
+            out["evidence_index"] = self.evidence_index
         return out
 
 
@@ -95,7 +98,12 @@ def facts_of(lease: Any) -> LeaseFacts:
         verified_at=rfc3339(getattr(lease, "verified_at", None)),
         expires_at=rfc3339(getattr(lease, "expires_at", None)),
         pin=pin_of(binding),
+        evidence_index=_index(getattr(lease, "evidence_index", None)),
         notes={k: v for k, v in (getattr(lease, "facts", None) or {}).items() if k in ROUTE_NOTES})
+
+
+def _index(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 class Leases:
@@ -113,7 +121,8 @@ class Leases:
         except self._error_type as e:
             code = str(getattr(e, "code", "upstream_unverified"))
             reason = str(getattr(e, "reason", e))
-            raise refused(502, code, f"route {route.id!r} refused: {code}: {reason}",
+            status = 503 if code == "log_unavailable" else 502  # evidence could not be logged
+            raise refused(status, code, f"route {route.id!r} refused: {code}: {reason}",
                           route_id=route.id) from e
         cached = self._facts.get(route.id)
         if cached is not None and cached[0] is lease:

@@ -3,7 +3,10 @@
 A `Lease` is what a successful verification of one route yields: the evidence
 digest, the channel binding the gateway must enforce on every connection
 (`tls-spki:<hex>`: the peer's TLS key must hash to this), and a validity
-window. A request never uses a lease past `expires_at`.
+window. A request never uses a lease past `expires_at`. It also carries the
+evidence document and the nonce it answered, so the document can be logged
+(a `pag-evidence/1` entry) before the lease serves; once logged the lease
+keeps only the entry's index.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ class VerificationError(Exception):
 
 CODES = ("upstream_unverified", "evidence_missing", "evidence_malformed", "quote_invalid",
          "measurement_mismatch", "binding_mismatch", "evidence_expired", "simulated_not_allowed",
-         "unsupported_evidence", "gpu_unverified")
+         "unsupported_evidence", "gpu_unverified", "model_mismatch", "log_unavailable")
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,13 @@ class Policy:
     sigstore_trusted_root: str | None = None
     allow_signature_binding: bool = False
     key_provider_id: str | None = None
+    allow_any_workload: bool = False
+
+    def pinned_workload(self) -> tuple[str, ...]:
+        """The policy keys that pin which workload may serve (`WORKLOAD_PINS` that are set).
+        Without any, every genuine TEE workload passes: config load refuses such a route
+        unless `allow_any_workload` says that is intended."""
+        return tuple(k for k in WORKLOAD_PINS if getattr(self, k))
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Policy:
@@ -72,6 +82,9 @@ class Policy:
         for m in d.get("allowed_measurements", ()):
             if not isinstance(m, dict) or not all(isinstance(v, str) for v in m.values()):
                 raise ValueError("allowed_measurements: a list of tables of hex strings")
+            if not m or not all(v.strip() for v in m.values()):
+                raise ValueError("allowed_measurements: an empty measurement set (or value) "
+                                 "would match every quote")
         if d.get("max_lease_age", 1) <= 0:
             raise ValueError("max_lease_age must be positive")
         kw = dict(d)
@@ -82,6 +95,8 @@ class Policy:
         return cls(**kw)
 
 
+WORKLOAD_PINS = ("allowed_measurements", "app_id", "compose_hash", "signing_address",
+                 "sigstore_identity")
 PATH_KEYS = ("collateral_file", "collateral_cache_dir", "sigstore_bundle", "sigstore_trusted_root")
 
 
@@ -112,6 +127,9 @@ class Lease:
     verified: bool = True
     facts: dict[str, Any] = field(default_factory=dict)
     lease_id: str = field(default_factory=lambda: "lease-" + secrets.token_hex(8))
+    nonce: str = ""  # the fresh nonce sent with the evidence request ("" if the kind has none)
+    document_b64: str = ""  # the evidence bytes as served (base64), until logged
+    evidence_index: int | None = None  # log index of its pag-evidence/1 entry, once logged
 
     @property
     def tls_spki_sha256(self) -> str | None:

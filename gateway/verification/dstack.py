@@ -12,6 +12,7 @@ is the attested one (the lease binds `tls-spki:<keyset.tls_spki_sha256>`).
 
 from __future__ import annotations
 
+import base64
 import json
 import secrets
 from pathlib import Path
@@ -96,6 +97,7 @@ async def verify(client: httpx.AsyncClient, route: Any, policy: Policy, now: flo
                  ("-simulated" if facts.simulated else ""),
                  evidence_digest=digest(body), binding=f"tls-spki:{spki}",
                  verified_at=now, expires_at=now + policy.max_lease_age,
+                 nonce=nonce, document_b64=base64.b64encode(body).decode(),
                  facts={"app_id": facts.app_id, "compose_hash": facts.compose_hash,
                         "mr_td": facts.mr_td, "simulated": facts.simulated,
                         "tcb_status": getattr(facts.quote_verification, "tcb_status", None),

@@ -7,6 +7,13 @@ verification replaces it. A failed verification is remembered (for the route
 view) and raised to the caller: the request fails closed. `invalidate` drops
 a lease whose key the provider no longer presents, so the next use
 re-verifies.
+
+With a `publish` hook (the gateway's evidence log), a freshly verified lease is
+handed to it before anything else sees the lease: it logs the lease's evidence
+(a `pag-evidence/1` entry) and returns the lease with the entry's index. Only
+then is the lease stored, shared with other replicas, or returned; if logging
+fails, the verification fails (`log_unavailable`) and nothing is sent upstream.
+A lease adopted from another replica was published by that replica.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +32,7 @@ from gateway.verification.registry import verify_route
 from gateway.verification.shared import SharedLeases
 
 SHARED_WAIT = 15.0
+Publish = Callable[[Any, Lease], Awaitable[Lease]]
 
 
 @dataclass
@@ -39,9 +48,10 @@ class LeaseStore:
     """In-process lease cache in front of the evidence adapters."""
 
     def __init__(self, client: httpx.AsyncClient | None = None,
-                 shared: SharedLeases | None = None) -> None:
+                 shared: SharedLeases | None = None, publish: Publish | None = None) -> None:
         self._client = client
         self._shared = shared
+        self._publish = publish
         self.status: dict[str, RouteStatus] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._refresh: dict[str, asyncio.Task[None]] = {}
@@ -108,6 +118,8 @@ class LeaseStore:
         st.checked_at = now
         try:
             lease = await verify_route(self._http(), route, now)
+            if self._publish is not None and lease.document_b64:
+                lease = await self._publish(route, lease)
         except VerificationError as e:
             st.lease, st.last_error = None, f"{e.code}: {e.reason}"
             raise

@@ -14,15 +14,20 @@ SubjectPublicKeyInfo. Before any prompt byte moves the gateway checks, for
 every attestation: the quote (`tdx.verify_quote`), the report data against its
 own fresh nonce (constant-time), RTMR3 replayed from the event log (which
 yields app id and compose hash), and the measurements against the allowed
-sets; for every model attestation the NVIDIA evidence (`nvidia.check_gpu`);
-for the gateway attestation the `app_id`, `compose_hash` and `signing_address`
-pins. The lease binds `tls-spki:<gateway fingerprint>`, so every connection
+sets; for every model attestation that it names the route's `upstream_model`
+(else `model_mismatch`: a lease binds the model it serves) and the NVIDIA
+evidence (`nvidia.check_gpu`); for every attestation, the gateway's and each
+model's, the `app_id` and `compose_hash` pins (a gateway and its models
+usually run as different apps: pin them together with `allowed_measurements`
+sets, e.g. `[{app_id = GATEWAY}, {app_id = MODEL}]`, which every attestation
+must match one of); for the gateway attestation the `signing_address` pin. The lease binds `tls-spki:<gateway fingerprint>`, so every connection
 to the route must present the attested key. The legacy layout without a TLS
 fingerprint (zero-padded address) is refused: it binds no channel.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import secrets
@@ -143,14 +148,15 @@ async def check_attestation(a: Attestation, nonce: str, policy: Policy, now: flo
             "simulated": vq.simulated}
 
 
-def _pins_ok(facts: dict[str, Any], policy: Policy) -> None:
-    """The gateway attestation against the policy's app id, compose hash and signer pins."""
+def _pins_ok(facts: dict[str, Any], policy: Policy, who: str = "gateway") -> None:
+    """An attestation against the policy's app id and compose hash pins (every attestation:
+    the gateway's and each model's) and, for the gateway's, the signer pin."""
     for key in ("app_id", "compose_hash"):
         want = getattr(policy, key)
         if want and str(facts[key] or "").lower() != want.lower().removeprefix("0x"):
-            raise VerificationError("measurement_mismatch", f"gateway {key} is not the pinned one")
+            raise VerificationError("measurement_mismatch", f"{who} {key} is not the pinned one")
     pin = policy.signing_address
-    if pin and _norm_address(facts["signing_address"]) != _norm_address(pin):
+    if who == "gateway" and pin and _norm_address(facts["signing_address"]) != _norm_address(pin):
         raise VerificationError("binding_mismatch", "gateway signing address is not the pinned one")
 
 
@@ -186,6 +192,10 @@ async def verify(client: httpx.AsyncClient, route: Any, policy: Policy, now: flo
     model_facts = []
     for m in models:
         mf = await check_attestation(m, nonce, policy, now)
+        if m.model != route.upstream_model:
+            raise VerificationError("model_mismatch", f"{m.name} attests model {m.model[:80]!r}, "
+                                    f"not the route's {route.upstream_model[:80]!r}")
+        _pins_ok(mf, policy, m.name)
         mf["model"] = m.model
         mf["gpu"] = nvidia.check_gpu(m.nvidia_payload, nonce, policy)
         model_facts.append(mf)
@@ -195,4 +205,5 @@ async def verify(client: httpx.AsyncClient, route: Any, policy: Policy, now: flo
     return Lease(route_id=route.id, provider=route.provider,
                  evidence="nearai-simulated" if simulated else "nearai",
                  evidence_digest=digest(raw), binding=f"tls-spki:{gateway.tls_fingerprint}",
-                 verified_at=now, expires_at=now + policy.max_lease_age, facts=facts)
+                 verified_at=now, expires_at=now + policy.max_lease_age, facts=facts,
+                 nonce=nonce, document_b64=base64.b64encode(raw).decode())

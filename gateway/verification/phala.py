@@ -15,8 +15,9 @@ The 64 bytes of TDX report data are, exactly as the proxy builds them:
 
 Before any prompt byte moves the gateway checks: the quote (`tdx.verify_quote`),
 report data equal to the layout above for OUR nonce (constant time), RTMR3
-replayed from the event log (app id / compose hash against the policy), the
-measurements against the allowed sets, the GPU evidence bound to the same
+replayed from the event log (app id / compose hash against the policy), that the
+report's `model_name` is the route's `upstream_model` (else `model_mismatch`: a
+lease binds the model it serves), the measurements against the allowed sets, the GPU evidence bound to the same
 nonce (`nvidia.check_gpu`), and the optional `signing_address` pin. The lease
 binds `tls-spki:<fingerprint>` when the report carries one (and the route is
 HTTPS), else `signing-address:<0x...>`: a key the gateway cannot check before
@@ -26,6 +27,7 @@ sending, only afterwards, on each response signature
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import re
@@ -121,6 +123,10 @@ async def verify(client: httpx.AsyncClient, route: Any, policy: Policy, now: flo
                                 "report data does not bind the signing address"
                                 + (" and TLS key" if fingerprint else "") + " to our nonce")
     identity = _identity(doc.get("event_log"), vq, policy)
+    model = doc.get("model_name")
+    if model != route.upstream_model:
+        raise VerificationError("model_mismatch", f"report is for model {str(model)[:80]!r}, "
+                                f"not the route's {route.upstream_model[:80]!r}")
     if not tdx.measurements_ok(vq.measurements(), policy):
         raise VerificationError("measurement_mismatch", "measurements not in the allowed sets")
     gpu = nvidia.check_gpu(doc.get("nvidia_payload"), nonce.hex(), policy)
@@ -138,7 +144,8 @@ async def verify(client: httpx.AsyncClient, route: Any, policy: Policy, now: flo
     return Lease(route_id=route.id, provider=route.provider,
                  evidence="phala-simulated" if vq.simulated else "phala",
                  evidence_digest=digest(body), binding=binding, verified_at=now,
-                 expires_at=now + policy.max_lease_age,
+                 expires_at=now + policy.max_lease_age, nonce=nonce.hex(),
+                 document_b64=base64.b64encode(body).decode(),
                  facts={"signing_address": address.lower(), "mr_td": vq.measurements()["mr_td"],
                         "tcb_status": vq.tcb_status, "simulated": vq.simulated, **identity, **gpu})
 

@@ -43,9 +43,12 @@ return 0
 
 
 def settings_digest(route: Any) -> str:
-    """SHA-256 of what a lease depends on: provider, URLs, evidence kind and policy (JCS)."""
+    """SHA-256 of what a lease depends on: provider, URLs, the upstream model it serves,
+    evidence kind and policy (JCS). Two routes that differ in any of these never share a
+    lease (a lease binds the model it serves)."""
     doc = {"provider": route.provider, "base_url": route.base_url,
            "attestation_url": getattr(route, "attestation_url", None) or "",
+           "upstream_model": route.upstream_model,
            "evidence": route.evidence, "policy": dict(getattr(route, "policy", {}) or {})}
     return hashlib.sha256(rfc8785.dumps(doc)).hexdigest()
 

@@ -185,6 +185,7 @@ async def verify(client: httpx.AsyncClient, route: Any, policy: Policy, now: flo
                  evidence="tinfoil" + ("-simulated" if vq.simulated else ""),
                  evidence_digest=digest(raw), binding=f"tls-spki:{tls_fp}",
                  verified_at=now, expires_at=now + policy.max_lease_age,
+                 document_b64=base64.b64encode(raw).decode(),
                  facts={"hpke_public_key": hpke, "measurements": have,
                         "release_digest": release.digest, "release_subject": release.subject_name,
                         "simulated": vq.simulated, "tcb_status": vq.tcb_status})
