@@ -20,6 +20,7 @@ from gateway.api.apikeys import KeyStore, admin_ok
 from gateway.api.config import Config
 from gateway.api.errors import GatewayError, bad_request
 from gateway.api.ratelimit import Limiter
+from gateway.api.replay import MemoryReplay, RedisReplay, ReplayStore
 from gateway.api.router import Router
 from gateway.api.routes import RouteBook
 from gateway.receipts.outbox import Outbox, ReceiptSigner
@@ -45,10 +46,13 @@ class Gateway:
                  outbox: Outbox, status: LogStatus, leases: Leases, attest: Attest,
                  e2ee_key: bytes | None = None) -> None:
         router = Router(cfg.routes)
+        url = cfg.replay_redis_url
+        replay: ReplayStore = RedisReplay(url, cfg.e2ee.prefix) if url else \
+            MemoryReplay(cfg.e2ee.max_entries)
         self.svc = pipeline.Services(
             cfg=cfg, keys=KeyStore(cfg.api_keys), limiter=Limiter(), router=router,
             routes=RouteBook(router.routes, leases), signer=signer, outbox=outbox,
-            status=status, identity=identity, e2ee_key=e2ee_key)
+            status=status, identity=identity, e2ee_key=e2ee_key, replay=replay)
         self.attest = attest
         self._models_body = orjson.dumps({"object": "list", "data": [
             {"id": m, "object": "model", "created": 0, "owned_by": "pag"}
@@ -67,6 +71,7 @@ class Gateway:
             await self.svc.upstream.close()
         if self.svc.signatures is not None:
             await self.svc.signatures.aclose()
+        await self.svc.replay.close()
         await self.svc.status.close()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -97,6 +102,10 @@ class Gateway:
         kind = MODEL_CALLS.get(path)
         known_get = path in GETS or path.startswith("/v1/receipts/")
         try:
+            if kind is None and any(k in pipeline.E2EE_REQUEST_HEADERS
+                                    for k, _ in scope["headers"]):
+                raise bad_request("e2ee_unsupported_endpoint",
+                                  "E2EE headers were sent to an endpoint without sealed fields")
             if kind is not None:
                 if method != "POST":
                     raise GatewayError(405, "method_not_allowed", "use POST")
