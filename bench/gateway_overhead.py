@@ -261,7 +261,8 @@ class NoLogGateway:
         self.log = (data / "logs" / "gateway-nolog.log").open("wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "gateway", "serve", "--config", str(cfg),
-             "--listen", f"127.0.0.1:{port}"], cwd=ROOT, stdout=self.log, stderr=self.log,
+             "--listen", f"127.0.0.1:{port}", "--no-tls"], cwd=ROOT, stdout=self.log,
+            stderr=self.log,
             stdin=subprocess.DEVNULL)
         self.url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 60

@@ -22,7 +22,8 @@ import pytest
 from gateway.demo import stack as demo
 
 ROOT = Path(__file__).resolve().parents[1]
-READY_KEYS = {"gateway", "tlog", "witness", "provider", "log_vkey", "witness_vkey", "api_key"}
+READY_KEYS = {"gateway", "tlog", "witness", "provider", "log_vkey", "witness_vkey", "api_key",
+              "gateway_tls"}
 START_TIMEOUT = 120.0
 
 

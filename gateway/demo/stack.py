@@ -5,7 +5,8 @@ gateway on PORT): two dstack simulators (the gateway's and the provider's),
 the demo model provider, one witness, the tlog (witnessed, quorum 1) and the
 gateway with a generated config. Once every part answers it prints one JSON
 line to stdout (`gateway`, `tlog`, `witness`, `provider`, `log_vkey`,
-`witness_vkey`, `api_key`) and serves until SIGTERM/SIGINT.
+`witness_vkey`, `api_key`, and `gateway_tls`: the same gateway over HTTPS with
+its attested TLS key, on a second port) and serves until SIGTERM/SIGINT.
 
 Invariants:
 - Every child runs in its own process group with its output in DIR/logs/NAME.log;
@@ -240,6 +241,14 @@ def http_ok(url: str, status: tuple[int, ...] = (200,), headers: dict[str, str] 
     return probe
 
 
+def https_answers(url: str) -> Callable[[], bool]:
+    """A probe: GET `url` over TLS answers 200 (readiness only: the certificate is
+    self-signed, and clients pin its key from the attestation instead)."""
+    def probe() -> bool:
+        return httpx.get(url, timeout=2.0, verify=False).status_code == 200
+    return probe
+
+
 def http_answers(url: str) -> Callable[[], bool]:
     """A probe: anything answers HTTP at `url`."""
     def probe() -> bool:
@@ -330,7 +339,7 @@ def start_stack(stack: Stack, data: Path, host: str, port: int, timeout: float,
                 sockets: Path) -> dict[str, Any]:
     """Start every part and wait for it; the ready line's members."""
     deadline = time.monotonic() + timeout
-    provider_port, provider_tls_port, witness_port, tlog_port = free_ports(4)
+    provider_port, provider_tls_port, witness_port, tlog_port, tls_port = free_ports(5)
     api_key = secret_file(data / "api_key", lambda: "sk-pag-demo-" + secrets.token_urlsafe(24))
     admin_key = secret_file(data / "admin_key",
                             lambda: "sk-pag-admin-" + secrets.token_urlsafe(24))
@@ -378,14 +387,18 @@ def start_stack(stack: Stack, data: Path, host: str, port: int, timeout: float,
         witness_vkey=witness_vkey, api_key=api_key, admin_key=admin_key,
         provider_http=provider_url, provider_base=f"https://127.0.0.1:{provider_tls_port}/v1"))
     gateway_url = f"http://{host}:{port}" if ":" not in host else f"http://[{host}]:{port}"
+    tls_url = gateway_url.replace("http://", "https://").rsplit(":", 1)[0] + f":{tls_port}"
     gateway = stack.start("gateway", ["-m", "gateway", "serve", "--config", str(cfg),
-                                      "--listen", f"{host}:{port}"])
+                                      "--listen", f"{host}:{port}", "--no-tls",
+                                      "--tls-listen", f"{host}:{tls_port}"])
     wait_ready(stack, gateway, http_ok(gateway_url + "/healthz"), "/healthz answered",
                deadline)
+    wait_ready(stack, gateway, https_answers(tls_url + "/healthz"),
+               "/healthz answered over TLS", deadline)
     check_routes(gateway_url, admin_key)
     return {"gateway": gateway_url, "tlog": tlog_url, "witness": witness_url,
             "provider": provider_url + "/v1", "log_vkey": log_vkey,
-            "witness_vkey": witness_vkey, "api_key": api_key}
+            "witness_vkey": witness_vkey, "api_key": api_key, "gateway_tls": tls_url}
 
 
 def check_routes(gateway_url: str, admin_key: str) -> None:
