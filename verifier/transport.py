@@ -112,6 +112,7 @@ class CallFlow:
                                       content=body, extensions=request.extensions)
         self.digest = receipt.digester(self.salt)
         self.parser = sse.SseParser()
+        self.done: bytes | None = None
 
     def receipt_request(self, receipt_id: str) -> httpx.Request:
         """GET the receipt (with the caller's API key, which the gateway requires)."""
@@ -174,20 +175,28 @@ class CallFlow:
         except ValueError:
             raise E2eeError("e2ee_response_invalid", "the sealed answer is not JSON") from None
 
-    def stream_feed(self, chunk: bytes) -> bytes:
-        """The opened bytes for a chunk of the event stream."""
+    def stream_feed(self, chunk: bytes) -> tuple[bytes, bytes | None]:
+        """(opened bytes to release, the `[DONE]` event if this chunk ends the stream).
+
+        `[DONE]` is held back: the SDK stops reading there, so the receipt must be
+        accepted before it is released (`stream_end`)."""
         self.digest.update(chunk)
-        if self.opener is None:
-            return chunk
+        if self.done is not None:
+            return b"", None  # after [DONE]: hashed for the receipt, never released
         try:
-            return b"".join(self._open_event(ev) for ev in self.parser.feed(chunk))
+            events = self.parser.feed(chunk)
         except sse.SseError as e:
             raise E2eeError("e2ee_response_invalid", str(e)) from None
+        out = []
+        for ev in events:
+            if ev.data == b"[DONE]" and ev.type == "message":
+                self.done = ev.raw if self.opener is None else sse.encode(ev.data)
+                break
+            out.append(ev.raw if self.opener is None else self._open_event(ev))
+        return b"".join(out), self.done
 
     def _open_event(self, ev: sse.Event) -> bytes:
         assert self.opener is not None
-        if ev.data == b"[DONE]":
-            return sse.encode(ev.data)
         try:
             obj = json.loads(ev.data)
         except ValueError:
@@ -199,11 +208,18 @@ class CallFlow:
         except aci.AciError as e:
             raise E2eeError(e.code, e.message) from None
 
-    def stream_end(self) -> None:
-        """At the end of the stream: under E2EE, an unfinished event is refused."""
+    def stream_end(self) -> bytes:
+        """The bytes still to release once the whole stream was read and its receipt
+        accepted: `[DONE]`, or in clear what followed the last event; under E2EE an
+        unfinished event is refused."""
         rest = self.parser.rest()
-        if self.opener is not None and rest.strip(b"\r\n"):
-            raise E2eeError("e2ee_response_invalid", "the stream ended inside an event")
+        if self.done is not None:
+            return self.done
+        if self.opener is not None:
+            if rest.strip(b"\r\n"):
+                raise E2eeError("e2ee_response_invalid", "the stream ended inside an event")
+            return b""
+        return rest
 
     def answer(self, response: httpx.Response, **kw: Any) -> httpx.Response:
         """The response handed to the SDK."""
@@ -303,11 +319,13 @@ class VerifyingTransport(httpx.BaseTransport):
         class Stream(httpx.SyncByteStream):
             def __iter__(self) -> Iterator[bytes]:
                 for chunk in response.iter_raw():
-                    out = flow.stream_feed(chunk)
+                    out, _ = flow.stream_feed(chunk)
                     if out:
                         yield out
-                flow.stream_end()
+                tail = flow.stream_end()
                 transport._receipt(flow, response)
+                if tail:
+                    yield tail
 
             def close(self) -> None:
                 response.close()
@@ -404,11 +422,13 @@ class AsyncVerifyingTransport(httpx.AsyncBaseTransport):
         class Stream(httpx.AsyncByteStream):
             async def __aiter__(self) -> AsyncIterator[bytes]:
                 async for chunk in response.aiter_raw():
-                    out = flow.stream_feed(chunk)
+                    out, _ = flow.stream_feed(chunk)
                     if out:
                         yield out
-                flow.stream_end()
+                tail = flow.stream_end()
                 await transport._receipt(flow, response)
+                if tail:
+                    yield tail
 
             async def aclose(self) -> None:
                 await response.aclose()
