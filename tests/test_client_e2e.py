@@ -401,3 +401,23 @@ def test_curl_pins_the_attested_key(stack: Demo, policy: vc.Policy) -> None:
     bad = subprocess.run([curl, "-sS", "-k", "--pinnedpubkey", wrong, url],
                          capture_output=True, text=True, timeout=30)
     assert bad.returncode != 0 and "demo-chat" not in bad.stdout
+
+
+def test_provider_e2ee_route_in_the_demo(stack: Demo, policy: vc.Policy) -> None:
+    """The demo's `-e2ee` models reach the provider over plain HTTP, sealed to the key its
+    dstack attestation names; the receipt says so."""
+    gw = vc.connect(stack.ready["gateway_tls"], policy)
+    c = sdk(gw, stack, e2ee=True)
+    out = c.chat.completions.create(model="demo-chat-e2ee",
+                                    messages=[{"role": "user", "content": PROMPT}])
+    assert (out.choices[0].message.content or "").startswith("[demo ")
+    up = gw.last_receipt["upstream"]
+    assert up["verified"] is True and up["binding"].startswith("e2ee-key:")
+    assert up["e2ee"]["mode"] == "aci-1" and up["binding"] == "e2ee-key:" + up["e2ee"]["key"]
+    stream = c.chat.completions.create(model="demo-chat-e2ee", stream=True,
+                                       messages=[{"role": "user", "content": PROMPT}])
+    assert "".join(ch.choices[0].delta.content or "" for ch in stream
+                   if ch.choices).startswith("[demo ")
+    e = c.embeddings.create(model="demo-embed-e2ee", input=EMBED_INPUT)
+    assert len(e.data[0].embedding) == 32
+    assert gw.last_receipt["upstream"]["e2ee"]["mode"] == "aci-1"

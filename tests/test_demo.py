@@ -205,8 +205,10 @@ def test_generated_config_is_valid_and_hashes_keys(tmp_path: Path) -> None:
     path.write_text(text)
     cfg = config.load(path)
     assert "sk-secret" not in text and "sk-admin" not in text
-    assert {r.model: r.kind for r in cfg.routes} == {"demo-chat": "chat",
-                                                     "demo-embed": "embeddings"}
+    assert {r.model: r.kind for r in cfg.routes} == {
+        "demo-chat": "chat", "demo-embed": "embeddings", "demo-chat-e2ee": "chat",
+        "demo-embed-e2ee": "embeddings"}
+    assert [r.base_url for r in cfg.routes if r.e2ee] == ["http://127.0.0.1:2/v1"] * 2
     assert all(r.policy["allow_simulated"] is True and r.evidence == "dstack"
                for r in cfg.routes)
     assert cfg.routes[0].attestation_url == "http://127.0.0.1:2/.well-known/attestation"

@@ -111,6 +111,7 @@ class RouteSpec:
     required: bool = True
     policy: dict[str, Any] = field(default_factory=dict)
     api_key: str = field(default="", repr=False)  # the provider's credential (never logged)
+    e2ee: bool = False  # seal to the provider's attested E2EE key (aci-1), not plaintext
 
 
 @dataclass(frozen=True)
@@ -275,7 +276,8 @@ def _route(t: dict[str, Any], i: int, base: Path) -> RouteSpec:
         "provider": (str, True), "base_url": (str, True), "attestation_url": (str, False),
         "upstream_model": (str, False), "kind": (str, False), "priority": (int, False),
         "timeout": ((int, float), False), "retries": (int, False), "evidence": (str, False),
-        "required": (bool, False), "policy": (dict, False), "api_key_file": (str, False)})
+        "required": (bool, False), "policy": (dict, False), "api_key_file": (str, False),
+        "e2ee": (bool, False)})
     v["base_url"] = _http_url(f"{where}.base_url", v["base_url"])
     if "attestation_url" in v:
         v["attestation_url"] = _http_url(f"{where}.attestation_url", v["attestation_url"])

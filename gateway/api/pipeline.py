@@ -24,6 +24,7 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import hashlib
 import hmac
@@ -117,6 +118,8 @@ class Call:
     attempts: list[str] = field(default_factory=list)
     response_signature: str | None = None
     sealer: Sealer | None = None
+    upstream_opener: aci.Opener | None = None  # set when the route seals to the provider
+    upstream_e2ee: dict[str, str] | None = None
 
     def headers(self) -> Headers:
         """The response headers every answer to this call carries."""
@@ -325,8 +328,18 @@ async def route_and_forward(svc: Services, call: Call, req: Request) -> Upstream
         fwd["model"] = route.upstream_model
         fwd_bytes = orjson.dumps(fwd)
         call.forwarded_hash = call.provider_request_hash = receipt.digest(call.salt, fwd_bytes)
+        headers = None
+        call.upstream_opener = call.upstream_e2ee = None
+        if route.e2ee:
+            try:
+                fwd_bytes, headers = seal_upstream(call, route, lease, fwd)
+            except GatewayError as e:
+                call.forwarded_hash = call.provider_request_hash = None
+                refusals.append(e)
+                continue
+            call.provider_request_hash = receipt.digest(call.salt, fwd_bytes)
         try:
-            reply = await forward(svc, call, route, lease, fwd_bytes, req.stream)
+            reply = await forward(svc, call, route, lease, fwd_bytes, req.stream, headers)
             if signed_only and reply.status == 200:
                 await check_response_signature(svc, call, fwd_bytes, reply)
         except GatewayError as e:
@@ -345,14 +358,14 @@ async def route_and_forward(svc: Services, call: Call, req: Request) -> Upstream
 
 
 async def forward(svc: Services, call: Call, route: RouteSpec, lease: LeaseFacts, body: bytes,
-                  stream: bool) -> UpstreamReply:
+                  stream: bool, headers: dict[str, str] | None = None) -> UpstreamReply:
     """Send under the lease; if the provider's TLS key no longer matches it (a key
     rotation, or an impostor), re-verify once and retry once under the new lease.
     The refused handshake sent no byte; a failed re-verification refuses the call."""
     assert svc.upstream is not None
     path = UPSTREAM_PATH[call.kind]
     try:
-        return await svc.upstream.send(route, lease, path, body, stream)
+        return await svc.upstream.send(route, lease, path, body, stream, headers)
     except GatewayError as e:
         if e.code != "binding_mismatch" or lease.pin is None:
             raise
@@ -365,7 +378,35 @@ async def forward(svc: Services, call: Call, route: RouteSpec, lease: LeaseFacts
         raise first
     call.lease = fresh
     call.attempts.append(f"{route.id}:binding_mismatch")
-    return await svc.upstream.send(route, fresh, path, body, stream)
+    return await svc.upstream.send(route, fresh, path, body, stream, headers)
+
+
+def seal_upstream(call: Call, route: RouteSpec, lease: LeaseFacts,
+                  fwd: dict[str, Any]) -> tuple[bytes, dict[str, str]]:
+    """Seal the forwarded request to the provider's attested E2EE key (aci-1): (body,
+    headers). The receipt records it (`upstream.e2ee`); a lease without such a key
+    refuses the route before anything is sent."""
+    if lease.e2ee_key is None:
+        raise refused(502, "binding_mismatch", f"route {route.id!r} refused: binding_mismatch: "
+                      "the route seals to the provider's E2EE key but its attestation names "
+                      "none", route_id=route.id)
+    sealed, headers, call.upstream_opener = aci.seal_request(fwd, call.kind, lease.e2ee_key,
+                                                             now=time.time())
+    call.upstream_e2ee = {"mode": aci.VERSION,
+                          "key": base64.b64encode(lease.e2ee_key).decode()}
+    return orjson.dumps(sealed), headers
+
+
+def open_upstream(call: Call, reply: UpstreamReply) -> None:
+    """Read the provider's E2EE response headers (a 200 must be sealed to us)."""
+    assert call.upstream_opener is not None
+    try:
+        call.upstream_opener.start({k.decode("latin-1"): v.decode("latin-1")
+                                    for k, v in reply.headers.items()})
+    except aci.AciError as e:
+        raise refused(502, "upstream_e2ee_invalid", f"route "
+                      f"{call.route.id if call.route else '-'!r}: the provider's answer is "
+                      f"not sealed to the gateway: {e.code}") from None
 
 
 async def check_response_signature(svc: Services, call: Call, forwarded: bytes,
@@ -422,6 +463,14 @@ def finish_json(svc: Services, call: Call, reply: UpstreamReply) -> tuple[int, b
             raise refused(502, "upstream_bad_response",
                           f"route {call.route.id!r}: provider sent malformed JSON"
                           if call.route else "provider sent malformed JSON") from None
+        if call.upstream_opener is not None:
+            open_upstream(call, reply)
+            try:
+                resp = call.upstream_opener.open_response(resp)
+            except aci.AciError as e:
+                raise refused(502, "upstream_e2ee_invalid", "the provider's sealed answer "
+                              f"does not open: {e.code}") from None
+            data, ctype = orjson.dumps(resp), JSON
         if isinstance(resp, dict):
             call.usage = usage_of(resp.get("usage"))
     elif reply.status >= 400:
@@ -454,6 +503,13 @@ async def relay_stream(svc: Services, call: Call, reply: UpstreamReply, send: Se
     re-encoded with its fields sealed, and an event that cannot be sealed (not JSON, an
     `event:` type other than message, unterminated, oversized) ends the stream with an
     error event: plaintext never leaves. A broken upstream stream ends it and is recorded."""
+    if call.upstream_opener is not None:
+        try:
+            open_upstream(call, reply)
+        except GatewayError:
+            if reply.conn is not None:
+                reply.conn.close()
+            raise
     await send({"type": "http.response.start", "status": 200, "headers": [
         (b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"),
         *call.headers()]})
@@ -476,7 +532,7 @@ async def relay_stream(svc: Services, call: Call, reply: UpstreamReply, send: Se
                 events = parser.feed(chunk)
             except sse.SseError:
                 events, parser = [], None
-                if call.sealer is not None:
+                if call.sealer is not None or call.upstream_opener is not None:
                     await emit(stream_error(call, "e2ee_unsealable", "an event is too large"))
                     break
                 await emit(chunk)
@@ -487,11 +543,12 @@ async def relay_stream(svc: Services, call: Call, reply: UpstreamReply, send: Se
                 break
         else:
             rest = parser.rest() if parser is not None else b""
-            if rest and call.sealer is not None and rest.strip(b"\r\n"):
+            if call.sealer is None and call.upstream_opener is None:
+                if rest:
+                    await emit(rest)
+            elif rest.strip(b"\r\n"):
                 await emit(stream_error(call, "e2ee_unsealable", "the stream ended inside "
                                         "an event"))
-            elif rest and call.sealer is None:
-                await emit(rest)
     except (TimeoutError, OSError, asyncio.IncompleteReadError, ProtocolError) as e:
         call.refusal = {"code": "upstream_stream_broken", "status": 200}
         log.warning("stream broken %s: %s", call.request_hash, type(e).__name__)
@@ -508,17 +565,28 @@ def relay_event(call: Call, ev: sse.Event) -> bytes:
     """The bytes relayed for one upstream event: usage noted; in clear its exact bytes,
     under E2EE the sealed event (or, if it cannot be sealed, the error that ends the
     stream)."""
+    relayed = call.sealer is None and call.upstream_opener is None  # bytes pass unchanged
     if ev.data == b"[DONE]" and ev.type == "message":
-        return ev.raw if call.sealer is None else sse.encode(b"[DONE]")
+        return ev.raw if relayed else sse.encode(b"[DONE]")
     obj: Any = None
     with contextlib.suppress(orjson.JSONDecodeError):
         obj = orjson.loads(ev.data)
+    if call.upstream_opener is not None:
+        if ev.type != "message" or not isinstance(obj, dict):
+            return stream_error(call, "upstream_e2ee_invalid", "a provider event is not sealed")
+        try:
+            obj = call.upstream_opener.open_response(obj)
+        except aci.AciError as e:
+            return stream_error(call, "upstream_e2ee_invalid", f"a provider event does not "
+                                f"open: {e.code}")
     if isinstance(obj, dict):
         u = usage_of(obj.get("usage"))
         if u:
             call.usage = u
-    if call.sealer is None:
+    if relayed:
         return ev.raw
+    if call.sealer is None:
+        return sse.encode(orjson.dumps(obj))
     return seal_event(call, ev, obj)
 
 
@@ -568,6 +636,8 @@ def receipt_body(call: Call, identity: dict[str, str], response_hash: str) -> di
         body["upstream_status"] = call.upstream_status
     if call.attempts:
         body["failed_attempts"] = call.attempts
+    if call.upstream_e2ee is not None and call.lease is not None:
+        body["upstream"]["e2ee"] = call.upstream_e2ee
     if call.response_signature is not None and call.lease is not None:
         body["upstream"]["response_signature"] = call.response_signature
     return body
