@@ -357,3 +357,29 @@ def run_client(url: str, rotate: Any, prov: FakeProvider) -> None:
     assert call()
     assert gw.lease.receipt_key != first.receipt_key
     assert gw.last_receipt is not None and json.dumps(gw.last_receipt)
+
+
+def test_the_client_runs_on_the_base_dependencies_only() -> None:
+    """A client-only install has no server packages: importing and sealing must not need
+    them (the issue's `ModuleNotFoundError: orjson`)."""
+    import subprocess
+    import sys
+
+    code = """
+import importlib.abc, sys
+SERVER = {"gateway", "aiohttp", "orjson", "fastapi", "uvicorn", "redis", "psycopg",
+          "dstack_sdk", "dcap_qvl", "uvloop"}
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in SERVER:
+            raise ModuleNotFoundError(name)
+sys.meta_path.insert(0, Block())
+import time
+from verifier import aci, client, sse, transport
+sealed, headers, _ = aci.seal_request({"model": "m", "messages": [{"role": "user",
+    "content": "x"}]}, "chat", aci.public_key(bytes(range(32))), now=time.time())
+print(headers["x-e2ee-version"])
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                       cwd=Path(__file__).resolve().parents[1])
+    assert r.returncode == 0 and r.stdout.strip() == "aci-1", r.stderr

@@ -21,6 +21,7 @@ from the stream); requests to another origin are refused.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 from urllib.parse import urlsplit
@@ -40,6 +41,7 @@ from verifier.client import (
 )
 
 MODEL_PATHS = {"/v1/chat/completions": "chat", "/v1/embeddings": "embeddings"}
+RECEIPT_ID = re.compile(r"[A-Za-z0-9._:-]{1,200}")
 DROPPED = ("content-length", "content-encoding", "transfer-encoding")
 MAX_RECEIPT = 1 << 20
 
@@ -156,6 +158,8 @@ class CallFlow:
                                  "receipt salt")
         if rid is None and response.status_code == 200:
             raise ReceiptInvalid("receipt_missing", "a successful call carried no receipt")
+        if rid is not None and not RECEIPT_ID.fullmatch(rid):
+            raise ReceiptInvalid("receipt_invalid", "the receipt id is malformed")
         if self.opener is not None and response.status_code == 200:
             try:
                 self.opener.start(response.headers)

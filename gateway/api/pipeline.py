@@ -121,12 +121,13 @@ class Call:
     upstream_opener: aci.Opener | None = None  # set when the route seals to the provider
     upstream_e2ee: dict[str, str] | None = None
 
-    def headers(self) -> Headers:
-        """The response headers every answer to this call carries."""
+    def headers(self, status: int = 200) -> Headers:
+        """The response headers every answer to this call carries (the E2EE ones only on a
+        sealed answer: a refusal is the gateway's own, unsealed, error)."""
         h = [(b"x-request-hash", self.request_hash.encode()),
              (b"x-receipt-id", self.receipt_id.encode()),
              (b"x-receipt-salt", self.salt.hex().encode())]
-        if self.sealer is not None:
+        if self.sealer is not None and status == 200:
             h += self.sealer.headers()
         return h
 
@@ -169,7 +170,7 @@ async def model_call(svc: Services, scope: Scope, receive: Receive, send: Send,
         err = refused(503, "log_unavailable",
                       "the receipt could not be logged in time; it stays queued")
         status, out, ctype = err.status, err.body(), JSON
-    await respond(send, status, out, ctype, headers=call.headers())
+    await respond(send, status, out, ctype, headers=call.headers(status))
 
 
 # -- the steps -----------------------------------------------------------------------
