@@ -384,6 +384,16 @@ def test_plaintext_channels_and_other_origins_are_refused(stack: Demo, policy: v
     with pytest.raises(vc.ChannelError) as e:
         chat(other)
     assert e.value.code == "origin_mismatch"
+    with gw.http_client(e2ee=True) as http:
+        for path, body, code in (
+                ("/v1/completions", {"model": "demo-chat", "prompt": PROMPT},
+                 "e2ee_unsupported_endpoint"),
+                ("/v1/chat/completions", {"messages": [{"role": "user", "content": PROMPT}]},
+                 "e2ee_invalid_payload_model"),
+                ("/v1/chat/completions", [PROMPT], "e2ee_unsealable_request")):
+            with pytest.raises(vc.E2eeError) as e:
+                http.post(gw.base_url + path, json=body)
+            assert e.value.code == code
     assert not [x for x in mitm.exchanges if x.method == "POST"]
 
 

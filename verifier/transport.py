@@ -70,7 +70,8 @@ def _origin(url: str | httpx.URL) -> tuple[str, str, int | None]:
 def check_channel(gw: Gateway, request: httpx.Request, e2ee: bool,
                   allow_plaintext: bool) -> str | None:
     """The model call kind of `request` (None for any other request); ChannelError for
-    another origin or a plaintext channel, E2eeError for a body E2EE cannot seal."""
+    another origin or a plaintext channel, E2eeError for a POST E2EE has no fields for
+    (sent in clear otherwise)."""
     if _origin(request.url) != _origin(gw.base_url):
         raise ChannelError("origin_mismatch", "this client talks to the attested gateway only")
     if request.url.scheme != "https" and not e2ee and not allow_plaintext:
@@ -102,6 +103,8 @@ class CallFlow:
                 obj = json.loads(body)
                 sealed, e2ee_headers, self.opener = aci.seal_request(obj, kind, lease.e2ee_key,
                                                                      now=now)
+            except aci.AciError as e:
+                raise E2eeError(e.code, e.message) from None
             except (ValueError, AttributeError) as e:
                 raise E2eeError("e2ee_unsealable_request",
                                 f"the request body cannot be sealed: {type(e).__name__}") from None
