@@ -15,11 +15,12 @@ import json
 import socket
 import ssl
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 import uvicorn
 from aiohttp import web
 from cryptography import x509
@@ -34,7 +35,7 @@ from gateway.api.apikeys import hash_key
 from gateway.api.app import Gateway
 from gateway.receipts.outbox import Outbox, ReceiptSigner
 from gateway.receipts.shipper import LogStatus, Shipper
-from gateway.upstream.leases import Leases
+from gateway.upstream.leases import Leases, LeaseSource
 from tlog import checkpoint, merkle, note, proof, tiles
 
 API_KEY = "sk-test-key"
@@ -103,8 +104,10 @@ class FakeProvider:
         self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
 
     async def stop(self) -> None:
+        """Stop serving; stopping twice is harmless (a test may stop it mid-run)."""
         if self.runner is not None:
             await self.runner.cleanup()
+            self.runner = None
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
@@ -161,6 +164,25 @@ class FakeProvider:
             "usage": {"prompt_tokens": 2, "total_tokens": 2}}).encode()
         self.sent.append(out)
         return web.Response(body=out, content_type="application/json")
+
+
+class RecordingProvider:
+    """Base of the verification tests' providers: its chat endpoint records every body it
+    receives and answers OK_COMPLETION; a subclass serves its own evidence and starts
+    `self.runner`."""
+
+    def __init__(self) -> None:
+        self.received: list[bytes] = []
+        self.runner: web.AppRunner | None = None
+
+    async def _chat(self, request: web.Request) -> web.Response:
+        self.received.append(await request.read())
+        return web.Response(body=OK_COMPLETION, content_type="application/json")
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+            self.runner = None
 
 
 class FakeVerificationError(Exception):
@@ -332,7 +354,7 @@ class Running:
     url: str
     receipt_key: Ed25519PrivateKey
     e2ee_key: X25519PrivateKey
-    store: FakeLeaseStore
+    store: LeaseSource
     shipper: Shipper | None
 
 
@@ -344,9 +366,13 @@ async def attest(nonce: str | None) -> dict[str, Any]:
 
 
 @contextlib.asynccontextmanager
-async def run_gateway(cfg_path: Path, store: FakeLeaseStore | None = None
+async def run_gateway(cfg_path: Path, store: LeaseSource | None = None,
+                      error_type: type[Exception] = FakeVerificationError
                       ) -> AsyncIterator[Running]:
-    """Start the gateway app on a free port; stop it (and close its outbox) on exit."""
+    """Start the gateway app on a free port; stop it (and close its outbox) on exit.
+
+    `store` grants leases (a `FakeLeaseStore` unless given: the verification tests
+    pass the real one, with its `VerificationError` as `error_type`)."""
     cfg = gconfig.load(cfg_path)
     rk = Ed25519PrivateKey.generate()
     ek = X25519PrivateKey.generate()
@@ -357,7 +383,7 @@ async def run_gateway(cfg_path: Path, store: FakeLeaseStore | None = None
                       concurrency=8) if cfg.log.url else None
     status = LogStatus(outbox, shipper is not None)
     app = Gateway(cfg, signer=ReceiptSigner(rk), identity=IDENTITY, outbox=outbox,
-                  status=status, leases=Leases(store, FakeVerificationError), attest=attest,
+                  status=status, leases=Leases(store, error_type), attest=attest,
                   e2ee_key=ek.private_bytes_raw())
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)  # asyncio sets
     # TCP_NODELAY only on sockets whose proto is TCP (else Nagle adds 40 ms per response)
@@ -381,6 +407,59 @@ async def run_gateway(cfg_path: Path, store: FakeLeaseStore | None = None
         if shipper is not None:
             await shipper.close()
         outbox.close()
+
+
+@dataclass
+class Stack:
+    """A fake provider, an optional fake log, a gateway routed to them, and a client."""
+
+    prov: FakeProvider
+    log: FakeLog | None
+    gw: Running
+    client: httpx.AsyncClient
+
+    @property
+    def url(self) -> str:
+        return self.gw.url
+
+
+@contextlib.asynccontextmanager
+async def gateway_stack(tmp: Path, *, log: bool = False, log_up: bool = True,
+                        store: FakeLeaseStore | None = None, tls: ssl.SSLContext | None = None,
+                        routes: Callable[[str], str] | None = None, timeout: float = 5.0,
+                        extra_gateway: str = "", rpm: int = 0, budget: int = 0
+                        ) -> AsyncIterator[Stack]:
+    """The one set-up of the gateway HTTP tests: start a `FakeProvider` (over `tls` if
+    given) and, with `log`, a `FakeLog` (left down when `log_up` is false); write the
+    config in `tmp` (`routes` builds the route tables from the provider's base URL);
+    serve the gateway and open a client. Everything is stopped on exit, even on failure."""
+    prov = FakeProvider()
+    fake_log = FakeLog() if log else None
+    await prov.start(tls=tls)
+    try:
+        if fake_log is not None and log_up:
+            await fake_log.start()
+        cfg = write_config(tmp, prov.base_url, log=fake_log, extra_gateway=extra_gateway,
+                           routes=routes(prov.base_url) if routes else None,
+                           rpm=rpm, budget=budget)
+        async with run_gateway(cfg, store) as gw, httpx.AsyncClient(timeout=timeout) as client:
+            yield Stack(prov, fake_log, gw, client)
+    finally:
+        await prov.stop()
+        if fake_log is not None:
+            await fake_log.stop()
+
+
+async def post_chat(url: str, *, stream: bool | None = None) -> httpx.Response:
+    """One chat call to the gateway at `url` with the test API key; the prompt is MARKER
+    (`stream` is sent only when given)."""
+    body: dict[str, Any] = {"model": "chat-model",
+                            "messages": [{"role": "user", "content": MARKER}]}
+    if stream is not None:
+        body["stream"] = stream
+    async with httpx.AsyncClient(timeout=30) as c:
+        return await c.post(f"{url}/v1/chat/completions",
+                            headers={"Authorization": f"Bearer {API_KEY}"}, json=body)
 
 
 def b64(data: bytes) -> str:

@@ -83,16 +83,17 @@ async def wait_logged(c: httpx.AsyncClient, url: str, ids: list[str], vkey: str 
         pending.pop()
 
 
-async def wait_ready(url: str, proc: Any, timeout: float = 30) -> None:
+async def wait_ready(url: str, proc: Any, path: str = "/healthz", timeout: float = 30) -> None:
+    """Wait (bounded) until the server process `proc` answers `GET url+path` with 200."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     async with httpx.AsyncClient() as c:
         while True:
-            assert proc.returncode is None, "gateway exited"
+            assert proc.returncode is None, f"the server for {url} exited"
             with contextlib.suppress(httpx.HTTPError):
-                if (await c.get(url + "/healthz")).status_code == 200:
+                if (await c.get(url + path)).status_code == 200:
                     return
-            assert loop.time() < deadline, "gateway did not start"
+            assert loop.time() < deadline, f"{url}{path} did not answer in time"
             await asyncio.sleep(0.05)
 
 
@@ -217,16 +218,7 @@ def test_tlog_killed_under_load_loses_no_receipt(tmp_path: Path) -> None:
     async def start_log() -> None:
         p = await asyncio.create_subprocess_exec(*cmd, cwd=ROOT, stdout=subprocess.DEVNULL)
         procs.append(p)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + 30
-        async with httpx.AsyncClient() as c:
-            while True:
-                assert p.returncode is None, "tlog serve exited"
-                with contextlib.suppress(httpx.HTTPError):
-                    if (await c.get(log_url + "/checkpoint")).status_code == 200:
-                        return
-                assert loop.time() < deadline, "tlog serve did not start"
-                await asyncio.sleep(0.05)
+        await wait_ready(log_url, p, "/checkpoint")
 
     async def kill_log() -> None:
         procs[-1].kill()

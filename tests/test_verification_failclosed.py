@@ -10,49 +10,40 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 import ssl
 import tempfile
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from aiohttp import web
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from dstack_sdk import AsyncDstackClient
 
-from gateway.api import config as gconfig
-from gateway.api.app import Gateway
 from gateway.identity import attestation as identity_attestation
 from gateway.identity import keys
 from gateway.identity.dstack_sim import SimulatorServer
-from gateway.receipts.outbox import Outbox, ReceiptSigner
-from gateway.receipts.shipper import LogStatus
-from gateway.upstream.leases import Leases
 from gateway.verification.base import Lease, VerificationError
 from gateway.verification.lease import LeaseStore, RouteStatus
 from tests.test_gateway_fakes import (
     ADMIN_KEY,
-    API_KEY,
-    IDENTITY,
     MARKER,
-    OK_COMPLETION,
+    RecordingProvider,
+    post_chat,
+    run_gateway,
     tls_server_context,
     write_config,
 )
 
 
-class Adversary:
+class Adversary(RecordingProvider):
     """A provider that serves attestation and chat, recording every body it gets."""
 
     def __init__(self, mode: str) -> None:
+        super().__init__()
         self.mode = mode
-        self.received: list[bytes] = []
         self.docs: list[dict] = []
-        self.runner: web.AppRunner | None = None
         self.http_port = self.tls_port = 0
 
     async def start(self, sock_path: str, tmp: Path) -> None:
@@ -101,36 +92,14 @@ class Adversary:
         self.docs.append(doc)
         return web.json_response(doc)
 
-    async def _chat(self, request: web.Request) -> web.Response:
-        self.received.append(await request.read())
-        return web.Response(body=OK_COMPLETION, content_type="application/json")
-
-    async def stop(self) -> None:
-        if self.runner is not None:
-            await self.runner.cleanup()
-
 
 @contextlib.asynccontextmanager
-async def gateway(cfg_path: Path, store: LeaseStore):
-    cfg = gconfig.load(cfg_path)
-    outbox = Outbox(cfg.gateway.data_dir, cfg.gateway.outbox_durability)
-    app = Gateway(cfg, signer=ReceiptSigner(Ed25519PrivateKey.generate()), identity=IDENTITY,
-                  outbox=outbox, status=LogStatus(outbox, False),
-                  leases=Leases(store, VerificationError), attest=lambda n: {},  # unused here
-                  e2ee_key=X25519PrivateKey.generate().private_bytes_raw())
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, lifespan="on", log_level="warning"))
-    task = asyncio.create_task(server.serve(sockets=[sock]))
+async def gateway(cfg_path: Path, store: LeaseStore) -> AsyncIterator[str]:
+    """The gateway over the real lease store (closed on exit); yields its URL."""
     try:
-        while not server.started:
-            await asyncio.sleep(0.01)
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+        async with run_gateway(cfg_path, store, VerificationError) as gw:
+            yield gw.url
     finally:
-        server.should_exit = True
-        await task
-        sock.close()
-        outbox.close()
         await store.close()
 
 
@@ -149,13 +118,6 @@ evidence = "dstack"
 [routes.policy]
 {policy}
 """
-
-
-async def _call(url: str) -> httpx.Response:
-    async with httpx.AsyncClient(timeout=30) as c:
-        return await c.post(f"{url}/v1/chat/completions", headers={"Authorization": f"Bearer {API_KEY}"},
-                            json={"model": "chat-model",
-                                  "messages": [{"role": "user", "content": MARKER}]})
 
 
 CASES = [
@@ -190,7 +152,7 @@ def test_refused_and_no_prompt_byte_moves(tmp_path, mode, route_kw, code):
                                 params={"nonce": "captured"})
             cfg = write_config(tmp_path, "unused", routes=_routes(adv, **route_kw))
             async with gateway(cfg, LeaseStore()) as url:
-                return await _call(url), adv
+                return await post_chat(url), adv
         finally:
             await adv.stop()
             await sim.stop()
@@ -213,7 +175,7 @@ def test_honest_provider_is_served_and_receipt_names_the_lease(tmp_path):
             await adv.start(str(tmp_path / "dstack.sock"), tmp_path)
             cfg = write_config(tmp_path, "unused", routes=_routes(adv))
             async with gateway(cfg, LeaseStore()) as url:
-                r = await _call(url)
+                r = await post_chat(url)
                 async with httpx.AsyncClient() as c:
                     rec = (await c.get(f"{url}/v1/receipts/{r.headers['x-receipt-id']}")).json()
                     view = (await c.get(f"{url}/v1/routes",
@@ -303,7 +265,7 @@ def test_pinned_key_provider_is_accepted(tmp_path):
             cfg = write_config(tmp_path, "unused", routes=_routes(
                 adv, policy=f'allow_simulated = true\nkey_provider_id = "{kms.upper()}"'))
             async with gateway(cfg, LeaseStore()) as url:
-                return await _call(url)
+                return await post_chat(url)
         finally:
             await adv.stop()
             await sim.stop()

@@ -30,9 +30,9 @@ from gateway.verification.base import MAX_EVIDENCE, Policy, VerificationError
 from gateway.verification.lease import LeaseStore
 from tests.pccs import Pccs
 from tests.test_gateway_fakes import (
-    API_KEY,
     MARKER,
-    OK_COMPLETION,
+    RecordingProvider,
+    post_chat,
     tls_server_context,
     write_config,
 )
@@ -185,20 +185,19 @@ def attestation(signing_address: str, fingerprint: str, nonce: str, *,
             "report_data": rd.hex(), "info": {"app_id": app_id}, "tls_cert_fingerprint": fingerprint}
 
 
-class NearProvider:
+class NearProvider(RecordingProvider):
     """cloud-api's two endpoints over HTTPS; records every chat body and attestation query."""
 
     def __init__(self, tmp: Path, mode: str = "honest") -> None:
+        super().__init__()
         self.mode = mode
         self.tmp = tmp
-        self.received: list[bytes] = []
         self.queries: list[dict[str, str]] = []
         self.gateway_address = "0x" + secrets.token_hex(20)
         self.model_address = "0x" + secrets.token_hex(20)
         self.model_fp = secrets.token_hex(32)  # the model backend's own TLS key (not ours)
         self.captured_nonce = secrets.token_hex(32)
         self.gpu_payload: Any = None
-        self.runner: web.AppRunner | None = None
         self.port = 0
 
     async def start(self) -> None:
@@ -245,14 +244,6 @@ class NearProvider:
         if self.mode == "oversized":  # a valid report, padded past the limit
             doc["padding"] = "x" * MAX_EVIDENCE
         return web.json_response(doc)
-
-    async def _chat(self, request: web.Request) -> web.Response:
-        self.received.append(await request.read())
-        return web.Response(body=OK_COMPLETION, content_type="application/json")
-
-    async def stop(self) -> None:
-        if self.runner is not None:
-            await self.runner.cleanup()
 
     def route(self, **kw: Any) -> SimpleNamespace:
         fields = {"id": "near", "provider": "nearai", "evidence": "nearai",
@@ -463,14 +454,6 @@ evidence = "nearai"
 """
 
 
-async def _call(url: str) -> httpx.Response:
-    async with httpx.AsyncClient(timeout=30) as c:
-        return await c.post(f"{url}/v1/chat/completions",
-                            headers={"Authorization": f"Bearer {API_KEY}"},
-                            json={"model": "chat-model",
-                                  "messages": [{"role": "user", "content": MARKER}]})
-
-
 def run_gateway(tmp: Path, mode: str, policy: str) -> tuple[httpx.Response, NearProvider, dict]:
     async def go():
         prov = NearProvider(tmp, mode)
@@ -478,7 +461,7 @@ def run_gateway(tmp: Path, mode: str, policy: str) -> tuple[httpx.Response, Near
         try:
             cfg = write_config(tmp, "unused", routes=_routes(prov, policy))
             async with gateway(cfg, LeaseStore()) as url:
-                r = await _call(url)
+                r = await post_chat(url)
                 rec: dict = {}
                 if r.status_code == 200:
                     async with httpx.AsyncClient() as c:

@@ -26,9 +26,9 @@ from gateway.verification import nvidia, phala, tdx
 from gateway.verification.base import MAX_EVIDENCE, Policy, VerificationError
 from gateway.verification.lease import LeaseStore
 from tests.test_gateway_fakes import (
-    API_KEY,
     MARKER,
     OK_COMPLETION,
+    post_chat,
     tls_server_context,
     write_config,
 )
@@ -391,10 +391,7 @@ def _call_with_receipt(tmp: Path, p: Provider, policy: str, stream: bool = False
         try:
             cfg = write_config(tmp, "unused", routes=_routes(p, policy))
             async with gateway(cfg, LeaseStore()) as url, httpx.AsyncClient() as c:
-                r = await c.post(f"{url}/v1/chat/completions",
-                                 headers={"Authorization": f"Bearer {API_KEY}"},
-                                 json={"model": "chat-model", "stream": stream,
-                                       "messages": [{"role": "user", "content": MARKER}]})
+                r = await post_chat(url, stream=stream)
                 rec = await c.get(f"{url}/v1/receipts/{r.headers['x-receipt-id']}")
                 return r, rec.json()["receipt"]
         finally:

@@ -13,8 +13,8 @@ from aiohttp import web
 from gateway.identity import keys
 from gateway.identity.dstack_sim import SimulatorServer
 from gateway.verification.lease import LeaseStore
-from tests.test_gateway_fakes import MARKER, write_config
-from tests.test_verification_failclosed import Adversary, _call, _routes, gateway
+from tests.test_gateway_fakes import MARKER, post_chat, write_config
+from tests.test_verification_failclosed import Adversary, _routes, gateway
 
 
 class RotatingProvider(Adversary):
@@ -62,9 +62,9 @@ def _run(tmp_path: Path, attested: bool) -> tuple[list[httpx.Response], list[dic
             await prov.start(str(tmp_path / "dstack.sock"), tmp_path)
             cfg = write_config(tmp_path, "unused", routes=_routes(prov))
             async with gateway(cfg, LeaseStore()) as url:
-                first = await _call(url)
+                first = await post_chat(url)
                 new_spki = prov.rotate(tmp_path, attested=attested)
-                second = await _call(url)
+                second = await post_chat(url)
                 responses = [first, second]
                 receipts = [await _receipt(url, r) for r in responses]
                 return responses, receipts, prov, new_spki

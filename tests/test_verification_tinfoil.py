@@ -29,9 +29,9 @@ from gateway.verification.base import Policy, VerificationError
 from gateway.verification.lease import LeaseStore
 from gateway.verification.sigstore_release import ReleaseError, parse_statement, verify_release
 from tests.test_gateway_fakes import (
-    API_KEY,
     MARKER,
-    OK_COMPLETION,
+    RecordingProvider,
+    post_chat,
     tls_server_context,
     write_config,
 )
@@ -239,13 +239,12 @@ def _hex(h: str) -> bytes:
     return bytes.fromhex(h)
 
 
-class Provider:
+class Provider(RecordingProvider):
     """A Tinfoil-shaped enclave on loopback TLS, recording every chat body it gets."""
 
     def __init__(self, mode: str, tmp: Path) -> None:
+        super().__init__()
         self.mode, self.tmp = mode, tmp
-        self.received: list[bytes] = []
-        self.runner: web.AppRunner | None = None
         self.hpke = os.urandom(32)
 
     def document(self) -> bytes:
@@ -283,14 +282,6 @@ class Provider:
 
     async def _attest(self, request: web.Request) -> web.Response:
         return web.Response(body=self.document(), content_type="application/json")
-
-    async def _chat(self, request: web.Request) -> web.Response:
-        self.received.append(await request.read())
-        return web.Response(body=OK_COMPLETION, content_type="application/json")
-
-    async def stop(self) -> None:
-        if self.runner is not None:
-            await self.runner.cleanup()
 
     def routes(self, *, https: bool = True, attest_over_tls: bool = True,
                policy_toml: str = "allow_simulated = true") -> str:
@@ -334,10 +325,7 @@ def _run(tmp_path: Path, mode: str, **route_kw: Any) -> tuple[httpx.Response, Pr
             cfg = write_config(tmp_path, "unused", routes=prov.routes(**route_kw))
             async with running_gateway(cfg, LeaseStore()) as url, \
                     httpx.AsyncClient(timeout=30) as c:
-                r = await c.post(f"{url}/v1/chat/completions",
-                                 headers={"Authorization": f"Bearer {API_KEY}"},
-                                 json={"model": "chat-model",
-                                       "messages": [{"role": "user", "content": MARKER}]})
+                r = await post_chat(url)
                 rec = {}
                 if r.status_code == 200:
                     rec = (await c.get(f"{url}/v1/receipts/{r.headers['x-receipt-id']}")).json()

@@ -1,1 +1,7 @@
-"""Private AI Gateway: C2SP transparency log (RFC 6962 tree, signed notes, tiles)."""
+"""Private AI Gateway: C2SP transparency log (RFC 6962 tree, signed notes, tiles).
+
+Pure formats (`merkle`, `note`, `checkpoint`, `tiles`, `proof`), the durable
+storage and sequencer, the HTTP server, and `service`: the plumbing every HTTP
+service of the project shares. It imports `witness` formats (to gather
+cosignatures) and never imports `gateway` or `verifier`.
+"""
