@@ -43,7 +43,7 @@ import httpx
 
 from tlog import note
 from tlog import proof as tproof
-from verifier import keyset_entry, receipt
+from verifier import keyset_entry, pinning, receipt
 from verifier.tee import attestation, dcap
 from witness import cosignature
 
@@ -497,10 +497,8 @@ class Gateway:
     def _wait_proof(self, rec: dict[str, Any], timeout: float) -> str:
         url = f"{self.base_url}/v1/receipts/by-request-hash/{rec['request_hash']}"
         deadline = time.monotonic() + timeout
-        from verifier.transport import client_transport
-
-        with httpx.Client(transport=client_transport(self, pin_tls=True),
-                          timeout=self.policy.timeout) as c:
+        verify = pinning.verify_for(self.base_url, lambda: self._lease.tls_spki_sha256)
+        with httpx.Client(verify=verify, timeout=self.policy.timeout) as c:
             while True:
                 try:
                     r = c.get(url)

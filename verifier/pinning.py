@@ -72,6 +72,15 @@ def pinned_context(expected: Callable[[], str]) -> ssl.SSLContext:
     return ctx
 
 
+def verify_for(base_url: str, expected: Callable[[], str], pin: bool = True
+               ) -> ssl.SSLContext | bool:
+    """httpx's `verify` for connections to `base_url`: the pinned context on https (CA
+    checks instead when `pin` is off), the default for plain http."""
+    if not base_url.startswith("https://"):
+        return True
+    return pinned_context(expected) if pin else True
+
+
 def find_mismatch(exc: BaseException | None) -> PinMismatch | None:
     """The PinMismatch behind a transport error (httpx wraps it twice), if any."""
     seen: set[int] = set()

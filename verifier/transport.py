@@ -47,19 +47,7 @@ MAX_RECEIPT = 1 << 20
 
 
 def _verify(gw: Gateway, pin_tls: bool) -> Any:
-    if not gw.base_url.startswith("https://"):
-        return True
-    return pinning.pinned_context(lambda: gw.lease.tls_spki_sha256) if pin_tls else True
-
-
-def client_transport(gw: Gateway, pin_tls: bool) -> httpx.HTTPTransport:
-    """A plain transport to the gateway (TLS pinned to the attested key on https)."""
-    return httpx.HTTPTransport(verify=_verify(gw, pin_tls))
-
-
-def async_client_transport(gw: Gateway, pin_tls: bool) -> httpx.AsyncHTTPTransport:
-    """`client_transport` for async clients."""
-    return httpx.AsyncHTTPTransport(verify=_verify(gw, pin_tls))
+    return pinning.verify_for(gw.base_url, lambda: gw.lease.tls_spki_sha256, pin_tls)
 
 
 def _origin(url: str | httpx.URL) -> tuple[str, str, int | None]:
@@ -249,7 +237,7 @@ class VerifyingTransport(httpx.BaseTransport):
     def __init__(self, gw: Gateway, *, e2ee: bool, pin_tls: bool, allow_plaintext: bool
                  ) -> None:
         self.gw, self.e2ee, self.allow_plaintext = gw, e2ee, allow_plaintext
-        self._inner = client_transport(gw, pin_tls)
+        self._inner = httpx.HTTPTransport(verify=_verify(gw, pin_tls))
 
     def close(self) -> None:
         self._inner.close()
@@ -351,7 +339,7 @@ class AsyncVerifyingTransport(httpx.AsyncBaseTransport):
     def __init__(self, gw: Gateway, *, e2ee: bool, pin_tls: bool, allow_plaintext: bool
                  ) -> None:
         self.gw, self.e2ee, self.allow_plaintext = gw, e2ee, allow_plaintext
-        self._inner = async_client_transport(gw, pin_tls)
+        self._inner = httpx.AsyncHTTPTransport(verify=_verify(gw, pin_tls))
 
     async def aclose(self) -> None:
         await self._inner.aclose()
