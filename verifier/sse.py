@@ -21,7 +21,8 @@ caller owns the socket. The rules (HTML, "Interpreting an event stream"):
 Invariant for relays: every byte fed is in exactly one event's `raw` or in
 `rest()`, in order, so concatenating them gives the input back (a relay that
 forwards `raw` unchanged forwards the exact bytes). Bytes of blocks that yield
-no event are prefixed to the next event's `raw`.
+no event are prefixed to the next event's `raw`; so is the LF of a CRLF whose
+CR ended the previous chunk (the event was dispatched on the CR).
 
 Work per byte is constant: a line terminator is searched for only in bytes
 not searched before, and consumed bytes are dropped from the front of the
