@@ -22,7 +22,8 @@ import pytest
 from gateway.demo import stack as demo
 
 ROOT = Path(__file__).resolve().parents[1]
-READY_KEYS = {"gateway", "tlog", "witness", "provider", "log_vkey", "witness_vkey", "api_key"}
+READY_KEYS = {"gateway", "tlog", "witness", "provider", "log_vkey", "witness_vkey", "api_key",
+              "gateway_tls"}
 START_TIMEOUT = 120.0
 
 
@@ -209,8 +210,10 @@ def test_generated_config_is_valid_and_hashes_keys(tmp_path: Path) -> None:
     path.write_text(text)
     cfg = config.load(path)
     assert "sk-secret" not in text and "sk-admin" not in text
-    assert {r.model: r.kind for r in cfg.routes} == {"demo-chat": "chat",
-                                                     "demo-embed": "embeddings"}
+    assert {r.model: r.kind for r in cfg.routes} == {
+        "demo-chat": "chat", "demo-embed": "embeddings", "demo-chat-e2ee": "chat",
+        "demo-embed-e2ee": "embeddings"}
+    assert [r.base_url for r in cfg.routes if r.e2ee] == ["http://127.0.0.1:2/v1"] * 2
     assert all(r.policy["allow_simulated"] is True and r.evidence == "dstack"
                for r in cfg.routes)
     assert cfg.routes[0].attestation_url == "http://127.0.0.1:2/.well-known/attestation"

@@ -30,7 +30,7 @@ SERVER = ("aiohttp", "orjson", "fastapi", "starlette", "uvicorn", "uvloop", "red
 PURE = ("tlog.merkle", "tlog.note", "tlog.checkpoint", "tlog.tiles", "tlog.proof",
         "witness.cosignature", "witness.request", "verifier.receipt", "verifier.keyset_entry",
         "verifier.evidence_entry",
-        "verifier.aci", "verifier.tee")
+        "verifier.aci", "verifier.aci_v2", "verifier.sse", "verifier.tee")
 PURE_THIRD_PARTY = {"cryptography", "rfc8785", "pyhpke", "dcap_qvl"}
 IO = {"asyncio", "socket", "ssl", "selectors", "subprocess", "multiprocessing", "threading",
       "sqlite3", "http", "urllib.request", "pathlib", "tempfile", "shutil", "io", "logging",

@@ -12,6 +12,7 @@ import asyncio
 import base64
 import json
 import re
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +42,7 @@ from tests.test_gateway_fakes import (
     FakeLeaseStore,
     FakeVerificationError,
 )
-from verifier import aci, receipt
+from verifier import aci, receipt, sse
 
 SALT = bytes(range(32))
 KEY = ApiKey("test", hash_key(API_KEY))
@@ -70,7 +71,7 @@ class FakeUpstream:
         self.answers: dict[str, UpstreamReply | GatewayError] = {}
 
     async def send(self, route: RouteSpec, lease: LeaseFacts, path: str, body: bytes,
-                   stream: bool) -> UpstreamReply:
+                   stream: bool, headers: dict[str, str] | None = None) -> UpstreamReply:
         self.sent.append((route.id, lease.lease_id, body, stream))
         out = self.answers.get(route.id, reply(b'{"id": "c1"}'))
         if isinstance(out, GatewayError):
@@ -305,18 +306,21 @@ def test_parse_returns_model_stream_and_the_whole_object() -> None:
 
 E2EE_SK = X25519PrivateKey.generate()
 E2EE_PUB = E2EE_SK.public_key().public_bytes_raw()
-CLIENT_SK = bytes(range(1, 33))
 
 
 def sealed_chat(obj: dict[str, Any] = CHAT) -> tuple[pipeline.Request, dict[bytes, bytes],
                                                      aci.Opener]:
-    sealed, headers, opener = aci.seal_request(obj, "chat", E2EE_PUB, CLIENT_SK)
+    sealed, headers, opener = aci.seal_request(obj, "chat", E2EE_PUB, now=time.time())
     return request(sealed), {k.encode(): v.encode() for k, v in headers.items()}, opener
+
+
+def start(opener: aci.Opener, sealer: Any) -> None:
+    opener.start({k.decode(): v.decode() for k, v in sealer.headers()})
 
 
 def test_open_e2ee_passes_a_plain_request_unchanged() -> None:
     svc, call, req = services(), new_call(), request()
-    assert pipeline.open_e2ee(svc, call, req, {}) is None
+    assert run(pipeline.open_e2ee(svc, call, req, {})) is None
     assert req.obj == CHAT and call.e2ee_mode == "none"
 
 
@@ -324,12 +328,12 @@ def test_open_e2ee_opens_fields_and_returns_the_response_sealer() -> None:
     svc, call = services(e2ee_key=E2EE_SK.private_bytes_raw()), new_call()
     req, hdrs, opener = sealed_chat()
     assert MARKER not in json.dumps(req.obj)
-    sealer = pipeline.open_e2ee(svc, call, req, hdrs)
+    sealer = run(pipeline.open_e2ee(svc, call, req, hdrs))
     assert sealer is not None
     assert req.obj == CHAT and call.e2ee_mode == "aci-1"
     out = sealer.seal_response({"choices": [{"message": {"content": COMPLETION}}]})
     assert COMPLETION not in json.dumps(out)
-    opener.start(dict(sealer.headers())[b"x-e2ee-enc"].decode())
+    start(opener, sealer)
     assert opener.open_response(out)["choices"][0]["message"]["content"] == COMPLETION
 
 
@@ -338,24 +342,33 @@ def test_open_e2ee_refusals_name_no_content() -> None:
     req, hdrs, _ = sealed_chat()
     plain = request()  # a plaintext body under E2EE headers
     other_key = X25519PrivateKey.generate().public_key().public_bytes_raw()
-    cases: list[tuple[pipeline.Request, dict[bytes, bytes]]] = [
-        (plain, hdrs),
-        (req, {**hdrs, b"x-e2ee": b"aci-2"}),
-        (req, {**hdrs, b"x-e2ee-client-key": b"!!"}),
-        (req, {**hdrs, b"x-e2ee-enc": b"AAAA"}),
-        (req, {k: v for k, v in hdrs.items() if k != b"x-e2ee-enc"}),
-        (sealed_chat()[0], {**hdrs, b"x-e2ee-client-key": base64.b64encode(other_key)}),
+    cases: list[tuple[pipeline.Request, dict[bytes, bytes], str]] = [
+        (plain, hdrs, "e2ee_decryption_failed"),
+        (req, {**hdrs, b"x-e2ee-version": b"aci-2"}, "e2ee_invalid_version"),
+        (req, {**hdrs, b"x-client-pub-key": b"!!"}, "e2ee_invalid_public_key"),
+        (req, {**hdrs, b"x-e2ee-enc": b"AAAA"}, "e2ee_invalid_public_key"),
+        (req, {k: v for k, v in hdrs.items() if k != b"x-e2ee-enc"}, "e2ee_header_missing"),
+        (req, {**hdrs, b"x-model-pub-key": base64.b64encode(other_key)},
+         "e2ee_model_key_mismatch"),
+        (sealed_chat()[0], {**hdrs, b"x-client-pub-key": base64.b64encode(other_key)},
+         "e2ee_decryption_failed"),
     ]
-    for r, h in cases:
+    for r, h, code in cases:
         call = new_call()
         with pytest.raises(GatewayError) as e:
-            pipeline.open_e2ee(svc, call, pipeline.Request(dict(r.obj), r.model, r.stream), h)
-        assert refusal(e) == (400, "e2ee_invalid"), h
+            run(pipeline.open_e2ee(svc, call, pipeline.Request(dict(r.obj), r.model, r.stream),
+                                   h))
+        assert refusal(e) == (400, code), h
         assert MARKER not in e.value.message
         assert call.e2ee_mode == "none"
     with pytest.raises(GatewayError) as e:
-        pipeline.open_e2ee(services(), new_call(), req, hdrs)
+        run(pipeline.open_e2ee(services(), new_call(), req, hdrs))
     assert refusal(e) == (400, "e2ee_unavailable")
+    run(pipeline.open_e2ee(svc, new_call(), pipeline.Request(dict(req.obj), req.model,
+                                                             req.stream), hdrs))
+    with pytest.raises(GatewayError) as e:  # the same nonce again
+        run(pipeline.open_e2ee(svc, new_call(), req, hdrs))
+    assert refusal(e) == (400, "e2ee_replay_detected")
 
 
 # -- route_and_forward ---------------------------------------------------------------
@@ -548,9 +561,9 @@ def test_usage_keeps_only_plausible_integer_counts(usage: Any, kept: Any) -> Non
 def e2ee_parts() -> tuple[pipeline.Services, aci.Sealer, aci.Opener]:
     svc = services(e2ee_key=E2EE_SK.private_bytes_raw())
     req, hdrs, opener = sealed_chat()
-    sealer = pipeline.open_e2ee(svc, new_call(), req, hdrs)
+    sealer = run(pipeline.open_e2ee(svc, new_call(), req, hdrs))
     assert sealer is not None
-    opener.start(dict(sealer.headers())[b"x-e2ee-enc"].decode())
+    start(opener, sealer)
     return svc, sealer, opener
 
 
@@ -559,13 +572,18 @@ def chunk_event(obj: Any) -> tuple[bytes, bytes]:
     return b"data: " + payload + b"\n\n", payload
 
 
-def test_seal_event_notes_usage_and_leaves_other_events_alone() -> None:
+def event(raw: bytes) -> sse.Event:
+    (ev,) = sse.SseParser().feed(raw)
+    return ev
+
+
+def test_relay_event_notes_usage_and_leaves_other_events_alone() -> None:
     call = new_call()
-    ev, payload = chunk_event({"choices": [], "usage": {"total_tokens": 8}})
-    assert pipeline.seal_event(call, ev, payload) == ev
+    ev, _ = chunk_event({"choices": [], "usage": {"total_tokens": 8}})
+    assert pipeline.relay_event(call, event(ev)) == ev
     assert call.usage == {"total_tokens": 8}
     for raw in (b"not json", b"[1, 2]", b'"usage"'):
-        assert pipeline.seal_event(call, b"data: " + raw + b"\n\n", raw) == \
+        assert pipeline.relay_event(call, event(b"data: " + raw + b"\n\n")) == \
             b"data: " + raw + b"\n\n"
     assert call.usage == {"total_tokens": 8}
 
@@ -575,10 +593,14 @@ def test_seal_event_seals_each_chunk_under_e2ee() -> None:
     call = new_call()
     call.sealer = sealer
     chunk = {"choices": [{"index": 0, "delta": {"content": COMPLETION}}]}
-    out = pipeline.seal_event(call, *chunk_event(chunk))
+    out = pipeline.relay_event(call, event(chunk_event(chunk)[0]))
     assert out.startswith(b"data: ") and out.endswith(b"\n\n")
     assert COMPLETION.encode() not in out
     assert opener.open_response(json.loads(out[6:])) == chunk
+    for raw in (b"event: note\ndata: {}\n\n", b"data: [1]\n\n", b"data: x\n\n"):
+        out = pipeline.relay_event(call, event(raw))  # cannot be sealed: the stream ends
+        assert json.loads(out[6:])["error"]["code"] == "e2ee_unsealable"
+        assert call.refusal == {"code": "e2ee_unsealable", "status": 200}
 
 
 class StreamReply:

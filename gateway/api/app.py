@@ -20,6 +20,7 @@ from gateway.api.attestation import Attest, AttestationDocuments
 from gateway.api.config import Config
 from gateway.api.errors import GatewayError, bad_request, unauthorized
 from gateway.api.ratelimit import Limiter
+from gateway.api.replay import MemoryReplay, RedisReplay, ReplayStore
 from gateway.api.router import Router
 from gateway.api.routes import RouteBook
 from gateway.receipts.outbox import Outbox, ReceiptSigner
@@ -48,10 +49,14 @@ class Gateway:
                  outbox: Outbox, status: LogStatus, leases: Leases, attest: Attest,
                  keyset_index: int, e2ee_key: bytes | None = None) -> None:
         router = Router(cfg.routes)
+        url = cfg.replay_redis_url
+        replay: ReplayStore = RedisReplay(url, cfg.e2ee.prefix) if url else \
+            MemoryReplay(cfg.e2ee.max_entries)
         self.svc = pipeline.Services(
             cfg=cfg, keys=KeyStore(cfg.api_keys), limiter=Limiter(), router=router,
             routes=RouteBook(router.routes, leases), signer=signer, outbox=outbox,
-            status=status, identity=identity, keyset_index=keyset_index, e2ee_key=e2ee_key)
+            status=status, identity=identity, keyset_index=keyset_index, e2ee_key=e2ee_key,
+            replay=replay)
         g = cfg.gateway
         self.attestations = AttestationDocuments(
             attest, ttl=g.attestation_cache_seconds,
@@ -74,6 +79,7 @@ class Gateway:
             await self.svc.upstream.close()
         if self.svc.signatures is not None:
             await self.svc.signatures.aclose()
+        await self.svc.replay.close()
         await self.svc.status.close()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -104,6 +110,10 @@ class Gateway:
         kind = MODEL_CALLS.get(path)
         known_get = path in GETS or path.startswith("/v1/receipts/")
         try:
+            if kind is None and any(k in pipeline.E2EE_REQUEST_HEADERS
+                                    for k, _ in scope["headers"]):
+                raise bad_request("e2ee_unsupported_endpoint",
+                                  "E2EE headers were sent to an endpoint without sealed fields")
             if kind is not None:
                 if method != "POST":
                     raise GatewayError(405, "method_not_allowed", "use POST")

@@ -7,6 +7,7 @@ paths resolve against the directory of the config file.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -69,6 +70,26 @@ class LeaseSettings:
 
 
 @dataclass(frozen=True)
+class E2eeSettings:
+    """The `[e2ee]` table: where accepted E2EE nonces are remembered (gateway/api/replay.py).
+
+    No `redis_url` here or in `[leases]`: in this process only (one replica)."""
+
+    redis_url: str | None = None
+    prefix: str = "pag:e2ee:"
+    max_entries: int = 1_000_000
+
+
+@dataclass(frozen=True)
+class TlsSettings:
+    """The `[tls]` table: serve HTTPS with the attested TLS key (on unless disabled)."""
+
+    enabled: bool = True
+    hostnames: tuple[str, ...] = ("localhost",)
+    ip_addresses: tuple[str, ...] = ("127.0.0.1", "::1")
+
+
+@dataclass(frozen=True)
 class ApiKey:
     """One `[[api_keys]]` entry; the key itself is stored only as its SHA-256."""
 
@@ -98,6 +119,7 @@ class RouteSpec:
     required: bool = True
     policy: dict[str, Any] = field(default_factory=dict)
     api_key: str = field(default="", repr=False)  # the provider's credential (never logged)
+    e2ee: bool = False  # seal to the provider's attested E2EE key (aci-1), not plaintext
 
 
 @dataclass(frozen=True)
@@ -111,6 +133,13 @@ class Config:
     api_keys: tuple[ApiKey, ...]
     routes: tuple[RouteSpec, ...]
     leases: LeaseSettings = LeaseSettings()
+    e2ee: E2eeSettings = E2eeSettings()
+    tls: TlsSettings = TlsSettings()
+
+    @property
+    def replay_redis_url(self) -> str | None:
+        """Where E2EE nonces are shared: `[e2ee] redis_url`, else `[leases] redis_url`."""
+        return self.e2ee.redis_url or self.leases.redis_url
 
 
 def _take(table: dict[str, Any], where: str, spec: dict[str, tuple[type | tuple[type, ...], bool]]
@@ -218,10 +247,38 @@ def _log(t: dict[str, Any], base: Path) -> LogSettings:
 
 def _leases(t: dict[str, Any]) -> LeaseSettings:
     v = _take(t, "[leases]", {"redis_url": (str, False), "prefix": (str, False)})
-    url = v.get("redis_url")
-    if url is not None and urlsplit(url).scheme not in ("redis", "rediss", "unix"):
-        raise ConfigError(f"[leases].redis_url: not a redis:// URL: {url!r}")
+    _redis_url("[leases].redis_url", v.get("redis_url"))
     return LeaseSettings(**v)
+
+
+def _redis_url(where: str, url: str | None) -> None:
+    if url is not None and urlsplit(url).scheme not in ("redis", "rediss", "unix"):
+        raise ConfigError(f"{where}: not a redis:// URL: {url!r}")
+
+
+def _e2ee(t: dict[str, Any]) -> E2eeSettings:
+    v = _take(t, "[e2ee]", {"redis_url": (str, False), "prefix": (str, False),
+                            "max_entries": (int, False)})
+    _redis_url("[e2ee].redis_url", v.get("redis_url"))
+    if v.get("max_entries", 1) < 1:
+        raise ConfigError("[e2ee].max_entries must be at least 1")
+    return E2eeSettings(**v)
+
+
+def _tls(t: dict[str, Any]) -> TlsSettings:
+    v = _take(t, "[tls]", {"enabled": (bool, False), "hostnames": (list, False),
+                           "ip_addresses": (list, False)})
+    for key in ("hostnames", "ip_addresses"):
+        if key in v:
+            if not all(isinstance(x, str) and x for x in v[key]):
+                raise ConfigError(f"[tls].{key} must be a list of non-empty strings")
+            v[key] = tuple(v[key])
+    for a in v.get("ip_addresses", ()):
+        try:
+            ipaddress.ip_address(a)
+        except ValueError:
+            raise ConfigError(f"[tls].ip_addresses: not an IP address: {a!r}") from None
+    return TlsSettings(**v)
 
 
 def _api_key(t: dict[str, Any], i: int) -> ApiKey:
@@ -255,7 +312,8 @@ def _route(t: dict[str, Any], i: int, base: Path) -> RouteSpec:
         "provider": (str, True), "base_url": (str, True), "attestation_url": (str, False),
         "upstream_model": (str, False), "kind": (str, False), "priority": (int, False),
         "timeout": ((int, float), False), "retries": (int, False), "evidence": (str, False),
-        "required": (bool, False), "policy": (dict, False), "api_key_file": (str, False)})
+        "required": (bool, False), "policy": (dict, False), "api_key_file": (str, False),
+        "e2ee": (bool, False)})
     v["base_url"] = _http_url(f"{where}.base_url", v["base_url"])
     if "attestation_url" in v:
         v["attestation_url"] = _http_url(f"{where}.attestation_url", v["attestation_url"])
@@ -307,7 +365,8 @@ def parse(doc: dict[str, Any], path: Path) -> Config:
     base = path.resolve().parent
     top = _take(doc, "config", {"gateway": (dict, False), "dstack": (dict, False),
                                 "log": (dict, False), "api_keys": (list, False),
-                                "routes": (list, False), "leases": (dict, False)})
+                                "routes": (list, False), "leases": (dict, False),
+                                "e2ee": (dict, False), "tls": (dict, False)})
     dstack = _take(top.get("dstack", {}), "[dstack]", {"endpoint": (str, False)})
     endpoint = dstack.get("endpoint")
     if endpoint and "://" not in endpoint:
@@ -326,7 +385,8 @@ def parse(doc: dict[str, Any], path: Path) -> Config:
                 raise ConfigError(f"[[routes]]: model {name!r} is both chat and embeddings")
     return Config(path=path.resolve(), gateway=_gateway(top.get("gateway", {}), base),
                   dstack_endpoint=endpoint, log=_log(top.get("log", {}), base),
-                  api_keys=keys, routes=routes, leases=_leases(top.get("leases", {})))
+                  api_keys=keys, routes=routes, leases=_leases(top.get("leases", {})),
+                  e2ee=_e2ee(top.get("e2ee", {})), tls=_tls(top.get("tls", {})))
 
 
 def load(path: str | Path) -> Config:

@@ -31,6 +31,8 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import base64
+import contextlib
 import hashlib
 import hmac
 import logging
@@ -47,6 +49,7 @@ from gateway.api.apikeys import KeyStore
 from gateway.api.config import ApiKey, Config, RouteSpec
 from gateway.api.errors import GatewayError, bad_request, refused, unauthorized
 from gateway.api.ratelimit import Hold, Limits
+from gateway.api.replay import MemoryReplay, ReplayStore, ReplayUnavailable
 from gateway.api.router import Router
 from gateway.api.routes import RouteBook, now_rfc3339
 from gateway.receipts.outbox import Outbox, ReceiptSigner
@@ -55,7 +58,7 @@ from gateway.upstream.client import ProtocolError, Upstream, UpstreamReply
 from gateway.upstream.leases import LeaseFacts
 from gateway.verification.base import SIGNATURE_BINDING
 from tlog.service import Receive, Scope, Send, respond
-from verifier import aci, receipt
+from verifier import aci, receipt, sse
 
 log = logging.getLogger("gateway")
 
@@ -64,7 +67,9 @@ RESPONSE_ID = re.compile(r"[A-Za-z0-9._:-]{1,200}")
 UPSTREAM_PATH = {"chat": "/chat/completions", "embeddings": "/embeddings"}
 USAGE_KEYS = ("prompt_tokens", "completion_tokens", "total_tokens")
 COMPLETION_LIMITS = ("max_completion_tokens", "max_tokens")
+E2EE_REQUEST_HEADERS = tuple(h.encode() for h in aci.E2EE_HEADERS)
 Headers = list[tuple[bytes, bytes]]
+Sealer = aci.Sealer | Any  # aci.Sealer (aci-1) or aci_v2.Sealer (version 2)
 
 
 @dataclass
@@ -82,8 +87,14 @@ class Services:
     identity: dict[str, str]
     keyset_index: int
     e2ee_key: bytes | None = None
+    replay: ReplayStore = field(default_factory=MemoryReplay)
     upstream: Upstream | None = None
     signatures: httpx.AsyncClient | None = None
+    e2ee_public: bytes | None = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        if self.e2ee_key is not None:
+            self.e2ee_public = aci.public_key(self.e2ee_key)
 
 
 @dataclass
@@ -116,16 +127,19 @@ class Call:
     refusal: dict[str, Any] | None = None
     attempts: list[str] = field(default_factory=list)
     response_signature: str | None = None
-    sealer: aci.Sealer | None = None
+    sealer: Sealer | None = None
+    upstream_opener: aci.Opener | None = None  # set when the route seals to the provider
+    upstream_e2ee: dict[str, str] | None = None
     hold: Hold | None = None  # the budget reservation, until settled
     strip_usage: bool = False  # usage was asked upstream for the gateway, not the client
 
-    def headers(self) -> Headers:
-        """The response headers every answer to this call carries."""
+    def headers(self, status: int = 200) -> Headers:
+        """The response headers every answer to this call carries (the E2EE ones only on a
+        sealed answer: a refusal is the gateway's own, unsealed, error)."""
         h = [(b"x-request-hash", self.request_hash.encode()),
              (b"x-receipt-id", self.receipt_id.encode()),
              (b"x-receipt-salt", self.salt.hex().encode())]
-        if self.sealer is not None:
+        if self.sealer is not None and status == 200:
             h += self.sealer.headers()
         return h
 
@@ -152,7 +166,7 @@ async def model_call(svc: Services, scope: Scope, receive: Receive, send: Send,
         try:
             await admit(svc, key)
             req = parse(body, kind)
-            call.sealer = open_e2ee(svc, call, req, hdrs)
+            call.sealer = await open_e2ee(svc, call, req, hdrs)
             call.hold = await reserve(svc, key, req, len(body))
             reply = await route_and_forward(svc, call, req)
             if reply.streaming:
@@ -172,7 +186,7 @@ async def model_call(svc: Services, scope: Scope, receive: Receive, send: Send,
         err = refused(503, "log_unavailable",
                       "the receipt could not be logged in time; it stays queued")
         status, out, ctype = err.status, err.body(), JSON
-    await respond(send, status, out, ctype, headers=call.headers())
+    await respond(send, status, out, ctype, headers=call.headers(status))
 
 
 # -- the steps -----------------------------------------------------------------------
@@ -311,24 +325,33 @@ async def settle(svc: Services, call: Call) -> None:
     await svc.limiter.settle(hold, used)
 
 
-def open_e2ee(svc: Services, call: Call, req: Request,
-              hdrs: dict[bytes, bytes]) -> aci.Sealer | None:
-    """Open the sealed fields of an ACI E2EE request in place; its response sealer.
+async def open_e2ee(svc: Services, call: Call, req: Request,
+                    hdrs: dict[bytes, bytes]) -> Sealer | None:
+    """Open the sealed fields of an ACI E2EE request (verifier/aci.py); its response sealer.
 
-    A request without E2EE headers passes unchanged (None)."""
-    mode = hdrs.get(b"x-e2ee")
-    if mode is None:
-        return None
-    if svc.e2ee_key is None:
-        raise bad_request("e2ee_unavailable", "this gateway has no E2EE key")
+    In order: the headers (present, known version, nonce form, timestamp window), the
+    model key is the attested one (after a key rotation the client re-attests and
+    retries), the fields open, and only then the nonce is claimed, once (replay store,
+    fail closed). A request without E2EE headers passes unchanged (None)."""
     try:
-        req.obj, sealer = aci.open_request(
-            req.obj, call.kind, mode.decode("latin-1"),
-            hdrs.get(b"x-e2ee-client-key", b"").decode("latin-1"),
-            hdrs.get(b"x-e2ee-enc", b"").decode("latin-1"), svc.e2ee_key)
+        h = aci.read_headers({k.decode("latin-1"): hdrs[k].decode("latin-1")
+                              for k in E2EE_REQUEST_HEADERS if k in hdrs}, time.time())
+        if h is None:
+            return None
+        if svc.e2ee_key is None:
+            raise bad_request("e2ee_unavailable", "this gateway has no E2EE key")
+        aci.check_model_key(h, svc.e2ee_public or b"")
+        req.obj, sealer = aci.open_request(req.obj, call.kind, h, svc.e2ee_key)
     except aci.AciError as e:
-        raise bad_request("e2ee_invalid", f"E2EE request rejected: {e}") from None
-    call.e2ee_mode = aci.MODE
+        raise bad_request(e.code, f"E2EE request refused: {e.message}") from None
+    try:
+        fresh = await svc.replay.claim(h.replay_key(), h.timestamp + aci.WINDOW)
+    except ReplayUnavailable as e:
+        raise GatewayError(503, "e2ee_replay_unavailable", "the E2EE replay cache cannot "
+                           f"record the nonce, so the request is refused: {e}") from None
+    if not fresh:
+        raise bad_request("e2ee_replay_detected", "this E2EE nonce was already used")
+    call.e2ee_mode = h.version
     return sealer
 
 
@@ -364,8 +387,18 @@ async def route_and_forward(svc: Services, call: Call, req: Request) -> Upstream
             call.strip_usage = not req.wants_usage
         fwd_bytes = orjson.dumps(fwd)
         call.forwarded_hash = call.provider_request_hash = receipt.digest(call.salt, fwd_bytes)
+        headers = None
+        call.upstream_opener = call.upstream_e2ee = None
+        if route.e2ee:
+            try:
+                fwd_bytes, headers = seal_upstream(call, route, lease, fwd)
+            except GatewayError as e:
+                call.forwarded_hash = call.provider_request_hash = None
+                refusals.append(e)
+                continue
+            call.provider_request_hash = receipt.digest(call.salt, fwd_bytes)
         try:
-            reply = await forward(svc, call, route, lease, fwd_bytes, req.stream)
+            reply = await forward(svc, call, route, lease, fwd_bytes, req.stream, headers)
             if signed_only and reply.status == 200:
                 await check_response_signature(svc, call, fwd_bytes, reply)
         except GatewayError as e:
@@ -384,14 +417,14 @@ async def route_and_forward(svc: Services, call: Call, req: Request) -> Upstream
 
 
 async def forward(svc: Services, call: Call, route: RouteSpec, lease: LeaseFacts, body: bytes,
-                  stream: bool) -> UpstreamReply:
+                  stream: bool, headers: dict[str, str] | None = None) -> UpstreamReply:
     """Send under the lease; if the provider's TLS key no longer matches it (a key
     rotation, or an impostor), re-verify once and retry once under the new lease.
     The refused handshake sent no byte; a failed re-verification refuses the call."""
     assert svc.upstream is not None
     path = UPSTREAM_PATH[call.kind]
     try:
-        return await svc.upstream.send(route, lease, path, body, stream)
+        return await svc.upstream.send(route, lease, path, body, stream, headers)
     except GatewayError as e:
         if e.code != "binding_mismatch" or lease.pin is None:
             raise
@@ -404,7 +437,35 @@ async def forward(svc: Services, call: Call, route: RouteSpec, lease: LeaseFacts
         raise first
     call.lease = fresh
     call.attempts.append(f"{route.id}:binding_mismatch")
-    return await svc.upstream.send(route, fresh, path, body, stream)
+    return await svc.upstream.send(route, fresh, path, body, stream, headers)
+
+
+def seal_upstream(call: Call, route: RouteSpec, lease: LeaseFacts,
+                  fwd: dict[str, Any]) -> tuple[bytes, dict[str, str]]:
+    """Seal the forwarded request to the provider's attested E2EE key (aci-1): (body,
+    headers). The receipt records it (`upstream.e2ee`); a lease without such a key
+    refuses the route before anything is sent."""
+    if lease.e2ee_key is None:
+        raise refused(502, "binding_mismatch", f"route {route.id!r} refused: binding_mismatch: "
+                      "the route seals to the provider's E2EE key but its attestation names "
+                      "none", route_id=route.id)
+    sealed, headers, call.upstream_opener = aci.seal_request(fwd, call.kind, lease.e2ee_key,
+                                                             now=time.time())
+    call.upstream_e2ee = {"mode": aci.VERSION,
+                          "key": base64.b64encode(lease.e2ee_key).decode()}
+    return orjson.dumps(sealed), headers
+
+
+def open_upstream(call: Call, reply: UpstreamReply) -> None:
+    """Read the provider's E2EE response headers (a 200 must be sealed to us)."""
+    assert call.upstream_opener is not None
+    try:
+        call.upstream_opener.start({k.decode("latin-1"): v.decode("latin-1")
+                                    for k, v in reply.headers.items()})
+    except aci.AciError as e:
+        raise refused(502, "upstream_e2ee_invalid", f"route "
+                      f"{call.route.id if call.route else '-'!r}: the provider's answer is "
+                      f"not sealed to the gateway: {e.code}") from None
 
 
 async def check_response_signature(svc: Services, call: Call, forwarded: bytes,
@@ -448,10 +509,12 @@ def usage_of(obj: Any) -> dict[str, int] | None:
 
 def finish_json(svc: Services, call: Call, reply: UpstreamReply) -> tuple[int, bytes, bytes]:
     """(status, body, content type) of a whole (non-streamed) reply: usage charged, fields
-    sealed under E2EE, a provider's error text withheld from an E2EE caller."""
+    sealed under E2EE. Under E2EE nothing but a sealed 200 leaves: a provider's error text
+    could echo content, so the caller gets the gateway's own error instead."""
     data = reply.body
     call.provider_response_hash = receipt.digest(call.salt, data)
     ctype = reply.content_type.encode("latin-1")
+    resp: Any = None
     if reply.status == 200:
         try:
             resp = orjson.loads(data)
@@ -459,78 +522,157 @@ def finish_json(svc: Services, call: Call, reply: UpstreamReply) -> tuple[int, b
             raise refused(502, "upstream_bad_response",
                           f"route {call.route.id!r}: provider sent malformed JSON"
                           if call.route else "provider sent malformed JSON") from None
+        if call.upstream_opener is not None:
+            open_upstream(call, reply)
+            try:
+                resp = call.upstream_opener.open_response(resp)
+            except aci.AciError as e:
+                raise refused(502, "upstream_e2ee_invalid", "the provider's sealed answer "
+                              f"does not open: {e.code}") from None
+            data, ctype = orjson.dumps(resp), JSON
         if isinstance(resp, dict):
             call.usage = usage_of(resp.get("usage"))
-            if call.sealer is not None:
-                data = orjson.dumps(call.sealer.seal_response(resp))
-                ctype = JSON
     elif reply.status >= 400:
         call.refusal = {"code": "upstream_rejected", "status": reply.status}
-        if call.sealer is not None:  # the provider's text could echo content: not in clear
-            err = GatewayError(reply.status, "upstream_rejected",
-                               f"provider rejected the request with HTTP {reply.status}",
-                               type_="upstream_error")
-            return reply.status, err.body(), JSON
-    return reply.status, data, ctype
+    if call.sealer is None:
+        return reply.status, data, ctype
+    if reply.status != 200:
+        status = reply.status if reply.status >= 400 else 502
+        err = GatewayError(status, "upstream_rejected", f"provider answered HTTP "
+                           f"{reply.status}; its body is withheld from an E2EE caller",
+                           type_="upstream_error")
+        call.refusal = {"code": err.code, "status": status}
+        return status, err.body(), JSON
+    try:
+        if not isinstance(resp, dict):
+            raise aci.AciError("e2ee_unsealable", "the response is not a JSON object")
+        return 200, orjson.dumps(call.sealer.seal_response(resp)), JSON
+    except aci.AciError as e:
+        call.refusal = {"code": e.code, "status": 502}
+        err = refused(502, e.code, f"the provider's answer cannot be sealed, so it is "
+                      f"withheld: {e.message}")
+        return err.status, err.body(), JSON
 
 
 async def relay_stream(svc: Services, call: Call, reply: UpstreamReply, send: Send) -> None:
-    """Relay an SSE stream event by event (sealed under E2EE), then commit the receipt
-    before the final empty chunk; a broken upstream stream ends it and is recorded."""
+    """Relay an SSE stream event by event, then commit the receipt before the final empty
+    chunk. In clear, each event's exact bytes are relayed; under E2EE each event is
+    re-encoded with its fields sealed, and an event that cannot be sealed (not JSON, an
+    `event:` type other than message, unterminated, oversized) ends the stream with an
+    error event: plaintext never leaves. A broken upstream stream ends it and is recorded."""
+    if call.upstream_opener is not None:
+        try:
+            open_upstream(call, reply)
+        except GatewayError:
+            if reply.conn is not None:
+                reply.conn.close()
+            raise
     await send({"type": "http.response.start", "status": 200, "headers": [
         (b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"),
         *call.headers()]})
     prov = receipt.digester(call.salt)
     resp = receipt.digester(call.salt)
-    events = aci.SseSplitter()
+    parser: sse.SseParser | None = sse.SseParser()
+
+    async def emit(out: bytes) -> None:
+        resp.update(out)
+        await send({"type": "http.response.body", "body": out, "more_body": True})
+
+    chunks = reply.chunks()
     try:
-        async for chunk in reply.chunks():
+        async for chunk in chunks:
             prov.update(chunk)
-            out = b""
-            for ev in events.feed(chunk):
-                payload = aci.sse_data(ev)
-                if payload is not None and payload != b"[DONE]" and (
-                        call.sealer is not None or b'"usage"' in payload):
-                    out += seal_event(call, ev, payload)
-                else:
-                    out += ev
+            if parser is None:  # the plain relay lost the event boundaries: bytes as they come
+                await emit(chunk)
+                continue
+            try:
+                events = parser.feed(chunk)
+            except sse.SseError:
+                events, parser = [], None
+                if call.sealer is not None or call.upstream_opener is not None:
+                    await emit(stream_error(call, "e2ee_unsealable", "an event is too large"))
+                    break
+                await emit(chunk)
+            out = b"".join([relay_event(call, ev) for ev in events])
             if out:
-                resp.update(out)
-                await send({"type": "http.response.body", "body": out, "more_body": True})
-        rest = events.rest()
-        if rest:
-            resp.update(rest)
-            await send({"type": "http.response.body", "body": rest, "more_body": True})
+                await emit(out)
+            if call.refusal is not None:
+                break
+        else:
+            rest = parser.rest() if parser is not None else b""
+            if call.sealer is None and call.upstream_opener is None:
+                if rest:
+                    await emit(rest)
+            elif rest.strip(b"\r\n"):
+                await emit(stream_error(call, "e2ee_unsealable", "the stream ended inside "
+                                        "an event"))
     except (TimeoutError, OSError, asyncio.IncompleteReadError, ProtocolError) as e:
         call.refusal = {"code": "upstream_stream_broken", "status": 200}
         log.warning("stream broken %s: %s", call.request_hash, type(e).__name__)
+    finally:
+        await chunks.aclose()  # a stream ended early releases (closes) its connection
     call.provider_response_hash = prov.hexdigest()
     await settle(svc, call)
     await commit_receipt(svc, call, resp.hexdigest())
     await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
-def seal_event(call: Call, ev: bytes, payload: bytes) -> bytes:
-    """One SSE event as relayed: usage noted (and taken out when only the gateway asked for
-    it: a usage-only event is dropped, a `usage` member removed), fields sealed under E2EE."""
-    try:
-        obj = orjson.loads(payload)
-    except orjson.JSONDecodeError:
-        return ev
+def relay_event(call: Call, ev: sse.Event) -> bytes:
+    """The bytes relayed for one upstream event: usage noted (and taken out when only the
+    gateway asked for it: a usage-only event is dropped, a `usage` member removed); in
+    clear its exact bytes, under E2EE the sealed event (or, if it cannot be sealed, the
+    error that ends the stream)."""
+    relayed = call.sealer is None and call.upstream_opener is None  # bytes pass unchanged
+    if ev.data == b"[DONE]" and ev.type == "message":
+        return ev.raw if relayed else sse.encode(b"[DONE]")
+    obj: Any = None
+    with contextlib.suppress(orjson.JSONDecodeError):
+        obj = orjson.loads(ev.data)
+    if call.upstream_opener is not None:
+        if ev.type != "message" or not isinstance(obj, dict):
+            return stream_error(call, "upstream_e2ee_invalid", "a provider event is not sealed")
+        try:
+            obj = call.upstream_opener.open_response(obj)
+        except aci.AciError as e:
+            return stream_error(call, "upstream_e2ee_invalid", f"a provider event does not "
+                                f"open: {e.code}")
+    if isinstance(obj, dict):
+        u = usage_of(obj.get("usage"))
+        if u:
+            call.usage = u
+        if call.strip_usage and "usage" in obj:  # the client did not ask: none of it
+            if obj["usage"] is not None and not obj.get("choices"):
+                return b""
+            obj = {k: v for k, v in obj.items() if k != "usage"}
+            relayed = False
+    if relayed:
+        return ev.raw
+    if call.sealer is None:
+        return sse.encode(orjson.dumps(obj))
+    return seal_event(call, ev, obj)
+
+
+def seal_event(call: Call, ev: sse.Event, obj: Any) -> bytes:
+    """One event sealed for an E2EE caller: `data:` of the sealed chunk (id, retry and
+    comments dropped), or the error event that ends the stream."""
+    assert call.sealer is not None
+    if ev.type != "message":
+        return stream_error(call, "e2ee_unsealable", "an event of another type than message")
     if not isinstance(obj, dict):
-        return ev
-    u = usage_of(obj.get("usage"))
-    if u:
-        call.usage = u
-    changed = False
-    if call.strip_usage and "usage" in obj:  # the client did not ask: none of it, not even null
-        if obj["usage"] is not None and not obj.get("choices"):
-            return b""
-        del obj["usage"]
-        changed = True
-    if call.sealer is not None:
-        return b"data: " + orjson.dumps(call.sealer.seal_response(obj)) + b"\n\n"
-    return b"data: " + orjson.dumps(obj) + b"\n\n" if changed else ev
+        return stream_error(call, "e2ee_unsealable", "an event that is not a JSON object")
+    try:
+        return sse.encode(orjson.dumps(call.sealer.seal_response(obj)))
+    except aci.AciError as e:
+        return stream_error(call, e.code, e.message)
+
+
+def stream_error(call: Call, code: str, reason: str) -> bytes:
+    """The error event that ends a stream early (OpenAI error shape); recorded as the
+    call's refusal. The reason names the rule, never content."""
+    call.refusal = {"code": code, "status": 200}
+    err = GatewayError(502, code, f"stream ended by the gateway: {reason}",
+                       type_="upstream_error")
+    return sse.encode(err.body())
 
 
 def receipt_body(call: Call, identity: dict[str, str], keyset_index: int,
@@ -559,6 +701,8 @@ def receipt_body(call: Call, identity: dict[str, str], keyset_index: int,
         body["upstream_status"] = call.upstream_status
     if call.attempts:
         body["failed_attempts"] = call.attempts
+    if call.upstream_e2ee is not None and call.lease is not None:
+        body["upstream"]["e2ee"] = call.upstream_e2ee
     if call.response_signature is not None and call.lease is not None:
         body["upstream"]["response_signature"] = call.response_signature
     return body

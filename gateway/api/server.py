@@ -1,4 +1,5 @@
-"""`python -m gateway serve --config FILE --listen HOST:PORT`: run the gateway.
+"""`python -m gateway serve --config FILE --listen HOST:PORT [--tls | --no-tls]
+[--tls-listen HOST:PORT]`: run the gateway.
 
 Start-up order: load the config (a `[log]` url is required); get the keys and
 workload identity from the dstack guest agent (`[dstack] endpoint`); open the
@@ -7,8 +8,17 @@ reused from the data directory, or appended; until then the gateway does not
 listen); start the shipper process (`python -m gateway.receipts.shipper`, which
 dies with the gateway); serve the ASGI app with uvicorn (uvloop, httptools).
 When listening, one JSON line goes to stdout: `{"gateway": URL,
-"receipt_signing_key": B64, "keyset_hash": HEX, "keyset_index": INT}`.
+"receipt_signing_key": B64, "keyset_hash": HEX, "keyset_index": INT,
+"tls_spki_sha256": HEX}` plus `"gateway_tls": URL` with `--tls-listen`.
 SIGTERM/SIGINT stop it cleanly.
+
+Attested TLS: HTTPS is served with the TLS key derived from dstack KMS
+(gateway/identity/keys.py), whose SPKI SHA-256 is `tls_spki_sha256` in the
+attested keyset, so a client pins it instead of trusting a CA. `--listen`
+serves HTTPS unless `[tls] enabled = false` or `--no-tls`; `--tls-listen` adds
+an HTTPS listener beside a plain one (the demo uses it). The key and its
+self-signed certificate are written to `DATA_DIR/tls/` (key mode 0600) for
+uvicorn.
 """
 
 from __future__ import annotations
@@ -30,6 +40,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from gateway.api import config as gconfig
 from gateway.api.routes import now_rfc3339
+from gateway.identity.keys import GatewayKeys
 from gateway.receipts import keysets
 from gateway.receipts.evidence import EvidenceLog
 from gateway.receipts.logclient import LogClient, LogError
@@ -50,6 +61,7 @@ class Identity:
     e2ee_private: bytes
     gateway: dict[str, str]
     attest: Any
+    keys: GatewayKeys
     lease_mac_key: bytes = b""
     app_compose: str | None = None  # the attested app-compose document, when dstack gives it
 
@@ -76,7 +88,7 @@ async def bootstrap(cfg: gconfig.Config) -> Identity:
         e2ee_private=keyset.e2ee_private_bytes(),
         gateway={"app_id": str(doc["app_id"]), "compose_hash": str(doc["compose_hash"]),
                  "keyset_hash": keyset.keyset_hash()},
-        attest=attest, lease_mac_key=mac, app_compose=app_compose)
+        attest=attest, keys=keyset, lease_mac_key=mac, app_compose=app_compose)
 
 
 async def attested_app_compose(client: Any, compose_hash: str) -> str | None:
@@ -161,12 +173,20 @@ def stop_process(proc: subprocess.Popen[bytes] | None) -> None:
         proc.wait()
 
 
-async def serve(cfg: gconfig.Config, host: str, port: int) -> None:
-    """Run until SIGTERM/SIGINT."""
+def url(scheme: str, host: str, port: int) -> str:
+    """The URL of a listener (IPv6 hosts in brackets)."""
+    return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
+
+
+async def serve(cfg: gconfig.Config, host: str, port: int, *, tls: bool | None = None,
+                tls_listen: tuple[str, int] | None = None) -> None:
+    """Run until SIGTERM/SIGINT; `tls` None means `[tls] enabled`."""
     import uvicorn
 
     from gateway.api.app import Gateway
+    from gateway.identity.keys import write_tls_files
 
+    tls = cfg.tls.enabled if tls is None else tls
     ident = await bootstrap(cfg)
     logc = log_client(cfg)
     try:
@@ -178,6 +198,11 @@ async def serve(cfg: gconfig.Config, host: str, port: int) -> None:
         raise
     outbox = Outbox(cfg.gateway.data_dir, cfg.gateway.outbox_durability)
     shipper = start_shipper(cfg)
+    cert = key = None
+    if tls or tls_listen is not None:
+        cert, key = write_tls_files(ident.keys, cfg.gateway.data_dir / "tls",
+                                    hostnames=cfg.tls.hostnames,
+                                    ip_addresses=cfg.tls.ip_addresses)
 
     async def watchdog() -> None:
         nonlocal shipper
@@ -187,6 +212,14 @@ async def serve(cfg: gconfig.Config, host: str, port: int) -> None:
                 log.error("receipt shipper exited with %s; restarting it", shipper.returncode)
                 shipper = start_shipper(cfg)
 
+    def server(app: Any, h: str, p: int, with_tls: bool, lifespan: str) -> uvicorn.Server:
+        return uvicorn.Server(uvicorn.Config(
+            app, host=h, port=p, lifespan=lifespan, http="httptools", loop="none",
+            access_log=False, log_level="warning", timeout_graceful_shutdown=5,
+            proxy_headers=False, server_header=False,
+            ssl_certfile=str(cert) if with_tls else None,
+            ssl_keyfile=str(key) if with_tls else None))
+
     watch = asyncio.create_task(watchdog())
     try:
         app = Gateway(cfg, signer=ReceiptSigner(ident.receipt_key), identity=ident.gateway,
@@ -195,21 +228,26 @@ async def serve(cfg: gconfig.Config, host: str, port: int) -> None:
                                           EvidenceLog(logc, now_rfc3339)),
                       attest=ident.attest,
                       e2ee_key=ident.e2ee_private, keyset_index=logged.index)
-        server = uvicorn.Server(uvicorn.Config(
-            app, host=host, port=port, lifespan="on", http="httptools", loop="none",
-            access_log=False, log_level="warning", timeout_graceful_shutdown=5,
-            proxy_headers=False, server_header=False))
-        task = asyncio.create_task(server.serve())
-        while not server.started and not task.done():
+        servers = [server(app, host, port, tls, "on")]
+        if tls_listen is not None:  # the app's lifespan runs once, with the main listener
+            servers.append(server(app, *tls_listen, True, "off"))
+        tasks = [asyncio.create_task(s.serve()) for s in servers]
+        while not all(s.started for s in servers) and not any(t.done() for t in tasks):
             await asyncio.sleep(0.02)
-        if server.started:
-            print(json.dumps({
-                "gateway": f"http://{host}:{port}",
-                "receipt_signing_key": base64.b64encode(
-                    ident.receipt_key.public_key().public_bytes_raw()).decode(),
-                "keyset_hash": ident.gateway["keyset_hash"],
-                "keyset_index": logged.index}), flush=True)
-        await task
+        if all(s.started for s in servers):
+            ready = {"gateway": url("https" if tls else "http", host, port),
+                     "receipt_signing_key": base64.b64encode(
+                         ident.receipt_key.public_key().public_bytes_raw()).decode(),
+                     "keyset_hash": ident.gateway["keyset_hash"],
+                     "keyset_index": logged.index,
+                     "tls_spki_sha256": ident.keys.keyset.tls_spki_sha256}
+            if tls_listen is not None:
+                ready["gateway_tls"] = url("https", *tls_listen)
+            print(json.dumps(ready), flush=True)
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        for s in servers:  # one stopped (a signal, or a failure): stop the other too
+            s.should_exit = True
+        await asyncio.gather(*tasks)
     finally:
         watch.cancel()
         stop_process(shipper)
@@ -222,6 +260,14 @@ def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="python -m gateway serve")
     ap.add_argument("--config", required=True)
     ap.add_argument("--listen", required=True, type=listen_address, metavar="HOST:PORT")
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument("--tls", dest="tls", action="store_true", default=None,
+                      help="serve HTTPS with the attested TLS key on --listen (the default "
+                      "unless [tls] enabled = false)")
+    mode.add_argument("--no-tls", dest="tls", action="store_false",
+                      help="serve plain HTTP on --listen")
+    ap.add_argument("--tls-listen", type=listen_address, metavar="HOST:PORT",
+                    help="also serve HTTPS with the attested TLS key here")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -241,7 +287,7 @@ def main(argv: list[str]) -> int:
 
     try:
         with contextlib.suppress(KeyboardInterrupt):
-            uvloop.run(serve(cfg, *a.listen))
+            uvloop.run(serve(cfg, *a.listen, tls=a.tls, tls_listen=a.tls_listen))
     except LogError as e:
         print(f"gateway: the keyset entry cannot be logged: {e}", file=sys.stderr)
         return 1

@@ -8,11 +8,15 @@ Serves `POST /v1/chat/completions` (JSON, or SSE with `stream_options.include_us
 `gateway.identity.attestation.build` from the keyset its own dstack guest agent (the
 simulator in the demo) derives, so the gateway's dstack adapter can verify it.
 With `--tls-listen` the same app is also served over HTTPS with the attested
-TLS key, which lets a route pin the provider's TLS SPKI.
+TLS key, which lets a route pin the provider's TLS SPKI. Model calls may be
+sealed to its attested E2EE key (ACI `aci-1` or `2`, verifier/aci.py): it opens
+them, answers as it would in clear, and seals the answer (each event of a stream)
+back; nonces are accepted once.
 
-Invariants: answers are a pure function of the request body (the same body
-gives the same bytes, including `id` and `created`); nothing waits; bad input
-gets an OpenAI-shaped 4xx; no request or completion text is logged.
+Invariants: answers are a pure function of the request body (of the opened body
+under E2EE; the same body gives the same bytes, including `id` and `created`);
+nothing waits; bad input gets an OpenAI-shaped 4xx; no request or completion text
+is logged.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import ssl
 import struct
 import sys
 import tempfile
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -38,7 +43,9 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from gateway.api.replay import MemoryReplay
 from tlog.service import listen_address
+from verifier import aci
 
 log = logging.getLogger("gateway.demo.provider")
 
@@ -243,31 +250,95 @@ def models_body() -> bytes:
         for m in (CHAT_MODEL, EMBED_MODEL)]})
 
 
-def make_app(attest: Attest) -> web.Application:
-    """The aiohttp application; `attest(nonce)` builds the attestation document."""
+class Sealed(Exception):
+    """An E2EE request refused: (status, code, message) for an OpenAI-shaped error."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+class E2ee:
+    """The provider's side of ACI E2EE: its attested key and the nonces it accepted."""
+
+    def __init__(self, private_key: bytes | None) -> None:
+        self.key = private_key
+        self.public = aci.public_key(private_key) if private_key else None
+        self.nonces = MemoryReplay()
+
+    async def open(self, request: web.Request, body: bytes, kind: str
+                   ) -> tuple[bytes, Any]:
+        """(the body to answer, the response sealer or None when not sealed)."""
+        names = {k.lower(): v for k, v in request.headers.items()
+                 if k.lower() in aci.E2EE_HEADERS}
+        try:
+            h = aci.read_headers(names, time.time())
+            if h is None:
+                return body, None
+            if self.key is None or self.public is None:
+                raise Sealed(400, "e2ee_unavailable", "this provider has no E2EE key")
+            aci.check_model_key(h, self.public)
+            plain, sealer = aci.open_request(_json_object(body), kind, h, self.key)
+        except aci.AciError as e:
+            raise Sealed(400, e.code, e.message) from None
+        except BadRequest as e:
+            raise Sealed(400, "e2ee_decryption_failed", e.message) from None
+        if not await self.nonces.claim(h.replay_key(), h.timestamp + aci.WINDOW):
+            raise Sealed(400, "e2ee_replay_detected", "this E2EE nonce was already used")
+        return orjson.dumps(plain), sealer
+
+
+def sealed_body(sealer: Any, out: bytes) -> bytes:
+    """A JSON answer with its fields sealed (unchanged without a sealer)."""
+    return out if sealer is None else orjson.dumps(sealer.seal_response(orjson.loads(out)))
+
+
+def sealed_event(sealer: Any, ev: bytes) -> bytes:
+    """One `data: ` event with its chunk sealed (`[DONE]` and no sealer: unchanged)."""
+    if sealer is None or ev == b"data: [DONE]\n\n":
+        return ev
+    return b"data: " + orjson.dumps(sealer.seal_response(orjson.loads(ev[6:-2]))) + b"\n\n"
+
+
+def make_app(attest: Attest, e2ee_key: bytes | None = None) -> web.Application:
+    """The aiohttp application; `attest(nonce)` builds the attestation document and
+    `e2ee_key` (its attested X25519 key) opens sealed calls."""
     models = models_body()
+    e2ee = E2ee(e2ee_key)
+
+    def sealed_headers(sealer: Any, base: dict[str, str]) -> dict[str, str]:
+        if sealer is None:
+            return base
+        return {**base, **{k.decode(): v.decode() for k, v in sealer.headers()}}
 
     async def chat(request: web.Request) -> web.StreamResponse:
-        body = await request.read()
         try:
+            body, sealer = await e2ee.open(request, await request.read(), "chat")
             req = parse_chat(body)
+        except Sealed as e:
+            return error_response(e.status, e.code, e.message)
         except BadRequest as e:
             return error_response(400, "invalid_request", e.message, e.param)
         if not req.get("stream", False):
-            return web.Response(body=chat_completion(body, req), headers=JSON_HEADERS)
-        resp = web.StreamResponse(headers=SSE_HEADERS)
+            return web.Response(body=sealed_body(sealer, chat_completion(body, req)),
+                                headers=sealed_headers(sealer, JSON_HEADERS))
+        resp = web.StreamResponse(headers=sealed_headers(sealer, SSE_HEADERS))
         await resp.prepare(request)
         for ev in chat_events(body, req):
-            await resp.write(ev)
+            await resp.write(sealed_event(sealer, ev))
         await resp.write_eof()
         return resp
 
     async def embed(request: web.Request) -> web.Response:
         try:
-            out = embeddings(await request.read())
+            body, sealer = await e2ee.open(request, await request.read(), "embeddings")
+            out = embeddings(body)
+        except Sealed as e:
+            return error_response(e.status, e.code, e.message)
         except BadRequest as e:
             return error_response(400, "invalid_request", e.message, e.param)
-        return web.Response(body=out, headers=JSON_HEADERS)
+        return web.Response(body=sealed_body(sealer, out),
+                            headers=sealed_headers(sealer, JSON_HEADERS))
 
     async def list_models(request: web.Request) -> web.Response:
         return web.Response(body=models, headers=JSON_HEADERS)
@@ -324,7 +395,8 @@ async def serve(listen: tuple[str, int], dstack: str, tls_listen: tuple[str, int
                 ) -> None:
     """Serve until SIGTERM/SIGINT; print one JSON line once listening."""
     attest, keyset = await load_identity(dstack)
-    runner = web.AppRunner(make_app(attest), access_log=None, handle_signals=False)
+    runner = web.AppRunner(make_app(attest, keyset.e2ee_private_bytes()), access_log=None,
+                           handle_signals=False)
     await runner.setup()
     try:
         site = web.TCPSite(runner, listen[0], listen[1], reuse_address=True)

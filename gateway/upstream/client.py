@@ -14,7 +14,7 @@ import hashlib
 import hmac
 import ssl
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -228,6 +228,7 @@ class UpstreamReply:
     conn: Connection | None = None
     pool: Pool | None = None
     read_timeout: float | None = None
+    headers: dict[bytes, bytes] = field(default_factory=dict)  # lower-case names
 
     @property
     def streaming(self) -> bool:
@@ -280,10 +281,12 @@ class Upstream:
         return t
 
     async def send(self, route: RouteSpec, lease: LeaseFacts, path: str, body: bytes,
-                   stream: bool) -> UpstreamReply:
-        """POST `body` to `route.base_url + path`; retries on connection errors, timeouts, 5xx."""
+                   stream: bool, headers: dict[str, str] | None = None) -> UpstreamReply:
+        """POST `body` to `route.base_url + path` (with extra `headers`, e.g. the provider
+        E2EE ones); retries on connection errors, timeouts, 5xx."""
         t = self._target(route, path)
-        data = t.heads[stream] + b"Content-Length: %d\r\n\r\n" % len(body) + body
+        extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items()).encode("latin-1")
+        data = t.heads[stream] + extra + b"Content-Length: %d\r\n\r\n" % len(body) + body
         target = (t.host, t.port, t.tls, lease.pin)
         last: GatewayError | None = None
         for _ in range(route.retries + 1):
@@ -293,7 +296,8 @@ class Upstream:
                     conn, status, headers = await exchange(self._pool, target, data)
                     ctype = headers.get(b"content-type", b"application/json").decode("latin-1")
                     if stream and status == 200:
-                        return UpstreamReply(status, ctype, b"", conn, self._pool, route.timeout)
+                        return UpstreamReply(status, ctype, b"", conn, self._pool, route.timeout,
+                                             headers)
                     payload = await conn.body()
                 self._pool.release(conn)
             except BindingError as e:
@@ -319,7 +323,7 @@ class Upstream:
                                f"route {route.id!r}: provider answered HTTP {status}",
                                route_id=route.id)
                 continue
-            return UpstreamReply(status, ctype, payload)
+            return UpstreamReply(status, ctype, payload, headers=headers)
         assert last is not None
         raise last
 

@@ -13,6 +13,7 @@ Invariants:
 
 from __future__ import annotations
 
+import base64
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -44,6 +45,7 @@ class LeaseFacts:
     expires_at: str | None
     pin: tuple[str, bytes] | None = None
     notes: dict[str, Any] = field(default_factory=dict)  # for the route view, not receipts
+    e2ee_key: bytes | None = None  # the provider's attested E2EE (X25519) key, if any
     evidence_index: int | None = None  # log index of the lease's pag-evidence/1 entry
 
     def receipt(self) -> dict[str, Any]:
@@ -99,7 +101,20 @@ def facts_of(lease: Any) -> LeaseFacts:
         expires_at=rfc3339(getattr(lease, "expires_at", None)),
         pin=pin_of(binding),
         evidence_index=_index(getattr(lease, "evidence_index", None)),
-        notes={k: v for k, v in (getattr(lease, "facts", None) or {}).items() if k in ROUTE_NOTES})
+        notes={k: v for k, v in (getattr(lease, "facts", None) or {}).items() if k in ROUTE_NOTES},
+        e2ee_key=e2ee_key_of(getattr(lease, "facts", None) or {}))
+
+
+def e2ee_key_of(facts: dict[str, Any]) -> bytes | None:
+    """The provider's attested E2EE key from the lease facts (base64 of 32 bytes), or None;
+    ValueError if malformed."""
+    value = facts.get("e2ee_public_key")
+    if value is None:
+        return None
+    raw = base64.b64decode(value, validate=True) if isinstance(value, str) else b""
+    if len(raw) != 32:
+        raise ValueError("the attested E2EE key is not 32 bytes")
+    return raw
 
 
 def _index(value: Any) -> int | None:

@@ -7,7 +7,10 @@ verified offline by dcap-qvl against collateral, TCB status in policy), the
 report data binding the provider's keyset and our fresh nonce, RTMR3
 replayed from the event payloads (app id, compose hash), the measurements
 against the allowed sets, and that the route is reached over TLS whose key
-is the attested one (the lease binds `tls-spki:<keyset.tls_spki_sha256>`).
+is the attested one (the lease binds `tls-spki:<keyset.tls_spki_sha256>`), or, on a
+route with `e2ee = true` over plain HTTP, that every request is sealed to the
+attested E2EE key (`e2ee-key:<keyset.e2ee_public_key>`). The lease carries that
+key either way, for routes that seal to the provider.
 """
 
 from __future__ import annotations
@@ -89,20 +92,24 @@ async def verify(client: httpx.AsyncClient, route: Any, policy: Policy, now: flo
                                     "key-provider event does not name the pinned key provider")
     if not _measurements_ok(facts, policy):
         raise VerificationError("measurement_mismatch", "measurements not in the allowed sets")
-    if urlsplit(route.base_url).scheme != "https":
-        raise VerificationError("binding_mismatch",
-                                "route is not HTTPS: the attested TLS key cannot be pinned")
-    spki = facts.keyset["tls_spki_sha256"]
+    if urlsplit(route.base_url).scheme == "https":
+        binding = f"tls-spki:{facts.keyset['tls_spki_sha256']}"
+    elif getattr(route, "e2ee", False):  # sealed to the attested E2EE key instead of TLS
+        binding = f"e2ee-key:{facts.keyset['e2ee_public_key']}"
+    else:
+        raise VerificationError("binding_mismatch", "route is neither HTTPS (the attested "
+                                "TLS key cannot be pinned) nor sealed to the E2EE key")
     return Lease(route_id=route.id, provider=route.provider, evidence="dstack" +
                  ("-simulated" if facts.simulated else ""),
-                 evidence_digest=digest(body), binding=f"tls-spki:{spki}",
+                 evidence_digest=digest(body), binding=binding,
                  verified_at=now, expires_at=now + policy.max_lease_age,
                  nonce=nonce, document_b64=base64.b64encode(body).decode(),
                  facts={"app_id": facts.app_id, "compose_hash": facts.compose_hash,
                         "mr_td": facts.mr_td, "simulated": facts.simulated,
                         "tcb_status": getattr(facts.quote_verification, "tcb_status", None),
                         "key_provider": facts.key_provider,
-                        "keyset_hash": facts.keyset_hash})
+                        "keyset_hash": facts.keyset_hash,
+                        "e2ee_public_key": facts.keyset["e2ee_public_key"]})
 
 
 async def _collateral(doc: dict[str, Any], policy: Policy) -> Any:
