@@ -19,6 +19,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
+from gateway.api.attestation import AttestationDocuments
 from gateway.identity import attestation as identity_attestation
 from gateway.identity import keys
 from gateway.receipts.outbox import ReceiptSigner
@@ -326,7 +327,8 @@ def test_key_rotation_reattests_and_retries_once(tmp_path: Path, short_dir: Path
                     svc.identity = {"app_id": APP_ID, "compose_hash": COMPOSE,
                                     "keyset_hash": keyset_hash(keyset())}
 
-                gw.app.attest = attest
+                gw.app.attestations = AttestationDocuments(
+                    attest, ttl=0.0, per_client_per_minute=1000, global_per_second=1000)
                 rotate("none")
                 await asyncio.to_thread(run_client, gw.url, rotate, prov)
         finally:

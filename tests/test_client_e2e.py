@@ -48,7 +48,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Demo]:
 @pytest.fixture(scope="module")
 def policy(stack: Demo) -> vc.Policy:
     return vc.Policy(allow_simulated=True, app_id=GATEWAY_APP_ID,
-                     witness_vkeys=(stack.ready["witness_vkey"],), quorum=1)
+                     log_vkey=stack.ready["log_vkey"], witness_vkeys=(stack.ready["witness_vkey"],),
+                     quorum=1, require_logged_release=True)
 
 
 @pytest.fixture
@@ -111,9 +112,11 @@ def test_e2ee_round_trips_leave_no_plaintext_on_the_wire(stack: Demo, policy: vc
                                                          mitm: Mitm) -> None:
     gw = vc.connect(mitm.url, policy)
     assert gw.lease.simulated and gw.lease.app_id == GATEWAY_APP_ID
+    assert gw.lease.keyset_index is not None and len(gw.lease.cosigners) == 1  # logged, witnessed
     c = sdk(gw, stack, e2ee=True)
     seen = round_trips(c, gw)
     assert gw.last_receipt["e2ee"] == {"mode": "aci-1"}
+    assert gw.last_receipt["keyset_index"] == gw.lease.keyset_index
     assert len(gw.receipts) == 4
     proof = gw.proof(gw.last_receipt["id"], timeout=60)
     assert proof.startswith("c2sp.org/tlog-proof@v1")
@@ -361,7 +364,16 @@ def test_forged_attestations_are_refused(stack: Demo, policy: vc.Policy, mitm: M
     with pytest.raises(vc.AttestationFailed) as e:
         vc.connect(mitm.url, policy)
     assert e.value.code == "nonce_mismatch"
+    def unlogged(ex: Exchange) -> None:  # a gateway hiding where its keyset is logged
+        doc = json.loads(ex.response_body)
+        doc.pop("keyset_proof", None)
+        ex.response_body = json.dumps(doc).encode()
     mitm.on_request = None
+    mitm.on_response = unlogged
+    with pytest.raises(vc.AttestationFailed) as e:
+        vc.connect(mitm.url, policy)
+    assert e.value.code == "keyset_not_logged"
+    mitm.on_response = None
     with pytest.raises(vc.AttestationFailed) as e:
         vc.connect(mitm.url, vc.Policy())  # strict: a simulated quote is not a TEE
     assert e.value.code == "simulated_not_allowed"

@@ -49,6 +49,7 @@ base_url = "{base}"
 upstream_model = "demo-chat-1"
 evidence = "dstack"
 e2ee = true
+policy = {{ allow_any_workload = true }}
 
 [[routes]]
 id = "sealed-embed"
@@ -59,6 +60,7 @@ upstream_model = "demo-embed-1"
 kind = "embeddings"
 evidence = "dstack"
 e2ee = true
+policy = {{ allow_any_workload = true }}
 """
 
 

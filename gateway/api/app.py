@@ -47,7 +47,8 @@ class Gateway:
 
     def __init__(self, cfg: Config, *, signer: ReceiptSigner, identity: dict[str, str],
                  outbox: Outbox, status: LogStatus, leases: Leases, attest: Attest,
-                 keyset_index: int, e2ee_key: bytes | None = None) -> None:
+                 keyset_index: int, e2ee_key: bytes | None = None,
+                 keyset_proof: str | None = None) -> None:
         router = Router(cfg.routes)
         url = cfg.replay_redis_url
         replay: ReplayStore = RedisReplay(url, cfg.e2ee.prefix) if url else \
@@ -57,6 +58,7 @@ class Gateway:
             routes=RouteBook(router.routes, leases), signer=signer, outbox=outbox,
             status=status, identity=identity, keyset_index=keyset_index, e2ee_key=e2ee_key,
             replay=replay)
+        self.keyset_proof = keyset_proof
         g = cfg.gateway
         self.attestations = AttestationDocuments(
             attest, ttl=g.attestation_cache_seconds,
@@ -151,6 +153,8 @@ class Gateway:
         client = scope.get("client") or ("", 0)
         doc = dict(await self.attestations.document(nonce, str(client[0])))
         doc["keyset_index"] = self.svc.keyset_index  # where the log holds this keyset
+        if self.keyset_proof is not None:  # and the proof, so a client checks it without the log
+            doc["keyset_proof"] = self.keyset_proof
         await respond(send, 200, orjson.dumps(doc), JSON, cache=b"no-store")
 
     async def _receipt(self, rest: str, scope: Scope, send: Send) -> None:

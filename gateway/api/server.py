@@ -227,7 +227,8 @@ async def serve(cfg: gconfig.Config, host: str, port: int, *, tls: bool | None =
                       leases=lease_source(cfg, ident.lease_mac_key,
                                           EvidenceLog(logc, now_rfc3339)),
                       attest=ident.attest,
-                      e2ee_key=ident.e2ee_private, keyset_index=logged.index)
+                      e2ee_key=ident.e2ee_private, keyset_index=logged.index,
+                      keyset_proof=logged.proof)
         servers = [server(app, host, port, tls, "on")]
         if tls_listen is not None:  # the app's lifespan runs once, with the main listener
             servers.append(server(app, *tls_listen, True, "off"))
