@@ -226,7 +226,7 @@ def test_gateway_serve_listens_only_once_its_keyset_is_logged(short_dir: Path) -
                 break
             time.sleep(0.02)
         gw = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--config", str(cfg),
-                               "--listen", f"127.0.0.1:{gw_port}"], cwd=ROOT,
+                               "--listen", f"127.0.0.1:{gw_port}", "--no-tls"], cwd=ROOT,
                               stdout=subprocess.PIPE, stderr=(short_dir / "gw.err").open("wb"),
                               start_new_session=True)
         procs.append(gw)
@@ -257,8 +257,8 @@ def test_gateway_serve_listens_only_once_its_keyset_is_logged(short_dir: Path) -
         gw.send_signal(signal.SIGTERM)
         gw.wait(15)
         again = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--config",
-                                  str(cfg), "--listen", f"127.0.0.1:{gw_port}"], cwd=ROOT,
-                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                  str(cfg), "--listen", f"127.0.0.1:{gw_port}", "--no-tls"],
+                                 cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                                  start_new_session=True)
         procs.append(again)
         assert again.stdout is not None

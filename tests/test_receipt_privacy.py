@@ -16,6 +16,7 @@ import hashlib
 import hmac
 import itertools
 import json
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -93,7 +94,7 @@ async def _calls(c: httpx.AsyncClient, url: str, gw: Any, prov: FakeProvider
                upstream=False)
     gpub = gw.e2ee_key.public_key().public_bytes_raw()
     for name, stream in (("e2ee", False), ("e2ee_stream", True)):
-        sealed, headers, _ = aci.seal_request(chat_obj(stream), "chat", gpub, bytes(range(32)))
+        sealed, headers, _ = aci.seal_request(chat_obj(stream), "chat", gpub, now=time.time())
         body = json.dumps(sealed).encode()
         assert SECRET.encode() not in body
         await call(name, "/v1/chat/completions", body, headers, chat_obj(stream))
