@@ -33,6 +33,8 @@ class GatewaySettings:
 
     name: str = "pag"
     max_body_bytes: int = 1 << 20
+    max_messages: int = 2048
+    max_json_depth: int = 64
     require_log_inclusion: bool = False
     log_unavailable: str = "serve-and-queue"
     log_wait_timeout: float = 30.0
@@ -85,6 +87,10 @@ class RouteSpec:
     kind: str = "chat"
     priority: int = 0
     timeout: float = 30.0
+    event_timeout: float | None = None  # None: the route `timeout`
+    stream_timeout: float = 600.0
+    max_response_bytes: int = 64 << 20
+    max_sse_line_bytes: int = 1 << 20
     retries: int = 0
     evidence: str = "none"
     required: bool = True
@@ -147,7 +153,8 @@ def _hex(where: str, value: str) -> str:
 
 def _gateway(t: dict[str, Any], base: Path) -> GatewaySettings:
     v = _take(t, "[gateway]", {
-        "name": (str, False), "max_body_bytes": (int, False),
+        "name": (str, False), "max_body_bytes": (int, False), "max_messages": (int, False),
+        "max_json_depth": (int, False),
         "require_log_inclusion": (bool, False), "log_unavailable": (str, False),
         "log_wait_timeout": ((int, float), False), "outbox_durability": (str, False),
         "data_dir": (str, False),
@@ -156,8 +163,9 @@ def _gateway(t: dict[str, Any], base: Path) -> GatewaySettings:
         raise ConfigError(f"[gateway].log_unavailable: one of {', '.join(LOG_UNAVAILABLE)}")
     if v.get("outbox_durability", "process") not in DURABILITY:
         raise ConfigError(f"[gateway].outbox_durability: one of {', '.join(DURABILITY)}")
-    if v.get("max_body_bytes", 1) <= 0:
-        raise ConfigError("[gateway].max_body_bytes must be positive")
+    for key in ("max_body_bytes", "max_messages", "max_json_depth"):
+        if v.get(key, 1) <= 0:
+            raise ConfigError(f"[gateway].{key} must be positive")
     if "admin_key_sha256" in v:
         _hex("[gateway].admin_key_sha256", v["admin_key_sha256"])
     if "data_dir" in v:
@@ -218,7 +226,9 @@ def _route(t: dict[str, Any], i: int, base: Path) -> RouteSpec:
         "id": (str, True), "model": (str, True), "aliases": (list, False),
         "provider": (str, True), "base_url": (str, True), "attestation_url": (str, False),
         "upstream_model": (str, False), "kind": (str, False), "priority": (int, False),
-        "timeout": ((int, float), False), "retries": (int, False), "evidence": (str, False),
+        "timeout": ((int, float), False), "event_timeout": ((int, float), False),
+        "stream_timeout": ((int, float), False), "max_response_bytes": (int, False),
+        "max_sse_line_bytes": (int, False), "retries": (int, False), "evidence": (str, False),
         "required": (bool, False), "policy": (dict, False), "api_key_file": (str, False)})
     v["base_url"] = _http_url(f"{where}.base_url", v["base_url"])
     if "attestation_url" in v:
@@ -245,10 +255,13 @@ def _route(t: dict[str, Any], i: int, base: Path) -> RouteSpec:
         raise ConfigError(f"{where}.kind: one of {', '.join(KINDS)}")
     if v.get("evidence", "none") not in EVIDENCE:
         raise ConfigError(f"{where}.evidence: one of {', '.join(EVIDENCE)}")
-    if "timeout" in v:
-        v["timeout"] = float(v["timeout"])
-        if v["timeout"] <= 0:
-            raise ConfigError(f"{where}.timeout must be positive")
+    for key in ("timeout", "event_timeout", "stream_timeout", "max_response_bytes",
+                "max_sse_line_bytes"):
+        if key in v and v[key] <= 0:
+            raise ConfigError(f"{where}.{key} must be positive")
+    for key in ("timeout", "event_timeout", "stream_timeout"):
+        if key in v:
+            v[key] = float(v[key])
     if v.get("retries", 0) < 0:
         raise ConfigError(f"{where}.retries must not be negative")
     try:
