@@ -28,6 +28,7 @@ from typing import Any
 
 import httpx
 import pytest
+import uvloop
 
 from gateway.api.config import RouteSpec
 from gateway.api.errors import GatewayError
@@ -37,6 +38,7 @@ from tests.test_gateway_fakes import API_KEY, run_gateway, write_config
 from verifier import receipt
 
 GUARD = 20.0  # seconds: a hang guard, never an assertion
+RUNNERS = {"asyncio": asyncio.run, "uvloop": uvloop.run}  # the gateway serves on uvloop
 LEASE = LeaseFacts(True, "lease", "none", "none", None, None)
 CAP = 1 << 20  # max_response_bytes in these tests
 TEN_GB = 10 << 30
@@ -46,6 +48,7 @@ SSE_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Enco
 Reader = asyncio.StreamReader
 Writer = asyncio.StreamWriter
 Script = Callable[[int, Reader, Writer], Awaitable[None]]
+Runner = Callable[[Any], Any]
 
 
 def chunk(data: bytes) -> bytes:
@@ -55,6 +58,13 @@ def chunk(data: bytes) -> bytes:
 
 def event(text: str) -> bytes:
     return b"data: " + text.encode() + b"\n\n"
+
+
+@pytest.fixture(params=RUNNERS, ids=RUNNERS)
+def run(request: pytest.FixtureRequest) -> Runner:
+    """Runs a test's coroutine on the stock asyncio loop and on uvloop (their transports
+    differ: uvloop's are not asyncio.Transport subclasses)."""
+    return RUNNERS[request.param]
 
 
 async def read_request(r: Reader) -> bytes:
@@ -248,7 +258,8 @@ FRAMING = {
 
 
 @pytest.mark.parametrize("answer", FRAMING.values(), ids=FRAMING.keys())
-def test_framing_attack_is_a_clean_502_and_the_connection_is_dropped(answer: bytes) -> None:
+def test_framing_attack_is_a_clean_502_and_the_connection_is_dropped(answer: bytes,
+                                                                      run: Runner) -> None:
     async def go() -> None:
         async with provider(answers(answer, OK)) as p:
             up = Upstream()
@@ -259,10 +270,10 @@ def test_framing_attack_is_a_clean_502_and_the_connection_is_dropped(answer: byt
             assert (reply.status, reply.body) == (200, b"{}")
             assert p.conn_of == [0, 1]
             await up.close()
-    asyncio.run(go())
+    run(go())
 
 
-def test_well_formed_trailers_and_interim_answers_are_accepted() -> None:
+def test_well_formed_trailers_and_interim_answers_are_accepted(run: Runner) -> None:
     async def go() -> None:
         async with provider(answers(
                 b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nTransfer-Encoding: chunked"
@@ -273,10 +284,10 @@ def test_well_formed_trailers_and_interim_answers_are_accepted() -> None:
                 assert (reply.status, reply.body) == (200, b"{}")
             assert p.conn_of == [0, 0]  # kept alive and reused
             await up.close()
-    asyncio.run(go())
+    run(go())
 
 
-def test_bytes_on_an_idle_pooled_connection_drop_it_before_reuse() -> None:
+def test_bytes_on_an_idle_pooled_connection_drop_it_before_reuse(run: Runner) -> None:
     """A provider answers, then sends an unsolicited second response on the idle
     connection (a desync attempt): the pool drops it, and the next request goes over a
     new connection and gets its own answer, not the planted one."""
@@ -299,10 +310,10 @@ def test_bytes_on_an_idle_pooled_connection_drop_it_before_reuse() -> None:
             assert (await send(up, rt)).body == b'{"n":1}'
             assert p.conn_of == [0, 1]
             await up.close()
-    asyncio.run(go())
+    run(go())
 
 
-def test_a_connection_whose_answer_broke_is_never_reused() -> None:
+def test_a_connection_whose_answer_broke_is_never_reused(run: Runner) -> None:
     async def go() -> None:
         broken = FRAMING["body longer than Content-Length"]
         async with provider(answers(OK, broken, OK, OK)) as p:
@@ -314,23 +325,23 @@ def test_a_connection_whose_answer_broke_is_never_reused() -> None:
             assert (await send(up, rt)).status == 200
             assert p.conn_of == [0, 0, 1, 1]  # the broken connection ended with its answer
             await up.close()
-    asyncio.run(go())
+    run(go())
 
 
 # -- slow, silent and endless providers: deadlines and caps --------------------------
 
 
-def test_provider_that_hangs_before_headers_times_out_and_is_dropped() -> None:
+def test_provider_that_hangs_before_headers_times_out_and_is_dropped(run: Runner) -> None:
     async def go() -> None:
         async with provider(lambda n, r, w: until_closed(r, w)) as p:
             up = Upstream()
             assert await refusal(up, route(p)) == (504, "upstream_timeout")
             await p.all_closed()
             await up.close()
-    asyncio.run(go())
+    run(go())
 
 
-def test_dripping_body_meets_the_total_deadline_not_a_read_timeout() -> None:
+def test_dripping_body_meets_the_total_deadline_not_a_read_timeout(run: Runner) -> None:
     """One byte every 50 ms: no single read ever waits long, yet the call ends at the
     route deadline."""
     async def script(n: int, r: Reader, w: Writer) -> None:
@@ -342,20 +353,20 @@ def test_dripping_body_meets_the_total_deadline_not_a_read_timeout() -> None:
             assert await refusal(up, route(p, timeout=0.5)) == (504, "upstream_timeout")
             await p.all_closed()
             await up.close()
-    asyncio.run(go())
+    run(go())
 
 
-def test_provider_closing_mid_body_is_a_clean_502() -> None:
+def test_provider_closing_mid_body_is_a_clean_502(run: Runner) -> None:
     async def go() -> None:
         async with provider(answer_and_close(
                 b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{\"partial")) as p:
             up = Upstream()
             assert await refusal(up, route(p)) == (502, "upstream_unreachable")
             await up.close()
-    asyncio.run(go())
+    run(go())
 
 
-def test_ten_gigabyte_chunked_body_is_refused_at_the_cap_with_bounded_memory() -> None:
+def test_ten_gigabyte_chunked_body_is_refused_at_the_cap_with_bounded_memory(run: Runner) -> None:
     sent = [0]
 
     async def script(n: int, r: Reader, w: Writer) -> None:
@@ -375,10 +386,10 @@ def test_ten_gigabyte_chunked_body_is_refused_at_the_cap_with_bounded_memory() -
             assert peak < 8 * CAP  # about the cap, not the body
             assert sent[0] < 64 * CAP  # the socket stopped being read at the cap
             await up.close()
-    asyncio.run(go())
+    run(go())
 
 
-def test_stream_stalled_mid_way_ends_at_the_event_deadline() -> None:
+def test_stream_stalled_mid_way_ends_at_the_event_deadline(run: Runner) -> None:
     async def script(n: int, r: Reader, w: Writer) -> None:
         w.write(SSE_HEAD + chunk(event("one")) + chunk(b"data: tw"))
         await w.drain()
@@ -392,10 +403,10 @@ def test_stream_stalled_mid_way_ends_at_the_event_deadline() -> None:
             assert got == event("one") + b"data: tw" and isinstance(err, TimeoutError)
             await p.all_closed()
             await up.close()
-    asyncio.run(go())
+    run(go())
 
 
-def test_stream_dripping_one_byte_at_a_time_ends_at_the_event_deadline() -> None:
+def test_stream_dripping_one_byte_at_a_time_ends_at_the_event_deadline(run: Runner) -> None:
     async def script(n: int, r: Reader, w: Writer) -> None:
         w.write(SSE_HEAD)
         await drip(r, w, chunk(event("x" * 200)), 0.02)
@@ -408,10 +419,10 @@ def test_stream_dripping_one_byte_at_a_time_ends_at_the_event_deadline() -> None
             assert isinstance(err, TimeoutError) and len(got) < 200
             await p.all_closed()
             await up.close()
-    asyncio.run(go())
+    run(go())
 
 
-def test_endless_stream_of_timely_events_ends_at_the_stream_deadline() -> None:
+def test_endless_stream_of_timely_events_ends_at_the_stream_deadline(run: Runner) -> None:
     async def script(n: int, r: Reader, w: Writer) -> None:
         w.write(SSE_HEAD)
         while not (w.is_closing() or r.at_eof()):
@@ -428,10 +439,10 @@ def test_endless_stream_of_timely_events_ends_at_the_stream_deadline() -> None:
             assert isinstance(err, TimeoutError) and got.startswith(event("tick"))
             await p.all_closed()
             await up.close()
-    asyncio.run(go())
+    run(go())
 
 
-def test_slow_but_steady_stream_ends_cleanly_and_its_connection_is_kept() -> None:
+def test_slow_but_steady_stream_ends_cleanly_and_its_connection_is_kept(run: Runner) -> None:
     events = [event(f"e{i}") for i in range(5)] + [b"data: [DONE]\r\n\r\n"]
 
     async def script(n: int, r: Reader, w: Writer) -> None:
@@ -456,10 +467,10 @@ def test_slow_but_steady_stream_ends_cleanly_and_its_connection_is_kept() -> Non
             assert (await send(up, route(p))).status == 200
             assert p.conn_of == [0, 0]
             await up.close()
-    asyncio.run(go())
+    run(go())
 
 
-def test_ten_gigabyte_stream_breaks_at_the_cap_with_bounded_memory() -> None:
+def test_ten_gigabyte_stream_breaks_at_the_cap_with_bounded_memory(run: Runner) -> None:
     sent = [0]
 
     async def script(n: int, r: Reader, w: Writer) -> None:
@@ -482,10 +493,10 @@ def test_ten_gigabyte_stream_breaks_at_the_cap_with_bounded_memory() -> None:
             assert seen <= CAP and peak < 8 * CAP and sent[0] < 64 * CAP
             await p.all_closed()
             await up.close()
-    asyncio.run(go())
+    run(go())
 
 
-def test_event_stream_line_over_the_cap_breaks_the_stream() -> None:
+def test_event_stream_line_over_the_cap_breaks_the_stream(run: Runner) -> None:
     async def script(n: int, r: Reader, w: Writer) -> None:
         w.write(SSE_HEAD + chunk(b"data: " + b"z" * 5000))
         await w.drain()
@@ -499,7 +510,7 @@ def test_event_stream_line_over_the_cap_breaks_the_stream() -> None:
             assert isinstance(err, ProtocolError)
             await p.all_closed()
             await up.close()
-    asyncio.run(go())
+    run(go())
 
 
 @pytest.mark.parametrize(("pieces", "ends"), [
