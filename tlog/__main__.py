@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from tlog.service import listen_address
+from tlog.service import add_limit_arguments, limits_from_args, listen_address
 
 
 def parser() -> argparse.ArgumentParser:
@@ -28,6 +28,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--max-entry", type=int, default=65535, help="largest entry in bytes")
     s.add_argument("--dstack", default=os.environ.get("DSTACK_SIMULATOR_ENDPOINT"),
                    help="dstack guest-agent socket: derive the log key from its KMS")
+    add_limit_arguments(s)
     v = sub.add_parser("vkey", help="print the log's verifier key (creating keys if needed)")
     v.add_argument("--data", type=Path, required=True)
     v.add_argument("--origin")
@@ -54,6 +55,7 @@ def serve(args: argparse.Namespace) -> int:
     from tlog import keys
     from tlog.sequencer import Log
     from tlog.server import TlogApp
+    from tlog.service import uvicorn_config
     from tlog.witnessing import WitnessPool
 
     logging.basicConfig(level=logging.INFO, format="tlog: %(message)s")
@@ -62,6 +64,11 @@ def serve(args: argparse.Namespace) -> int:
         return 2
     if not 0 < args.max_entry <= 65535:
         print("tlog: --max-entry must be 1..65535", file=sys.stderr)
+        return 2
+    try:
+        limits = limits_from_args(args)
+    except ValueError as e:
+        print(f"tlog: {e}", file=sys.stderr)
         return 2
     try:
         seed = None
@@ -78,8 +85,8 @@ def serve(args: argparse.Namespace) -> int:
     log = Log(store, signer, witnesses=pool)
     app = TlogApp(log, token, args.max_entry)
     host, port = args.listen
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on",
-                            access_log=False)
+    config = uvicorn_config(app, limits, host=host, port=port, log_level="warning",
+                            lifespan="on", access_log=False)
     server = uvicorn.Server(config)
     print(f"tlog: {signer.name} serving on http://{host}:{port} (size {log.head.size})",
           file=sys.stderr, flush=True)

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from tlog import note
-from tlog.service import listen_address
+from tlog.service import add_limit_arguments, limits_from_args, listen_address
 from witness import cosignature
 
 DEFAULT_NAME = "pag.local/witness"
@@ -61,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--log", action="append", default=[], metavar="ORIGIN=VKEY")
     s.add_argument("--config", type=Path, help="file of ORIGIN=VKEY lines")
     s.add_argument("--name", help="witness key name (first start only)")
+    add_limit_arguments(s)
     v = sub.add_parser("vkey")
     v.add_argument("--data", type=Path, required=True)
     v.add_argument("--name")
@@ -71,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
             print(signer.vkey)
             return 0
         logs = parse_logs(args.log, args.config)
+        limits = limits_from_args(args)
     except (ValueError, OSError) as e:
         print(f"witness: {e}", file=sys.stderr)
         return 2
@@ -79,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import uvicorn
 
+    from tlog.service import uvicorn_config
     from witness.server import Witness, WitnessApp
     from witness.state import State
 
@@ -88,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     host, port = args.listen
     print(f"witness: {signer.name} witnessing {', '.join(sorted(logs))} on http://{host}:{port}",
           file=sys.stderr, flush=True)
-    uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
+    uvicorn.Server(uvicorn_config(app, limits, host=host, port=port, log_level="warning",
                                   access_log=False)).run()
     state.close()
     return 0

@@ -15,6 +15,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from gateway.verification.base import PATH_KEYS, Policy
+from tlog.service import LIMIT_FLAGS, ServerLimits
 
 HEX64 = re.compile(r"[0-9a-f]{64}")
 KINDS = ("chat", "embeddings")
@@ -109,6 +110,7 @@ class Config:
     api_keys: tuple[ApiKey, ...]
     routes: tuple[RouteSpec, ...]
     leases: LeaseSettings = LeaseSettings()
+    server: ServerLimits = ServerLimits()
 
 
 def _take(table: dict[str, Any], where: str, spec: dict[str, tuple[type | tuple[type, ...], bool]]
@@ -202,6 +204,15 @@ def _leases(t: dict[str, Any]) -> LeaseSettings:
     return LeaseSettings(**v)
 
 
+def _server(t: dict[str, Any]) -> ServerLimits:
+    v = _take(t, "[server]", {name: ((int, float) if kind is float else int, False)
+                              for name, kind in LIMIT_FLAGS.items()})
+    try:
+        return ServerLimits(**v)
+    except ValueError as e:
+        raise ConfigError(f"[server].{e}") from None
+
+
 def _api_key(t: dict[str, Any], i: int) -> ApiKey:
     where = f"[[api_keys]][{i}]"
     v = _take(t, where, {"name": (str, True), "sha256": (str, True),
@@ -279,7 +290,8 @@ def parse(doc: dict[str, Any], path: Path) -> Config:
     base = path.resolve().parent
     top = _take(doc, "config", {"gateway": (dict, False), "dstack": (dict, False),
                                 "log": (dict, False), "api_keys": (list, False),
-                                "routes": (list, False), "leases": (dict, False)})
+                                "routes": (list, False), "leases": (dict, False),
+                                "server": (dict, False)})
     dstack = _take(top.get("dstack", {}), "[dstack]", {"endpoint": (str, False)})
     endpoint = dstack.get("endpoint")
     if endpoint and "://" not in endpoint:
@@ -298,7 +310,8 @@ def parse(doc: dict[str, Any], path: Path) -> Config:
                 raise ConfigError(f"[[routes]]: model {name!r} is both chat and embeddings")
     return Config(path=path.resolve(), gateway=_gateway(top.get("gateway", {}), base),
                   dstack_endpoint=endpoint, log=_log(top.get("log", {}), base),
-                  api_keys=keys, routes=routes, leases=_leases(top.get("leases", {})))
+                  api_keys=keys, routes=routes, leases=_leases(top.get("leases", {})),
+                  server=_server(top.get("server", {})))
 
 
 def load(path: str | Path) -> Config:

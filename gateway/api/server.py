@@ -28,7 +28,7 @@ from gateway.api import config as gconfig
 from gateway.receipts.outbox import Outbox, ReceiptSigner
 from gateway.receipts.shipper import LogStatus
 from gateway.upstream.leases import Leases
-from tlog.service import listen_address
+from tlog.service import listen_address, uvicorn_config
 
 log = logging.getLogger("gateway.api.server")
 LEASE_MAC_PATH = "pag/gateway/lease-cache"
@@ -132,8 +132,8 @@ async def serve(cfg: gconfig.Config, host: str, port: int) -> None:
                       outbox=outbox, status=LogStatus(outbox, shipper is not None),
                       leases=lease_source(cfg, ident.lease_mac_key), attest=ident.attest,
                       e2ee_key=ident.e2ee_private)
-        server = uvicorn.Server(uvicorn.Config(
-            app, host=host, port=port, lifespan="on", http="httptools", loop="none",
+        server = uvicorn.Server(uvicorn_config(
+            app, cfg.server, host=host, port=port, lifespan="on", loop="none",
             access_log=False, log_level="warning", timeout_graceful_shutdown=5,
             proxy_headers=False, server_header=False))
         task = asyncio.create_task(server.serve())
