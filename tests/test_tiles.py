@@ -93,3 +93,34 @@ def test_level1_tile_holds_roots_of_level0_tiles():
     level1 = tiles.split_hashes(store[(1, 0)])
     assert len(level1) == 3
     assert level1[1] == merkle.root(leaves[256:512])
+
+
+NEAR_PATHS = st.from_regex(
+    r"tile/(entries|[0-9]{1,3}|-[0-9])/(x?-?[0-9]{1,4}/){0,8}-?[0-9]{0,5}(\.p/-?[0-9]{0,4})?/?",
+    fullmatch=True)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.one_of(st.text(), NEAR_PATHS))
+def test_parse_path_raises_only_tile_error(p):
+    """Any string: a canonical TilePath that formats back to itself, or TileError."""
+    try:
+        t = tiles.parse_path(p)
+    except tiles.TileError:
+        return
+    assert str(t) == p
+    assert 0 <= t.index <= tiles.MAX_INDEX and 1 <= t.width <= tiles.WIDTH
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(0, 63), st.integers(0, tiles.MAX_INDEX), st.integers(1, 256))
+def test_every_valid_tile_path_parses_back(level, index, width):
+    p = tiles.path(level, index, width)
+    assert tiles.parse_path(p) == tiles.TilePath(level, index, width)
+
+
+def test_path_of_any_length_is_refused_cheaply():
+    for n in (7000, 1 << 20):
+        with pytest.raises(tiles.TileError) as e:
+            tiles.parse_path("tile/0/" + "x123/" * (n // 5) + "456")
+        assert len(str(e.value)) < 200  # the refusal does not echo the whole path

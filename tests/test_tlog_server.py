@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from tests.tlogutil import start_tlog, stop
-from tlog import checkpoint, merkle, note, proof, tiles
+from tlog import checkpoint, keys, merkle, note, proof, tiles
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +32,8 @@ def test_files_and_modes(log):
     _, _, verifier, data = log
     for name in ("log.key", "append.token"):
         assert stat.S_IMODE((data / name).stat().st_mode) == 0o600
-    assert note.verifier_from_vkey((data / "log.vkey").read_text()).name == "pag.local/log"
+    v = note.verifier_from_vkey((data / "log.vkey").read_text())
+    assert v.name == keys.default_origin(v.public_key)  # unique per key
 
 
 def test_append_answer_is_a_valid_proof(log):
@@ -76,7 +77,18 @@ def test_oversized_and_empty_entries(log):
      ("/tile/99/000", 400), ("/tile/5/000.p/1", 404), ("/tile/0/x999/999", 404),
      ("/tile/entries/999", 404), ("/proof/ABC", 400), ("/proof/" + "0" * 64, 404),
      ("/consistency?old=0&new=1", 400), ("/consistency?old=5&new=2", 400),
-     ("/consistency?old=1&new=999999", 400), ("/consistency?old=x", 400), ("/nope", 404)],
+     ("/consistency?old=1&new=999999", 400), ("/consistency?old=x", 400), ("/nope", 404),
+     # hostile paths (issue 13): never a 5xx
+     ("/tile/0/" + "x123/" * 1400 + "456", 400), ("/tile/entries/" + "9" * 7000, 400),
+     ("/tile/0/x999/x999/x999/x999/x999/x999/999", 400), ("/tile/-1/000", 400),
+     ("/tile/0/-001", 400), ("/tile/0/000.p/-1", 400), ("/tile/0/000.p/999", 400),
+     ("/tile/0/000.p/01", 400), ("/tile/01/000", 400), ("/tile/0/%D9%A1%D9%A2%D9%A3", 400),
+     ("/tile/0/000%00", 400), ("/tile/0/000/", 400), ("/tile/0/x000/000", 400),
+     ("/tile/63/x036/x028/x797/x018/x963/967", 404), ("/tile/entries/000.p/256", 400),
+     ("/consistency?old=1&new=" + "9" * 5000, 400), ("/consistency?old=01&new=2", 400),
+     ("/consistency?old=%D9%A1&new=2", 400), ("/consistency?old=1&old=1&new=2", 400),
+     ("/consistency?old=-1&new=2", 400), ("/consistency?old=1&new=9223372036854775808", 400),
+     ("/proof/" + "a" * 7000, 400)],
 )
 def test_bad_reads_are_4xx(log, path, status):
     url, *_ = log

@@ -178,7 +178,9 @@ def test_full_loop_two_witnesses_quorum_two(tmp_path):
                                "--log", f"{log_signer.name}={log_signer.vkey}", ready=url + "/"))
             urls.append(url)
             vkeys.append((wd / "witness.vkey").read_text())
-        tproc, turl = start_tlog(data, *sum([["--witness", u] for u in urls], []), "--quorum", "2")
+        flags = sum([["--witness", u, "--witness-vkey", v]
+                     for u, v in zip(urls, vkeys, strict=True)], [])
+        tproc, turl = start_tlog(data, *flags, "--quorum", "2")
         procs.append(tproc)
         witnesses = cosignature.parse_vkeys(vkeys)
         token = (data / "append.token").read_text().strip()
@@ -207,3 +209,25 @@ def test_full_loop_two_witnesses_quorum_two(tmp_path):
     finally:
         for p in procs:
             stop(p)
+
+
+def test_serve_errors_are_one_line(tmp_path):
+    """Port in use (exit 1) and a data dir that is a file (exit 2): one line, no traceback."""
+    import socket
+    import subprocess
+    import sys
+
+    log = note.generate_signer("example.com/log")
+    (tmp_path / "file").write_text("x")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        busy = s.getsockname()[1]
+        cases = [(tmp_path / "w", busy, 1, "address already in use"),
+                 (tmp_path / "file", free_port(), 2, "is not a directory")]
+        for data, port, status, says in cases:
+            r = subprocess.run([sys.executable, "-m", "witness", "serve", "--data", str(data),
+                                "--listen", f"127.0.0.1:{port}", "--log", log.vkey],
+                               capture_output=True, text=True, timeout=60)
+            lines = r.stderr.strip().splitlines()
+            assert r.returncode == status and len(lines) == 1 and says in lines[0], r.stderr

@@ -9,21 +9,32 @@ import os
 import sys
 from pathlib import Path
 
-from tlog.service import add_limit_arguments, limits_from_args, listen_address
+from tlog.service import add_limit_arguments, limits_from_args, listen_address, package_version
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m tlog", description="C2SP tlog-tiles log")
+    p.add_argument("--version", action="version",
+                   version=f"%(prog)s (private-ai-gateway) {package_version()}")
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("serve", help="run the log")
     s.add_argument("--data", type=Path, required=True, help="directory for keys and storage")
     s.add_argument("--listen", type=listen_address, required=True, metavar="HOST:PORT")
     s.add_argument("--origin", help="log origin and key name (first start only)")
-    s.add_argument("--database", help="postgresql://… URL (default: SQLite in --data)")
+    s.add_argument("--database", help="postgresql://… URL (default: SQLite in --data); "
+                   "several processes on one database are replicas, one of which sequences")
+    s.add_argument("--lease-ttl", type=float, default=3.0, metavar="SECONDS",
+                   help="PostgreSQL: how long the sequencer lease lasts without renewal")
+    s.add_argument("--advertise", metavar="URL",
+                   help="PostgreSQL: this replica's URL as other replicas name it to clients "
+                        "(default http://HOST:PORT of --listen)")
     s.add_argument("--witness", action="append", default=[], metavar="URL",
                    help="witness to submit checkpoints to (repeat)")
+    s.add_argument("--witness-vkey", action="append", default=[], metavar="VKEY",
+                   help="a witness's cosignature key (repeat); only cosignatures that verify "
+                        "under one of these are kept, served and counted")
     s.add_argument("--quorum", type=int, default=0,
-                   help="answer appends only once K witnesses cosigned")
+                   help="answer appends only once K distinct witness keys cosigned")
     s.add_argument("--witness-timeout", type=float, default=5.0)
     s.add_argument("--max-entry", type=int, default=65535, help="largest entry in bytes")
     s.add_argument("--dstack", default=os.environ.get("DSTACK_SIMULATOR_ENDPOINT"),
@@ -40,64 +51,131 @@ def main(argv: list[str] | None = None) -> int:
     from tlog import keys
 
     if args.cmd == "vkey":
+        from tlog.service import check_data_dir
+
         try:
+            check_data_dir(args.data)
             print(keys.load_signer(args.data, args.origin).vkey)
-        except ValueError as e:
-            print(f"tlog: {e}", file=sys.stderr)
-            return 2
+        except (ValueError, OSError) as e:
+            return fail(EXIT_USAGE, str(e))
         return 0
     return serve(args)
 
 
+EXIT_USAGE = 2
+"""Exit status for a command line or data directory that cannot work as given."""
+EXIT_ENVIRONMENT = 1
+"""Exit status for what the environment refused: port in use, data dir locked by another
+process, database or key service unreachable, stored log unusable."""
+
+
+def fail(status: int, message: str) -> int:
+    """Print the one-line reason and return the exit status."""
+    print(f"tlog: {message}", file=sys.stderr, flush=True)
+    return status
+
+
 def serve(args: argparse.Namespace) -> int:
+    """Check the arguments, bind the port, load keys and storage, then serve until SIGTERM."""
     import uvicorn
 
-    from tlog import keys
+    from tlog import keys, note
     from tlog.sequencer import Log
     from tlog.server import TlogApp
-    from tlog.service import uvicorn_config
-    from tlog.witnessing import WitnessPool
+    from tlog.service import LockHeld, bind, check_data_dir, uvicorn_config
+    from tlog.storage import StorageError
 
     logging.basicConfig(level=logging.INFO, format="tlog: %(message)s")
-    if args.quorum > len(args.witness) or args.quorum < 0:
-        print("tlog: --quorum must be between 0 and the number of --witness", file=sys.stderr)
-        return 2
     if not 0 < args.max_entry <= 65535:
-        print("tlog: --max-entry must be 1..65535", file=sys.stderr)
-        return 2
+        return fail(EXIT_USAGE, "--max-entry must be 1..65535")
+    if not 0.5 <= args.lease_ttl <= 600:
+        return fail(EXIT_USAGE, "--lease-ttl must be between 0.5 and 600 seconds")
     try:
+        pool = witness_pool(args)
         limits = limits_from_args(args)
+        check_data_dir(args.data)
     except ValueError as e:
-        print(f"tlog: {e}", file=sys.stderr)
-        return 2
+        return fail(EXIT_USAGE, str(e))
+    host, port = args.listen
     try:
-        seed = None
-        if args.dstack:
+        sock = bind(host, port)
+        port = sock.getsockname()[1]
+    except OSError as e:
+        return fail(EXIT_ENVIRONMENT, str(e))
+    seed = None
+    if args.dstack:
+        try:
             seed = asyncio.run(keys.dstack_seed(args.dstack, "pag/tlog/note-key"))
+        except Exception as e:  # noqa: BLE001 - any failure of the key service, one line
+            return fail(EXIT_ENVIRONMENT, f"cannot derive the log key from dstack at "
+                                          f"{args.dstack}: {type(e).__name__}: {e}")
+    try:
         signer = keys.load_signer(args.data, args.origin, seed)
         token = keys.load_token(args.data)
+    except (ValueError, OSError) as e:  # note.NoteError is a ValueError
+        return fail(EXIT_USAGE, f"{e}" if not isinstance(e, note.NoteError)
+                    else f"{args.data / 'log.key'}: {e}")
+    try:
         store = open_store(args.data, args.database)
-    except (ValueError, OSError) as e:
-        print(f"tlog: {e}", file=sys.stderr)
-        return 2
-    pool = WitnessPool(args.witness, quorum=args.quorum, timeout=args.witness_timeout) \
-        if args.witness else None
-    log = Log(store, signer, witnesses=pool)
+    except LockHeld:
+        return fail(EXIT_ENVIRONMENT, f"another tlog serve is using {args.data} "
+                                      f"({args.data / 'log.lock'} is locked); a log has "
+                                      "one writer")
+    except (StorageError, OSError) as e:
+        return fail(EXIT_ENVIRONMENT, str(e))
+    lease = None
+    if args.database is not None:
+        from tlog.election import PostgresLease
+
+        shown = f"[{host}]" if ":" in host else host
+        advertise = args.advertise or f"http://{shown}:{port}"
+        lease = PostgresLease(args.database, advertise, args.lease_ttl)
+    try:
+        log = Log(store, signer, witnesses=pool, lease=lease)
+    except Exception as e:  # noqa: BLE001 - recovery failed: say why in one line
+        store.close()
+        return fail(EXIT_ENVIRONMENT, f"cannot open the stored log: {type(e).__name__}: {e}")
     app = TlogApp(log, token, args.max_entry)
-    host, port = args.listen
-    config = uvicorn_config(app, limits, host=host, port=port, log_level="warning",
-                            lifespan="on", access_log=False)
-    server = uvicorn.Server(config)
-    print(f"tlog: {signer.name} serving on http://{host}:{port} (size {log.head.size})",
-          file=sys.stderr, flush=True)
-    server.run()
+    config = uvicorn_config(app, limits, log_level="warning", lifespan="on", access_log=False)
+    role = "replica" if lease is not None else "sequencer"
+    print(f"tlog: {signer.name} serving on http://{host}:{port} (size {log.head.size}, "
+          f"{role})", file=sys.stderr, flush=True)
+    uvicorn.Server(config).run(sockets=[sock])
     store.close()
     return 0
 
 
+def witness_pool(args: argparse.Namespace):  # noqa: ANN201 - WitnessPool | None
+    """The witnesses from --witness/--witness-vkey/--quorum, checked (ValueError if unusable)."""
+    from tlog import note
+    from tlog.witnessing import WitnessPool
+    from witness import cosignature
+
+    try:
+        verifiers = cosignature.parse_vkeys(args.witness_vkey)
+    except note.NoteError as e:
+        raise ValueError(f"bad --witness-vkey: {e}") from e
+    keys = {(v.name, v.key_id) for v in verifiers}
+    if args.quorum < 0 or args.quorum > len(keys):
+        raise ValueError(f"--quorum {args.quorum} must be between 0 and the number of distinct "
+                         f"--witness-vkey keys ({len(keys)})")
+    if args.quorum > len(args.witness):
+        raise ValueError(f"--quorum {args.quorum} exceeds the number of --witness URLs "
+                         f"({len(args.witness)})")
+    if args.witness and not verifiers:
+        raise ValueError("--witness needs the witnesses' --witness-vkey: the log keeps and serves "
+                         "only cosignatures it verified")
+    if not args.witness:
+        return None
+    return WitnessPool(args.witness, verifiers, quorum=args.quorum,
+                       timeout=args.witness_timeout)
+
+
 def open_store(data: Path, database: str | None):  # noqa: ANN201 - a Storage backend
-    """The storage backend: SQLite in DIR, or PostgreSQL for a postgresql:// URL."""
-    data.mkdir(parents=True, exist_ok=True)
+    """The storage backend: SQLite in DIR (locked: one writer), or PostgreSQL for a
+    postgresql:// URL."""
+    from tlog.storage import StorageError
+
     if database is None:
         from tlog.sqlite_store import SQLiteStore
 
@@ -106,7 +184,7 @@ def open_store(data: Path, database: str | None):  # noqa: ANN201 - a Storage ba
         from tlog.postgres_store import PostgresStore
 
         return PostgresStore(database)
-    raise ValueError(f"unsupported --database {database!r} (use postgresql://…)")
+    raise StorageError("unsupported --database URL (use postgresql://…)")
 
 
 if __name__ == "__main__":

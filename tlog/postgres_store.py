@@ -3,16 +3,27 @@
 Tables live in a schema named after nothing but the connection's search
 path; one log per database (or per search path). Each write is one
 transaction committed with synchronous_commit on, so it is durable on return.
+Several `tlog serve` processes may share the database: tlog/election.py
+picks the one that writes, and this store fences every write with its token.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import psycopg
 
-from tlog.storage import Head
+from tlog.storage import Fenced, Head, StorageError
+
+CONNECT_TIMEOUT = 5
+"""Seconds to wait for a connection before the database counts as unreachable."""
+
+
+def one_line(e: BaseException) -> str:
+    """The first line of a database error (psycopg's carry hints on further lines)."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS tlog_entries (idx BIGINT PRIMARY KEY, data BYTEA NOT NULL);
@@ -22,49 +33,113 @@ CREATE TABLE IF NOT EXISTS tlog_checkpoints (size BIGINT PRIMARY KEY, root BYTEA
                                              note BYTEA NOT NULL);
 CREATE TABLE IF NOT EXISTS tlog_lookup (key TEXT NOT NULL, idx BIGINT NOT NULL,
                                         PRIMARY KEY (key, idx));
+CREATE TABLE IF NOT EXISTS tlog_sequencer (id INT PRIMARY KEY CHECK (id = 1),
+                                           token BIGINT NOT NULL, holder TEXT NOT NULL,
+                                           url TEXT NOT NULL, backend_pid INT NOT NULL,
+                                           expires TIMESTAMPTZ NOT NULL);
+INSERT INTO tlog_sequencer VALUES (1, 0, '', '', 0, '-infinity') ON CONFLICT DO NOTHING;
 """
+"""`tlog_sequencer` is the one lease row of tlog/election.py; its `token` fences writes."""
+
+STALLED_TRANSACTION = 10
+"""Seconds after which PostgreSQL ends a write transaction left idle (a paused writer), so
+the row lock its fencing check holds cannot keep a new sequencer out for longer."""
 
 
 class PostgresStore:
-    """tlog.storage.Storage on PostgreSQL (psycopg 3); safe across threads."""
+    """tlog.storage.Storage on PostgreSQL (psycopg 3); safe across threads.
+
+    Writes go through one connection, reads through another; either is
+    reopened on the next use after it broke (a database restart costs the
+    calls in flight, not the process). With a fencing token set (`fence`),
+    every write transaction first reads the lease row FOR SHARE and commits
+    nothing unless the token is still the current one (`Fenced`); the share
+    lock makes a concurrent takeover wait for the transaction, so a write
+    either commits before the new sequencer starts or not at all.
+    """
 
     def __init__(self, url: str) -> None:
-        self._db = psycopg.connect(url, autocommit=True)
-        self._db.execute("SET synchronous_commit = on")
-        with self._db.transaction():
-            self._db.execute("SELECT pg_advisory_xact_lock(7466726)")  # one schema creator
-            for stmt in filter(str.strip, SCHEMA.split(";")):
-                self._db.execute(stmt)
-        self._rdb = psycopg.connect(url, autocommit=True)
+        self._url = url
+        self._token: int | None = None
         self._lock = threading.Lock()
         self._rlock = threading.Lock()
+        try:
+            self._db = self._connect(writer=True)
+            with self._db.transaction():
+                self._db.execute("SELECT pg_advisory_xact_lock(7466726)")  # one schema creator
+                for stmt in filter(str.strip, SCHEMA.split(";")):
+                    self._db.execute(stmt)
+            self._rdb = self._connect(writer=False)
+        except psycopg.Error as e:
+            raise StorageError(f"cannot use the database: {one_line(e)}") from None
+
+    def _connect(self, *, writer: bool) -> psycopg.Connection:
+        db = psycopg.connect(self._url, autocommit=True, connect_timeout=CONNECT_TIMEOUT)
+        if writer:
+            db.execute("SET synchronous_commit = on")
+            db.execute(f"SET idle_in_transaction_session_timeout = '{STALLED_TRANSACTION}s'")
+        return db
+
+    @contextlib.contextmanager
+    def _reading(self) -> Iterator[psycopg.Connection]:
+        with self._rlock:
+            if self._rdb.closed:
+                self._rdb = self._connect(writer=False)
+            yield self._rdb
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[psycopg.Cursor]:
+        """One fenced write transaction."""
+        with self._lock:
+            if self._db.closed:
+                self._db = self._connect(writer=True)
+            with self._db.transaction(), self._db.cursor() as cur:
+                if self._token is not None:
+                    row = cur.execute("SELECT token FROM tlog_sequencer WHERE id = 1 "
+                                      "FOR SHARE").fetchone()
+                    if row is None or row[0] != self._token:
+                        raise Fenced(f"sequencer lease token {self._token} is stale "
+                                     f"(now {None if row is None else row[0]})")
+                yield cur
 
     def _one(self, sql: str, params: tuple = ()) -> tuple | None:
-        with self._rlock:
-            return self._rdb.execute(sql, params).fetchone()
+        with self._reading() as db:
+            return db.execute(sql, params).fetchone()
+
+    def fence(self, token: int) -> None:
+        self._token = token
+
+    def ping(self) -> None:
+        self._one("SELECT size FROM tlog_checkpoints ORDER BY size DESC LIMIT 1")
 
     def size(self) -> int:
         row = self._one("SELECT MAX(idx) FROM tlog_entries")
         return 0 if row is None or row[0] is None else row[0] + 1
 
     def head(self) -> Head | None:
-        row = self._one("SELECT size, root, note FROM tlog_checkpoints ORDER BY size DESC LIMIT 1")
-        return None if row is None else Head(row[0], bytes(row[1]), bytes(row[2]))
+        heads = self.recent(1)
+        return heads[0] if heads else None
+
+    def recent(self, count: int) -> list[Head]:
+        with self._reading() as db:
+            rows = db.execute("SELECT size, root, note FROM tlog_checkpoints "
+                              "ORDER BY size DESC LIMIT %s", (count,)).fetchall()
+        return [Head(r[0], bytes(r[1]), bytes(r[2])) for r in rows]
 
     def read_tile(self, level: int, index: int) -> bytes:
         row = self._one("SELECT data FROM tlog_tiles WHERE level = %s AND idx = %s", (level, index))
         return b"" if row is None else bytes(row[0])
 
     def read_entries(self, start: int, end: int) -> list[bytes]:
-        with self._rlock:
-            rows = self._rdb.execute(
+        with self._reading() as db:
+            rows = db.execute(
                 "SELECT data FROM tlog_entries WHERE idx >= %s AND idx < %s ORDER BY idx",
                 (start, end)).fetchall()
         return [bytes(r[0]) for r in rows]
 
     def persist(self, start: int, entries: Sequence[bytes], tiles: dict[tuple[int, int], bytes],
                 keys: Sequence[tuple[str, int]]) -> None:
-        with self._lock, self._db.transaction(), self._db.cursor() as cur:
+        with self._writing() as cur:
             cur.executemany("INSERT INTO tlog_entries (idx, data) VALUES (%s, %s)",
                             [(start + i, e) for i, e in enumerate(entries)])
             cur.executemany(
@@ -76,14 +151,14 @@ class PostgresStore:
                                 "ON CONFLICT DO NOTHING", list(keys))
 
     def checkpoint(self, head: Head) -> None:
-        with self._lock, self._db.transaction():
-            self._db.execute("INSERT INTO tlog_checkpoints (size, root, note) VALUES (%s, %s, %s)",
-                             (head.size, head.root, head.note))
+        with self._writing() as cur:
+            cur.execute("INSERT INTO tlog_checkpoints (size, root, note) VALUES (%s, %s, %s)",
+                        (head.size, head.root, head.note))
 
     def update_note(self, size: int, note_bytes: bytes) -> None:
-        with self._lock, self._db.transaction():
-            self._db.execute("UPDATE tlog_checkpoints SET note = %s WHERE size = %s",
-                             (note_bytes, size))
+        with self._writing() as cur:
+            cur.execute("UPDATE tlog_checkpoints SET note = %s WHERE size = %s",
+                        (note_bytes, size))
 
     def checkpoint_note(self, size: int) -> bytes | None:
         row = self._one("SELECT note FROM tlog_checkpoints WHERE size = %s", (size,))

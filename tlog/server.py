@@ -2,7 +2,10 @@
 
 GET /checkpoint, GET /tile/..., GET /tile/entries/..., POST /add,
 POST /add-batch (an extension: many entries, one request), GET
-/proof/{request_hash}, GET /consistency?old=M&new=N, GET / (status).
+/proof/{request_hash}, GET /consistency?old=M&new=N, GET / (status), and
+for operators GET /metrics (tlog/metrics.py), GET /healthz (the process
+answers) and GET /readyz (storage answers now, the served checkpoint is
+signed by the loaded key: 200, else 503 naming what failed).
 Every malformed request is a 4xx with a short plain-text or JSON reason.
 """
 
@@ -13,16 +16,30 @@ import base64
 import hmac
 import json
 import re
+import time
 from urllib.parse import parse_qs
 
-from tlog import merkle, tiles
-from tlog.sequencer import AppendError, Log
-from tlog.service import TEXT, Receive, Scope, Send, read_body, respond
+from tlog import checkpoint, merkle, tiles
+from tlog.metrics import LogMetrics
+from tlog.sequencer import SEQUENCER, AppendError, Log, NotSequencer
+from tlog.service import (
+    METRICS_TEXT,
+    TEXT,
+    Probe,
+    Receive,
+    Scope,
+    Send,
+    observed,
+    read_body,
+    respond,
+)
 
 OCTETS = b"application/octet-stream"
 JSON = b"application/json"
 IMMUTABLE = b"public, max-age=31536000, immutable"
 HEX64 = re.compile(r"[0-9a-f]{64}")
+PING_TIMEOUT = 3.0
+"""Seconds /readyz waits for storage to answer."""
 
 
 class TlogApp:
@@ -34,8 +51,14 @@ class TlogApp:
         self.log = log
         self._auth = f"Bearer {token}".encode()
         self.max_entry = max_entry
+        self.metrics = LogMetrics(log)
+        self._handle = observed(self._dispatch, self.metrics.record)
+        self._storage_probe = Probe(log.store.ping, PING_TIMEOUT)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self._handle(scope, receive, send)
+
+    async def _dispatch(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
             await self._lifespan(receive, send)
             return
@@ -60,9 +83,28 @@ class TlogApp:
             return await self._consistency(scope, send)
         if path == "/":
             body = json.dumps({"origin": self.log.origin, "size": self.log.served.size,
-                               "vkey": self.log.signer.vkey}).encode()
+                               "vkey": self.log.signer.vkey, "role": self.log.role,
+                               "sequencer": self.log.sequencer_url}).encode()
             return await respond(send, 200, body, JSON, b"no-cache")
+        if path == "/metrics":
+            return await respond(send, 200, self.metrics.render(), METRICS_TEXT, b"no-store")
+        if path == "/healthz":
+            return await _json(send, 200, {"alive": True})
+        if path == "/readyz":
+            return await self._readyz(send)
         await respond(send, 404, b"not found\n")
+
+    async def _readyz(self, send: Send) -> None:
+        """200 only if storage answers now and the served checkpoint verifies under our key."""
+        checks = {"storage": await self._storage_probe(), "checkpoint": "ok"}
+        try:
+            checkpoint.open(self.log.served.note, self.log.signer.verifier())
+        except checkpoint.CheckpointError as e:
+            checks["checkpoint"] = f"the served checkpoint does not verify: {e}"
+        ready = all(v == "ok" for v in checks.values())
+        await _json(send, 200 if ready else 503,
+                    {"ready": ready, "checks": checks, "role": self.log.role,
+                     "size": self.log.served.size})
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:
@@ -84,10 +126,14 @@ class TlogApp:
             return await _json(send, 413, {"error": f"entry larger than {self.max_entry} bytes"})
         if not body:
             return await _json(send, 400, {"error": "empty entry"})
+        started = time.perf_counter()
         try:
             added = await self.log.add(body)
+        except NotSequencer as e:
+            return await _not_sequencer(send, e.sequencer)
         except AppendError as e:
             return await _json(send, 503, {"error": str(e)})
+        self.metrics.append_seconds.observe(time.perf_counter() - started)
         await _json(send, 200, {"index": added.index, "checkpoint": added.checkpoint.decode(),
                                 "proof": added.proof.decode()})
 
@@ -111,6 +157,8 @@ class TlogApp:
         if not entries or any(not e or len(e) > self.max_entry for e in entries):
             return await _json(send, 400, {"error": "empty batch, empty entry or entry larger "
                                                     f"than {self.max_entry} bytes"})
+        if self.log.role != SEQUENCER:
+            return await _not_sequencer(send, self.log.sequencer_url)
         results = await asyncio.gather(*(self.log.add(e) for e in entries),
                                        return_exceptions=True)
         out: list[dict[str, object]] = []
@@ -148,12 +196,35 @@ class TlogApp:
 
     async def _consistency(self, scope: Scope, send: Send) -> None:
         q = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+        old, new = _size(q.get("old")), _size(q.get("new"))
+        if old is None or new is None:
+            return await _json(send, 400, {"error": "old and new must each be given once, "
+                                                    "as decimal tree sizes"})
         try:
-            old, new = int(q["old"][0]), int(q["new"][0])
             hashes = self.log.consistency(old, new)
-        except (KeyError, ValueError, IndexError, merkle.ProofError) as e:
+        except merkle.ProofError as e:
             return await _json(send, 400, {"error": f"bad consistency request: {e}"})
         await _json(send, 200, {"proof": [base64.b64encode(h).decode() for h in hashes]})
+
+
+def _size(values: list[str] | None) -> int | None:
+    """A tree size given exactly once as canonical decimal (ASCII digits, no leading zero,
+    at most the largest tree size), else None."""
+    if values is None or len(values) != 1:
+        return None
+    v = values[0]
+    if not (v.isascii() and v.isdigit()) or len(v) > 19 or (len(v) > 1 and v[0] == "0"):
+        return None
+    n = int(v)
+    return n if n <= tiles.MAX_TREE_SIZE else None
+
+
+async def _not_sequencer(send: Send, sequencer: str | None) -> None:
+    """503 for an append sent to a replica that does not sequence; names the one that does."""
+    body = {"error": "this log replica is not the sequencer; append at the sequencer",
+            "code": "not_sequencer", "sequencer": sequencer}
+    await respond(send, 503, json.dumps(body).encode(), JSON, b"no-store",
+                  [(b"retry-after", b"1")])
 
 
 async def _json(send: Send, status: int, obj: object) -> None:

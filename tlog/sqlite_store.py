@@ -2,17 +2,24 @@
 
 One file `log.db`. Every write is one `BEGIN IMMEDIATE … COMMIT`, fsynced
 before it returns, so a step that returned survives kill -9.
+
+A log has one writer: opening the store takes an exclusive lock on
+`log.lock` beside the database, held until `close` (or the process's end,
+kill -9 included). A second store on the same file, in this process or
+another, is refused with `LockHeld` before it reads or writes anything, so
+two `tlog serve` on one data dir can never both sequence.
 """
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 from collections.abc import Sequence
 from pathlib import Path
 
-from tlog.service import connect_durable
-from tlog.storage import Head
+from tlog.service import connect_durable, lock_exclusive
+from tlog.storage import Head, StorageError
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS entries (idx INTEGER PRIMARY KEY, data BLOB NOT NULL);
@@ -33,10 +40,32 @@ class SQLiteStore:
     """
 
     def __init__(self, path: str | Path) -> None:
-        self._db = connect_durable(path, SCHEMA)
+        path = Path(path)
+        self._lock_fd = lock_exclusive(path.with_suffix(".lock"))
+        try:
+            self._db = connect_durable(path, SCHEMA)
+        except BaseException:
+            os.close(self._lock_fd)
+            raise
         self._lock = threading.Lock()
         self._rdb = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
         self._rlock = threading.Lock()
+        self._path = path
+        self._inode = os.stat(path).st_ino
+
+    def fence(self, token: int) -> None:
+        """Nothing to do: the file lock already makes this the only writer."""
+
+    def ping(self) -> None:
+        """The file on disk is still the one opened (not deleted or replaced) and answers."""
+        try:
+            inode = os.stat(self._path).st_ino
+        except FileNotFoundError:
+            inode = None
+        if inode != self._inode:
+            raise StorageError(f"{self._path} was replaced or deleted while open")
+        with self._rlock:
+            self._rdb.execute("SELECT size FROM checkpoints ORDER BY size DESC LIMIT 1")
 
     def size(self) -> int:
         with self._rlock:
@@ -44,11 +73,15 @@ class SQLiteStore:
         return 0 if row[0] is None else row[0] + 1
 
     def head(self) -> Head | None:
+        heads = self.recent(1)
+        return heads[0] if heads else None
+
+    def recent(self, count: int) -> list[Head]:
         with self._rlock:
-            row = self._rdb.execute(
-                "SELECT size, root, note FROM checkpoints ORDER BY size DESC LIMIT 1"
-            ).fetchone()
-        return None if row is None else Head(row[0], bytes(row[1]), bytes(row[2]))
+            rows = self._rdb.execute(
+                "SELECT size, root, note FROM checkpoints ORDER BY size DESC LIMIT ?", (count,)
+            ).fetchall()
+        return [Head(r[0], bytes(r[1]), bytes(r[2])) for r in rows]
 
     def read_tile(self, level: int, index: int) -> bytes:
         with self._rlock:
@@ -111,3 +144,6 @@ class SQLiteStore:
         with self._lock, self._rlock:
             self._db.close()
             self._rdb.close()
+            if self._lock_fd >= 0:
+                os.close(self._lock_fd)
+                self._lock_fd = -1

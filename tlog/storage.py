@@ -13,6 +13,13 @@ signs a checkpoint over them, so recovery is the normal path. A crash before
 
 Backends implement `Storage`; `faults` lets tests fail or "crash" right after
 any step without touching the format code.
+
+One writer at a time: SQLite by an exclusive lock on its file for the
+process's lifetime, PostgreSQL by the sequencer lease of tlog/election.py,
+whose token every write transaction checks (`fence`; a stale token raises
+`Fenced` and commits nothing). Since each new sequencer starts with
+`recover` over what storage holds, and nothing is ever deleted, the log
+stays append-only across any number of takeovers.
 """
 
 from __future__ import annotations
@@ -31,7 +38,11 @@ FaultHook = Callable[[str], None]
 
 
 class StorageError(RuntimeError):
-    """The stored log is unusable (corrupt or inconsistent)."""
+    """The stored log is unusable (corrupt, inconsistent or unreachable)."""
+
+
+class Fenced(StorageError):
+    """A write refused: this process's sequencer lease token is no longer the current one."""
 
 
 @dataclass(frozen=True)
@@ -51,6 +62,16 @@ class Storage(Protocol):
 
     def head(self) -> Head | None:
         """The latest checkpoint, or None for a new log."""
+
+    def recent(self, count: int) -> list[Head]:
+        """The newest `count` checkpoints, newest first."""
+
+    def fence(self, token: int) -> None:
+        """Commit writes from now on only while `token` is the sequencer lease's token
+        (a backend with one writer by construction ignores it)."""
+
+    def ping(self) -> None:
+        """Raise unless the store can be read now and is the one opened (readiness)."""
 
     def read_tile(self, level: int, index: int) -> bytes:
         """Current bytes of a hash tile (b"" if absent)."""

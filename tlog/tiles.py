@@ -7,6 +7,12 @@ addressed `tile/<L>/<N>.p/<W>`. N is written in groups of three digits, all
 but the last prefixed with `x` (1234067 -> x001/x234/067). Entry bundles
 hold the entries of leaf tile N, each prefixed by its 2-byte big-endian
 length, at `tile/entries/<N>[.p/<W>]`.
+
+`parse_path` accepts only the canonical form and raises TileError (never
+anything else) for every other string: no leading zero group, no width 0 or
+256+, no level above 63 and no index beyond the last tile of the largest
+tree a checkpoint can name (2^63 - 1 leaves), checked before any number is
+converted, so a path of any length costs at most one regex match.
 """
 
 from __future__ import annotations
@@ -23,6 +29,9 @@ HEIGHT = 8
 TILE_BYTES = WIDTH * HASH_SIZE
 MAX_LEVEL = 63
 MAX_ENTRY = 0xFFFF
+MAX_TREE_SIZE = (1 << 63) - 1
+MAX_INDEX = MAX_TREE_SIZE >> HEIGHT
+"""The largest tile index of any level: that of the last leaf tile of the largest tree."""
 
 
 class TileError(ValueError):
@@ -77,21 +86,27 @@ def entries_path(index: int, width: int = WIDTH) -> str:
 
 _PATH = re.compile(
     r"tile/(?P<level>entries|0|[1-9][0-9]?)/"
-    r"(?P<index>(?:x[0-9]{3}/)*[0-9]{3})"
-    r"(?:\.p/(?P<width>[1-9][0-9]{0,2}))?"
+    r"(?P<index>(?:x[0-9]{3}/){0,5}[0-9]{3})"
+    r"(?:\.p/(?P<width>[1-9][0-9]{0,2}))?",
+    re.ASCII,
 )
+_SHOWN = 64
+"""How much of a refused path an error message repeats."""
 
 
 def parse_path(p: str) -> TilePath:
-    """Parse a tile or entry-bundle path; the canonical form only."""
+    """Parse a tile or entry-bundle path; the canonical form only (see the module doc)."""
     m = _PATH.fullmatch(p)
     if m is None:
-        raise TileError(f"malformed tile path {p!r}")
+        shown = p[:_SHOWN] + ("…" if len(p) > _SHOWN else "")
+        raise TileError(f"malformed tile path {shown!r}")
     level_s, index_s, width_s = m["level"], m["index"], m["width"]
     groups = index_s.replace("x", "").split("/")
     if len(groups) > 1 and groups[0] == "000":
         raise TileError("tile index has a leading zero group")
     index = int("".join(groups))
+    if index > MAX_INDEX:
+        raise TileError("tile index beyond the largest possible tree")
     width = int(width_s) if width_s else WIDTH
     if width_s and width >= WIDTH:
         raise TileError("partial tile width must be below 256")

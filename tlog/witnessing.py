@@ -1,9 +1,18 @@
-"""The log's side of C2SP tlog-witness: submit checkpoints, gather cosignatures.
+"""The log's side of C2SP tlog-witness: submit checkpoints, keep verified cosignatures.
 
-Each witness is tracked by the size it last cosigned (0 until known). A 409
-answer carries the witness's size; the pool retries once from it. A slow or
-down witness never holds the log beyond `timeout`, and the checkpoint itself
-is never changed: cosignatures are only ever appended to it.
+Each witness URL is tracked by the size it last cosigned (0 until known). A
+409 answer carries the witness's size; the pool retries once from it. A slow
+or down witness never holds the log beyond `timeout`, and the checkpoint
+itself is never changed: cosignatures are only ever appended to it.
+
+What a witness answers is not trusted. Every returned line is checked
+against the configured witness keys (`--witness-vkey`): a line from an
+unknown key, a line that does not verify, or junk is dropped and counted as
+that witness's failure. Only verified cosignatures are kept and served, one
+per witness key, and the quorum counts DISTINCT witness keys with a valid
+cosignature, never answers: two URLs answering with the same key count
+once, and a fake witness answering 200 under an honest witness's key ID
+counts for nothing.
 """
 
 from __future__ import annotations
@@ -11,30 +20,93 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 
 import httpx
 
 from tlog import note
 from witness import request
+from witness.cosignature import CosignatureVerifier
 
 log = logging.getLogger("tlog.witnessing")
 
+KeyRef = tuple[str, bytes]
+"""A signature's (key name, key ID)."""
+
 
 class QuorumNotReached(Exception):
-    """Fewer cosignatures than the quorum arrived in time."""
+    """Fewer distinct witnesses than the quorum returned a valid cosignature in time."""
+
+
+class WitnessFailure(Exception):
+    """One witness did not cosign; `reason` is a stable label for metrics."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass
+class WitnessStatus:
+    """What the log knows of one witness URL (read by /metrics)."""
+
+    size: int = 0
+    """The size this witness last cosigned for us (0 until known)."""
+    cosignatures: int = 0
+    failures: dict[str, int] = field(default_factory=dict)
+
+    def fail(self, reason: str) -> None:
+        self.failures[reason] = self.failures.get(reason, 0) + 1
+
+
+def valid_cosignatures(text: bytes, sigs: Iterable[note.Signature],
+                       verifiers: Sequence[CosignatureVerifier]) -> dict[KeyRef, note.Signature]:
+    """The cosignatures among `sigs` that verify over checkpoint `text`, one per witness key.
+
+    A signature whose (name, key ID) is not a configured witness key, or
+    that fails under it, is left out.
+    """
+    keys = {(v.name, v.key_id): v for v in verifiers}
+    out: dict[KeyRef, note.Signature] = {}
+    for s in sigs:
+        ref = (s.name, s.key_id)
+        v = keys.get(ref)
+        if v is not None and ref not in out and v.verify(text, s.sig):
+            out[ref] = s
+    return out
+
+
+def cosigned_note(note_bytes: bytes, log_key: KeyRef, new: Iterable[note.Signature],
+                  verifiers: Sequence[CosignatureVerifier]) -> tuple[bytes, int]:
+    """The checkpoint with the log's signature and every valid cosignature, and their count.
+
+    Cosignatures already on `note_bytes` are checked again like `new` ones,
+    so a note stored by an older, trusting version loses its junk lines.
+    """
+    text, sigs = note.split(note_bytes)
+    own = [s for s in sigs if (s.name, s.key_id) == log_key]
+    valid = valid_cosignatures(text, [*sigs, *new], verifiers)
+    lines = b"".join(s.line() for s in [*own[:1], *valid.values()])
+    return text + b"\n" + lines, len(valid)
 
 
 class WitnessPool:
-    """Witnesses a log submits its checkpoints to."""
+    """Witnesses a log submits its checkpoints to, and the keys their answers must verify under."""
 
-    def __init__(self, urls: Sequence[str], *, quorum: int = 0, timeout: float = 5.0) -> None:
+    def __init__(self, urls: Sequence[str], verifiers: Sequence[CosignatureVerifier], *,
+                 quorum: int = 0, timeout: float = 5.0) -> None:
+        distinct = {(v.name, v.key_id) for v in verifiers}
+        if not 0 <= quorum <= len(distinct):
+            raise ValueError(f"quorum {quorum} is not between 0 and the {len(distinct)} "
+                             "witness keys")
         if quorum > len(urls):
-            raise ValueError(f"quorum {quorum} exceeds the {len(urls)} witnesses")
+            raise ValueError(f"quorum {quorum} exceeds the {len(urls)} witness URLs")
         self.urls = [u.rstrip("/") for u in urls]
+        self.verifiers = list(verifiers)
         self.quorum = quorum
         self.timeout = timeout
-        self._sizes = dict.fromkeys(self.urls, 0)
+        self.status = {u: WitnessStatus() for u in self.urls}
         self._client: httpx.AsyncClient | None = None
 
     async def start(self) -> None:
@@ -44,58 +116,97 @@ class WitnessPool:
         if self._client is not None:
             await self._client.aclose()
 
+    def count(self, note_bytes: bytes) -> int:
+        """Distinct witness keys with a valid cosignature on a checkpoint note."""
+        text, sigs = note.split(note_bytes)
+        return len(valid_cosignatures(text, sigs, self.verifiers))
+
     async def _submit(self, url: str, note_bytes: bytes, size: int,
-                      prove: Callable[[int, int], list[bytes]]) -> list[note.Signature]:
+                      prove: Callable[[int, int], list[bytes]]) -> dict[KeyRef, note.Signature]:
+        """Ask one witness; its valid cosignatures, or WitnessFailure."""
         assert self._client is not None
+        st = self.status[url]
+        text, _ = note.split(note_bytes)
         for _ in range(2):
-            old = self._sizes[url]
+            old = st.size
             if old > size:
-                raise ValueError(f"witness {url} is at size {old}, beyond {size}")
+                raise WitnessFailure("ahead", f"witness {url} is at size {old}, beyond {size}")
             proof = prove(old, size) if 0 < old < size else []
-            r = await self._client.post(f"{url}/add-checkpoint",
-                                        content=request.format(old, proof, note_bytes))
+            try:
+                r = await self._client.post(f"{url}/add-checkpoint",
+                                            content=request.format(old, proof, note_bytes))
+            except httpx.HTTPError as e:
+                raise WitnessFailure("unreachable", f"witness {url}: {e!r}") from e
             if r.status_code == 409 and r.headers.get("content-type", "").startswith(
                     request.SIZE_CONTENT_TYPE):
-                self._sizes[url] = int(r.text.strip())
+                got = r.text.strip()
+                if not got.isdigit() or len(got) > 19:
+                    raise WitnessFailure("bad_answer", f"witness {url} sent a malformed size")
+                st.size = int(got)
                 continue
             if r.status_code != 200:
-                raise ValueError(f"witness {url} answered {r.status_code}: {r.text.strip()[:200]}")
-            _, sigs = note.split(b"x\n\n" + r.content)
-            self._sizes[url] = size
-            return sigs
-        raise ValueError(f"witness {url} kept answering 409")
+                raise WitnessFailure(f"http_{r.status_code}" if 400 <= r.status_code < 600
+                                     else "bad_answer",
+                                     f"witness {url} answered {r.status_code}: "
+                                     f"{r.text.strip()[:200]!r}")
+            try:
+                _, sigs = note.split(text + b"\n" + r.content)
+            except note.NoteError as e:
+                raise WitnessFailure("bad_answer", f"witness {url}: malformed answer: {e}") from e
+            valid = valid_cosignatures(text, sigs, self.verifiers)
+            if not valid:
+                raise WitnessFailure("invalid_cosignature",
+                                     f"witness {url} answered 200 without a valid cosignature "
+                                     "from a configured witness key")
+            st.size = size
+            return valid
+        raise WitnessFailure("conflict", f"witness {url} kept answering 409")
+
+    async def _ask(self, url: str, note_bytes: bytes, size: int,
+                   prove: Callable[[int, int], list[bytes]]) -> dict[KeyRef, note.Signature]:
+        """`_submit`, with the outcome counted in `status`; a failure gives no cosignature."""
+        st = self.status[url]
+        try:
+            valid = await self._submit(url, note_bytes, size, prove)
+        except WitnessFailure as e:
+            log.warning("%s", e)
+            st.fail(e.reason)
+            return {}
+        except Exception as e:  # noqa: BLE001 - one witness failing is not the log failing
+            log.warning("witness %s: %r", url, e)
+            st.fail("error")
+            return {}
+        st.cosignatures += 1
+        return valid
 
     async def cosign(self, note_bytes: bytes, size: int,
                      prove: Callable[[int, int], list[bytes]]) -> list[note.Signature]:
-        """Cosignatures from the witnesses for this signed checkpoint.
+        """Valid cosignatures from the witnesses for this signed checkpoint, one per key.
 
-        With a quorum K, waits until K witnesses answered (QuorumNotReached
-        after `timeout`); without, returns what arrived within `timeout`.
+        With a quorum K, returns as soon as K distinct witness keys cosigned
+        (QuorumNotReached after `timeout`); without, returns what arrived
+        within `timeout`. A witness still pending at the timeout counts a
+        "timeout" failure.
         """
-        tasks = [asyncio.create_task(self._submit(u, note_bytes, size, prove)) for u in self.urls]
-        got: list[note.Signature] = []
-        answered = 0
+        tasks = {asyncio.create_task(self._ask(u, note_bytes, size, prove)): u
+                 for u in self.urls}
+        got: dict[KeyRef, note.Signature] = {}
         try:
             for fut in asyncio.as_completed(tasks, timeout=self.timeout):
-                try:
-                    sigs = await fut
-                except TimeoutError:
-                    raise
-                except Exception as e:  # one witness failing is not the log failing
-                    log.warning("witness: %s", e)
-                    continue
-                got += sigs
-                answered += 1
-                if self.quorum and answered >= self.quorum:
+                for ref, sig in (await fut).items():
+                    got.setdefault(ref, sig)
+                if self.quorum and len(got) >= self.quorum:
                     break
         except TimeoutError:
-            pass
+            for t, url in tasks.items():
+                if not t.done():
+                    self.status[url].fail("timeout")
         finally:
             for t in tasks:
                 if not t.done():
                     t.cancel()
-                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                    with contextlib.suppress(asyncio.CancelledError):
                         await t
-        if answered < self.quorum:
-            raise QuorumNotReached(f"{answered} of {self.quorum} witnesses cosigned")
-        return got
+        if len(got) < self.quorum:
+            raise QuorumNotReached(f"{len(got)} of {self.quorum} witnesses cosigned")
+        return list(got.values())

@@ -9,7 +9,13 @@ import sys
 from pathlib import Path
 
 from tlog import note
-from tlog.service import add_limit_arguments, limits_from_args, listen_address
+from tlog.service import (
+    ServerLimits,
+    add_limit_arguments,
+    limits_from_args,
+    listen_address,
+    package_version,
+)
 from witness import cosignature
 
 DEFAULT_NAME = "pag.local/witness"
@@ -52,8 +58,22 @@ def parse_logs(specs: list[str], config: Path | None) -> dict[str, note.Ed25519V
     return logs
 
 
-def main(argv: list[str] | None = None) -> int:
+EXIT_USAGE = 2
+"""Exit status for a command line or data directory that cannot work as given."""
+EXIT_ENVIRONMENT = 1
+"""Exit status for what the environment refused (port in use, state unusable)."""
+
+
+def fail(status: int, message: str) -> int:
+    """Print the one-line reason and return the exit status."""
+    print(f"witness: {message}", file=sys.stderr, flush=True)
+    return status
+
+
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m witness", description="C2SP tlog-witness")
+    p.add_argument("--version", action="version",
+                   version=f"%(prog)s (private-ai-gateway) {package_version()}")
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("serve")
     s.add_argument("--data", type=Path, required=True)
@@ -65,8 +85,15 @@ def main(argv: list[str] | None = None) -> int:
     v = sub.add_parser("vkey")
     v.add_argument("--data", type=Path, required=True)
     v.add_argument("--name")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from tlog.service import check_data_dir
+
+    args = parser().parse_args(argv)
     try:
+        check_data_dir(args.data)
         signer = load_signer(args.data, args.name)
         if args.cmd == "vkey":
             print(signer.vkey)
@@ -74,25 +101,39 @@ def main(argv: list[str] | None = None) -> int:
         logs = parse_logs(args.log, args.config)
         limits = limits_from_args(args)
     except (ValueError, OSError) as e:
-        print(f"witness: {e}", file=sys.stderr)
-        return 2
+        return fail(EXIT_USAGE, str(e))
     if not logs:
-        print("witness: no logs configured (--log ORIGIN=VKEY)", file=sys.stderr)
-        return 2
+        return fail(EXIT_USAGE, "no logs configured (--log ORIGIN=VKEY)")
+    return serve(args, signer, logs, limits)
+
+
+def serve(args: argparse.Namespace, signer: cosignature.CosignatureSigner,
+          logs: dict[str, note.Ed25519Verifier], limits: ServerLimits) -> int:
+    """Bind the port, open the state, then serve until SIGTERM."""
+    import sqlite3
+
     import uvicorn
 
-    from tlog.service import uvicorn_config
+    from tlog.service import bind, uvicorn_config
     from witness.server import Witness, WitnessApp
     from witness.state import State
 
     logging.basicConfig(level=logging.INFO, format="witness: %(message)s")
-    state = State(args.data / "witness.db")
-    app = WitnessApp(Witness(state, signer, logs))
     host, port = args.listen
+    try:
+        sock = bind(host, port)
+        port = sock.getsockname()[1]
+    except OSError as e:
+        return fail(EXIT_ENVIRONMENT, str(e))
+    try:
+        state = State(args.data / "witness.db")
+    except sqlite3.Error as e:
+        return fail(EXIT_ENVIRONMENT, f"cannot open {args.data / 'witness.db'}: {e}")
+    app = WitnessApp(Witness(state, signer, logs))
     print(f"witness: {signer.name} witnessing {', '.join(sorted(logs))} on http://{host}:{port}",
           file=sys.stderr, flush=True)
-    uvicorn.Server(uvicorn_config(app, limits, host=host, port=port, log_level="warning",
-                                  access_log=False)).run()
+    uvicorn.Server(uvicorn_config(app, limits, log_level="warning", access_log=False)).run(
+        sockets=[sock])
     state.close()
     return 0
 

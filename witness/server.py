@@ -3,20 +3,28 @@
 A checkpoint is cosigned only if it is signed by the configured key for its
 origin and is consistent with the last checkpoint this witness cosigned for
 that origin; the new size and root are durable before the answer is sent.
+For operators: GET /metrics (witness/metrics.py), GET /healthz (the process
+answers), GET /readyz (the state database answers and is the one opened,
+the key signs: 200, else 503 naming what failed).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import os
 from dataclasses import dataclass
 from typing import Any
 
 from tlog import checkpoint, merkle, note
-from tlog.service import Receive, Scope, Send, read_body, respond
+from tlog.service import METRICS_TEXT, Probe, Receive, Scope, Send, observed, read_body, respond
 from witness import cosignature, request
+from witness.metrics import WitnessMetrics
 from witness.state import State
+
+PING_TIMEOUT = 3.0
+"""Seconds /readyz waits for the state database to answer."""
 
 CRASH_AFTER_PERSIST = "PAG_WITNESS_CRASH_AFTER_PERSIST"
 """Test hook: exit the process right after persisting, before answering."""
@@ -40,6 +48,8 @@ class Witness:
         self.signer = signer
         self.logs = logs
         self._locks: dict[str, asyncio.Lock] = {}
+        self.cosigned: collections.Counter[str] = collections.Counter()
+        """Checkpoints cosigned since start, by (configured) origin."""
 
     async def add_checkpoint(self, body: bytes) -> bytes | Refusal:
         """Cosignature line(s) for a valid, consistent checkpoint, or a Refusal."""
@@ -96,6 +106,7 @@ class Witness:
             return Refusal(409, f"{size_now}\n".encode(), request.SIZE_CONTENT_TYPE.encode())
         if os.environ.get(CRASH_AFTER_PERSIST):
             os._exit(137)
+        self.cosigned[cp.origin] += 1
         return cosignature.cosign(req.checkpoint, self.signer).line()
 
     def status(self) -> dict[str, Any]:
@@ -113,8 +124,14 @@ class WitnessApp:
 
     def __init__(self, witness: Witness) -> None:
         self.witness = witness
+        self.metrics = WitnessMetrics(witness)
+        self._handle = observed(self._dispatch, self.metrics.record)
+        self._state_probe = Probe(witness.state.ping, PING_TIMEOUT)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self._handle(scope, receive, send)
+
+    async def _dispatch(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
             while True:
                 msg = await receive()
@@ -132,6 +149,7 @@ class WitnessApp:
                 return await respond(send, 400, b"body too large\n")
             result = await self.witness.add_checkpoint(body)
             if isinstance(result, Refusal):
+                self.metrics.refusals.labels(str(result.status)).inc()
                 return await respond(send, result.status, result.body, result.ctype)
             return await respond(send, 200, result)
         if path == "/" and method in ("GET", "HEAD"):
@@ -140,4 +158,21 @@ class WitnessApp:
         if path == "/forks" and method in ("GET", "HEAD"):
             return await respond(send, 200, json.dumps(self.witness.state.forks()).encode(),
                                b"application/json")
+        if path == "/metrics" and method in ("GET", "HEAD"):
+            return await respond(send, 200, self.metrics.render(), METRICS_TEXT, b"no-store")
+        if path == "/healthz" and method in ("GET", "HEAD"):
+            return await respond(send, 200, b'{"alive": true}', b"application/json")
+        if path == "/readyz" and method in ("GET", "HEAD"):
+            return await self._readyz(send)
         await respond(send, 404, b"not found\n")
+
+    async def _readyz(self, send: Send) -> None:
+        """200 only if the state database answers now and the key signs and verifies."""
+        checks = {"state": await self._state_probe(), "key": "ok"}
+        signer = self.witness.signer
+        if not signer.verifier().verify(b"readyz\n", signer.sign(b"readyz\n")):
+            checks["key"] = "the witness key does not verify its own signature"
+        ready = all(v == "ok" for v in checks.values())
+        await respond(send, 200 if ready else 503,
+                      json.dumps({"ready": ready, "checks": checks}).encode(),
+                      b"application/json", b"no-store")

@@ -8,6 +8,7 @@ fsynced before the witness answers.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from pathlib import Path
@@ -29,6 +30,8 @@ class State:
     def __init__(self, path: str | Path) -> None:
         self._db = connect_durable(path, SCHEMA)
         self._lock = threading.Lock()
+        self._path = Path(path)
+        self._inode = os.stat(path).st_ino
 
     def get(self, origin: str) -> tuple[int, bytes | None]:
         """(size, root) last cosigned for `origin`; (0, None) if never."""
@@ -72,6 +75,22 @@ class State:
                 "INSERT INTO forks (origin, size, cosigned_note, conflicting_note, seen) "
                 "VALUES (?, ?, ?, ?, ?)", (origin, size, cosigned, conflicting, time.time()))
             self._db.execute("COMMIT")
+
+    def fork_count(self) -> int:
+        """How many forks are recorded."""
+        with self._lock:
+            return self._db.execute("SELECT COUNT(*) FROM forks").fetchone()[0]
+
+    def ping(self) -> None:
+        """Raise unless the database on disk is the one opened and answers (readiness)."""
+        try:
+            inode = os.stat(self._path).st_ino
+        except FileNotFoundError:
+            inode = None
+        if inode != self._inode:
+            raise OSError(f"{self._path} was replaced or deleted while open")
+        with self._lock:
+            self._db.execute("SELECT COUNT(*) FROM logs").fetchone()
 
     def forks(self) -> list[dict[str, object]]:
         """Recorded fork evidence."""

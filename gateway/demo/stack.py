@@ -366,7 +366,8 @@ def start_stack(stack: Stack, data: Path, host: str, port: int, timeout: float,
     tlog_url = f"http://127.0.0.1:{tlog_port}"
     tlog = stack.start("tlog", [
         "-m", "tlog", "serve", "--data", str(data / "tlog"),
-        "--listen", f"127.0.0.1:{tlog_port}", "--witness", witness_url, "--quorum", "1"])
+        "--listen", f"127.0.0.1:{tlog_port}", "--witness", witness_url,
+        "--witness-vkey", witness_vkey, "--quorum", "1"])
     wait_ready(stack, provider, http_ok(provider_url + "/v1/models"), "/v1/models answered",
                deadline)
     wait_ready(stack, tlog, http_ok(tlog_url + "/checkpoint"), "/checkpoint answered",

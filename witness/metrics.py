@@ -1,0 +1,63 @@
+"""The witness's Prometheus metrics (`GET /metrics`).
+
+| name | type | labels | meaning |
+|---|---|---|---|
+| `witness_http_requests_total` | counter | `route`, `status` | HTTP requests answered |
+| `witness_cosignatures_total` | counter | `origin` | checkpoints cosigned |
+| `witness_refusals_total` | counter | `status` | add-checkpoint refusals (400 … 422) |
+| `witness_log_size` | gauge | `origin` | the size last cosigned for each configured log |
+| `witness_forks` | gauge | | forks recorded as evidence (GET /forks) |
+
+`origin` takes only configured origins (a refusal for an unknown one is
+counted by status alone), and `route` is one of ROUTES, so no client can
+grow the set of label values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from witness.server import Witness
+
+ROUTES = {"/add-checkpoint": "add-checkpoint", "/": "status", "/forks": "forks",
+          "/metrics": "metrics", "/healthz": "healthz", "/readyz": "readyz"}
+
+
+class WitnessMetrics(Collector):
+    """Counters kept per request and per verdict, gauges read from the state at scrape time."""
+
+    def __init__(self, witness: Witness) -> None:
+        self.witness = witness
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter("witness_http_requests", "HTTP requests answered, by route "
+                                "and status", ["route", "status"], registry=self.registry)
+        self.refusals = Counter("witness_refusals", "add-checkpoint refusals, by status",
+                                ["status"], registry=self.registry)
+        self.registry.register(self)
+
+    def record(self, path: str, status: int, seconds: float) -> None:
+        """service.Recorder for every answered request."""
+        self.requests.labels(ROUTES.get(path, "other"), str(status)).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def collect(self) -> Iterator[Metric]:
+        sizes = GaugeMetricFamily("witness_log_size", "Size last cosigned, by log",
+                                  labels=["origin"])
+        for origin in sorted(self.witness.logs):
+            sizes.add_metric([origin], self.witness.state.get(origin)[0])
+        yield sizes
+        cosigned = CounterMetricFamily("witness_cosignatures", "Checkpoints cosigned, by log",
+                                       labels=["origin"])
+        for origin in sorted(self.witness.logs):
+            cosigned.add_metric([origin], self.witness.cosigned[origin])
+        yield cosigned
+        yield GaugeMetricFamily("witness_forks", "Forks recorded as evidence",
+                                value=self.witness.state.fork_count())
