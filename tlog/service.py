@@ -159,8 +159,8 @@ class ServerLimits:
     header_timeout: float = 10.0
     body_timeout: float = 60.0
     keep_alive_timeout: float = 5.0
-    max_connections: int = 1000
-    max_connections_per_client: int = 100
+    max_connections: int = 2048
+    max_connections_per_client: int = 256
     max_header_bytes: int = 32768
 
     def __post_init__(self) -> None:
