@@ -43,6 +43,7 @@ from gateway.upstream.leases import Leases, LeaseSource
 from tlog import checkpoint, merkle, note, proof, tiles
 from verifier.tee.keyset import keyset_hash
 from witness import cosignature
+from tlog.service import uvicorn_config
 
 API_KEY = "sk-test-key"
 ADMIN_KEY = "admin-test-key"
@@ -470,8 +471,8 @@ async def run_gateway(cfg_path: Path, store: LeaseSource | None = None,
     # TCP_NODELAY only on sockets whose proto is TCP (else Nagle adds 40 ms per response)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, lifespan="on", log_level="warning",
-                                           access_log=False))
+    server = uvicorn.Server(uvicorn_config(app, cfg.server, lifespan="on",
+                                           log_level="warning", access_log=False))
     if shipper is not None:
         await shipper.start()
     task = asyncio.create_task(server.serve(sockets=[sock]))
@@ -570,9 +571,9 @@ def serve_main(argv: list[str]) -> None:
                       status=LogStatus(outbox, shipper is not None),
                       leases=Leases(FakeLeaseStore(), FakeVerificationError),
                       attest=ident.attest, keyset_index=ident.keyset_index)
-        srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=int(argv[1]),
-                                            lifespan="on", log_level="warning",
-                                            access_log=False, loop="none"))
+        srv = uvicorn.Server(uvicorn_config(app, cfg.server, host="127.0.0.1",
+                                            port=int(argv[1]), lifespan="on",
+                                            log_level="warning", access_log=False, loop="none"))
         try:
             await srv.serve()
         finally:

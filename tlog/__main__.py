@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from tlog.service import listen_address, package_version
+from tlog.service import add_limit_arguments, limits_from_args, listen_address, package_version
 
 
 def parser() -> argparse.ArgumentParser:
@@ -39,6 +39,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--max-entry", type=int, default=65535, help="largest entry in bytes")
     s.add_argument("--dstack", default=os.environ.get("DSTACK_SIMULATOR_ENDPOINT"),
                    help="dstack guest-agent socket: derive the log key from its KMS")
+    add_limit_arguments(s)
     v = sub.add_parser("vkey", help="print the log's verifier key (creating keys if needed)")
     v.add_argument("--data", type=Path, required=True)
     v.add_argument("--origin")
@@ -81,7 +82,7 @@ def serve(args: argparse.Namespace) -> int:
     from tlog import keys, note
     from tlog.sequencer import Log
     from tlog.server import TlogApp
-    from tlog.service import LockHeld, bind, check_data_dir
+    from tlog.service import LockHeld, bind, check_data_dir, uvicorn_config
     from tlog.storage import StorageError
 
     logging.basicConfig(level=logging.INFO, format="tlog: %(message)s")
@@ -91,6 +92,7 @@ def serve(args: argparse.Namespace) -> int:
         return fail(EXIT_USAGE, "--lease-ttl must be between 0.5 and 600 seconds")
     try:
         pool = witness_pool(args)
+        limits = limits_from_args(args)
         check_data_dir(args.data)
     except ValueError as e:
         return fail(EXIT_USAGE, str(e))
@@ -134,7 +136,7 @@ def serve(args: argparse.Namespace) -> int:
         store.close()
         return fail(EXIT_ENVIRONMENT, f"cannot open the stored log: {type(e).__name__}: {e}")
     app = TlogApp(log, token, args.max_entry)
-    config = uvicorn.Config(app, log_level="warning", lifespan="on", access_log=False)
+    config = uvicorn_config(app, limits, log_level="warning", lifespan="on", access_log=False)
     role = "replica" if lease is not None else "sequencer"
     print(f"tlog: {signer.name} serving on http://{host}:{port} (size {log.head.size}, "
           f"{role})", file=sys.stderr, flush=True)

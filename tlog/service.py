@@ -1,9 +1,9 @@
 """Plumbing every HTTP service of the project shares (log, witness, gateway).
 
-The ASGI body reader and responder, `--listen` parsing and binding, data
-directory checks, private key files, the durable SQLite opener, the
-single-writer lock and the package version; nothing here knows what a log or
-a witness is.
+The ASGI body reader and responder, `--listen` parsing and binding, the
+server limits, data directory checks, private key files, the durable SQLite
+opener, the single-writer lock and the package version; nothing here knows
+what a log or a witness is.
 
 Invariants: `read_body` never buffers more than `limit` bytes (a declared
 Content-Length over the limit is refused before reading); `respond` always
@@ -11,19 +11,31 @@ sends Content-Length; `write_private` creates a 0600 file atomically and
 fsynced and never replaces one; `connect_durable` commits are fsynced;
 `lock_exclusive` succeeds in at most one process at a time per file, and the
 lock dies with the process (kill -9 included), so it never needs cleaning up.
+
+Server limits (`ServerLimits`, enforced by `uvicorn_config` for every service):
+one unauthenticated client cannot take a service offline. A head must arrive
+within `header_timeout` and `max_header_bytes`, a body within `body_timeout`;
+idle keep-alive connections close after `keep_alive_timeout`; at
+`max_connections` (overall or per client address) a new connection closes the
+oldest idle one, so idle or slowloris sockets never lock out a caller, and only
+connections busy with a request can fill the caps.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import fcntl
+import logging
 import os
+import resource
 import socket
 import sqlite3
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -119,6 +131,238 @@ class Probe:
         except Exception as e:  # noqa: BLE001 - whatever the dependency raises: not ready
             return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
         return "ok"
+
+
+# -- what one client may hold of a server --------------------------------------------
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    """The bounds every service puts on what an unauthenticated client can hold.
+
+    - `header_timeout`: seconds from a connection's opening, or from the first
+      byte of a later request on it, to the end of that request's head (else 408,
+      closed): a silent or slowloris client frees its slot.
+    - `body_timeout`: seconds from the end of a head to the end of its body (else
+      closed; the application sees a disconnect).
+    - `keep_alive_timeout`: seconds an idle keep-alive connection is kept.
+    - `max_connections`: open connections. At the cap a new connection closes the
+      oldest idle one (no request in progress: waiting, or still sending its head);
+      when none is idle it is answered 503 and closed. Lowered at start if the
+      process may not open about twice as many files.
+    - `max_connections_per_client`: the same, per client IP address (0: no such
+      cap; behind a proxy every client has the proxy's address).
+    - `max_header_bytes`: request line and headers (else 431, closed), which also
+      bounds the parser's work on one head.
+    """
+
+    header_timeout: float = 10.0
+    body_timeout: float = 60.0
+    keep_alive_timeout: float = 5.0
+    max_connections: int = 2048
+    max_connections_per_client: int = 256
+    max_header_bytes: int = 32768
+
+    def __post_init__(self) -> None:
+        for name in ("header_timeout", "body_timeout", "keep_alive_timeout",
+                     "max_connections", "max_header_bytes"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive")
+        if self.max_connections_per_client < 0:
+            raise ValueError("max_connections_per_client must not be negative")
+
+
+LIMIT_FLAGS = {"header_timeout": float, "body_timeout": float, "keep_alive_timeout": float,
+               "max_connections": int, "max_connections_per_client": int,
+               "max_header_bytes": int}
+
+
+def add_limit_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--header-timeout`, `--body-timeout`, `--keep-alive-timeout`, `--max-connections`,
+    `--max-connections-per-client`, `--max-header-bytes` (ServerLimits' defaults)."""
+    for name, kind in LIMIT_FLAGS.items():
+        parser.add_argument("--" + name.replace("_", "-"), type=kind,
+                            default=getattr(ServerLimits, name), metavar="N",
+                            help=f"server limit (default {getattr(ServerLimits, name)}; "
+                                 "docs/config.md)")
+
+
+def limits_from_args(args: argparse.Namespace) -> ServerLimits:
+    """The ServerLimits of parsed `add_limit_arguments` flags (ValueError naming the flag)."""
+    try:
+        return ServerLimits(**{name: getattr(args, name) for name in LIMIT_FLAGS})
+    except ValueError as e:
+        name, _, rest = str(e).partition(" ")
+        raise ValueError(f"--{name.replace('_', '-')} {rest}") from None
+
+
+FILES_IN_RESERVE = 256  # descriptors kept for storage, logs and outgoing connections
+
+
+def connection_cap(limits: ServerLimits) -> int:
+    """`max_connections`, after raising the open-files limit toward twice that (a call may
+    hold one outgoing connection per incoming one); lowered, with a warning, when the
+    hard limit does not allow it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = 2 * limits.max_connections + FILES_IN_RESERVE
+    if soft != resource.RLIM_INFINITY and soft < want:
+        soft = want if hard == resource.RLIM_INFINITY else min(want, hard)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft == resource.RLIM_INFINITY:
+        return limits.max_connections
+    cap = max(1, min(limits.max_connections, (soft - FILES_IN_RESERVE) // 2))
+    if cap < limits.max_connections:
+        logging.getLogger("tlog.service").warning(
+            "max_connections lowered to %d: the process may open only %d files", cap, soft)
+    return cap
+
+
+class ConnectionBook:
+    """Open connections, oldest first, overall and per client address; decides which
+    connection makes room for a new one. Bookkeeping only: the caller closes."""
+
+    def __init__(self, total: int, per_client: int) -> None:
+        self.total = total
+        self.per_client = per_client
+        self._all: dict[Any, str] = {}
+        self._by_client: dict[str, dict[Any, None]] = {}
+
+    def __len__(self) -> int:
+        return len(self._all)
+
+    def admit(self, conn: Any, client: str, idle: Callable[[Any], bool]
+              ) -> tuple[bool, list[Any]]:
+        """(admitted, connections to close to make room): the oldest idle connection of
+        the same client at the per-client cap, the oldest idle one at the total cap. Those
+        are forgotten at once; a connection that cannot get room is not admitted."""
+        victims: list[Any] = []
+        mine = self._by_client.get(client, {})
+        if self.per_client and len(mine) >= self.per_client:
+            victim = next((c for c in mine if idle(c)), None)
+            if victim is None:
+                return False, []
+            victims.append(victim)
+            self.forget(victim)
+        if len(self._all) >= self.total:
+            victim = next((c for c in self._all if idle(c)), None)
+            if victim is None:
+                return False, victims
+            victims.append(victim)
+            self.forget(victim)
+        self._all[conn] = client
+        self._by_client.setdefault(client, {})[conn] = None
+        return True, victims
+
+    def forget(self, conn: Any) -> None:
+        """Drop a closed (or closing) connection; no-op if unknown."""
+        client = self._all.pop(conn, None)
+        if client is not None:
+            mine = self._by_client[client]
+            del mine[conn]
+            if not mine:
+                del self._by_client[client]
+
+
+REFUSALS = {status: (f"HTTP/1.1 {status} {reason}\r\nconnection: close\r\n"
+                     "content-length: 0\r\n\r\n").encode()
+            for status, reason in ((408, "Request Timeout"), (431, "Request Header Fields Too "
+                                   "Large"), (503, "Service Unavailable"))}
+
+
+def bounded_http(limits: ServerLimits, cap: int) -> type[asyncio.Protocol]:
+    """uvicorn's httptools protocol class with `limits` enforced (`cap` connections), one
+    `ConnectionBook` per class: build one per server."""
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    book = ConnectionBook(cap, limits.max_connections_per_client)
+
+    def idle(p: Any) -> bool:  # no request in progress (waiting, or sending its head)
+        return (p.cycle is None or p.cycle.response_complete) and not p.pipeline
+
+    class BoundedHttpToolsProtocol(HttpToolsProtocol):
+        """One timer per connection (the head deadline, then the body deadline) and a count
+        of head bytes; a book of connections for the caps."""
+
+        _deadline: asyncio.TimerHandle | None = None
+        _in_head = False
+        _head_bytes = 0
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            admitted, victims = book.admit(self, self.client[0] if self.client else "",
+                                           idle)
+            for v in victims:
+                v.transport.close()
+            if not admitted:
+                self._refuse(503)
+                return
+            self._arm(limits.header_timeout)
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            book.forget(self)
+            self._disarm()
+            super().connection_lost(exc)
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if self._in_head and not self.transport.is_closing():
+                # every byte fed while a head is open counts (a pipelined burst may
+                # overcount by the tail of the previous body: never undercount)
+                self._head_bytes += len(data)
+                if self._head_bytes > limits.max_header_bytes:
+                    self._refuse(431)
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            self._in_head, self._head_bytes = True, 0
+            if self._deadline is None:  # a fresh connection's deadline runs from its opening
+                self._arm(limits.header_timeout)
+
+        def on_headers_complete(self) -> None:
+            self._in_head = False
+            self._arm(limits.body_timeout)
+            super().on_headers_complete()
+
+        def on_message_complete(self) -> None:
+            self._disarm()
+            super().on_message_complete()
+
+        def _arm(self, seconds: float) -> None:
+            self._disarm()
+            self._deadline = self.loop.call_later(seconds, self._expired)
+
+        def _disarm(self) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+                self._deadline = None
+
+        def _expired(self) -> None:
+            self._deadline = None
+            if self._in_head or self.cycle is None:
+                self._refuse(408)
+            else:  # a body that did not come in time: the application sees a disconnect
+                self.transport.close()
+
+        def _refuse(self, status: int) -> None:
+            self._disarm()
+            if not self.transport.is_closing():
+                if idle(self):
+                    self.transport.write(REFUSALS[status])
+                self.transport.close()
+
+    return BoundedHttpToolsProtocol
+
+
+def uvicorn_config(app: Any, limits: ServerLimits, **kwargs: Any) -> Any:
+    """A `uvicorn.Config` serving `app` on httptools with `limits` enforced; `kwargs` go
+    to uvicorn (host, port, log_level, ...)."""
+    import uvicorn
+
+    return uvicorn.Config(app, http=bounded_http(limits, connection_cap(limits)),
+                          timeout_keep_alive=limits.keep_alive_timeout,  # type: ignore[arg-type]
+                          **kwargs)
 
 
 def listen_address(value: str) -> tuple[str, int]:

@@ -9,7 +9,13 @@ import sys
 from pathlib import Path
 
 from tlog import note
-from tlog.service import listen_address, package_version
+from tlog.service import (
+    ServerLimits,
+    add_limit_arguments,
+    limits_from_args,
+    listen_address,
+    package_version,
+)
 from witness import cosignature
 
 DEFAULT_NAME = "pag.local/witness"
@@ -75,6 +81,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--log", action="append", default=[], metavar="ORIGIN=VKEY")
     s.add_argument("--config", type=Path, help="file of ORIGIN=VKEY lines")
     s.add_argument("--name", help="witness key name (first start only)")
+    add_limit_arguments(s)
     v = sub.add_parser("vkey")
     v.add_argument("--data", type=Path, required=True)
     v.add_argument("--name")
@@ -92,21 +99,22 @@ def main(argv: list[str] | None = None) -> int:
             print(signer.vkey)
             return 0
         logs = parse_logs(args.log, args.config)
+        limits = limits_from_args(args)
     except (ValueError, OSError) as e:
         return fail(EXIT_USAGE, str(e))
     if not logs:
         return fail(EXIT_USAGE, "no logs configured (--log ORIGIN=VKEY)")
-    return serve(args, signer, logs)
+    return serve(args, signer, logs, limits)
 
 
 def serve(args: argparse.Namespace, signer: cosignature.CosignatureSigner,
-          logs: dict[str, note.Ed25519Verifier]) -> int:
+          logs: dict[str, note.Ed25519Verifier], limits: ServerLimits) -> int:
     """Bind the port, open the state, then serve until SIGTERM."""
     import sqlite3
 
     import uvicorn
 
-    from tlog.service import bind
+    from tlog.service import bind, uvicorn_config
     from witness.server import Witness, WitnessApp
     from witness.state import State
 
@@ -124,7 +132,7 @@ def serve(args: argparse.Namespace, signer: cosignature.CosignatureSigner,
     app = WitnessApp(Witness(state, signer, logs))
     print(f"witness: {signer.name} witnessing {', '.join(sorted(logs))} on http://{host}:{port}",
           file=sys.stderr, flush=True)
-    uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False)).run(
+    uvicorn.Server(uvicorn_config(app, limits, log_level="warning", access_log=False)).run(
         sockets=[sock])
     state.close()
     return 0

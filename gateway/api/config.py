@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 from gateway.verification.base import PATH_KEYS, WORKLOAD_PINS, Policy
 from tlog import note
 from witness import cosignature
+from tlog.service import LIMIT_FLAGS, ServerLimits
 
 HEX64 = re.compile(r"[0-9a-f]{64}")
 KINDS = ("chat", "embeddings")
@@ -36,6 +37,8 @@ class GatewaySettings:
 
     name: str = "pag"
     max_body_bytes: int = 1 << 20
+    max_messages: int = 2048
+    max_json_depth: int = 64
     require_log_inclusion: bool = False
     log_unavailable: str = "serve-and-queue"
     log_wait_timeout: float = 30.0
@@ -114,6 +117,10 @@ class RouteSpec:
     kind: str = "chat"
     priority: int = 0
     timeout: float = 30.0
+    event_timeout: float | None = None  # None: the route `timeout`
+    stream_timeout: float = 600.0
+    max_response_bytes: int = 64 << 20
+    max_sse_line_bytes: int = 1 << 20
     retries: int = 0
     evidence: str = "none"
     required: bool = True
@@ -134,6 +141,7 @@ class Config:
     routes: tuple[RouteSpec, ...]
     leases: LeaseSettings = LeaseSettings()
     e2ee: E2eeSettings = E2eeSettings()
+    server: ServerLimits = ServerLimits()
     tls: TlsSettings = TlsSettings()
 
     @property
@@ -184,7 +192,8 @@ def _hex(where: str, value: str) -> str:
 
 def _gateway(t: dict[str, Any], base: Path) -> GatewaySettings:
     v = _take(t, "[gateway]", {
-        "name": (str, False), "max_body_bytes": (int, False),
+        "name": (str, False), "max_body_bytes": (int, False), "max_messages": (int, False),
+        "max_json_depth": (int, False),
         "require_log_inclusion": (bool, False), "log_unavailable": (str, False),
         "log_wait_timeout": ((int, float), False), "outbox_durability": (str, False),
         "data_dir": (str, False),
@@ -195,8 +204,9 @@ def _gateway(t: dict[str, Any], base: Path) -> GatewaySettings:
         raise ConfigError(f"[gateway].log_unavailable: one of {', '.join(LOG_UNAVAILABLE)}")
     if v.get("outbox_durability", "process") not in DURABILITY:
         raise ConfigError(f"[gateway].outbox_durability: one of {', '.join(DURABILITY)}")
-    if v.get("max_body_bytes", 1) <= 0:
-        raise ConfigError("[gateway].max_body_bytes must be positive")
+    for key in ("max_body_bytes", "max_messages", "max_json_depth"):
+        if v.get(key, 1) <= 0:
+            raise ConfigError(f"[gateway].{key} must be positive")
     if "admin_key_sha256" in v:
         _hex("[gateway].admin_key_sha256", v["admin_key_sha256"])
     if "data_dir" in v:
@@ -281,6 +291,15 @@ def _tls(t: dict[str, Any]) -> TlsSettings:
     return TlsSettings(**v)
 
 
+def _server(t: dict[str, Any]) -> ServerLimits:
+    v = _take(t, "[server]", {name: ((int, float) if kind is float else int, False)
+                              for name, kind in LIMIT_FLAGS.items()})
+    try:
+        return ServerLimits(**v)
+    except ValueError as e:
+        raise ConfigError(f"[server].{e}") from None
+
+
 def _api_key(t: dict[str, Any], i: int) -> ApiKey:
     where = f"[[api_keys]][{i}]"
     v = _take(t, where, {"name": (str, True), "sha256": (str, True),
@@ -311,7 +330,9 @@ def _route(t: dict[str, Any], i: int, base: Path) -> RouteSpec:
         "id": (str, True), "model": (str, True), "aliases": (list, False),
         "provider": (str, True), "base_url": (str, True), "attestation_url": (str, False),
         "upstream_model": (str, False), "kind": (str, False), "priority": (int, False),
-        "timeout": ((int, float), False), "retries": (int, False), "evidence": (str, False),
+        "timeout": ((int, float), False), "event_timeout": ((int, float), False),
+        "stream_timeout": ((int, float), False), "max_response_bytes": (int, False),
+        "max_sse_line_bytes": (int, False), "retries": (int, False), "evidence": (str, False),
         "required": (bool, False), "policy": (dict, False), "api_key_file": (str, False),
         "e2ee": (bool, False)})
     v["base_url"] = _http_url(f"{where}.base_url", v["base_url"])
@@ -339,10 +360,13 @@ def _route(t: dict[str, Any], i: int, base: Path) -> RouteSpec:
         raise ConfigError(f"{where}.kind: one of {', '.join(KINDS)}")
     if v.get("evidence", "none") not in EVIDENCE:
         raise ConfigError(f"{where}.evidence: one of {', '.join(EVIDENCE)}")
-    if "timeout" in v:
-        v["timeout"] = float(v["timeout"])
-        if v["timeout"] <= 0:
-            raise ConfigError(f"{where}.timeout must be positive")
+    for key in ("timeout", "event_timeout", "stream_timeout", "max_response_bytes",
+                "max_sse_line_bytes"):
+        if key in v and v[key] <= 0:
+            raise ConfigError(f"{where}.{key} must be positive")
+    for key in ("timeout", "event_timeout", "stream_timeout"):
+        if key in v:
+            v[key] = float(v[key])
     if v.get("retries", 0) < 0:
         raise ConfigError(f"{where}.retries must not be negative")
     try:
@@ -366,7 +390,8 @@ def parse(doc: dict[str, Any], path: Path) -> Config:
     top = _take(doc, "config", {"gateway": (dict, False), "dstack": (dict, False),
                                 "log": (dict, False), "api_keys": (list, False),
                                 "routes": (list, False), "leases": (dict, False),
-                                "e2ee": (dict, False), "tls": (dict, False)})
+                                "e2ee": (dict, False), "tls": (dict, False),
+                                "server": (dict, False)})
     dstack = _take(top.get("dstack", {}), "[dstack]", {"endpoint": (str, False)})
     endpoint = dstack.get("endpoint")
     if endpoint and "://" not in endpoint:
@@ -386,7 +411,8 @@ def parse(doc: dict[str, Any], path: Path) -> Config:
     return Config(path=path.resolve(), gateway=_gateway(top.get("gateway", {}), base),
                   dstack_endpoint=endpoint, log=_log(top.get("log", {}), base),
                   api_keys=keys, routes=routes, leases=_leases(top.get("leases", {})),
-                  e2ee=_e2ee(top.get("e2ee", {})), tls=_tls(top.get("tls", {})))
+                  e2ee=_e2ee(top.get("e2ee", {})), tls=_tls(top.get("tls", {})),
+                  server=_server(top.get("server", {})))
 
 
 def load(path: str | Path) -> Config:

@@ -165,7 +165,8 @@ async def model_call(svc: Services, scope: Scope, receive: Receive, send: Send,
     try:
         try:
             await admit(svc, key)
-            req = parse(body, kind)
+            req = parse(body, kind, svc.cfg.gateway.max_messages,
+                        svc.cfg.gateway.max_json_depth)
             call.sealer = await open_e2ee(svc, call, req, hdrs)
             call.hold = await reserve(svc, key, req, len(body))
             reply = await route_and_forward(svc, call, req)
@@ -246,14 +247,18 @@ async def admit(svc: Services, key: ApiKey) -> None:
                       "the receipt log is unreachable and policy refuses to serve")
 
 
-def parse(body: bytes, kind: str) -> Request:
-    """The request body as a validated `Request`, else a 400."""
+def parse(body: bytes, kind: str, max_messages: int = 2048, max_depth: int = 64) -> Request:
+    """The request body as a validated `Request`, else a 400: at most `max_depth` nested
+    arrays and objects (the forwarded body is re-encoded, which orjson does to 254 levels
+    only) and at most `max_messages` chat messages."""
     try:
         obj = orjson.loads(body)
     except orjson.JSONDecodeError:
         raise bad_request("invalid_json", "request body is not valid JSON") from None
     if not isinstance(obj, dict):
         raise bad_request("invalid_request", "request body must be a JSON object")
+    if nesting_exceeds(obj, max_depth):
+        raise bad_request("json_too_deep", f"request JSON nests deeper than {max_depth} levels")
     model = obj.get("model")
     if model is None:
         raise bad_request("missing_required_parameter", "'model' is required", "model")
@@ -264,6 +269,9 @@ def parse(body: bytes, kind: str) -> Request:
         msgs = obj.get("messages")
         if msgs is None:
             raise bad_request("missing_required_parameter", "'messages' is required", "messages")
+        if isinstance(msgs, list) and len(msgs) > max_messages:
+            raise bad_request("too_many_messages", f"more than {max_messages} messages",
+                              "messages")
         if not isinstance(msgs, list) or not msgs or not all(
                 isinstance(m, dict) and isinstance(m.get("role"), str) for m in msgs):
             raise bad_request("invalid_type", "'messages' must be a non-empty array of "
@@ -302,6 +310,19 @@ def reserve_tokens(key: ApiKey, req: Request, body_size: int) -> int:
                       key.max_reserve_tokens)
     n = req.obj.get("n") or 1
     return body_size + (completion * n if "messages" in req.obj else 0)
+
+
+def nesting_exceeds(value: Any, limit: int) -> bool:
+    """Whether arrays and objects nest more than `limit` deep in `value` (iterative,
+    linear in its size)."""
+    stack = [(value, 1)]
+    while stack:
+        v, depth = stack.pop()
+        children = v.values() if isinstance(v, dict) else v
+        if depth > limit:
+            return True
+        stack.extend((c, depth + 1) for c in children if isinstance(c, dict | list))
+    return False
 
 
 async def reserve(svc: Services, key: ApiKey, req: Request, body_size: int) -> Hold:

@@ -47,7 +47,7 @@ from gateway.receipts.logclient import LogClient, LogError
 from gateway.receipts.outbox import Outbox, ReceiptSigner
 from gateway.receipts.shipper import LogStatus
 from gateway.upstream.leases import Leases
-from tlog.service import listen_address
+from tlog.service import listen_address, uvicorn_config
 
 log = logging.getLogger("gateway.api.server")
 LEASE_MAC_PATH = "pag/gateway/lease-cache"
@@ -213,8 +213,8 @@ async def serve(cfg: gconfig.Config, host: str, port: int, *, tls: bool | None =
                 shipper = start_shipper(cfg)
 
     def server(app: Any, h: str, p: int, with_tls: bool, lifespan: str) -> uvicorn.Server:
-        return uvicorn.Server(uvicorn.Config(
-            app, host=h, port=p, lifespan=lifespan, http="httptools", loop="none",
+        return uvicorn.Server(uvicorn_config(
+            app, cfg.server, host=h, port=p, lifespan=lifespan, loop="none",
             access_log=False, log_level="warning", timeout_graceful_shutdown=5,
             proxy_headers=False, server_header=False,
             ssl_certfile=str(cert) if with_tls else None,

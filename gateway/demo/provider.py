@@ -16,7 +16,9 @@ back; nonces are accepted once.
 Invariants: answers are a pure function of the request body (of the opened body
 under E2EE; the same body gives the same bytes, including `id` and `created`);
 nothing waits; bad input gets an OpenAI-shaped 4xx; no request or completion text
-is logged.
+is logged. The
+server limits of every service hold here too (`BoundedRunner`; the same
+`--header-timeout`... flags, docs/config.md).
 """
 
 from __future__ import annotations
@@ -44,7 +46,14 @@ import orjson
 from aiohttp import web
 
 from gateway.api.replay import MemoryReplay
-from tlog.service import listen_address
+from tlog.service import (
+    REFUSALS,
+    ServerLimits,
+    add_limit_arguments,
+    connection_cap,
+    limits_from_args,
+    listen_address,
+)
 from verifier import aci
 
 log = logging.getLogger("gateway.demo.provider")
@@ -364,6 +373,81 @@ def make_app(attest: Attest, e2ee_key: bytes | None = None) -> web.Application:
     return app
 
 
+class _Refused(asyncio.Protocol):
+    """A connection past the cap with no idle one to make room: 503, closed."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.write(REFUSALS[503])  # type: ignore[attr-defined]
+        transport.close()
+
+
+class BoundedRunner(web.AppRunner):
+    """An AppRunner under the server limits, with aiohttp's own knobs where it has them.
+
+    aiohttp's keep-alive timer runs from a connection's opening and from each
+    answer, and closes a connection whose next request head has not arrived: it
+    bounds idle time and head time together (the shorter of `keep_alive_timeout`
+    and `header_timeout`; an unread body is drained for as long after an answer).
+    Header lines and fields are capped by size and count.
+    A middleware marks requests in progress: a client with
+    `max_connections_per_client` of them gets 503 for another, and a request
+    (body and answer) gets `body_timeout`. A new connection at `max_connections`
+    closes the oldest one with no request in progress, else gets 503."""
+
+    def __init__(self, app: web.Application, limits: ServerLimits) -> None:
+        self._limits = limits
+        self._busy: dict[Any, int] = {}
+        self._by_client: dict[str, int] = {}
+        self._cap = connection_cap(limits)
+        app.middlewares.append(self._track)
+        field = min(8190, limits.max_header_bytes)
+        idle = min(limits.keep_alive_timeout, limits.header_timeout)
+        super().__init__(app, access_log=None, handle_signals=False,
+                         keepalive_timeout=idle, lingering_time=idle,
+                         max_line_size=field, max_field_size=field,
+                         max_headers=max(1, limits.max_header_bytes // 256))
+
+    @web.middleware
+    async def _track(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        client = request.remote or ""
+        per_client = self._limits.max_connections_per_client
+        if per_client and self._by_client.get(client, 0) >= per_client:
+            return error_response(503, "server_busy", "too many requests in progress from "
+                                  "this address")
+        proto = request.protocol
+        self._busy[proto] = self._busy.get(proto, 0) + 1
+        self._by_client[client] = self._by_client.get(client, 0) + 1
+        try:
+            async with asyncio.timeout(self._limits.body_timeout):
+                return await handler(request)
+        except TimeoutError:
+            return error_response(408, "request_timeout", "request not completed in time")
+        except ConnectionError:  # the client left: nothing to log (it would flood the log)
+            return error_response(400, "client_disconnected", "client went away")
+        finally:
+            for book, key in ((self._busy, proto), (self._by_client, client)):
+                book[key] -= 1
+                if not book[key]:
+                    del book[key]
+
+    @property
+    def server(self) -> Any:
+        """The sites' protocol factory: aiohttp's, behind the connection cap."""
+        inner = super().server
+        if inner is None:
+            return None
+
+        def factory() -> asyncio.Protocol:
+            open_ = inner.connections
+            if len(open_) >= self._cap:
+                victim = next((h for h in open_ if h not in self._busy), None)
+                if victim is None:
+                    return _Refused()
+                victim.force_close()
+            return inner()
+        return factory
+
+
 async def load_identity(socket_path: str) -> tuple[Attest, Any]:
     """(attest function, keyset) from the provider's own dstack guest agent."""
     from dstack_sdk import AsyncDstackClient
@@ -391,12 +475,11 @@ def tls_context(keyset: Any) -> ssl.SSLContext:
     return ctx
 
 
-async def serve(listen: tuple[str, int], dstack: str, tls_listen: tuple[str, int] | None
-                ) -> None:
+async def serve(listen: tuple[str, int], dstack: str, tls_listen: tuple[str, int] | None,
+                limits: ServerLimits) -> None:
     """Serve until SIGTERM/SIGINT; print one JSON line once listening."""
     attest, keyset = await load_identity(dstack)
-    runner = web.AppRunner(make_app(attest, keyset.e2ee_private_bytes()), access_log=None,
-                           handle_signals=False)
+    runner = BoundedRunner(make_app(attest, keyset.e2ee_private_bytes()), limits)
     await runner.setup()
     try:
         site = web.TCPSite(runner, listen[0], listen[1], reuse_address=True)
@@ -426,6 +509,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="the provider's dstack guest-agent socket")
     ap.add_argument("--tls-listen", type=listen_address, metavar="HOST:PORT",
                     help="also serve HTTPS with the attested TLS key")
+    add_limit_arguments(ap)
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="demo-provider: %(message)s")
     try:
@@ -435,7 +519,7 @@ def main(argv: list[str] | None = None) -> int:
         runner = asyncio.run
     try:
         with contextlib.suppress(KeyboardInterrupt):
-            runner(serve(a.listen, a.dstack, a.tls_listen))
+            runner(serve(a.listen, a.dstack, a.tls_listen, limits_from_args(a)))
     except (OSError, ValueError) as e:
         print(f"demo-provider: {e}", file=sys.stderr)
         return 1

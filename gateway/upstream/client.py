@@ -1,9 +1,28 @@
-"""Talking to providers: a lean pooled HTTP/1.1 client that forwards requests
-under a lease (about a third of aiohttp's CPU per request, measured here).
+"""Talking to providers: a pooled HTTP/1.1 client whose answers are parsed by llhttp
+(`httptools`, the parser under uvicorn), with deadlines on every call.
 
-Invariants:
+A provider is untrusted input on a pooled keep-alive connection, which is where
+request/response desync lives. So:
+
 - A TLS SPKI binding is checked on the TLS handshake, before any request byte
   is written; a route bound to a TLS key but reached over plain HTTP is refused.
+- llhttp parses strictly: duplicate or conflicting Content-Length, Content-Length
+  beside Transfer-Encoding, obs-fold, malformed chunk sizes or trailers are errors.
+  This module adds: a status outside 100..599, 101, an HTTP version other than
+  1.0/1.1, a repeated Transfer-Encoding or one other than `chunked`, a content
+  coding, more than MAX_HEAD bytes of framing without a body byte (head, chunk
+  lines, trailers), a body over its cap (a larger Content-Length is refused before
+  any body byte is read), and any byte after the end of a response (a body longer
+  than its Content-Length, a second response, data on an idle pooled connection).
+  Each is a `ProtocolError`, and that connection is closed, never pooled again.
+- A connection returns to the pool only after its response ended cleanly, both
+  sides keep-alive, and nothing arrived since.
+- Memory: a whole body is held up to its cap; a stream is read with backpressure
+  (the socket pauses once HIGH_WATER bytes wait unread).
+- Time: deadlines, not only per-read timeouts. Connect and headers (and the
+  whole body of a non-streaming call) within the route `timeout`; a stream ends
+  when no SSE event completes within `event_timeout` or when it outlives
+  `stream_timeout`.
 - Upstream failures become GatewayError 502/504 with stable codes, never 500.
 """
 
@@ -12,12 +31,15 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import re
 import ssl
-from collections.abc import AsyncIterator
+from collections import deque
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
+import httptools
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
@@ -27,14 +49,17 @@ from gateway.upstream.leases import LeaseFacts
 
 
 class ProtocolError(Exception):
-    """The peer's HTTP answer is malformed or too large."""
+    """The peer's HTTP answer is malformed, too large, or breaks message framing."""
 
 
 class BindingError(Exception):
     """The peer's TLS key is not the one the lease binds."""
 
 
-MAX_BODY = 64 << 20
+MAX_BODY = 64 << 20  # default cap on one response body
+MAX_HEAD = 64 << 10  # bytes of framing (status line, headers, chunk lines, trailers) in a row
+MAX_SSE_LINE = 1 << 20  # default cap on one line of an event stream
+HIGH_WATER = 256 << 10  # unread body bytes at which the socket stops being read
 
 
 def spki_sha256(der_cert: bytes) -> bytes:
@@ -53,103 +78,227 @@ def pin_matches(der_cert: bytes | None, pin: tuple[str, bytes]) -> bool:
     return hmac.compare_digest(have, digest)
 
 
-class Connection:
-    """One keep-alive HTTP/1.1 client connection; one request at a time."""
+class _Response:
+    """One response as llhttp reports it (the parser's callbacks), for one request.
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                 key: tuple[Any, ...]) -> None:
-        self.reader = reader
-        self.writer = writer
-        self.key = key
+    Interim 1xx answers are skipped; the final answer's head, body pieces and
+    end are recorded. A callback raising ProtocolError stops the parser."""
+
+    def __init__(self, parser_of: Callable[[], httptools.HttpResponseParser],
+                 body_limit: int) -> None:
+        self._parser_of = parser_of
+        self.body_limit = body_limit
+        self.status = 0
+        self.headers: dict[bytes, bytes] = {}
+        self.head_done = False
+        self.eof_body = False  # the body ends where the connection does
         self.keep = False
-        self._length: int | None = None
-        self._chunked = False
+        self.complete = False
+        self.pieces: deque[bytes] = deque()
+        self.unread = 0
+        self.received = 0
+        self.framing = 0  # bytes fed since the last body byte
 
-    async def request(self, data: bytes) -> tuple[int, dict[bytes, bytes]]:
-        """Send a whole request; return (status, lower-cased headers)."""
-        self.writer.write(data)
+    def on_message_begin(self) -> None:
+        if self.head_done:
+            raise ProtocolError("a second response to one request")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self.head_done:
+            return  # a trailer field: well-formed (llhttp checked it), not used
+        name = name.lower()
+        if name == b"transfer-encoding" and name in self.headers:
+            raise ProtocolError("repeated Transfer-Encoding")
+        self.headers[name] = value.strip()
+
+    def on_headers_complete(self) -> None:
+        parser = self._parser_of()
+        status = parser.get_status_code()
+        if not 100 <= status <= 599 or status == 101:
+            raise ProtocolError(f"unusable status {status}")
+        if parser.get_http_version() not in ("1.0", "1.1"):
+            raise ProtocolError("not HTTP/1.0 or HTTP/1.1")
+        if status < 200:
+            self.headers = {}  # an interim answer: the final one follows
+            return
+        h = self.headers
+        te = h.get(b"transfer-encoding")
+        if te is not None and te.lower() != b"chunked":
+            raise ProtocolError("transfer coding other than chunked")
+        if h.get(b"content-encoding", b"identity").lower() != b"identity":
+            raise ProtocolError("content coding (the gateway relays bytes as received)")
+        length = h.get(b"content-length")
+        if length is not None and int(length) > self.body_limit:
+            raise ProtocolError(f"response body over {self.body_limit} bytes")
+        self.status = status
+        self.head_done = True
+        self.keep = parser.should_keep_alive()
+        self.eof_body = te is None and length is None and status not in (204, 304)
+
+    def on_body(self, data: bytes) -> None:
+        self.received += len(data)
+        if self.received > self.body_limit:
+            raise ProtocolError(f"response body over {self.body_limit} bytes")
+        self.pieces.append(data)
+        self.unread += len(data)
+        self.framing = 0
+
+    def on_message_complete(self) -> None:
+        if self.head_done:
+            self.complete = True
+
+
+class Connection(asyncio.Protocol):
+    """One keep-alive HTTP/1.1 client connection; one request at a time.
+
+    `request` sends a request and waits for the answer's head; `read` returns the
+    body piece by piece (b"" at its end); `reusable` says whether it may be pooled."""
+
+    def __init__(self, key: tuple[Any, ...]) -> None:
+        self.key = key
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self._response: _Response | None = None
+        self._parser: httptools.HttpResponseParser | None = None
+        self._error: BaseException | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._paused = False
+
+    # -- asyncio.Protocol ----------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
+
+    def data_received(self, data: bytes) -> None:
+        resp, parser = self._response, self._parser
+        if resp is None or parser is None or resp.complete:
+            self._fail(ProtocolError("bytes after the end of a response"))
+            return
+        before = resp.received
         try:
-            head = await self.reader.readuntil(b"\r\n\r\n")
-        except asyncio.LimitOverrunError as e:
-            raise ProtocolError("response header too large") from e
-        lines = head[:-4].split(b"\r\n")
-        parts = lines[0].split(b" ", 2)
-        if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
-            raise ProtocolError("malformed status line")
-        status = int(parts[1])
-        headers: dict[bytes, bytes] = {}
-        for line in lines[1:]:
-            name, sep, value = line.partition(b":")
-            if not sep:
-                raise ProtocolError("malformed header line")
-            headers[name.strip().lower()] = value.strip()
-        conn = headers.get(b"connection", b"").lower()
-        self.keep = conn != b"close" if parts[0] == b"HTTP/1.1" else conn == b"keep-alive"
-        self._chunked = b"chunked" in headers.get(b"transfer-encoding", b"").lower()
-        length = headers.get(b"content-length")
-        if self._chunked:
-            self._length = None
-        elif length is not None:
-            if not length.isdigit() or int(length) > MAX_BODY:
-                raise ProtocolError("bad Content-Length")
-            self._length = int(length)
-        elif status in (204, 304) or status < 200:
-            self._length = 0
-        else:
-            self._length = None
-            self.keep = False
-        return status, headers
+            parser.feed_data(data)
+        except httptools.HttpParserCallbackError as e:
+            cause = e.__context__
+            self._fail(cause if isinstance(cause, ProtocolError)
+                       else ProtocolError(f"malformed HTTP answer: {e}"))
+            return
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as e:
+            self._fail(ProtocolError(f"malformed HTTP answer: {e}"))
+            return
+        if resp.received == before and not resp.complete:
+            resp.framing += len(data)
+            if resp.framing > MAX_HEAD:
+                self._fail(ProtocolError(f"over {MAX_HEAD} bytes of head, chunk framing "
+                                         "or trailers"))
+                return
+        if resp.unread > HIGH_WATER and not self._paused:
+            self._paused = True
+            self.transport.pause_reading()  # type: ignore[union-attr]
+        self._wake()
 
-    async def body(self) -> bytes:
-        """The whole response body."""
+    def eof_received(self) -> bool:
+        resp = self._response
+        if resp is not None and resp.head_done and resp.eof_body and not resp.complete:
+            resp.complete = True
+            resp.keep = False
+        self._end(ConnectionResetError("provider closed the connection mid-answer"))
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._end(exc or ConnectionResetError("provider closed the connection mid-answer"))
+
+    def _end(self, exc: BaseException) -> None:
+        self.closed = True
+        resp = self._response
+        if resp is not None and not resp.complete and self._error is None:
+            self._error = exc
+        self._wake()
+
+    def _fail(self, exc: BaseException) -> None:
+        """Record the error for the reader and drop the connection at once."""
+        if self._error is None:
+            self._error = exc
+        self.close()
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def _wait(self, deadline: float | None) -> None:
+        self._waiter = asyncio.get_running_loop().create_future()
+        try:
+            async with asyncio.timeout_at(deadline):
+                await self._waiter
+        finally:
+            self._waiter = None
+
+    # -- the caller's side ---------------------------------------------------------
+
+    @property
+    def keep(self) -> bool:
+        """Whether both sides keep the connection alive after the current answer."""
+        return self._response is not None and self._response.keep
+
+    @property
+    def reusable(self) -> bool:
+        """Whether this connection may carry another request: its answer ended cleanly
+        with keep-alive, it is open, and nothing arrived since."""
+        r = self._response
+        return (r is not None and r.complete and r.keep and self._error is None
+                and not self.closed and not r.pieces)
+
+    async def request(self, data: bytes, deadline: float | None = None,
+                      body_limit: int = MAX_BODY) -> tuple[int, dict[bytes, bytes]]:
+        """Send a whole request; return the answer's (status, lower-cased headers) once its
+        head arrived (TimeoutError at the loop-time `deadline`)."""
+        if self.closed or self.transport is None:
+            raise ConnectionResetError("connection closed before the request")
+        resp = self._response = _Response(lambda: parser, body_limit)
+        parser = self._parser = httptools.HttpResponseParser(resp)
+        self._error = None
+        self.transport.write(data)
+        while not resp.head_done:
+            if self._error is not None:
+                raise self._error
+            await self._wait(deadline)
+        return resp.status, resp.headers
+
+    async def read(self, deadline: float | None = None) -> bytes:
+        """The next piece of the body as received (de-chunked); b"" once it ended."""
+        resp = self._response
+        assert resp is not None and resp.head_done
+        while True:
+            if resp.pieces:
+                piece = resp.pieces.popleft()
+                resp.unread -= len(piece)
+                if self._paused and resp.unread <= HIGH_WATER // 4 and not self.closed:
+                    self._paused = False
+                    self.transport.resume_reading()  # type: ignore[union-attr]
+                return piece
+            if self._error is not None:
+                raise self._error
+            if resp.complete:
+                return b""
+            await self._wait(deadline)
+
+    async def body(self, deadline: float | None = None) -> bytes:
+        """The whole body (the cap was set with the request)."""
         out = bytearray()
-        async for chunk in self.stream():
-            out += chunk
-            if len(out) > MAX_BODY:
-                raise ProtocolError("response body too large")
+        while piece := await self.read(deadline):
+            out += piece
         return bytes(out)
 
-    async def stream(self, read_timeout: float | None = None) -> AsyncIterator[bytes]:
-        """The response body as it arrives (de-chunked); each read bounded by the timeout."""
-        r = self.reader
-        if self._length is not None:
-            left = self._length
-            while left:
-                async with asyncio.timeout(read_timeout):
-                    chunk = await r.read(min(left, 1 << 16))
-                if not chunk:
-                    raise asyncio.IncompleteReadError(b"", left)
-                left -= len(chunk)
-                yield chunk
-        elif self._chunked:
-            while True:
-                async with asyncio.timeout(read_timeout):
-                    line = await r.readuntil(b"\r\n")
-                    try:
-                        size = int(line.split(b";", 1)[0].strip(), 16)
-                    except ValueError as e:
-                        raise ProtocolError("malformed chunk size") from e
-                    if size == 0:
-                        while await r.readuntil(b"\r\n") != b"\r\n":
-                            pass
-                        return
-                    if size > MAX_BODY:
-                        raise ProtocolError("chunk too large")
-                    chunk = await r.readexactly(size)
-                    await r.readexactly(2)
-                yield chunk
-        else:
-            while True:
-                async with asyncio.timeout(read_timeout):
-                    chunk = await r.read(1 << 16)
-                if not chunk:
-                    return
-                yield chunk
+    async def stream(self, deadline: float | None = None) -> AsyncIterator[bytes]:
+        """The body piece by piece, as it arrives."""
+        while piece := await self.read(deadline):
+            yield piece
 
     def close(self) -> None:
-        """Drop the connection."""
-        self.keep = False
-        self.writer.close()
+        """Drop the connection (unsent bytes are discarded)."""
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abort()
 
 
 class Pool:
@@ -167,21 +316,26 @@ class Pool:
         """(connection, whether it was reused); the pin is checked before it is returned."""
         key = (host, port, tls, pin)
         idle = self._idle.get(key)
-        if idle and not fresh:
-            return idle.pop(), True
+        while idle and not fresh:
+            conn = idle.pop()
+            if conn.reusable:
+                return conn, True
+            conn.close()
         ctx = (self._pinned if pin is not None else self._verify) if tls else None
-        reader, writer = await asyncio.open_connection(host, port, ssl=ctx)
+        loop = asyncio.get_running_loop()
+        transport, conn = await loop.create_connection(lambda: Connection(key), host, port,
+                                                       ssl=ctx)
         if pin is not None:
-            sslobj = writer.get_extra_info("ssl_object")
+            sslobj = transport.get_extra_info("ssl_object")
             der = sslobj.getpeercert(binary_form=True) if sslobj is not None else None
             if not pin_matches(der, pin):
-                writer.close()
+                conn.close()
                 raise BindingError("peer TLS key differs from the lease binding")
-        return Connection(reader, writer, key), False
+        return conn, False
 
     def release(self, conn: Connection) -> None:
-        """Return a connection whose response was read to the end (or drop it)."""
-        if conn.keep and not conn.writer.is_closing():
+        """Pool a connection whose answer was read to its clean end; drop any other."""
+        if conn.reusable:
             self._idle.setdefault(conn.key, []).append(conn)
         else:
             conn.close()
@@ -195,20 +349,20 @@ class Pool:
 
 
 async def exchange(pool: Pool, target: tuple[str, int, bool, tuple[str, bytes] | None],
-                   data: bytes
+                   data: bytes, deadline: float | None = None, body_limit: int = MAX_BODY
                    ) -> tuple[Connection, int, dict[bytes, bytes]]:
     """Send a request on a pooled connection (once more on a fresh one if a reused
     connection turns out to be closed before any answer byte)."""
     conn, reused = await pool.connect(*target)
     try:
-        status, headers = await conn.request(data)
-    except (ConnectionError, asyncio.IncompleteReadError):
+        status, headers = await conn.request(data, deadline, body_limit)
+    except ConnectionError:
         conn.close()
         if not reused:
             raise
         conn, _ = await pool.connect(*target, fresh=True)
         try:
-            status, headers = await conn.request(data)
+            status, headers = await conn.request(data, deadline, body_limit)
         except BaseException:
             conn.close()
             raise
@@ -216,6 +370,41 @@ async def exchange(pool: Pool, target: tuple[str, int, bool, tuple[str, bytes] |
         conn.close()
         raise
     return conn, status, headers
+
+
+_LINE_ENDS = re.compile(rb"[\r\n]+")
+
+
+class EventClock:
+    """Where server-sent events end in a byte stream, and how long its lines are.
+
+    An event (or a comment block) ends at an empty line: two line ends (CRLF, LF
+    or CR) in a row. `feed` is linear in its input and keeps O(1) state."""
+
+    def __init__(self, max_line: int) -> None:
+        self._max_line = max_line
+        self._line = 0  # bytes of the unfinished line
+        self._run = b""  # the line ends the previous chunk finished with
+
+    def feed(self, chunk: bytes) -> bool:
+        """Whether an event ended in `chunk`; ProtocolError if a line exceeds the cap."""
+        ended = False
+        pos = 0
+        for m in _LINE_ENDS.finditer(chunk):
+            run = m.group()
+            if m.start() == 0 and self._line == 0:
+                run = self._run + run
+            elif self._line + m.start() - pos > self._max_line:
+                raise ProtocolError(f"an event-stream line over {self._max_line} bytes")
+            ended = ended or run.count(b"\n") + run.count(b"\r") - run.count(b"\r\n") >= 2
+            self._line, pos = 0, m.end()
+            self._run = run[-2:]
+        if pos < len(chunk):
+            self._line += len(chunk) - pos
+            self._run = b""
+            if self._line > self._max_line:
+                raise ProtocolError(f"an event-stream line over {self._max_line} bytes")
+        return ended
 
 
 @dataclass
@@ -227,7 +416,7 @@ class UpstreamReply:
     body: bytes
     conn: Connection | None = None
     pool: Pool | None = None
-    read_timeout: float | None = None
+    route: RouteSpec | None = None
     headers: dict[bytes, bytes] = field(default_factory=dict)  # lower-case names
 
     @property
@@ -236,12 +425,22 @@ class UpstreamReply:
         return self.conn is not None
 
     async def chunks(self) -> AsyncIterator[bytes]:
-        """The streamed body as received, chunk by chunk (then the connection is released)."""
-        assert self.conn is not None and self.pool is not None
+        """The streamed body as received, piece by piece; TimeoutError once no event
+        completed within the route's `event_timeout` or the stream outlived its
+        `stream_timeout`. The connection is pooled after a clean end, else dropped."""
+        assert self.conn is not None and self.pool is not None and self.route is not None
+        route = self.route
+        gap = route.event_timeout or route.timeout
+        loop = asyncio.get_running_loop()
+        clock = EventClock(route.max_sse_line_bytes)
+        end = loop.time() + route.stream_timeout
+        next_event = loop.time() + gap
         done = False
         try:
-            async for chunk in self.conn.stream(self.read_timeout):
-                yield chunk
+            while piece := await self.conn.read(min(end, next_event)):
+                if clock.feed(piece):
+                    next_event = loop.time() + gap
+                yield piece
             done = True
         finally:
             if done:
@@ -283,7 +482,9 @@ class Upstream:
     async def send(self, route: RouteSpec, lease: LeaseFacts, path: str, body: bytes,
                    stream: bool, headers: dict[str, str] | None = None) -> UpstreamReply:
         """POST `body` to `route.base_url + path` (with extra `headers`, e.g. the provider
-        E2EE ones); retries on connection errors, timeouts, 5xx."""
+        E2EE ones); retries on connection errors, timeouts, malformed answers and 5xx.
+        Connect, head and (unless streaming) the whole body share one deadline: the route
+        `timeout`."""
         t = self._target(route, path)
         extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items()).encode("latin-1")
         data = t.heads[stream] + extra + b"Content-Length: %d\r\n\r\n" % len(body) + body
@@ -293,11 +494,12 @@ class Upstream:
             conn: Connection | None = None
             try:
                 async with asyncio.timeout(route.timeout):
-                    conn, status, headers = await exchange(self._pool, target, data)
-                    ctype = headers.get(b"content-type", b"application/json").decode("latin-1")
+                    conn, status, answer = await exchange(
+                        self._pool, target, data, body_limit=route.max_response_bytes)
+                    ctype = answer.get(b"content-type", b"application/json").decode("latin-1")
                     if stream and status == 200:
-                        return UpstreamReply(status, ctype, b"", conn, self._pool, route.timeout,
-                                             headers)
+                        return UpstreamReply(status, ctype, b"", conn, self._pool, route,
+                                             answer)
                     payload = await conn.body()
                 self._pool.release(conn)
             except BindingError as e:
@@ -311,19 +513,26 @@ class Upstream:
                                f"route {route.id!r}: provider did not answer in time",
                                route_id=route.id)
                 continue
-            except (OSError, asyncio.IncompleteReadError, ProtocolError, ssl.SSLError):
+            except ProtocolError as e:
+                if conn is not None:
+                    conn.close()
+                last = refused(502, "upstream_bad_response",
+                               f"route {route.id!r}: provider answered malformed HTTP: {e}",
+                               route_id=route.id)
+                continue
+            except (OSError, asyncio.IncompleteReadError, ssl.SSLError):
                 if conn is not None:
                     conn.close()
                 last = refused(502, "upstream_unreachable",
-                               f"route {route.id!r}: provider unreachable or answered "
-                               "malformed HTTP", route_id=route.id)
+                               f"route {route.id!r}: provider unreachable or closed the "
+                               "connection mid-answer", route_id=route.id)
                 continue
             if status >= 500:
                 last = refused(502, "upstream_error",
                                f"route {route.id!r}: provider answered HTTP {status}",
                                route_id=route.id)
                 continue
-            return UpstreamReply(status, ctype, payload, headers=headers)
+            return UpstreamReply(status, ctype, payload, headers=answer)
         assert last is not None
         raise last
 
