@@ -371,14 +371,18 @@ class Log:
     # -- appends -----------------------------------------------------------
 
     async def start(self) -> None:
-        """Start sequencing (with witnesses, cosign the current head first) or, with a
-        lease, start campaigning for it."""
+        """Start sequencing (cosigning the current head in the background) or, with a
+        lease, start campaigning for it (waiting up to a lease ttl for the first round,
+        so a lone replica is already the sequencer when it starts serving)."""
         if self.witnesses is not None:
             await self.witnesses.start()
         if self.lease is not None:
             from tlog.election import campaign
 
-            self._campaign_task = asyncio.create_task(campaign(self, self.lease))
+            first = asyncio.Event()
+            self._campaign_task = asyncio.create_task(campaign(self, self.lease, first))
+            with contextlib.suppress(TimeoutError):  # the role settles before serving
+                await asyncio.wait_for(first.wait(), self.lease.ttl)
             return
         self._queue = asyncio.Queue()
         self._task = asyncio.create_task(self._run())
