@@ -430,8 +430,7 @@ class Log:
             hashes = [merkle.leaf_hash(e) for e in entries]
             held = self.store.find_leaves(hashes)
             indices: list[int] = []
-            fresh: list[int] = []
-            """Positions in `entries` of the entries new to the log, in order."""
+            fresh: list[int] = []  # positions in `entries` of those new to the log
             for i, h in enumerate(hashes):
                 if h not in held:
                     held[h] = start + len(fresh)
