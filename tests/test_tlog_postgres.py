@@ -63,7 +63,7 @@ def test_postgres_server_via_cli(tmp_path, pg_url):
         entry = b'{"request_hash": "' + b"cd" * 32 + b'"}'
         for e in [b"one", entry, b"three"]:
             r = httpx.post(f"{url}/add", content=e, headers={"Authorization": f"Bearer {token}"})
-            assert r.status_code == 200
+            assert r.status_code == 200, r.text
         cp, _ = checkpoint.open(httpx.get(f"{url}/checkpoint").content, verifier)
         bundle = tiles.decode_bundle(httpx.get(f"{url}/tile/entries/000.p/3").content)
         assert bundle == [b"one", entry, b"three"]

@@ -69,6 +69,23 @@ EXIT_ENVIRONMENT = 1
 process, database or key service unreachable, stored log unusable."""
 
 
+CRASH_AFTER = "PAG_TLOG_CRASH_AFTER"
+"""Test hook: set to a storage step name (tlog.storage.STEPS), the process exits at once,
+as if killed, right after the first time that step completes."""
+
+
+def crash_after(step: str | None):  # noqa: ANN201 - tlog.storage.FaultHook | None
+    """The FaultHook for CRASH_AFTER (None when unset)."""
+    if not step:
+        return None
+
+    def hook(name: str) -> None:
+        if name == step:
+            os._exit(137)
+
+    return hook
+
+
 def fail(status: int, message: str) -> int:
     """Print the one-line reason and return the exit status."""
     print(f"tlog: {message}", file=sys.stderr, flush=True)
@@ -131,7 +148,8 @@ def serve(args: argparse.Namespace) -> int:
         advertise = args.advertise or f"http://{shown}:{port}"
         lease = PostgresLease(args.database, advertise, args.lease_ttl)
     try:
-        log = Log(store, signer, witnesses=pool, lease=lease)
+        log = Log(store, signer, witnesses=pool, lease=lease,
+                  faults=crash_after(os.environ.get(CRASH_AFTER)))
     except Exception as e:  # noqa: BLE001 - recovery failed: say why in one line
         store.close()
         return fail(EXIT_ENVIRONMENT, f"cannot open the stored log: {type(e).__name__}: {e}")

@@ -120,12 +120,14 @@ ROUNDS_PER_TTL = 6
 """Campaign rounds per lease ttl: the sequencer renews, and replicas look for a dead one."""
 
 
-async def campaign(log: Log, lease: PostgresLease) -> None:
+async def campaign(log: Log, lease: PostgresLease,
+                   first_round: asyncio.Event | None = None) -> None:
     """Run campaign rounds for `log` until cancelled, switching its role as the lease says.
 
     A round that cannot reach the database changes nothing, except that the
     sequencer steps down once `ttl` has passed since the start of its last
     good round. Replicas refresh what they serve after every round.
+    `first_round` is set once the first round is over (its role settled).
     """
     interval = lease.ttl / ROUNDS_PER_TTL
     held_until = 0.0
@@ -150,6 +152,8 @@ async def campaign(log: Log, lease: PostgresLease) -> None:
         except Exception as e:  # noqa: BLE001 - storage refused: stay a replica, retry
             trouble = trouble or f"{type(e).__name__}: {one_line(e)}"
         problem = _report(problem, trouble)
+        if first_round is not None:
+            first_round.set()
         await asyncio.sleep(max(0.0, interval - (time.monotonic() - started)))
 
 

@@ -7,13 +7,16 @@
 | `tlog_size` | gauge | | entries under the served checkpoint |
 | `tlog_served_cosignatures` | gauge | | distinct valid witness cosignatures on it |
 | `tlog_sequencer` | gauge | | 1 while this process sequences, else 0 |
+| `tlog_append_duplicates_total` | counter | | appends of an entry already held, answered with its index |
+| `tlog_append_refusals_total` | counter | `code` | appends not acknowledged, by AppendError code |
 | `tlog_witness_cosigned_size` | gauge | `witness` | size the witness last cosigned for us |
 | `tlog_witness_lag` | gauge | `witness` | served size minus that size |
 | `tlog_witness_cosignatures_total` | counter | `witness` | answers with a valid cosignature |
 | `tlog_witness_failures_total` | counter | `witness`, `reason` | answers that gave none |
 
 `route` is one of ROUTES, never the request path, so no client can grow the
-set of label values; `witness` is a configured URL and `reason` one of the
+set of label values; `code` is one of tlog/sequencer.py's four append error
+codes; `witness` is a configured URL and `reason` one of the
 witness pool's stable failure labels. Only the sequencer talks to witnesses,
 so a replica reports no `tlog_witness_*` samples.
 """
@@ -79,6 +82,14 @@ class LogMetrics(Collector):
                                 value=log.cosigners(served))
         yield GaugeMetricFamily("tlog_sequencer", "1 while this process sequences",
                                 value=1 if log.role == SEQUENCER else 0)
+        yield CounterMetricFamily("tlog_append_duplicates", "Appends of an entry the log "
+                                  "already held, answered with its existing index",
+                                  value=log.duplicates)
+        refused = CounterMetricFamily("tlog_append_refusals", "Appends not acknowledged, by "
+                                      "code", labels=["code"])
+        for code, n in sorted(log.refusals.items()):
+            refused.add_metric([code], n)
+        yield refused
         size = GaugeMetricFamily("tlog_witness_cosigned_size", "Size the witness last "
                                  "cosigned for this log", labels=["witness"])
         lag = GaugeMetricFamily("tlog_witness_lag", "Served size minus the size the witness "

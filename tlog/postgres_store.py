@@ -3,6 +3,10 @@
 Tables live in a schema named after nothing but the connection's search
 path; one log per database (or per search path). Each write is one
 transaction committed with synchronous_commit on, so it is durable on return.
+Every database error (the connection dropped mid-transaction, the server
+down or refusing) raises StorageError with nothing committed, and the broken
+connection is reopened on its next use: when the database is back, the
+store works again without a restart.
 Several `tlog serve` processes may share the database: tlog/election.py
 picks the one that writes, and this store fences every write with its token.
 """
@@ -15,6 +19,7 @@ from collections.abc import Iterator, Sequence
 
 import psycopg
 
+from tlog import merkle
 from tlog.storage import Fenced, Head, StorageError
 
 CONNECT_TIMEOUT = 5
@@ -33,13 +38,15 @@ CREATE TABLE IF NOT EXISTS tlog_checkpoints (size BIGINT PRIMARY KEY, root BYTEA
                                              note BYTEA NOT NULL);
 CREATE TABLE IF NOT EXISTS tlog_lookup (key TEXT NOT NULL, idx BIGINT NOT NULL,
                                         PRIMARY KEY (key, idx));
+CREATE TABLE IF NOT EXISTS tlog_leaves (hash BYTEA PRIMARY KEY, idx BIGINT NOT NULL);
 CREATE TABLE IF NOT EXISTS tlog_sequencer (id INT PRIMARY KEY CHECK (id = 1),
                                            token BIGINT NOT NULL, holder TEXT NOT NULL,
                                            url TEXT NOT NULL, backend_pid INT NOT NULL,
                                            expires TIMESTAMPTZ NOT NULL);
 INSERT INTO tlog_sequencer VALUES (1, 0, '', '', 0, '-infinity') ON CONFLICT DO NOTHING;
 """
-"""`tlog_sequencer` is the one lease row of tlog/election.py; its `token` fences writes."""
+"""`tlog_leaves` is the leaf index (each held entry's leaf hash, once: tlog/storage.py);
+`tlog_sequencer` is the one lease row of tlog/election.py; its `token` fences writes."""
 
 STALLED_TRANSACTION = 10
 """Seconds after which PostgreSQL ends a write transaction left idle (a paused writer), so
@@ -83,24 +90,32 @@ class PostgresStore:
     @contextlib.contextmanager
     def _reading(self) -> Iterator[psycopg.Connection]:
         with self._rlock:
-            if self._rdb.closed:
-                self._rdb = self._connect(writer=False)
-            yield self._rdb
+            try:
+                if self._rdb.closed:
+                    self._rdb = self._connect(writer=False)
+                yield self._rdb
+            except psycopg.Error as e:
+                raise StorageError(f"database read failed: {type(e).__name__}: "
+                                   f"{one_line(e)}") from e
 
     @contextlib.contextmanager
     def _writing(self) -> Iterator[psycopg.Cursor]:
-        """One fenced write transaction."""
+        """One fenced write transaction; any database error raises StorageError."""
         with self._lock:
-            if self._db.closed:
-                self._db = self._connect(writer=True)
-            with self._db.transaction(), self._db.cursor() as cur:
-                if self._token is not None:
-                    row = cur.execute("SELECT token FROM tlog_sequencer WHERE id = 1 "
-                                      "FOR SHARE").fetchone()
-                    if row is None or row[0] != self._token:
-                        raise Fenced(f"sequencer lease token {self._token} is stale "
-                                     f"(now {None if row is None else row[0]})")
-                yield cur
+            try:
+                if self._db.closed:
+                    self._db = self._connect(writer=True)
+                with self._db.transaction(), self._db.cursor() as cur:
+                    if self._token is not None:
+                        row = cur.execute("SELECT token FROM tlog_sequencer WHERE id = 1 "
+                                          "FOR SHARE").fetchone()
+                        if row is None or row[0] != self._token:
+                            raise Fenced(f"sequencer lease token {self._token} is stale "
+                                         f"(now {None if row is None else row[0]})")
+                    yield cur
+            except psycopg.Error as e:
+                raise StorageError(f"database write failed: {type(e).__name__}: "
+                                   f"{one_line(e)}") from e
 
     def _one(self, sql: str, params: tuple = ()) -> tuple | None:
         with self._reading() as db:
@@ -120,10 +135,12 @@ class PostgresStore:
         heads = self.recent(1)
         return heads[0] if heads else None
 
-    def recent(self, count: int) -> list[Head]:
+    def recent(self, count: int, below: int | None = None) -> list[Head]:
         with self._reading() as db:
             rows = db.execute("SELECT size, root, note FROM tlog_checkpoints "
-                              "ORDER BY size DESC LIMIT %s", (count,)).fetchall()
+                              "WHERE %(below)s::bigint IS NULL OR size < %(below)s "
+                              "ORDER BY size DESC LIMIT %(count)s",
+                              {"below": below, "count": count}).fetchall()
         return [Head(r[0], bytes(r[1]), bytes(r[2])) for r in rows]
 
     def read_tile(self, level: int, index: int) -> bytes:
@@ -142,6 +159,8 @@ class PostgresStore:
         with self._writing() as cur:
             cur.executemany("INSERT INTO tlog_entries (idx, data) VALUES (%s, %s)",
                             [(start + i, e) for i, e in enumerate(entries)])
+            cur.executemany("INSERT INTO tlog_leaves (hash, idx) VALUES (%s, %s)",
+                            [(merkle.leaf_hash(e), start + i) for i, e in enumerate(entries)])
             cur.executemany(
                 "INSERT INTO tlog_tiles (level, idx, data) VALUES (%s, %s, %s) "
                 "ON CONFLICT (level, idx) DO UPDATE SET data = EXCLUDED.data",
@@ -149,6 +168,22 @@ class PostgresStore:
             if keys:
                 cur.executemany("INSERT INTO tlog_lookup (key, idx) VALUES (%s, %s) "
                                 "ON CONFLICT DO NOTHING", list(keys))
+
+    def find_leaves(self, hashes: Sequence[bytes]) -> dict[bytes, int]:
+        with self._reading() as db:
+            rows = db.execute("SELECT hash, idx FROM tlog_leaves WHERE hash = ANY(%s)",
+                              (list(dict.fromkeys(hashes)),)).fetchall()
+        return {bytes(h): ix for h, ix in rows}
+
+    def leaves_indexed(self) -> int:
+        row = self._one("SELECT MAX(idx) FROM tlog_leaves")
+        return 0 if row is None or row[0] is None else row[0] + 1
+
+    def index_leaves(self, start: int, hashes: Sequence[bytes]) -> None:
+        with self._writing() as cur:
+            cur.executemany("INSERT INTO tlog_leaves (hash, idx) VALUES (%s, %s) "
+                            "ON CONFLICT (hash) DO NOTHING",
+                            [(h, start + i) for i, h in enumerate(hashes)])
 
     def checkpoint(self, head: Head) -> None:
         with self._writing() as cur:

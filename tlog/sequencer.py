@@ -7,6 +7,24 @@ quorum, after that checkpoint holds K valid cosignatures. The served
 checkpoint never goes backwards and is always consistent with every earlier
 one, because it is only ever a signed head of the same append-only tree.
 
+Appends are idempotent: an entry the log already holds (or that an earlier
+append of the same batch carries) is not written again; it is answered with
+its existing index and a proof against the served checkpoint. An append that
+cannot be acknowledged fails with an AppendError whose `code` says why:
+
+- `storage_unavailable`: a storage step failed (disk full, read-only, the
+  database gone); nothing of the batch is acknowledged, some of it may be
+  durable. The next batch starts by recovering from storage, so appends
+  work again as soon as storage does;
+- `quorum_not_reached`: the batch is durable and signed, but fewer than K
+  witnesses cosigned within the witness timeout. The served checkpoint stays
+  the last one that met the quorum; cosigning is retried in the background
+  until every witness has cosigned the newest head, and the same entries
+  sent again are answered (at their first index) once a checkpoint covering
+  them meets the quorum;
+- `not_sequencer` (NotSequencer): this replica does not sequence;
+- `shutting_down`: the log is stopping or not started.
+
 A Log is in one of two roles. Over SQLite, or with no lease, it is always
 the sequencer. With a PostgreSQL lease (tlog/election.py) it starts as a
 replica: it serves reads from storage (`refresh` advances the served
@@ -22,7 +40,9 @@ never change and stay cached.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import functools
 import logging
 import threading
 from dataclasses import dataclass
@@ -50,18 +70,32 @@ MAX_ENTRY = tiles.MAX_ENTRY
 SEQUENCER = "sequencer"
 REPLICA = "replica"
 RECENT_HEADS = 16
-"""How many of the newest checkpoints a replica looks through for one that meets the quorum."""
+"""How many checkpoints are read at a time when looking for the newest that meets the quorum."""
+CATCH_UP_PAUSE = (0.25, 5.0)
+"""First and longest pause (seconds) between background cosigning rounds while a witness
+has not cosigned the newest head."""
+
+STORAGE_UNAVAILABLE = "storage_unavailable"
+QUORUM_NOT_REACHED = "quorum_not_reached"
+NOT_SEQUENCER = "not_sequencer"
+SHUTTING_DOWN = "shutting_down"
 
 
 class AppendError(Exception):
-    """An append could not be acknowledged (the entry may still be durable)."""
+    """An append could not be acknowledged now; `code` is one of the stable codes above.
+
+    The entry may still be durable: sending it again is safe (appends are idempotent)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class NotSequencer(AppendError):
     """This replica does not sequence; `sequencer` is the URL of the one that does, if known."""
 
     def __init__(self, sequencer: str | None) -> None:
-        super().__init__("this log replica is not the sequencer")
+        super().__init__(NOT_SEQUENCER, "this log replica is not the sequencer")
         self.sequencer = sequencer
 
 
@@ -114,6 +148,12 @@ class Log:
         self._cache_lock = threading.Lock()
         self._commit_lock = threading.Lock()
         self._generation = 0
+        self._stale = False
+        """A batch failed: the next one first reloads what storage holds."""
+        self.duplicates = 0
+        """Appends answered with the index of an entry the log already held."""
+        self.refusals: collections.Counter[str] = collections.Counter()
+        """Appends not acknowledged, by AppendError code."""
         self.sequencer_url: str | None = None
         self.term: int | None = None
         """The lease token this log sequences under (None: no lease, or a replica)."""
@@ -124,7 +164,7 @@ class Log:
             self.role = REPLICA
             self.head = store.head() or sign_head(signer, 0, merkle.EMPTY_ROOT)
         self.size = self.head.size
-        self.served: Head = self._servable([self.head]) or self._verified(self.head)
+        self.served: Head = self._last_witnessed()
         self._queue: asyncio.Queue[tuple[bytes, asyncio.Future[Added]]] | None = None
         self._task: asyncio.Task[None] | None = None
         self._cosign_task: asyncio.Task[None] | None = None
@@ -167,10 +207,17 @@ class Log:
         if width == tiles.WIDTH:
             cached = self._bundles.get((0, index))
             if cached is None:
-                cached = tiles.encode_bundle(self.store.read_entries(start, start + width))
+                cached = tiles.encode_bundle(self._entries(start, start + width))
                 self._bundles.put((0, index), cached)
             return cached
-        return tiles.encode_bundle(self.store.read_entries(start, start + width))
+        return tiles.encode_bundle(self._entries(start, start + width))
+
+    def _entries(self, start: int, end: int) -> list[bytes]:
+        """Stored entries [start, end), all of them (StorageError rather than a short read)."""
+        entries = self.store.read_entries(start, end)
+        if len(entries) != end - start:
+            raise StorageError(f"storage returned {len(entries)} of entries {start}..{end - 1}")
+        return entries
 
     def consistency(self, old: int, new: int) -> list[bytes]:
         """Consistency proof between two sizes of the served tree."""
@@ -193,7 +240,7 @@ class Log:
         index = self.store.lookup(request_hash)
         if index is None or index >= self.served.size:
             return None
-        return self.prove(index, self.store.read_entries(index, index + 1)[0])
+        return self.prove(index, self._entries(index, index + 1)[0])
 
     # -- what is served ----------------------------------------------------
 
@@ -216,6 +263,19 @@ class Log:
             if v.size == 0 or self.cosigners(v) >= quorum:
                 return v
         return None
+
+    def _last_witnessed(self) -> Head:
+        """The newest stored checkpoint that meets the quorum, verified; the signed empty
+        tree if none does. Never a checkpoint below the quorum."""
+        below = None
+        while True:
+            heads = self.store.recent(RECENT_HEADS, below)
+            best = self._servable(heads)
+            if best is not None:
+                return best
+            if len(heads) < RECENT_HEADS:
+                return self._verified(sign_head(self.signer, 0, merkle.EMPTY_ROOT))
+            below = heads[-1].size
 
     def _advance_served(self, head: Head) -> None:
         """Serve `head` if it is newer, or the same tree with more cosignatures; never back."""
@@ -298,29 +358,38 @@ class Log:
         with self._commit_lock:  # a commit of an earlier term finishes first
             return recover(self.store, self.signer)
 
+    def _reload(self) -> None:
+        """Start again from what storage holds (caller holds the commit lock)."""
+        self._new_generation()
+        self._nodes.clear()
+        self.head = recover(self.store, self.signer)
+        self.size = self.head.size
+
     def _quorum(self) -> int:
         return self.witnesses.quorum if self.witnesses is not None else 0
 
     # -- appends -----------------------------------------------------------
 
     async def start(self) -> None:
-        """Start sequencing (with witnesses, cosign the current head first) or, with a
-        lease, start campaigning for it."""
+        """Start sequencing (cosigning the current head in the background) or, with a
+        lease, start campaigning for it (waiting up to a lease ttl for the first round,
+        so a lone replica is already the sequencer when it starts serving)."""
         if self.witnesses is not None:
             await self.witnesses.start()
         if self.lease is not None:
             from tlog.election import campaign
 
-            self._campaign_task = asyncio.create_task(campaign(self, self.lease))
+            first = asyncio.Event()
+            self._campaign_task = asyncio.create_task(campaign(self, self.lease, first))
+            with contextlib.suppress(TimeoutError):  # the role settles before serving
+                await asyncio.wait_for(first.wait(), self.lease.ttl)
             return
         self._queue = asyncio.Queue()
-        if self.witnesses is not None and self.head.size > 0:
-            with contextlib.suppress(QuorumNotReached):
-                await self._cosign(self.head)
         self._task = asyncio.create_task(self._run())
+        self._schedule_cosign()
 
     async def close(self) -> None:
-        self._drain(AppendError("the log is shutting down"))
+        self._drain(AppendError(SHUTTING_DOWN, "the log is shutting down"))
         for t in (self._campaign_task, self._task, self._cosign_task):
             if t is not None:
                 t.cancel()
@@ -339,7 +408,7 @@ class Log:
         if self._queue is None:
             if self.lease is not None:
                 raise NotSequencer(self.sequencer_url)
-            raise AppendError("log not started")
+            raise AppendError(SHUTTING_DOWN, "the log is not started")
         fut: asyncio.Future[Added] = asyncio.get_running_loop().create_future()
         await self._queue.put((entry, fut))
         return await fut
@@ -348,35 +417,45 @@ class Log:
         if self._faults is not None:
             self._faults(step)
 
-    def _commit(self, entries: list[bytes]) -> Head:
-        """Steps 1-3 for one batch (runs in a worker thread)."""
+    def _commit(self, entries: list[bytes]) -> tuple[Head, list[int]]:
+        """Steps 1-3 for one batch (runs in a worker thread): the head covering the batch
+        and each entry's index. An entry the log holds, or that an earlier entry of the
+        batch carries, keeps that index and is not written again."""
         with self._commit_lock:
+            if self._stale:
+                self._reload()
+                self._stale = False
             generation = self._generation
             start = self.size
             hashes = [merkle.leaf_hash(e) for e in entries]
-            changed = tiles.extend(start, hashes, self.read_tile)
-            keys = [(k, start + i) for i, e in enumerate(entries)
-                    if (k := lookup_key(e)) is not None]
+            held = self.store.find_leaves(hashes)
+            indices: list[int] = []
+            fresh: list[int] = []  # positions in `entries` of those new to the log
+            for i, h in enumerate(hashes):
+                if h not in held:
+                    held[h] = start + len(fresh)
+                    fresh.append(i)
+                indices.append(held[h])
+            self.duplicates += len(entries) - len(fresh)
+            new = [entries[i] for i in fresh]
             self._fault("sequence")
-            self.store.persist(start, entries, changed, keys)
-            with self._cache_lock:
-                if generation == self._generation:
-                    for key, data in changed.items():
-                        self._tiles.put(key, data)
-            self.size = start + len(entries)
+            if new:
+                changed = tiles.extend(start, [hashes[i] for i in fresh], self.read_tile)
+                keys = [(k, start + j) for j, e in enumerate(new)
+                        if (k := lookup_key(e)) is not None]
+                self.store.persist(start, new, changed, keys)
+                with self._cache_lock:
+                    if generation == self._generation:
+                        for key, data in changed.items():
+                            self._tiles.put(key, data)
+                self.size = start + len(new)
             self._fault("persist")
-            head = sign_head(self.signer, self.size, merkle.tree_root(self.size, self.node))
-            self.store.checkpoint(head)
-            self.head = head
+            if self.head.size < self.size:
+                head = sign_head(self.signer, self.size, merkle.tree_root(self.size, self.node))
+                self.store.checkpoint(head)
+                self.head = head
             self._fault("checkpoint")
-            return head
-
-    def _reload(self) -> None:
-        """After a failed batch: start again from what storage holds."""
-        self._new_generation()
-        self._nodes.clear()
-        self.head = self._recover()
-        self.size = self.head.size
+            return self.head, indices
 
     async def _run(self) -> None:
         queue = self._queue
@@ -391,22 +470,25 @@ class Log:
                     return
         except asyncio.CancelledError:
             self._fail(batch, NotSequencer(self.sequencer_url) if self.role == REPLICA
-                       else AppendError("the log is shutting down"))
+                       else AppendError(SHUTTING_DOWN, "the log is shutting down"))
             raise
 
     async def _append(self, batch: list[tuple[bytes, asyncio.Future[Added]]]) -> bool:
-        """One batch through the three steps; False once this log may no longer sequence."""
-        entries = [e for e, _ in batch]
-        start = self.size
+        """One batch through the three steps, answered; False once this log may no longer
+        sequence."""
         try:
-            head = await asyncio.to_thread(self._commit, entries)
+            head, indices = await asyncio.to_thread(self._commit, [e for e, _ in batch])
             if self._quorum() > 0:
-                await self._cosign(head)
-            else:
+                if max(indices) >= self.served.size:
+                    await self._cosign(head)
+            elif head.size > self.served.size:
                 self.served = head
-                self._schedule_cosign()
+            self._schedule_cosign()
+            answers = self._answers(batch, indices)
         except QuorumNotReached as e:
-            self._fail(batch, AppendError(f"witness quorum not reached: {e}"))
+            self._fail(batch, AppendError(QUORUM_NOT_REACHED, f"witness quorum not reached "
+                                          f"({e}); the entry is durable: send it again later"))
+            self._schedule_cosign()
             return True
         except Fenced as e:  # another replica took the lease: nothing here is acknowledged
             log.error("append batch fenced: %s", e)
@@ -414,59 +496,97 @@ class Log:
             self._step_down()
             return False
         except Exception as e:  # storage failed: nothing of this batch is acknowledged
-            log.error("append batch failed: %s", e)
-            try:
-                await asyncio.to_thread(self._reload)
-            except Exception as e2:
-                log.error("log recovery failed: %s", e2)
-            self._fail(batch, AppendError("log storage failed"))
+            log.error("append batch failed: %s", (str(e).splitlines() or [type(e).__name__])[0])
+            self._stale = True
+            self._fail(batch, AppendError(STORAGE_UNAVAILABLE, "log storage failed; nothing "
+                                          "was acknowledged: send the entry again"))
             return True
-        served, memo = self.served, {}
-        for i, (entry, fut) in enumerate(batch):
+        for (_, fut), answer in zip(batch, answers, strict=True):
             if not fut.done():
-                fut.set_result(Added(start + i, served.note,
-                                     self.prove(start + i, entry, served, memo)))
+                fut.set_result(answer)
         return True
 
-    @staticmethod
-    def _fail(batch: list[tuple[bytes, asyncio.Future[Added]]], err: Exception) -> None:
+    def _answers(self, batch: list[tuple[bytes, asyncio.Future[Added]]],
+                 indices: list[int]) -> list[Added]:
+        """Each entry's index and proof against the served checkpoint, which covers them."""
+        served, memo = self.served, {}
+        if max(indices) >= served.size:
+            raise QuorumNotReached(f"the served checkpoint (size {served.size}) does not "
+                                   "cover the batch")
+        return [Added(i, served.note, self.prove(i, entry, served, memo))
+                for (entry, _), i in zip(batch, indices, strict=True)]
+
+    def _fail(self, batch: list[tuple[bytes, asyncio.Future[Added]]], err: AppendError) -> None:
         for _, fut in batch:
             if not fut.done():
                 fut.set_exception(err)
+                self.refusals[err.code] += 1
 
     async def _cosign(self, head: Head) -> None:
-        """Gather verified cosignatures for `head`, persist them and serve it."""
+        """Gather verified cosignatures for `head`, persist them and serve it (with a quorum,
+        only if it meets it: QuorumNotReached otherwise)."""
         assert self.witnesses is not None
         async with self._cosign_lock:
             if head.size < self.served.size:
                 return  # a newer checkpoint is served; witnesses would refuse this one
-            sigs = await self.witnesses.cosign(head.note, head.size, self._prove_for_witness)
-            cosigned = self._verified(head, sigs)
-            if cosigned.note != head.note:
-                await asyncio.to_thread(self.store.update_note, head.size, cosigned.note)
-            if cosigned.size >= self.served.size:
-                self.served = cosigned
+            late = functools.partial(self._add_late, head.size)
+            sigs = await self.witnesses.cosign(head.note, head.size, self._prove_for_witness,
+                                               late)
+            base = self.served if self.served.size == head.size else head
+            await self._keep(self._verified(base, sigs), base)
+
+    async def _add_late(self, size: int, sigs: list[note.Signature]) -> None:
+        """Cosignatures that arrived after the quorum was met: added to the served
+        checkpoint if it is still the one of `size`."""
+        try:
+            async with self._cosign_lock:
+                if self.served.size == size:
+                    await self._keep(self._verified(self.served, sigs), self.served)
+        except Exception as e:  # noqa: BLE001 - storing extra cosignatures is best effort
+            log.warning("storing late cosignatures failed: %s", e)
+
+    async def _keep(self, cosigned: Head, base: Head) -> None:
+        """Store `cosigned` (base's checkpoint with more cosignatures) and serve it."""
+        if cosigned.note != base.note:
+            await asyncio.to_thread(self.store.update_note, cosigned.size, cosigned.note)
+        self._advance_served(cosigned)
 
     def _prove_for_witness(self, old: int, new: int) -> list[bytes]:
         return merkle.prove_consistency(old, new, self.node)
 
+    def _witnessed_by_all(self, head: Head) -> bool:
+        """`head` is served and every witness URL has cosigned its size."""
+        assert self.witnesses is not None
+        return self.served.size >= head.size and all(
+            st.size >= head.size for st in self.witnesses.status.values())
+
     def _schedule_cosign(self) -> None:
-        """Cosign the newest head in the background, one at a time (the served head
-        becomes the cosigned one; with a quorum only once it meets it)."""
-        if self.witnesses is None or (self._cosign_task and not self._cosign_task.done()):
+        """Cosign the newest head in the background (one task at a time) until every
+        witness has cosigned it, pausing between rounds while one does not answer."""
+        if self.witnesses is None or self.role != SEQUENCER or (
+                self._cosign_task is not None and not self._cosign_task.done()):
             return
+        self._cosign_task = asyncio.create_task(self._catch_up())
 
-        async def loop() -> None:
-            while True:
-                head = self.head
-                try:
-                    await self._cosign(head)
-                except QuorumNotReached:
-                    pass
-                except StorageError as e:  # fenced, or the database is down: stop here
-                    log.warning("storing cosignatures failed: %s", e)
-                    return
-                if self.head.size == head.size:
-                    return
-
-        self._cosign_task = asyncio.create_task(loop())
+    async def _catch_up(self) -> None:
+        first, longest = CATCH_UP_PAUSE
+        pause = first
+        while True:
+            head = self.head
+            if self._witnessed_by_all(head):
+                return
+            try:
+                await self._cosign(head)
+            except QuorumNotReached:
+                pass
+            except Fenced:
+                return
+            except Exception as e:  # noqa: BLE001 - storage refused the cosignatures: retry
+                log.warning("storing cosignatures failed: %s", e)
+            if self.head.size != head.size:
+                pause = first
+                continue
+            if self._witnessed_by_all(head):
+                return
+            await asyncio.sleep(pause)
+            pause = min(2 * pause, longest)

@@ -7,6 +7,12 @@ for operators GET /metrics (tlog/metrics.py), GET /healthz (the process
 answers) and GET /readyz (storage answers now, the served checkpoint is
 signed by the loaded key: 200, else 503 naming what failed).
 Every malformed request is a 4xx with a short plain-text or JSON reason.
+What the log cannot do right now is a 503 JSON `{"error", "code"}` with
+`Retry-After`: an append not acknowledged (the codes of
+tlog/sequencer.py: `storage_unavailable`, `quorum_not_reached`,
+`not_sequencer` naming the sequencer, `shutting_down`; sending the same
+entry again is safe, appends are idempotent), or a read the storage could
+not answer (`storage_unavailable`).
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from urllib.parse import parse_qs
 
 from tlog import checkpoint, merkle, tiles
 from tlog.metrics import LogMetrics
-from tlog.sequencer import SEQUENCER, AppendError, Log, NotSequencer
+from tlog.sequencer import SEQUENCER, STORAGE_UNAVAILABLE, AppendError, Log, NotSequencer
 from tlog.service import (
     METRICS_TEXT,
     TEXT,
@@ -33,6 +39,7 @@ from tlog.service import (
     read_body,
     respond,
 )
+from tlog.storage import StorageError
 
 OCTETS = b"application/octet-stream"
 JSON = b"application/json"
@@ -64,6 +71,12 @@ class TlogApp:
             return
         if scope["type"] != "http":
             return
+        try:
+            await self._route(scope, receive, send)
+        except StorageError as e:  # a read the store could not answer now
+            await _unavailable(send, STORAGE_UNAVAILABLE, f"log storage unavailable: {e}")
+
+    async def _route(self, scope: Scope, receive: Receive, send: Send) -> None:
         method, path = scope["method"], scope["path"]
         if path in ("/add", "/add-batch"):
             if method != "POST":
@@ -132,7 +145,7 @@ class TlogApp:
         except NotSequencer as e:
             return await _not_sequencer(send, e.sequencer)
         except AppendError as e:
-            return await _json(send, 503, {"error": str(e)})
+            return await _unavailable(send, e.code, str(e))
         self.metrics.append_seconds.observe(time.perf_counter() - started)
         await _json(send, 200, {"index": added.index, "checkpoint": added.checkpoint.decode(),
                                 "proof": added.proof.decode()})
@@ -164,7 +177,7 @@ class TlogApp:
         out: list[dict[str, object]] = []
         for r in results:
             if isinstance(r, AppendError):
-                out.append({"error": str(r)})
+                out.append({"error": str(r), "code": r.code})
             elif isinstance(r, BaseException):
                 raise r
             else:
@@ -223,6 +236,13 @@ async def _not_sequencer(send: Send, sequencer: str | None) -> None:
     """503 for an append sent to a replica that does not sequence; names the one that does."""
     body = {"error": "this log replica is not the sequencer; append at the sequencer",
             "code": "not_sequencer", "sequencer": sequencer}
+    await respond(send, 503, json.dumps(body).encode(), JSON, b"no-store",
+                  [(b"retry-after", b"1")])
+
+
+async def _unavailable(send: Send, code: str, reason: str) -> None:
+    """503 for what the log cannot do now; the client tries again after a second."""
+    body = {"error": reason, "code": code}
     await respond(send, 503, json.dumps(body).encode(), JSON, b"no-store",
                   [(b"retry-after", b"1")])
 

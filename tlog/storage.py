@@ -2,8 +2,8 @@
 
 An append goes through:
 1. sequence: the sequencer gives a batch of entries consecutive indices;
-2. persist: entries, the hash tiles they change and their lookup keys are
-   committed in ONE transaction (`Storage.persist`);
+2. persist: entries, their leaf hashes, the hash tiles they change and their
+   lookup keys are committed in ONE transaction (`Storage.persist`);
 3. checkpoint: the new tree head is signed and committed (`Storage.checkpoint`).
 
 Nothing is acknowledged before step 3 has committed. A crash between 2 and 3
@@ -11,8 +11,27 @@ leaves entries that no checkpoint covers yet; `recover` (run on every open)
 signs a checkpoint over them, so recovery is the normal path. A crash before
 2 commits loses only entries nobody was told about.
 
-Backends implement `Storage`; `faults` lets tests fail or "crash" right after
-any step without touching the format code.
+The log holds each entry once. Step 1 looks every entry's leaf hash up in
+the leaf index (`Storage.find_leaves`) and among the batch's earlier
+entries: an entry already held keeps its index, nothing is written for it,
+and its append is answered like the first one (its index and a proof).
+Since an entry and its leaf hash commit in the same transaction, after a
+crash between any two steps an entry is either held, indexed, or absent:
+sending it again after a restart resolves to the one entry. `persist`
+refuses an entry whose leaf hash is already held, so a duplicate can never
+be written even by mistake. Logs created before the leaf index get it on
+open: `recover` indexes the stored entries it lacks, in index order (the
+index always covers a prefix of the log; an entry an older log holds twice
+keeps its first index).
+
+A step that fails (disk full, read-only file system, the database
+connection dropped or refused) raises StorageError and acknowledges nothing
+of its batch; the next batch starts with `recover` again, so the log
+resumes by itself as soon as storage accepts writes, with no restart.
+
+Backends implement `Storage` and raise StorageError for every failure of
+the store itself; `faults` lets tests fail or "crash" right after any step
+without touching the format code.
 
 One writer at a time: SQLite by an exclusive lock on its file for the
 process's lifetime, PostgreSQL by the sequencer lease of tlog/election.py,
@@ -38,7 +57,8 @@ FaultHook = Callable[[str], None]
 
 
 class StorageError(RuntimeError):
-    """The stored log is unusable (corrupt, inconsistent or unreachable)."""
+    """The stored log is unusable now: corrupt, inconsistent, or the store refused (disk
+    full, read-only, database unreachable). The message is one line."""
 
 
 class Fenced(StorageError):
@@ -63,8 +83,8 @@ class Storage(Protocol):
     def head(self) -> Head | None:
         """The latest checkpoint, or None for a new log."""
 
-    def recent(self, count: int) -> list[Head]:
-        """The newest `count` checkpoints, newest first."""
+    def recent(self, count: int, below: int | None = None) -> list[Head]:
+        """The newest `count` checkpoints (of size below `below`, if given), newest first."""
 
     def fence(self, token: int) -> None:
         """Commit writes from now on only while `token` is the sequencer lease's token
@@ -81,7 +101,18 @@ class Storage(Protocol):
 
     def persist(self, start: int, entries: Sequence[bytes], tiles: dict[tuple[int, int], bytes],
                 keys: Sequence[tuple[str, int]]) -> None:
-        """Step 2: entries from index `start`, changed tiles, lookup keys; atomically."""
+        """Step 2: entries from index `start` with their leaf hashes, changed tiles, lookup
+        keys; atomically. Raises StorageError (writing nothing) if the log already holds
+        one of the entries."""
+
+    def find_leaves(self, hashes: Sequence[bytes]) -> dict[bytes, int]:
+        """The index of each of these leaf hashes that the leaf index holds."""
+
+    def leaves_indexed(self) -> int:
+        """One past the highest entry index in the leaf index (0 if empty)."""
+
+    def index_leaves(self, start: int, hashes: Sequence[bytes]) -> None:
+        """Record the leaf hashes of stored entries from `start`, keeping any already held."""
 
     def checkpoint(self, head: Head) -> None:
         """Step 3: record a new signed checkpoint."""
@@ -126,13 +157,41 @@ def sign_head(signer: note.Signer, size: int, root: bytes) -> Head:
     return Head(size, root, checkpoint.sign(checkpoint.Checkpoint(signer.name, size, root), signer))
 
 
+INDEX_CHUNK = 4096
+"""Entries read and indexed per transaction when an older log gets its leaf index."""
+
+
+def index_leaves(store: Storage) -> int:
+    """Put every stored entry's leaf hash in the leaf index; how many entries were read.
+
+    Cheap when the index is complete (one lookup of the last entry). Otherwise
+    indexes from one past the highest indexed entry, in index order.
+    """
+    size = store.size()
+    if size == 0:
+        return 0
+    last = merkle.leaf_hash(store.read_entries(size - 1, size)[0])
+    if store.find_leaves([last]).get(last) == size - 1:
+        return 0
+    start = done = store.leaves_indexed()
+    while start < size:
+        entries = store.read_entries(start, min(size, start + INDEX_CHUNK))
+        if not entries:
+            raise StorageError(f"entries from {start} are missing below size {size}")
+        store.index_leaves(start, [merkle.leaf_hash(e) for e in entries])
+        start += len(entries)
+    return start - done
+
+
 def recover(store: Storage, signer: note.Signer) -> Head:
-    """Bring a store to a signed head covering every persisted entry.
+    """Bring a store to a signed head covering every persisted entry, every entry in the
+    leaf index.
 
     A new log gets a signed checkpoint of size 0 (root SHA-256("")). Entries
     persisted after the last checkpoint (a crash between steps 2 and 3) are
     covered by a new checkpoint computed from the stored tiles.
     """
+    index_leaves(store)
     size = store.size()
     head = store.head()
     if head is not None and head.size > size:

@@ -1,9 +1,13 @@
 """The log's side of C2SP tlog-witness: submit checkpoints, keep verified cosignatures.
 
 Each witness URL is tracked by the size it last cosigned (0 until known). A
-409 answer carries the witness's size; the pool retries once from it. A slow
-or down witness never holds the log beyond `timeout`, and the checkpoint
-itself is never changed: cosignatures are only ever appended to it.
+409 answer carries the witness's size; the pool retries once from it. One
+request at a time goes to each witness. A slow or down witness never holds
+the log beyond `timeout` (a deadline for the whole round, not per read), and
+the checkpoint itself is never changed: cosignatures are only ever appended
+to it. With a quorum, a round returns as soon as K witnesses cosigned; the
+others are still waited for until the deadline, and what they send is handed
+to a `late` callback, so a witness slower than its peers still catches up.
 
 What a witness answers is not trusted. Every returned line is checked
 against the configured witness keys (`--witness-vkey`): a line from an
@@ -20,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import httpx
@@ -33,6 +37,8 @@ log = logging.getLogger("tlog.witnessing")
 
 KeyRef = tuple[str, bytes]
 """A signature's (key name, key ID)."""
+Late = Callable[[list[note.Signature]], Awaitable[None]]
+"""Receives valid cosignatures that arrived after a round returned."""
 
 
 class QuorumNotReached(Exception):
@@ -108,11 +114,17 @@ class WitnessPool:
         self.timeout = timeout
         self.status = {u: WitnessStatus() for u in self.urls}
         self._client: httpx.AsyncClient | None = None
+        self._busy = {u: asyncio.Lock() for u in self.urls}
+        self._stragglers: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         self._client = httpx.AsyncClient(timeout=self.timeout)
 
     async def close(self) -> None:
+        for t in list(self._stragglers):
+            t.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
         if self._client is not None:
             await self._client.aclose()
 
@@ -167,7 +179,8 @@ class WitnessPool:
         """`_submit`, with the outcome counted in `status`; a failure gives no cosignature."""
         st = self.status[url]
         try:
-            valid = await self._submit(url, note_bytes, size, prove)
+            async with self._busy[url]:
+                valid = await self._submit(url, note_bytes, size, prove)
         except WitnessFailure as e:
             log.warning("%s", e)
             st.fail(e.reason)
@@ -180,33 +193,71 @@ class WitnessPool:
         return valid
 
     async def cosign(self, note_bytes: bytes, size: int,
-                     prove: Callable[[int, int], list[bytes]]) -> list[note.Signature]:
+                     prove: Callable[[int, int], list[bytes]],
+                     late: Late | None = None) -> list[note.Signature]:
         """Valid cosignatures from the witnesses for this signed checkpoint, one per key.
 
         With a quorum K, returns as soon as K distinct witness keys cosigned
-        (QuorumNotReached after `timeout`); without, returns what arrived
-        within `timeout`. A witness still pending at the timeout counts a
-        "timeout" failure.
+        (QuorumNotReached once `timeout` has passed without); the witnesses
+        still pending are then waited for in the background until the same
+        deadline and their valid cosignatures go to `late`. Without a quorum,
+        returns what arrived within `timeout`. A witness still pending at the
+        deadline counts a "timeout" failure.
         """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout
         tasks = {asyncio.create_task(self._ask(u, note_bytes, size, prove)): u
                  for u in self.urls}
         got: dict[KeyRef, note.Signature] = {}
+        pending = set(tasks)
         try:
-            for fut in asyncio.as_completed(tasks, timeout=self.timeout):
-                for ref, sig in (await fut).items():
-                    got.setdefault(ref, sig)
-                if self.quorum and len(got) >= self.quorum:
+            while pending and not (self.quorum and len(got) >= self.quorum):
+                done, pending = await asyncio.wait(pending, timeout=deadline - loop.time(),
+                                                   return_when=asyncio.FIRST_COMPLETED)
+                if not done:
                     break
-        except TimeoutError:
-            for t, url in tasks.items():
-                if not t.done():
-                    self.status[url].fail("timeout")
-        finally:
-            for t in tasks:
-                if not t.done():
-                    t.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await t
+                for t in done:
+                    for ref, sig in t.result().items():
+                        got.setdefault(ref, sig)
+        except BaseException:
+            await self._expire(pending, tasks, count=False)
+            raise
+        if pending and late is not None and self.quorum and len(got) >= self.quorum:
+            straggle = asyncio.create_task(self._straggle(pending, tasks, deadline, got, late))
+            self._stragglers.add(straggle)
+            straggle.add_done_callback(self._stragglers.discard)
+        else:
+            await self._expire(pending, tasks, count=len(got) < self.quorum or not self.quorum)
         if len(got) < self.quorum:
             raise QuorumNotReached(f"{len(got)} of {self.quorum} witnesses cosigned")
         return list(got.values())
+
+    async def _straggle(self, pending: set[asyncio.Task[dict[KeyRef, note.Signature]]],
+                        tasks: dict[asyncio.Task[dict[KeyRef, note.Signature]], str],
+                        deadline: float, got: dict[KeyRef, note.Signature], late: Late) -> None:
+        """Wait for the witnesses a round left pending, until its deadline; pass on the
+        cosignatures from keys the round did not already have."""
+        timeout = max(0.0, deadline - asyncio.get_running_loop().time())
+        try:
+            done, pending = await asyncio.wait(pending, timeout=timeout)
+        finally:
+            await self._expire(pending, tasks, count=True)
+        more: dict[KeyRef, note.Signature] = {}
+        for t in done:
+            for ref, sig in t.result().items():
+                if ref not in got:
+                    more.setdefault(ref, sig)
+        if more:
+            await late(list(more.values()))
+
+    async def _expire(self, pending: Iterable[asyncio.Task[dict[KeyRef, note.Signature]]],
+                      tasks: dict[asyncio.Task[dict[KeyRef, note.Signature]], str], *,
+                      count: bool) -> None:
+        """Cancel requests still pending; with `count`, each is that witness's "timeout"."""
+        for t in pending:
+            if not t.done():
+                if count:
+                    self.status[tasks[t]].fail("timeout")
+                t.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await t

@@ -8,6 +8,8 @@
 | `witness_log_size` | gauge | `origin` | the size last cosigned for each configured log |
 | `witness_forks` | gauge | | forks recorded as evidence (GET /forks) |
 
+The state gauges (`witness_log_size`, `witness_forks`) are left out of a
+scrape while the state database cannot be read; the counters stay.
 `origin` takes only configured origins (a refusal for an unknown one is
 counted by status alone), and `route` is one of ROUTES, so no client can
 grow the set of label values.
@@ -21,6 +23,8 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from witness.state import StateError
 
 if TYPE_CHECKING:
     from witness.server import Witness
@@ -49,15 +53,20 @@ class WitnessMetrics(Collector):
         return generate_latest(self.registry)
 
     def collect(self) -> Iterator[Metric]:
-        sizes = GaugeMetricFamily("witness_log_size", "Size last cosigned, by log",
-                                  labels=["origin"])
-        for origin in sorted(self.witness.logs):
-            sizes.add_metric([origin], self.witness.state.get(origin)[0])
-        yield sizes
         cosigned = CounterMetricFamily("witness_cosignatures", "Checkpoints cosigned, by log",
                                        labels=["origin"])
         for origin in sorted(self.witness.logs):
             cosigned.add_metric([origin], self.witness.cosigned[origin])
         yield cosigned
-        yield GaugeMetricFamily("witness_forks", "Forks recorded as evidence",
-                                value=self.witness.state.fork_count())
+        try:  # read from the state database: left out while it cannot be read
+            state = self.witness.state
+            sizes = [(origin, state.get(origin)[0]) for origin in sorted(self.witness.logs)]
+            forks = state.fork_count()
+        except StateError:
+            return
+        size = GaugeMetricFamily("witness_log_size", "Size last cosigned, by log",
+                                 labels=["origin"])
+        for origin, n in sizes:
+            size.add_metric([origin], n)
+        yield size
+        yield GaugeMetricFamily("witness_forks", "Forks recorded as evidence", value=forks)

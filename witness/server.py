@@ -6,6 +6,12 @@ that origin; the new size and root are durable before the answer is sent.
 For operators: GET /metrics (witness/metrics.py), GET /healthz (the process
 answers), GET /readyz (the state database answers and is the one opened,
 the key signs: 200, else 503 naming what failed).
+
+When the state database cannot be read or written (disk full, read-only,
+I/O error), every request that needs it is answered 503 JSON `{"error",
+"code": "storage_unavailable"}` with `Retry-After`: no cosignature is ever
+given without the new size durably stored, and the witness answers again as
+soon as the database does.
 """
 
 from __future__ import annotations
@@ -21,10 +27,13 @@ from tlog import checkpoint, merkle, note
 from tlog.service import METRICS_TEXT, Probe, Receive, Scope, Send, observed, read_body, respond
 from witness import cosignature, request
 from witness.metrics import WitnessMetrics
-from witness.state import State
+from witness.state import State, StateError
 
 PING_TIMEOUT = 3.0
 """Seconds /readyz waits for the state database to answer."""
+
+STORAGE_UNAVAILABLE = "storage_unavailable"
+"""The code of a 503: the state database failed, nothing was stored or cosigned."""
 
 CRASH_AFTER_PERSIST = "PAG_WITNESS_CRASH_AFTER_PERSIST"
 """Test hook: exit the process right after persisting, before answering."""
@@ -116,7 +125,7 @@ class Witness:
             logs.append({"origin": origin, "vkey": v.vkey, "size": size,
                          "root": root.hex() if root else None})
         return {"name": self.signer.name, "vkey": self.signer.vkey, "logs": logs,
-                "forks": len(self.state.forks())}
+                "forks": self.state.fork_count()}
 
 
 class WitnessApp:
@@ -140,6 +149,17 @@ class WitnessApp:
                     return
         if scope["type"] != "http":
             return
+        try:
+            await self._route(scope, receive, send)
+        except StateError as e:
+            if scope["path"] == "/add-checkpoint":
+                self.metrics.refusals.labels("503").inc()
+            body = json.dumps({"error": f"witness state unavailable: {e}",
+                               "code": STORAGE_UNAVAILABLE}).encode()
+            await respond(send, 503, body, b"application/json", b"no-store",
+                          [(b"retry-after", b"1")])
+
+    async def _route(self, scope: Scope, receive: Receive, send: Send) -> None:
         method, path = scope["method"], scope["path"]
         if path == "/add-checkpoint":
             if method != "POST":
