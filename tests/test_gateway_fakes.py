@@ -41,9 +41,9 @@ from gateway.receipts.outbox import Outbox, ReceiptSigner
 from gateway.receipts.shipper import LogStatus, Shipper
 from gateway.upstream.leases import Leases, LeaseSource
 from tlog import checkpoint, merkle, note, proof, tiles
+from tlog.service import uvicorn_config
 from verifier.tee.keyset import keyset_hash
 from witness import cosignature
-from tlog.service import uvicorn_config
 
 API_KEY = "sk-test-key"
 ADMIN_KEY = "admin-test-key"

@@ -17,8 +17,8 @@ from urllib.parse import urlsplit
 
 from gateway.verification.base import PATH_KEYS, WORKLOAD_PINS, Policy
 from tlog import note
-from witness import cosignature
 from tlog.service import LIMIT_FLAGS, ServerLimits
+from witness import cosignature
 
 HEX64 = re.compile(r"[0-9a-f]{64}")
 KINDS = ("chat", "embeddings")
