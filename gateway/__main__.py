@@ -1,10 +1,12 @@
-"""`python -m gateway COMMAND ...` (serve, demo, verify-routes, verify-evidence): dispatch."""
+"""`python -m gateway COMMAND ...` (serve, demo, verify-routes, verify-evidence; also
+installed as `pag-gateway`): dispatch to the command's module; `--version` prints the
+installed version."""
 
 from __future__ import annotations
 
 import sys
 
-USAGE = """usage: python -m gateway COMMAND [ARGS]
+USAGE = """usage: python -m gateway [--version] COMMAND [ARGS]
 
 commands:
   serve --config FILE --listen HOST:PORT     run the gateway
@@ -21,6 +23,11 @@ def main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE, end="")
         return 0 if argv else 2
+    if argv[0] == "--version":
+        from verifier import version
+
+        print(f"pag-gateway {version()}")
+        return 0
     cmd, rest = argv[0], argv[1:]
     if cmd == "serve":
         from gateway.api import server
@@ -36,6 +43,11 @@ def main(argv: list[str]) -> int:
         return verify_evidence.main(rest)
     print(f"unknown command {cmd!r}\n{USAGE}", end="", file=sys.stderr)
     return 2
+
+
+def console() -> int:
+    """The `pag-gateway` console script."""
+    return main(sys.argv[1:])
 
 
 if __name__ == "__main__":

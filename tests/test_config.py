@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 from pathlib import Path
 
 import pytest
@@ -166,3 +167,30 @@ def test_provider_key_is_read_from_its_file_and_never_shown(tmp_path: Path) -> N
     (tmp_path / "near.key").write_text("\n")
     with pytest.raises(config.ConfigError, match="empty"):
         config.load(write(tmp_path, route + "base_url='https://x/v1'\napi_key_file='near.key'\n"))
+
+
+def test_log_keys_are_read_from_the_files_the_services_publish(tmp_path: Path) -> None:
+    from tlog import note
+    from witness import cosignature
+
+    log_vkey = note.generate_signer("log").vkey
+    w1, w2 = (cosignature.CosignatureSigner(n, secrets.token_bytes(32)).vkey
+              for n in ("w1", "w2"))
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    (keys / "log.vkey").write_text(log_vkey + "\n")
+    (keys / "witness.vkey").write_text(w2 + "\n")
+    cfg = config.load(write(tmp_path, '[log]\nvkey_file = "keys/log.vkey"\n'
+                                      f'witness_vkeys = ["{w1}"]\n'
+                                      'witness_vkey_files = ["keys/witness.vkey"]\n'))
+    assert cfg.log.vkey == log_vkey
+    assert cfg.log.witness_vkeys == (w1, w2)
+    for text, message in (
+            (f'[log]\nvkey = "{log_vkey}"\nvkey_file = "keys/log.vkey"\n', "not both"),
+            ('[log]\nvkey_file = "keys/absent.vkey"\n', "cannot read .*absent.vkey"),
+            ('[log]\nwitness_vkey_files = [1]\n', "list of strings")):
+        with pytest.raises(config.ConfigError, match=message):
+            config.load(write(tmp_path, text))
+    (keys / "two.vkey").write_text("a+01234567+AAAA\nb+01234567+AAAA\n")
+    with pytest.raises(config.ConfigError, match="one key on one line"):
+        config.load(write(tmp_path, '[log]\nvkey_file = "keys/two.vkey"\n'))

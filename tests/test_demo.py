@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -151,11 +152,21 @@ def test_restart_reuses_keys_and_sigterm_stops_every_part(tmp_path: Path) -> Non
     finally:
         d.kill()
 
-    d2 = Demo(data)
+    old_witness = int(ready["witness"].rsplit(":", 1)[1])
+    squatter = socket.socket()  # something else took the witness's port meanwhile
+    squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # past TIME_WAIT
+    squatter.bind(("127.0.0.1", old_witness))
+    squatter.listen()
+    try:
+        d2 = Demo(data)
+    finally:
+        squatter.close()
     try:
         again = d2.ready
-        for k in ("log_vkey", "witness_vkey", "api_key"):
-            assert again[k] == ready[k]
+        for k in ("log_vkey", "witness_vkey", "api_key", "tlog", "provider"):
+            assert again[k] == ready[k]  # same keys; the monitor's log URL still works
+        assert again["witness"] != ready["witness"]
+        assert f"port {old_witness} of the witness is taken" in d2.stderr()
         key2 = httpx.get(again["gateway"] + "/.well-known/attestation",
                          timeout=30).json()["keyset"]
         assert key2["receipt_signing_key"] == key1["receipt_signing_key"]
@@ -171,7 +182,21 @@ def test_restart_reuses_keys_and_sigterm_stops_every_part(tmp_path: Path) -> Non
 
 
 def test_a_part_that_fails_is_reported_and_the_rest_stopped(tmp_path: Path) -> None:
-    s = socket.socket()  # hold the port so the gateway cannot bind it
+    data = tmp_path / "d"
+    data.mkdir()
+    (data / "gateway").write_text("in the way of the gateway's data directory\n")
+    r = subprocess.run([sys.executable, "-m", "gateway", "demo", "--data", str(data),
+                        "--listen", "127.0.0.1:0"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=180)
+    assert r.returncode == 1
+    assert r.stdout == ""
+    assert "gateway exited with status 1" in r.stderr and "last lines of" in r.stderr
+    assert f"data directory {data / 'gateway'} is not a directory" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_a_used_port_fails_before_anything_starts(tmp_path: Path) -> None:
+    s = socket.socket()  # hold the port, as a first demo's gateway would
     s.bind(("127.0.0.1", 0))
     s.listen()
     port = s.getsockname()[1]
@@ -179,13 +204,76 @@ def test_a_part_that_fails_is_reported_and_the_rest_stopped(tmp_path: Path) -> N
         data = tmp_path / "d"
         r = subprocess.run([sys.executable, "-m", "gateway", "demo", "--data", str(data),
                             "--listen", f"127.0.0.1:{port}"], cwd=ROOT, capture_output=True,
-                           text=True, timeout=180)
+                           text=True, timeout=60)
     finally:
         s.close()
-    assert r.returncode == 1
-    assert r.stdout == ""
-    assert "gateway" in r.stderr and "last lines of" in r.stderr
-    assert "Traceback" not in r.stderr.split("last lines of")[0]
+    assert (r.returncode, r.stdout) == (1, "")  # no ready line, false or otherwise
+    assert r.stderr == f"demo: cannot listen on 127.0.0.1:{port}: address already in use\n"
+    assert sorted(p.name for p in data.iterdir()) == [demo.LOCK_FILE]  # nothing started
+
+
+def test_a_second_demo_touches_nothing_of_the_first(tmp_path: Path) -> None:
+    data = tmp_path / "d"
+    first = Demo(data)
+    try:
+        def state() -> dict[str, tuple[int, int]]:
+            return {str(p.relative_to(data)): (p.stat().st_mtime_ns, p.stat().st_size)
+                    for p in data.rglob("*") if "logs" not in p.parts and p.is_file()
+                    and p.suffix not in (".db", ".sqlite3", ".db-wal", ".sqlite3-wal",
+                                         ".db-shm", ".sqlite3-shm")}
+        sockets = sorted(data.glob("*.sock"))
+        assert len(sockets) == 2
+        assert chat(first.ready, "settle").status_code == 200
+        for _ in range(200):  # the gateway's shipper comes up after the ready line
+            if (data / "gateway" / "shipper.lock").exists():
+                break
+            time.sleep(0.05)
+        before = state()
+        again = subprocess.run([sys.executable, "-m", "gateway", "demo", "--data", str(data),
+                                "--listen", "127.0.0.1:0"], cwd=ROOT, capture_output=True,
+                               text=True, timeout=60)
+        assert (again.returncode, again.stdout) == (1, "")
+        assert again.stderr == (f"demo: {data} is in use by another demo (pid {first.proc.pid});"
+                                " stop it first, or give this one another --data\n")
+        port = first.ready["gateway"].rsplit(":", 1)[1]
+        other = tmp_path / "other"
+        same_port = subprocess.run([sys.executable, "-m", "gateway", "demo", "--data",
+                                    str(other), "--listen", f"127.0.0.1:{port}"], cwd=ROOT,
+                                   capture_output=True, text=True, timeout=60)
+        assert (same_port.returncode, same_port.stdout) == (1, "")
+        assert "already in use" in same_port.stderr
+        assert state() == before
+        assert sorted(data.glob("*.sock")) == sockets
+        assert chat(first.ready, "still here").status_code == 200
+        assert first.terminate() == 0
+    finally:
+        first.kill()
+
+
+def test_stable_ports_are_reused_unless_taken(tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    names = ("a", "b", "c")
+    first = demo.stable_ports(tmp_path, names)
+    assert sorted(first) == sorted(names) and len(set(first.values())) == 3
+    assert json.loads((tmp_path / demo.PORTS_FILE).read_text()) == first
+    assert demo.stable_ports(tmp_path, names) == first
+    held = socket.socket()
+    held.bind(("127.0.0.1", first["b"]))
+    held.listen()
+    try:
+        second = demo.stable_ports(tmp_path, names, reserved=(first["c"],))
+    finally:
+        held.close()
+    assert second["a"] == first["a"]
+    assert second["b"] != first["b"] and second["c"] != first["c"]
+    assert first["c"] not in second.values() and len(set(second.values())) == 3
+    err = capsys.readouterr().err
+    assert f"port {first['b']} of the b is taken" in err and f"port {first['c']} of the c" in err
+    assert json.loads((tmp_path / demo.PORTS_FILE).read_text()) == second
+    for junk in ("{", "[1, 2]", '{"a": "80", "b": true, "c": 70000}'):
+        (tmp_path / demo.PORTS_FILE).write_text(junk)
+        fresh = demo.stable_ports(tmp_path, names)
+        assert len(set(fresh.values())) == 3 and all(0 < p < 65536 for p in fresh.values())
 
 
 def test_bad_arguments_exit_2(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:

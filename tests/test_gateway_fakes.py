@@ -34,6 +34,7 @@ from gateway.api import config as gconfig
 from gateway.api import server
 from gateway.api.apikeys import hash_key
 from gateway.api.app import Gateway
+from gateway.api.health import Readiness
 from gateway.api.routes import now_rfc3339
 from gateway.receipts import keysets
 from gateway.receipts.logclient import LogClient
@@ -279,6 +280,14 @@ class FakeLog:
         n = len(tiles.decode_bundle(await request.read()))
         return web.json_response({"entries": [{"error": "not now"}] * n})
 
+    async def _checkpoint(self, request: web.Request) -> web.Response:
+        if self.fail:
+            return web.Response(status=503)
+        cp = checkpoint.Checkpoint("fake.log/test", len(self.leaves), merkle.root(self.leaves),
+                                   ())
+        return web.Response(body=checkpoint.sign(cp, self.signer),
+                            content_type="text/plain", charset="utf-8")
+
     async def _add(self, request: web.Request) -> web.Response:
         if request.headers.get("Authorization") != f"Bearer {self.token}":
             return web.Response(status=401)
@@ -446,12 +455,14 @@ async def fake_identity(cfg: gconfig.Config, rk: Ed25519PrivateKey,
 
 @contextlib.asynccontextmanager
 async def run_gateway(cfg_path: Path, store: LeaseSource | None = None,
-                      error_type: type[Exception] = FakeVerificationError
+                      error_type: type[Exception] = FakeVerificationError,
+                      readiness: Callable[[Outbox], Readiness] | None = None
                       ) -> AsyncIterator[Running]:
     """Start the gateway app on a free port; stop it (and close its outbox) on exit.
 
     `store` grants leases (a `FakeLeaseStore` unless given: the verification tests
-    pass the real one, with its `VerificationError` as `error_type`)."""
+    pass the real one, with its `VerificationError` as `error_type`); `readiness` builds
+    the app's /readyz checks from its outbox (default: the app's own)."""
     cfg = gconfig.load(cfg_path)
     rk = Ed25519PrivateKey.generate()
     ek = X25519PrivateKey.generate()
@@ -466,7 +477,8 @@ async def run_gateway(cfg_path: Path, store: LeaseSource | None = None,
     app = Gateway(cfg, signer=ReceiptSigner(rk), identity=ident.identity, outbox=outbox,
                   status=status, leases=Leases(store, error_type),
                   attest=ident.attest, keyset_index=ident.keyset_index,
-                  e2ee_key=ek.private_bytes_raw())
+                  e2ee_key=ek.private_bytes_raw(),
+                  readiness=readiness(outbox) if readiness is not None else None)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)  # asyncio sets
     # TCP_NODELAY only on sockets whose proto is TCP (else Nagle adds 40 ms per response)
     sock.bind(("127.0.0.1", 0))

@@ -244,7 +244,8 @@ def test_every_package_says_what_it_owns_and_may_import() -> None:
                                                       if m.startswith("gateway.")}
 
 
-IMPORT_NAME = {"pycryptodome": "Crypto"}  # distributions imported under another name
+IMPORT_NAME = {"pycryptodome": "Crypto",  # distributions imported under another name
+               "opentelemetry-api": "opentelemetry"}
 
 
 def declared() -> dict[str, list[str]]:

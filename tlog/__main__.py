@@ -9,7 +9,15 @@ import os
 import sys
 from pathlib import Path
 
-from tlog.service import add_limit_arguments, limits_from_args, listen_address, package_version
+from tlog.service import (
+    add_limit_arguments,
+    dstack_seed,
+    limits_from_args,
+    listen_address,
+    package_version,
+)
+
+DSTACK_KEY_PATH = "pag/tlog/note-key"
 
 
 def parser() -> argparse.ArgumentParser:
@@ -31,8 +39,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--witness", action="append", default=[], metavar="URL",
                    help="witness to submit checkpoints to (repeat)")
     s.add_argument("--witness-vkey", action="append", default=[], metavar="VKEY",
-                   help="a witness's cosignature key (repeat); only cosignatures that verify "
-                        "under one of these are kept, served and counted")
+                   help="a witness's cosignature key, or a file holding it (repeat); only "
+                        "cosignatures that verify under one of these are kept, served and "
+                        "counted")
     s.add_argument("--quorum", type=int, default=0,
                    help="answer appends only once K distinct witness keys cosigned")
     s.add_argument("--witness-timeout", type=float, default=5.0)
@@ -43,6 +52,8 @@ def parser() -> argparse.ArgumentParser:
     v = sub.add_parser("vkey", help="print the log's verifier key (creating keys if needed)")
     v.add_argument("--data", type=Path, required=True)
     v.add_argument("--origin")
+    v.add_argument("--dstack", default=os.environ.get("DSTACK_SIMULATOR_ENDPOINT"),
+                   help="dstack guest-agent socket: the key derived from its KMS (as serve)")
     return p
 
 
@@ -55,7 +66,14 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             check_data_dir(args.data)
-            print(keys.load_signer(args.data, args.origin).vkey)
+        except ValueError as e:
+            return fail(EXIT_USAGE, str(e))
+        try:
+            seed = kms_seed(args.dstack)
+        except RuntimeError as e:
+            return fail(EXIT_ENVIRONMENT, str(e))
+        try:
+            print(keys.load_signer(args.data, args.origin, seed).vkey)
         except (ValueError, OSError) as e:
             return fail(EXIT_USAGE, str(e))
         return 0
@@ -84,6 +102,18 @@ def crash_after(step: str | None):  # noqa: ANN201 - tlog.storage.FaultHook | No
             os._exit(137)
 
     return hook
+
+
+def kms_seed(endpoint: str | None) -> bytes | None:
+    """The log key's seed from the dstack KMS through the guest agent at `endpoint` (None
+    without one); RuntimeError, in one line, if the agent does not give it."""
+    if not endpoint:
+        return None
+    try:
+        return asyncio.run(dstack_seed(endpoint, DSTACK_KEY_PATH))
+    except Exception as e:  # noqa: BLE001 - any failure of the key service, one line
+        raise RuntimeError(f"cannot derive the log key from dstack at {endpoint}: "
+                           f"{type(e).__name__}: {e}") from None
 
 
 def fail(status: int, message: str) -> int:
@@ -119,13 +149,10 @@ def serve(args: argparse.Namespace) -> int:
         port = sock.getsockname()[1]
     except OSError as e:
         return fail(EXIT_ENVIRONMENT, str(e))
-    seed = None
-    if args.dstack:
-        try:
-            seed = asyncio.run(keys.dstack_seed(args.dstack, "pag/tlog/note-key"))
-        except Exception as e:  # noqa: BLE001 - any failure of the key service, one line
-            return fail(EXIT_ENVIRONMENT, f"cannot derive the log key from dstack at "
-                                          f"{args.dstack}: {type(e).__name__}: {e}")
+    try:
+        seed = kms_seed(args.dstack)
+    except RuntimeError as e:
+        return fail(EXIT_ENVIRONMENT, str(e))
     try:
         signer = keys.load_signer(args.data, args.origin, seed)
         token = keys.load_token(args.data)
@@ -163,6 +190,19 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def key_text(value: str) -> str:
+    """A key given inline, or the one line of the file it names (as the verifier's flags:
+    a value without `+`, or an existing file, is a path). ValueError if unreadable."""
+    path = Path(value)
+    if "+" in value and not path.is_file():
+        return value
+    try:
+        return path.read_text().strip()
+    except OSError as e:
+        raise ValueError(f"bad --witness-vkey {value}: not a key, and not a readable file "
+                         f"({e.strerror})") from None
+
+
 def witness_pool(args: argparse.Namespace):  # noqa: ANN201 - WitnessPool | None
     """The witnesses from --witness/--witness-vkey/--quorum, checked (ValueError if unusable)."""
     from tlog import note
@@ -170,7 +210,7 @@ def witness_pool(args: argparse.Namespace):  # noqa: ANN201 - WitnessPool | None
     from witness import cosignature
 
     try:
-        verifiers = cosignature.parse_vkeys(args.witness_vkey)
+        verifiers = cosignature.parse_vkeys([key_text(v) for v in args.witness_vkey])
     except note.NoteError as e:
         raise ValueError(f"bad --witness-vkey: {e}") from e
     keys = {(v.name, v.key_id) for v in verifiers}

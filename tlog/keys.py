@@ -2,8 +2,8 @@
 
 `log.key` (Go skey format) and `append.token` are written 0600 and fsynced
 before use; `log.vkey` holds the public verifier key. Inside dstack the note
-key is derived from the dstack KMS instead (`dstack_seed`), so it never
-touches the disk.
+key is derived from the dstack KMS instead (`tlog.service.dstack_seed`), so it
+never touches the disk.
 
 A log's origin is also its key name. Unless `--origin` says otherwise, it is
 derived from the public key, `pag.local/log/<first 16 hex digits of
@@ -48,14 +48,6 @@ def _stored_name(vkey_file: Path, seed: bytes) -> str | None:
         return None
     public = Ed25519PrivateKey.from_private_bytes(seed).public_key().public_bytes_raw()
     return v.name if v.public_key == public else None
-
-
-async def dstack_seed(endpoint: str, path: str) -> bytes:
-    """A 32-byte Ed25519 seed derived from the dstack KMS key at `path`."""
-    from dstack_sdk import AsyncDstackClient
-
-    key = await AsyncDstackClient(endpoint=endpoint).get_key(path)
-    return hashlib.sha256(b"pag-note-key\x00" + key.decode_key()).digest()
 
 
 def load_signer(data_dir: Path, origin: str | None = None, seed: bytes | None = None) -> note.Ed25519Signer:

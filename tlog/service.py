@@ -1,9 +1,9 @@
 """Plumbing every HTTP service of the project shares (log, witness, gateway).
 
 The ASGI body reader and responder, `--listen` parsing and binding, the
-server limits, data directory checks, private key files, the durable SQLite
-opener, the single-writer lock and the package version; nothing here knows
-what a log or a witness is.
+server limits, data directory checks, JSON log lines, seeds from the dstack KMS,
+private key files, the durable SQLite opener, the single-writer lock and the
+package version; nothing here knows what a log or a witness is.
 
 Invariants: `read_body` never buffers more than `limit` bytes (a declared
 Content-Length over the limit is refused before reading); `respond` always
@@ -27,13 +27,17 @@ import argparse
 import asyncio
 import contextlib
 import fcntl
+import hashlib
+import json
 import logging
 import os
 import resource
 import socket
 import sqlite3
+import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from importlib import metadata
@@ -365,6 +369,48 @@ def uvicorn_config(app: Any, limits: ServerLimits, **kwargs: Any) -> Any:
                           **kwargs)
 
 
+class JsonFormatter(logging.Formatter):
+    """One JSON object per log record: `time` (RFC 3339 UTC, ms), `level`, `logger`, `msg`,
+    plus the members of `extra={"fields": {...}}`. An exception is logged as `exc_type`
+    and `stack` (its frames), never its message, which a parser may have filled with
+    input; a field that is not JSON-serialisable is logged as its type name."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        t = record.created
+        doc: dict[str, Any] = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t))
+            + f".{int(t % 1 * 1000):03d}Z",
+            "level": record.levelname.lower(), "logger": record.name, "msg": record.getMessage()}
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            doc.update(fields)
+        if record.exc_info and record.exc_info[0] is not None:
+            doc["exc_type"] = record.exc_info[0].__name__
+            doc["stack"] = "".join(traceback.format_tb(record.exc_info[2]))
+        return json.dumps(doc, separators=(",", ":"), default=lambda o: type(o).__name__)
+
+
+def log_json(level: int = logging.INFO) -> None:
+    """Send every log record of this process to stderr as JSON lines (`JsonFormatter`);
+    HTTP client libraries' per-request lines are left out."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    for chatty in ("httpx", "httpcore"):
+        logging.getLogger(chatty).setLevel(max(level, logging.WARNING))
+
+
+async def dstack_seed(endpoint: str, path: str) -> bytes:
+    """A 32-byte Ed25519 seed derived from the dstack KMS key at `path`, through the guest
+    agent at `endpoint` (the same app and path always give the same seed)."""
+    from dstack_sdk import AsyncDstackClient
+
+    key = await AsyncDstackClient(endpoint=endpoint).get_key(path)
+    return hashlib.sha256(b"pag-note-key\x00" + key.decode_key()).digest()
+
+
 def listen_address(value: str) -> tuple[str, int]:
     """argparse type for `--listen HOST:PORT` (IPv6 hosts in brackets; port 0..65535)."""
     host, sep, port = value.rpartition(":")
@@ -381,7 +427,8 @@ def bind(host: str, port: int) -> socket.socket:
     """
     try:
         family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        # proto TCP: asyncio sets TCP_NODELAY only on such sockets (else Nagle adds 40 ms)
+        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     except OSError as e:
         raise OSError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
     try:

@@ -9,3 +9,16 @@ evidence (`tee`). Runs on the base dependencies alone (`cryptography`,
 import `tlog` and `witness` pure formats; it never imports `gateway` or any
 server framework (aiohttp, orjson, uvicorn, redis, psycopg).
 """
+
+from importlib import metadata as _metadata
+
+DISTRIBUTION = "private-ai-gateway"
+
+
+def version() -> str:
+    """The installed distribution's version (what `--version` prints), or "unknown"
+    when the code runs from a checkout that was never installed."""
+    try:
+        return _metadata.version(DISTRIBUTION)
+    except _metadata.PackageNotFoundError:
+        return "unknown"

@@ -1,4 +1,4 @@
-"""python -m verifier …"""
+"""`python -m verifier …` (also installed as `pag-verify`; `--version` prints the version)."""
 
 import sys
 

@@ -19,7 +19,7 @@ import httpx
 
 from tlog import merkle, note, proof
 from verifier import audit as auditing
-from verifier import receipt
+from verifier import receipt, version
 from verifier.source import SourceError, read_source
 from verifier.tee import attestation
 from witness import cosignature
@@ -208,6 +208,7 @@ def _human(cmd: str, out: dict[str, Any]) -> str:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m verifier")
+    p.add_argument("--version", action="version", version=f"pag-verify {version()}")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     def common(sp: argparse.ArgumentParser, vkey: bool = True) -> None:

@@ -1,7 +1,8 @@
 """The monitor's web dashboard: one static page, no build step, plus JSON and metrics.
 
 Served from a thread with the standard library so a verifier install needs
-no web framework: `/` (the page), `/api/state` (JSON), `/metrics` (Prometheus).
+no web framework: `/` (the page), `/api/state` (JSON), `/metrics` (Prometheus) and
+`/healthz` (alive: what a container health check asks).
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ def serve_dashboard(monitor: Any, host: str, port: int) -> http.server.Threading
                 self._send(200, json.dumps(monitor.snapshot()).encode(), "application/json")
             elif self.path == "/metrics":
                 self._send(200, monitor.metrics().encode(), "text/plain; version=0.0.4")
+            elif self.path == "/healthz":
+                self._send(200, b'{"ok":true}', "application/json")
             else:
                 self._send(404, b"not found\n", "text/plain")
 

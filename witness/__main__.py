@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
+import os
 import secrets
 import sys
 from pathlib import Path
@@ -19,15 +21,20 @@ from tlog.service import (
 from witness import cosignature
 
 DEFAULT_NAME = "pag.local/witness"
+DSTACK_KEY_PATH = "pag/witness/cosign-key"
 
 
-def load_signer(data: Path, name: str | None) -> cosignature.CosignatureSigner:
-    """The witness cosigning key, created (0600) on first use."""
+def load_signer(data: Path, name: str | None, seed: bytes | None = None
+                ) -> cosignature.CosignatureSigner:
+    """The witness cosigning key, created (0600) on first use; with `seed` (derived from
+    the dstack KMS) nothing secret is stored, only `witness.vkey`."""
     from tlog.service import write_private, write_public
 
     data.mkdir(parents=True, exist_ok=True)
     key_file = data / "witness.key"
-    if key_file.exists():
+    if seed is not None:
+        signer = cosignature.CosignatureSigner(name or DEFAULT_NAME, seed)
+    elif key_file.exists():
         signer = cosignature.parse_skey(key_file.read_text())
         if name is not None and name != signer.name:
             raise ValueError(f"{key_file} is the key of {signer.name!r}, not {name!r}")
@@ -85,7 +92,24 @@ def parser() -> argparse.ArgumentParser:
     v = sub.add_parser("vkey")
     v.add_argument("--data", type=Path, required=True)
     v.add_argument("--name")
+    for sp in (s, v):
+        sp.add_argument("--dstack", default=os.environ.get("DSTACK_SIMULATOR_ENDPOINT"),
+                        help="dstack guest-agent socket: derive the witness key from its KMS")
     return p
+
+
+def kms_seed(endpoint: str | None) -> bytes | None:
+    """The witness key's seed from the dstack KMS through the guest agent at `endpoint`
+    (None without one); RuntimeError, in one line, if the agent does not give it."""
+    if not endpoint:
+        return None
+    from tlog.service import dstack_seed
+
+    try:
+        return asyncio.run(dstack_seed(endpoint, DSTACK_KEY_PATH))
+    except Exception as e:  # noqa: BLE001 - any failure of the key service, one line
+        raise RuntimeError(f"cannot derive the witness key from dstack at {endpoint}: "
+                           f"{type(e).__name__}: {e}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -93,8 +117,12 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser().parse_args(argv)
     try:
+        seed = kms_seed(args.dstack)
+    except RuntimeError as e:
+        return fail(EXIT_ENVIRONMENT, str(e))
+    try:
         check_data_dir(args.data)
-        signer = load_signer(args.data, args.name)
+        signer = load_signer(args.data, args.name, seed)
         if args.cmd == "vkey":
             print(signer.vkey)
             return 0

@@ -2,23 +2,35 @@
 
 It dispatches by path: model calls go to the pipeline (gateway/api/pipeline.py,
 where the invariants of a call are stated); the rest are small read-only
-endpoints: models, attestation, receipt lookup, the admin route view, health.
+endpoints: models, attestation, receipt lookup, the admin route view, health
+(`/healthz` alive, `/readyz` dependencies reachable) and Prometheus `/metrics`.
+
+Every request is counted and timed (gateway/api/metrics.py) and every model call
+logs one JSON line (gateway/api/jsonlog.py). An exception that escapes a handler
+is a bug: it is logged by type and stack only and answered `500 internal_error`
+(if nothing was sent yet), never with a traceback.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hmac
+import logging
 import re
+import time
+from typing import Any
 
 import httpx
 import orjson
 
-from gateway.api import pipeline
+from gateway.api import jsonlog, pipeline
 from gateway.api.apikeys import KeyStore, admin_ok
 from gateway.api.attestation import Attest, AttestationDocuments
 from gateway.api.config import Config
 from gateway.api.errors import GatewayError, bad_request, unauthorized
+from gateway.api.health import Check, Readiness
+from gateway.api.metrics import CONTENT_TYPE as METRICS_TYPE
+from gateway.api.metrics import Gauge, Metrics
 from gateway.api.ratelimit import Limiter
 from gateway.api.replay import MemoryReplay, RedisReplay, ReplayStore
 from gateway.api.router import Router
@@ -28,13 +40,21 @@ from gateway.receipts.shipper import LogStatus
 from gateway.upstream.client import Upstream
 from gateway.upstream.leases import Leases
 from tlog.service import Receive, Scope, Send, respond
+from verifier import version
 
 JSON = pipeline.JSON
 HEX64 = re.compile(r"[0-9a-f]{64}")
 RECEIPT_ID = re.compile(r"[0-9a-f]{32}")
 NONCE = re.compile(r"(?:[0-9a-fA-F]{2}){1,64}")
 MODEL_CALLS = {"/v1/chat/completions": "chat", "/v1/embeddings": "embeddings"}
-GETS = ("/v1/models", "/.well-known/attestation", "/v1/routes", "/healthz")
+GETS = ("/v1/models", "/.well-known/attestation", "/v1/routes", "/healthz", "/readyz",
+        "/metrics")
+ENDPOINTS = {**MODEL_CALLS, "/v1/models": "models", "/.well-known/attestation": "attestation",
+             "/v1/routes": "routes", "/healthz": "healthz", "/readyz": "readyz",
+             "/metrics": "metrics"}
+LEASE_STATES = ("verified", "unverified-allowed", "refused", "unknown")
+COUNTS_TTL = 1.0  # seconds the outbox counts shown by /metrics may be old
+log = logging.getLogger("gateway.api.app")
 
 
 def header(scope: Scope, name: bytes) -> bytes | None:
@@ -48,7 +68,8 @@ class Gateway:
     def __init__(self, cfg: Config, *, signer: ReceiptSigner, identity: dict[str, str],
                  outbox: Outbox, status: LogStatus, leases: Leases, attest: Attest,
                  keyset_index: int, e2ee_key: bytes | None = None,
-                 keyset_proof: str | None = None) -> None:
+                 keyset_proof: str | None = None, readiness: Readiness | None = None,
+                 tracer: Any = None) -> None:
         router = Router(cfg.routes)
         url = cfg.replay_redis_url
         replay: ReplayStore = RedisReplay(url, cfg.e2ee.prefix) if url else \
@@ -64,6 +85,10 @@ class Gateway:
             attest, ttl=g.attestation_cache_seconds,
             per_client_per_minute=g.attestation_nonce_per_client_per_minute,
             global_per_second=g.attestation_nonce_per_second)
+        self.metrics = Metrics()
+        self.tracer = tracer  # an OpenTelemetry Tracer ([gateway] traces), or None
+        self.readiness = readiness or Readiness([Check("outbox", outbox.probe)])
+        self._counts: tuple[float, tuple[int, int]] = (float("-inf"), (0, 0))
         self._models_body = orjson.dumps({"object": "list", "data": [
             {"id": m, "object": "model", "created": 0, "owned_by": "pag"}
             for m in router.models()]})
@@ -107,7 +132,73 @@ class Gateway:
                 return
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Dispatch one request, counting and timing it whatever happens."""
+        start = time.perf_counter()
         path: str = scope["path"]
+        endpoint = ENDPOINTS.get(path) or (
+            "receipts" if path.startswith("/v1/receipts/") else "other")
+        metrics = self.metrics
+        metrics.inflight += 1
+        status = 500
+        try:
+            status = await self._dispatch(scope, receive, send, path, start)
+        except Exception:  # noqa: BLE001 - a bug must not become a traceback to the caller
+            log.exception("internal error", extra={"fields": {"endpoint": endpoint}})
+            if endpoint in MODEL_CALLS.values():
+                self._called(endpoint, None, 500, "internal_error", start)
+            err = GatewayError(500, "internal_error", "internal error", type_="server_error")
+            with contextlib.suppress(Exception):  # fails if the response had started
+                await respond(send, err.status, err.body(), JSON)
+        finally:
+            metrics.inflight -= 1
+            metrics.request(endpoint, status, time.perf_counter() - start)
+
+    def _called(self, kind: str, call: pipeline.Call | None, status: int, code: str | None,
+                start: float) -> None:
+        """Count a model call, log its one line and, with traces on, record its span."""
+        route = call.route.id if call is not None and call.route is not None else ""
+        self.metrics.call(kind, route, status, code)
+        seconds = time.perf_counter() - start
+        receipt_id = call.receipt_id if call is not None else None
+        jsonlog.call(receipt_id, kind, route or None, status, code, seconds * 1000,
+                     call.e2ee_mode if call is not None else "none",
+                     call.stream if call is not None else False)
+        if self.tracer is not None:
+            self._span(kind, route, status, code, receipt_id, seconds)
+
+    def _span(self, kind: str, route: str, status: int, code: str | None,
+              receipt_id: str | None, seconds: float) -> None:
+        """One OpenTelemetry span for a finished model call (the same facts as its log line;
+        never content)."""
+        from opentelemetry.trace import SpanKind, Status, StatusCode
+
+        end = time.time_ns()
+        attributes = {"pag.kind": kind, "pag.route": route, "pag.receipt_id": receipt_id or "",
+                      "pag.code": code or "", "http.response.status_code": status}
+        span = self.tracer.start_span(f"pag.{kind}", kind=SpanKind.SERVER,
+                                      attributes=attributes,
+                                      start_time=end - int(seconds * 1e9))
+        if status >= 500:
+            span.set_status(Status(StatusCode.ERROR, code or ""))
+        span.end(end_time=end)
+
+    async def _model_call(self, scope: Scope, receive: Receive, send: Send, kind: str,
+                          start: float) -> int:
+        try:
+            call = await pipeline.model_call(self.svc, scope, receive, send, kind)
+        except GatewayError as e:  # refused before a receipt existed (size, Content-Length)
+            self._called(kind, None, e.status, e.code, start)
+            raise
+        if call is None:
+            self._called(kind, None, 401, "invalid_api_key", start)
+            return 401
+        code = call.refusal["code"] if call.refusal else None
+        self._called(kind, call, call.status, code, start)
+        return call.status
+
+    async def _dispatch(self, scope: Scope, receive: Receive, send: Send, path: str,
+                        start: float) -> int:
+        """Answer one request; its HTTP status."""
         method: str = scope["method"]
         kind = MODEL_CALLS.get(path)
         known_get = path in GETS or path.startswith("/v1/receipts/")
@@ -119,8 +210,8 @@ class Gateway:
             if kind is not None:
                 if method != "POST":
                     raise GatewayError(405, "method_not_allowed", "use POST")
-                await pipeline.model_call(self.svc, scope, receive, send, kind)
-            elif method != "GET":
+                return await self._model_call(scope, receive, send, kind, start)
+            if method != "GET":
                 if known_get:
                     raise GatewayError(405, "method_not_allowed", "use GET")
                 raise GatewayError(404, "not_found", "no such endpoint")
@@ -135,10 +226,44 @@ class Gateway:
             elif path == "/healthz":
                 await respond(send, 200, orjson.dumps(
                     {"ok": True, "log_down": self.svc.status.log_down}), JSON)
+            elif path == "/readyz":
+                return await self._readyz(send)
+            elif path == "/metrics":
+                await respond(send, 200, self.metrics.render(self._gauges()), METRICS_TYPE,
+                              cache=b"no-store")
             else:
                 raise GatewayError(404, "not_found", "no such endpoint")
         except GatewayError as e:
             await respond(send, e.status, e.body(), JSON)
+            return e.status
+        return 200
+
+    async def _readyz(self, send: Send) -> int:
+        ready, checks = await self.readiness.verdict()
+        status = 200 if ready else 503
+        await respond(send, status, orjson.dumps({"ready": ready, "checks": checks}), JSON,
+                      cache=b"no-store")
+        return status
+
+    def _gauges(self) -> list[Gauge]:
+        """The state metrics, sampled now (outbox counts at most COUNTS_TTL old)."""
+        now = time.monotonic()
+        if now - self._counts[0] >= COUNTS_TTL:
+            self._counts = (now, self.svc.outbox.counts())
+        total, unlogged = self._counts[1]
+        book = self.svc.routes
+        status = self.svc.status
+        return [
+            Gauge("route_lease_state", "1 for the current lease state of each route",
+                  [((("route", r.id), ("state", s)), float(book.state[r.id].state == s))
+                   for r in book.routes for s in LEASE_STATES]),
+            Gauge("outbox_receipts", "receipts committed to the outbox", [((), total)]),
+            Gauge("outbox_unlogged", "receipts the log has not acknowledged yet",
+                  [((), unlogged)]),
+            Gauge("log_down", "1 while the receipt shipper cannot reach the log",
+                  [((), float(status.log_down))]),
+            Gauge("build_info", "the running version", [((("version", version()),), 1)]),
+        ]
 
     async def _attestation(self, scope: Scope, send: Send) -> None:
         nonce: str | None = None

@@ -48,6 +48,7 @@ class GatewaySettings:
     attestation_cache_seconds: float = 60.0  # the nonce-less attestation is shared this long
     attestation_nonce_per_client_per_minute: int = 60  # quotes with a nonce, per address
     attestation_nonce_per_second: int = 20  # quotes with a nonce, all addresses together
+    traces: bool = False
 
 
 @dataclass(frozen=True)
@@ -199,7 +200,7 @@ def _gateway(t: dict[str, Any], base: Path) -> GatewaySettings:
         "data_dir": (str, False),
         "admin_key_sha256": (str, False), "attestation_cache_seconds": ((int, float), False),
         "attestation_nonce_per_client_per_minute": (int, False),
-        "attestation_nonce_per_second": (int, False)})
+        "attestation_nonce_per_second": (int, False), "traces": (bool, False)})
     if v.get("log_unavailable", "serve-and-queue") not in LOG_UNAVAILABLE:
         raise ConfigError(f"[gateway].log_unavailable: one of {', '.join(LOG_UNAVAILABLE)}")
     if v.get("outbox_durability", "process") not in DURABILITY:
@@ -224,10 +225,32 @@ def _gateway(t: dict[str, Any], base: Path) -> GatewaySettings:
     return GatewaySettings(**v)
 
 
+def _key_file(where: str, path: Path) -> str:
+    """The one-line public key kept in `path` (a `log.vkey` or `witness.vkey` file)."""
+    try:
+        text = path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{where}: cannot read {path}: {getattr(e, 'strerror', e)}") from e
+    if not text or "\n" in text:
+        raise ConfigError(f"{where}: {path} does not hold one key on one line")
+    return text
+
+
 def _log(t: dict[str, Any], base: Path) -> LogSettings:
     v = _take(t, "[log]", {
         "url": (str, False), "token_file": (str, False), "vkey": (str, False),
-        "witness_vkeys": (list, False), "quorum": (int, False), "concurrency": (int, False)})
+        "vkey_file": (str, False), "witness_vkeys": (list, False),
+        "witness_vkey_files": (list, False), "quorum": (int, False),
+        "concurrency": (int, False)})
+    if "vkey_file" in v:  # keys published by the services that derive them (compose.yaml)
+        if "vkey" in v:
+            raise ConfigError("[log]: give vkey or vkey_file, not both")
+        v["vkey"] = _key_file("[log].vkey_file", _path(base, v.pop("vkey_file")))
+    files = v.pop("witness_vkey_files", [])
+    if not all(isinstance(f, str) for f in files):
+        raise ConfigError("[log].witness_vkey_files must be a list of strings")
+    v["witness_vkeys"] = list(v.get("witness_vkeys", [])) + [
+        _key_file("[log].witness_vkey_files", _path(base, f)) for f in files]
     if "url" in v:
         v["url"] = _http_url("[log].url", v["url"])
     if "token_file" in v:

@@ -132,6 +132,8 @@ class Call:
     upstream_e2ee: dict[str, str] | None = None
     hold: Hold | None = None  # the budget reservation, until settled
     strip_usage: bool = False  # usage was asked upstream for the gateway, not the client
+    status: int = 0
+    stream: bool = False
 
     def headers(self, status: int = 200) -> Headers:
         """The response headers every answer to this call carries (the E2EE ones only on a
@@ -148,8 +150,9 @@ class Call:
 
 
 async def model_call(svc: Services, scope: Scope, receive: Receive, send: Send,
-                     kind: str) -> None:
-    """Serve one chat or embeddings call (the module docstring's sequence)."""
+                     kind: str) -> Call | None:
+    """Serve one chat or embeddings call (the module docstring's sequence); the call as
+    answered (its `status` set), or None when authentication refused it (401)."""
     body = await read_body(scope, receive, svc.cfg.gateway.max_body_bytes)
     hdrs = dict(scope["headers"])
     salt = receipt_salt(hdrs)
@@ -160,7 +163,7 @@ async def model_call(svc: Services, scope: Scope, receive: Receive, send: Send,
         await respond(send, e.status, e.body(), JSON,
                       headers=[(b"x-request-hash", request_hash.encode()),
                                (b"x-receipt-salt", salt.hex().encode())])
-        return
+        return None
     call = Call(secrets.token_hex(16), salt, request_hash, kind, key)
     try:
         try:
@@ -168,18 +171,19 @@ async def model_call(svc: Services, scope: Scope, receive: Receive, send: Send,
             req = parse(body, kind, svc.cfg.gateway.max_messages,
                         svc.cfg.gateway.max_json_depth)
             call.sealer = await open_e2ee(svc, call, req, hdrs)
+            call.stream = req.stream
             call.hold = await reserve(svc, key, req, len(body))
             reply = await route_and_forward(svc, call, req)
             if reply.streaming:
+                call.status = 200
                 await relay_stream(svc, call, reply, send)
-                return  # the receipt was committed before the stream ended
+                return call  # the receipt was committed before the stream ended
             status, out, ctype = finish_json(svc, call, reply)
         except GatewayError as e:
             call.refusal = {"code": e.code, "status": e.status}
             if e.route_id is not None and call.route is None:
                 call.route = svc.router.by_id.get(e.route_id)
             status, out, ctype = e.status, e.body(), JSON
-            log.info("refused %s: %s (route %s)", request_hash, e.code, e.route_id or "-")
     finally:
         await settle(svc, call)
     await commit_receipt(svc, call, receipt.digest(call.salt, out))
@@ -187,7 +191,10 @@ async def model_call(svc: Services, scope: Scope, receive: Receive, send: Send,
         err = refused(503, "log_unavailable",
                       "the receipt could not be logged in time; it stays queued")
         status, out, ctype = err.status, err.body(), JSON
+        call.refusal = {"code": err.code, "status": err.status}
+    call.status = status
     await respond(send, status, out, ctype, headers=call.headers(status))
+    return call
 
 
 # -- the steps -----------------------------------------------------------------------

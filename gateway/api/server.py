@@ -1,11 +1,12 @@
 """`python -m gateway serve --config FILE --listen HOST:PORT [--tls | --no-tls]
 [--tls-listen HOST:PORT]`: run the gateway.
 
-Start-up order: load the config (a `[log]` url is required); get the keys and
-workload identity from the dstack guest agent (`[dstack] endpoint`); open the
-outbox; make sure the keyset entry is in the log (gateway/receipts/keysets.py:
-reused from the data directory, or appended; until then the gateway does not
-listen); start the shipper process (`python -m gateway.receipts.shipper`, which
+Start-up order: load the config (a `[log]` url is required); check the data
+directory and bind the listening sockets (so a used port fails at once); get the
+keys and workload identity from the dstack guest agent (`[dstack] endpoint`);
+make sure the keyset entry is in the log (gateway/receipts/keysets.py: reused
+from the data directory, or appended; until then nothing is served: connections
+wait in the backlog and /healthz does not answer); open the outbox; start the shipper process (`python -m gateway.receipts.shipper`, which
 dies with the gateway); serve the ASGI app with uvicorn (uvloop, httptools).
 When listening, one JSON line goes to stdout: `{"gateway": URL,
 "receipt_signing_key": B64, "keyset_hash": HEX, "keyset_index": INT,
@@ -19,6 +20,12 @@ serves HTTPS unless `[tls] enabled = false` or `--no-tls`; `--tls-listen` adds
 an HTTPS listener beside a plain one (the demo uses it). The key and its
 self-signed certificate are written to `DATA_DIR/tls/` (key mode 0600) for
 uvicorn.
+
+A start-up step that fails stops the command with one line on stderr,
+`gateway: <what is wrong>` (never a traceback): exit status 2 for a bad command
+line or config, 1 for the environment (port in use, data directory unusable,
+no dstack guest agent, outbox unopenable). Once running, every log line is JSON
+(`tlog.service.JsonFormatter`; the call line: gateway/api/jsonlog.py).
 """
 
 from __future__ import annotations
@@ -26,11 +33,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import contextlib
 import hashlib
 import json
 import logging
 import os
+import signal
+import socket
+import sqlite3
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -39,6 +48,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from gateway.api import config as gconfig
+from gateway.api.health import Check, Readiness, agent_probe, log_probe, redis_probe
 from gateway.api.routes import now_rfc3339
 from gateway.identity.keys import GatewayKeys
 from gateway.receipts import keysets
@@ -47,10 +57,17 @@ from gateway.receipts.logclient import LogClient, LogError
 from gateway.receipts.outbox import Outbox, ReceiptSigner
 from gateway.receipts.shipper import LogStatus
 from gateway.upstream.leases import Leases
-from tlog.service import listen_address, uvicorn_config
+from tlog.service import bind, check_data_dir, listen_address, log_json, uvicorn_config
 
 log = logging.getLogger("gateway.api.server")
 LEASE_MAC_PATH = "pag/gateway/lease-cache"
+OUTSIDE_TEE_HINT = ("to run outside a TEE use `python -m gateway demo --data DIR --listen "
+                    "HOST:PORT`, or start the simulator `python -m gateway.identity.dstack_sim "
+                    "--socket PATH --data DIR` and set [dstack] endpoint = PATH")
+
+
+class StartupError(Exception):
+    """A start-up step failed; the message is the one line the user sees."""
 
 
 @dataclass
@@ -64,6 +81,7 @@ class Identity:
     keys: GatewayKeys
     lease_mac_key: bytes = b""
     app_compose: str | None = None  # the attested app-compose document, when dstack gives it
+    agent: Any = None  # the AsyncDstackClient (the readiness probe asks it for Info)
 
 
 async def bootstrap(cfg: gconfig.Config) -> Identity:
@@ -88,7 +106,85 @@ async def bootstrap(cfg: gconfig.Config) -> Identity:
         e2ee_private=keyset.e2ee_private_bytes(),
         gateway={"app_id": str(doc["app_id"]), "compose_hash": str(doc["compose_hash"]),
                  "keyset_hash": keyset.keyset_hash()},
-        attest=attest, keys=keyset, lease_mac_key=mac, app_compose=app_compose)
+        attest=attest, keys=keyset, lease_mac_key=mac, app_compose=app_compose,
+        agent=client)
+
+
+def agent_endpoint(cfg: gconfig.Config) -> str:
+    """Where the dstack guest agent is: `[dstack] endpoint`, else dstack-sdk's default."""
+    from dstack_sdk.dstack_client import get_endpoint
+
+    return get_endpoint(cfg.dstack_endpoint)
+
+
+async def identity_from_agent(cfg: gconfig.Config) -> Identity:
+    """`bootstrap`, with a missing or silent guest agent as a StartupError (and a hint)."""
+    endpoint = agent_endpoint(cfg)
+    if "://" not in endpoint and not os.path.exists(endpoint):
+        raise StartupError(f"no dstack guest agent socket at {endpoint} (not inside a dstack "
+                           f"CVM, or the socket is not mounted); {OUTSIDE_TEE_HINT}")
+    try:
+        return await bootstrap(cfg)
+    except Exception as e:  # noqa: BLE001 - any failure here is "no usable guest agent"
+        raise StartupError(f"the dstack guest agent at {endpoint} did not give the gateway its "
+                           f"keys ({type(e).__name__}: {e}); {OUTSIDE_TEE_HINT}") from None
+
+
+def listening_socket(cfg: gconfig.Config, host: str, port: int) -> socket.socket:
+    """Check the data directory, then bind HOST:PORT (before anything else starts), or a
+    StartupError."""
+    try:
+        check_data_dir(cfg.gateway.data_dir)
+        return bind(host, port)
+    except (ValueError, OSError) as e:
+        raise StartupError(str(e)) from None
+
+
+def url_of(sock: socket.socket) -> str:
+    """The http:// URL of a bound socket (IPv6 hosts in brackets)."""
+    host, port = sock.getsockname()[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def open_outbox(cfg: gconfig.Config) -> Outbox:
+    """The receipt outbox in the data directory, or a StartupError."""
+    try:
+        return Outbox(cfg.gateway.data_dir, cfg.gateway.outbox_durability)
+    except (sqlite3.Error, OSError) as e:
+        raise StartupError(f"cannot open the receipt outbox in {cfg.gateway.data_dir}: "
+                           f"{e}") from None
+
+
+def tracer(cfg: gconfig.Config) -> Any:
+    """The OpenTelemetry tracer for `[gateway] traces = true` (None when off). Spans go
+    wherever the process's OpenTelemetry SDK sends them (e.g. run under
+    `opentelemetry-instrument`); with the API alone they are dropped."""
+    if not cfg.gateway.traces:
+        return None
+    try:
+        from opentelemetry import trace
+    except ImportError:
+        raise StartupError("[gateway] traces = true needs the opentelemetry-api package "
+                           "(pip install opentelemetry-api)") from None
+    return trace.get_tracer("pag.gateway")
+
+
+def readiness(cfg: gconfig.Config, ident: Identity, outbox: Outbox,
+              shipper_running: Any) -> Readiness:
+    """The dependencies `/readyz` checks (gateway/api/health.py)."""
+    checks = [Check("outbox", outbox.probe)]
+    if cfg.log.url:
+        checks.append(Check("log", log_probe(cfg.log.url, cfg.log.vkey)))
+
+        async def shipper() -> None:
+            if not shipper_running():
+                raise RuntimeError("the receipt shipper process is not running")
+        checks.append(Check("shipper", shipper))
+    if ident.agent is not None:
+        checks.append(Check("key_agent", agent_probe(ident.agent)))
+    if cfg.leases.redis_url:
+        checks.append(Check("leases_redis", redis_probe(cfg.leases.redis_url), required=False))
+    return Readiness(checks)
 
 
 async def attested_app_compose(client: Any, compose_hash: str) -> str | None:
@@ -173,21 +269,40 @@ def stop_process(proc: subprocess.Popen[bytes] | None) -> None:
         proc.wait()
 
 
-def url(scheme: str, host: str, port: int) -> str:
-    """The URL of a listener (IPv6 hosts in brackets)."""
+def url(scheme: str, sock: socket.socket) -> str:
+    """The URL of a bound listener (IPv6 hosts in brackets)."""
+    host, port = sock.getsockname()[:2]
     return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
 
 
-async def serve(cfg: gconfig.Config, host: str, port: int, *, tls: bool | None = None,
-                tls_listen: tuple[str, int] | None = None) -> None:
-    """Run until SIGTERM/SIGINT; `tls` None means `[tls] enabled`."""
+class StopSignal:
+    """SIGTERM/SIGINT as a flag. uvicorn handles them while it serves, then re-raises the
+    signal to whatever handler was there before; this one absorbs it, so the gateway's own
+    clean-up (shipper, outbox) runs and the exit status is 0."""
+
+    def __init__(self) -> None:
+        self.received = False
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.received = True
+
+
+async def serve(cfg: gconfig.Config, sock: socket.socket, stop: StopSignal, *,
+                tls: bool | None = None, tls_sock: socket.socket | None = None) -> None:
+    """Run on the bound `sock` (and `tls_sock`, always HTTPS) until SIGTERM/SIGINT;
+    `tls` None means `[tls] enabled`. StartupError if a step fails."""
     import uvicorn
 
     from gateway.api.app import Gateway
     from gateway.identity.keys import write_tls_files
 
     tls = cfg.tls.enabled if tls is None else tls
-    ident = await bootstrap(cfg)
+    spans = tracer(cfg)
+    ident = await identity_from_agent(cfg)
+    if stop.received:
+        return
     logc = log_client(cfg)
     try:
         logged = await keysets.ensure_logged(logc, ident.attest, ident.gateway["keyset_hash"],
@@ -196,10 +311,17 @@ async def serve(cfg: gconfig.Config, host: str, port: int, *, tls: bool | None =
     except BaseException:
         await logc.close()
         raise
-    outbox = Outbox(cfg.gateway.data_dir, cfg.gateway.outbox_durability)
+    if stop.received:
+        await logc.close()
+        return
+    try:
+        outbox = open_outbox(cfg)
+    except BaseException:
+        await logc.close()
+        raise
     shipper = start_shipper(cfg)
     cert = key = None
-    if tls or tls_listen is not None:
+    if tls or tls_sock is not None:
         cert, key = write_tls_files(ident.keys, cfg.gateway.data_dir / "tls",
                                     hostnames=cfg.tls.hostnames,
                                     ip_addresses=cfg.tls.ip_addresses)
@@ -212,9 +334,9 @@ async def serve(cfg: gconfig.Config, host: str, port: int, *, tls: bool | None =
                 log.error("receipt shipper exited with %s; restarting it", shipper.returncode)
                 shipper = start_shipper(cfg)
 
-    def server(app: Any, h: str, p: int, with_tls: bool, lifespan: str) -> uvicorn.Server:
+    def server(app: Any, with_tls: bool, lifespan: str) -> uvicorn.Server:
         return uvicorn.Server(uvicorn_config(
-            app, cfg.server, host=h, port=p, lifespan=lifespan, loop="none",
+            app, cfg.server, lifespan=lifespan, loop="none", log_config=None,
             access_log=False, log_level="warning", timeout_graceful_shutdown=5,
             proxy_headers=False, server_header=False,
             ssl_certfile=str(cert) if with_tls else None,
@@ -222,31 +344,36 @@ async def serve(cfg: gconfig.Config, host: str, port: int, *, tls: bool | None =
 
     watch = asyncio.create_task(watchdog())
     try:
+        ready = readiness(cfg, ident, outbox,
+                          lambda: shipper is not None and shipper.poll() is None)
         app = Gateway(cfg, signer=ReceiptSigner(ident.receipt_key), identity=ident.gateway,
                       outbox=outbox, status=LogStatus(outbox, shipper is not None),
                       leases=lease_source(cfg, ident.lease_mac_key,
                                           EvidenceLog(logc, now_rfc3339)),
-                      attest=ident.attest,
-                      e2ee_key=ident.e2ee_private, keyset_index=logged.index,
-                      keyset_proof=logged.proof)
-        servers = [server(app, host, port, tls, "on")]
-        if tls_listen is not None:  # the app's lifespan runs once, with the main listener
-            servers.append(server(app, *tls_listen, True, "off"))
-        tasks = [asyncio.create_task(s.serve()) for s in servers]
-        while not all(s.started for s in servers) and not any(t.done() for t in tasks):
+                      attest=ident.attest, e2ee_key=ident.e2ee_private,
+                      keyset_index=logged.index, keyset_proof=logged.proof,
+                      readiness=ready, tracer=spans)
+        servers = [(server(app, tls, "on"), sock)]
+        if tls_sock is not None:  # the app's lifespan runs once, with the main listener
+            servers.append((server(app, True, "off"), tls_sock))
+        tasks = [asyncio.create_task(s.serve(sockets=[k])) for s, k in servers]
+        while not all(s.started for s, _ in servers) and not any(t.done() for t in tasks):
             await asyncio.sleep(0.02)
-        if all(s.started for s in servers):
-            ready = {"gateway": url("https" if tls else "http", host, port),
-                     "receipt_signing_key": base64.b64encode(
-                         ident.receipt_key.public_key().public_bytes_raw()).decode(),
-                     "keyset_hash": ident.gateway["keyset_hash"],
-                     "keyset_index": logged.index,
-                     "tls_spki_sha256": ident.keys.keyset.tls_spki_sha256}
-            if tls_listen is not None:
-                ready["gateway_tls"] = url("https", *tls_listen)
-            print(json.dumps(ready), flush=True)
+        if stop.received:  # a signal before uvicorn took over the handlers
+            for s, _ in servers:
+                s.should_exit = True
+        elif all(s.started for s, _ in servers):
+            line = {"gateway": url("https" if tls else "http", sock),
+                    "receipt_signing_key": base64.b64encode(
+                        ident.receipt_key.public_key().public_bytes_raw()).decode(),
+                    "keyset_hash": ident.gateway["keyset_hash"],
+                    "keyset_index": logged.index,
+                    "tls_spki_sha256": ident.keys.keyset.tls_spki_sha256}
+            if tls_sock is not None:
+                line["gateway_tls"] = url("https", tls_sock)
+            print(json.dumps(line), flush=True)
         await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-        for s in servers:  # one stopped (a signal, or a failure): stop the other too
+        for s, _ in servers:  # one stopped (a signal, or a failure): stop the other too
             s.should_exit = True
         await asyncio.gather(*tasks)
     finally:
@@ -270,8 +397,6 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--tls-listen", type=listen_address, metavar="HOST:PORT",
                     help="also serve HTTPS with the attested TLS key here")
     a = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         cfg = gconfig.load(a.config)
     except (gconfig.ConfigError, ValueError) as e:
@@ -284,12 +409,24 @@ def main(argv: list[str]) -> int:
     if cfg.log.token_file is not None and not os.access(cfg.log.token_file, os.R_OK):
         print(f"gateway: cannot read [log].token_file {cfg.log.token_file}", file=sys.stderr)
         return 2
+    log_json()
     import uvloop
 
+    stop = StopSignal()
+    socks: list[socket.socket] = []
     try:
-        with contextlib.suppress(KeyboardInterrupt):
-            uvloop.run(serve(cfg, *a.listen, tls=a.tls, tls_listen=a.tls_listen))
+        socks.append(listening_socket(cfg, *a.listen))
+        if a.tls_listen is not None:
+            socks.append(listening_socket(cfg, *a.tls_listen))
+        uvloop.run(serve(cfg, socks[0], stop, tls=a.tls,
+                         tls_sock=socks[1] if len(socks) > 1 else None))
+    except StartupError as e:
+        print(f"gateway: {e}", file=sys.stderr)
+        return 1
     except LogError as e:
         print(f"gateway: the keyset entry cannot be logged: {e}", file=sys.stderr)
         return 1
+    finally:
+        for s in socks:
+            s.close()
     return 0

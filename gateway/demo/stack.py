@@ -9,6 +9,17 @@ line to stdout (`gateway`, `tlog`, `witness`, `provider`, `log_vkey`,
 its attested TLS key, on a second port) and serves until SIGTERM/SIGINT.
 
 Invariants:
+- One demo per DIR: the demo holds an exclusive lock on DIR/demo.lock for its
+  lifetime (released by the kernel if it dies). A second demo on the same DIR
+  exits 1 with the holder's pid before touching anything in DIR.
+- The gateway's HOST:PORT is checked before anything starts: if it is taken the
+  demo exits 1 with one line and starts nothing. The gateway counts as ready
+  only once it printed its own ready line (a server already on the port can
+  never pass for it), and the log only once its checkpoint verifies under the
+  log's key.
+- The log, witness and provider ports are kept in DIR/ports.json and reused on
+  the next start of the same DIR (a monitor pointed at the log keeps working);
+  a port something else took meanwhile is replaced by a free one, with a warning.
 - Every child runs in its own process group with its output in DIR/logs/NAME.log;
   stopping kills those groups (SIGTERM, SIGKILL after a grace period), all
   within 10 s, and nothing else.
@@ -34,15 +45,16 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 
 from gateway.identity.dstack_sim import default_app_compose
-from tlog.service import listen_address
+from tlog.service import LockHeld, bind, listen_address, lock_exclusive
 
 ROOT = Path(__file__).resolve().parents[1]
 GATEWAY_APP_ID = hashlib.sha256(b"pag-demo/gateway").hexdigest()[:40]
@@ -54,6 +66,9 @@ STOP_GRACE = 7.0
 SOCKET_MAX = 100
 LOG_TAIL = 30
 TAIL_BYTES = 1 << 16
+LOCK_FILE = "demo.lock"
+PORTS_FILE = "ports.json"
+PART_PORTS = ("provider", "provider_tls", "witness", "tlog", "gateway_tls")
 
 
 class DemoError(Exception):
@@ -72,6 +87,69 @@ def free_ports(n: int) -> list[int]:
     finally:
         for s in socks:
             s.close()
+
+
+def lock_data_dir(data: Path) -> int:
+    """Hold DIR/demo.lock exclusively (the returned fd keeps it; the kernel drops it when
+    this process ends); DemoError naming the holder if another demo has it."""
+    data.mkdir(parents=True, exist_ok=True)
+    path = data / LOCK_FILE
+    try:
+        fd = lock_exclusive(path)
+    except LockHeld:
+        holder = path.read_text(errors="replace").strip() or "unknown"
+        raise DemoError(f"{data} is in use by another demo (pid {holder}); stop it first, "
+                        "or give this one another --data") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def stable_ports(data: Path, names: Sequence[str], reserved: Sequence[int] = ()
+                 ) -> dict[str, int]:
+    """A port for each part: the one DIR/ports.json gave it last time if it is still free,
+    else a new free one (with a warning on stderr); saved back to DIR/ports.json.
+    Ports in `reserved` (the gateway's) are never handed out."""
+    try:
+        saved = json.loads((data / PORTS_FILE).read_text())
+    except (OSError, ValueError):
+        saved = {}
+    if not isinstance(saved, dict):
+        saved = {}
+    held: list[socket.socket] = []
+    ports: dict[str, int] = {}
+    try:
+        for name in names:
+            port = saved.get(name)
+            if not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
+                continue
+            if port in reserved or port in ports.values():
+                taken = True
+            else:
+                try:
+                    held.append(bind("127.0.0.1", port))
+                    taken = False
+                except OSError:
+                    taken = True
+            if taken:
+                print(f"demo: port {port} of the {name} is taken; using a new one",
+                      file=sys.stderr, flush=True)
+            else:
+                ports[name] = port
+        missing = [n for n in names if n not in ports]
+        while missing:  # held ports cannot come back from free_ports; reserved ones might
+            for name, port in zip(missing, free_ports(len(missing)), strict=True):
+                if port not in reserved:
+                    ports[name] = port
+                    held.append(bind("127.0.0.1", port))
+            missing = [n for n in names if n not in ports]
+    finally:
+        for s in held:
+            s.close()
+    tmp = data / (PORTS_FILE + ".tmp")
+    tmp.write_text(json.dumps({n: ports[n] for n in names}, indent=1) + "\n")
+    os.replace(tmp, data / PORTS_FILE)
+    return ports
 
 
 def secret_file(path: Path, make: Callable[[], str]) -> str:
@@ -112,6 +190,16 @@ class Child:
     name: str
     proc: subprocess.Popen[bytes]
     log_path: Path
+    log_start: int = 0  # where this run's output begins in the (appended) log
+
+    def output(self) -> bytes:
+        """What this run of the child wrote so far."""
+        try:
+            with self.log_path.open("rb") as f:
+                f.seek(self.log_start)
+                return f.read()
+        except OSError:
+            return b""
 
     def tail(self, lines: int = LOG_TAIL) -> str:
         """The last lines of the child's log."""
@@ -140,10 +228,11 @@ class Stack:
             out.write(f"--- {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} "
                       f"demo starts {name}\n".encode())
             out.flush()
+            start = out.tell()
             proc = subprocess.Popen([sys.executable, *args], stdin=subprocess.DEVNULL,
                                     stdout=out, stderr=out, cwd=str(ROOT), env=self._env,
                                     start_new_session=True, preexec_fn=_die_with_parent)
-        child = Child(name, proc, path)
+        child = Child(name, proc, path, start)
         self.children.append(child)
         return child
 
@@ -253,6 +342,42 @@ def https_answers(url: str) -> Callable[[], bool]:
     return probe
 
 
+def printed_ready(child: Child, url: str) -> Callable[[], bool]:
+    """A probe: the child printed its own JSON ready line for the port of `url` (so a
+    server that already held the port cannot pass for it), and `url`/healthz answers 200."""
+    port = urlsplit(url).port
+
+    def probe() -> bool:
+        for line in child.output().splitlines():
+            if line.startswith(b'{"gateway"'):
+                try:
+                    said = urlsplit(json.loads(line)["gateway"]).port
+                except (ValueError, KeyError, TypeError):
+                    continue
+                if said == port:
+                    return httpx.get(url + "/healthz", timeout=2.0).status_code == 200
+        return False
+    return probe
+
+
+def signed_checkpoint(url: str, vkey: str) -> Callable[[], bool]:
+    """A probe: `url`/checkpoint is a checkpoint signed by the key `vkey` (our log)."""
+    from tlog import checkpoint, note
+
+    verifier = note.verifier_from_vkey(vkey)
+
+    def probe() -> bool:
+        r = httpx.get(url + "/checkpoint", timeout=2.0)
+        if r.status_code != 200:
+            return False
+        try:
+            checkpoint.open(r.content, verifier)
+        except ValueError:
+            return False
+        return True
+    return probe
+
+
 def http_answers(url: str) -> Callable[[], bool]:
     """A probe: anything answers HTTP at `url`."""
     def probe() -> bool:
@@ -350,7 +475,9 @@ def start_stack(stack: Stack, data: Path, host: str, port: int, timeout: float,
                 sockets: Path) -> dict[str, Any]:
     """Start every part and wait for it; the ready line's members."""
     deadline = time.monotonic() + timeout
-    provider_port, provider_tls_port, witness_port, tlog_port, tls_port = free_ports(5)
+    ports = stable_ports(data, PART_PORTS, reserved=(port,))
+    provider_port, provider_tls_port, witness_port, tlog_port, tls_port = (
+        ports[n] for n in PART_PORTS)
     api_key = secret_file(data / "api_key", lambda: "sk-pag-demo-" + secrets.token_urlsafe(24))
     admin_key = secret_file(data / "admin_key",
                             lambda: "sk-pag-admin-" + secrets.token_urlsafe(24))
@@ -390,8 +517,8 @@ def start_stack(stack: Stack, data: Path, host: str, port: int, timeout: float,
         "--witness-vkey", witness_vkey, "--quorum", "1"])
     wait_ready(stack, provider, http_ok(provider_url + "/v1/models"), "/v1/models answered",
                deadline)
-    wait_ready(stack, tlog, http_ok(tlog_url + "/checkpoint"), "/checkpoint answered",
-               deadline)
+    wait_ready(stack, tlog, signed_checkpoint(tlog_url, log_vkey),
+               "/checkpoint answered, signed by its key", deadline)
 
     cfg = data / "gateway.toml"
     cfg.write_text(gateway_config(
@@ -403,8 +530,8 @@ def start_stack(stack: Stack, data: Path, host: str, port: int, timeout: float,
     gateway = stack.start("gateway", ["-m", "gateway", "serve", "--config", str(cfg),
                                       "--listen", f"{host}:{port}", "--no-tls",
                                       "--tls-listen", f"{host}:{tls_port}"])
-    wait_ready(stack, gateway, http_ok(gateway_url + "/healthz"), "/healthz answered",
-               deadline)
+    wait_ready(stack, gateway, printed_ready(gateway, gateway_url),
+               "it printed its ready line and /healthz answered", deadline)
     wait_ready(stack, gateway, https_answers(tls_url + "/healthz"),
                "/healthz answered over TLS", deadline)
     check_routes(gateway_url, admin_key)
@@ -437,9 +564,22 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--startup-timeout", type=float, default=90.0, help="seconds")
     a = ap.parse_args(argv)
     host, port = a.listen
-    if port == 0:
-        port = free_ports(1)[0]
     data = a.data.resolve()
+    try:
+        lock = lock_data_dir(data)  # first: a second demo on DIR must touch nothing
+        with bind(host, port) as held:  # before anything starts
+            port = held.getsockname()[1]
+    except (DemoError, OSError) as e:
+        print(f"demo: {e}", file=sys.stderr)
+        return 1
+    try:
+        return run(data, host, port, a.startup_timeout)
+    finally:
+        os.close(lock)
+
+
+def run(data: Path, host: str, port: int, startup_timeout: float) -> int:
+    """Start the stack in the locked DIR, print the ready line, serve until a signal."""
     (data / "logs").mkdir(parents=True, exist_ok=True)
     stack = Stack(data / "logs")
 
@@ -452,7 +592,7 @@ def main(argv: list[str]) -> int:
     status = 0
     try:
         try:
-            ready = start_stack(stack, data, host, port, a.startup_timeout, sockets)
+            ready = start_stack(stack, data, host, port, startup_timeout, sockets)
         except DemoError as e:
             if stack.stopping:
                 return 0

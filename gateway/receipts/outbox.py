@@ -33,6 +33,7 @@ import base64
 import queue
 import sqlite3
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +55,10 @@ CREATE TABLE IF NOT EXISTS receipts (
   key_sha256 TEXT                   -- the caller's API key hash (NULL in outboxes made
 );                                  -- before owners were recorded: no owner can read them by id
 CREATE INDEX IF NOT EXISTS receipts_request_hash ON receipts(request_hash, seq);
+CREATE TABLE IF NOT EXISTS health (
+  k TEXT PRIMARY KEY,
+  v REAL NOT NULL
+) WITHOUT ROWID;
 """
 LEDGER_SCHEMA = """
 CREATE TABLE IF NOT EXISTS logged (
@@ -274,6 +279,13 @@ class Outbox:
         await self._writer.submit(
             "INSERT INTO receipts(id, request_hash, entry, key_sha256) VALUES (?, ?, ?, ?)",
             (receipt_id, request_hash, entry, key_sha256))
+
+    async def probe(self) -> None:
+        """Commit one write through the same writer as `put` (a row of the `health` table,
+        never a receipt): returns only if receipts can be committed now."""
+        assert self._writer is not None, "outbox opened read-only"
+        await self._writer.submit("INSERT OR REPLACE INTO health(k, v) VALUES ('probe', ?)",
+                                  (time.time(),))
 
     def unlogged_after(self, seq: int, limit: int = 1000) -> list[tuple[int, str, bytes]]:
         """(seq, id, entry) of receipts after `seq` the log has not acknowledged, oldest first."""

@@ -41,6 +41,7 @@ import orjson
 from gateway.receipts.outbox import Ledger, Outbox
 from gateway.upstream.client import Connection, Pool, ProtocolError, exchange
 from tlog import checkpoint, merkle, note, proof, tiles
+from tlog.service import log_json
 from witness import cosignature
 
 log = logging.getLogger("gateway.receipts.shipper")
@@ -427,7 +428,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--concurrency", type=int, default=128)
     ap.add_argument("--parent", type=int, help="exit when this process is gone")
     a = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s shipper %(levelname)s %(message)s")
+    log_json()
     _die_with_parent()
     token = a.token_file.read_text().strip() if a.token_file else None
 
