@@ -129,7 +129,10 @@ def test_health_checks_ask_the_service_itself(compose: dict[str, Any]) -> None:
         svc = compose["services"][name]
         check = svc["healthcheck"]
         url = check["test"][-1]
-        host_port, path = re.fullmatch(r"http://([^/]+)(/\w+)", url).groups()
+        scheme, host_port, path = re.fullmatch(r"(https?)://([^/]+)(/\w+)", url).groups()
+        # the gateway serves attested TLS unless told --no-tls; the others plain HTTP
+        tls = name == "gateway" and "--no-tls" not in svc["command"]
+        assert scheme == ("https" if tls else "http"), name
         assert path in ("/healthz", "/readyz"), name
         listen = option(svc["command"], "--listen")
         assert host_port.split(":")[1] == listen.split(":")[1], name
@@ -157,9 +160,8 @@ def test_no_secret_is_inlined(compose: dict[str, Any]) -> None:
 
 def test_inline_configs_load(compose: dict[str, Any], tmp_path: Path) -> None:
     from gateway.api import config
-    from verifier.monitor import Policy
-
     from tlog import note
+    from verifier.monitor import Policy
     from witness import cosignature
 
     log_vkey = note.generate_signer("pag.local/log").vkey

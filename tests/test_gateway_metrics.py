@@ -159,12 +159,12 @@ def test_metrics_count_calls_refusals_latency_and_state(tmp_path: Path) -> None:
 def test_metrics_show_unlogged_receipts_and_log_down(tmp_path: Path) -> None:
     async def go() -> None:
         prov, log = FakeProvider(), FakeLog()
-        log.fail = True
         await prov.start()
         await log.start()
         try:
             cfg = write_config(tmp_path, prov.base_url, log=log)
             async with run_gateway(cfg) as gw, httpx.AsyncClient() as c:
+                log.fail = True  # after start-up: the keyset entry is logged first
                 for _ in range(2):
                     r = await c.post(gw.url + "/v1/chat/completions", content=CHAT,
                                      headers=AUTH)
@@ -199,7 +199,7 @@ def test_callers_cannot_grow_the_series_count(tmp_path: Path) -> None:
                         await c.post(gw.url + "/v1/chat/completions", content=body,
                                      headers={**AUTH, "x-" + name: name})
                         await c.get(f"{gw.url}/{name}")
-                        await c.get(f"{gw.url}/v1/receipts/{name}")
+                        await c.get(f"{gw.url}/v1/receipts/{name}", headers=AUTH)
                 await c.get(gw.url + "/metrics")  # the scrape's own series exist from now on
                 await burst()
                 first = (await c.get(gw.url + "/metrics")).text
@@ -265,7 +265,7 @@ def test_one_json_line_per_call_and_never_content(tmp_path: Path,
 
 def test_an_escaped_exception_is_500_json_and_logged_without_its_message(
         tmp_path: Path, json_lines: io.StringIO, monkeypatch: pytest.MonkeyPatch) -> None:
-    def broken_parse(body: bytes, kind: str) -> Any:
+    def broken_parse(body: bytes, kind: str, *limits: int) -> Any:
         raise RuntimeError("parser quoted the input: " + body.decode())
 
     monkeypatch.setattr(pipeline, "parse", broken_parse)

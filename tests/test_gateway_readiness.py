@@ -206,7 +206,7 @@ def test_serve_readyz_checks_the_real_agent_log_outbox_and_shipper(short_dir: Pa
         cfg.write_text(f'[gateway]\ndata_dir = "gw"\n[dstack]\nendpoint = "{sock}"\n'
                        f'[log]\nurl = "{log_url}"\ntoken_file = "{tlog_dir}/append.token"\n'
                        f'vkey = "{vkey}"\n')
-        with process(["-m", "gateway", "serve", "--config", str(cfg), "--listen",
+        with process(["-m", "gateway", "serve", "--config", str(cfg), "--no-tls", "--listen",
                       "127.0.0.1:0"], short_dir / "gw.err") as gw:
             url = first_line(gw, short_dir / "gw.err")["gateway"]
             assert not url.endswith(":0")
