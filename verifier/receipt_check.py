@@ -9,7 +9,8 @@ A `pag-receipt/2` receipt is accepted (`accept`) only if, in this order:
    `pag-keyset/1` entry, `trusted_keyset` checks it under a `KeysetPolicy`
    (its checkpoint signed by the log; its attestation bound to that
    checkpoint's nonce, simulated only if allowed, a real quote through
-   dcap-qvl; the pinned app id, compose hash and measurement sets);
+   dcap-qvl; the pinned app id, compose hash and measurement sets; the
+   attested keyset names the log the entry was read from);
 4. the key that signed the receipt is that keyset's `receipt_signing_key`,
    and the receipt's `gateway` (app id, compose hash, keyset hash) is that
    keyset's;
@@ -132,7 +133,8 @@ def _epoch(text: Any) -> float:
 def trusted_keyset(obj: Any, index: int, *, log_verifier: note.Verifier,
                    policy: KeysetPolicy) -> TrustedKeyset:
     """A parsed log entry, checked as a `pag-keyset/1` entry under `policy`
-    (`keyset_entry.check`); KeysetEntryError otherwise."""
+    (`keyset_entry.check`) whose attested keyset names this log's key (`log_vkey`);
+    KeysetEntryError otherwise."""
     if not keyset_entry.is_keyset_entry(obj):
         raise keyset_entry.KeysetEntryError("malformed", "not a pag-keyset/1 entry")
     facts = keyset_entry.check(obj, log_verifier=log_verifier,
@@ -140,6 +142,9 @@ def trusted_keyset(obj: Any, index: int, *, log_verifier: note.Verifier,
                                compose_hash=policy.compose_hash,
                                measurements=tuple(policy.measurements),
                                verify_quote=policy.quote_verifier(_epoch(obj.get("time"))))
+    if facts.keyset.get("log_vkey") != getattr(log_verifier, "vkey", None):
+        raise keyset_entry.KeysetEntryError("log_key_mismatch", "the attested keyset names "
+                                            "another log than the one read")
     qv = facts.attestation.quote_verification
     return TrustedKeyset(facts.receipt_signing_key, facts.keyset_hash, facts.app_id,
                          facts.compose_hash, facts.simulated, index,
