@@ -288,3 +288,20 @@ def test_receipt_verifies_real_tdx_quotes_with_dcap_qvl(tmp_path: Path, tdx: Pat
                  "--request-hash", rh, "--collateral",
                  str(tdx / "tdx_quote_outdated_collateral.json"))
     assert r.returncode == 1 and "quote_verification_failed" in r.stderr, r.stderr
+
+
+def test_releases_lists_each_keyset_entry_with_its_verdict(tmp_path: Path,
+                                                           attested: AttestedLog) -> None:
+    a = attested
+    write_log(tmp_path / "log", a.signer, [*a.entries, b'{"v":"pag-keyset/1"}'])
+    base = ["releases", "--log", str(tmp_path / "log"), "--vkey", a.signer.vkey,
+            "--allow-simulated"]
+    r = verifier(*base)
+    assert r.returncode == 1 and "release at entry 2 is not verified: malformed" in r.stderr
+    assert "release at entry 1" in r.stdout and "SIMULATED: verified" in r.stdout
+    write_log(tmp_path / "ok", a.signer, a.entries)
+    out = json.loads(verifier("releases", "--log", str(tmp_path / "ok"), "--vkey",
+                              a.signer.vkey, "--allow-simulated", "--json").stdout)
+    assert [(x["index"], x["app_id"], x["refusal"]) for x in out["releases"]] == [
+        (1, a.gateway["app_id"], None)]
+    assert out["witnessed"] is False and out["simulated"] is True

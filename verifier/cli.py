@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import secrets
 import sys
@@ -241,6 +242,37 @@ def cmd_audit(args: argparse.Namespace) -> dict[str, Any]:
             "witness_keys": len(args.witness), "witnessed": bool(new.cosigners)}
 
 
+def cmd_releases(args: argparse.Namespace) -> dict[str, Any]:
+    from verifier import releases
+
+    ws, quorum = _witnesses(args)
+    policy = _keyset_policy(args)
+
+    async def run() -> tuple[auditing.State, list[releases.Release]]:
+        fetcher = auditing.Fetcher(args.log)
+        try:
+            return await releases.list_releases(fetcher, _log_verifier(args.vkey), ws, quorum,
+                                                policy)
+        finally:
+            await fetcher.close()
+
+    try:
+        state, found = asyncio.run(run())
+    except auditing.AuditError as e:
+        raise Failure(str(e)) from e
+    out = {"ok": True, "origin": state.origin, "size": state.size,
+           "cosigners": list(state.cosigners), "witness_keys": len(args.witness),
+           "witnessed": bool(state.cosigners),
+           "simulated": any(r.simulated for r in found if r.refusal is None),
+           "releases": [dataclasses.asdict(r) for r in found]}
+    refused = [r for r in found if r.refusal is not None]
+    if refused and not args.json:
+        print(_human("releases", out))
+        raise Failure(f"release at entry {refused[0].index} is not verified: "
+                      f"{refused[0].refusal}")
+    return out
+
+
 def _get_json(c: httpx.Client, url: str, what: str, **kw: Any) -> tuple[int, Any]:
     try:
         r = c.get(url, **kw)
@@ -342,6 +374,17 @@ def _human(cmd: str, out: dict[str, Any]) -> str:
     elif cmd == "audit":
         lines = [f"OK audit {out['origin']}: size {out['size']} (was {out['previous_size']}), "
                  f"root {out['root'][:16]}… {_cosigned(out)}"]
+    elif cmd == "releases":
+        ok = sum(1 for r in out["releases"] if r["refusal"] is None)
+        lines = [f"{'OK' if ok == len(out['releases']) else 'FAIL'} releases of "
+                 f"{out['origin']} at size {out['size']}, {_cosigned(out)}: "
+                 f"{len(out['releases'])} logged, {ok} verified"]
+        for r in out["releases"]:
+            verdict = f"NOT verified: {r['refusal']}" if r["refusal"] else \
+                ("SIMULATED: verified" if r["simulated"] else "verified")
+            lines.append(f"   release at entry {r['index']} ({r['time']}): app {r['app_id']} "
+                         f"compose {r['compose_hash']} keyset {r['keyset_hash']} {verdict}")
+            lines += [f"      image {name} {d}" for name, d in r["image_digests"].items()]
     else:
         lines = [f"OK entry {out['index']} in {out.get('origin', 'the log')} size "
                  f"{out['size']}, {_cosigned(out)}"]
@@ -451,6 +494,11 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--log", help="log base URL or directory (default: where the gateway "
                    "says)")
     keyset_policy(r)
+    rl = sub.add_parser("releases", help="list and check every release (keyset entry) a "
+                        "gateway logged")
+    common(rl)
+    rl.add_argument("--log", required=True, help="log base URL or directory")
+    keyset_policy(rl)
     m = sub.add_parser("monitor", help="tail a log and check receipts against a policy")
     from verifier import monitor
 
@@ -460,7 +508,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 COMMANDS = {"checkpoint": cmd_checkpoint, "proof": cmd_proof, "audit": cmd_audit,
-            "receipt": cmd_receipt}
+            "receipt": cmd_receipt, "releases": cmd_releases}
 
 
 def main(argv: list[str] | None = None) -> int:
