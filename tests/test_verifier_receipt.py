@@ -279,6 +279,14 @@ def test_receipt_verifies_real_tdx_quotes_with_dcap_qvl(tmp_path: Path, tdx: Pat
         r = verifier(*base, "--pccs-url", server.url)
         assert r.returncode == 1 and "keyset_not_bound" in r.stderr, r.stderr
         assert server.requests  # the collateral came from the PCCS
+        # the monitor fetches collateral the same way, from inside its event loop
+        policy = tmp_path / "policy.json"
+        policy.write_text(json.dumps({"pccs_url": server.url}))
+        m = verifier("monitor", "--once", "--log", str(tmp_path / "good" / "log"), "--vkey",
+                     signer.vkey, "--policy", str(policy))
+        alerts = [json.loads(line) for line in m.stdout.splitlines()]
+        assert [a["alert"] for a in alerts] == ["keyset_out_of_policy", "unattested_receipt"]
+        assert "keyset_not_bound" in alerts[0]["reason"], alerts[0]
     finally:
         asyncio.run_coroutine_threadsafe(server.stop(), loop).result(30)
         loop.call_soon_threadsafe(loop.stop)

@@ -110,17 +110,24 @@ class KeysetPolicy:
                     self._loaded["col"] = dcap.load_collateral(self.collateral)
                 col = self._loaded["col"]
             else:
-                import asyncio
-
                 assert self.pccs_url is not None
-                col = dcap.load_collateral(asyncio.run(dcap.fetch_collateral(self.pccs_url,
-                                                                             raw)))
+                col = dcap.load_collateral(_run(dcap.fetch_collateral(self.pccs_url, raw)))
             result = dcap.verify(raw, col, at)
             if result.tcb_status != "UpToDate":
                 raise dcap.DcapError("quote_invalid", f"TCB status {result.tcb_status}")
             return result
 
         return verify
+
+
+def _run(coro: Any) -> Any:
+    """Run a coroutine to completion from sync code, even inside a running event loop
+    (the monitor checks entries from within its audit coroutine)."""
+    import asyncio
+    import concurrent.futures
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coro).result()
 
 
 def _epoch(text: Any) -> float:
