@@ -158,3 +158,14 @@ def test_a_malformed_policy_file_is_a_one_line_setup_error(tmp_path: Path,
                            capture_output=True, timeout=120)
         assert r.returncode == 2, bad
         assert len(r.stderr.decode().strip().splitlines()) == 1, r.stderr
+
+
+def test_a_receipt_spelled_two_ways_is_refused(tmp_path: Path, attested: AttestedLog) -> None:
+    """A duplicate member another parser would read first: the signature still verifies
+    over what Python reads, but the entry is not the receipt's RFC 8785 bytes."""
+    a = attested
+    canonical = signed(a, route="demo", request=b"dup")
+    twofaced = b'{"route":{"route_id":"shadow"},' + canonical[1:]
+    m = run_monitor(tmp_path, a, [*a.entries, canonical, twofaced], {"allow_simulated": True})
+    assert alerts(m) == [("bad_receipt", 3)]
+    assert "RFC 8785" in m.alerts[0]["reason"]

@@ -140,14 +140,14 @@ def _lookup(reader: log_reader.EntryReader, cp: Any, log_v: note.Verifier,
 
 
 def _accept(rec: Any, index: int, w: cosignature.Witnessed, log: str, log_v: note.Verifier,
-            args: argparse.Namespace, digests: dict[str, str] | None = None
-            ) -> receipt_check.Accepted:
+            args: argparse.Namespace, digests: dict[str, str] | None = None,
+            entry: bytes | None = None) -> receipt_check.Accepted:
     policy = _keyset_policy(args)
     with httpx.Client(timeout=30) as c:
         reader = log_reader.EntryReader(log_reader.getter(log, c))
         try:
             return receipt_check.accept(rec, _lookup(reader, w.checkpoint, log_v, policy),
-                                        receipt_index=index, digests=digests)
+                                        receipt_index=index, digests=digests, entry=entry)
         except receipt_check.ReceiptRefused as e:
             raise Failure(f"receipt: {e}") from e
 
@@ -186,7 +186,7 @@ def cmd_proof(args: argparse.Namespace) -> dict[str, Any]:
         if args.log is None:
             raise Failure(f"entry {p.index} is a receipt: give --log URL|DIR so its keyset "
                           "entry can be read and checked (or --inclusion-only)")
-        acc = _accept(rec, p.index, w, args.log, _log_verifier(args.vkey), args)
+        acc = _accept(rec, p.index, w, args.log, _log_verifier(args.vkey), args, entry=entry)
         out.update(_accepted(acc))
     elif rec is not None:
         out["receipt_checked"] = False

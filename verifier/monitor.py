@@ -250,12 +250,12 @@ class Monitor:
                 return "keyset_out_of_policy"
             return "keyset"
         if isinstance(v, str) and v.startswith("pag-receipt/"):
-            return self._receipt(index, obj)
+            return self._receipt(index, obj, entry)
         if v in (evidence_entry.VERSION, evidence_entry.PART_VERSION):
             return "evidence"
         return "other"
 
-    def _receipt(self, index: int, obj: dict[str, Any]) -> str:
+    def _receipt(self, index: int, obj: dict[str, Any], entry: bytes) -> str:
         def lookup(ki: int) -> receipt_check.TrustedKeyset:
             ks = self.keysets.get(ki)
             if ks is None:
@@ -263,7 +263,7 @@ class Monitor:
             return ks
 
         try:
-            acc = receipt_check.accept(obj, lookup, receipt_index=index)
+            acc = receipt_check.accept(obj, lookup, receipt_index=index, entry=entry)
         except receipt_check.ReceiptRefused as e:
             if e.code in UNATTESTED_CODES:
                 self.alert("unattested_receipt", str(e), index=index)

@@ -2,7 +2,8 @@
 
 A `pag-receipt/2` receipt is accepted (`accept`) only if, in this order:
 
-1. its shape and Ed25519 signature verify (`receipt.verify`);
+1. its shape and Ed25519 signature verify (`receipt.verify`), and the log
+   entry it came from, when given, is exactly its RFC 8785 bytes;
 2. the keyset entry it names (`keyset_index`) comes before it in the log, when
    the receipt's own log index is known;
 3. that entry is a trusted keyset (`lookup(keyset_index)`): for a logged
@@ -162,13 +163,17 @@ Lookup = Callable[[int], TrustedKeyset]
 
 
 def accept(rec: Any, lookup: Lookup, *, receipt_index: int | None = None,
-           digests: Mapping[str, str] | None = None) -> Accepted:
+           digests: Mapping[str, str] | None = None, entry: bytes | None = None) -> Accepted:
     """Accept `rec` or raise ReceiptRefused (see the module docstring for the rules).
 
     `lookup(keyset_index)` returns the trusted keyset at that index or raises
-    ReceiptRefused, `keyset_entry.KeysetEntryError` or `LookupError`."""
+    ReceiptRefused, `keyset_entry.KeysetEntryError` or `LookupError`. `entry`, the log
+    entry `rec` was parsed from, must be its RFC 8785 bytes (no duplicate members or
+    other spellings that two parsers could read differently)."""
     try:
         signer = receipt.verify(rec)
+        if entry is not None and receipt.entry(rec) != entry:
+            raise receipt.ReceiptError("the log entry is not the receipt's RFC 8785 bytes")
     except receipt.ReceiptError as e:
         raise ReceiptRefused("receipt_invalid", str(e)) from None
     ki = rec["keyset_index"]
