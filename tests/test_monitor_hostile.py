@@ -169,3 +169,16 @@ def test_a_receipt_spelled_two_ways_is_refused(tmp_path: Path, attested: Atteste
     m = run_monitor(tmp_path, a, [*a.entries, canonical, twofaced], {"allow_simulated": True})
     assert alerts(m) == [("bad_receipt", 3)]
     assert "RFC 8785" in m.alerts[0]["reason"]
+
+
+def test_a_restarted_monitor_remembers_the_keysets_it_verified(tmp_path: Path,
+                                                              attested: AttestedLog) -> None:
+    a = attested
+    policy = {"allow_simulated": True, **ROUTE_POLICY}
+    state = tmp_path / "state.json"
+    first = [*a.entries, signed(a, request=b"1")]
+    assert run_monitor(tmp_path, a, first, policy, state).alerts == []
+    # a new process, a grown log: the receipt after the restart still has its keyset
+    m = run_monitor(tmp_path, a, [*first, signed(a, request=b"2")], policy, state)
+    assert m.alerts == [] and m.entries["receipt"] == 1 and m.state.size == 4
+    assert (tmp_path / "state.json.keysets.json").exists()
