@@ -313,3 +313,18 @@ def test_releases_lists_each_keyset_entry_with_its_verdict(tmp_path: Path,
     assert [(x["index"], x["app_id"], x["refusal"]) for x in out["releases"]] == [
         (1, a.gateway["app_id"], None)]
     assert out["witnessed"] is False and out["simulated"] is True
+
+
+def test_audit_with_a_policy_checks_every_entry(tmp_path: Path, attested: AttestedLog) -> None:
+    a = attested
+    policy = tmp_path / "policy.json"
+    policy.write_text(json.dumps({"allow_simulated": True, "allowed_routes": ["demo"]}))
+    logged(tmp_path / "ok", a, make_receipt(a.receipt_key, a.gateway))
+    base = ["audit", "--vkey", a.signer.vkey, "--policy", str(policy), "--log"]
+    r = verifier(*base, str(tmp_path / "ok" / "log"))
+    assert r.returncode == 0, r.stderr
+    assert "1 receipt, 1 keyset" in r.stdout and "SIMULATED evidence accepted" in r.stdout
+    logged(tmp_path / "bad", a, make_receipt(a.receipt_key, a.gateway, route="shadow"))
+    r = verifier(*base, str(tmp_path / "bad" / "log"))
+    assert r.returncode == 1 and "forbidden_route at entry 2" in r.stderr
+    assert r.stdout == ""

@@ -218,7 +218,35 @@ def _summary(r: dict[str, Any]) -> dict[str, Any]:
             "signing_key": r.get("signature", {}).get("key")}
 
 
+def _audit_with_policy(args: argparse.Namespace) -> dict[str, Any]:
+    """One monitor poll, silent: the audit plus every entry checked against the policy."""
+    from verifier import monitor
+
+    ws, quorum = _witnesses(args)
+    try:
+        policy = monitor.Policy.load(args.policy)
+        m = monitor.Monitor(args.log, _log_verifier(args.vkey), policy, witnesses=ws,
+                            quorum=quorum, witness_urls=[], state_path=args.state,
+                            webhook=None, quiet=True)
+    except (ValueError, OSError, TypeError, auditing.AuditError) as e:
+        raise Failure(f"policy: {e}") from e
+    previous = m.state.size if m.state else 0
+    asyncio.run(m.poll())
+    if m.alerts:
+        a = m.alerts[0]
+        where = f" at entry {a['index']}" if "index" in a else ""
+        raise Failure(f"{len(m.alerts)} alert(s); first {a['alert']}{where}: {a['reason']}")
+    assert m.state is not None
+    return {"ok": True, "origin": m.state.origin, "size": m.state.size,
+            "root": m.state.root.hex(), "previous_size": previous,
+            "cosigners": list(m.state.cosigners), "witness_keys": len(args.witness),
+            "witnessed": bool(m.state.cosigners), "entries": m.entries,
+            "simulated": any(k.simulated for k in m.keysets.values())}
+
+
 def cmd_audit(args: argparse.Namespace) -> dict[str, Any]:
+    if args.policy is not None:
+        return _audit_with_policy(args)
     ws, quorum = _witnesses(args)
     state = auditing.load_state(args.state)
     progress = auditing.progress_bar if (args.progress or sys.stderr.isatty()) else None
@@ -374,6 +402,9 @@ def _human(cmd: str, out: dict[str, Any]) -> str:
     elif cmd == "audit":
         lines = [f"OK audit {out['origin']}: size {out['size']} (was {out['previous_size']}), "
                  f"root {out['root'][:16]}… {_cosigned(out)}"]
+        if "entries" in out:
+            lines.append("   checked against the policy: " + ", ".join(
+                f"{n} {k}" for k, n in out["entries"].items() if n))
     elif cmd == "releases":
         ok = sum(1 for r in out["releases"] if r["refusal"] is None)
         lines = [f"{'OK' if ok == len(out['releases']) else 'FAIL'} releases of "
@@ -480,6 +511,8 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("--log", required=True, help="log base URL or directory")
     a.add_argument("--state", type=Path, help="state file to check against and update")
     a.add_argument("--progress", action="store_true")
+    a.add_argument("--policy", type=Path, help="also check every keyset entry and receipt "
+                   "against this monitor policy (JSON; docs/verifier.md)")
     r = sub.add_parser("receipt", help="fetch and verify a gateway receipt, its proof and "
                        "its logged keyset")
     common(r, vkey=False)

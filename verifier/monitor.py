@@ -175,8 +175,10 @@ class Monitor:
 
     def __init__(self, log_url: str, log_verifier: note.Ed25519Verifier, policy: Policy, *,
                  witnesses: list[cosignature.CosignatureVerifier], quorum: int,
-                 witness_urls: list[str], state_path: Path | None, webhook: str | None) -> None:
+                 witness_urls: list[str], state_path: Path | None, webhook: str | None,
+                 quiet: bool = False) -> None:
         self.log_url = log_url
+        self.quiet = quiet  # collect alerts without printing them (`verifier audit --policy`)
         self.verifier = log_verifier
         self.policy = policy
         self.keyset_policy = policy.keyset_policy()
@@ -221,7 +223,8 @@ class Monitor:
         a = {"alert": kind, "reason": reason, "time": time.time(), **extra}
         self.alerts.append(a)
         self.counts[kind] = self.counts.get(kind, 0) + 1
-        print(json.dumps(a), flush=True)
+        if not self.quiet:
+            print(json.dumps(a), flush=True)
         if self.webhook:
             try:
                 httpx.post(self.webhook, json=a, timeout=5)
