@@ -140,9 +140,8 @@ def _lookup(reader: log_reader.EntryReader, cp: Any, log_v: note.Verifier,
 
 
 def _accept(rec: Any, index: int, w: cosignature.Witnessed, log: str, log_v: note.Verifier,
-            args: argparse.Namespace, digests: dict[str, str] | None = None,
+            policy: receipt_check.KeysetPolicy, digests: dict[str, str] | None = None,
             entry: bytes | None = None) -> receipt_check.Accepted:
-    policy = _keyset_policy(args)
     with httpx.Client(timeout=30) as c:
         reader = log_reader.EntryReader(log_reader.getter(log, c))
         try:
@@ -153,6 +152,7 @@ def _accept(rec: Any, index: int, w: cosignature.Witnessed, log: str, log_v: not
 
 
 def cmd_proof(args: argparse.Namespace) -> dict[str, Any]:
+    policy = _keyset_policy(args)
     try:
         p = proof.parse(read_source(args.src))
     except proof.ProofFormatError as e:
@@ -186,7 +186,8 @@ def cmd_proof(args: argparse.Namespace) -> dict[str, Any]:
         if args.log is None:
             raise Failure(f"entry {p.index} is a receipt: give --log URL|DIR so its keyset "
                           "entry can be read and checked (or --inclusion-only)")
-        acc = _accept(rec, p.index, w, args.log, _log_verifier(args.vkey), args, entry=entry)
+        acc = _accept(rec, p.index, w, args.log, _log_verifier(args.vkey), policy,
+                      entry=entry)
         out.update(_accepted(acc))
     elif rec is not None:
         out["receipt_checked"] = False
@@ -349,6 +350,7 @@ def _digests(args: argparse.Namespace) -> tuple[str | None, dict[str, str]]:
 
 
 def cmd_receipt(args: argparse.Namespace) -> dict[str, Any]:
+    policy = _keyset_policy(args)
     base = args.gateway.rstrip("/")
     computed, digests = _digests(args)
     rh = args.request_hash or computed
@@ -384,7 +386,7 @@ def cmd_receipt(args: argparse.Namespace) -> dict[str, Any]:
         proof.check_inclusion(p, w.checkpoint, receipt.entry(rec))
     except (merkle.ProofError, ValueError) as e:
         raise Failure(f"inclusion: {e}") from e
-    acc = _accept(rec, p.index, w, log, _log_verifier(args.vkey), args, digests)
+    acc = _accept(rec, p.index, w, log, _log_verifier(args.vkey), policy, digests)
     out.update({"origin": w.checkpoint.origin, "index": p.index, "size": w.checkpoint.size,
                 "log": log, **_witness_facts(w, args), **_accepted(acc)})
     if live is not None:
