@@ -262,6 +262,10 @@ def test_receipt_verifies_real_tdx_quotes_with_dcap_qvl(tmp_path: Path, tdx: Pat
     gw_dir, signer, rh = real_quote_log(tmp_path / "good", tdx, "tdx_quote")
     gw = serve(gw_dir)
     base = ["receipt", "--gateway", gw, "--vkey", signer.vkey, "--request-hash", rh]
+    # the gateway names a local directory as its log: only the user may point at files
+    r = verifier(*base)
+    assert r.returncode == 1 and "http(s) log URL" in r.stderr
+    base += ["--log", str(tmp_path / "good" / "log")]
     col = str(tdx / "tdx_quote_collateral.json")
     # no collateral: a real quote is never taken on trust
     r = verifier(*base)
@@ -293,7 +297,7 @@ def test_receipt_verifies_real_tdx_quotes_with_dcap_qvl(tmp_path: Path, tdx: Pat
     # a real quote whose platform TCB matches no level: refused by dcap-qvl itself
     gw_dir, signer, rh = real_quote_log(tmp_path / "old", tdx, "tdx_quote_outdated")
     r = verifier("receipt", "--gateway", serve(gw_dir), "--vkey", signer.vkey,
-                 "--request-hash", rh, "--collateral",
+                 "--request-hash", rh, "--log", str(tmp_path / "old" / "log"), "--collateral",
                  str(tdx / "tdx_quote_outdated_collateral.json"))
     assert r.returncode == 1 and "quote_verification_failed" in r.stderr, r.stderr
 

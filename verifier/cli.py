@@ -375,8 +375,8 @@ def cmd_receipt(args: argparse.Namespace) -> dict[str, Any]:
     if not isinstance(text, str):
         raise Failure("receipt: not logged yet (no proof); try again shortly")
     log = args.log or body.get("log")
-    if not isinstance(log, str):
-        raise Failure("receipt: the gateway does not say where its log is: give --log URL")
+    if not isinstance(log, str) or not (args.log or log.startswith(("http://", "https://"))):
+        raise Failure("receipt: the gateway does not name an http(s) log URL: give --log URL")
     try:
         p = proof.parse(text.encode())
     except proof.ProofFormatError as e:
