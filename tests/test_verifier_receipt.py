@@ -264,12 +264,12 @@ def test_receipt_verifies_real_tdx_quotes_with_dcap_qvl(tmp_path: Path, tdx: Pat
     base = ["receipt", "--gateway", gw, "--vkey", signer.vkey, "--request-hash", rh]
     # the gateway names a local directory as its log: only the user may point at files
     r = verifier(*base)
-    assert r.returncode == 1 and "http(s) log URL" in r.stderr
+    assert r.returncode == 1 and "http(s) log URL" in r.stderr, r.stderr
     base += ["--log", str(tmp_path / "good" / "log")]
     col = str(tdx / "tdx_quote_collateral.json")
     # no collateral: a real quote is never taken on trust
     r = verifier(*base)
-    assert r.returncode == 1 and "quote_unverified" in r.stderr
+    assert r.returncode == 1 and "quote_unverified" in r.stderr, r.stderr
     # with the collateral dcap-qvl accepts the genuine quote (UpToDate); what stops it then
     # is that its report data commits to another keyset than the entry's
     r = verifier(*base, "--collateral", col)
@@ -289,7 +289,8 @@ def test_receipt_verifies_real_tdx_quotes_with_dcap_qvl(tmp_path: Path, tdx: Pat
         m = verifier("monitor", "--once", "--log", str(tmp_path / "good" / "log"), "--vkey",
                      signer.vkey, "--policy", str(policy))
         alerts = [json.loads(line) for line in m.stdout.splitlines()]
-        assert [a["alert"] for a in alerts] == ["keyset_out_of_policy", "unattested_receipt"]
+        assert [a["alert"] for a in alerts] == ["keyset_out_of_policy",
+                                                "unattested_receipt"], m.stdout + m.stderr
         assert "keyset_not_bound" in alerts[0]["reason"], alerts[0]
     finally:
         asyncio.run_coroutine_threadsafe(server.stop(), loop).result(30)
