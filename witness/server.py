@@ -127,7 +127,7 @@ class Witness:
                                         cosigned or b"", req.checkpoint)
                 return refusal(422, "fork", "fork: same size, different root")
         else:
-            assert root0 is not None
+            assert root0 is not None  # noqa: S101 - type narrowing: old 0 (no root yet) is handled above
             try:
                 merkle.verify_consistency(req.old_size, cp.size, list(req.proof), root0, cp.root_hash)
             except merkle.ProofError as e:

@@ -449,7 +449,7 @@ async def forward(svc: Services, call: Call, route: RouteSpec, lease: LeaseFacts
     """Send under the lease; if the provider's TLS key no longer matches it (a key
     rotation, or an impostor), re-verify once and retry once under the new lease.
     The refused handshake sent no byte; a failed re-verification refuses the call."""
-    assert svc.upstream is not None
+    assert svc.upstream is not None  # noqa: S101 - type narrowing: startup() opens the pool before any request
     path = UPSTREAM_PATH[call.kind]
     try:
         return await svc.upstream.send(route, lease, path, body, stream, headers)
@@ -486,7 +486,7 @@ def seal_upstream(call: Call, route: RouteSpec, lease: LeaseFacts,
 
 def open_upstream(call: Call, reply: UpstreamReply) -> None:
     """Read the provider's E2EE response headers (a 200 must be sealed to us)."""
-    assert call.upstream_opener is not None
+    assert call.upstream_opener is not None  # noqa: S101 - type narrowing: set with the route's seal step
     try:
         call.upstream_opener.start({k.decode("latin-1"): v.decode("latin-1")
                                     for k, v in reply.headers.items()})
@@ -504,7 +504,7 @@ async def check_response_signature(svc: Services, call: Call, forwarded: bytes,
     from gateway.verification import phala
 
     route, lease = call.route, call.lease
-    assert route is not None and lease is not None and svc.signatures is not None
+    assert route is not None and lease is not None and svc.signatures is not None  # noqa: S101 - type narrowing: only signature-bound leases reach here
     address = lease.binding.removeprefix(SIGNATURE_BINDING)
     try:
         chat_id = orjson.loads(reply.body)["id"]
@@ -683,7 +683,7 @@ def relay_event(call: Call, ev: sse.Event) -> bytes:
 def seal_event(call: Call, ev: sse.Event, obj: Any) -> bytes:
     """One event sealed for an E2EE caller: `data:` of the sealed chunk (id, retry and
     comments dropped), or the error event that ends the stream."""
-    assert call.sealer is not None
+    assert call.sealer is not None  # noqa: S101 - type narrowing: set by open_e2ee for sealed calls
     if ev.type != "message":
         return stream_error(call, "e2ee_unsealable", "an event of another type than message")
     if not isinstance(obj, dict):
