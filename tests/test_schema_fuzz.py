@@ -57,14 +57,18 @@ def refusal_code(status: int, ctype: str, body: bytes) -> str | None:
 
 def fuzz(doc: Path, base_url: str, headers: Callable[[str], dict[str, str]],
          adjust: Callable[[Any, Any], None] = lambda case, data: None,
-         exempt: Callable[[int, str], bool] = lambda status, ctype: False) -> int:
-    """Run every operation of the OpenAPI document `doc` against `base_url`, in positive and
-    negative mode; `headers(path)` gives each call's headers, `adjust(case, data)` may steer a
-    case (with hypothesis's `data`). Returns the number of calls made."""
+         exempt: Callable[[int, str], bool] = lambda status, ctype: False,
+         paths: set[str] | None = None) -> int:
+    """Run every operation (or those of `paths`) of the OpenAPI document `doc` against
+    `base_url`, in positive and negative mode; `headers(path)` gives each call's headers,
+    `adjust(case, data)` may steer a case (with hypothesis's `data`). Returns the number of
+    calls made."""
     schema = schemathesis.openapi.from_path(str(doc))
     calls = 0
     for result in schema.get_all_operations():
         op = result.ok()
+        if paths is not None and op.path not in paths:
+            continue
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
             @settings(max_examples=EXAMPLES, deadline=None, database=None,
                       phases=[Phase.generate], suppress_health_check=list(HealthCheck))
@@ -196,4 +200,9 @@ def test_the_gateway_answers_every_schema_case(tmp_path: Path) -> None:
         calls = fuzz(doc, s.url, key, adjust=steer_gateway)
         assert calls >= 2 * EXAMPLES
         assert s.prov.received, "no fuzzed call reached the provider"
+        s.prov.fail_status = 422  # a provider refusing everything: its 4xx, as the gateway's
+        before = len(s.prov.received)
+        fuzz(doc, s.url, key, adjust=steer_gateway,
+             paths={"/v1/chat/completions", "/v1/embeddings"})
+        assert len(s.prov.received) > before
         assert httpx.get(s.url + "/readyz").status_code == 200
