@@ -267,10 +267,11 @@ def test_e2ee_envelopes_raise_only_aci_error(version: str, data: st.DataObject) 
 
 
 @FUZZ
-@given(st.data())
-def test_sealed_responses_raise_only_aci_error(data: st.DataObject) -> None:
-    """The client opening a hostile gateway's answer (aci-1)."""
-    obj, headers, opener = aci.seal_request(copy.deepcopy(CHAT), "chat", MODEL_PUB, now=NOW)
+@given(st.sampled_from(aci.VERSIONS), st.data())
+def test_sealed_responses_raise_only_aci_error(version: str, data: st.DataObject) -> None:
+    """The client opening a hostile gateway's answer."""
+    obj, headers, opener = aci.seal_request(copy.deepcopy(CHAT), "chat", MODEL_PUB, now=NOW,
+                                            version=version)
     h = aci.read_headers({k.lower(): v for k, v in headers.items()}, NOW)
     assert h is not None
     _, sealer = aci.open_request(obj, "chat", h, MODEL_KEY.private_bytes_raw())
