@@ -215,6 +215,42 @@ def test_witness_request_bodies_raise_only_request_error(data: bytes) -> None:
     assert req.old_size >= 0 and all(len(h) == merkle.HASH_SIZE for h in req.proof)
 
 
+@pytest.fixture(scope="module")
+def witness_rules() -> Iterator[Any]:
+    """The witness's add-checkpoint rules over a real state database, at size 3 of LEAVES."""
+    from witness.server import Witness
+    from witness.state import State
+
+    tmp = Path(tempfile.mkdtemp(prefix="pagfz-w-", dir="/tmp"))
+    state = State(tmp / "witness.db")
+    w = Witness(state, WITNESS, {LOG.name: LOG.verifier()})
+    cp3 = checkpoint.sign(checkpoint.Checkpoint(LOG.name, 3, merkle.root(LEAVES[:3])), LOG)
+    assert isinstance(asyncio.run(w.add_checkpoint(request.format(0, [], cp3))), bytes)
+    try:
+        yield w
+    finally:
+        state.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+GROWTH = request.format(3, merkle.consistency_proof(3, 7, LEAVES), CP)
+
+
+@FUZZ
+@given(fuzzed(GROWTH, 2048))
+def test_the_witness_answers_hostile_bodies_with_a_cosignature_or_a_refusal(
+        witness_rules: Any, body: bytes) -> None:
+    """Past the parser: signature, origin, sizes and consistency checked on mutated bodies
+    (the state moves on when a valid one is cosigned); never an exception."""
+    from witness.server import Refusal
+
+    out = asyncio.run(witness_rules.add_checkpoint(body))
+    if isinstance(out, Refusal):
+        assert out.status in (400, 403, 404, 409, 422)
+    else:
+        assert out.startswith("\u2014 ".encode())
+
+
 # -- E2EE ------------------------------------------------------------------------------
 
 MODEL_KEY = X25519PrivateKey.generate()
