@@ -2,7 +2,7 @@
 
 Each module that reads input an adversary controls has one error type (the log's
 `NoteError`, `CheckpointError`, `TileError`, `ProofFormatError`; the witness's
-`RequestError`, `QuorumError`; the client's `AciError`, `SseError`, `QuoteError`,
+`RequestError`, `QuorumError`; the gateway's parse step, a 400 `GatewayError`; the client's `AciError`, `SseError`, `QuoteError`,
 `EventLogError`, `AttestationError`, `KeysetError`, `ReceiptError`,
 `KeysetEntryError`, `EvidenceEntryError`; the gateway's `VerificationError` for every
 provider evidence adapter and `ReleaseError` for Sigstore statements). Hypothesis
@@ -123,6 +123,10 @@ def mutated_json(draw: st.DrawFn, seed: Any) -> Any:
 
 def fuzzed_json(seed: Any) -> st.SearchStrategy[Any]:
     return st.one_of(JSON_ANY, mutated_json(seed), st.just(copy.deepcopy(seed)))
+
+
+def _doc_bytes(doc: Any) -> bytes:
+    return json.dumps(doc).encode() if not isinstance(doc, bytes) else doc
 
 
 # -- the log's formats -----------------------------------------------------------------
@@ -249,6 +253,37 @@ def test_the_witness_answers_hostile_bodies_with_a_cosignature_or_a_refusal(
         assert out.status in (400, 403, 404, 409, 422)
     else:
         assert out.startswith("\u2014 ".encode())
+
+
+CHAT_BODY = json.dumps({"model": "m", "stream": True, "stream_options": {"include_usage": True},
+                        "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}
+                       ).encode()
+
+
+@FUZZ
+@given(st.one_of(fuzzed(CHAT_BODY, 1024), fuzzed_json(json.loads(CHAT_BODY)).map(_doc_bytes)),
+       st.sampled_from(["chat", "embeddings"]))
+def test_model_call_bodies_raise_only_a_400(body: bytes, kind: str) -> None:
+    """The gateway's parse step: a Request, or a 400 GatewayError with a code."""
+    from gateway.api import pipeline
+    from gateway.api.errors import GatewayError
+
+    try:
+        pipeline.parse(body, kind, max_messages=8, max_depth=8)
+    except GatewayError as e:
+        assert e.status == 400 and e.code
+
+
+@FUZZ
+@given(st.binary(max_size=80) | mutated_bytes(b"ab" * 32))
+def test_receipt_salt_headers_raise_only_a_400(value: bytes) -> None:
+    from gateway.api import pipeline
+    from gateway.api.errors import GatewayError
+
+    try:
+        assert len(pipeline.receipt_salt({b"x-receipt-salt": value})) == 32
+    except GatewayError as e:
+        assert (e.status, e.code) == (400, "invalid_receipt_salt")
 
 
 # -- E2EE ------------------------------------------------------------------------------
@@ -503,10 +538,6 @@ PHALA = json.loads((FIX / "phala" / "attestation_report.json").read_text())
 NEARAI = json.loads((FIX / "nearai" / "attestation_report_20260424.json").read_text())
 NVIDIA = json.loads((FIX / "nvidia" / "nvidia_payload_8xh100.json").read_text())
 TINFOIL = (FIX / "tinfoil" / "tdx_attestation.json").read_bytes()
-
-
-def _doc_bytes(doc: Any) -> bytes:
-    return json.dumps(doc).encode() if not isinstance(doc, bytes) else doc
 
 
 @SLOW
