@@ -100,7 +100,7 @@ def encodings(secret: bytes | str) -> set[str]:
 def skey_secret(path: Path) -> list[bytes | str]:
     """A private key file's text and the raw key bytes it encodes."""
     text = path.read_text().strip()
-    raw = base64.b64decode(text.rsplit("+", 1)[1])
+    raw = base64.b64decode(text.split("+", 4)[4])  # PRIVATE+KEY+name+hexid+base64
     return [text, raw, raw[-32:]]
 
 
