@@ -3,7 +3,8 @@
 It dispatches by path: model calls go to the pipeline (gateway/api/pipeline.py,
 where the invariants of a call are stated); the rest are small read-only
 endpoints: models, attestation, receipt lookup, the admin route view, health
-(`/healthz` alive, `/readyz` dependencies reachable) and Prometheus `/metrics`.
+(`/healthz` alive, `/readyz` dependencies reachable), Prometheus `/metrics` and
+`/openapi.json` (the API described by hand, gateway/api/openapi.json).
 
 Every request is counted and timed (gateway/api/metrics.py) and every model call
 logs one JSON line (gateway/api/jsonlog.py). An exception that escapes a handler
@@ -18,6 +19,7 @@ import hmac
 import logging
 import re
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -48,10 +50,12 @@ RECEIPT_ID = re.compile(r"[0-9a-f]{32}")
 NONCE = re.compile(r"(?:[0-9a-fA-F]{2}){1,64}")
 MODEL_CALLS = {"/v1/chat/completions": "chat", "/v1/embeddings": "embeddings"}
 GETS = ("/v1/models", "/.well-known/attestation", "/v1/routes", "/healthz", "/readyz",
-        "/metrics")
+        "/metrics", "/openapi.json")
 ENDPOINTS = {**MODEL_CALLS, "/v1/models": "models", "/.well-known/attestation": "attestation",
              "/v1/routes": "routes", "/healthz": "healthz", "/readyz": "readyz",
-             "/metrics": "metrics"}
+             "/metrics": "metrics", "/openapi.json": "openapi"}
+OPENAPI = (Path(__file__).parent / "openapi.json").read_bytes()
+"""The OpenAPI 3 description of the gateway's HTTP API, written by hand."""
 LEASE_STATES = ("verified", "unverified-allowed", "refused", "unknown")
 COUNTS_TTL = 1.0  # seconds the outbox counts shown by /metrics may be old
 log = logging.getLogger("gateway.api.app")
@@ -228,6 +232,8 @@ class Gateway:
                     {"ok": True, "log_down": self.svc.status.log_down}), JSON)
             elif path == "/readyz":
                 return await self._readyz(send)
+            elif path == "/openapi.json":
+                await respond(send, 200, OPENAPI, JSON, cache=b"no-cache")
             elif path == "/metrics":
                 await respond(send, 200, self.metrics.render(self._gauges()), METRICS_TYPE,
                               cache=b"no-store")

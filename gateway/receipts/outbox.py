@@ -275,7 +275,7 @@ class Outbox:
     async def put(self, receipt_id: str, request_hash: str, entry: bytes,
                   key_sha256: str | None = None) -> None:
         """Commit one receipt durably, with the hash of the API key that owns it."""
-        assert self._writer is not None, "outbox opened read-only"
+        assert self._writer is not None, "outbox opened read-only"  # noqa: S101 - programming error, not input: a read-only outbox is never written
         await self._writer.submit(
             "INSERT INTO receipts(id, request_hash, entry, key_sha256) VALUES (?, ?, ?, ?)",
             (receipt_id, request_hash, entry, key_sha256))
@@ -283,7 +283,7 @@ class Outbox:
     async def probe(self) -> None:
         """Commit one write through the same writer as `put` (a row of the `health` table,
         never a receipt): returns only if receipts can be committed now."""
-        assert self._writer is not None, "outbox opened read-only"
+        assert self._writer is not None, "outbox opened read-only"  # noqa: S101 - programming error, not input: a read-only outbox is never written
         await self._writer.submit("INSERT OR REPLACE INTO health(k, v) VALUES ('probe', ?)",
                                   (time.time(),))
 
@@ -319,7 +319,7 @@ class Outbox:
     def logged_among(self, ids: list[str]) -> set[str]:
         """Which of these receipt ids the log has acknowledged."""
         marks = ",".join("?" * len(ids))
-        cur = self._rconn.execute("SELECT r.id FROM receipts r JOIN ledger.logged l "
+        cur = self._rconn.execute("SELECT r.id FROM receipts r JOIN ledger.logged l "  # noqa: S608 - only "?" placeholders are formatted in; ids are bound parameters
                                   f"ON l.seq = r.seq WHERE r.id IN ({marks})", ids)
         return {r[0] for r in cur.fetchall()}
 
