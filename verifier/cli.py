@@ -237,7 +237,8 @@ def _audit_with_policy(args: argparse.Namespace) -> dict[str, Any]:
         a = m.alerts[0]
         where = f" at entry {a['index']}" if "index" in a else ""
         raise Failure(f"{len(m.alerts)} alert(s); first {a['alert']}{where}: {a['reason']}")
-    assert m.state is not None
+    if m.state is None:  # poll() sets it or raises
+        raise Failure("the log answered no checkpoint")
     return {"ok": True, "origin": m.state.origin, "size": m.state.size,
             "root": m.state.root.hex(), "previous_size": previous,
             "cosigners": list(m.state.cosigners), "witness_keys": len(args.witness),

@@ -111,8 +111,7 @@ class KeysetPolicy:
                     self._loaded["col"] = dcap.load_collateral(self.collateral)
                 col = self._loaded["col"]
             else:
-                assert self.pccs_url is not None
-                col = dcap.load_collateral(_run(dcap.fetch_collateral(self.pccs_url, raw)))
+                col = dcap.load_collateral(_run(dcap.fetch_collateral(str(self.pccs_url), raw)))
             result = dcap.verify(raw, col, at)
             if result.tcb_status != "UpToDate":
                 raise dcap.DcapError("quote_invalid", f"TCB status {result.tcb_status}")
