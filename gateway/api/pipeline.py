@@ -49,6 +49,7 @@ from gateway.api.apikeys import KeyStore
 from gateway.api.config import ApiKey, Config, RouteSpec
 from gateway.api.errors import GatewayError, bad_request, refused, unauthorized
 from gateway.api.ratelimit import Hold, Limits
+from gateway.api.receipt_index import RedisReceiptIndex
 from gateway.api.replay import MemoryReplay, ReplayStore, ReplayUnavailable
 from gateway.api.router import Router
 from gateway.api.routes import RouteBook, now_rfc3339
@@ -88,6 +89,7 @@ class Services:
     keyset_index: int
     e2ee_key: bytes | None = None
     replay: ReplayStore = field(default_factory=MemoryReplay)
+    receipt_index: RedisReceiptIndex | None = None  # [shared]: receipts any replica can find
     upstream: Upstream | None = None
     signatures: httpx.AsyncClient | None = None
     e2ee_public: bytes | None = field(init=False, default=None)
@@ -737,10 +739,13 @@ def receipt_body(call: Call, identity: dict[str, str], keyset_index: int,
 
 
 async def commit_receipt(svc: Services, call: Call, response_hash: str) -> None:
-    """Sign the call's receipt and commit it to the outbox (the shipper picks it up)."""
+    """Sign the call's receipt and commit it to the outbox (the shipper picks it up); with
+    `[shared]`, also record it where the other replicas find it."""
     _, entry = svc.signer.sign(receipt_body(call, svc.identity, svc.keyset_index,
                                             response_hash))
     await svc.outbox.put(call.receipt_id, call.request_hash, entry, call.key.sha256)
+    if svc.receipt_index is not None:
+        await svc.receipt_index.put(call.receipt_id, call.request_hash, entry, call.key.sha256)
 
 
 async def logged_in_time(svc: Services, call: Call) -> bool:
