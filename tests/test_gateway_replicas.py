@@ -246,3 +246,5 @@ def test_with_one_replica_killed_the_other_serves_and_answers_for_its_receipts(
     r = httpx.post(replicas.b.url + "/v1/chat/completions", headers=auth("owner"),
                    json=chat(2), timeout=30)
     assert r.status_code == 200
+    replicas.b.proc.terminate()  # and B stops cleanly, closing its Redis connections
+    assert replicas.b.proc.wait(15) == 0

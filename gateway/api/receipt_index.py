@@ -85,7 +85,8 @@ class RedisReceiptIndex:
     async def put(self, receipt_id: str, request_hash: str, entry: bytes, owner: str) -> None:
         """Record a committed receipt (best effort: a failure is logged, not raised)."""
         try:
-            async with self._redis.pipeline(transaction=True) as p:
+            async with self._redis.pipeline(transaction=False) as p:  # one round trip; the
+                # request-hash key only names an id, whose record `get` checks anyway
                 p.set(f"{self._prefix}receipt:{receipt_id}",
                       seal(self._key, receipt_id, owner, request_hash, entry), ex=self._ttl)
                 p.set(f"{self._prefix}receipt-rh:{request_hash}", receipt_id, ex=self._ttl)
