@@ -157,9 +157,8 @@ def test_no_secret_is_inlined(compose: dict[str, Any]) -> None:
 
 def test_inline_configs_load(compose: dict[str, Any], tmp_path: Path) -> None:
     from gateway.api import config
-    from verifier.monitor import Policy
-
     from tlog import note
+    from verifier.monitor import Policy
     from witness import cosignature
 
     log_vkey = note.generate_signer("pag.local/log").vkey

@@ -30,7 +30,8 @@ BUDGET = 1000
 RPM = 6
 KEYS = {name: rs.Key(name, f"sk-{name}-{secrets.token_hex(8)}", rpm, budget)
         for name, rpm, budget in (("budget", 0, BUDGET), ("rate", RPM, 0), ("owner", 0, 0),
-                                  ("other", 0, 0), ("sealed", 0, 0))}
+                                  ("other", 0, 0), ("sealed", 0, 0),
+                                  ("revoked", 0, 0))}
 PROMPT = " ".join(["word"] * 40)
 
 
@@ -226,12 +227,48 @@ def test_a_replica_that_cannot_reach_redis_refuses_what_it_cannot_check(
         assert rc["provider_request_hash"] is None  # nothing went upstream
     body, headers = sealed(attested_e2ee_key(down))
     r = httpx.post(down + "/v1/chat/completions", content=body, headers=headers, timeout=30)
-    assert (r.status_code, code(r)) == (503, "e2ee_replay_unavailable")
+    assert (r.status_code, code(r)) == (503, "shared_state_unavailable")
+    # A key without limits too: whether it was revoked cannot be checked.
+    r = httpx.post(down + "/v1/chat/completions", headers=auth("owner"), json=chat(2),
+                   timeout=30)
+    assert (r.status_code, code(r)) == (503, "shared_state_unavailable")
     ready = httpx.get(down + "/readyz", timeout=10)
     assert ready.status_code == 503
     assert ready.json()["checks"]["shared_redis"]["ok"] is False
     assert httpx.get(replicas.a.url + "/readyz", timeout=10).json()["checks"][
         "shared_redis"]["ok"] is True
+
+
+def revoke_key(replicas: Replicas, name: str, *flags: str) -> str:
+    import subprocess
+    import sys
+
+    cfg = replicas.a.data.parent / "a.toml"
+    r = subprocess.run([sys.executable, "-m", "gateway", "revoke-key", "--config", str(cfg),
+                        "--sha256", hash_key(KEYS[name].key), *flags], cwd=rs.ROOT,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+def until(check: Any, what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def test_a_key_revoked_once_is_refused_by_every_replica(replicas: Replicas) -> None:
+    urls = (replicas.a.url, replicas.b.url)
+
+    def statuses() -> list[int]:
+        return [httpx.post(u + "/v1/chat/completions", headers=auth("revoked"), json=chat(2),
+                           timeout=30).status_code for u in urls]
+    assert statuses() == [200, 200]
+    assert "revoked" in revoke_key(replicas, "revoked")
+    until(lambda: statuses() == [401, 401], "both replicas to refuse the revoked key")
+    assert "no longer revoked" in revoke_key(replicas, "revoked", "--undo")
+    until(lambda: statuses() == [200, 200], "both replicas to accept the key again")
 
 
 def test_with_one_replica_killed_the_other_serves_and_answers_for_its_receipts(

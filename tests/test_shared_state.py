@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from gateway.api import receipt_index, shared
+from gateway.api.apikeys import KeyStore, RedisRevocations, hash_key, revoke
 from gateway.api.config import ApiKey, SharedSettings
 from gateway.api.errors import GatewayError
 from gateway.api.ratelimit import Hold, RedisLimits
@@ -135,3 +136,37 @@ def test_an_index_record_opens_only_for_its_id_with_its_mac() -> None:
     assert receipt_index.unseal(mac, rid, value[:-1] + b"]") is None  # entry changed
     assert receipt_index.unseal(mac, rid, b"garbage") is None
     assert receipt_index.unseal(mac, rid, b"\xff\xfe \n") is None
+
+
+def test_revocations_reach_every_replica_and_go_stale_without_redis() -> None:
+    key = ApiKey("k", hash_key("sk-r"))
+
+    async def test(client: Any, prefix: str) -> None:
+        mirrors = [RedisRevocations(client, prefix, stale_after=0.5) for _ in range(2)]
+        stores = [KeyStore([key], m) for m in mirrors]
+        assert not any(m.fresh() for m in mirrors)  # nothing read yet: not fit to serve
+        for m in mirrors:
+            await m.refresh()
+        assert all(m.fresh() for m in mirrors)
+        assert all(s.lookup(b"Bearer sk-r") == key for s in stores)
+        assert await revoke(client, prefix, key.sha256) is True
+        assert await revoke(client, prefix, key.sha256) is False  # already
+        for m in mirrors:
+            await m.refresh()
+        assert all(s.lookup(b"Bearer sk-r") is None for s in stores)
+        await asyncio.sleep(0.6)
+        assert not any(m.fresh() for m in mirrors)  # not refreshed in time: stale
+        assert await revoke(client, prefix, key.sha256, undo=True) is True
+        await mirrors[0].refresh()
+        assert stores[0].lookup(b"Bearer sk-r") == key
+
+    with_redis(test)
+
+    async def unreachable() -> None:
+        client = shared.connect(DOWN)
+        down = RedisRevocations(client, "pag:")
+        with pytest.raises(shared.errors()):
+            await down.refresh()
+        assert not down.fresh()
+        await client.aclose()
+    asyncio.run(unreachable())

@@ -13,6 +13,7 @@ is a bug: it is logged by type and stack only and answered `500 internal_error`
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hmac
 import logging
@@ -24,7 +25,7 @@ import httpx
 import orjson
 
 from gateway.api import jsonlog, pipeline, shared
-from gateway.api.apikeys import KeyStore, admin_ok
+from gateway.api.apikeys import KeyStore, RedisRevocations, Revocations, admin_ok
 from gateway.api.attestation import Attest, AttestationDocuments
 from gateway.api.config import Config
 from gateway.api.errors import GatewayError, bad_request, unauthorized
@@ -76,7 +77,11 @@ class Gateway:
         self.redis = shared.connect(sh) if sh.redis_url else None  # [shared]: one pool
         limiter: Limits = Limiter()
         index = None
+        revocations: Revocations | None = None
+        self.revocations: RedisRevocations | None = None
+        self._refresh: asyncio.Task[None] | None = None
         if self.redis is not None:
+            revocations = self.revocations = RedisRevocations(self.redis, sh.prefix)
             if shared_mac_key is None:
                 raise ValueError("[shared] redis_url needs the replicas' shared MAC key")
             limiter = RedisLimits(self.redis, sh.prefix, sh.hold_seconds)
@@ -87,7 +92,7 @@ class Gateway:
             url, prefix = where
             replay = RedisReplay(url, prefix, self.redis if url == sh.redis_url else None)
         self.svc = pipeline.Services(
-            cfg=cfg, keys=KeyStore(cfg.api_keys), limiter=limiter, router=router,
+            cfg=cfg, keys=KeyStore(cfg.api_keys, revocations), limiter=limiter, router=router,
             routes=RouteBook(router.routes, leases), signer=signer, outbox=outbox,
             status=status, identity=identity, keyset_index=keyset_index, e2ee_key=e2ee_key,
             replay=replay, receipt_index=index)
@@ -111,6 +116,10 @@ class Gateway:
     async def startup(self) -> None:
         """Open the upstream pool and start following the shipping ledger."""
         self.svc.upstream = Upstream()
+        if self.revocations is not None:  # first read now; until one succeeds, calls are 503
+            with contextlib.suppress(*shared.errors()):
+                await self.revocations.refresh()
+            self._refresh = asyncio.create_task(self.revocations.run())
         if self._proofs is not None:
             self.log_http = httpx.AsyncClient()  # proofs of receipts other replicas signed
         if any(r.evidence == "phala" for r in self.svc.cfg.routes):
@@ -123,6 +132,10 @@ class Gateway:
             await self.svc.upstream.close()
         if self.svc.signatures is not None:
             await self.svc.signatures.aclose()
+        if self._refresh is not None:
+            self._refresh.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._refresh
         await self.svc.replay.close()
         if self.log_http is not None:
             await self.log_http.aclose()

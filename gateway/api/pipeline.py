@@ -45,6 +45,7 @@ from typing import Any
 import httpx
 import orjson
 
+from gateway.api import shared
 from gateway.api.apikeys import KeyStore
 from gateway.api.config import ApiKey, Config, RouteSpec
 from gateway.api.errors import GatewayError, bad_request, refused, unauthorized
@@ -247,7 +248,10 @@ def authenticate(keys: KeyStore, hdrs: dict[bytes, bytes]) -> ApiKey:
 
 
 async def admit(svc: Services, key: ApiKey) -> None:
-    """429 over the key's rate or budget; 503 if policy refuses to serve while the log is down."""
+    """429 over the key's rate or budget; 503 if the replicas' list of revoked keys is stale
+    or policy refuses to serve while the log is down."""
+    if not svc.keys.revocations.fresh():
+        raise shared.unavailable("whether this API key was revoked")
     err = await svc.limiter.admit(key, time.monotonic())
     if err is not None:
         raise err

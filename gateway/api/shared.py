@@ -13,13 +13,16 @@ What replicas share, each behind an interface with an in-process twin:
 API keys are not stored in Redis: every replica loads them (as hashes) from the same
 configuration, part of the attested app. A key written into Redis would let whoever can
 write to Redis mint API keys; the configuration cannot be changed without changing the
-compose hash clients pin.
+compose hash clients pin. Revocations are shared (`apikeys.RedisRevocations`): Redis can
+take access away, never grant it.
 
 Keys, under `[shared] prefix` (default `pag:`): `rate:<key sha256>` (token bucket),
-`budget:<key sha256>` (used tokens and live reservations), `e2ee:<nonce key>`,
+`budget:<key sha256>` (used tokens and live reservations), `revoked-keys` (a set of key
+hashes), `e2ee:<nonce key>`,
 `lease:<route>:<settings digest>`, `receipt:<id>` and `receipt-rh:<request hash>`.
 
-Fail closed: a limit, budget or nonce that cannot be checked in Redis refuses the call
+Fail closed: a limit, budget or nonce that cannot be checked in Redis (or a revocation
+list older than `apikeys.STALE_AFTER`) refuses the call
 with 503 `shared_state_unavailable` (or `e2ee_replay_unavailable`) before any byte goes
 upstream, and `/readyz` reports the `shared_redis` check as failed; only the lease cache
 degrades to verifying locally, which is never less safe.
@@ -51,8 +54,9 @@ def errors() -> tuple[type[BaseException], ...]:
     return (redis.RedisError, OSError, TimeoutError)
 
 
-def unavailable(what: str, e: BaseException) -> GatewayError:
+def unavailable(what: str, e: BaseException | None = None) -> GatewayError:
     """503 `shared_state_unavailable`: `what` could not be checked in the shared Redis."""
+    why = f" ({type(e).__name__})" if e is not None else ""
     return GatewayError(503, UNAVAILABLE, f"the shared state of this gateway's replicas is "
-                        f"unreachable, so {what} cannot be checked and the call is refused "
-                        f"({type(e).__name__})", type_="server_error")
+                        f"unreachable, so {what} cannot be checked and the call is refused"
+                        f"{why}", type_="server_error")
