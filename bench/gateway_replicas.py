@@ -66,9 +66,9 @@ def together(targets: list[Target], concurrency: int, duration: int, work: Path
     return [r for r in out if r is not None]
 
 
-def line(name: str, rps: float, p50: float, p99: float, errors: int) -> str:
-    return f"  {name:<28} {rps:9.1f} req/s   p50 {p50:7.2f} ms   p99 {p99:7.2f} ms   " \
-           f"errors {errors}"
+def line(name: str, rps: float, p50: float, p99: float, errors: int, cpu: float) -> str:
+    return f"  {name:<26} {rps:7.1f} req/s  p50 {p50:6.2f} ms  p99 {p99:6.2f} ms  " \
+           f"errors {errors}  gateway CPU {cpu:.2f} ms/req"
 
 
 def main() -> int:
@@ -128,11 +128,14 @@ def main() -> int:
                                               strict=True)):
         rps2 = sum(r.rps for r in two)
         print(f"round {i + 1}")
-        print(line("single node, in-process", one.rps, one.p50_ms, one.p99_ms, one.errors))
+        print(line("single node, in-process", one.rps, one.p50_ms, one.p99_ms, one.errors,
+                   one.cpu_ms))
         print(line("1 replica, shared Redis", alone.rps, alone.p50_ms, alone.p99_ms,
-                   alone.errors))
+                   alone.errors, alone.cpu_ms))
         print(line("2 replicas, shared Redis", rps2, max(r.p50_ms for r in two),
-                   max(r.p99_ms for r in two), sum(r.errors for r in two)))
+                   max(r.p99_ms for r in two), sum(r.errors for r in two),
+                   sum(r.cpu_ms * r.requests for r in two) / max(1, sum(r.requests
+                                                                     for r in two))))
     base_rps = max(r.rps for r in single_runs)
     pair_rps = max(sum(r.rps for r in two) for two in pair_runs)
     print(f"figure: 2 replicas sharing Redis {pair_rps:.1f} req/s (best round)")
