@@ -17,7 +17,9 @@ A limit or budget of 0 means unlimited. Two implementations of `Limits`:
   one bucket. A reservation is a field `h:<id>` = `<tokens>:<expiry ms>` of the key's
   budget hash; one left behind by a replica that died mid-call is charged in full when it
   expires (`[shared] hold_seconds`, longer than any call: the call's usage is unknown and
-  its reservation bounds it), so a crash never gives tokens back. Redis unreachable: the
+  its reservation bounds it), so a crash never gives tokens back; a live call that outlives
+  its reservation (several slow fallbacks) is likewise charged the whole reservation, and
+  its late settlement nothing more. Budgets in Redis last as long as Redis keeps them. Redis unreachable: the
   call is refused with 503 `shared_state_unavailable` before anything is forwarded; a
   settlement that cannot reach Redis leaves the reservation to expire and be charged.
   Keys without a limit or budget never touch Redis.
