@@ -216,6 +216,23 @@ def test_a_receipt_made_on_one_replica_is_served_by_the_other_to_its_owner_only(
     client.close()
 
 
+def test_the_replicas_share_one_verified_lease(replicas: Replicas) -> None:
+    for url in (replicas.a.url, replicas.b.url):
+        r = httpx.post(url + "/v1/chat/completions", headers=auth("owner"), json=chat(2),
+                       timeout=30)
+        assert r.status_code == 200
+    client = redis_client()
+    leases = list(client.scan_iter(match=f"{replicas.prefix}lease:replica-route:*"))
+    client.close()
+    assert len(leases) == 1  # under [shared] prefix + "lease:", one for the route
+    on_b = owned_receipt(replicas.b.url, r.headers["x-receipt-id"], "owner")  # the last: B
+    made = httpx.post(replicas.a.url + "/v1/chat/completions", headers=auth("owner"),
+                      json=chat(2), timeout=30)
+    on_a = owned_receipt(replicas.a.url, made.headers["x-receipt-id"], "owner")
+    assert on_a["upstream"]["verified"] is True
+    assert on_a["upstream"]["lease_id"] == on_b["upstream"]["lease_id"]  # one lease, both
+
+
 def test_a_replica_that_cannot_reach_redis_refuses_what_it_cannot_check(
         replicas: Replicas) -> None:
     down = replicas.down.url
