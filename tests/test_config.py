@@ -121,10 +121,11 @@ def test_defaults(tmp_path: Path) -> None:
     ("[shared]\nredis_url = 'http://127.0.0.1:6379'\n", "redis_url: not a redis://"),
     ("[shared]\nprefix = ''\n", "prefix must not be empty"),
     ("[shared]\ntimeout = 0\n", "timeout must be positive"),
-    ("[shared]\nhold_seconds = 600\n[[routes]]\nid='r'\nmodel='m'\nprovider='p'\n"
-     "base_url='http://x/v1'\n", "must exceed the longest call a route allows (600 s)"),
-    ("[shared]\nhold_seconds = 3000\n[[routes]]\nid='r'\nmodel='m'\nprovider='p'\n"
-     "base_url='http://x/v1'\ntimeout = 1000\nretries = 2\n", "(3000 s)"),
+    ("[shared]\nredis_url = 'redis://r'\nhold_seconds = 600\n[[routes]]\nid='r'\nmodel='m'\n"
+     "provider='p'\nbase_url='http://x/v1'\n",
+     "must exceed the longest call a route allows (600 s)"),
+    ("[shared]\nredis_url = 'redis://r'\nhold_seconds = 3000\n[[routes]]\nid='r'\nmodel='m'\n"
+     "provider='p'\nbase_url='http://x/v1'\ntimeout = 1000\nretries = 2\n", "(3000 s)"),
     ("not toml = = =", "not valid TOML"),
 ])
 def test_errors_name_the_key(tmp_path: Path, text: str, message: str) -> None:
@@ -217,3 +218,9 @@ def test_shared_redis_is_the_default_for_nonces_and_leases(tmp_path: Path) -> No
                             "[leases]\nredis_url = 'redis://l/3'\n"))
     assert own.replay_redis == ("redis://e/2", "n:")  # a table of its own wins
     assert own.lease_redis == ("redis://l/3", "pag:lease:")
+
+
+def test_long_streams_need_no_shared_table(tmp_path: Path) -> None:
+    cfg = config.load(write(tmp_path, "[[routes]]\nid='r'\nmodel='m'\nprovider='p'\n"
+                            "base_url='http://x/v1'\nstream_timeout = 3600\n"))
+    assert cfg.routes[0].stream_timeout == 3600.0 and cfg.shared.redis_url is None

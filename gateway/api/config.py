@@ -339,7 +339,7 @@ def _shared(t: dict[str, Any], routes: tuple[RouteSpec, ...]) -> SharedSettings:
         v["timeout"] = float(v["timeout"])
     longest = max((max(r.timeout * (r.retries + 1), r.stream_timeout) for r in routes),
                   default=0.0)
-    if v.get("hold_seconds", 900) <= longest:
+    if v.get("redis_url") and v.get("hold_seconds", 900) <= longest:
         raise ConfigError(f"[shared].hold_seconds must exceed the longest call a route allows "
                           f"({longest:g} s): a reservation must outlive its call")
     return SharedSettings(**v)
