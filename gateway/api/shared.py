@@ -9,6 +9,7 @@ What replicas share, each behind an interface with an in-process twin:
 | E2EE nonces | `replay.RedisReplay` (`SET NX PX`) | `replay.MemoryReplay` |
 | verified leases | `verification.shared.SharedLeases` (MACed) | `verification.lease.LeaseStore` |
 | receipt lookups | `receipt_index.RedisReceiptIndex` (MACed, TTL) | the replica's own outbox |
+| API key revocations | `apikeys.RedisRevocations` (mirrored each second) | none (the config) |
 
 API keys are not stored in Redis: every replica loads them (as hashes) from the same
 configuration, part of the attested app. A key written into Redis would let whoever can
@@ -18,13 +19,12 @@ take access away, never grant it.
 
 Keys, under `[shared] prefix` (default `pag:`): `rate:<key sha256>` (token bucket),
 `budget:<key sha256>` (used tokens and live reservations), `revoked-keys` (a set of key
-hashes), `e2ee:<nonce key>`,
-`lease:<route>:<settings digest>`, `receipt:<id>` and `receipt-rh:<request hash>`.
+hashes), `e2ee:<nonce key>`, `lease:<route>:<settings digest>`, `receipt:<id>` and
+`receipt-rh:<request hash>`.
 
 Fail closed: a limit, budget or nonce that cannot be checked in Redis (or a revocation
-list older than `apikeys.STALE_AFTER`) refuses the call
-with 503 `shared_state_unavailable` (or `e2ee_replay_unavailable`) before any byte goes
-upstream, and `/readyz` reports the `shared_redis` check as failed; only the lease cache
+list older than `apikeys.STALE_AFTER`) refuses the call with 503
+`shared_state_unavailable` (or `e2ee_replay_unavailable`) before any byte goes upstream, and `/readyz` reports the `shared_redis` check as failed; only the lease cache
 degrades to verifying locally, which is never less safe.
 """
 
