@@ -45,10 +45,12 @@ from typing import Any
 import httpx
 import orjson
 
+from gateway.api import shared
 from gateway.api.apikeys import KeyStore
 from gateway.api.config import ApiKey, Config, RouteSpec
 from gateway.api.errors import GatewayError, bad_request, error_body, refused, unauthorized
 from gateway.api.ratelimit import Hold, Limits
+from gateway.api.receipt_index import RedisReceiptIndex
 from gateway.api.replay import MemoryReplay, ReplayStore, ReplayUnavailable
 from gateway.api.router import Router
 from gateway.api.routes import RouteBook, now_rfc3339
@@ -88,6 +90,7 @@ class Services:
     keyset_index: int
     e2ee_key: bytes | None = None
     replay: ReplayStore = field(default_factory=MemoryReplay)
+    receipt_index: RedisReceiptIndex | None = None  # [shared]: receipts any replica can find
     upstream: Upstream | None = None
     signatures: httpx.AsyncClient | None = None
     e2ee_public: bytes | None = field(init=False, default=None)
@@ -245,7 +248,10 @@ def authenticate(keys: KeyStore, hdrs: dict[bytes, bytes]) -> ApiKey:
 
 
 async def admit(svc: Services, key: ApiKey) -> None:
-    """429 over the key's rate or budget; 503 if policy refuses to serve while the log is down."""
+    """429 over the key's rate or budget; 503 if the replicas' list of revoked keys is stale
+    or policy refuses to serve while the log is down."""
+    if not svc.keys.revocations.fresh():
+        raise shared.unavailable("whether this API key was revoked")
     err = await svc.limiter.admit(key, time.monotonic())
     if err is not None:
         raise err
@@ -768,10 +774,13 @@ def receipt_body(call: Call, identity: dict[str, str], keyset_index: int,
 
 
 async def commit_receipt(svc: Services, call: Call, response_hash: str) -> None:
-    """Sign the call's receipt and commit it to the outbox (the shipper picks it up)."""
+    """Sign the call's receipt and commit it to the outbox (the shipper picks it up); with
+    `[shared]`, also record it where the other replicas find it."""
     _, entry = svc.signer.sign(receipt_body(call, svc.identity, svc.keyset_index,
                                             response_hash))
     await svc.outbox.put(call.receipt_id, call.request_hash, entry, call.key.sha256)
+    if svc.receipt_index is not None:
+        await svc.receipt_index.put(call.receipt_id, call.request_hash, entry, call.key.sha256)
 
 
 async def logged_in_time(svc: Services, call: Call) -> bool:
