@@ -42,7 +42,8 @@ def connect(settings: SharedSettings) -> Any:
     """An asyncio Redis client for `settings.redis_url`, every call bounded by its timeout."""
     import redis.asyncio as aioredis
 
-    assert settings.redis_url is not None
+    if settings.redis_url is None:
+        raise ValueError("[shared] redis_url is not set")
     return aioredis.from_url(settings.redis_url, socket_timeout=settings.timeout,
                              socket_connect_timeout=settings.timeout)
 
