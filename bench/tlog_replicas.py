@@ -187,7 +187,14 @@ def start_nodes(data: Path, count: int, database: str | None) -> list[Node]:
     """`count` processes on one data directory (and database: replicas, one of them
     sequencing once `sequencer` has seen the election settle)."""
     extra = ("--database", database) if database else ()
-    return [Node(*start_tlog(data, *extra)) for _ in range(count)]
+    nodes: list[Node] = []
+    try:
+        for _ in range(count):
+            nodes.append(Node(*start_tlog(data, *extra)))
+    except BaseException:
+        stop_all(nodes)
+        raise
+    return nodes
 
 
 def sequencer(nodes: list[Node], timeout: float = 30.0) -> Node:
