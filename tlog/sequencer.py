@@ -413,6 +413,21 @@ class Log:
         await self._queue.put((entry, fut))
         return await fut
 
+    async def add_many(self, entries: list[bytes]) -> list[Added | AppendError]:
+        """Append several entries (queued together, so usually one batch); each result is
+        what `add` returns or raises for that entry, in order."""
+        if self._queue is None:
+            if self.lease is not None:
+                raise NotSequencer(self.sequencer_url)
+            raise AppendError(SHUTTING_DOWN, "the log is not started")
+        loop = asyncio.get_running_loop()
+        futs: list[asyncio.Future[Added]] = []
+        for entry in entries:
+            fut: asyncio.Future[Added] = loop.create_future()
+            self._queue.put_nowait((entry, fut))  # unbounded: never waits
+            futs.append(fut)
+        return await asyncio.gather(*futs, return_exceptions=True)  # type: ignore[return-value]
+
     def _fault(self, step: str) -> None:
         if self._faults is not None:
             self._faults(step)
@@ -509,11 +524,12 @@ class Log:
     def _answers(self, batch: list[tuple[bytes, asyncio.Future[Added]]],
                  indices: list[int]) -> list[Added]:
         """Each entry's index and proof against the served checkpoint, which covers them."""
-        served, memo = self.served, {}
+        served = self.served
         if max(indices) >= served.size:
             raise QuorumNotReached(f"the served checkpoint (size {served.size}) does not "
                                    "cover the batch")
-        return [Added(i, served.note, self.prove(i, entry, served, memo))
+        paths = merkle.prove_inclusions(indices, served.size, self.node, {})
+        return [Added(i, served.note, proof.TlogProof(i, paths[i], served.note, entry).format())
                 for (entry, _), i in zip(batch, indices, strict=True)]
 
     def _fail(self, batch: list[tuple[bytes, asyncio.Future[Added]]], err: AppendError) -> None:

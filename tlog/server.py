@@ -17,13 +17,14 @@ not answer (`storage_unavailable`).
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import hmac
 import json
 import re
 import time
 from urllib.parse import parse_qs
+
+import orjson
 
 from tlog import checkpoint, merkle, tiles
 from tlog.metrics import LogMetrics
@@ -172,8 +173,12 @@ class TlogApp:
                                                     f"than {self.max_entry} bytes"})
         if self.log.role != SEQUENCER:
             return await _not_sequencer(send, self.log.sequencer_url)
-        results = await asyncio.gather(*(self.log.add(e) for e in entries),
-                                       return_exceptions=True)
+        try:
+            results = await self.log.add_many(entries)
+        except NotSequencer as e:
+            return await _not_sequencer(send, e.sequencer)
+        except AppendError as e:
+            return await _unavailable(send, e.code, str(e))
         out: list[dict[str, object]] = []
         for r in results:
             if isinstance(r, AppendError):
@@ -248,4 +253,4 @@ async def _unavailable(send: Send, code: str, reason: str) -> None:
 
 
 async def _json(send: Send, status: int, obj: object) -> None:
-    await respond(send, status, json.dumps(obj).encode(), JSON, b"no-store")
+    await respond(send, status, orjson.dumps(obj), JSON, b"no-store")
