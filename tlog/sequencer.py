@@ -183,11 +183,28 @@ class Log:
         return cached
 
     def node(self, level: int, index: int) -> bytes:
-        """merkle.NodeReader over the stored tiles; complete nodes never change."""
+        """merkle.NodeReader over the stored tiles; complete nodes never change.
+
+        A node inside a tile is hashed up from the tile's hashes below it; every
+        node on the way is cached too, so a batch's proofs hash each tile once.
+        """
         h = self._nodes.get((level, index))
         if h is None:
-            tl, ti, _, _ = tiles.locate(level, index)
-            h = tiles.node_from_tile(self.read_tile(tl, ti), level, index)
+            tl, ti, first, count = tiles.locate(level, index)
+            if count == 1:
+                h = tiles.node_from_tile(self.read_tile(tl, ti), level, index)
+            else:
+                tile = self.read_tile(tl, ti)
+                if len(tile) < (first + count) * merkle.HASH_SIZE:
+                    raise tiles.TileError("tile too short for the requested node")
+                layers = tiles.run_layers(tile[first * merkle.HASH_SIZE:
+                                               (first + count) * merkle.HASH_SIZE])
+                base, start = tl * tiles.HEIGHT, index << (level - tl * tiles.HEIGHT)
+                for up, layer in enumerate(layers[:-1], 1):
+                    for j in range(0, len(layer), merkle.HASH_SIZE):
+                        self._nodes.put((base + up, (start >> up) + j // merkle.HASH_SIZE),
+                                        layer[j:j + merkle.HASH_SIZE])
+                h = layers[-1]
             self._nodes.put((level, index), h)
         return h
 
