@@ -183,30 +183,40 @@ class Log:
         return cached
 
     def node(self, level: int, index: int) -> bytes:
-        """merkle.NodeReader over the stored tiles; complete nodes never change.
-
-        A node inside a tile is hashed up from the tile's hashes below it; every
-        node on the way is cached too, so a batch's proofs hash each tile once.
-        """
+        """merkle.NodeReader over the stored tiles; complete nodes never change."""
         h = self._nodes.get((level, index))
         if h is None:
-            tl, ti, first, count = tiles.locate(level, index)
-            if count == 1:
-                h = tiles.node_from_tile(self.read_tile(tl, ti), level, index)
-            else:
-                tile = self.read_tile(tl, ti)
-                if len(tile) < (first + count) * merkle.HASH_SIZE:
-                    raise tiles.TileError("tile too short for the requested node")
-                layers = tiles.run_layers(tile[first * merkle.HASH_SIZE:
-                                               (first + count) * merkle.HASH_SIZE])
-                base, start = tl * tiles.HEIGHT, index << (level - tl * tiles.HEIGHT)
-                for up, layer in enumerate(layers[:-1], 1):
-                    for j in range(0, len(layer), merkle.HASH_SIZE):
-                        self._nodes.put((base + up, (start >> up) + j // merkle.HASH_SIZE),
-                                        layer[j:j + merkle.HASH_SIZE])
-                h = layers[-1]
+            tl, ti, _, _ = tiles.locate(level, index)
+            h = tiles.node_from_tile(self.read_tile(tl, ti), level, index)
             self._nodes.put((level, index), h)
         return h
+
+    def _batch_node(self, scratch: dict[tuple[int, int], bytes]) -> merkle.NodeReader:
+        """`node` for many proofs of neighbouring leaves: a node inside a tile is hashed up
+        once, every node on the way kept in `scratch` (thrown away with the batch, so
+        random single proofs never fill the shared cache with them)."""
+
+        def node(level: int, index: int) -> bytes:
+            h = scratch.get((level, index))
+            if h is not None:
+                return h
+            tl, ti, first, count = tiles.locate(level, index)
+            if count == 1 or (level, index) in self._nodes:
+                return self.node(level, index)
+            tile = self.read_tile(tl, ti)
+            if len(tile) < (first + count) * merkle.HASH_SIZE:
+                raise tiles.TileError("tile too short for the requested node")
+            layers = tiles.run_layers(tile[first * merkle.HASH_SIZE:
+                                           (first + count) * merkle.HASH_SIZE])
+            base, start = tl * tiles.HEIGHT, index << (level - tl * tiles.HEIGHT)
+            for up, layer in enumerate(layers, 1):
+                for j in range(0, len(layer), merkle.HASH_SIZE):
+                    scratch[(base + up, (start >> up) + j // merkle.HASH_SIZE)] = \
+                        layer[j:j + merkle.HASH_SIZE]
+            self._nodes.put((level, index), layers[-1])
+            return layers[-1]
+
+        return node
 
     def tile(self, level: int, index: int, width: int) -> bytes | None:
         """Hash tile (level, index) at `width`, or None beyond the served tree."""
@@ -545,7 +555,7 @@ class Log:
         if max(indices) >= served.size:
             raise QuorumNotReached(f"the served checkpoint (size {served.size}) does not "
                                    "cover the batch")
-        paths = merkle.prove_inclusions(indices, served.size, self.node, {})
+        paths = merkle.prove_inclusions(indices, served.size, self._batch_node({}), {})
         return [Added(i, served.note, proof.TlogProof(i, paths[i], served.note, entry).format())
                 for (entry, _), i in zip(batch, indices, strict=True)]
 
