@@ -45,6 +45,7 @@ import contextlib
 import functools
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -183,9 +184,16 @@ class Log:
         return cached
 
     def node(self, level: int, index: int) -> bytes:
-        """merkle.NodeReader over the stored tiles; complete nodes never change."""
+        """merkle.NodeReader over the stored tiles; complete nodes never change.
+
+        A node inside an upper tile (level 8 and above) is hashed up with every node
+        on the way cached: there are 256 times fewer of those than of level-0 nodes,
+        and every proof crosses them.
+        """
         h = self._nodes.get((level, index))
         if h is None:
+            if level >= tiles.HEIGHT and level % tiles.HEIGHT:
+                return self._hash_up(level, index, self._nodes.put)
             tl, ti, _, _ = tiles.locate(level, index)
             h = tiles.node_from_tile(self.read_tile(tl, ti), level, index)
             self._nodes.put((level, index), h)
@@ -200,23 +208,30 @@ class Log:
             h = scratch.get((level, index))
             if h is not None:
                 return h
-            tl, ti, first, count = tiles.locate(level, index)
-            if count == 1 or (level, index) in self._nodes:
+            if level % tiles.HEIGHT == 0 or (level, index) in self._nodes:
                 return self.node(level, index)
-            tile = self.read_tile(tl, ti)
-            if len(tile) < (first + count) * merkle.HASH_SIZE:
-                raise tiles.TileError("tile too short for the requested node")
-            layers = tiles.run_layers(tile[first * merkle.HASH_SIZE:
-                                           (first + count) * merkle.HASH_SIZE])
-            base, start = tl * tiles.HEIGHT, index << (level - tl * tiles.HEIGHT)
-            for up, layer in enumerate(layers, 1):
-                for j in range(0, len(layer), merkle.HASH_SIZE):
-                    scratch[(base + up, (start >> up) + j // merkle.HASH_SIZE)] = \
-                        layer[j:j + merkle.HASH_SIZE]
-            self._nodes.put((level, index), layers[-1])
-            return layers[-1]
+            h = self._hash_up(level, index, scratch.__setitem__)
+            self._nodes.put((level, index), h)
+            return h
 
         return node
+
+    def _hash_up(self, level: int, index: int,
+                 keep: Callable[[tuple[int, int], bytes], None]) -> bytes:
+        """Node (level, index), not at a tile's base level, hashed up from its tile;
+        `keep` gets every node computed on the way, the asked one last."""
+        tl, ti, first, count = tiles.locate(level, index)
+        tile = self.read_tile(tl, ti)
+        if len(tile) < (first + count) * merkle.HASH_SIZE:
+            raise tiles.TileError("tile too short for the requested node")
+        layers = tiles.run_layers(tile[first * merkle.HASH_SIZE:
+                                       (first + count) * merkle.HASH_SIZE])
+        base, start = tl * tiles.HEIGHT, index << (level - tl * tiles.HEIGHT)
+        for up, layer in enumerate(layers, 1):
+            for j in range(0, len(layer), merkle.HASH_SIZE):
+                keep((base + up, (start >> up) + j // merkle.HASH_SIZE),
+                     layer[j:j + merkle.HASH_SIZE])
+        return layers[-1]
 
     def tile(self, level: int, index: int, width: int) -> bytes | None:
         """Hash tile (level, index) at `width`, or None beyond the served tree."""
