@@ -201,9 +201,12 @@ def append_rows(tmp: Path, seconds: float, run: str) -> list[Row]:
     try:
         auth = ('wrk.headers["Authorization"] = "Bearer '
                 + (data / "append.token").read_text().strip() + '"')
+        cpu0 = gateway_overhead.cpu_seconds([proc.pid])
         add = wrk(url + "/add", ADD_LUA.format(auth=auth, run=run), seconds, 64)
+        cpu1 = gateway_overhead.cpu_seconds([proc.pid])
         batch = wrk(url + "/add-batch", BATCH_LUA.format(auth=auth, run=run, batch=BATCH),
                     seconds, 16)
+        cpu2 = gateway_overhead.cpu_seconds([proc.pid])
     finally:
         stop(proc)
     rows.append(ratio_row("POST /add, 64 clients (req/s)", add.rps, b_add.rps, "", 0.6,
@@ -216,6 +219,10 @@ def append_rows(tmp: Path, seconds: float, run: str) -> list[Row]:
     rows.append(Row(f"POST /add-batch ({BATCH}/req, 16 clients): entries/s", fmt(e_s),
                     fmt(b_s), f"{e_s / b_s:.2f}x" if b_s else "", ">= 50,000/s",
                     e_s >= 50_000 and batch.errors == 0))
+    rows.append(Row("tlog CPU per entry: /add, /add-batch",
+                    f"{1e6 * (cpu1 - cpu0) / max(add.requests, 1):.0f} us, "
+                    f"{1e6 * (cpu2 - cpu1) / max(batch.requests * BATCH, 1):.0f} us",
+                    "", "", "(load-independent)", None))
     return rows
 
 
@@ -246,8 +253,14 @@ def gateway_rows(tmp: Path, seconds: float, samples: int, profile: float) -> lis
                                      ready["api_key"], [demo.pids["gateway"]])
         for t in (direct, gw):  # warm up connections, leases and caches
             gateway_overhead.wrk(t, 4, 1, tmp)
-        res = {(t.name, c): gateway_overhead.wrk(t, c, int(seconds), tmp)
-               for c in (1, 16) for t in (direct, gw)}
+        side = [demo.pids[n] for n in ("shipper", "tlog", "witness")]
+        res, logging_cpu = {}, 0.0
+        for c in (1, 16):
+            for t in (direct, gw):
+                before = gateway_overhead.cpu_seconds(side)
+                res[(t.name, c)] = gateway_overhead.wrk(t, c, int(seconds), tmp)
+                if t is gw and c == 16:
+                    logging_cpu = gateway_overhead.cpu_seconds(side) - before
         ttfc: dict[str, list[float]] = {"direct": [], "gateway": []}
         msg = [{"role": "user", "content": gateway_overhead.PROMPT}]
         with httpx.Client(timeout=30) as client:
@@ -274,6 +287,9 @@ def gateway_rows(tmp: Path, seconds: float, samples: int, profile: float) -> lis
         Row("streaming: added time to first chunk (p50)", fmt(t_g - t_d, " ms"),
             f"direct {fmt(t_d, ' ms')}", f"{t_g / t_d:.2f}x", "<= 1 ms", t_g - t_d <= 1.0),
     ]
+    rows.append(Row("CPU per call at c=16: gateway; shipper+tlog+witness",
+                    f"{g16.cpu_ms:.3f} ms; {1000 * logging_cpu / max(g16.requests, 1):.3f} ms",
+                    f"direct {d16.cpu_ms:.3f} ms", "", "(load-independent)", None))
     if errors:
         rows.append(Row("gateway failures", str(errors), "", "", "0", False))
     return rows
