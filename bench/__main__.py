@@ -352,9 +352,8 @@ def bulk_log(entries: int) -> Path:
 
 def proof_figures(entries: int, tmp: Path, seconds: float, run: str) -> dict[str, float]:
     """Fresh `tlog serve` on the bulk log: GET /proof (wrk, one client), RSS, POST /add."""
-    data = bulk_log(entries)
-    for f in data.glob("*.stderr"):
-        f.unlink()
+    data = tmp / f"log-{entries}"  # a copy: the appends below leave the cached log as built
+    shutil.copytree(bulk_log(entries), data)
     proc, url = start_tlog(data)
     try:
         proof = wrk(url, PROOF_LUA.format(entries=entries), seconds, 1)
@@ -365,6 +364,7 @@ def proof_figures(entries: int, tmp: Path, seconds: float, run: str) -> dict[str
         _, peak = rss_mib(proc.pid)
     finally:
         stop(proc)
+        shutil.rmtree(data, ignore_errors=True)
     return {"p50": proof.p50, "p99": proof.p99, "errors": proof.errors, "rss": rss,
             "peak": peak, "add": add.rps, "add_p99": add.p99}
 
