@@ -425,10 +425,11 @@ def proof_rows(tmp: Path, seconds: float, sizes: list[int], run: str) -> list[Ro
                         "", None))
     if len(figs) > 1:
         small, large = figs[min(figs)], figs[max(figs)]
-        for key, name, higher_better in (("add", "POST /add req/s", True),
-                                         ("p50", "GET /proof p50", False)):
+        for key, name, unit, higher_better in (("add", "POST /add", " req/s", True),
+                                               ("p50", "GET /proof p50", " ms", False)):
             r = large[key] / small[key]
-            rows.append(Row(f"growth: {name}, 10M vs 1M", fmt(large[key]), fmt(small[key]),
+            rows.append(Row(f"growth: {name}, 10M vs 1M", fmt(large[key], unit),
+                            fmt(small[key], unit),
                             f"{r:.2f}x", "within 20 %",
                             r >= 0.8 if higher_better else r <= 1.2))
     return rows
