@@ -61,3 +61,31 @@ def test_run_layers_end_in_the_run_root() -> None:
     assert layers[0][:32] == merkle.node_hash(data[:32], data[32:64])
     with pytest.raises(tiles.TileError):
         tiles.run_layers(data[:96])
+
+
+def test_add_many_answers_each_entry_in_order_like_add(tmp_path: Path) -> None:
+    import asyncio
+
+    from tlog.sequencer import SHUTTING_DOWN, Added, AppendError
+
+    store = SQLiteStore(tmp_path / "log.db")
+    log = Log(store, note.generate_signer("test.example/nodes"))
+
+    async def go() -> None:
+        refused = await log.add_many([b"a", b"b"])  # not started: each entry refused, no raise
+        assert [type(r) for r in refused] == [AppendError, AppendError]
+        assert all(r.code == SHUTTING_DOWN for r in refused)  # type: ignore[union-attr]
+        await log.start()
+        try:
+            first = await log.add(b"x")
+            got = await log.add_many([b"y", b"x", b"z", b"y"])
+        finally:
+            await log.close()
+        assert all(isinstance(r, Added) for r in got)
+        assert [r.index for r in got] == [1, first.index, 2, 1]  # duplicates keep their index
+        for e, r in zip([b"y", b"x", b"z", b"y"], got, strict=True):
+            p = proof.parse(r.proof)
+            assert p.extra == e and p.index == r.index
+
+    asyncio.run(go())
+    store.close()

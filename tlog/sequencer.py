@@ -459,9 +459,9 @@ class Log:
         """Append several entries (queued together, so usually one batch); each result is
         what `add` returns or raises for that entry, in order."""
         if self._queue is None:
-            if self.lease is not None:
-                raise NotSequencer(self.sequencer_url)
-            raise AppendError(SHUTTING_DOWN, "the log is not started")
+            err = (NotSequencer(self.sequencer_url) if self.lease is not None
+                   else AppendError(SHUTTING_DOWN, "the log is not started"))
+            return [err] * len(entries)
         loop = asyncio.get_running_loop()
         futs: list[asyncio.Future[Added]] = []
         for entry in entries:

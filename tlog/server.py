@@ -173,12 +173,7 @@ class TlogApp:
                                                     f"than {self.max_entry} bytes"})
         if self.log.role != SEQUENCER:
             return await _not_sequencer(send, self.log.sequencer_url)
-        try:
-            results = await self.log.add_many(entries)
-        except NotSequencer as e:
-            return await _not_sequencer(send, e.sequencer)
-        except AppendError as e:
-            return await _unavailable(send, e.code, str(e))
+        results = await self.log.add_many(entries)
         out: list[dict[str, object]] = []
         for r in results:
             if isinstance(r, AppendError):
