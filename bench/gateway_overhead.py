@@ -155,13 +155,14 @@ class Demo:
         self.ready = json.loads(line)
         self.admin_key = (data / "admin_key").read_text().strip()
         kids = {cmdline(p): p for p in children_of(self.proc.pid)}
-        self.pids = {name: next(p for c, p in kids.items() if pat in c)
-                     for name, pat in (("gateway", "gateway serve"),
-                                       ("provider", "gateway.demo.provider"),
-                                       ("tlog", "tlog serve"), ("witness", "witness serve"))}
+        # module names of this tree and of older ones (bench runs against both)
+        self.pids = {name: next(p for c, p in kids.items() if re.search(pat, c))
+                     for name, pat in (("gateway", r"gateway serve"),
+                                       ("provider", r"gateway\.demo[._]provider"),
+                                       ("tlog", r"tlog serve"), ("witness", r"witness serve"))}
         self.pids["shipper"] = next(
-            (p for p in children_of(self.pids["gateway"]) if "gateway.receipts.shipper" in cmdline(p)),
-            0)
+            (p for p in children_of(self.pids["gateway"])
+             if re.search(r"gateway\.(receipts\.)?shipper", cmdline(p))), 0)
 
     def status(self) -> dict:
         """The gateway's GET /v1/routes (receipt counts, log state)."""

@@ -123,6 +123,29 @@ def test_inclusion_roundtrip(size, data):
 
 
 @settings(max_examples=150, deadline=None)
+@given(st.integers(1, 700), st.data())
+def test_batch_inclusion_proofs_equal_one_by_one(size, data):
+    leaves = _leaves(size)
+    node = merkle._list_reader(leaves)
+    indices = data.draw(st.lists(st.integers(0, size - 1), max_size=40)
+                        | st.integers(0, size - 1).flatmap(
+                            lambda lo: st.just(list(range(lo, min(size, lo + 300))))))
+    memo: dict[tuple[int, int], bytes] = {}
+    paths = merkle.prove_inclusions(indices, size, node, memo)
+    assert set(paths) == set(indices)
+    for i in indices:  # the same path, with and without a memo shared across the batch
+        assert list(paths[i]) == merkle.prove_inclusion(i, size, node)
+        assert list(paths[i]) == merkle.prove_inclusion(i, size, node, memo)
+
+
+@pytest.mark.parametrize("indices", [[-1], [0, 5], [4]])
+def test_batch_inclusion_proofs_refuse_indices_outside_the_tree(indices):
+    with pytest.raises(merkle.ProofError):
+        merkle.prove_inclusions(indices, 4 if indices != [0, 5] else 5, merkle._list_reader(
+            _leaves(5)))
+
+
+@settings(max_examples=150, deadline=None)
 @given(st.integers(1, 600), st.data())
 def test_consistency_roundtrip(new, data):
     leaves = _leaves(new)

@@ -6,16 +6,18 @@ node SHA-256(0x01 || left || right), the root of the empty tree SHA-256("").
 Two ways in:
 - the fixed list API (`root`, `inclusion_proof`, `consistency_proof`) over a
   sequence of leaf hashes, for tests and small trees;
-- the node API (`tree_root`, `prove_inclusion`, `prove_consistency`) over a
-  `NodeReader`, a function returning the hash of the complete subtree of
-  2**level leaves starting at leaf `index << level`. Storage backends give a
-  reader over their tiles, so proofs touch O(log n) stored hashes.
+- the node API (`tree_root`, `prove_inclusion`, `prove_inclusions`,
+  `prove_consistency`) over a `NodeReader`, a function returning the hash of
+  the complete subtree of 2**level leaves starting at leaf `index << level`.
+  Storage backends give a reader over their tiles, so proofs touch O(log n)
+  stored hashes.
 """
 
 from __future__ import annotations
 
+import bisect
 import hashlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 HASH_SIZE = 32
 EMPTY_ROOT = hashlib.sha256(b"").digest()
@@ -127,6 +129,38 @@ def prove_inclusion(index: int, size: int, node: NodeReader,
             lo = lo + k
     proof.reverse()
     return proof
+
+
+def prove_inclusions(indices: Iterable[int], size: int, node: NodeReader,
+                     memo: dict[tuple[int, int], bytes] | None = None
+                     ) -> dict[int, tuple[bytes, ...]]:
+    """`prove_inclusion` for many leaves of one tree at once: {index: PATH}.
+
+    One walk down RFC 9162's recursion, split by the leaves wanted: a subtree
+    that is a sibling on many paths (the top of a run of consecutive leaves)
+    is hashed and read once, not once per leaf. Each path equals
+    `prove_inclusion(index, size, node)`.
+    """
+    wanted = sorted(set(indices))
+    if wanted and not (wanted[0] >= 0 and wanted[-1] < size):
+        bad = wanted[0] if wanted[0] < 0 else wanted[-1]
+        raise ProofError(f"index {bad} out of range for tree size {size}")
+    out: dict[int, tuple[bytes, ...]] = {}
+    todo: list[tuple[int, int, list[int], tuple[bytes, ...]]] = []
+    if wanted:
+        todo.append((0, size, wanted, ()))
+    while todo:
+        lo, hi, group, root_side = todo.pop()  # root_side: the path so far, root first
+        if hi - lo == 1:
+            out[lo] = root_side[::-1]
+            continue
+        mid = lo + _split(hi - lo)
+        cut = bisect.bisect_left(group, mid)
+        if cut:
+            todo.append((lo, mid, group[:cut], root_side + (range_hash(mid, hi, node, memo),)))
+        if cut < len(group):
+            todo.append((mid, hi, group[cut:], root_side + (range_hash(lo, mid, node, memo),)))
+    return out
 
 
 def prove_consistency(old_size: int, new_size: int, node: NodeReader) -> list[bytes]:

@@ -45,6 +45,7 @@ import contextlib
 import functools
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -183,13 +184,54 @@ class Log:
         return cached
 
     def node(self, level: int, index: int) -> bytes:
-        """merkle.NodeReader over the stored tiles; complete nodes never change."""
+        """merkle.NodeReader over the stored tiles; complete nodes never change.
+
+        A node inside an upper tile (level 8 and above) is hashed up with every node
+        on the way cached: there are 256 times fewer of those than of level-0 nodes,
+        and every proof crosses them.
+        """
         h = self._nodes.get((level, index))
         if h is None:
+            if level >= tiles.HEIGHT and level % tiles.HEIGHT:
+                return self._hash_up(level, index, self._nodes.put)
             tl, ti, _, _ = tiles.locate(level, index)
             h = tiles.node_from_tile(self.read_tile(tl, ti), level, index)
             self._nodes.put((level, index), h)
         return h
+
+    def _batch_node(self, scratch: dict[tuple[int, int], bytes]) -> merkle.NodeReader:
+        """`node` for many proofs of neighbouring leaves: a node inside a tile is hashed up
+        once, every node on the way kept in `scratch` (thrown away with the batch, so
+        random single proofs never fill the shared cache with them)."""
+
+        def node(level: int, index: int) -> bytes:
+            h = scratch.get((level, index))
+            if h is not None:
+                return h
+            if level % tiles.HEIGHT == 0 or (level, index) in self._nodes:
+                return self.node(level, index)
+            h = self._hash_up(level, index, scratch.__setitem__)
+            self._nodes.put((level, index), h)
+            return h
+
+        return node
+
+    def _hash_up(self, level: int, index: int,
+                 keep: Callable[[tuple[int, int], bytes], None]) -> bytes:
+        """Node (level, index), not at a tile's base level, hashed up from its tile;
+        `keep` gets every node computed on the way, the asked one last."""
+        tl, ti, first, count = tiles.locate(level, index)
+        tile = self.read_tile(tl, ti)
+        if len(tile) < (first + count) * merkle.HASH_SIZE:
+            raise tiles.TileError("tile too short for the requested node")
+        layers = tiles.run_layers(tile[first * merkle.HASH_SIZE:
+                                       (first + count) * merkle.HASH_SIZE])
+        base, start = tl * tiles.HEIGHT, index << (level - tl * tiles.HEIGHT)
+        for up, layer in enumerate(layers, 1):
+            for j in range(0, len(layer), merkle.HASH_SIZE):
+                keep((base + up, (start >> up) + j // merkle.HASH_SIZE),
+                     layer[j:j + merkle.HASH_SIZE])
+        return layers[-1]
 
     def tile(self, level: int, index: int, width: int) -> bytes | None:
         """Hash tile (level, index) at `width`, or None beyond the served tree."""
@@ -413,6 +455,21 @@ class Log:
         await self._queue.put((entry, fut))
         return await fut
 
+    async def add_many(self, entries: list[bytes]) -> list[Added | AppendError]:
+        """Append several entries (queued together, so usually one batch); each result is
+        what `add` returns or raises for that entry, in order."""
+        if self._queue is None:
+            err = (NotSequencer(self.sequencer_url) if self.lease is not None
+                   else AppendError(SHUTTING_DOWN, "the log is not started"))
+            return [err] * len(entries)
+        loop = asyncio.get_running_loop()
+        futs: list[asyncio.Future[Added]] = []
+        for entry in entries:
+            fut: asyncio.Future[Added] = loop.create_future()
+            self._queue.put_nowait((entry, fut))  # unbounded: never waits
+            futs.append(fut)
+        return await asyncio.gather(*futs, return_exceptions=True)  # type: ignore[return-value]
+
     def _fault(self, step: str) -> None:
         if self._faults is not None:
             self._faults(step)
@@ -509,11 +566,12 @@ class Log:
     def _answers(self, batch: list[tuple[bytes, asyncio.Future[Added]]],
                  indices: list[int]) -> list[Added]:
         """Each entry's index and proof against the served checkpoint, which covers them."""
-        served, memo = self.served, {}
+        served = self.served
         if max(indices) >= served.size:
             raise QuorumNotReached(f"the served checkpoint (size {served.size}) does not "
                                    "cover the batch")
-        return [Added(i, served.note, self.prove(i, entry, served, memo))
+        paths = merkle.prove_inclusions(indices, served.size, self._batch_node({}), {})
+        return [Added(i, served.note, proof.TlogProof(i, paths[i], served.note, entry).format())
                 for (entry, _), i in zip(batch, indices, strict=True)]
 
     def _fail(self, batch: list[tuple[bytes, asyncio.Future[Added]]], err: AppendError) -> None:

@@ -18,7 +18,6 @@ not answer (`storage_unavailable`).
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import hmac
 import json
@@ -26,6 +25,8 @@ import re
 import time
 from pathlib import Path
 from urllib.parse import parse_qs
+
+import orjson
 
 from tlog import checkpoint, merkle, tiles
 from tlog.metrics import LogMetrics
@@ -181,8 +182,7 @@ class TlogApp:
                                 f"larger than {self.max_entry} bytes")
         if self.log.role != SEQUENCER:
             return await _not_sequencer(send, self.log.sequencer_url)
-        results = await asyncio.gather(*(self.log.add(e) for e in entries),
-                                       return_exceptions=True)
+        results = await self.log.add_many(entries)
         out: list[dict[str, object]] = []
         for r in results:
             if isinstance(r, AppendError):
@@ -258,4 +258,4 @@ async def _unavailable(send: Send, code: str, reason: str) -> None:
 
 
 async def _json(send: Send, status: int, obj: object) -> None:
-    await respond(send, status, json.dumps(obj).encode(), JSON, b"no-store")
+    await respond(send, status, orjson.dumps(obj), JSON, b"no-store")

@@ -44,6 +44,7 @@ stays append-only across any number of takeovers.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -51,6 +52,9 @@ from typing import Protocol
 from tlog import checkpoint, merkle, note, tiles
 
 STEPS = ("sequence", "persist", "checkpoint")
+
+HEX64 = re.compile(r"[0-9a-f]{64}")
+"""A request hash: 64 lower-case hex digits."""
 
 FaultHook = Callable[[str], None]
 """Called with a step name right after the step completed; may raise."""
@@ -137,7 +141,7 @@ def lookup_key(entry: bytes) -> str | None:
         value = json.loads(entry).get("request_hash")
     except (ValueError, UnicodeDecodeError, AttributeError):
         return None
-    if isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value):
+    if isinstance(value, str) and HEX64.fullmatch(value):
         return value
     return None
 

@@ -189,6 +189,20 @@ def run_root(data: bytes) -> bytes:
     return data
 
 
+def run_layers(data: bytes) -> list[bytes]:
+    """Every layer above a power-of-two run of same-level hashes, lowest first: layer k
+    holds the run's nodes k levels up, concatenated; the last is `run_root(data)`."""
+    n = len(data) // HASH_SIZE
+    if not n or n & (n - 1) or len(data) % HASH_SIZE:
+        raise TileError("need a power-of-two number of hashes")
+    sha = hashlib.sha256
+    layers = []
+    while len(data) > HASH_SIZE:
+        data = b"".join([sha(b"\x01" + data[i : i + 64]).digest() for i in range(0, len(data), 64)])
+        layers.append(data)
+    return layers
+
+
 def locate(level: int, index: int) -> tuple[int, int, int, int]:
     """Where node (level, index) lives: (tile level, tile index, first hash, count).
 

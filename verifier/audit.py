@@ -5,24 +5,34 @@ checks: each entry's leaf hash equals the level-0 tile hash; each upper tile
 hash equals the root of the 256 hashes below it; the root recomputed from the
 entries equals the signed root; and the tree extends the state saved by the
 previous run (consistency, checked from the saved compact range). Memory is
-O(log n) for the tree plus one tile row in flight, never the whole log.
+O(log n) for the tree plus two rows of tiles in flight (one checked while the next
+is fetched), never the whole log.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
+import http.client
 import json
+import ssl
 import sys
+import threading
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import httpx
+from urllib.parse import urlsplit
 
 from tlog import merkle, note, tiles
 from witness import cosignature
+
+TIMEOUT = 30.0
+"""Seconds a fetch may wait on its connection."""
+MAX_BODY = tiles.WIDTH * (tiles.MAX_ENTRY + 2)
+"""The largest resource a log can serve: a full bundle of the largest entries."""
 
 
 class AuditError(Exception):
@@ -66,15 +76,24 @@ def save_state(path: Path, state: State) -> None:
 
 
 class Fetcher:
-    """Reads log resources from an http(s) base URL or a local directory."""
+    """Reads log resources from an http(s) base URL or a local directory.
+
+    Over HTTP, `concurrency` worker threads each keep one keep-alive connection
+    (`http.client`: the standard library's strict response parser, one request at a
+    time per connection, redirects not followed), so each tile and bundle costs one
+    request on a warm socket. A failure closes that connection; the next request
+    opens a new one. A body larger than a full entry bundle is refused.
+    """
 
     def __init__(self, base: str, concurrency: int = 16) -> None:
         self.base = base.rstrip("/")
         self.local = None if base.startswith(("http://", "https://")) else \
             Path(base.removeprefix("file://"))
-        self._client = None if self.local else httpx.AsyncClient(
-            timeout=30, limits=httpx.Limits(max_connections=concurrency))
-        self._sem = asyncio.Semaphore(concurrency)
+        self._url = urlsplit(self.base)
+        self._pool = None if self.local else ThreadPoolExecutor(
+            concurrency, thread_name_prefix="audit-fetch")
+        self._conns: list[http.client.HTTPConnection] = []
+        self._local = threading.local()
 
     async def get(self, path: str) -> bytes:
         if self.local is not None:
@@ -83,19 +102,51 @@ class Fetcher:
                 return await asyncio.to_thread(p.read_bytes)
             except OSError as e:
                 raise AuditError(f"{path}: cannot read ({e.strerror})") from e
-        assert self._client is not None  # noqa: S101 - type narrowing: opened by __aenter__
-        async with self._sem:
-            try:
-                r = await self._client.get(f"{self.base}/{path}")
-            except httpx.HTTPError as e:
-                raise AuditError(f"{path}: {type(e).__name__}") from e
-        if r.status_code != 200:
-            raise AuditError(f"{path}: HTTP {r.status_code}")
-        return r.content
+        return await asyncio.get_running_loop().run_in_executor(self._pool, self._fetch, path)
+
+    def _connection(self) -> http.client.HTTPConnection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            u = self._url
+            if u.scheme == "https":
+                conn = http.client.HTTPSConnection(u.hostname or "", u.port, timeout=TIMEOUT,
+                                                   context=ssl.create_default_context())
+            else:
+                conn = http.client.HTTPConnection(u.hostname or "", u.port, timeout=TIMEOUT)
+            self._local.conn = conn
+            self._conns.append(conn)
+        return conn
+
+    def _fetch(self, path: str) -> bytes:
+        """GET base/path on this thread's connection (runs in a worker thread)."""
+        conn = self._connection()
+        try:
+            conn.request("GET", f"{self._url.path}/{path}", headers={"Accept-Encoding": "identity"})
+            r = conn.getresponse()
+            if (r.length or 0) > MAX_BODY:
+                raise AuditError(f"{path}: larger than an entry bundle can be")
+            # a declared length is read whole (IncompleteRead if cut short); otherwise
+            # (chunked, or until the close) at most one byte past the limit
+            body = r.read() if r.length is not None else r.read(MAX_BODY + 1)
+            if len(body) > MAX_BODY:
+                raise AuditError(f"{path}: larger than an entry bundle can be")
+            if r.will_close or not r.isclosed():
+                conn.close()
+        except (OSError, http.client.HTTPException, ValueError) as e:
+            conn.close()
+            raise AuditError(f"{path}: {type(e).__name__}") from e
+        except AuditError:
+            conn.close()
+            raise
+        if r.status != 200:
+            raise AuditError(f"{path}: HTTP {r.status}")
+        return body
 
     async def close(self) -> None:
-        if self._client is not None:
-            await self._client.aclose()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            for conn in self._conns:
+                conn.close()
 
 
 def _builder_from(state: State) -> merkle.Builder:
@@ -140,22 +191,33 @@ async def audit(
     row = 64
     first_tile = start // tiles.WIDTH
     last_tile = (cp.size + tiles.WIDTH - 1) // tiles.WIDTH
-    for base in range(first_tile, last_tile, row):
-        idxs = range(base, min(base + row, last_tile))
-        paths = []
-        for n in idxs:
-            width = min(tiles.WIDTH, cp.size - n * tiles.WIDTH)
-            paths.append((n, width))
-        datas = await asyncio.gather(*[
+    rows = [[(n, min(tiles.WIDTH, cp.size - n * tiles.WIDTH))
+             for n in range(base, min(base + row, last_tile))]
+            for base in range(first_tile, last_tile, row)]
+
+    def fetch(paths: list[tuple[int, int]]) -> asyncio.Future[list[tuple[bytes, bytes]]]:
+        return asyncio.gather(*[
             asyncio.gather(fetcher.get(tiles.entries_path(n, w)), fetcher.get(tiles.path(0, n, w)))
-            for n, w in paths
-        ])
-        for (n, width), (bundle, tile) in zip(paths, datas, strict=True):
-            root = _check_leaf_tile(n, width, bundle, tile, builder, on_entry)
-            if root is not None:
-                roots[n] = root
-        if progress is not None:
-            progress(min(cp.size, (base + row) * tiles.WIDTH), cp.size)
+            for n, w in paths])
+
+    ahead = fetch(rows[0]) if rows else None  # the next row is fetched while one is checked
+    try:
+        for k, paths in enumerate(rows):
+            if ahead is None:  # fetch(rows[k]) was started for every row
+                break
+            datas = await ahead
+            ahead = fetch(rows[k + 1]) if k + 1 < len(rows) else None
+            for (n, width), (bundle, tile) in zip(paths, datas, strict=True):
+                root = _check_leaf_tile(n, width, bundle, tile, builder, on_entry)
+                if root is not None:
+                    roots[n] = root
+            if progress is not None:
+                progress(min(cp.size, (paths[-1][0] + 1) * tiles.WIDTH), cp.size)
+    finally:
+        if ahead is not None:
+            ahead.cancel()
+            with contextlib.suppress(asyncio.CancelledError, AuditError):
+                await ahead
     if builder.size != cp.size:
         raise AuditError(f"entries stop at {builder.size}, checkpoint says {cp.size}")
     if builder.root() != cp.root_hash:

@@ -1,0 +1,547 @@
+"""Every benchmark of issue #16 in one run, printed as one table.
+
+    .venv/bin/python -m bench [--full] [--only NAME,...] [--profile SECONDS]
+
+Each row is a figure, the baseline it is compared with (measured in this run,
+on this machine, right before or after it), their ratio, and the issue's
+target. On a shared machine absolute numbers move with the load; the ratio
+against the same run's baseline is the figure that counts.
+
+Parts (`--only` takes their names):
+
+- `append`: `POST /add` at 64 clients (wrk) against a bare uvicorn POST
+  endpoint; `POST /add-batch` (256 entries a request, the gateway shipper's
+  path) in entries/s against the same bare endpoint fed the same bodies.
+- `gateway`: `python -m gateway demo`; the demo provider directly against
+  through the gateway (receipts signed, committed, shipped, logged and
+  witnessed): added p50 at one client, throughput at 16, and the added time
+  to the first chunk of a streamed answer.
+- `proofs`: a log of 1M entries (and 10M with `--full`) built with the bulk
+  loader (the storage steps in 8192-entry batches, no HTTP), cached under
+  `.bench-data/` so later runs start at once; `GET /proof/{hash}` over HTTP
+  (wrk, one client, fresh process: its p99 includes the cold caches) against
+  a bare uvicorn GET; the log's RSS after it; `POST /add` at 64 clients on
+  that log (with `--full`: the growth rows, 10M against 1M).
+- `audit`: `python -m verifier audit` over HTTP and from a directory against
+  a plain hashlib loop over the same entries (bench/audit.py's log).
+
+`--profile S` samples (py-spy, from `.bench-venv`) the gateway, the shipper
+and the tlog under c=16 gateway load and the tlog under `POST /add` load.
+Quick settings by default (well under 10 minutes on 2 cores); `--full` runs
+longer and adds 10M entries. Asserts nothing; prints figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench import audit, gateway_overhead, tlog_append  # noqa: E402
+from tests.tlogutil import start_tlog, stop, wait_http  # noqa: E402
+
+DATA = ROOT / ".bench-data"
+DONE = """
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format("RESULT %d %d %d %d %d %d\\n", summary.requests, summary.duration,
+    latency:percentile(50), latency:percentile(99),
+    e.connect + e.read + e.write + e.timeout, e.status))
+end
+"""
+BATCH = 256
+ADD_LUA = """
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/octet-stream"
+{auth}
+local tid = 0
+setup = function(thread) tid = tid + 1; thread:set("tid", tid) end
+counter = 0
+request = function()
+  counter = counter + 1
+  return wrk.format(nil, nil, nil, string.format(
+    '{{"bench": %d, "thread": %d, "run": "{run}", "pad": "0123456789abcdef"}}', counter, tid))
+end
+"""
+BATCH_LUA = """
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/octet-stream"
+{auth}
+local tid = 0
+setup = function(thread) tid = tid + 1; thread:set("tid", tid) end
+counter = 0
+request = function()
+  local parts = {{}}
+  for i = 1, {batch} do
+    counter = counter + 1
+    local e = string.format('{{"request_hash": "%032x%08x%024x", "run": "{run}"}}',
+                            counter, tid, 0)
+    parts[#parts + 1] = string.char(math.floor(#e / 256), #e % 256) .. e
+  end
+  return wrk.format(nil, nil, nil, table.concat(parts))
+end
+"""
+PROOF_LUA = """
+math.randomseed(7)
+request = function()
+  return wrk.format("GET", string.format("/proof/%064x", math.random(0, {entries} - 1)))
+end
+"""
+
+
+@dataclass
+class Run:
+    """One wrk run: requests, seconds, latency percentiles (ms), failures."""
+
+    requests: int
+    seconds: float
+    p50: float
+    p99: float
+    errors: int
+
+    @property
+    def rps(self) -> float:
+        return self.requests / self.seconds if self.seconds else 0.0
+
+
+@dataclass
+class Row:
+    """One line of the table."""
+
+    figure: str
+    value: str
+    baseline: str
+    ratio: str
+    target: str
+    met: bool | None
+
+
+def wrk(url: str, lua: str, seconds: float, conns: int, threads: int = 2) -> Run:
+    """Drive `url` with wrk and the given Lua script; failures counted, not raised."""
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
+        f.write(lua + DONE)
+    try:
+        out = subprocess.run(["wrk", f"-t{min(threads, conns)}", f"-c{conns}",
+                              f"-d{seconds:g}s", "--timeout", "10s", "-s", f.name, url],
+                             capture_output=True, text=True, timeout=seconds + 60)
+    finally:
+        os.unlink(f.name)
+    m = re.search(r"^RESULT (\d+) (\d+) (\d+) (\d+) (\d+) (\d+)$", out.stdout, re.M)
+    if m is None:
+        raise RuntimeError(f"wrk failed: {out.stdout[-400:]} {out.stderr[-400:]}")
+    n, dur, p50, p99, errs, status = map(int, m.groups())
+    return Run(n, dur / 1e6, p50 / 1000, p99 / 1000, errs + status)
+
+
+@contextlib.contextmanager
+def bare_server(tmp: Path) -> Iterator[str]:
+    """bench/tlog_append.py's bare uvicorn app (answers every request 200): the ceiling."""
+    (tmp / "bareapp.py").write_text(tlog_append.BARE_APP)
+    port = tlog_append.free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "bareapp:app", "--port", str(port),
+                             "--log-level", "warning", "--no-access-log"], cwd=tmp,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_http(url + "/", proc)
+        yield url
+    finally:
+        stop(proc)
+
+
+def rss_mib(pid: int) -> tuple[float, float]:
+    """(current, peak) resident memory of a process, MiB."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    cur = int(re.search(r"VmRSS:\s+(\d+)", status)[1])
+    peak = int(re.search(r"VmHWM:\s+(\d+)", status)[1])
+    return cur / 1024, peak / 1024
+
+
+def fmt(v: float, unit: str = "") -> str:
+    if v >= 100:
+        return f"{v:,.0f}{unit}"
+    return f"{v:.3g}{unit}" if v < 10 else f"{v:.1f}{unit}"
+
+
+def ratio_row(figure: str, value: float, base: float, unit: str, want: float,
+              target: str, extra: bool = True) -> Row:
+    """A row whose verdict is value/base >= want."""
+    r = value / base if base else 0.0
+    return Row(figure, fmt(value, unit), fmt(base, unit), f"{r:.2f}x", target,
+               r >= want if extra else None)
+
+
+# -- append -------------------------------------------------------------------
+
+def append_rows(tmp: Path, seconds: float, run: str) -> list[Row]:
+    """POST /add at 64 clients and POST /add-batch, each against the bare endpoint."""
+    rows = []
+    with bare_server(tmp) as bare:
+        b_add = wrk(bare + "/add", ADD_LUA.format(auth="", run=run), seconds, 64)
+        b_batch = wrk(bare + "/add", BATCH_LUA.format(auth="", run=run, batch=BATCH),
+                      seconds, 16)
+    data = tmp / "append-log"
+    proc, url = start_tlog(data)
+    try:
+        auth = ('wrk.headers["Authorization"] = "Bearer '
+                + (data / "append.token").read_text().strip() + '"')
+        cpu0 = gateway_overhead.cpu_seconds([proc.pid])
+        add = wrk(url + "/add", ADD_LUA.format(auth=auth, run=run), seconds, 64)
+        cpu1 = gateway_overhead.cpu_seconds([proc.pid])
+        batch = wrk(url + "/add-batch", BATCH_LUA.format(auth=auth, run=run, batch=BATCH),
+                    seconds, 16)
+        cpu2 = gateway_overhead.cpu_seconds([proc.pid])
+    finally:
+        stop(proc)
+    rows.append(ratio_row("POST /add, 64 clients (req/s)", add.rps, b_add.rps, "", 0.6,
+                          ">= 0.6x bare uvicorn"))
+    rows.append(Row("POST /add, 64 clients: p99", fmt(add.p99, " ms"), fmt(b_add.p99, " ms"),
+                    "", "<= 100 ms", add.p99 <= 100 and add.errors == 0))
+    if add.errors:
+        rows.append(Row("POST /add failures", str(add.errors), "", "", "0", False))
+    e_s, b_s = batch.rps * BATCH, b_batch.rps * BATCH
+    rows.append(Row(f"POST /add-batch ({BATCH}/req, 16 clients): entries/s", fmt(e_s),
+                    fmt(b_s), f"{e_s / b_s:.2f}x" if b_s else "", ">= 50,000/s",
+                    e_s >= 50_000 and batch.errors == 0))
+    rows.append(Row("tlog CPU per entry: /add, /add-batch",
+                    f"{1e6 * (cpu1 - cpu0) / max(add.requests, 1):.0f} us, "
+                    f"{1e6 * (cpu2 - cpu1) / max(batch.requests * BATCH, 1):.0f} us",
+                    "", "", "(load-independent)", None))
+    return rows
+
+
+# -- gateway ------------------------------------------------------------------
+
+def first_chunk_ms(client: httpx.Client, url: str, body: dict, headers: dict[str, str]) -> float:
+    """Milliseconds from sending a streamed request to its first body bytes."""
+    t = time.perf_counter()
+    with client.stream("POST", url, json=body, headers=headers) as r:
+        chunks = r.iter_raw()
+        next(chunks)
+        dt = time.perf_counter() - t
+        for _ in chunks:
+            pass
+    if r.status_code != 200:
+        raise RuntimeError(f"streamed call answered {r.status_code}")
+    return dt * 1000
+
+
+def gateway_rows(tmp: Path, seconds: float, samples: int, profile: float) -> list[Row]:
+    """The demo provider directly against through the gateway: c=1, c=16, streaming."""
+    demo = gateway_overhead.Demo(tmp / "demo")
+    try:
+        ready = demo.ready
+        direct = gateway_overhead.Target("direct", ready["provider"], "demo-chat-1", "unused",
+                                         [demo.pids["provider"]])
+        gw = gateway_overhead.Target("gateway", ready["gateway"] + "/v1", "demo-chat",
+                                     ready["api_key"], [demo.pids["gateway"]])
+        for t in (direct, gw):  # warm up connections, leases and caches
+            gateway_overhead.wrk(t, 4, 1, tmp)
+        side = [demo.pids[n] for n in ("shipper", "tlog", "witness")]
+        res, logging_cpu = {}, 0.0
+        for c in (1, 16):
+            for t in (direct, gw):
+                before = gateway_overhead.cpu_seconds(side)
+                res[(t.name, c)] = gateway_overhead.wrk(t, c, int(seconds), tmp)
+                if t is gw and c == 16:
+                    logging_cpu = gateway_overhead.cpu_seconds(side) - before
+        ttfc: dict[str, list[float]] = {"direct": [], "gateway": []}
+        msg = [{"role": "user", "content": gateway_overhead.PROMPT}]
+        with httpx.Client(timeout=30) as client:
+            for i in range(samples + 20):
+                for t in (direct, gw):
+                    ms = first_chunk_ms(client, t.url + "/chat/completions",
+                                        {"model": t.model, "messages": msg, "stream": True},
+                                        {"Authorization": f"Bearer {t.key}"})
+                    if i >= 20:
+                        ttfc[t.name].append(ms)
+        if profile:
+            run_profiles(demo, gw, tmp, profile)
+    finally:
+        demo.stop()
+    d1, g1 = res[("direct", 1)], res[("gateway", 1)]
+    d16, g16 = res[("direct", 16)], res[("gateway", 16)]
+    t_d, t_g = statistics.median(ttfc["direct"]), statistics.median(ttfc["gateway"])
+    errors = sum(r.errors for r in res.values())
+    rows = [
+        Row("gateway c=1: added p50", fmt(g1.p50_ms - d1.p50_ms, " ms"),
+            f"direct p50 {fmt(d1.p50_ms, ' ms')}", f"{g1.p50_ms / d1.p50_ms:.2f}x", "<= 0.5 ms",
+            g1.p50_ms - d1.p50_ms <= 0.5),
+        ratio_row("gateway c=16 (req/s)", g16.rps, d16.rps, "", 0.3, ">= 0.3x direct"),
+        Row("streaming: added time to first chunk (p50)", fmt(t_g - t_d, " ms"),
+            f"direct {fmt(t_d, ' ms')}", f"{t_g / t_d:.2f}x", "<= 1 ms", t_g - t_d <= 1.0),
+    ]
+    rows.append(Row("CPU per call at c=16: gateway; shipper+tlog+witness",
+                    f"{g16.cpu_ms:.3f} ms; {1000 * logging_cpu / max(g16.requests, 1):.3f} ms",
+                    f"direct {d16.cpu_ms:.3f} ms", "", "(load-independent)", None))
+    if errors:
+        rows.append(Row("gateway failures", str(errors), "", "", "0", False))
+    return rows
+
+
+def run_profiles(demo: gateway_overhead.Demo, gw: gateway_overhead.Target, tmp: Path,
+                 seconds: float) -> None:
+    """py-spy tops of the gateway, shipper and tlog under c=16 gateway load."""
+    spy = ROOT / ".bench-venv" / "bin" / "py-spy"
+    if not spy.exists():
+        print("profile: no py-spy in .bench-venv (python3 -m venv .bench-venv && "
+              ".bench-venv/bin/pip install py-spy)")
+        return
+    for name in ("gateway", "shipper", "tlog"):
+        load = threading.Thread(target=gateway_overhead.wrk, args=(gw, 16, int(seconds) + 2, tmp))
+        load.start()
+        time.sleep(1)
+        print_profile(str(spy), demo.pids[name], seconds, tmp / f"{name}.prof",
+                      f"{name} under gateway load at c=16")
+        load.join()
+
+
+def print_profile(spy: str, pid: int, seconds: float, out: Path, label: str) -> None:
+    try:
+        top = gateway_overhead.profile(spy, pid, seconds, out)
+    except (RuntimeError, subprocess.TimeoutExpired) as e:
+        print(f"profile: py-spy failed on {label}: {e}")
+        return
+    print(f"\n{label} (py-spy {seconds:g} s; self % / inclusive %):")
+    for s_pct, i_pct, fn in top[:15]:
+        print(f"  {s_pct:5.1f} {i_pct:5.1f}  {fn}")
+
+
+# -- proofs -------------------------------------------------------------------
+
+def bulk_log(entries: int) -> Path:
+    """A log of `entries` receipt-like entries, kept under .bench-data/ for later runs.
+
+    The bulk loader writes what the storage steps would, in big sequential
+    transactions: entries and hash tiles (`tiles.extend`, 65,536 leaves at a
+    time), then the leaf index and lookup keys sorted by key, so the random-key
+    indexes are built in one pass instead of page by page. The signed
+    checkpoint is the one `recover` signs when the log is first opened (the
+    path a crash between persist and checkpoint takes). A tree whose schema has
+    no leaf index (older commits) gets none.
+    """
+    from tlog import keys, merkle, tiles
+    from tlog.sequencer import Log
+    from tlog.sqlite_store import SQLiteStore
+    from tlog.storage import lookup_key
+
+    data = DATA / f"log-{entries}"
+    if (data / "complete").exists():
+        return data
+    shutil.rmtree(data, ignore_errors=True)
+    data.mkdir(parents=True)
+    t = time.perf_counter()
+    store = SQLiteStore(data / "log.db")
+    db = store._db  # noqa: SLF001 - the loader writes the tables the steps would
+    has_leaves = db.execute("SELECT 1 FROM sqlite_master WHERE name = 'leaves'").fetchone()
+    db.execute("CREATE TEMP TABLE new_leaves (hash BLOB, idx INTEGER)")
+    db.execute("CREATE TEMP TABLE new_keys (key TEXT, idx INTEGER)")
+    edge: dict[tuple[int, int], bytes] = {}
+    step = 1 << 16
+    for start in range(0, entries, step):
+        chunk = [b'{"request_hash": "%064x"}' % i for i in range(start, min(entries, start + step))]
+        hashes = [merkle.leaf_hash(e) for e in chunk]
+        edge = tiles.extend(start, hashes, lambda lv, ix, e=edge: e.get((lv, ix), b""))
+        db.execute("BEGIN")
+        db.executemany("INSERT INTO entries (idx, data) VALUES (?, ?)",
+                       ((start + i, e) for i, e in enumerate(chunk)))
+        db.executemany("INSERT OR REPLACE INTO tiles (level, idx, data) VALUES (?, ?, ?)",
+                       ((lv, ix, d) for (lv, ix), d in edge.items()))
+        if has_leaves:
+            db.executemany("INSERT INTO new_leaves VALUES (?, ?)",
+                           ((h, start + i) for i, h in enumerate(hashes)))
+        db.executemany("INSERT INTO new_keys VALUES (?, ?)",
+                       ((lookup_key(e), start + i) for i, e in enumerate(chunk)))
+        db.execute("COMMIT")
+    db.execute("BEGIN")
+    if has_leaves:
+        db.execute("INSERT INTO leaves (hash, idx) SELECT hash, idx FROM new_leaves ORDER BY hash")
+    db.execute("INSERT INTO lookup (key, idx) SELECT key, idx FROM new_keys ORDER BY key, idx")
+    db.execute("DROP TABLE new_leaves")
+    db.execute("DROP TABLE new_keys")
+    db.execute("COMMIT")
+    log = Log(store, keys.load_signer(data))  # recover: signs the checkpoint over it all
+    size = log.head.size
+    store.close()
+    if size != entries:
+        raise RuntimeError(f"bulk log has {size} entries, not {entries}")
+    (data / "complete").write_text(f"{entries} entries built in {time.perf_counter() - t:.0f} s\n")
+    print(f"bench: built {data} ({(data / 'complete').read_text().strip()})", flush=True)
+    return data
+
+
+def proof_figures(entries: int, tmp: Path, seconds: float, run: str) -> dict[str, float]:
+    """Fresh `tlog serve` on the bulk log: GET /proof (wrk, one client), RSS, POST /add."""
+    data = tmp / f"log-{entries}"  # a copy: the appends below leave the cached log as built
+    shutil.copytree(bulk_log(entries), data)
+    proc, url = start_tlog(data)
+    try:
+        proof = wrk(url, PROOF_LUA.format(entries=entries), seconds, 1)
+        rss, _ = rss_mib(proc.pid)
+        auth = ('wrk.headers["Authorization"] = "Bearer '
+                + (data / "append.token").read_text().strip() + '"')
+        add = wrk(url + "/add", ADD_LUA.format(auth=auth, run=run), seconds, 64)
+        _, peak = rss_mib(proc.pid)
+    finally:
+        stop(proc)
+        shutil.rmtree(data, ignore_errors=True)
+    return {"p50": proof.p50, "p99": proof.p99, "errors": proof.errors, "rss": rss,
+            "peak": peak, "add": add.rps, "add_p99": add.p99}
+
+
+def proof_rows(tmp: Path, seconds: float, sizes: list[int], run: str) -> list[Row]:
+    with bare_server(tmp) as bare:
+        base = wrk(bare, PROOF_LUA.format(entries=1), seconds, 1)
+    figs = {n: proof_figures(n, tmp, seconds, run) for n in sizes}
+    rows = []
+    for n, f in figs.items():
+        big = n >= 10_000_000
+        label = f"{round(n / 1e6)}M"
+        rows.append(Row(f"GET /proof at {label} entries, HTTP p50", fmt(f["p50"], " ms"),
+                        f"bare GET {fmt(base.p50, ' ms')}", f"{f['p50'] / base.p50:.2f}x",
+                        "<= 0.5 ms (at 10M)", f["p50"] <= 0.5 and f["errors"] == 0))
+        rows.append(Row(f"GET /proof at {label}, p99 from a cold start", fmt(f["p99"], " ms"),
+                        f"bare GET {fmt(base.p99, ' ms')}", "", "<= 5 ms", f["p99"] <= 5))
+        rows.append(Row(f"tlog RSS at {label} (after proofs; peak after appends)",
+                        f"{f['rss']:.0f} MiB", f"peak {f['peak']:.0f} MiB", "",
+                        "<= 200 MiB (at 10M)", f["peak"] <= 200 if big else None))
+        rows.append(Row(f"POST /add at {label}, 64 clients (req/s)", fmt(f["add"]), "", "",
+                        "", None))
+    if len(figs) > 1:
+        small, large = figs[min(figs)], figs[max(figs)]
+        for key, name, unit, higher_better in (("add", "POST /add", " req/s", True),
+                                               ("p50", "GET /proof p50", " ms", False)):
+            r = large[key] / small[key]
+            rows.append(Row(f"growth: {name}, 10M vs 1M", fmt(large[key], unit),
+                            fmt(small[key], unit),
+                            f"{r:.2f}x", "within 20 %",
+                            r >= 0.8 if higher_better else r <= 1.2))
+    return rows
+
+
+# -- audit --------------------------------------------------------------------
+
+def audit_rows(tmp: Path, entries: int) -> list[Row]:
+    """bench/audit.py: its generated log, its static server, its hashlib baseline."""
+    data = audit.entries(entries)
+    d = tmp / "audit-log"
+    d.mkdir()
+    signer = audit.generate(d, data)
+    base = max(audit.baseline(data) for _ in range(2))
+    del data
+    (d / "static_app.py").write_text(audit.STATIC_APP)
+    port = tlog_append.free_port()
+    server = subprocess.Popen([sys.executable, "-m", "uvicorn", "static_app:app", "--port",
+                               str(port), "--log-level", "warning", "--no-access-log"],
+                              cwd=d, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    out = {}
+    try:
+        wait_http(f"http://127.0.0.1:{port}/checkpoint", server)
+        for label, src in (("HTTP", f"http://127.0.0.1:{port}"), ("directory", str(d))):
+            t = time.perf_counter()
+            r = subprocess.run(["/usr/bin/time", "-f", "%M", sys.executable, "-m", "verifier",
+                                "audit", "--log", src, "--vkey", signer.vkey],
+                               capture_output=True, text=True)
+            dt = time.perf_counter() - t
+            if r.returncode != 0:
+                raise RuntimeError(f"audit failed: {r.stderr.strip()[-300:]}")
+            out[label] = (entries / dt, int(r.stderr.strip().splitlines()[-1]) / 1024)
+    finally:
+        stop(server)
+    (h, h_rss), (dr, d_rss) = out["HTTP"], out["directory"]
+    return [
+        Row(f"audit over HTTP ({entries:,} entries): entries/s", fmt(h), f"hashlib {fmt(base)}",
+            f"{h / base:.2f}x", ">= 300,000/s, memory bounded", h >= 300_000),
+        Row("audit from a directory: entries/s", fmt(dr), f"hashlib {fmt(base)}",
+            f"{dr / base:.2f}x", ">= 0.6x hashlib", dr / base >= 0.6),
+        Row("audit peak RSS (HTTP / directory)", f"{h_rss:.0f} / {d_rss:.0f} MiB", "", "",
+            "bounded", None),
+    ]
+
+
+def profile_add_load(tmp: Path, seconds: float, run: str) -> None:
+    """py-spy top of the tlog under POST /add load at 64 clients."""
+    spy = ROOT / ".bench-venv" / "bin" / "py-spy"
+    if not spy.exists():
+        return
+    data = tmp / "profile-log"
+    proc, url = start_tlog(data)
+    try:
+        auth = ('wrk.headers["Authorization"] = "Bearer '
+                + (data / "append.token").read_text().strip() + '"')
+        load = threading.Thread(target=wrk, args=(url + "/add", ADD_LUA.format(
+            auth=auth, run=run), seconds + 2, 64))
+        load.start()
+        time.sleep(1)
+        print_profile(str(spy), proc.pid, seconds, tmp / "add.prof",
+                      "tlog under POST /add at 64 clients")
+        load.join()
+    finally:
+        stop(proc)
+
+
+def table(rows: list[Row]) -> str:
+    head = Row("figure", "value", "baseline (same run)", "ratio", "target", None)
+    cells = [[r.figure, r.value, r.baseline, r.ratio, r.target,
+              "" if r.met is None else ("met" if r.met else "MISSED")] for r in [head, *rows]]
+    cells[0][5] = ""
+    widths = [max(len(c[i]) for c in cells) for i in range(6)]
+    lines = ["| " + " | ".join(c[i].ljust(widths[i]) for i in range(6)) + " |" for c in cells]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
+    ap.add_argument("--full", action="store_true", help="longer runs, and logs of 10M entries")
+    ap.add_argument("--only", default="append,gateway,proofs,audit")
+    ap.add_argument("--profile", type=float, default=0.0,
+                    help="seconds of py-spy sampling per process (0: none)")
+    a = ap.parse_args(argv)
+    if shutil.which("wrk") is None:
+        print("bench: wrk not found (Debian package wrk)", file=sys.stderr)
+        return 2
+    parts = a.only.split(",")
+    seconds = 10.0 if a.full else 5.0
+    run = os.urandom(4).hex()  # entries unique to this run: appends never deduplicate
+    started = time.monotonic()
+    rows: list[Row] = []
+    with tempfile.TemporaryDirectory(prefix="pag-bench-") as d:
+        tmp = Path(d)
+        if "append" in parts:
+            rows += append_rows(tmp, seconds, run)
+            if a.profile:
+                profile_add_load(tmp, a.profile, run)
+        if "gateway" in parts:
+            rows += gateway_rows(tmp, seconds, 500 if a.full else 200, a.profile)
+        if "proofs" in parts:
+            sizes = [1 << 20, 10_000_000] if a.full else [1 << 20]
+            rows += proof_rows(tmp, seconds, sizes, run)
+        if "audit" in parts:
+            rows += audit_rows(tmp, 1 << 20)
+    load = os.getloadavg()
+    print(f"\nbench: {os.cpu_count()} CPUs, load average {load[0]:.1f} {load[1]:.1f}, "
+          f"{'full' if a.full else 'quick'} settings, {time.monotonic() - started:.0f} s; "
+          f"ratios are against baselines measured in this run")
+    print(table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

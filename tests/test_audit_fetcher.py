@@ -1,0 +1,130 @@
+"""The auditor's HTTP fetcher: keep-alive reuse, both body framings, and every hostile or
+broken answer refused as an AuditError (never another exception, never a partial body)."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from verifier import audit
+
+Reply = Callable[[bytes], bytes | None]
+"""Request head -> the raw answer (None: close the connection at once)."""
+
+
+@pytest.fixture
+def server() -> Iterator[Callable[[Reply], tuple[str, list[int]]]]:
+    """A raw loopback HTTP server answering each request with `reply`; counts connections."""
+    socks: list[socket.socket] = []
+
+    def start(reply: Reply, close_after: bool = False) -> tuple[str, list[int]]:
+        ls = socket.create_server(("127.0.0.1", 0))
+        socks.append(ls)
+        accepted = [0]
+
+        def handle(c: socket.socket) -> None:
+            buf = b""
+            with c:
+                while True:
+                    while b"\r\n\r\n" not in buf:
+                        data = c.recv(65536)
+                        if not data:
+                            return
+                        buf += data
+                    head, _, buf = buf.partition(b"\r\n\r\n")
+                    out = reply(head)
+                    if out is None:
+                        return
+                    c.sendall(out)
+                    if close_after:
+                        return
+
+        def accept() -> None:
+            while True:
+                try:
+                    c, _ = ls.accept()
+                except OSError:
+                    return
+                accepted[0] += 1
+                threading.Thread(target=handle, args=(c,), daemon=True).start()
+
+        threading.Thread(target=accept, daemon=True).start()
+        return f"http://127.0.0.1:{ls.getsockname()[1]}", accepted
+
+    yield start
+    for s in socks:
+        s.close()
+
+
+def fetch_all(base: str, paths: list[str]) -> list[bytes]:
+    async def go() -> list[bytes]:
+        f = audit.Fetcher(base, concurrency=2)
+        try:
+            return [await f.get(p) for p in paths]
+        finally:
+            await f.close()
+    return asyncio.run(go())
+
+
+def test_keep_alive_connections_serve_many_requests(server) -> None:
+    def reply(head: bytes) -> bytes:
+        path = head.split(b" ")[1]
+        return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(path), path)
+
+    base, accepted = server(reply)
+    paths = [f"tile/0/{i:03d}" for i in range(40)]
+    assert fetch_all(base, paths) == [b"/" + p.encode() for p in paths]
+    assert accepted[0] <= 2  # one warm connection per worker thread, not one per request
+
+
+def test_chunked_bodies_are_read_whole(server) -> None:
+    base, _ = server(lambda head: b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                                  b"3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n")
+    assert fetch_all(base, ["checkpoint", "checkpoint"]) == [b"abcde", b"abcde"]
+
+
+def test_a_base_path_is_kept(server) -> None:
+    base, _ = server(lambda head: b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (
+        len(head.split(b" ")[1]), head.split(b" ")[1]))
+    assert fetch_all(base + "/logs/a/", ["checkpoint"]) == [b"/logs/a/checkpoint"]
+
+
+@pytest.mark.parametrize("answer", [
+    None,                                                        # connection closed at once
+    b"garbage\r\n\r\n",                                          # no status line
+    b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort",      # body cut short
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",  # bad chunk size
+    b"HTTP/1.1 200 OK\r\n" + b"X: y\r\n" * 200 + b"\r\n",       # too many headers
+    b"HTTP/1.1 200 OK\r\nX: " + b"y" * 70000 + b"\r\n\r\n",     # header line too long
+    b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n",
+    b"HTTP/1.1 302 Found\r\nLocation: http://127.0.0.1:1/\r\nContent-Length: 0\r\n\r\n",
+])
+def test_broken_or_hostile_answers_are_audit_errors(server, answer) -> None:
+    base, _ = server(lambda head: answer, close_after=True)
+    with pytest.raises(audit.AuditError):
+        fetch_all(base, ["checkpoint"])
+
+
+@pytest.mark.parametrize("answer", [
+    b"HTTP/1.1 200 OK\r\nContent-Length: 2000\r\n\r\n" + b"x" * 2000,
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + b"3e8\r\n" + b"x" * 1000
+    + b"\r\n1\r\nx\r\n0\r\n\r\n",
+    b"HTTP/1.0 200 OK\r\n\r\n" + b"x" * 2000,
+])
+def test_a_body_larger_than_any_bundle_is_refused(server, monkeypatch, answer) -> None:
+    monkeypatch.setattr(audit, "MAX_BODY", 1000)
+    base, _ = server(lambda head: answer, close_after=True)
+    with pytest.raises(audit.AuditError, match="larger"):
+        fetch_all(base, ["tile/entries/000"])
+
+
+def test_an_unreachable_log_is_an_audit_error() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(audit.AuditError):
+        fetch_all(f"http://127.0.0.1:{port}", ["checkpoint"])

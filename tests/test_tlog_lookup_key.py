@@ -1,0 +1,44 @@
+"""The request-hash lookup key of an entry: a JSON object's `request_hash` member when it is
+64 lower-case hex digits, else nothing (the same answer as the plain definition)."""
+
+from __future__ import annotations
+
+import json
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tlog.storage import lookup_key
+
+hexish = st.text(alphabet="0123456789abcdefABCDEF\n g\u0660", min_size=60, max_size=68)
+values = st.none() | st.integers() | hexish | st.text(max_size=70) | st.lists(hexish, max_size=2)
+
+
+def definition(entry: bytes) -> str | None:
+    """The rule as first written: parse, then check length and every character."""
+    if not entry.startswith(b"{") or b'"request_hash"' not in entry:
+        return None
+    try:
+        value = json.loads(entry).get("request_hash")
+    except (ValueError, UnicodeDecodeError, AttributeError):
+        return None
+    if isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value):
+        return value
+    return None
+
+
+@settings(max_examples=500, deadline=None)
+@given(values, st.dictionaries(st.text(max_size=5), values, max_size=3))
+def test_lookup_key_equals_the_definition(value: object, other: dict) -> None:
+    for entry in (json.dumps({**other, "request_hash": value}).encode(),
+                  json.dumps({"request_hash": value, **other}).encode(),
+                  json.dumps([{"request_hash": value}]).encode()):
+        assert lookup_key(entry) == definition(entry)
+
+
+def test_lookup_key_takes_only_lower_case_hex_of_64() -> None:
+    h = "0123456789abcdef" * 4
+    assert lookup_key(b'{"request_hash": "%s"}' % h.encode()) == h
+    assert lookup_key(b'{"request_hash": "%s"}' % h.upper().encode()) is None
+    assert lookup_key(b'{"request_hash": "%s\\n"}' % h.encode()) is None  # no $ slack
+    assert lookup_key(b'{"request_hash": "%s0"}' % h.encode()) is None

@@ -1,0 +1,91 @@
+"""The log's node readers (one node at a time; for a batch, tile segments hashed up once
+with every inner node kept) and its batch proofs give exactly the RFC 6962 definitions,
+whatever order nodes are asked in."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+from tlog import merkle, note, proof, tiles
+from tlog.sequencer import Log
+from tlog.sqlite_store import SQLiteStore
+
+
+@pytest.mark.parametrize("batches", [[1, 2, 300], [700, 5, 1], [256, 256, 100]])
+def test_every_complete_node_equals_the_definition(tmp_path: Path, batches: list[int]) -> None:
+    store = SQLiteStore(tmp_path / "log.db")
+    log = Log(store, note.generate_signer("test.example/nodes"))
+    entries: list[bytes] = []
+    for n in batches:
+        chunk = [b"entry %d" % (len(entries) + i) for i in range(n)]
+        log._commit(chunk)
+        entries += chunk
+    leaves = [merkle.leaf_hash(e) for e in entries]
+    wanted = [(level, index) for level in range(11)
+              for index in range(len(leaves) >> level)]
+    random.Random(len(leaves)).shuffle(wanted)  # upper nodes first, lower first, mixed
+    batch_node = log._batch_node({})
+    for level, index in wanted:
+        lo = index << level
+        want = merkle.root(leaves[lo:lo + (1 << level)])
+        assert batch_node(level, index) == want
+        assert log.node(level, index) == want
+    assert log.head.root == merkle.root(leaves)
+    store.close()
+
+
+def test_batch_answers_carry_proofs_that_verify(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "log.db")
+    log = Log(store, note.generate_signer("test.example/nodes"))
+    batch = [b"entry %d" % i for i in range(600)]
+    head, indices = log._commit(batch)
+    log.served = head
+    answers = log._answers([(e, None) for e in batch], indices)  # type: ignore[misc]
+    for e, a in zip(batch, answers, strict=True):
+        p = proof.parse(a.proof)
+        assert p.extra == e and p.checkpoint == head.note
+        merkle.verify_inclusion(merkle.leaf_hash(e), a.index, head.size, list(p.hashes),
+                                head.root)
+        assert a.proof == log.prove(a.index, e, head)  # the one-by-one path, byte for byte
+    store.close()
+
+
+def test_run_layers_end_in_the_run_root() -> None:
+    data = b"".join(merkle.leaf_hash(b"%d" % i) for i in range(64))
+    layers = tiles.run_layers(data)
+    assert [len(x) // 32 for x in layers] == [32, 16, 8, 4, 2, 1]
+    assert layers[-1] == tiles.run_root(data)
+    assert layers[0][:32] == merkle.node_hash(data[:32], data[32:64])
+    with pytest.raises(tiles.TileError):
+        tiles.run_layers(data[:96])
+
+
+def test_add_many_answers_each_entry_in_order_like_add(tmp_path: Path) -> None:
+    import asyncio
+
+    from tlog.sequencer import SHUTTING_DOWN, Added, AppendError
+
+    store = SQLiteStore(tmp_path / "log.db")
+    log = Log(store, note.generate_signer("test.example/nodes"))
+
+    async def go() -> None:
+        refused = await log.add_many([b"a", b"b"])  # not started: each entry refused, no raise
+        assert [type(r) for r in refused] == [AppendError, AppendError]
+        assert all(r.code == SHUTTING_DOWN for r in refused)  # type: ignore[union-attr]
+        await log.start()
+        try:
+            first = await log.add(b"x")
+            got = await log.add_many([b"y", b"x", b"z", b"y"])
+        finally:
+            await log.close()
+        assert all(isinstance(r, Added) for r in got)
+        assert [r.index for r in got] == [1, first.index, 2, 1]  # duplicates keep their index
+        for e, r in zip([b"y", b"x", b"z", b"y"], got, strict=True):
+            p = proof.parse(r.proof)
+            assert p.extra == e and p.index == r.index
+
+    asyncio.run(go())
+    store.close()
