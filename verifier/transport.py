@@ -129,7 +129,7 @@ class CallFlow:
             raise ReceiptInvalid("receipt_invalid", "the receipt document is not JSON") from None
         # An answered call must record the mode it used; a refusal may record "none"
         # (the gateway refused before the fields were opened).
-        modes = (self.mode,) if response.status_code == 200 else (self.mode, "none")
+        modes = (self.mode,) if response.is_success else (self.mode, "none")
         return check_receipt(rec, lease or self.lease, receipt_id=rid, salt=self.salt,
                              sent=self.sent, response_hash=self.digest.hexdigest(),
                              e2ee_modes=modes)
@@ -147,11 +147,12 @@ class CallFlow:
         if response.headers.get("x-receipt-salt") not in (None, self.salt.hex()):
             raise ReceiptInvalid("receipt_mismatch", "the gateway did not use the client's "
                                  "receipt salt")
-        if rid is None and response.status_code == 200:
+        # Any 2xx is an answer the SDK would show (not only 200): each needs its receipt.
+        if rid is None and response.is_success:
             raise ReceiptInvalid("receipt_missing", "a successful call carried no receipt")
         if rid is not None and not RECEIPT_ID.fullmatch(rid):
             raise ReceiptInvalid("receipt_invalid", "the receipt id is malformed")
-        if self.opener is not None and response.status_code == 200:
+        if self.opener is not None and response.is_success:
             try:
                 self.opener.start(response.headers)
             except aci.AciError as e:
@@ -298,14 +299,14 @@ class VerifyingTransport(httpx.BaseTransport):
     def _finish_json(self, flow: CallFlow, response: httpx.Response) -> httpx.Response:
         if flow.check_answer(response) is None:
             return flow.answer(response, content=response.content)
-        body = flow.open_json(response.content) if response.status_code == 200 else \
+        body = flow.open_json(response.content) if response.is_success else \
             _plain(flow, response.content)
         self._receipt(flow, response)
         return flow.answer(response, content=body)
 
     def _finish_stream(self, flow: CallFlow, response: httpx.Response) -> httpx.Response:
         try:
-            flow.check_answer(response)
+            rid = flow.check_answer(response)
         except VerificationError:
             response.close()
             raise
@@ -318,7 +319,8 @@ class VerifyingTransport(httpx.BaseTransport):
                     if out:
                         yield out
                 tail = flow.stream_end()
-                transport._receipt(flow, response)
+                if rid is not None:  # None: an error stream without a receipt, not an answer
+                    transport._receipt(flow, response)
                 if tail:
                     yield tail
 
@@ -401,14 +403,14 @@ class AsyncVerifyingTransport(httpx.AsyncBaseTransport):
     async def _finish_json(self, flow: CallFlow, response: httpx.Response) -> httpx.Response:
         if flow.check_answer(response) is None:
             return flow.answer(response, content=response.content)
-        body = flow.open_json(response.content) if response.status_code == 200 else \
+        body = flow.open_json(response.content) if response.is_success else \
             _plain(flow, response.content)
         await self._receipt(flow, response)
         return flow.answer(response, content=body)
 
     async def _finish_stream(self, flow: CallFlow, response: httpx.Response) -> httpx.Response:
         try:
-            flow.check_answer(response)
+            rid = flow.check_answer(response)
         except VerificationError:
             await response.aclose()
             raise
@@ -421,7 +423,8 @@ class AsyncVerifyingTransport(httpx.AsyncBaseTransport):
                     if out:
                         yield out
                 tail = flow.stream_end()
-                await transport._receipt(flow, response)
+                if rid is not None:  # None: an error stream without a receipt, not an answer
+                    await transport._receipt(flow, response)
                 if tail:
                     yield tail
 

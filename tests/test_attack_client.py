@@ -1,0 +1,109 @@
+"""Red-team: a hostile gateway against the client SDK's verifying transport.
+
+The gateway here is an `httpx.MockTransport` behind a real `VerifyingTransport` whose lease
+is already attested (`lease_for`), so each test is one lie the gateway tells after
+attestation, and the promise is that the SDK is never handed an unverified answer."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+import httpx
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from tests.test_client import lease_for
+from verifier import client as vc
+from verifier import receipt
+from verifier.transport import VerifyingTransport
+
+BASE = "http://gw.test"
+KEY = Ed25519PrivateKey.generate()
+ANSWER = {"choices": [{"index": 0, "message": {"role": "assistant", "content": "forged"}}]}
+
+
+def client_for(handler: Callable[[httpx.Request], httpx.Response]) -> tuple[httpx.Client,
+                                                                          vc.Gateway]:
+    gw = vc.Gateway(BASE, vc.Policy(allow_simulated=True), lease_for(KEY))
+    t = VerifyingTransport(gw, e2ee=False, pin_tls=True, allow_plaintext=True)
+    t._inner = httpx.MockTransport(handler)
+    return httpx.Client(transport=t), gw
+
+
+def call(c: httpx.Client) -> httpx.Response:
+    r = c.post(f"{BASE}/v1/chat/completions", json={"model": "m", "messages": []})
+    r.read()
+    return r
+
+
+@pytest.mark.parametrize("status", [201, 203, 206, 299])
+def test_a_2xx_answer_without_a_receipt_is_refused(status: int) -> None:
+    """Only 200 was checked for a receipt: a 203 carried a forged completion to the SDK
+    (which treats every 2xx as success) with no receipt at all."""
+    c, gw = client_for(lambda req: httpx.Response(status, json=ANSWER))
+    with pytest.raises(vc.ReceiptInvalid) as e:
+        call(c)
+    assert e.value.code == "receipt_missing"
+    assert gw.last_receipt is None
+
+
+@pytest.mark.parametrize("status", [203, 200])
+def test_a_2xx_stream_without_a_receipt_is_refused(status: int) -> None:
+    body = b'data: {"choices":[{"delta":{"content":"forged"}}]}\n\ndata: [DONE]\n\n'
+    c, _ = client_for(lambda req: httpx.Response(
+        status, content=body, headers={"content-type": "text/event-stream"}))
+    with pytest.raises(vc.ReceiptInvalid) as e, c.stream(
+            "POST", f"{BASE}/v1/chat/completions", json={"model": "m", "stream": True}) as r:
+        r.read()
+    assert e.value.code == "receipt_missing"
+
+
+def test_an_error_stream_without_a_receipt_reaches_the_sdk_as_an_error() -> None:
+    """A refusal streamed as SSE without a receipt id crashed the transport with KeyError
+    (it looked the receipt id up after the stream); it is an error for the SDK to raise."""
+    body = b'data: {"error":{"code":"rate_limited"}}\n\n'
+    c, gw = client_for(lambda req: httpx.Response(
+        429, content=iter([body]), headers={"content-type": "text/event-stream"}))
+    with c.stream("POST", f"{BASE}/v1/chat/completions", json={"model": "m"}) as r:
+        assert r.read() == body
+        assert r.status_code == 429
+    assert gw.last_receipt is None
+
+
+def test_a_gateway_chosen_salt_is_refused() -> None:
+    """The client chooses the salt; an answer naming another salt (one the gateway could
+    reuse to link calls, or publish) is refused before any receipt is fetched."""
+    def handler(req: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json=ANSWER, headers={
+            "x-receipt-id": "r1", "x-receipt-salt": receipt.new_salt().hex()})
+    c, _ = client_for(handler)
+    with pytest.raises(vc.ReceiptInvalid) as e:
+        call(c)
+    assert e.value.code == "receipt_mismatch"
+
+
+def test_a_receipt_with_null_digests_does_not_dodge_the_check() -> None:
+    """A receipt whose request/response digests are null checks nothing: refused."""
+    lease = lease_for(KEY)
+    seen: dict[str, bytes] = {}
+
+    def handler(req: httpx.Request) -> httpx.Response:
+        if req.method == "POST":
+            seen["salt"] = bytes.fromhex(req.headers["x-receipt-salt"])
+            return httpx.Response(200, json=ANSWER, headers={"x-receipt-id": "r1"})
+        body = {"v": receipt.VERSION, "id": "r1", "time": "2026-12-05T00:00:00Z",
+                "gateway": {"app_id": lease.app_id, "compose_hash": lease.compose_hash,
+                            "keyset_hash": lease.keyset_hash},
+                "request_hash": None, "forwarded_hash": None, "route": {},
+                "upstream": {"verified": True}, "provider_request_hash": None,
+                "provider_response_hash": None, "response_hash": None,
+                "e2ee": {"mode": "none"}, "keyset_index": 0}
+        return httpx.Response(200, content=json.dumps(
+            {"receipt": receipt.sign(body, KEY)}).encode())
+
+    c, gw = client_for(handler)
+    with pytest.raises(vc.ReceiptInvalid) as e:
+        call(c)
+    assert e.value.code == "receipt_invalid"
+    assert gw.last_receipt is None
