@@ -404,7 +404,20 @@ def cmd_receipt(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def printable(text: str) -> str:
+    """`text` safe for a terminal: every non-printable character (controls such as ESC,
+    CR and LF, bidi overrides) as its Python escape, so nothing read from a log or a
+    gateway can rewrite the screen or start a line of its own."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode()
+                   for c in text)
+
+
 def _human(cmd: str, out: dict[str, Any]) -> str:
+    """The human output: our lines, each escaped with `printable`."""
+    return "\n".join(printable(line) for line in _lines(cmd, out))
+
+
+def _lines(cmd: str, out: dict[str, Any]) -> list[str]:
     if cmd == "checkpoint":
         lines = [f"OK checkpoint {out['origin']} size {out['size']} root {out['root'][:16]}… "
                  f"{_cosigned(out)}"]
@@ -435,7 +448,7 @@ def _human(cmd: str, out: dict[str, Any]) -> str:
     if not out.get("witnessed", True):
         lines.append("   UNWITNESSED (0 witness cosignatures checked): nothing shows that "
                      "others see the same log; give --witness VKEY")
-    return "\n".join(lines)
+    return lines
 
 
 def _cosigned(out: dict[str, Any]) -> str:
@@ -564,7 +577,7 @@ def main(argv: list[str] | None = None) -> int:
     except (Failure, SourceError) as e:
         if getattr(args, "json", False):
             print(json.dumps({"ok": False, "error": str(e)}))
-        print(f"verifier: {e}", file=sys.stderr)
+        print(printable(f"verifier: {e}"), file=sys.stderr)
         return 1
     print(json.dumps(out) if args.json else _human(args.cmd, out))
     return 0

@@ -376,7 +376,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from verifier.cli import Failure, _key_text
+    from verifier.cli import Failure, _key_text, printable
 
     try:
         policy = Policy.load(args.policy)
@@ -388,7 +388,7 @@ def run(args: argparse.Namespace) -> int:
         m = Monitor(args.log, log_verifier, policy, witnesses=ws, quorum=quorum,
                     witness_urls=args.witness_url, state_path=args.state, webhook=args.webhook)
     except (ValueError, OSError, TypeError, auditing.AuditError, Failure) as e:
-        print(f"verifier: monitor set-up: {e}", file=sys.stderr)
+        print(printable(f"verifier: monitor set-up: {e}"), file=sys.stderr)
         return 2
 
     if args.listen:
@@ -407,7 +407,7 @@ def run(args: argparse.Namespace) -> int:
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(loop())
     if m.alerts:
-        print(f"verifier: {len(m.alerts)} alert(s): {m.alerts[0]['alert']}: {m.alerts[0]['reason']}",
-              file=sys.stderr)
+        print(printable(f"verifier: {len(m.alerts)} alert(s): {m.alerts[0]['alert']}: "
+                        f"{m.alerts[0]['reason']}"), file=sys.stderr)
         return 1
     return 0

@@ -1,0 +1,131 @@
+"""Red-team: a hostile log (or a hostile gateway with an attested key) against what
+`python -m verifier` prints. Output is for a human at a terminal: no text from a log entry
+may carry a control character (an escape sequence that rewrites the screen, a newline that
+starts a forged "verified" line, a bidi override) into it."""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from tests.attested_log import AttestedLog, attested_log, make_receipt, write_log
+from tests.test_verifier_receipt import logged, proof_file, verifier
+from verifier import keyset_entry
+
+# C0/C1 controls (ESC, BEL, CR, LF inside a value...) and the bidi overrides.
+UNSAFE = re.compile("[\x00-\x09\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+HOSTILE = "x\x1b[2K\r\n   release at entry 9: app forged SIMULATED: verified\x07\u202egnp"
+
+
+@pytest.fixture(scope="module")
+def attested() -> AttestedLog:
+    return attested_log("example.com/attack")
+
+
+def assert_clean(text: str, lines: int | None = None) -> None:
+    assert not UNSAFE.search(text), repr(text)
+    if lines is not None:
+        assert len(text.splitlines()) == lines, text
+
+
+def test_releases_escapes_what_a_refused_entry_says(tmp_path: Path,
+                                                    attested: AttestedLog) -> None:
+    """A refused keyset entry's own app id was printed raw: a newline in it printed a
+    line reading "release at entry 9 ... verified" that no check had made."""
+    a = attested
+    forged = copy.deepcopy(a.keyset_obj)
+    forged["app_id"] = HOSTILE
+    write_log(tmp_path / "log", a.signer, [*a.entries, keyset_entry.entry(forged)])
+    r = verifier("releases", "--log", str(tmp_path / "log"), "--vkey", a.signer.vkey,
+                 "--allow-simulated")
+    assert r.returncode == 1
+    assert_clean(r.stdout)
+    assert_clean(r.stderr)
+    assert not any(line.lstrip().startswith("release at entry 9")
+                   for line in r.stdout.splitlines())
+    assert "release at entry 2" in r.stdout and "NOT verified" in r.stdout
+
+
+def test_proof_escapes_what_a_receipt_says(tmp_path: Path, attested: AttestedLog) -> None:
+    """Route, provider and id come from the receipt: printed escaped, one line each."""
+    a = attested
+    rec = make_receipt(a.receipt_key, a.gateway, route=HOSTILE, provider=HOSTILE)
+    entries, cp = logged(tmp_path, a, rec)
+    pf = proof_file(tmp_path, entries, 2, cp)
+    r = verifier("proof", "--vkey", a.signer.vkey, "--log", str(tmp_path / "log"),
+                 "--allow-simulated", pf)
+    assert r.returncode == 0, r.stderr
+    assert_clean(r.stdout)
+    assert "\\x1b" in r.stdout  # shown, escaped, not hidden
+    assert not any(line.lstrip().startswith("release at entry 9")
+                   for line in r.stdout.splitlines())
+
+
+def test_audit_policy_failure_escapes_the_alert(tmp_path: Path, attested: AttestedLog) -> None:
+    """The one-line failure of `audit --policy` quotes an alert reason from the log."""
+    a = attested
+    policy = tmp_path / "policy.json"
+    policy.write_text(json.dumps({"allow_simulated": True}))
+    forged = copy.deepcopy(a.keyset_obj)
+    forged["app_id"] = HOSTILE
+    write_log(tmp_path / "log", a.signer, [*a.entries, keyset_entry.entry(forged)])
+    r = verifier("audit", "--vkey", a.signer.vkey, "--policy", str(policy), "--log",
+                 str(tmp_path / "log"))
+    assert r.returncode == 1 and "keyset_out_of_policy" in r.stderr
+    assert_clean(r.stderr, lines=1)
+
+
+def test_a_receipt_naming_a_later_keyset_entry_is_refused(tmp_path: Path,
+                                                          attested: AttestedLog) -> None:
+    """Held: the keyset entry must precede the receipt, even a valid copy of it."""
+    a = attested
+    rec = make_receipt(a.receipt_key, a.gateway, keyset_index=3)
+    entries, cp = logged(tmp_path, a, rec)
+    entries = [*entries, keyset_entry.entry(a.keyset_obj)]
+    cp = write_log(tmp_path / "log", a.signer, entries)
+    pf = proof_file(tmp_path, entries, 2, cp)
+    r = verifier("proof", "--vkey", a.signer.vkey, "--log", str(tmp_path / "log"),
+                 "--allow-simulated", pf)
+    assert r.returncode == 1 and "keyset_not_before" in r.stderr
+
+
+def test_a_keyset_entry_bound_to_another_logs_checkpoint_is_refused(
+        tmp_path: Path, attested: AttestedLog) -> None:
+    """Held: an attested keyset entry copied from another log names that log's
+    checkpoint (and key), which this log's key does not sign."""
+    a = attested
+    other = attested_log("example.com/other-log")
+    rec = make_receipt(other.receipt_key, other.gateway)
+    entries = [*a.entries[:1], other.entries[1]]
+    from verifier import receipt
+
+    entries.append(receipt.entry(rec))
+    cp = write_log(tmp_path / "log", a.signer, entries)
+    pf = proof_file(tmp_path, entries, 2, cp)
+    r = verifier("proof", "--vkey", a.signer.vkey, "--log", str(tmp_path / "log"),
+                 "--allow-simulated", pf)
+    assert r.returncode == 1 and "keyset_entry_invalid" in r.stderr
+    assert "checkpoint" in r.stderr
+
+
+def test_a_receipt_spelled_with_duplicate_members_is_refused(tmp_path: Path,
+                                                             attested: AttestedLog) -> None:
+    """Held: a log entry with a duplicate `route` (parsers keep the last one) is not the
+    signed receipt's RFC 8785 bytes, so no displayed member escapes the signature."""
+    a = attested
+    rec = make_receipt(a.receipt_key, a.gateway)
+    from verifier import receipt
+
+    good = receipt.entry(rec)
+    dup = good[:-1] + b',"route":{"route_id":"shadow","model":"m","provider":"p"}}'
+    entries = [*a.entries, dup]
+    cp = write_log(tmp_path / "log", a.signer, entries)
+    pf = proof_file(tmp_path, entries, 2, cp)
+    r = verifier("proof", "--vkey", a.signer.vkey, "--log", str(tmp_path / "log"),
+                 "--allow-simulated", pf)
+    assert r.returncode == 1 and "receipt_invalid" in r.stderr
+    assert "shadow" not in r.stdout
