@@ -333,32 +333,41 @@ class Monitor:
         return "\n".join(lines) + "\n"
 
     async def _compare_witnesses(self, state: auditing.State) -> None:
-        """A witness that cosigned another root for the same size shows a split view."""
+        """A witness that cosigned another root for the same size shows a split view.
+
+        Whatever a witness page says (or the network does) is at most one alert per
+        witness: a malformed page is `witness_unreachable`, never a stop."""
         async with httpx.AsyncClient(timeout=10) as c:
             for url in self.witness_urls:
                 try:
                     status = (await c.get(url.rstrip("/") + "/")).json()
-                except (httpx.HTTPError, ValueError) as e:
+                    logs = [log for log in status.get("logs", []) if log.get("origin") ==
+                            state.origin and log.get("root") is not None]
+                    for log in logs:
+                        size, root = log["size"], bytes.fromhex(log["root"])
+                        if not isinstance(size, int):
+                            raise TypeError("size is not an integer")
+                        if size == state.size and root != state.root:
+                            self.alert("split_view", f"witness {url} cosigned another root at "
+                                                     f"size {state.size}", witness=url)
+                        if size > state.size:
+                            await self._check_ahead(size, root, url)
+                except (httpx.HTTPError, ValueError, TypeError, AttributeError, KeyError) as e:
                     self.alert("witness_unreachable", f"{url}: {type(e).__name__}")
-                    continue
-                for log in status.get("logs", []):
-                    if log.get("origin") != state.origin or log.get("root") is None:
-                        continue
-                    if log["size"] == state.size and bytes.fromhex(log["root"]) != state.root:
-                        self.alert("split_view", f"witness {url} cosigned another root at size "
-                                                 f"{state.size}", witness=url)
-                    if log["size"] > state.size:
-                        await self._check_ahead(c, log, state, url)
 
-    async def _check_ahead(self, c: httpx.AsyncClient, wlog: dict, state: auditing.State,
-                           url: str) -> None:
+    async def _check_ahead(self, size: int, root: bytes, url: str) -> None:
         """The witness saw a bigger tree: the log must prove it extends ours."""
-        r = await c.get(f"{self.log_url.rstrip('/')}/checkpoint")
+        fetcher = auditing.Fetcher(self.log_url)  # an http(s) log or a directory
         try:
-            cp, _ = checkpoint.open(r.content, self.verifier)
+            cp, _ = checkpoint.open(await fetcher.get("checkpoint"), self.verifier)
+        except auditing.AuditError as e:
+            self.alert("audit", str(e))
+            return
         except checkpoint.CheckpointError:
             return
-        if cp.size == wlog["size"] and cp.root_hash.hex() != wlog["root"]:
+        finally:
+            await fetcher.close()
+        if cp.size == size and cp.root_hash != root:
             self.alert("split_view", f"witness {url} and the log disagree at size {cp.size}",
                        witness=url)
 

@@ -1,0 +1,96 @@
+"""Red-team: what a hostile witness status page (or a flaky network) does to the monitor.
+
+The monitor compares the log with every `--witness-url` after each poll. Whatever a
+witness answers (not JSON, a list, wrong types, a root that is not hex) or the log does
+meanwhile (unreachable), the promise is the one for log entries: at most an alert, the
+monitor keeps running and its state advances."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import http.server
+import json
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.attested_log import AttestedLog, attested_log, write_log
+from verifier import monitor
+
+
+@pytest.fixture(scope="module")
+def attested() -> AttestedLog:
+    return attested_log("example.com/attack-monitor")
+
+
+class _Witness(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        body = self.server.body  # type: ignore[attr-defined]
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def witness() -> Iterator[Any]:
+    """A witness status page on loopback answering whatever body is set."""
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Witness))
+    httpd.body = b"{}"  # type: ignore[attr-defined]
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield httpd
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def hostile_pages(origin: str, size: int) -> list[Any]:
+    return [
+        [1, 2, 3],
+        {"logs": 5},
+        {"logs": [7, None, "x"]},
+        {"logs": [{"origin": origin, "root": "zz", "size": size}]},
+        {"logs": [{"origin": origin, "root": "00" * 32, "size": "big"}]},
+        {"logs": [{"origin": origin, "root": "00" * 32}]},
+        {"logs": [{"origin": origin, "root": ["00"], "size": size}]},
+        {"logs": [{"origin": origin, "root": "00" * 32, "size": size + 5}]},  # ahead of the log
+    ]
+
+
+def test_a_hostile_witness_page_alerts_and_never_stops_the_monitor(
+        tmp_path: Path, attested: AttestedLog, witness: Any) -> None:
+    a = attested
+    write_log(tmp_path / "log", a.signer, a.entries)
+    url = f"http://127.0.0.1:{witness.server_address[1]}"
+    state = tmp_path / "state.json"
+    for page in hostile_pages(a.signer.name, len(a.entries)):
+        witness.body = json.dumps(page).encode()
+        m = monitor.Monitor(str(tmp_path / "log"), a.signer.verifier(),
+                            monitor.Policy(allow_simulated=True), witnesses=[], quorum=0,
+                            witness_urls=[url], state_path=state, webhook=None, quiet=True)
+        asyncio.run(m.poll())
+        assert m.state is not None and m.state.size == len(a.entries), page
+        assert {x["alert"] for x in m.alerts} <= {"witness_unreachable"}, page
+        assert len(m.alerts) <= 1, (page, m.alerts)
+
+
+def test_a_witness_that_cosigned_another_root_is_a_split_view(
+        tmp_path: Path, attested: AttestedLog, witness: Any) -> None:
+    """Held (the check the hostile pages above must not break)."""
+    a = attested
+    write_log(tmp_path / "log", a.signer, a.entries)
+    witness.body = json.dumps({"logs": [{"origin": a.signer.name, "root": "11" * 32,
+                                         "size": len(a.entries)}]}).encode()
+    m = monitor.Monitor(str(tmp_path / "log"), a.signer.verifier(),
+                        monitor.Policy(allow_simulated=True), witnesses=[], quorum=0,
+                        witness_urls=[f"http://127.0.0.1:{witness.server_address[1]}"],
+                        state_path=None, webhook=None, quiet=True)
+    asyncio.run(m.poll())
+    assert [x["alert"] for x in m.alerts] == ["split_view"]
