@@ -107,3 +107,34 @@ def test_a_receipt_with_null_digests_does_not_dodge_the_check() -> None:
         call(c)
     assert e.value.code == "receipt_invalid"
     assert gw.last_receipt is None
+
+
+def test_two_roots_for_one_size_are_a_fork_the_client_refuses() -> None:
+    """Two proofs, each valid alone, whose checkpoints give one size two roots: the log
+    shows this client a split view. Without a witness nothing else catches it."""
+    from tests.test_client import LOG, TinyLog
+
+    lease = lease_for(KEY, keyset_index=2)
+    policy = vc.Policy(log_vkey=LOG.vkey)
+    salt = receipt.new_salt()
+
+    def rec_in(log: TinyLog, sent: bytes) -> tuple[dict, str]:
+        from tests.test_client import signed
+
+        r = signed(KEY, lease, salt, sent, b"answer")
+        i = log.append(receipt.entry(r))
+        return r, log.proof(i, ())
+
+    honest, forked = TinyLog(), TinyLog()
+    honest.append(b"keyset entry stand-in")
+    forked.append(b"keyset entry stand-in")
+    rec_a, proof_a = rec_in(honest, b"a")
+    rec_b, proof_b = rec_in(forked, b"b")  # same size, other entry: other root
+    seen: dict[int, bytes] = {}
+    assert vc.check_proof(proof_a, rec_a, lease, policy, seen)
+    assert vc.check_proof(proof_a, rec_a, lease, policy, seen)  # the same view again: fine
+    with pytest.raises(vc.ProofInvalid) as e:
+        vc.check_proof(proof_b, rec_b, lease, policy, seen)
+    assert e.value.code == "log_fork"
+    # a smaller checkpoint than one seen (an earlier receipt's stored proof) is no fork
+    assert vc.check_proof(proof_a, rec_a, lease, policy, {99: bytes(32)})

@@ -321,9 +321,15 @@ def check_receipt(rec: Any, lease: Lease, *, receipt_id: str, salt: bytes, sent:
     return rec
 
 
-def check_proof(text: str, rec: dict[str, Any], lease: Lease, policy: Policy) -> str:
+def check_proof(text: str, rec: dict[str, Any], lease: Lease, policy: Policy,
+                seen: dict[int, bytes] | None = None) -> str:
     """A receipt's tlog-proof, verified: checkpoint signed by the log and cosigned by the
-    policy's witness quorum, this exact receipt entry included, after its keyset entry."""
+    policy's witness quorum, this exact receipt entry included, after its keyset entry.
+
+    `seen` (size -> root of every checkpoint this client verified, updated here): a
+    checkpoint with a size seen before and another root is a fork of the log, shown to
+    this client, and refused (`log_fork`). A smaller size than seen before is no signal:
+    the gateway keeps each receipt's proof from when it was logged."""
     log_v = policy.log_verifier(lease.keyset)
     ws, quorum = policy.witnesses()
     try:
@@ -332,6 +338,11 @@ def check_proof(text: str, rec: dict[str, Any], lease: Lease, policy: Policy) ->
         tproof.check_inclusion(p, w.checkpoint, receipt.entry(rec))
     except (ValueError, cosignature.QuorumError) as e:
         raise ProofInvalid("proof_invalid", str(e)) from None
+    if seen is not None:
+        size, root = w.checkpoint.size, w.checkpoint.root_hash
+        if seen.setdefault(size, root) != root:
+            raise ProofInvalid("log_fork", f"the log showed two roots for size {size}: a "
+                               "split view (keep both proofs as evidence)")
     ki = rec.get("keyset_index")
     if lease.keyset_index is not None and not (isinstance(ki, int) and ki < p.index):
         raise ProofInvalid("proof_invalid", "the receipt's keyset entry does not precede it")
@@ -375,6 +386,7 @@ class Gateway:
         self.receipts: collections.deque[dict[str, Any]] = collections.deque(
             maxlen=RECEIPTS_KEPT)
         self.last_receipt: dict[str, Any] | None = None
+        self.checkpoints: dict[int, bytes] = {}  # size -> root of each verified checkpoint
 
     @property
     def lease(self) -> Lease:
@@ -481,12 +493,13 @@ class Gateway:
         """The verified tlog-proof of a receipt this client verified (waits until logged).
 
         ProofInvalid: `receipt_unknown` (not a receipt of this client), `proof_timeout`,
-        `proof_invalid`."""
+        `proof_invalid`, `log_fork`."""
         rec = next((r for r in reversed(self.receipts) if r.get("id") == receipt_id), None)
         if rec is None:
             raise ProofInvalid("receipt_unknown", "no receipt with that id was verified by this "
                                "client")
-        return check_proof(self._wait_proof(rec, timeout), rec, self._lease, self.policy)
+        return check_proof(self._wait_proof(rec, timeout), rec, self._lease, self.policy,
+                           self.checkpoints)
 
     def _wait_proof(self, rec: dict[str, Any], timeout: float) -> str:
         url = f"{self.base_url}/v1/receipts/by-request-hash/{rec['request_hash']}"

@@ -292,7 +292,7 @@ class VerifyingTransport(httpx.BaseTransport):
             rec = flow.receipt_of(response, r.status_code, body, lease)
         if self.gw.policy.require_inclusion:
             check_proof(self.gw._wait_proof(rec, self.gw.policy.timeout), rec, self.gw.lease,
-                        self.gw.policy)
+                        self.gw.policy, self.gw.checkpoints)
         self.gw.record(rec)
         return rec
 
@@ -396,7 +396,7 @@ class AsyncVerifyingTransport(httpx.AsyncBaseTransport):
             rec = flow.receipt_of(response, r.status_code, body, await self.gw.arefresh())
         if self.gw.policy.require_inclusion:
             text = await asyncio.to_thread(self.gw._wait_proof, rec, self.gw.policy.timeout)
-            check_proof(text, rec, self.gw.lease, self.gw.policy)
+            check_proof(text, rec, self.gw.lease, self.gw.policy, self.gw.checkpoints)
         self.gw.record(rec)
         return rec
 
