@@ -94,3 +94,23 @@ def test_a_witness_that_cosigned_another_root_is_a_split_view(
                         state_path=None, webhook=None, quiet=True)
     asyncio.run(m.poll())
     assert [x["alert"] for x in m.alerts] == ["split_view"]
+
+
+def test_an_alert_per_entry_does_not_grow_the_monitor_without_bound(
+        tmp_path: Path, attested: AttestedLog) -> None:
+    """A hostile log can append one alerting entry after another; the monitor kept every
+    alert in memory, so enough entries would exhaust it. It keeps the first and the
+    latest, and counts every one."""
+    a = attested
+    n = 2 * monitor.ALERTS_KEPT + 500
+    entries = [*a.entries, *([b'{"v":"pag-receipt/2"}'] * n)]
+    write_log(tmp_path / "log", a.signer, entries)
+    m = monitor.Monitor(str(tmp_path / "log"), a.signer.verifier(),
+                        monitor.Policy(allow_simulated=True), witnesses=[], quorum=0,
+                        witness_urls=[], state_path=None, webhook=None, quiet=True)
+    asyncio.run(m.poll())
+    assert m.state is not None and m.state.size == len(entries)
+    assert m.alert_total == m.counts["bad_receipt"] == n
+    assert len(m.alerts) < 2 * monitor.ALERTS_KEPT
+    assert m.alerts[0]["index"] == len(a.entries)  # the first alert is kept
+    assert m.alerts[-1]["index"] == len(entries) - 1  # and the latest

@@ -236,7 +236,7 @@ def _audit_with_policy(args: argparse.Namespace) -> dict[str, Any]:
     if m.alerts:
         a = m.alerts[0]
         where = f" at entry {a['index']}" if "index" in a else ""
-        raise Failure(f"{len(m.alerts)} alert(s); first {a['alert']}{where}: {a['reason']}")
+        raise Failure(f"{m.alert_total} alert(s); first {a['alert']}{where}: {a['reason']}")
     assert m.state is not None
     return {"ok": True, "origin": m.state.origin, "size": m.state.size,
             "root": m.state.root.hex(), "previous_size": previous,

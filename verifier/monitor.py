@@ -61,6 +61,7 @@ from witness import cosignature
 
 ENTRY_KINDS = ("receipt", "refusal", "receipt_unattested", "receipt_invalid", "keyset",
                "keyset_out_of_policy", "evidence", "other")
+ALERTS_KEPT = 1000  # alerts held in memory: the first and the latest (counts stay exact)
 UNATTESTED_CODES = ("keyset_not_before", "keyset_unavailable", "keyset_entry_invalid",
                     "receipt_key_mismatch", "receipt_mismatch")
 
@@ -222,6 +223,8 @@ class Monitor:
     def alert(self, kind: str, reason: str, **extra: Any) -> None:
         a = {"alert": kind, "reason": reason, "time": time.time(), **extra}
         self.alerts.append(a)
+        if len(self.alerts) >= 2 * ALERTS_KEPT:  # one alert per hostile entry: keep memory
+            del self.alerts[1:ALERTS_KEPT + 1]  # bounded, the first and the latest alerts
         self.counts[kind] = self.counts.get(kind, 0) + 1
         if not self.quiet:
             print(json.dumps(a), flush=True)
@@ -306,6 +309,11 @@ class Monitor:
             self._save_keysets()
             auditing.save_state(self.state_path, new)
         await self._compare_witnesses(new)
+
+    @property
+    def alert_total(self) -> int:
+        """Every alert raised, including those no longer held in `alerts`."""
+        return sum(self.counts.values())
 
     def snapshot(self) -> dict[str, Any]:
         """What the dashboard shows."""
@@ -416,7 +424,7 @@ def run(args: argparse.Namespace) -> int:
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(loop())
     if m.alerts:
-        print(printable(f"verifier: {len(m.alerts)} alert(s): {m.alerts[0]['alert']}: "
+        print(printable(f"verifier: {m.alert_total} alert(s): {m.alerts[0]['alert']}: "
                         f"{m.alerts[0]['reason']}"), file=sys.stderr)
         return 1
     return 0
