@@ -129,3 +129,42 @@ def test_a_receipt_spelled_with_duplicate_members_is_refused(tmp_path: Path,
                  "--allow-simulated", pf)
     assert r.returncode == 1 and "receipt_invalid" in r.stderr
     assert "shadow" not in r.stdout
+
+
+def test_a_keyset_entry_bound_to_a_checkpoint_from_after_it_is_refused(
+        tmp_path: Path, attested: AttestedLog) -> None:
+    """The nonce proves the quote postdates the checkpoint it names. An entry at index 1
+    naming a checkpoint of size 5, signed by the log, names a tree this log did not have
+    when the entry was appended (a fork): its freshness proves nothing about this log."""
+    import shutil
+    import tempfile
+
+    from gateway.identity import attestation as identity_attestation
+    from gateway.identity import keys
+    from tests.test_attestation import _with_sim
+    from tlog import checkpoint
+
+    a = attested
+    future = checkpoint.sign(checkpoint.Checkpoint(a.signer.name, 5, bytes(32)), a.signer)
+    short = Path(tempfile.mkdtemp(prefix="pagv-", dir="/tmp"))
+
+    async def fn(client: object, srv: object) -> tuple[object, dict]:
+        gk = await keys.load(client, log_vkey=a.signer.vkey)
+        return gk, await identity_attestation.build(client, gk, keyset_entry.nonce_for(future))
+
+    try:
+        gk, doc = _with_sim(short, fn)
+    finally:
+        shutil.rmtree(short, ignore_errors=True)
+    obj = keyset_entry.build(doc, future, "2026-12-05T00:00:00Z")
+    gateway = {k: doc[k] for k in ("app_id", "compose_hash", "keyset_hash")}
+    rec = make_receipt(gk.receipt_key, gateway)
+    from verifier import receipt
+
+    entries = [b"genesis", keyset_entry.entry(obj), receipt.entry(rec)]
+    cp = write_log(tmp_path / "log", a.signer, entries)
+    pf = proof_file(tmp_path, entries, 2, cp)
+    r = verifier("proof", "--vkey", a.signer.vkey, "--log", str(tmp_path / "log"),
+                 "--allow-simulated", pf)
+    assert r.returncode == 1 and "keyset_entry_invalid" in r.stderr, r.stdout + r.stderr
+    assert "after" in r.stderr

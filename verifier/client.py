@@ -274,7 +274,7 @@ def check_logged_keyset(doc: Mapping[str, Any], facts: attestation.AttestationFa
         ks = keyset_entry.check(entry, log_verifier=log_v, allow_simulated=policy.allow_simulated,
                                 app_id=policy.app_id, compose_hash=policy.compose_hash,
                                 measurements=policy.measurement_sets(),
-                                verify_quote=verify_quote)
+                                verify_quote=verify_quote, index=index)
     except keyset_entry.KeysetEntryError as e:
         raise AttestationFailed("keyset_entry_invalid", e.message) from None
     if not hmac.compare_digest(ks.keyset_hash, facts.keyset_hash):
