@@ -114,3 +114,33 @@ def test_an_alert_per_entry_does_not_grow_the_monitor_without_bound(
     assert len(m.alerts) < 2 * monitor.ALERTS_KEPT
     assert m.alerts[0]["index"] == len(a.entries)  # the first alert is kept
     assert m.alerts[-1]["index"] == len(entries) - 1  # and the latest
+
+
+def test_entries_outside_the_signed_tree_are_not_counted(tmp_path: Path,
+                                                         attested: AttestedLog) -> None:
+    """A log serving entry bundles and leaf tiles that agree with each other but not with
+    its signed root: the audit fails at the end, after the entries were classified. Their
+    receipts and keysets counted (and were counted again on every retry); a poll that
+    fails leaves the counts and trusted keysets as they were."""
+    from tests.attested_log import make_receipt
+    from verifier import receipt
+
+    a = attested
+    honest = [*a.entries, receipt.entry(make_receipt(a.receipt_key, a.gateway))]
+    forged = [*a.entries, receipt.entry(make_receipt(a.receipt_key, a.gateway,
+                                                     route="shadow", request=b"other"))]
+    cp = write_log(tmp_path / "log", a.signer, honest)
+    write_log(tmp_path / "log", a.signer, forged)  # bundles and tiles of another tree...
+    (tmp_path / "log" / "checkpoint").write_bytes(cp)  # ...under the honest signed root
+    m = monitor.Monitor(str(tmp_path / "log"), a.signer.verifier(),
+                        monitor.Policy(allow_simulated=True), witnesses=[], quorum=0,
+                        witness_urls=[], state_path=None, webhook=None, quiet=True)
+    for _ in range(2):
+        asyncio.run(m.poll())
+        assert m.state is None
+        assert m.entries["receipt"] == 0 and m.entries["keyset"] == 0
+        assert m.receipts["route"] == {} and m.keysets == {}
+    write_log(tmp_path / "log", a.signer, honest)
+    asyncio.run(m.poll())
+    assert m.state is not None and m.state.size == len(honest)
+    assert m.entries["receipt"] == 1 and m.receipts["route"] == {"demo": 1}

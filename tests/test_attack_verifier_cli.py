@@ -168,3 +168,22 @@ def test_a_keyset_entry_bound_to_a_checkpoint_from_after_it_is_refused(
                  "--allow-simulated", pf)
     assert r.returncode == 1 and "keyset_entry_invalid" in r.stderr, r.stdout + r.stderr
     assert "after" in r.stderr
+
+
+@pytest.mark.parametrize("member", [b'"n":NaN', b'"n":1e999', b'"n":' + b"9" * 30,
+                                    b'"n":"\\ud800"'])
+def test_numbers_and_strings_rfc8785_cannot_spell_are_a_one_line_refusal(
+        tmp_path: Path, attested: AttestedLog, member: bytes) -> None:
+    """Held: a receipt entry with NaN, an infinite or too-large number or a lone surrogate
+    has no RFC 8785 bytes, hence no signature that covers it: refused, no traceback."""
+    a = attested
+    from verifier import receipt
+
+    good = receipt.entry(make_receipt(a.receipt_key, a.gateway))
+    bad = good[:-1] + b"," + member + b"}"
+    entries = [*a.entries, bad]
+    cp = write_log(tmp_path / "log", a.signer, entries)
+    r = verifier("proof", "--vkey", a.signer.vkey, "--log", str(tmp_path / "log"),
+                 "--allow-simulated", proof_file(tmp_path, entries, 2, cp))
+    assert r.returncode == 1 and "receipt_invalid" in r.stderr, r.stderr
+    assert len(r.stderr.splitlines()) == 1 and "Traceback" not in r.stderr

@@ -288,13 +288,20 @@ class Monitor:
         return "receipt" if r.get("forwarded_hash") is not None else "refusal"
 
     async def poll(self) -> None:
-        """Check what is new since the last poll."""
+        """Check what is new since the last poll.
+
+        Entries are classified as the audit reads them, before it has checked them against
+        the signed root; if the audit then fails, the counts and trusted keysets go back
+        to what they were (the alerts already raised stay raised)."""
         fetcher = auditing.Fetcher(self.log_url)
+        saved = (dict(self.entries), {k: dict(v) for k, v in self.receipts.items()},
+                 dict(self.keysets))
         try:
             new = await auditing.audit(fetcher, self.verifier, witnesses=self.witnesses,
                                        quorum=self.quorum, state=self.state,
                                        on_entry=self.on_entry)
         except auditing.AuditError as e:
+            self.entries, self.receipts, self.keysets = saved
             kind = "split_view" if ("split view" in str(e) or "consisten" in str(e)
                                     or "shrank" in str(e) or "root mismatch" in str(e)) else "audit"
             self.alert(kind, str(e))
