@@ -6,16 +6,20 @@ attestation, and the promise is that the SDK is never handed an unverified answe
 
 from __future__ import annotations
 
+import base64
+import dataclasses
 import json
 from collections.abc import Callable
 
 import httpx
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from tests.test_client import lease_for
+from tests.test_client import LOG, TinyLog, lease_for, signed
 from verifier import client as vc
 from verifier import receipt
+from verifier.tee.keyset import keyset_hash
 from verifier.transport import VerifyingTransport
 
 BASE = "http://gw.test"
@@ -112,15 +116,11 @@ def test_a_receipt_with_null_digests_does_not_dodge_the_check() -> None:
 def test_two_roots_for_one_size_are_a_fork_the_client_refuses() -> None:
     """Two proofs, each valid alone, whose checkpoints give one size two roots: the log
     shows this client a split view. Without a witness nothing else catches it."""
-    from tests.test_client import LOG, TinyLog
-
     lease = lease_for(KEY, keyset_index=2)
     policy = vc.Policy(log_vkey=LOG.vkey)
     salt = receipt.new_salt()
 
     def rec_in(log: TinyLog, sent: bytes) -> tuple[dict, str]:
-        from tests.test_client import signed
-
         r = signed(KEY, lease, salt, sent, b"answer")
         i = log.append(receipt.entry(r))
         return r, log.proof(i, ())
@@ -138,3 +138,27 @@ def test_two_roots_for_one_size_are_a_fork_the_client_refuses() -> None:
     assert e.value.code == "log_fork"
     # a smaller checkpoint than one seen (an earlier receipt's stored proof) is no fork
     assert vc.check_proof(proof_a, rec_a, lease, policy, {99: bytes(32)})
+
+
+def test_a_gateway_claiming_another_e2ee_key_gets_no_second_request_unattested() -> None:
+    """The gateway says the sealed call used the wrong key (`e2ee_model_key_mismatch`), as
+    if its E2EE key had rotated. The client re-attests before it seals again; when that
+    attestation cannot be had, nothing more is sent."""
+    posts = []
+
+    def handler(req: httpx.Request) -> httpx.Response:
+        posts.append(req)
+        return httpx.Response(400, json={"error": {"code": "e2ee_model_key_mismatch"}})
+
+    lease = lease_for(KEY)
+    ks = {**lease.keyset, "e2ee_public_key": base64.b64encode(
+        X25519PrivateKey.generate().public_key().public_bytes_raw()).decode()}
+    lease = dataclasses.replace(lease, keyset=ks, keyset_hash=keyset_hash(ks))
+    gw = vc.Gateway(BASE, vc.Policy(allow_simulated=True), lease)
+    t = VerifyingTransport(gw, e2ee=True, pin_tls=True, allow_plaintext=False)
+    t._inner = httpx.MockTransport(handler)
+    with pytest.raises(vc.AttestationFailed):
+        httpx.Client(transport=t).post(f"{BASE}/v1/chat/completions", json={
+            "model": "m", "messages": [{"role": "user", "content": "secret"}]})
+    assert len(posts) == 1
+    assert b"secret" not in posts[0].content

@@ -18,8 +18,8 @@ from typing import Any
 
 import pytest
 
-from tests.attested_log import AttestedLog, attested_log, write_log
-from verifier import monitor
+from tests.attested_log import AttestedLog, attested_log, make_receipt, write_log
+from verifier import monitor, receipt
 
 
 @pytest.fixture(scope="module")
@@ -122,9 +122,6 @@ def test_entries_outside_the_signed_tree_are_not_counted(tmp_path: Path,
     its signed root: the audit fails at the end, after the entries were classified. Their
     receipts and keysets counted (and were counted again on every retry); a poll that
     fails leaves the counts and trusted keysets as they were."""
-    from tests.attested_log import make_receipt
-    from verifier import receipt
-
     a = attested
     honest = [*a.entries, receipt.entry(make_receipt(a.receipt_key, a.gateway))]
     forged = [*a.entries, receipt.entry(make_receipt(a.receipt_key, a.gateway,

@@ -8,13 +8,19 @@ from __future__ import annotations
 import copy
 import json
 import re
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 
+from gateway.identity import attestation as identity_attestation
+from gateway.identity import keys
 from tests.attested_log import AttestedLog, attested_log, make_receipt, write_log
+from tests.test_attestation import _with_sim
 from tests.test_verifier_receipt import logged, proof_file, verifier
-from verifier import keyset_entry
+from tlog import checkpoint
+from verifier import keyset_entry, receipt
 
 # C0/C1 controls (ESC, BEL, CR, LF inside a value...) and the bidi overrides.
 UNSAFE = re.compile("[\x00-\x09\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
@@ -101,8 +107,6 @@ def test_a_keyset_entry_bound_to_another_logs_checkpoint_is_refused(
     other = attested_log("example.com/other-log")
     rec = make_receipt(other.receipt_key, other.gateway)
     entries = [*a.entries[:1], other.entries[1]]
-    from verifier import receipt
-
     entries.append(receipt.entry(rec))
     cp = write_log(tmp_path / "log", a.signer, entries)
     pf = proof_file(tmp_path, entries, 2, cp)
@@ -118,8 +122,6 @@ def test_a_receipt_spelled_with_duplicate_members_is_refused(tmp_path: Path,
     signed receipt's RFC 8785 bytes, so no displayed member escapes the signature."""
     a = attested
     rec = make_receipt(a.receipt_key, a.gateway)
-    from verifier import receipt
-
     good = receipt.entry(rec)
     dup = good[:-1] + b',"route":{"route_id":"shadow","model":"m","provider":"p"}}'
     entries = [*a.entries, dup]
@@ -136,14 +138,6 @@ def test_a_keyset_entry_bound_to_a_checkpoint_from_after_it_is_refused(
     """The nonce proves the quote postdates the checkpoint it names. An entry at index 1
     naming a checkpoint of size 5, signed by the log, names a tree this log did not have
     when the entry was appended (a fork): its freshness proves nothing about this log."""
-    import shutil
-    import tempfile
-
-    from gateway.identity import attestation as identity_attestation
-    from gateway.identity import keys
-    from tests.test_attestation import _with_sim
-    from tlog import checkpoint
-
     a = attested
     future = checkpoint.sign(checkpoint.Checkpoint(a.signer.name, 5, bytes(32)), a.signer)
     short = Path(tempfile.mkdtemp(prefix="pagv-", dir="/tmp"))
@@ -159,8 +153,6 @@ def test_a_keyset_entry_bound_to_a_checkpoint_from_after_it_is_refused(
     obj = keyset_entry.build(doc, future, "2026-12-05T00:00:00Z")
     gateway = {k: doc[k] for k in ("app_id", "compose_hash", "keyset_hash")}
     rec = make_receipt(gk.receipt_key, gateway)
-    from verifier import receipt
-
     entries = [b"genesis", keyset_entry.entry(obj), receipt.entry(rec)]
     cp = write_log(tmp_path / "log", a.signer, entries)
     pf = proof_file(tmp_path, entries, 2, cp)
@@ -177,8 +169,6 @@ def test_numbers_and_strings_rfc8785_cannot_spell_are_a_one_line_refusal(
     """Held: a receipt entry with NaN, an infinite or too-large number or a lone surrogate
     has no RFC 8785 bytes, hence no signature that covers it: refused, no traceback."""
     a = attested
-    from verifier import receipt
-
     good = receipt.entry(make_receipt(a.receipt_key, a.gateway))
     bad = good[:-1] + b"," + member + b"}"
     entries = [*a.entries, bad]
