@@ -141,3 +141,21 @@ def test_entries_outside_the_signed_tree_are_not_counted(tmp_path: Path,
     asyncio.run(m.poll())
     assert m.state is not None and m.state.size == len(honest)
     assert m.entries["receipt"] == 1 and m.receipts["route"] == {"demo": 1}
+
+
+def test_a_receipt_that_nulls_only_forwarded_hash_is_not_a_refusal(
+        tmp_path: Path, attested: AttestedLog) -> None:
+    """A refusal breaks no route rule. A receipt that nulls `forwarded_hash` but shows the
+    bytes it exchanged with a provider on a forbidden route passed as a refusal."""
+    a = attested
+    dodge = make_receipt(a.receipt_key, a.gateway, route="shadow", forwarded_hash=None)
+    refused = make_receipt(a.receipt_key, a.gateway, forwarded=False, request=b"typo")
+    write_log(tmp_path / "log", a.signer, [*a.entries, receipt.entry(dodge),
+                                           receipt.entry(refused)])
+    m = monitor.Monitor(str(tmp_path / "log"), a.signer.verifier(),
+                        monitor.Policy(allow_simulated=True, allowed_routes=["demo"]),
+                        witnesses=[], quorum=0, witness_urls=[], state_path=None,
+                        webhook=None, quiet=True)
+    asyncio.run(m.poll())
+    assert [(x["alert"], x["index"]) for x in m.alerts] == [("forbidden_route", 2)]
+    assert m.entries["receipt"] == 1 and m.entries["refusal"] == 1

@@ -14,8 +14,8 @@ entry, in log order:
   receipts, and only they, are checked against the route policy
   (`forbidden_route|provider|model`, `unverified_upstream`, `e2ee_mode`,
   `unknown_signing_key`), except refusals: a receipt that forwarded nothing
-  (`forwarded_hash` null: the call never reached a provider) breaks no route
-  rule and is counted as a refusal;
+  (`forwarded_hash` and both provider digests null: the call never reached a
+  provider) breaks no route rule and is counted as a refusal;
 - evidence entries and anything else are counted.
 
 Invariant: no entry, however malformed (not JSON, not an object, huge
@@ -129,14 +129,22 @@ class Policy:
             collateral=col, pccs_url=self.pccs_url)
 
 
+def is_refusal(r: dict[str, Any]) -> bool:
+    """A receipt of a call that never reached a provider: every digest of bytes sent to or
+    received from one is null (a receipt that nulls `forwarded_hash` but shows provider
+    bytes contradicts itself and is checked as a forwarded call)."""
+    return all(r.get(k) is None for k in ("forwarded_hash", "provider_request_hash",
+                                          "provider_response_hash"))
+
+
 def route_alerts(r: dict[str, Any], policy: Policy) -> list[tuple[str, str]]:
     """(alert kind, reason) for every way an accepted receipt breaks the route policy."""
     out: list[tuple[str, str]] = []
     sig_key = r["signature"].get("key")
     if policy.gateway_keys and sig_key not in policy.gateway_keys:
         out.append(("unknown_signing_key", "receipt signed by a key the policy does not list"))
-    if r.get("forwarded_hash") is None:
-        return out  # a refusal: nothing reached a provider, no route rule can be broken
+    if is_refusal(r):
+        return out  # nothing reached a provider, no route rule can be broken
     route = r["route"]
     for kind, value, allowed in (("forbidden_route", route.get("route_id"),
                                   policy.allowed_routes),
@@ -285,7 +293,7 @@ class Monitor:
             label = json.dumps(value) if not isinstance(value, str) else value
             bucket = self.receipts[key]
             bucket[label] = bucket.get(label, 0) + 1
-        return "receipt" if r.get("forwarded_hash") is not None else "refusal"
+        return "refusal" if is_refusal(r) else "receipt"
 
     async def poll(self) -> None:
         """Check what is new since the last poll.
