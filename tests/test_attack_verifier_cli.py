@@ -177,3 +177,19 @@ def test_numbers_and_strings_rfc8785_cannot_spell_are_a_one_line_refusal(
                  "--allow-simulated", proof_file(tmp_path, entries, 2, cp))
     assert r.returncode == 1 and "receipt_invalid" in r.stderr, r.stderr
     assert len(r.stderr.splitlines()) == 1 and "Traceback" not in r.stderr
+
+
+def test_a_keyset_entry_bound_to_a_forked_checkpoint_is_refused(
+        tmp_path: Path, attested: AttestedLog) -> None:
+    """The keyset entry's nonce names a checkpoint of size 1 signed by the log, but of
+    another tree than the one the receipt is proven in (entry 0 differs): the freshness
+    it claims is in a fork. `proof` checks the named checkpoint is a prefix of the tree."""
+    a = attested
+    rec = make_receipt(a.receipt_key, a.gateway)
+    entries = [b"another genesis", a.entries[1], receipt.entry(rec)]
+    cp = write_log(tmp_path / "log", a.signer, entries)
+    pf = proof_file(tmp_path, entries, 2, cp)
+    r = verifier("proof", "--vkey", a.signer.vkey, "--log", str(tmp_path / "log"),
+                 "--allow-simulated", pf)
+    assert r.returncode == 1 and "checkpoint_invalid" in r.stderr, r.stdout + r.stderr
+    assert "not of this log's tree" in r.stderr

@@ -18,9 +18,10 @@ from typing import Any
 
 import httpx
 
+from tlog import checkpoint as tcheckpoint
 from tlog import merkle, note, proof
 from verifier import audit as auditing
-from verifier import log_reader, receipt, receipt_check, version
+from verifier import keyset_entry, log_reader, receipt, receipt_check, version
 from verifier.source import SourceError, read_source
 from witness import cosignature
 
@@ -125,7 +126,8 @@ def is_receipt_entry(entry: bytes) -> dict[str, Any] | None:
 
 def _lookup(reader: log_reader.EntryReader, cp: Any, log_v: note.Verifier,
             policy: receipt_check.KeysetPolicy) -> receipt_check.Lookup:
-    """Keyset entry `i` read from the log, proven in the same checkpoint, checked."""
+    """Keyset entry `i` read from the log, proven in the same checkpoint, checked; and the
+    checkpoint its attestation nonce names proven a prefix of that same tree."""
     def lookup(index: int) -> receipt_check.TrustedKeyset:
         try:
             raw = reader.entry(index, cp)
@@ -135,7 +137,12 @@ def _lookup(reader: log_reader.EntryReader, cp: Any, log_v: note.Verifier,
             obj = json.loads(raw)
         except (ValueError, UnicodeDecodeError, RecursionError):
             obj = None
-        return receipt_check.trusted_keyset(obj, index, log_verifier=log_v, policy=policy)
+        ks = receipt_check.trusted_keyset(obj, index, log_verifier=log_v, policy=policy)
+        try:  # the checkpoint its nonce names must be of this very tree, not of a fork
+            reader.extends(tcheckpoint.open(obj["checkpoint"].encode(), log_v)[0], cp)
+        except log_reader.LogReadError as e:
+            raise keyset_entry.KeysetEntryError("checkpoint_invalid", str(e)) from None
+        return ks
     return lookup
 
 
