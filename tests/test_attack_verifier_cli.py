@@ -6,10 +6,12 @@ starts a forged "verified" line, a bidi override) into it."""
 from __future__ import annotations
 
 import copy
+import http.server
 import json
 import re
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 
 import pytest
@@ -21,6 +23,7 @@ from tests.test_attestation import _with_sim
 from tests.test_verifier_receipt import logged, proof_file, verifier
 from tlog import checkpoint
 from verifier import keyset_entry, receipt
+from verifier.source import SourceError, read_source
 
 # C0/C1 controls (ESC, BEL, CR, LF inside a value...) and the bidi overrides.
 UNSAFE = re.compile("[\x00-\x09\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
@@ -193,3 +196,40 @@ def test_a_keyset_entry_bound_to_a_forked_checkpoint_is_refused(
                  "--allow-simulated", pf)
     assert r.returncode == 1 and "checkpoint_invalid" in r.stderr, r.stdout + r.stderr
     assert "not of this log's tree" in r.stderr
+
+
+class _Endless(http.server.BaseHTTPRequestHandler):
+    """Answers every GET with a body that never ends (1 MiB chunks), counting what it sent."""
+
+    sent = 0
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        self.send_response(200)
+        self.end_headers()
+        chunk = b"\0" * (1 << 20)
+        try:
+            for _ in range(4096):  # 4 GiB, if anyone read it all
+                self.wfile.write(chunk)
+                type(self).sent += len(chunk)
+        except OSError:
+            pass
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_an_endless_source_is_refused_at_the_limit() -> None:
+    """`proof URL` read the whole body before checking its size, and `proof /dev/zero`
+    read without end: a hostile server or file exhausted memory. Both now stop reading
+    one byte past 16 MiB."""
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Endless)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(SourceError, match="larger than 16 MiB"):
+            read_source(f"http://127.0.0.1:{httpd.server_address[1]}/proof")
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert _Endless.sent < 128 << 20
+    with pytest.raises(SourceError, match="larger than 16 MiB"):
+        read_source("/dev/zero")
