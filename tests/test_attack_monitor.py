@@ -19,6 +19,8 @@ from typing import Any
 import pytest
 
 from tests.attested_log import AttestedLog, attested_log, make_receipt, write_log
+from tests.test_attack_verifier_cli import _Endless
+from verifier import audit as auditing
 from verifier import monitor, receipt
 
 
@@ -159,3 +161,26 @@ def test_a_receipt_that_nulls_only_forwarded_hash_is_not_a_refusal(
     asyncio.run(m.poll())
     assert [(x["alert"], x["index"]) for x in m.alerts] == [("forbidden_route", 2)]
     assert m.entries["receipt"] == 1 and m.entries["refusal"] == 1
+
+
+def test_an_endless_log_resource_stops_the_poll_not_the_monitor() -> None:
+    """The audit read each tile and bundle whole: a log answering without end exhausted
+    the monitor's memory. It stops one byte past the largest bundle a log can have."""
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Endless)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    _Endless.sent = 0
+    try:
+        f = auditing.Fetcher(f"http://127.0.0.1:{httpd.server_address[1]}")
+
+        async def get() -> bytes:
+            try:
+                return await f.get("tile/entries/000")
+            finally:
+                await f.close()
+
+        with pytest.raises(auditing.AuditError, match="larger than any log resource"):
+            asyncio.run(get())
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert _Endless.sent < 128 << 20

@@ -24,6 +24,8 @@ import httpx
 from tlog import merkle, note, tiles
 from witness import cosignature
 
+MAX_RESOURCE = tiles.WIDTH * (tiles.MAX_ENTRY + 2)  # the largest entry bundle, in bytes
+
 
 class AuditError(Exception):
     """The log does not verify; the message is the one-line reason."""
@@ -86,12 +88,17 @@ class Fetcher:
         assert self._client is not None
         async with self._sem:
             try:
-                r = await self._client.get(f"{self.base}/{path}")
+                async with self._client.stream("GET", f"{self.base}/{path}") as r:
+                    if r.status_code != 200:
+                        raise AuditError(f"{path}: HTTP {r.status_code}")
+                    data = bytearray()
+                    async for chunk in r.aiter_bytes():
+                        data += chunk
+                        if len(data) > MAX_RESOURCE:  # a hostile log may send without end
+                            raise AuditError(f"{path}: larger than any log resource")
+                    return bytes(data)
             except httpx.HTTPError as e:
                 raise AuditError(f"{path}: {type(e).__name__}") from e
-        if r.status_code != 200:
-            raise AuditError(f"{path}: HTTP {r.status_code}")
-        return r.content
 
     async def close(self) -> None:
         if self._client is not None:
