@@ -6,9 +6,12 @@ attestation, and the promise is that the SDK is never handed an unverified answe
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import dataclasses
+import http.server
 import json
+import threading
 from collections.abc import Callable
 
 import httpx
@@ -16,6 +19,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
+from tests.test_attack_verifier_cli import _Endless
 from tests.test_client import LOG, TinyLog, lease_for, signed
 from verifier import client as vc
 from verifier import receipt
@@ -162,3 +166,22 @@ def test_a_gateway_claiming_another_e2ee_key_gets_no_second_request_unattested()
             "model": "m", "messages": [{"role": "user", "content": "secret"}]})
     assert len(posts) == 1
     assert b"secret" not in posts[0].content
+
+
+def test_an_endless_attestation_answer_is_refused_at_the_limit() -> None:
+    """The attestation is fetched before anything vouches for the connection, so anyone
+    on the path can answer it. Its whole body was read before the 4 MiB check."""
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Endless)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    _Endless.sent = 0
+    try:
+        url = f"http://127.0.0.1:{httpd.server_address[1]}"
+        for connect in (lambda: vc.connect(url, vc.Policy(allow_simulated=True)),
+                        lambda: asyncio.run(vc.Gateway(url, vc.Policy(), lease_for(KEY))
+                                            .arefresh())):
+            with pytest.raises(vc.AttestationFailed, match="too large"):
+                connect()
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert _Endless.sent < 128 << 20

@@ -396,20 +396,33 @@ class Gateway:
     # The attestation proves itself (a quote over the keyset and our nonce), so it is
     # fetched without CA checks; every later connection pins the TLS key it attests.
 
+    # Nothing vouches for this connection yet, so anyone on the path may answer: the body
+    # is read only up to one byte past MAX_DOCUMENT (`_document` refuses it then).
+
     def _fetch(self, url: str) -> tuple[int, bytes]:
         try:
-            with httpx.Client(timeout=self.policy.timeout, verify=False) as c:
-                r = c.get(url)
-                return r.status_code, r.content
+            with httpx.Client(timeout=self.policy.timeout, verify=False) as c, \
+                    c.stream("GET", url) as r:
+                body = bytearray()
+                for chunk in r.iter_bytes():
+                    body += chunk
+                    if len(body) > MAX_DOCUMENT:
+                        break
+                return r.status_code, bytes(body)
         except httpx.HTTPError as e:
             raise AttestationFailed("attestation_unavailable",
                                     f"cannot reach the gateway: {type(e).__name__}") from None
 
     async def _afetch(self, url: str) -> tuple[int, bytes]:
         try:
-            async with httpx.AsyncClient(timeout=self.policy.timeout, verify=False) as c:
-                r = await c.get(url)
-                return r.status_code, r.content
+            async with httpx.AsyncClient(timeout=self.policy.timeout, verify=False) as c, \
+                    c.stream("GET", url) as r:
+                body = bytearray()
+                async for chunk in r.aiter_bytes():
+                    body += chunk
+                    if len(body) > MAX_DOCUMENT:
+                        break
+                return r.status_code, bytes(body)
         except httpx.HTTPError as e:
             raise AttestationFailed("attestation_unavailable",
                                     f"cannot reach the gateway: {type(e).__name__}") from None
