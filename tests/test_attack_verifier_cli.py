@@ -233,3 +233,19 @@ def test_an_endless_source_is_refused_at_the_limit() -> None:
     assert _Endless.sent < 128 << 20
     with pytest.raises(SourceError, match="larger than 16 MiB"):
         read_source("/dev/zero")
+
+
+def test_receipt_stops_reading_an_endless_gateway() -> None:
+    """`verifier receipt` talks to the gateway without a CA check (nothing from it is
+    trusted), so anyone on the path can answer; the whole answer was read first."""
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Endless)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    _Endless.sent = 0
+    try:
+        r = verifier("receipt", "--gateway", f"http://127.0.0.1:{httpd.server_address[1]}",
+                     "--request-hash", "ab" * 32)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert r.returncode == 1 and "larger than 16 MiB" in r.stderr, r.stderr
+    assert _Endless.sent < 128 << 20

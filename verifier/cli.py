@@ -22,7 +22,7 @@ from tlog import checkpoint as tcheckpoint
 from tlog import merkle, note, proof
 from verifier import audit as auditing
 from verifier import keyset_entry, log_reader, receipt, receipt_check, version
-from verifier.source import SourceError, read_source
+from verifier.source import MAX_SOURCE, SourceError, read_source
 from witness import cosignature
 
 
@@ -310,13 +310,20 @@ def cmd_releases(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _get_json(c: httpx.Client, url: str, what: str, **kw: Any) -> tuple[int, Any]:
+    """(status, parsed JSON or None) of a GET to the gateway; the body is read only up to
+    one byte past MAX_SOURCE (nothing vouches for this connection: anyone may answer)."""
     try:
-        r = c.get(url, **kw)
+        with c.stream("GET", url, **kw) as r:
+            body = bytearray()
+            for chunk in r.iter_bytes():
+                body += chunk
+                if len(body) > MAX_SOURCE:
+                    raise Failure(f"{what}: the gateway's answer is larger than 16 MiB")
     except httpx.HTTPError as e:
         raise Failure(f"{what}: cannot reach the gateway ({type(e).__name__})") from e
     try:
-        return r.status_code, r.json()
-    except ValueError:
+        return r.status_code, json.loads(body)
+    except (ValueError, RecursionError):
         return r.status_code, None
 
 
