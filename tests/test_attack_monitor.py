@@ -63,6 +63,8 @@ def hostile_pages(origin: str, size: int) -> list[Any]:
         {"logs": [{"origin": origin, "root": "00" * 32}]},
         {"logs": [{"origin": origin, "root": ["00"], "size": size}]},
         {"logs": [{"origin": origin, "root": "00" * 32, "size": size + 5}]},  # ahead of the log
+        b"[" * 100_000,  # deeper than the JSON parser goes
+        b"\xff not JSON",
     ]
 
 
@@ -73,7 +75,7 @@ def test_a_hostile_witness_page_alerts_and_never_stops_the_monitor(
     url = f"http://127.0.0.1:{witness.server_address[1]}"
     state = tmp_path / "state.json"
     for page in hostile_pages(a.signer.name, len(a.entries)):
-        witness.body = json.dumps(page).encode()
+        witness.body = page if isinstance(page, bytes) else json.dumps(page).encode()
         m = monitor.Monitor(str(tmp_path / "log"), a.signer.verifier(),
                             monitor.Policy(allow_simulated=True), witnesses=[], quorum=0,
                             witness_urls=[url], state_path=state, webhook=None, quiet=True)
@@ -183,4 +185,24 @@ def test_an_endless_log_resource_stops_the_poll_not_the_monitor() -> None:
     finally:
         httpd.shutdown()
         httpd.server_close()
+    assert _Endless.sent < 128 << 20
+
+
+def test_an_endless_witness_page_is_one_alert(tmp_path: Path, attested: AttestedLog) -> None:
+    a = attested
+    write_log(tmp_path / "log", a.signer, a.entries)
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Endless)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    _Endless.sent = 0
+    try:
+        m = monitor.Monitor(str(tmp_path / "log"), a.signer.verifier(),
+                            monitor.Policy(allow_simulated=True), witnesses=[], quorum=0,
+                            witness_urls=[f"http://127.0.0.1:{httpd.server_address[1]}"],
+                            state_path=None, webhook=None, quiet=True)
+        asyncio.run(m.poll())
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert [x["alert"] for x in m.alerts] == ["witness_unreachable"]
+    assert m.state is not None and m.state.size == len(a.entries)
     assert _Endless.sent < 128 << 20

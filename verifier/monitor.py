@@ -363,7 +363,7 @@ class Monitor:
         async with httpx.AsyncClient(timeout=10) as c:
             for url in self.witness_urls:
                 try:
-                    status = (await c.get(url.rstrip("/") + "/")).json()
+                    status = json.loads(await _read_capped(c, url.rstrip("/") + "/"))
                     logs = [log for log in status.get("logs", []) if log.get("origin") ==
                             state.origin and log.get("root") is not None]
                     for log in logs:
@@ -375,7 +375,8 @@ class Monitor:
                                                      f"size {state.size}", witness=url)
                         if size > state.size:
                             await self._check_ahead(size, root, url)
-                except (httpx.HTTPError, ValueError, TypeError, AttributeError, KeyError) as e:
+                except (httpx.HTTPError, ValueError, TypeError, AttributeError, KeyError,
+                        RecursionError) as e:
                     self.alert("witness_unreachable", f"{url}: {type(e).__name__}")
 
     async def _check_ahead(self, size: int, root: bytes, url: str) -> None:
@@ -393,6 +394,20 @@ class Monitor:
         if cp.size == size and cp.root_hash != root:
             self.alert("split_view", f"witness {url} and the log disagree at size {cp.size}",
                        witness=url)
+
+
+WITNESS_PAGE_MAX = 1 << 20  # bytes of a witness status page read at most
+
+
+async def _read_capped(c: httpx.AsyncClient, url: str) -> bytes:
+    """The body at `url`; ValueError past WITNESS_PAGE_MAX (a hostile page may not end)."""
+    async with c.stream("GET", url) as r:
+        body = bytearray()
+        async for chunk in r.aiter_bytes():
+            body += chunk
+            if len(body) > WITNESS_PAGE_MAX:
+                raise ValueError("witness status page too large")
+    return bytes(body)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
