@@ -23,6 +23,7 @@ from tests.test_attack_verifier_cli import _Endless
 from tests.test_client import LOG, TinyLog, lease_for, signed
 from verifier import client as vc
 from verifier import receipt
+from verifier.tee import eventlog
 from verifier.tee.keyset import keyset_hash
 from verifier.transport import VerifyingTransport
 
@@ -185,3 +186,45 @@ def test_an_endless_attestation_answer_is_refused_at_the_limit() -> None:
         httpd.shutdown()
         httpd.server_close()
     assert _Endless.sent < 128 << 20
+
+
+DEEP = b"[" * 100_000  # JSON nested deeper than Python's parser goes (RecursionError)
+
+
+class _Deep(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        self.send_response(200)
+        self.send_header("content-length", str(len(DEEP)))
+        self.end_headers()
+        self.wfile.write(DEEP)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_json_nested_too_deep_is_a_verification_error_not_a_crash() -> None:
+    """`connect` raised RecursionError (no VerificationError, no code) when anyone on the
+    unauthenticated attestation fetch answered `[[[[…`; so did the event log parser and
+    the receipt document. Each is now the module's own refusal."""
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Deep)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(vc.AttestationFailed) as e:
+            vc.connect(f"http://127.0.0.1:{httpd.server_address[1]}",
+                       vc.Policy(allow_simulated=True))
+        assert e.value.code == "malformed"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    with pytest.raises(eventlog.EventLogError):
+        eventlog.parse_event_log(DEEP.decode())
+
+    def handler(req: httpx.Request) -> httpx.Response:
+        if req.method == "POST":
+            return httpx.Response(200, json=ANSWER, headers={"x-receipt-id": "r1"})
+        return httpx.Response(200, content=DEEP)
+
+    c, _ = client_for(handler)
+    with pytest.raises(vc.ReceiptInvalid) as e2:
+        call(c)
+    assert e2.value.code == "receipt_invalid"

@@ -268,7 +268,7 @@ def check_logged_keyset(doc: Mapping[str, Any], facts: attestation.AttestationFa
             raise ValueError("the proof is for another index, or carries no entry")
         tproof.check_inclusion(p, w.checkpoint, p.extra)
         entry = json.loads(p.extra)
-    except (ValueError, cosignature.QuorumError) as e:
+    except (ValueError, RecursionError, cosignature.QuorumError) as e:
         raise AttestationFailed("keyset_not_logged", f"keyset entry proof: {e}") from None
     try:
         ks = keyset_entry.check(entry, log_verifier=log_v, allow_simulated=policy.allow_simulated,
@@ -371,7 +371,7 @@ def _document(status: int, body: bytes) -> Any:
         raise AttestationFailed("malformed", "attestation document too large")
     try:
         return json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise AttestationFailed("malformed", "attestation document is not JSON") from None
 
 
@@ -523,7 +523,7 @@ class Gateway:
                 try:
                     r = c.get(url)
                     doc = r.json() if r.status_code == 200 else {}
-                except (httpx.HTTPError, ValueError):
+                except (httpx.HTTPError, ValueError, RecursionError):
                     doc = {}
                 text = doc.get("proof") if isinstance(doc, dict) else None
                 if isinstance(text, str):

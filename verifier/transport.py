@@ -125,7 +125,7 @@ class CallFlow:
                                  "for the call's receipt")
         try:
             rec = json.loads(body).get("receipt")
-        except (ValueError, AttributeError):
+        except (ValueError, AttributeError, RecursionError):
             raise ReceiptInvalid("receipt_invalid", "the receipt document is not JSON") from None
         # An answered call must record the mode it used; a refusal may record "none"
         # (the gateway refused before the fields were opened).
@@ -138,7 +138,7 @@ class CallFlow:
     def _code(response: httpx.Response) -> str:
         try:
             return str(json.loads(response.content)["error"]["code"])
-        except (ValueError, KeyError, TypeError, httpx.ResponseNotRead):
+        except (ValueError, KeyError, TypeError, RecursionError, httpx.ResponseNotRead):
             return ""
 
     def check_answer(self, response: httpx.Response) -> str | None:
@@ -168,7 +168,7 @@ class CallFlow:
             return _dumps(self.opener.open_response(json.loads(raw)))
         except aci.AciError as e:
             raise E2eeError(e.code, e.message) from None
-        except ValueError:
+        except (ValueError, RecursionError):
             raise E2eeError("e2ee_response_invalid", "the sealed answer is not JSON") from None
 
     def stream_feed(self, chunk: bytes) -> tuple[bytes, bytes | None]:
@@ -195,7 +195,7 @@ class CallFlow:
         assert self.opener is not None
         try:
             obj = json.loads(ev.data)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise E2eeError("e2ee_response_invalid", "a stream event is not JSON") from None
         if isinstance(obj, dict) and set(obj) == {"error"}:
             return sse.encode(_dumps(obj))  # the gateway's own error event: no content
