@@ -12,6 +12,7 @@ import re
 import shutil
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,8 @@ from tests.attested_log import AttestedLog, attested_log, make_receipt, write_lo
 from tests.test_attestation import _with_sim
 from tests.test_verifier_receipt import logged, proof_file, verifier
 from tlog import checkpoint
-from verifier import keyset_entry, receipt
+from verifier import client as vc
+from verifier import keyset_entry, receipt, receipt_check
 from verifier.source import SourceError, read_source
 
 # C0/C1 controls (ESC, BEL, CR, LF inside a value...) and the bidi overrides.
@@ -249,3 +251,21 @@ def test_receipt_stops_reading_an_endless_gateway() -> None:
         httpd.server_close()
     assert r.returncode == 1 and "larger than 16 MiB" in r.stderr, r.stderr
     assert _Endless.sent < 128 << 20
+
+
+def test_non_ascii_and_surrogate_strings_are_refusals_not_crashes(attested: AttestedLog) -> None:
+    """Found by mutating a real attestation document and keyset entry (3,000 each): a
+    document `nonce` holding a lone surrogate raised UnicodeEncodeError out of
+    `client.attest` (anyone on the path can answer the attestation fetch), and a
+    non-ASCII `keyset_hash` in a keyset entry raised TypeError out of `hmac`."""
+    a = attested
+    nonce = keyset_entry.nonce_for(a.keyset_obj["checkpoint"].encode())
+    doc = {**a.keyset_obj["attestation"], "nonce": "\ud800"}
+    with pytest.raises(vc.AttestationFailed) as e:
+        vc.attest(doc, nonce, vc.Policy(allow_simulated=True), time.time())
+    assert e.value.code == "malformed"
+    entry = {**a.keyset_obj, "keyset_hash": "é" * 64}
+    with pytest.raises(keyset_entry.KeysetEntryError) as e2:
+        receipt_check.trusted_keyset(entry, 1, log_verifier=a.signer.verifier(),
+                                     policy=receipt_check.KeysetPolicy(allow_simulated=True))
+    assert e2.value.code == "keyset_mismatch"

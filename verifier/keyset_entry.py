@@ -189,6 +189,7 @@ def check(obj: Any, *, log_verifier: note.Verifier, allow_simulated: bool = Fals
             else "attestation_invalid"
         raise KeysetEntryError(code, f"attestation: {e}") from e
     if obj["keyset"] != facts.keyset or not isinstance(obj["keyset_hash"], str) \
+            or not obj["keyset_hash"].isascii() \
             or not hmac.compare_digest(obj["keyset_hash"], facts.keyset_hash):
         raise KeysetEntryError("keyset_mismatch", "the entry's keyset is not the attested one")
     if obj["app_id"] != facts.app_id or obj["compose_hash"] != facts.compose_hash:
