@@ -5,9 +5,11 @@ starts a forged "verified" line, a bidi override) into it."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import http.server
 import json
+import random
 import re
 import shutil
 import tempfile
@@ -269,3 +271,47 @@ def test_non_ascii_and_surrogate_strings_are_refusals_not_crashes(attested: Atte
         receipt_check.trusted_keyset(entry, 1, log_verifier=a.signer.verifier(),
                                      policy=receipt_check.KeysetPolicy(allow_simulated=True))
     assert e2.value.code == "keyset_mismatch"
+
+
+MUTANTS = [None, True, 0, -1, 2**70, 1.5, float("nan"), "", "zz", "00" * 32, "0" * 10_000,
+           [], {}, [1], {"a": 1}, "\ud800", "é" * 64]
+
+
+def _mutate(o: object, rnd: random.Random, depth: int = 0) -> object:
+    """`o` with one member deleted, replaced by a hostile value, or mutated inside."""
+    if isinstance(o, dict) and o:
+        k = rnd.choice(list(o))
+        r = rnd.random()
+        if r < 0.2:
+            del o[k]
+        elif r < 0.6 or depth > 3:
+            o[k] = rnd.choice(MUTANTS)
+        else:
+            o[k] = _mutate(o[k], rnd, depth + 1)
+        return o
+    if isinstance(o, str) and o and rnd.random() < 0.5:
+        i = rnd.randrange(len(o))
+        return o[:i] + rnd.choice("0fZ\x00é{") + o[i + 1:]
+    return rnd.choice(MUTANTS)
+
+
+def test_mutated_attestations_and_keyset_entries_only_ever_refuse(
+        attested: AttestedLog) -> None:
+    """Whatever a path attacker does to the attestation document, or a log to a keyset
+    entry, the verdict is the module's own refusal, never another exception."""
+    a = attested
+    nonce = keyset_entry.nonce_for(a.keyset_obj["checkpoint"].encode())
+    policy = receipt_check.KeysetPolicy(allow_simulated=True)
+    rnd = random.Random(7)
+    for _ in range(600):
+        doc = copy.deepcopy(a.keyset_obj["attestation"])
+        for _ in range(rnd.randint(1, 3)):
+            doc = _mutate(doc, rnd)
+        with contextlib.suppress(vc.VerificationError):
+            vc.attest(doc, nonce, vc.Policy(allow_simulated=True), time.time())
+        entry = copy.deepcopy(a.keyset_obj)
+        for _ in range(rnd.randint(1, 3)):
+            entry = _mutate(entry, rnd)
+        with contextlib.suppress(keyset_entry.KeysetEntryError):
+            receipt_check.trusted_keyset(entry, 1, log_verifier=a.signer.verifier(),
+                                         policy=policy)
