@@ -327,7 +327,7 @@ def _open_field(ctx: ContextInterface, value: Any, path: str, code: str) -> Any:
     try:
         raw = base64.b64decode(value[len(PREFIX):], validate=True)
         return json.loads(ctx.open(raw, path.encode()))
-    except (binascii.Error, PyHPKEError, ValueError):
+    except (binascii.Error, PyHPKEError, ValueError, RecursionError):
         raise AciError(code, f"field {path} does not open") from None
 
 

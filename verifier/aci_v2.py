@@ -193,7 +193,7 @@ def _restore(text: str) -> Any:
     """Whole message content: a JSON array is structured content, anything else a string."""
     try:
         value = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         return text
     return value if isinstance(value, list) else text
 
@@ -323,6 +323,6 @@ class Opener:
             try:
                 holder[key] = json.loads(plain) if path.endswith(".embedding") \
                     else plain.decode()
-            except ValueError:
+            except (ValueError, RecursionError):
                 raise AciError("e2ee_response_invalid", f"field {path} is malformed") from None
         return out

@@ -18,10 +18,11 @@ from typing import Any
 
 import httpx
 
+from tlog import checkpoint as tcheckpoint
 from tlog import merkle, note, proof
 from verifier import audit as auditing
-from verifier import log_reader, receipt, receipt_check, version
-from verifier.source import SourceError, read_source
+from verifier import keyset_entry, log_reader, receipt, receipt_check, version
+from verifier.source import MAX_SOURCE, SourceError, read_source
 from witness import cosignature
 
 
@@ -125,7 +126,8 @@ def is_receipt_entry(entry: bytes) -> dict[str, Any] | None:
 
 def _lookup(reader: log_reader.EntryReader, cp: Any, log_v: note.Verifier,
             policy: receipt_check.KeysetPolicy) -> receipt_check.Lookup:
-    """Keyset entry `i` read from the log, proven in the same checkpoint, checked."""
+    """Keyset entry `i` read from the log, proven in the same checkpoint, checked; and the
+    checkpoint its attestation nonce names proven a prefix of that same tree."""
     def lookup(index: int) -> receipt_check.TrustedKeyset:
         try:
             raw = reader.entry(index, cp)
@@ -135,7 +137,12 @@ def _lookup(reader: log_reader.EntryReader, cp: Any, log_v: note.Verifier,
             obj = json.loads(raw)
         except (ValueError, UnicodeDecodeError, RecursionError):
             obj = None
-        return receipt_check.trusted_keyset(obj, index, log_verifier=log_v, policy=policy)
+        ks = receipt_check.trusted_keyset(obj, index, log_verifier=log_v, policy=policy)
+        try:  # the checkpoint its nonce names must be of this very tree, not of a fork
+            reader.extends(tcheckpoint.open(obj["checkpoint"].encode(), log_v)[0], cp)
+        except log_reader.LogReadError as e:
+            raise keyset_entry.KeysetEntryError("checkpoint_invalid", str(e)) from None
+        return ks
     return lookup
 
 
@@ -236,7 +243,7 @@ def _audit_with_policy(args: argparse.Namespace) -> dict[str, Any]:
     if m.alerts:
         a = m.alerts[0]
         where = f" at entry {a['index']}" if "index" in a else ""
-        raise Failure(f"{len(m.alerts)} alert(s); first {a['alert']}{where}: {a['reason']}")
+        raise Failure(f"{m.alert_total} alert(s); first {a['alert']}{where}: {a['reason']}")
     if m.state is None:  # poll() sets it or raises
         raise Failure("the log answered no checkpoint")
     return {"ok": True, "origin": m.state.origin, "size": m.state.size,
@@ -304,13 +311,20 @@ def cmd_releases(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _get_json(c: httpx.Client, url: str, what: str, **kw: Any) -> tuple[int, Any]:
+    """(status, parsed JSON or None) of a GET to the gateway; the body is read only up to
+    one byte past MAX_SOURCE (nothing vouches for this connection: anyone may answer)."""
     try:
-        r = c.get(url, **kw)
+        with c.stream("GET", url, **kw) as r:
+            body = bytearray()
+            for chunk in r.iter_bytes():
+                body += chunk
+                if len(body) > MAX_SOURCE:
+                    raise Failure(f"{what}: the gateway's answer is larger than 16 MiB")
     except httpx.HTTPError as e:
         raise Failure(f"{what}: cannot reach the gateway ({type(e).__name__})") from e
     try:
-        return r.status_code, r.json()
-    except ValueError:
+        return r.status_code, json.loads(body)
+    except (ValueError, RecursionError):
         return r.status_code, None
 
 
@@ -405,7 +419,20 @@ def cmd_receipt(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def printable(text: str) -> str:
+    """`text` safe for a terminal: every non-printable character (controls such as ESC,
+    CR and LF, bidi overrides) as its Python escape, so nothing read from a log or a
+    gateway can rewrite the screen or start a line of its own."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode()
+                   for c in text)
+
+
 def _human(cmd: str, out: dict[str, Any]) -> str:
+    """The human output: our lines, each escaped with `printable`."""
+    return "\n".join(printable(line) for line in _lines(cmd, out))
+
+
+def _lines(cmd: str, out: dict[str, Any]) -> list[str]:
     if cmd == "checkpoint":
         lines = [f"OK checkpoint {out['origin']} size {out['size']} root {out['root'][:16]}… "
                  f"{_cosigned(out)}"]
@@ -436,7 +463,7 @@ def _human(cmd: str, out: dict[str, Any]) -> str:
     if not out.get("witnessed", True):
         lines.append("   UNWITNESSED (0 witness cosignatures checked): nothing shows that "
                      "others see the same log; give --witness VKEY")
-    return "\n".join(lines)
+    return lines
 
 
 def _cosigned(out: dict[str, Any]) -> str:
@@ -565,7 +592,7 @@ def main(argv: list[str] | None = None) -> int:
     except (Failure, SourceError) as e:
         if getattr(args, "json", False):
             print(json.dumps({"ok": False, "error": str(e)}))
-        print(f"verifier: {e}", file=sys.stderr)
+        print(printable(f"verifier: {e}"), file=sys.stderr)
         return 1
     print(json.dumps(out) if args.json else _human(args.cmd, out))
     return 0

@@ -268,13 +268,13 @@ def check_logged_keyset(doc: Mapping[str, Any], facts: attestation.AttestationFa
             raise ValueError("the proof is for another index, or carries no entry")
         tproof.check_inclusion(p, w.checkpoint, p.extra)
         entry = json.loads(p.extra)
-    except (ValueError, cosignature.QuorumError) as e:
+    except (ValueError, RecursionError, cosignature.QuorumError) as e:
         raise AttestationFailed("keyset_not_logged", f"keyset entry proof: {e}") from None
     try:
         ks = keyset_entry.check(entry, log_verifier=log_v, allow_simulated=policy.allow_simulated,
                                 app_id=policy.app_id, compose_hash=policy.compose_hash,
                                 measurements=policy.measurement_sets(),
-                                verify_quote=verify_quote)
+                                verify_quote=verify_quote, index=index)
     except keyset_entry.KeysetEntryError as e:
         raise AttestationFailed("keyset_entry_invalid", e.message) from None
     if not hmac.compare_digest(ks.keyset_hash, facts.keyset_hash):
@@ -321,9 +321,15 @@ def check_receipt(rec: Any, lease: Lease, *, receipt_id: str, salt: bytes, sent:
     return rec
 
 
-def check_proof(text: str, rec: dict[str, Any], lease: Lease, policy: Policy) -> str:
+def check_proof(text: str, rec: dict[str, Any], lease: Lease, policy: Policy,
+                seen: dict[int, bytes] | None = None) -> str:
     """A receipt's tlog-proof, verified: checkpoint signed by the log and cosigned by the
-    policy's witness quorum, this exact receipt entry included, after its keyset entry."""
+    policy's witness quorum, this exact receipt entry included, after its keyset entry.
+
+    `seen` (size -> root of every checkpoint this client verified, updated here): a
+    checkpoint with a size seen before and another root is a fork of the log, shown to
+    this client, and refused (`log_fork`). A smaller size than seen before is no signal:
+    the gateway keeps each receipt's proof from when it was logged."""
     log_v = policy.log_verifier(lease.keyset)
     ws, quorum = policy.witnesses()
     try:
@@ -332,6 +338,11 @@ def check_proof(text: str, rec: dict[str, Any], lease: Lease, policy: Policy) ->
         tproof.check_inclusion(p, w.checkpoint, receipt.entry(rec))
     except (ValueError, cosignature.QuorumError) as e:
         raise ProofInvalid("proof_invalid", str(e)) from None
+    if seen is not None:
+        size, root = w.checkpoint.size, w.checkpoint.root_hash
+        if seen.setdefault(size, root) != root:
+            raise ProofInvalid("log_fork", f"the log showed two roots for size {size}: a "
+                               "split view (keep both proofs as evidence)")
     ki = rec.get("keyset_index")
     if lease.keyset_index is not None and not (isinstance(ki, int) and ki < p.index):
         raise ProofInvalid("proof_invalid", "the receipt's keyset entry does not precede it")
@@ -360,7 +371,7 @@ def _document(status: int, body: bytes) -> Any:
         raise AttestationFailed("malformed", "attestation document too large")
     try:
         return json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise AttestationFailed("malformed", "attestation document is not JSON") from None
 
 
@@ -375,6 +386,7 @@ class Gateway:
         self.receipts: collections.deque[dict[str, Any]] = collections.deque(
             maxlen=RECEIPTS_KEPT)
         self.last_receipt: dict[str, Any] | None = None
+        self.checkpoints: dict[int, bytes] = {}  # size -> root of each verified checkpoint
 
     @property
     def lease(self) -> Lease:
@@ -384,20 +396,33 @@ class Gateway:
     # The attestation proves itself (a quote over the keyset and our nonce), so it is
     # fetched without CA checks; every later connection pins the TLS key it attests.
 
+    # Nothing vouches for this connection yet, so anyone on the path may answer: the body
+    # is read only up to one byte past MAX_DOCUMENT (`_document` refuses it then).
+
     def _fetch(self, url: str) -> tuple[int, bytes]:
         try:
-            with httpx.Client(timeout=self.policy.timeout, verify=False) as c:  # noqa: S501 - the attestation proves itself (above)
-                r = c.get(url)
-                return r.status_code, r.content
+            with (httpx.Client(timeout=self.policy.timeout, verify=False) as c,  # noqa: S501 - the attestation proves itself (above)
+                    c.stream("GET", url) as r):
+                body = bytearray()
+                for chunk in r.iter_bytes():
+                    body += chunk
+                    if len(body) > MAX_DOCUMENT:
+                        break
+                return r.status_code, bytes(body)
         except httpx.HTTPError as e:
             raise AttestationFailed("attestation_unavailable",
                                     f"cannot reach the gateway: {type(e).__name__}") from None
 
     async def _afetch(self, url: str) -> tuple[int, bytes]:
         try:
-            async with httpx.AsyncClient(timeout=self.policy.timeout, verify=False) as c:  # noqa: S501 - the attestation proves itself (above)
-                r = await c.get(url)
-                return r.status_code, r.content
+            async with (httpx.AsyncClient(timeout=self.policy.timeout, verify=False) as c,  # noqa: S501 - the attestation proves itself (above)
+                    c.stream("GET", url) as r):
+                body = bytearray()
+                async for chunk in r.aiter_bytes():
+                    body += chunk
+                    if len(body) > MAX_DOCUMENT:
+                        break
+                return r.status_code, bytes(body)
         except httpx.HTTPError as e:
             raise AttestationFailed("attestation_unavailable",
                                     f"cannot reach the gateway: {type(e).__name__}") from None
@@ -481,12 +506,13 @@ class Gateway:
         """The verified tlog-proof of a receipt this client verified (waits until logged).
 
         ProofInvalid: `receipt_unknown` (not a receipt of this client), `proof_timeout`,
-        `proof_invalid`."""
+        `proof_invalid`, `log_fork`."""
         rec = next((r for r in reversed(self.receipts) if r.get("id") == receipt_id), None)
         if rec is None:
             raise ProofInvalid("receipt_unknown", "no receipt with that id was verified by this "
                                "client")
-        return check_proof(self._wait_proof(rec, timeout), rec, self._lease, self.policy)
+        return check_proof(self._wait_proof(rec, timeout), rec, self._lease, self.policy,
+                           self.checkpoints)
 
     def _wait_proof(self, rec: dict[str, Any], timeout: float) -> str:
         url = f"{self.base_url}/v1/receipts/by-request-hash/{rec['request_hash']}"
@@ -497,7 +523,7 @@ class Gateway:
                 try:
                     r = c.get(url)
                     doc = r.json() if r.status_code == 200 else {}
-                except (httpx.HTTPError, ValueError):
+                except (httpx.HTTPError, ValueError, RecursionError):
                     doc = {}
                 text = doc.get("proof") if isinstance(doc, dict) else None
                 if isinstance(text, str):

@@ -222,7 +222,7 @@ def recheck(ev: EvidenceEntry, document: bytes, *, allow_simulated: bool = False
                                  "re-checked offline by this module")
     try:
         doc = json.loads(document)
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:
         raise EvidenceEntryError("malformed", "the dstack document is not JSON") from e
     if not isinstance(doc, dict):
         raise EvidenceEntryError("malformed", "the dstack document is not a JSON object")

@@ -14,6 +14,8 @@ Rules:
   SHA-256 of "pag-keyset/1 nonce" ‖ 0x0A ‖ the checkpoint note bytes), so the
   quote provably postdates that checkpoint: nobody could have produced it
   before the log signed it.
+- That checkpoint is of a tree the entry was appended to: its size is at most the
+  entry's own index (a later size would be a tree this log did not have yet).
 - `keyset`, `keyset_hash`, `app_id` and `compose_hash` equal the attested
   ones (what `verifier.tee.attestation.check` establishes from the quote and
   the replayed event log); nothing in the entry is trusted beyond that.
@@ -145,7 +147,8 @@ def is_keyset_entry(obj: Any) -> bool:
 def check(obj: Any, *, log_verifier: note.Verifier, allow_simulated: bool = False,
           app_id: str | None = None, compose_hash: str | None = None,
           measurements: tuple[Mapping[str, str], ...] = (),
-          verify_quote: Callable[[bytes], Any] | None = None) -> KeysetFacts:
+          verify_quote: Callable[[bytes], Any] | None = None,
+          index: int | None = None) -> KeysetFacts:
     """Verify a keyset entry under a policy; its facts or KeysetEntryError.
 
     The checkpoint must be signed by the log (`log_verifier`); the attestation
@@ -154,7 +157,8 @@ def check(obj: Any, *, log_verifier: note.Verifier, allow_simulated: bool = Fals
     checkpoint; its keyset, app id and compose hash must be the entry's, and
     meet the pins given. `measurements` is a tuple of allowed sets (names
     `mr_td`, `rtmr0`..`rtmr3`); an empty set is refused, an empty tuple pins
-    nothing.
+    nothing. `index`, the entry's own log index when known: the checkpoint it names
+    must be of a tree it was appended to (size at most `index`), not of a later one.
 
     Codes: malformed, checkpoint_invalid, attestation_invalid (the
     attestation's own code is in the message), keyset_mismatch,
@@ -173,6 +177,9 @@ def check(obj: Any, *, log_verifier: note.Verifier, allow_simulated: bool = Fals
         cp, _ = tcheckpoint.open(cp_text.encode(), log_verifier)
     except (ValueError, UnicodeError) as e:
         raise KeysetEntryError("checkpoint_invalid", f"checkpoint: {e}") from e
+    if index is not None and cp.size > index:
+        raise KeysetEntryError("checkpoint_invalid", f"the entry at {index} names a checkpoint "
+                               f"of size {cp.size}, from after it (another tree than this log's)")
     try:
         facts = attestation.check(obj["attestation"], nonce=nonce_for(cp_text.encode()),
                                   allow_simulated=allow_simulated, expected_app_id=app_id,
@@ -182,6 +189,7 @@ def check(obj: Any, *, log_verifier: note.Verifier, allow_simulated: bool = Fals
             else "attestation_invalid"
         raise KeysetEntryError(code, f"attestation: {e}") from e
     if obj["keyset"] != facts.keyset or not isinstance(obj["keyset_hash"], str) \
+            or not obj["keyset_hash"].isascii() \
             or not hmac.compare_digest(obj["keyset_hash"], facts.keyset_hash):
         raise KeysetEntryError("keyset_mismatch", "the entry's keyset is not the attested one")
     if obj["app_id"] != facts.app_id or obj["compose_hash"] != facts.compose_hash:

@@ -3,7 +3,8 @@
 `EntryReader(get).entry(index, cp)` fetches the entry bundle that holds `index`
 and the hash tiles its inclusion proof needs, at the widths the tree of `cp`
 has, and returns the entry only once `merkle.verify_inclusion` proved it
-against `cp.root_hash`. `cp` must already be verified by the caller (log
+against `cp.root_hash`; `extends(old, cp)` proves, the same way, that an earlier
+checkpoint `old` is of a prefix of the tree of `cp` (not of a fork). `cp` must already be verified by the caller (log
 signature, witness quorum): the reader trusts nothing the server sends, so a
 lying server can only make it fail. Failures are `LogReadError` with a
 one-line reason. `getter(base)` reads from an http(s) URL or a directory laid
@@ -12,6 +13,7 @@ out as the log serves it.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -94,3 +96,19 @@ class EntryReader:
         except (tiles.TileError, merkle.ProofError, IndexError) as e:
             raise LogReadError(f"entry {index} is not proven in the checkpoint: {e}") from e
         return entry
+
+    def extends(self, old: tcheckpoint.Checkpoint, cp: tcheckpoint.Checkpoint) -> None:
+        """LogReadError unless the tree of `old` is a prefix of the tree of `cp` (a
+        consistency proof built from `cp`'s hash tiles, verified against both roots)."""
+        if old.size == 0 and old.root_hash == hashlib.sha256(b"").digest():
+            return  # the empty tree is a prefix of every tree
+        try:
+            def node(level: int, idx: int) -> bytes:
+                tl, ti, _, _ = tiles.locate(level, idx)
+                return tiles.node_from_tile(self._tile(tl, ti, cp.size), level, idx)
+
+            proof = merkle.prove_consistency(old.size, cp.size, node)
+            merkle.verify_consistency(old.size, cp.size, proof, old.root_hash, cp.root_hash)
+        except (tiles.TileError, merkle.ProofError) as e:
+            raise LogReadError(f"the checkpoint of size {old.size} is not of this log's "
+                               f"tree: {e}") from e

@@ -14,8 +14,8 @@ entry, in log order:
   receipts, and only they, are checked against the route policy
   (`forbidden_route|provider|model`, `unverified_upstream`, `e2ee_mode`,
   `unknown_signing_key`), except refusals: a receipt that forwarded nothing
-  (`forwarded_hash` null: the call never reached a provider) breaks no route
-  rule and is counted as a refusal;
+  (`forwarded_hash` and both provider digests null: the call never reached a
+  provider) breaks no route rule and is counted as a refusal;
 - evidence entries and anything else are counted.
 
 Invariant: no entry, however malformed (not JSON, not an object, huge
@@ -61,6 +61,7 @@ from witness import cosignature
 
 ENTRY_KINDS = ("receipt", "refusal", "receipt_unattested", "receipt_invalid", "keyset",
                "keyset_out_of_policy", "evidence", "other")
+ALERTS_KEPT = 1000  # alerts held in memory: the first and the latest (counts stay exact)
 UNATTESTED_CODES = ("keyset_not_before", "keyset_unavailable", "keyset_entry_invalid",
                     "receipt_key_mismatch", "receipt_mismatch")
 
@@ -128,14 +129,22 @@ class Policy:
             collateral=col, pccs_url=self.pccs_url)
 
 
+def is_refusal(r: dict[str, Any]) -> bool:
+    """A receipt of a call that never reached a provider: every digest of bytes sent to or
+    received from one is null (a receipt that nulls `forwarded_hash` but shows provider
+    bytes contradicts itself and is checked as a forwarded call)."""
+    return all(r.get(k) is None for k in ("forwarded_hash", "provider_request_hash",
+                                          "provider_response_hash"))
+
+
 def route_alerts(r: dict[str, Any], policy: Policy) -> list[tuple[str, str]]:
     """(alert kind, reason) for every way an accepted receipt breaks the route policy."""
     out: list[tuple[str, str]] = []
     sig_key = r["signature"].get("key")
     if policy.gateway_keys and sig_key not in policy.gateway_keys:
         out.append(("unknown_signing_key", "receipt signed by a key the policy does not list"))
-    if r.get("forwarded_hash") is None:
-        return out  # a refusal: nothing reached a provider, no route rule can be broken
+    if is_refusal(r):
+        return out  # nothing reached a provider, no route rule can be broken
     route = r["route"]
     for kind, value, allowed in (("forbidden_route", route.get("route_id"),
                                   policy.allowed_routes),
@@ -222,6 +231,8 @@ class Monitor:
     def alert(self, kind: str, reason: str, **extra: Any) -> None:
         a = {"alert": kind, "reason": reason, "time": time.time(), **extra}
         self.alerts.append(a)
+        if len(self.alerts) >= 2 * ALERTS_KEPT:  # one alert per hostile entry: keep memory
+            del self.alerts[1:ALERTS_KEPT + 1]  # bounded, the first and the latest alerts
         self.counts[kind] = self.counts.get(kind, 0) + 1
         if not self.quiet:
             print(json.dumps(a), flush=True)
@@ -282,16 +293,23 @@ class Monitor:
             label = json.dumps(value) if not isinstance(value, str) else value
             bucket = self.receipts[key]
             bucket[label] = bucket.get(label, 0) + 1
-        return "receipt" if r.get("forwarded_hash") is not None else "refusal"
+        return "refusal" if is_refusal(r) else "receipt"
 
     async def poll(self) -> None:
-        """Check what is new since the last poll."""
+        """Check what is new since the last poll.
+
+        Entries are classified as the audit reads them, before it has checked them against
+        the signed root; if the audit then fails, the counts and trusted keysets go back
+        to what they were (the alerts already raised stay raised)."""
         fetcher = auditing.Fetcher(self.log_url)
+        saved = (dict(self.entries), {k: dict(v) for k, v in self.receipts.items()},
+                 dict(self.keysets))
         try:
             new = await auditing.audit(fetcher, self.verifier, witnesses=self.witnesses,
                                        quorum=self.quorum, state=self.state,
                                        on_entry=self.on_entry)
         except auditing.AuditError as e:
+            self.entries, self.receipts, self.keysets = saved
             kind = "split_view" if ("split view" in str(e) or "consisten" in str(e)
                                     or "shrank" in str(e) or "root mismatch" in str(e)) else "audit"
             self.alert(kind, str(e))
@@ -306,6 +324,11 @@ class Monitor:
             self._save_keysets()
             auditing.save_state(self.state_path, new)
         await self._compare_witnesses(new)
+
+    @property
+    def alert_total(self) -> int:
+        """Every alert raised, including those no longer held in `alerts`."""
+        return sum(self.counts.values())
 
     def snapshot(self) -> dict[str, Any]:
         """What the dashboard shows."""
@@ -333,34 +356,58 @@ class Monitor:
         return "\n".join(lines) + "\n"
 
     async def _compare_witnesses(self, state: auditing.State) -> None:
-        """A witness that cosigned another root for the same size shows a split view."""
+        """A witness that cosigned another root for the same size shows a split view.
+
+        Whatever a witness page says (or the network does) is at most one alert per
+        witness: a malformed page is `witness_unreachable`, never a stop."""
         async with httpx.AsyncClient(timeout=10) as c:
             for url in self.witness_urls:
                 try:
-                    status = (await c.get(url.rstrip("/") + "/")).json()
-                except (httpx.HTTPError, ValueError) as e:
+                    status = json.loads(await _read_capped(c, url.rstrip("/") + "/"))
+                    logs = [log for log in status.get("logs", []) if log.get("origin") ==
+                            state.origin and log.get("root") is not None]
+                    for log in logs:
+                        size, root = log["size"], bytes.fromhex(log["root"])
+                        if not isinstance(size, int):
+                            raise TypeError("size is not an integer")
+                        if size == state.size and root != state.root:
+                            self.alert("split_view", f"witness {url} cosigned another root at "
+                                                     f"size {state.size}", witness=url)
+                        if size > state.size:
+                            await self._check_ahead(size, root, url)
+                except (httpx.HTTPError, ValueError, TypeError, AttributeError, KeyError,
+                        RecursionError) as e:
                     self.alert("witness_unreachable", f"{url}: {type(e).__name__}")
-                    continue
-                for log in status.get("logs", []):
-                    if log.get("origin") != state.origin or log.get("root") is None:
-                        continue
-                    if log["size"] == state.size and bytes.fromhex(log["root"]) != state.root:
-                        self.alert("split_view", f"witness {url} cosigned another root at size "
-                                                 f"{state.size}", witness=url)
-                    if log["size"] > state.size:
-                        await self._check_ahead(c, log, state, url)
 
-    async def _check_ahead(self, c: httpx.AsyncClient, wlog: dict, state: auditing.State,
-                           url: str) -> None:
+    async def _check_ahead(self, size: int, root: bytes, url: str) -> None:
         """The witness saw a bigger tree: the log must prove it extends ours."""
-        r = await c.get(f"{self.log_url.rstrip('/')}/checkpoint")
+        fetcher = auditing.Fetcher(self.log_url)  # an http(s) log or a directory
         try:
-            cp, _ = checkpoint.open(r.content, self.verifier)
+            cp, _ = checkpoint.open(await fetcher.get("checkpoint"), self.verifier)
+        except auditing.AuditError as e:
+            self.alert("audit", str(e))
+            return
         except checkpoint.CheckpointError:
             return
-        if cp.size == wlog["size"] and cp.root_hash.hex() != wlog["root"]:
+        finally:
+            await fetcher.close()
+        if cp.size == size and cp.root_hash != root:
             self.alert("split_view", f"witness {url} and the log disagree at size {cp.size}",
                        witness=url)
+
+
+WITNESS_PAGE_MAX = 1 << 20  # bytes of a witness status page read at most
+
+
+async def _read_capped(c: httpx.AsyncClient, url: str) -> bytes:
+    """The body at `url`; ValueError past WITNESS_PAGE_MAX (a hostile page may not end)."""
+    async with c.stream("GET", url) as r:
+        body = bytearray()
+        async for chunk in r.aiter_bytes():
+            body += chunk
+            if len(body) > WITNESS_PAGE_MAX:
+                raise ValueError("witness status page too large")
+    return bytes(body)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -376,7 +423,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from verifier.cli import Failure, _key_text
+    from verifier.cli import Failure, _key_text, printable
 
     try:
         policy = Policy.load(args.policy)
@@ -388,7 +435,7 @@ def run(args: argparse.Namespace) -> int:
         m = Monitor(args.log, log_verifier, policy, witnesses=ws, quorum=quorum,
                     witness_urls=args.witness_url, state_path=args.state, webhook=args.webhook)
     except (ValueError, OSError, TypeError, auditing.AuditError, Failure) as e:
-        print(f"verifier: monitor set-up: {e}", file=sys.stderr)
+        print(printable(f"verifier: monitor set-up: {e}"), file=sys.stderr)
         return 2
 
     if args.listen:
@@ -407,7 +454,7 @@ def run(args: argparse.Namespace) -> int:
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(loop())
     if m.alerts:
-        print(f"verifier: {len(m.alerts)} alert(s): {m.alerts[0]['alert']}: {m.alerts[0]['reason']}",
-              file=sys.stderr)
+        print(printable(f"verifier: {m.alert_total} alert(s): {m.alerts[0]['alert']}: "
+                        f"{m.alerts[0]['reason']}"), file=sys.stderr)
         return 1
     return 0

@@ -148,7 +148,8 @@ def trusted_keyset(obj: Any, index: int, *, log_verifier: note.Verifier,
                                allow_simulated=policy.allow_simulated, app_id=policy.app_id,
                                compose_hash=policy.compose_hash,
                                measurements=tuple(policy.measurements),
-                               verify_quote=policy.quote_verifier(_epoch(obj.get("time"))))
+                               verify_quote=policy.quote_verifier(_epoch(obj.get("time"))),
+                               index=index)
     if facts.keyset.get("log_vkey") != getattr(log_verifier, "vkey", None):
         raise keyset_entry.KeysetEntryError("log_key_mismatch", "the attested keyset names "
                                             "another log than the one read")

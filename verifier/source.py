@@ -19,18 +19,30 @@ def read_source(src: str) -> bytes:
     if src == "-":
         data = sys.stdin.buffer.read(MAX_SOURCE + 1)
     elif src.startswith(("http://", "https://")):
-        try:
-            r = httpx.get(src, timeout=30, follow_redirects=True)
-        except httpx.HTTPError as e:
-            raise SourceError(f"{src}: {type(e).__name__}") from e
-        if r.status_code != 200:
-            raise SourceError(f"{src}: HTTP {r.status_code}")
-        data = r.content
+        data = _read_url(src)
     else:
         try:
-            data = Path(src).read_bytes()
+            with Path(src).open("rb") as f:  # bounded: a device or FIFO may never end
+                data = f.read(MAX_SOURCE + 1)
         except OSError as e:
             raise SourceError(f"{src}: {e.strerror}") from e
     if len(data) > MAX_SOURCE:
         raise SourceError(f"{src}: larger than 16 MiB")
     return data
+
+
+def _read_url(src: str) -> bytes:
+    """The body at `src`, read only up to one byte past the limit (a hostile server may
+    send without end)."""
+    data = bytearray()
+    try:
+        with httpx.stream("GET", src, timeout=30, follow_redirects=True) as r:
+            if r.status_code != 200:
+                raise SourceError(f"{src}: HTTP {r.status_code}")
+            for chunk in r.iter_bytes():
+                data += chunk
+                if len(data) > MAX_SOURCE:
+                    break
+    except httpx.HTTPError as e:
+        raise SourceError(f"{src}: {type(e).__name__}") from e
+    return bytes(data)

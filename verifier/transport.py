@@ -125,11 +125,11 @@ class CallFlow:
                                  "for the call's receipt")
         try:
             rec = json.loads(body).get("receipt")
-        except (ValueError, AttributeError):
+        except (ValueError, AttributeError, RecursionError):
             raise ReceiptInvalid("receipt_invalid", "the receipt document is not JSON") from None
         # An answered call must record the mode it used; a refusal may record "none"
         # (the gateway refused before the fields were opened).
-        modes = (self.mode,) if response.status_code == 200 else (self.mode, "none")
+        modes = (self.mode,) if response.is_success else (self.mode, "none")
         return check_receipt(rec, lease or self.lease, receipt_id=rid, salt=self.salt,
                              sent=self.sent, response_hash=self.digest.hexdigest(),
                              e2ee_modes=modes)
@@ -138,7 +138,7 @@ class CallFlow:
     def _code(response: httpx.Response) -> str:
         try:
             return str(json.loads(response.content)["error"]["code"])
-        except (ValueError, KeyError, TypeError, httpx.ResponseNotRead):
+        except (ValueError, KeyError, TypeError, RecursionError, httpx.ResponseNotRead):
             return ""
 
     def check_answer(self, response: httpx.Response) -> str | None:
@@ -147,11 +147,12 @@ class CallFlow:
         if response.headers.get("x-receipt-salt") not in (None, self.salt.hex()):
             raise ReceiptInvalid("receipt_mismatch", "the gateway did not use the client's "
                                  "receipt salt")
-        if rid is None and response.status_code == 200:
+        # Any 2xx is an answer the SDK would show (not only 200): each needs its receipt.
+        if rid is None and response.is_success:
             raise ReceiptInvalid("receipt_missing", "a successful call carried no receipt")
         if rid is not None and not RECEIPT_ID.fullmatch(rid):
             raise ReceiptInvalid("receipt_invalid", "the receipt id is malformed")
-        if self.opener is not None and response.status_code == 200:
+        if self.opener is not None and response.is_success:
             try:
                 self.opener.start(response.headers)
             except aci.AciError as e:
@@ -167,7 +168,7 @@ class CallFlow:
             return _dumps(self.opener.open_response(json.loads(raw)))
         except aci.AciError as e:
             raise E2eeError(e.code, e.message) from None
-        except ValueError:
+        except (ValueError, RecursionError):
             raise E2eeError("e2ee_response_invalid", "the sealed answer is not JSON") from None
 
     def stream_feed(self, chunk: bytes) -> tuple[bytes, bytes | None]:
@@ -194,7 +195,7 @@ class CallFlow:
         assert self.opener is not None  # noqa: S101 - type narrowing: set by the seal step
         try:
             obj = json.loads(ev.data)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise E2eeError("e2ee_response_invalid", "a stream event is not JSON") from None
         if isinstance(obj, dict) and set(obj) == {"error"}:
             return sse.encode(_dumps(obj))  # the gateway's own error event: no content
@@ -291,21 +292,21 @@ class VerifyingTransport(httpx.BaseTransport):
             rec = flow.receipt_of(response, r.status_code, body, lease)
         if self.gw.policy.require_inclusion:
             check_proof(self.gw._wait_proof(rec, self.gw.policy.timeout), rec, self.gw.lease,
-                        self.gw.policy)
+                        self.gw.policy, self.gw.checkpoints)
         self.gw.record(rec)
         return rec
 
     def _finish_json(self, flow: CallFlow, response: httpx.Response) -> httpx.Response:
         if flow.check_answer(response) is None:
             return flow.answer(response, content=response.content)
-        body = flow.open_json(response.content) if response.status_code == 200 else \
+        body = flow.open_json(response.content) if response.is_success else \
             _plain(flow, response.content)
         self._receipt(flow, response)
         return flow.answer(response, content=body)
 
     def _finish_stream(self, flow: CallFlow, response: httpx.Response) -> httpx.Response:
         try:
-            flow.check_answer(response)
+            rid = flow.check_answer(response)
         except VerificationError:
             response.close()
             raise
@@ -318,7 +319,8 @@ class VerifyingTransport(httpx.BaseTransport):
                     if out:
                         yield out
                 tail = flow.stream_end()
-                transport._receipt(flow, response)
+                if rid is not None:  # None: an error stream without a receipt, not an answer
+                    transport._receipt(flow, response)
                 if tail:
                     yield tail
 
@@ -394,21 +396,21 @@ class AsyncVerifyingTransport(httpx.AsyncBaseTransport):
             rec = flow.receipt_of(response, r.status_code, body, await self.gw.arefresh())
         if self.gw.policy.require_inclusion:
             text = await asyncio.to_thread(self.gw._wait_proof, rec, self.gw.policy.timeout)
-            check_proof(text, rec, self.gw.lease, self.gw.policy)
+            check_proof(text, rec, self.gw.lease, self.gw.policy, self.gw.checkpoints)
         self.gw.record(rec)
         return rec
 
     async def _finish_json(self, flow: CallFlow, response: httpx.Response) -> httpx.Response:
         if flow.check_answer(response) is None:
             return flow.answer(response, content=response.content)
-        body = flow.open_json(response.content) if response.status_code == 200 else \
+        body = flow.open_json(response.content) if response.is_success else \
             _plain(flow, response.content)
         await self._receipt(flow, response)
         return flow.answer(response, content=body)
 
     async def _finish_stream(self, flow: CallFlow, response: httpx.Response) -> httpx.Response:
         try:
-            flow.check_answer(response)
+            rid = flow.check_answer(response)
         except VerificationError:
             await response.aclose()
             raise
@@ -421,7 +423,8 @@ class AsyncVerifyingTransport(httpx.AsyncBaseTransport):
                     if out:
                         yield out
                 tail = flow.stream_end()
-                await transport._receipt(flow, response)
+                if rid is not None:  # None: an error stream without a receipt, not an answer
+                    await transport._receipt(flow, response)
                 if tail:
                     yield tail
 

@@ -169,7 +169,11 @@ def check(doc: Mapping[str, Any], *, nonce: str | None = None, allow_simulated: 
         raise AttestationError("malformed", "nonce must be a string")
     if nonce is not None and not _eq(rd[32:], nonce_digest(nonce)):
         raise AttestationError("nonce_mismatch", "quote is not bound to the expected nonce")
-    if not _eq(rd[32:], nonce_digest(doc_nonce)):
+    try:
+        doc_digest = nonce_digest(doc_nonce)
+    except UnicodeEncodeError:  # a lone surrogate: no UTF-8 bytes, no digest
+        raise AttestationError("malformed", "nonce is not UTF-8 text") from None
+    if not _eq(rd[32:], doc_digest):
         raise AttestationError("nonce_mismatch",
                                "quote report_data[32:64] does not match the document's nonce")
 

@@ -134,7 +134,7 @@ def parse_event_log(data: str | bytes | Sequence[Any]) -> list[Event]:
     if isinstance(data, str | bytes):
         try:
             data = json.loads(data)
-        except ValueError as e:
+        except (ValueError, RecursionError) as e:
             raise EventLogError("event log is not JSON") from e
     if not isinstance(data, list):
         raise EventLogError("event log must be a JSON array")
@@ -184,7 +184,7 @@ def _identity_value(name: str, payload: bytes) -> Any:
     if name == "key-provider":
         try:
             value = json.loads(payload)
-        except ValueError as e:
+        except (ValueError, RecursionError) as e:
             raise EventLogError("key-provider payload is not JSON") from e
         if not isinstance(value, dict):
             raise EventLogError("key-provider payload is not a JSON object")
