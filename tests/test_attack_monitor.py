@@ -180,7 +180,7 @@ def test_an_endless_log_resource_stops_the_poll_not_the_monitor() -> None:
             finally:
                 await f.close()
 
-        with pytest.raises(auditing.AuditError, match="larger than any log resource"):
+        with pytest.raises(auditing.AuditError, match="larger than an entry bundle can be"):
             asyncio.run(get())
     finally:
         httpd.shutdown()
