@@ -24,6 +24,9 @@ Parts (`--only` takes their names):
   that log (with `--full`: the growth rows, 10M against 1M).
 - `audit`: `python -m verifier audit` over HTTP and from a directory against
   a plain hashlib loop over the same entries (bench/audit.py's log).
+- `replicas` (issue #15, not in the default set): the log on PostgreSQL with
+  one and two sequencer candidates against one SQLite node
+  (bench/tlog_replicas.py).
 
 `--profile S` samples (py-spy, from `.bench-venv`) the gateway, the shipper
 and the tlog under c=16 gateway load and the tlog under `POST /add` load.
@@ -53,7 +56,8 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench import audit, gateway_overhead, tlog_append  # noqa: E402
+from bench import audit, gateway_overhead, tlog_append, tlog_replicas  # noqa: E402
+from bench.table import Row, table  # noqa: E402
 from tests.tlogutil import start_tlog, stop, wait_http  # noqa: E402
 
 DATA = ROOT / ".bench-data"
@@ -120,16 +124,6 @@ class Run:
         return self.requests / self.seconds if self.seconds else 0.0
 
 
-@dataclass
-class Row:
-    """One line of the table."""
-
-    figure: str
-    value: str
-    baseline: str
-    ratio: str
-    target: str
-    met: bool | None
 
 
 def wrk(url: str, lua: str, seconds: float, conns: int, threads: int = 2) -> Run:
@@ -496,15 +490,6 @@ def profile_add_load(tmp: Path, seconds: float, run: str) -> None:
         stop(proc)
 
 
-def table(rows: list[Row]) -> str:
-    head = Row("figure", "value", "baseline (same run)", "ratio", "target", None)
-    cells = [[r.figure, r.value, r.baseline, r.ratio, r.target,
-              "" if r.met is None else ("met" if r.met else "MISSED")] for r in [head, *rows]]
-    cells[0][5] = ""
-    widths = [max(len(c[i]) for c in cells) for i in range(6)]
-    lines = ["| " + " | ".join(c[i].ljust(widths[i]) for i in range(6)) + " |" for c in cells]
-    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -535,6 +520,8 @@ def main(argv: list[str] | None = None) -> int:
             rows += proof_rows(tmp, seconds, sizes, run)
         if "audit" in parts:
             rows += audit_rows(tmp, 1 << 20)
+        if "replicas" in parts:
+            rows += tlog_replicas.run(quick=not a.full)
     load = os.getloadavg()
     print(f"\nbench: {os.cpu_count()} CPUs, load average {load[0]:.1f} {load[1]:.1f}, "
           f"{'full' if a.full else 'quick'} settings, {time.monotonic() - started:.0f} s; "

@@ -58,6 +58,7 @@ import psycopg
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.table import Row, table  # noqa: E402
 from tests.tlogutil import start_tlog, stop  # noqa: E402
 from tlog import tiles  # noqa: E402
 from tlog.sequencer import SEQUENCER  # noqa: E402
@@ -105,16 +106,6 @@ end
 """
 
 
-@dataclass
-class Row:
-    """One line of the table (the fields `python -m bench` prints)."""
-
-    figure: str
-    value: str
-    baseline: str
-    ratio: str
-    target: str
-    met: bool | None
 
 
 @dataclass
@@ -546,14 +537,6 @@ def run(quick: bool, admin_url: str = ADMIN_URL) -> list[Row]:
         return rows
 
 
-def table(rows: list[Row]) -> str:
-    head = Row("figure", "value", "baseline (same run)", "ratio", "target", None)
-    cells = [[r.figure, r.value, r.baseline, r.ratio, r.target,
-              "" if r.met is None else ("met" if r.met else "MISSED")] for r in [head, *rows]]
-    widths = [max(len(c[i]) for c in cells) for i in range(6)]
-    lines = ["| " + " | ".join(c[i].ljust(widths[i]) for i in range(6)) + " |" for c in cells]
-    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
