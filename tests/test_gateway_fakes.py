@@ -462,7 +462,9 @@ async def run_gateway(cfg_path: Path, store: LeaseSource | None = None,
     rk = Ed25519PrivateKey.generate()
     ek = X25519PrivateKey.generate()
     store = store or FakeLeaseStore()
-    outbox = Outbox(cfg.gateway.data_dir, cfg.gateway.outbox_durability)
+    g = cfg.gateway
+    outbox = Outbox(g.data_dir, g.outbox_durability, max_bytes=g.outbox_max_bytes,
+                    retention=g.receipt_retention_seconds)
     token = cfg.log.token_file.read_text().strip() if cfg.log.token_file else None
     shipper = Shipper(cfg.gateway.data_dir, cfg.log.url, token, cfg.log.vkey,
                       concurrency=8, witnesses=cfg.log.witness_vkeys,
@@ -572,7 +574,7 @@ def serve_main(argv: list[str]) -> None:
     async def main() -> None:
         rk, ek = Ed25519PrivateKey.generate(), X25519PrivateKey.generate()
         ident = await fake_identity(cfg, rk, ek)
-        outbox = Outbox(cfg.gateway.data_dir, cfg.gateway.outbox_durability)
+        outbox = server.open_outbox(cfg)
         shipper = server.start_shipper(cfg)
         app = Gateway(cfg, signer=ReceiptSigner(rk), identity=ident.identity, outbox=outbox,
                       status=LogStatus(outbox, shipper is not None),

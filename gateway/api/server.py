@@ -149,7 +149,9 @@ def url_of(sock: socket.socket) -> str:
 def open_outbox(cfg: gconfig.Config) -> Outbox:
     """The receipt outbox in the data directory, or a StartupError."""
     try:
-        return Outbox(cfg.gateway.data_dir, cfg.gateway.outbox_durability)
+        g = cfg.gateway
+        return Outbox(g.data_dir, g.outbox_durability, max_bytes=g.outbox_max_bytes,
+                      retention=g.receipt_retention_seconds)
     except (sqlite3.Error, OSError) as e:
         raise StartupError(f"cannot open the receipt outbox in {cfg.gateway.data_dir}: "
                            f"{e}") from None
