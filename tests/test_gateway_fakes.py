@@ -468,7 +468,7 @@ async def run_gateway(cfg_path: Path, store: LeaseSource | None = None,
     token = cfg.log.token_file.read_text().strip() if cfg.log.token_file else None
     shipper = Shipper(cfg.gateway.data_dir, cfg.log.url, token, cfg.log.vkey,
                       concurrency=8, witnesses=cfg.log.witness_vkeys,
-                      quorum=cfg.log.quorum) if cfg.log.url else None
+                      quorum=cfg.log.quorum, max_bytes=g.outbox_max_bytes) if cfg.log.url else None
     status = LogStatus(outbox, shipper is not None)
     ident = await fake_identity(cfg, rk, ek)
     app = Gateway(cfg, signer=ReceiptSigner(rk), identity=ident.identity, outbox=outbox,

@@ -248,7 +248,8 @@ def start_shipper(cfg: gconfig.Config) -> subprocess.Popen[bytes] | None:
         return None
     cmd = [sys.executable, "-m", "gateway.receipts.shipper", "--data", str(cfg.gateway.data_dir),
            "--log", cfg.log.url, "--concurrency", str(cfg.log.concurrency),
-           "--parent", str(os.getpid())]
+           "--parent", str(os.getpid()),
+           "--outbox-max-bytes", str(cfg.gateway.outbox_max_bytes)]
     if cfg.log.token_file:
         cmd += ["--token-file", str(cfg.log.token_file)]
     if cfg.log.vkey:

@@ -66,7 +66,7 @@ from tlog import proof
 
 OUTBOX_FILE = "outbox.sqlite3"
 LEDGER_FILE = "ledger.sqlite3"
-WAL_LIMIT = 4 << 20  # bytes of write-ahead log past which the writer truncates it
+WAL_LIMIT = 4 << 20  # bytes of write-ahead log past which the writer truncates it (at most)
 MAX_BYTES = 1 << 30  # default hard bound on the bytes the outbox and ledger use
 RETENTION = 7 * 86400  # default seconds a logged receipt stays readable by its owner
 ALARM = 0.8  # fraction of max_bytes past which the outbox is "near its bound"
@@ -104,6 +104,12 @@ ROW = ("SELECT r.id, r.request_hash, r.entry, l.log_index, l.proof, r.key_sha256
        "LEFT JOIN ledger.logged l ON l.seq = r.seq ")
 DURABILITY = ("process", "fsync")
 FILES = (OUTBOX_FILE, OUTBOX_FILE + "-wal", LEDGER_FILE, LEDGER_FILE + "-wal")
+
+
+def wal_limit(max_bytes: int) -> int:
+    """The WAL size past which a writer truncates it: WAL_LIMIT, or a sixteenth of the
+    bound if smaller (both WALs count toward the bound)."""
+    return min(WAL_LIMIT, max_bytes // 16)
 
 
 class OutboxUnavailable(Exception):
@@ -199,7 +205,8 @@ class _Writer:
     `faults`, if set, is called before each step of a transaction and after its
     commit; what it raises is that step failing (tests inject disk faults here)."""
 
-    def __init__(self, path: Path, schema: str, durability: str) -> None:
+    def __init__(self, path: Path, schema: str, durability: str,
+                 wal_limit: int = WAL_LIMIT) -> None:
         if durability not in DURABILITY:
             raise ValueError(f"durability must be one of {DURABILITY}")
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -208,9 +215,11 @@ class _Writer:
         self._wconn.execute("PRAGMA synchronous=" +
                             ("FULL" if durability == "fsync" else "NORMAL"))
         self._wconn.execute("PRAGMA wal_autocheckpoint=0")
-        self._wconn.execute(f"PRAGMA journal_size_limit={WAL_LIMIT}")
+        self._wal_limit = wal_limit
+        self._wconn.execute(f"PRAGMA journal_size_limit={wal_limit}")
         self._wal = Path(f"{path}-wal")
         self.faults: FaultHook | None = None
+        self.vacuum_due = False  # set after deletions: free pages go back to the file system
         self._closing = threading.Event()
         self._checkpointer = threading.Thread(target=self._checkpoint, daemon=True,
                                               name=f"{path.stem}-checkpoint")
@@ -234,10 +243,10 @@ class _Writer:
             conn.close()
 
     def _trim_wal(self) -> None:
-        """Between transactions: past WAL_LIMIT, fold the rest of the WAL in and truncate it
+        """Between transactions: past its limit, fold the rest of the WAL in and truncate it
         (waiting at most 50 ms for readers of an older snapshot; else at a later commit)."""
         try:
-            if self._wal.stat().st_size <= WAL_LIMIT:
+            if self._wal.stat().st_size <= self._wal_limit:
                 return
             self._wconn.execute("PRAGMA busy_timeout=50")
             try:
@@ -272,6 +281,10 @@ class _Writer:
         else:
             for op in batch:
                 op[2](self._run([op]))
+        if self.vacuum_due:  # outside any transaction: executescript steps it to the end
+            self.vacuum_due = False
+            with contextlib.suppress(sqlite3.Error):
+                self._wconn.executescript("PRAGMA incremental_vacuum")
         self._trim_wal()
 
     def _run(self, ops: list[_Op]) -> BaseException | None:
@@ -339,7 +352,8 @@ class Outbox:
         self.failing: str | None = None  # why the last write failed, until one succeeds
         self._usage = (float("-inf"), 0)
         path = data_dir / OUTBOX_FILE
-        self._writer = _Writer(path, OUTBOX_SCHEMA, durability) if writable else None
+        self._writer = _Writer(path, OUTBOX_SCHEMA, durability, wal_limit(max_bytes)) \
+            if writable else None
         _connect(data_dir / LEDGER_FILE, LEDGER_SCHEMA).close()
         if not writable:
             _connect(path, OUTBOX_SCHEMA).close()
@@ -450,12 +464,12 @@ class Outbox:
         if through <= done:
             return 0
         assert self._writer is not None, "outbox opened read-only"
+        self._writer.vacuum_due = True
         await asyncio.gather(
             self._writer.submit("DELETE FROM receipts WHERE seq > ? AND seq <= ?",
                                 (done, through)),
             self._writer.submit("INSERT OR REPLACE INTO health(k, v) VALUES ('pruned', ?)",
-                                (through,)),
-            self._writer.submit("PRAGMA incremental_vacuum", ()))
+                                (through,)))
         return through - done
 
     def unlogged_after(self, seq: int, limit: int = 1000) -> list[tuple[int, str, bytes]]:
@@ -516,8 +530,9 @@ class Ledger:
     """The shipper's writable `ledger.sqlite3`: acknowledgements and state. A write it
     could not commit raises OutboxUnavailable."""
 
-    def __init__(self, data_dir: Path) -> None:
-        self._writer = _Writer(data_dir / LEDGER_FILE, LEDGER_SCHEMA, "process")
+    def __init__(self, data_dir: Path, max_bytes: int = MAX_BYTES) -> None:
+        self._writer = _Writer(data_dir / LEDGER_FILE, LEDGER_SCHEMA, "process",
+                               wal_limit(max_bytes))
 
     async def record(self, seq: int, p: proof.TlogProof) -> None:
         """Record the log's acknowledgement (index and proof) of receipt number `seq`."""
@@ -534,8 +549,8 @@ class Ledger:
     async def prune(self, through: int) -> None:
         """Delete the acknowledgements of receipts numbered up to `through` (the outbox
         pruned them)."""
-        await asyncio.gather(self._write("DELETE FROM logged WHERE seq <= ?", (through,)),
-                             self._write("PRAGMA incremental_vacuum", ()))
+        self._writer.vacuum_due = True
+        await self._write("DELETE FROM logged WHERE seq <= ?", (through,))
 
     async def set_state(self, log_down: bool, last_error: str | None) -> None:
         """Publish whether the log is reachable, and the last shipping error."""

@@ -44,7 +44,7 @@ from urllib.parse import urlsplit
 
 import orjson
 
-from gateway.receipts.outbox import Ledger, Outbox, OutboxUnavailable
+from gateway.receipts.outbox import MAX_BYTES, Ledger, Outbox, OutboxUnavailable
 from gateway.upstream.client import Connection, Pool, ProtocolError, exchange
 from tlog import checkpoint, merkle, note, proof, tiles
 from tlog.service import log_json
@@ -154,7 +154,7 @@ class Shipper:
 
     def __init__(self, data_dir: Path, url: str, token: str | None, vkey: str | None = None,
                  concurrency: int = 128, witnesses: Sequence[str] = (),
-                 quorum: int = 0) -> None:
+                 quorum: int = 0, max_bytes: int = MAX_BYTES) -> None:
         self.data_dir = data_dir
         self.url = url.rstrip("/")
         u = urlsplit(self.url)
@@ -169,6 +169,7 @@ class Shipper:
             for path in ("/add", "/add-batch"))
         self._proof_head = f"GET {u.path.rstrip('/')}/proof/%s HTTP/1.1\r\nHost: {u.netloc}\r\n\r\n"
 
+        self._max_bytes = max_bytes
         self._batching = True  # until the log answers 404/405 to /add-batch
         self._checker = ProofChecker(vkey, witnesses, quorum)
         self._concurrency = concurrency
@@ -197,7 +198,7 @@ class Shipper:
             raise RuntimeError(f"another shipper holds {self.data_dir / LOCK_FILE}")
         self._lock = fd
         self.outbox = Outbox(self.data_dir, writable=False)
-        self.ledger = Ledger(self.data_dir)
+        self.ledger = Ledger(self.data_dir, self._max_bytes)
         await self.ledger.set_state(False, None)
         self._tasks = [asyncio.create_task(self._poll()), asyncio.create_task(self._prune())]
         self._tasks += [asyncio.create_task(self._worker()) for _ in range(self._concurrency)]
@@ -480,13 +481,16 @@ def main(argv: list[str]) -> int:
                     help="distinct valid witness cosignatures a proof needs")
     ap.add_argument("--concurrency", type=int, default=128)
     ap.add_argument("--parent", type=int, help="exit when this process is gone")
+    ap.add_argument("--outbox-max-bytes", type=int, default=MAX_BYTES,
+                    help="the gateway's [gateway] outbox_max_bytes (sizes the ledger's WAL)")
     a = ap.parse_args(argv)
     log_json()
     _die_with_parent()
     token = a.token_file.read_text().strip() if a.token_file else None
 
     async def run() -> None:
-        shipper = Shipper(a.data, a.log, token, a.vkey, a.concurrency, a.witness_vkey, a.quorum)
+        shipper = Shipper(a.data, a.log, token, a.vkey, a.concurrency, a.witness_vkey, a.quorum,
+                          a.outbox_max_bytes)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
