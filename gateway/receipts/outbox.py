@@ -275,20 +275,22 @@ class _Writer:
 
     def _apply(self, batch: list[_Op]) -> None:
         """Run a batch in one transaction; on failure, each op alone, so only culprits fail."""
-        if self._run(batch) is None:
+        err, committed = self._run(batch)
+        if err is None or committed or len(batch) == 1:
             for _, _, done in batch:
-                done(None)
+                done(err)
         else:
             for op in batch:
-                op[2](self._run([op]))
+                op[2](self._run([op])[0])
         if self.vacuum_due:  # outside any transaction: executescript steps it to the end
             self.vacuum_due = False
             with contextlib.suppress(sqlite3.Error):
                 self._wconn.executescript("PRAGMA incremental_vacuum")
         self._trim_wal()
 
-    def _run(self, ops: list[_Op]) -> BaseException | None:
-        """Apply `ops` in one transaction; the error, if it rolled back."""
+    def _run(self, ops: list[_Op]) -> tuple[BaseException | None, bool]:
+        """Apply `ops` in one transaction: (the error if any, whether it committed; an
+        error after the commit leaves the ops committed: they are not run again)."""
         fault = self.faults or (lambda step: None)
         try:
             fault("begin")
@@ -298,13 +300,16 @@ class _Writer:
                 self._wconn.execute(sql, args)
             fault("commit")
             self._wconn.execute("COMMIT")
-            fault("committed")
         except (sqlite3.Error, OSError) as e:
             if self._wconn.in_transaction:
                 with contextlib.suppress(sqlite3.Error):
                     self._wconn.execute("ROLLBACK")
-            return e
-        return None
+            return e, False
+        try:
+            fault("committed")
+        except (sqlite3.Error, OSError) as e:  # committed, but its success lost
+            return e, True
+        return None, True
 
     def submit(self, sql: str, args: tuple[Any, ...]) -> asyncio.Future[None]:
         """Queue one write; the future resolves once it is committed."""
