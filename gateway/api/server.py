@@ -37,7 +37,6 @@ import hashlib
 import json
 import logging
 import os
-import signal
 import socket
 import sqlite3
 import subprocess
@@ -57,7 +56,14 @@ from gateway.receipts.logclient import LogClient, LogError
 from gateway.receipts.outbox import Outbox, ReceiptSigner
 from gateway.receipts.shipper import LogStatus
 from gateway.upstream.leases import Leases
-from tlog.service import bind, check_data_dir, listen_address, log_json, uvicorn_config
+from tlog.service import (
+    StopSignal,
+    bind,
+    check_data_dir,
+    listen_address,
+    log_json,
+    uvicorn_config,
+)
 
 log = logging.getLogger("gateway.api.server")
 LEASE_MAC_PATH = "pag/gateway/lease-cache"
@@ -276,20 +282,6 @@ def url(scheme: str, sock: socket.socket) -> str:
     """The URL of a bound listener (IPv6 hosts in brackets)."""
     host, port = sock.getsockname()[:2]
     return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
-
-
-class StopSignal:
-    """SIGTERM/SIGINT as a flag. uvicorn handles them while it serves, then re-raises the
-    signal to whatever handler was there before; this one absorbs it, so the gateway's own
-    clean-up (shipper, outbox) runs and the exit status is 0."""
-
-    def __init__(self) -> None:
-        self.received = False
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.received = True
 
 
 async def serve(cfg: gconfig.Config, sock: socket.socket, stop: StopSignal, *,
