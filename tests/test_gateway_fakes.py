@@ -42,7 +42,7 @@ from gateway.receipts.outbox import Outbox, ReceiptSigner
 from gateway.receipts.shipper import LogStatus, Shipper
 from gateway.upstream.leases import Leases, LeaseSource
 from tlog import checkpoint, merkle, note, proof, tiles
-from tlog.service import uvicorn_config
+from tlog.service import StopSignal, uvicorn_config
 from verifier.tee.keyset import keyset_hash
 from witness import cosignature
 
@@ -570,6 +570,7 @@ def serve_main(argv: list[str]) -> None:
     import uvloop
 
     cfg = gconfig.load(argv[0])
+    StopSignal()  # SIGTERM: uvicorn stops, the outbox is closed, exit 0
 
     async def main() -> None:
         rk, ek = Ed25519PrivateKey.generate(), X25519PrivateKey.generate()
