@@ -11,8 +11,9 @@ and leases) and an OpenAI-compatible fake provider in this process. Eight client
 chat (JSON and streamed) and embeddings calls the whole time; a watcher keeps every
 checkpoint the log serves.
 
-- `crash`: every 1-4 s one of gateway, log, witness gets SIGKILL and is restarted after
-  0-1 s (the gateway's shipper dies with it: PR_SET_PDEATHSIG).
+- `crash`: every 1-4 s one of gateway, shipper, log, witness gets SIGKILL and is
+  restarted after 0-1 s (the gateway restarts its shipper itself, as `gateway serve`
+  does; a killed gateway's shipper dies with it: PR_SET_PDEATHSIG).
 - `outage`: after 5 s the log is stopped for `--outage` seconds, then started again.
 
 Then every process is left running until the gateway reports no unlogged receipt, the
@@ -31,6 +32,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import random
 import signal
 import sys
@@ -101,6 +103,44 @@ class Service:
 
 
 @dataclass
+class Shipper:
+    """The gateway's shipper process: found among the gateway's children, restarted by it."""
+
+    gateway: Service
+    name: str = "shipper"
+    kills: int = 0
+
+    def pid(self) -> int | None:
+        """The running shipper's process id, if the gateway has one."""
+        if self.gateway.proc is None or self.gateway.proc.returncode is not None:
+            return None
+        gw = self.gateway.proc.pid
+        try:
+            children = Path(f"/proc/{gw}/task/{gw}/children").read_text().split()
+        except OSError:
+            return None
+        for child in children:
+            with contextlib.suppress(OSError):
+                if b"gateway.receipts.shipper" in Path(f"/proc/{child}/cmdline").read_bytes():
+                    return int(child)
+        return None
+
+    async def kill(self) -> None:
+        pid = self.pid()
+        if pid is not None:
+            os.kill(pid, signal.SIGKILL)
+            self.kills += 1
+
+    async def start(self, timeout: float = 30.0) -> None:
+        """Wait until the gateway has a shipper again."""
+        deadline = time.monotonic() + timeout
+        while self.pid() is None:
+            if time.monotonic() > deadline:
+                raise RuntimeError("the gateway did not restart its shipper")
+            await asyncio.sleep(0.1)
+
+
+@dataclass
 class Tally:
     """What the clients and the watcher saw."""
 
@@ -162,14 +202,18 @@ async def gauges(url: str, tally: Tally, stop: asyncio.Event) -> None:
             await asyncio.sleep(0.25)
 
 
-async def chaos(services: list[Service], stop: asyncio.Event, rng: random.Random) -> None:
-    """kill -9 one service at a random moment, restart it after up to 1 s; repeat."""
+async def chaos(services: list[Service | Shipper], stop: asyncio.Event, rng: random.Random) -> None:
+    """kill -9 one service at a random moment, restart it after up to 1 s; repeat, in
+    shuffled rounds so that every service is hit."""
+    order: list[Service | Shipper] = []
     while not stop.is_set():
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), rng.uniform(1.0, 4.0))
         if stop.is_set():
             return
-        svc = rng.choice(services)
+        if not order:
+            order = rng.sample(services, len(services))
+        svc = order.pop()
         await svc.kill()
         await asyncio.sleep(rng.uniform(0.0, 1.0))
         await svc.start()
@@ -259,6 +303,7 @@ async def run(tmp: Path, mode: str, seconds: float, outage_s: float, seed: int) 
     gateway = Service("gateway", [py, "-m", "tests.test_gateway_fakes", str(cfg), str(gp)],
                       gw_url + "/healthz", tmp / "gateway.out")
     services = [gateway, log, witness]
+    shipper = Shipper(gateway)
     tally = Tally()
     stop = asyncio.Event()
     started = time.monotonic()
@@ -269,7 +314,8 @@ async def run(tmp: Path, mode: str, seconds: float, outage_s: float, seed: int) 
         tasks.append(asyncio.create_task(watcher(ref.url, tally, stop)))
         tasks.append(asyncio.create_task(gauges(gw_url, tally, stop)))
         if mode == "crash":
-            tasks.append(asyncio.create_task(chaos(services, stop, rng)))
+            targets = [*services, shipper]
+            tasks.append(asyncio.create_task(chaos(targets, stop, rng)))
         else:
             tasks.append(asyncio.create_task(outage(log, outage_s, stop)))
         await asyncio.sleep(seconds)
@@ -287,7 +333,7 @@ async def run(tmp: Path, mode: str, seconds: float, outage_s: float, seed: int) 
         exits = {s.name: await s.stop() for s in services}
         await prov.stop()
     summary = {"mode": mode, "seconds": round(time.monotonic() - started, 1),
-               "kills": {s.name: s.kills for s in services}, "failed_calls": dict(tally.failed),
+               "kills": {s.name: s.kills for s in [*services, shipper]}, "failed_calls": dict(tally.failed),
                "gateway_peaks": tally.peak,
                "sigterm_exit": exits, **check_log(log_dir, keys["tlog"], tally)}
     summary["ok"] = (summary["acknowledged_missing"] == 0 and summary["logged_twice"] == 0

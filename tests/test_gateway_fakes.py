@@ -566,7 +566,8 @@ def sha(data: bytes) -> str:
 
 def serve_main(argv: list[str]) -> None:
     """`python -m tests.test_gateway_fakes CONFIG PORT`: the gateway with fake keys and
-    leases, but the real outbox, shipper process and uvicorn serving (for kill -9 tests)."""
+    leases, but the real outbox, shipper process (restarted if it dies, as by `gateway
+    serve`) and uvicorn serving (for kill -9 tests)."""
     import uvloop
 
     cfg = gconfig.load(argv[0])
@@ -584,9 +585,19 @@ def serve_main(argv: list[str]) -> None:
         srv = uvicorn.Server(uvicorn_config(app, cfg.server, host="127.0.0.1",
                                             port=int(argv[1]), lifespan="on",
                                             log_level="warning", access_log=False, loop="none"))
+
+        async def watchdog() -> None:  # as `gateway serve`: a shipper that died is restarted
+            nonlocal shipper
+            while shipper is not None:
+                await asyncio.sleep(0.5)
+                if shipper.poll() is not None:
+                    shipper = server.start_shipper(cfg)
+
+        watch = asyncio.create_task(watchdog())
         try:
             await srv.serve()
         finally:
+            watch.cancel()
             server.stop_process(shipper)
             outbox.close()
 

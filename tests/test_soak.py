@@ -1,5 +1,5 @@
 """The soak command (`scripts/soak.py`, docs/reliability.md) in short runs: kill -9 of the
-gateway, the log and the witness at random moments under mixed load, and the log away for
+gateway, its shipper, the log and the witness at random moments under mixed load, and the log away for
 20 s under load. Each run checks, against the log's own database, that every acknowledged
 call's receipt is logged exactly once and every checkpoint served is consistent with the
 final log; here we also check that the faults really happened."""
@@ -36,10 +36,10 @@ def check(summary: dict) -> None:
     assert summary["ok"] is True
 
 
-def test_kill_9_of_gateway_log_and_witness_under_mixed_load_loses_nothing() -> None:
+def test_kill_9_of_gateway_shipper_log_and_witness_under_mixed_load_loses_nothing() -> None:
     s = soak("crash", "--seconds", "40", "--seed", "7", timeout=300)
     check(s)
-    assert sum(s["kills"].values()) >= 5  # the faults happened
+    assert all(n >= 1 for n in s["kills"].values()), s["kills"]  # every fault happened
     assert s["failed_calls"]  # and clients saw them
 
 
