@@ -410,12 +410,15 @@ class Outbox:
         if now - self._usage[0] < USAGE_TTL:
             return self._usage[1]
         total = 0
-        for name in FILES:
-            with contextlib.suppress(FileNotFoundError):
-                total += os.stat(self.data_dir / name).st_size
-        page = self._rconn.execute("PRAGMA page_size").fetchone()[0]
-        for db in ("main", "ledger"):
-            total -= page * self._rconn.execute(f"PRAGMA {db}.freelist_count").fetchone()[0]
+        try:
+            for name in FILES:
+                with contextlib.suppress(FileNotFoundError):
+                    total += os.stat(self.data_dir / name).st_size
+            page = self._rconn.execute("PRAGMA page_size").fetchone()[0]
+            for db in ("main", "ledger"):
+                total -= page * self._rconn.execute(f"PRAGMA {db}.freelist_count").fetchone()[0]
+        except (OSError, sqlite3.Error):
+            return self._usage[1]  # unmeasurable now: the last measurement stands
         self._usage = (now, max(total, 0))
         return self._usage[1]
 

@@ -228,7 +228,7 @@ class Shipper:
                 if through > done:
                     await self.ledger.prune(through)
                     done = through
-            except (OutboxUnavailable, sqlite3.Error) as e:
+            except (OutboxUnavailable, sqlite3.Error, OSError) as e:
                 log.warning("ledger pruning failed: %s", e)
 
     async def _record(self, seq: int, p: proof.TlogProof) -> None:
@@ -419,7 +419,7 @@ class LogStatus:
             try:
                 while await self.outbox.prune():
                     await asyncio.sleep(0)
-            except (OutboxUnavailable, sqlite3.Error) as e:
+            except (OutboxUnavailable, sqlite3.Error, OSError) as e:
                 log.warning("outbox pruning failed: %s", e)
             await asyncio.sleep(PRUNE_EVERY)
 
