@@ -373,14 +373,19 @@ class Outbox:
 
     @faults.setter
     def faults(self, hook: FaultHook | None) -> None:
-        assert self._writer is not None, "outbox opened read-only"
-        self._writer.faults = hook
+        self._writable().faults = hook
+
+    def _writable(self) -> _Writer:
+        """The writer; RuntimeError (a programming error) if opened read-only."""
+        if self._writer is None:
+            raise RuntimeError("outbox opened read-only")
+        return self._writer
 
     async def _write(self, sql: str, args: tuple[Any, ...]) -> None:
         """One write through the writer; OutboxUnavailable if it was not committed."""
-        assert self._writer is not None, "outbox opened read-only"
+        writer = self._writable()
         try:
-            await self._writer.submit(sql, args)
+            await writer.submit(sql, args)
         except (sqlite3.Error, OSError) as e:
             if isinstance(e, sqlite3.IntegrityError):
                 raise  # this write's own fault (a duplicate id), not the storage's
@@ -471,13 +476,12 @@ class Outbox:
         through = self.prunable_through(time.time() if now is None else now)
         if through <= done:
             return 0
-        assert self._writer is not None, "outbox opened read-only"
-        self._writer.vacuum_due = True
+        writer = self._writable()
+        writer.vacuum_due = True
         await asyncio.gather(
-            self._writer.submit("DELETE FROM receipts WHERE seq > ? AND seq <= ?",
-                                (done, through)),
-            self._writer.submit("INSERT OR REPLACE INTO health(k, v) VALUES ('pruned', ?)",
-                                (through,)))
+            writer.submit("DELETE FROM receipts WHERE seq > ? AND seq <= ?", (done, through)),
+            writer.submit("INSERT OR REPLACE INTO health(k, v) VALUES ('pruned', ?)",
+                          (through,)))
         return through - done
 
     def unlogged_after(self, seq: int, limit: int = 1000) -> list[tuple[int, str, bytes]]:
