@@ -11,14 +11,14 @@
 FROM python:3.11.13-slim-bookworm@sha256:86adf8dbadc3d6e82ee5dd2c74bec2e1c2467cdad47886280501df722372d2e1 AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md requirements.lock ./
 COPY gateway ./gateway
 COPY tlog ./tlog
 COPY witness ./witness
 COPY verifier ./verifier
 RUN python -m venv /opt/pag \
  && /opt/pag/bin/pip install --upgrade pip \
- && /opt/pag/bin/pip install '/src[server]' \
+ && /opt/pag/bin/pip install -c /src/requirements.lock '/src[server]' \
  && /opt/pag/bin/pag-gateway --version
 
 # --- runtime: the venv only, run by an unprivileged user --------------------------------

@@ -6,9 +6,9 @@ STAMP := $(VENV)/.installed
 DATA ?= $(CURDIR)/.demo-data
 LISTEN ?= 127.0.0.1:8000
 
-.PHONY: setup demo test lint bench
+.PHONY: setup demo test lint bench audit lock
 
-$(STAMP): pyproject.toml scripts/setup.sh
+$(STAMP): pyproject.toml scripts/setup.sh requirements.lock
 	bash scripts/setup.sh $(PY) $(VENV)
 	touch $(STAMP)
 
@@ -23,3 +23,13 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+
+# pip-audit over requirements.lock: exit 1 on a known vulnerability, 3 when it could
+# not check (database unreachable or not knowing the packages); docs/security.md.
+audit: $(STAMP)
+	$(BIN)/python scripts/audit.py
+
+# Rewrite requirements.lock from the installed .venv (after changing pyproject.toml).
+lock: $(STAMP)
+	{ sed -n '/^#/p' requirements.lock; $(BIN)/pip freeze --exclude-editable; } > requirements.lock.new
+	mv requirements.lock.new requirements.lock

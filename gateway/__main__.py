@@ -1,4 +1,4 @@
-"""`python -m gateway COMMAND ...` (serve, demo, verify-routes, verify-evidence; also
+"""`python -m gateway COMMAND ...` (serve, demo, verify-routes, verify-evidence, revoke-key; also
 installed as `pag-gateway`): dispatch to the command's module; `--version` prints the
 installed version."""
 
@@ -15,6 +15,8 @@ commands:
   verify-evidence --log URL --vkey VKEY --index N [--witness VKEY ...]
                   [--allow-simulated] [--collateral FILE]
                                               re-verify a logged pag-evidence/1 entry
+  revoke-key --config FILE --sha256 HEX [--undo]
+                                              revoke an API key on every replica ([shared])
 """
 
 
@@ -41,6 +43,9 @@ def main(argv: list[str]) -> int:
     if cmd == "verify-evidence":
         from gateway.api import verify_evidence
         return verify_evidence.main(rest)
+    if cmd == "revoke-key":
+        from gateway.api import revoke_key
+        return revoke_key.main(rest)
     print(f"unknown command {cmd!r}\n{USAGE}", end="", file=sys.stderr)
     return 2
 

@@ -23,4 +23,5 @@ fi
 
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q --upgrade pip
-"$VENV/bin/python" -m pip install -q -e '.[dev]'
+# The locked versions (requirements.lock, checked by `make audit`) as constraints.
+"$VENV/bin/python" -m pip install -q -e '.[dev]' -c requirements.lock

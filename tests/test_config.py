@@ -118,6 +118,14 @@ def test_defaults(tmp_path: Path) -> None:
      "[routes.policy]\nmax_lease_age = 0\n", "max_lease_age must be positive"),
     ("[leases]\nredis_url = 'http://127.0.0.1:6379'\n", "not a redis:// URL"),
     ("[leases]\nredis = 'redis://127.0.0.1'\n", "unknown key 'redis'"),
+    ("[shared]\nredis_url = 'http://127.0.0.1:6379'\n", "redis_url: not a redis://"),
+    ("[shared]\nprefix = ''\n", "prefix must not be empty"),
+    ("[shared]\ntimeout = 0\n", "timeout must be positive"),
+    ("[shared]\nredis_url = 'redis://r'\nhold_seconds = 600\n[[routes]]\nid='r'\nmodel='m'\n"
+     "provider='p'\nbase_url='http://x/v1'\n",
+     "must exceed the longest call a route allows (600 s)"),
+    ("[shared]\nredis_url = 'redis://r'\nhold_seconds = 3000\n[[routes]]\nid='r'\nmodel='m'\n"
+     "provider='p'\nbase_url='http://x/v1'\ntimeout = 1000\nretries = 2\n", "(3000 s)"),
     ("not toml = = =", "not valid TOML"),
 ])
 def test_errors_name_the_key(tmp_path: Path, text: str, message: str) -> None:
@@ -194,3 +202,25 @@ def test_log_keys_are_read_from_the_files_the_services_publish(tmp_path: Path) -
     (keys / "two.vkey").write_text("a+01234567+AAAA\nb+01234567+AAAA\n")
     with pytest.raises(config.ConfigError, match="one key on one line"):
         config.load(write(tmp_path, '[log]\nvkey_file = "keys/two.vkey"\n'))
+
+
+def test_shared_redis_is_the_default_for_nonces_and_leases(tmp_path: Path) -> None:
+    plain = config.load(write(tmp_path, ""))
+    assert plain.shared.redis_url is None and plain.replay_redis is None \
+        and plain.lease_redis is None  # everything in this process
+    cfg = config.load(write(tmp_path, "[shared]\nredis_url = 'redis://r:6379/1'\n"
+                            "prefix = 'gw1:'\nhold_seconds = 700\n"))
+    assert (cfg.shared.prefix, cfg.shared.hold_seconds, cfg.shared.timeout) == ("gw1:", 700, 2.0)
+    assert cfg.replay_redis == ("redis://r:6379/1", "gw1:e2ee:")
+    assert cfg.lease_redis == ("redis://r:6379/1", "gw1:lease:")
+    own = config.load(write(tmp_path, "[shared]\nredis_url = 'redis://r/1'\n"
+                            "[e2ee]\nredis_url = 'redis://e/2'\nprefix = 'n:'\n"
+                            "[leases]\nredis_url = 'redis://l/3'\n"))
+    assert own.replay_redis == ("redis://e/2", "n:")  # a table of its own wins
+    assert own.lease_redis == ("redis://l/3", "pag:lease:")
+
+
+def test_long_streams_need_no_shared_table(tmp_path: Path) -> None:
+    cfg = config.load(write(tmp_path, "[[routes]]\nid='r'\nmodel='m'\nprovider='p'\n"
+                            "base_url='http://x/v1'\nstream_timeout = 3600\n"))
+    assert cfg.routes[0].stream_timeout == 3600.0 and cfg.shared.redis_url is None

@@ -12,11 +12,10 @@ import time
 
 import httpx
 import pytest
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from tests.test_verifier_cli import _receipt, _write_log
+from tests.attested_log import attested_log, make_receipt, write_log
 from tests.tlogutil import free_port, wait_http
-from tlog import note
+from verifier import receipt
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -49,13 +48,19 @@ class _Cells(html.parser.HTMLParser):
 @pytest.mark.skipif(CHROMIUM is None, reason="CHROMIUM NOT INSTALLED: apt-get install chromium "
                                              "(scripts/setup.sh does this); dashboard not tested")
 def test_dashboard_numbers_match_the_log(tmp_path):
-    key = Ed25519PrivateKey.generate()
-    entries = [_receipt(key, route="demo", request=b"%d" % i) for i in range(5)]
-    entries += [_receipt(key, route="backup", provider="p2", verified=False, request=b"u")]
-    signer = note.generate_signer("example.com/dash")
-    _write_log(tmp_path / "log", signer, entries + [b"plain entry"])
+    a = attested_log("example.com/dash")
+    key = a.receipt_key
+
+    def rec(**kw) -> bytes:
+        return receipt.entry(make_receipt(key, a.gateway, **kw))
+
+    entries = [*a.entries, *(rec(route="demo", request=b"%d" % i) for i in range(5))]
+    entries += [rec(route="backup", provider="p2", verified=False, request=b"u")]
+    signer = a.signer
+    write_log(tmp_path / "log", signer, entries + [b"plain entry"])
     policy = tmp_path / "policy.json"
     policy.write_text(json.dumps({
+        "allow_simulated": True,
         "gateway_keys": [base64.b64encode(key.public_key().public_bytes_raw()).decode()]}))
     port = free_port()
     mon = subprocess.Popen([sys.executable, "-m", "verifier", "monitor", "--log",
@@ -77,7 +82,7 @@ def test_dashboard_numbers_match_the_log(tmp_path):
         assert 'data-loaded="yes"' in dom, dom[:500]
         cells = _Cells()
         cells.feed(dom)
-        assert cells.by_id["size"] == "7"  # 6 receipts + 1 plain entry
+        assert cells.by_id["size"] == "9"  # genesis, keyset entry, 6 receipts, 1 plain entry
         assert cells.by_id["receipts"] == "6"
         assert cells.by_id["alerts"] == "1"  # the unverified upstream
         assert cells.by_id["origin"] == "example.com/dash"

@@ -231,7 +231,8 @@ def test_dockerfile_is_multi_stage_pinned_non_root_and_from_the_checkout() -> No
     assert any(ln.startswith("COPY --from=") for ln in runtime)
     build = lines[lines.index(froms[0]):last]
     assert any(re.match(r"COPY pyproject\.toml", ln) for ln in build)
-    assert any("pip install" in ln and "/src[server]" in ln for ln in " ".join(build).split("&&"))
+    assert any("pip install -c /src/requirements.lock" in ln and "/src[server]" in ln
+               for ln in " ".join(build).split("&&"))
     for package in ("gateway", "tlog", "witness", "verifier"):
         assert any(re.fullmatch(rf"COPY {package} \./{package}", ln) for ln in build), package
 
@@ -241,7 +242,8 @@ def test_dockerignore_lets_only_the_sources_in() -> None:
              if ln.strip() and not ln.startswith("#")]
     assert lines[0] == "*"  # everything out (.venv, .git, .demo-data keys), then the sources
     allowed = {ln[1:].rstrip("/") for ln in lines if ln.startswith("!")}
-    assert allowed == {"pyproject.toml", "README.md", "gateway", "tlog", "witness", "verifier"}
+    assert allowed == {"pyproject.toml", "README.md", "requirements.lock", "gateway", "tlog",
+                       "witness", "verifier"}  # the lock: the image installs the audited set
 
 
 def test_the_logs_witness_flags_hold_together(compose: dict[str, Any], tmp_path: Path) -> None:

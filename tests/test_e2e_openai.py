@@ -233,7 +233,8 @@ def test_verifier_cli_checks_the_proof_and_the_receipt(
     proof_file.write_text(doc["proof"])
     ready = stack.ready
     ok = subprocess.run([sys.executable, "-m", "verifier", "proof", "--vkey", ready["log_vkey"],
-                         "--witness", ready["witness_vkey"], "--quorum", "1", str(proof_file)],
+                         "--witness", ready["witness_vkey"], "--quorum", "1", "--log",
+                         ready["tlog"], "--allow-simulated", str(proof_file)],
                         cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert ok.returncode == 0, ok.stdout + ok.stderr
     receipt_cmd = [sys.executable, "-m", "verifier", "receipt", "--gateway", ready["gateway"],

@@ -272,7 +272,9 @@ def test_upstream_errors_map_to_502_and_504(tmp_path: Path) -> None:
             assert len(prov.received) == 2  # one retry
             prov.fail_status = 400
             r = await c.post(url, content=body, headers=AUTH)
-            assert r.status_code == 400 and r.content == b'{"error":"boom"}'
+            assert (r.status_code, r.json()["error"]) == (400, {  # a provider 4xx, as JSON
+                "message": "provider answered HTTP 400: boom", "type": "upstream_error",
+                "code": "upstream_rejected", "param": None})
             rc = (await fetch_receipt(s, r.headers["x-receipt-id"]))["receipt"]
             assert rc["provider_response_hash"] == D(r, b'{"error":"boom"}')
             prov.fail_status = None

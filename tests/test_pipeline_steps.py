@@ -534,7 +534,11 @@ def test_finish_json_passes_a_provider_error_but_withholds_it_from_an_e2ee_calle
     svc = services()
     call = served_call(svc)
     echo = b'{"error": "bad: ' + MARKER.encode() + b'"}'
-    assert pipeline.finish_json(svc, call, reply(echo, 400))[:2] == (400, echo)
+    status, out, ctype = pipeline.finish_json(svc, call, reply(echo, 400))
+    assert (status, ctype) == (400, b"application/json")
+    assert json.loads(out)["error"] == {"message": f"provider answered HTTP 400: bad: {MARKER}",
+                                        "type": "upstream_error", "code": "upstream_rejected",
+                                        "param": None}
     assert call.refusal == {"code": "upstream_rejected", "status": 400}
     svc, sealer, _ = e2ee_parts()
     call = served_call(svc, sealer)
@@ -543,6 +547,34 @@ def test_finish_json_passes_a_provider_error_but_withholds_it_from_an_e2ee_calle
     assert json.loads(out)["error"]["code"] == "upstream_rejected"
     assert MARKER.encode() not in out
     assert call.provider_response_hash == receipt.digest(SALT, echo)
+
+
+@pytest.mark.parametrize(("body", "want"), [
+    (b'{"error": {"message": "too long", "type": "invalid_request_error", "param": "messages",'
+     b' "code": "context_length_exceeded"}}',
+     {"message": "provider answered HTTP 400: too long", "type": "invalid_request_error",
+      "param": "messages", "code": "context_length_exceeded"}),
+    (b'{"error": {"message": "no", "type": "invalid_request_error", "code": null}}',
+     {"message": "provider answered HTTP 400: no", "type": "invalid_request_error",
+      "param": None, "code": "upstream_rejected"}),
+    (b"<html><script>alert(1)</script></html>",
+     {"message": "provider answered HTTP 400", "type": "upstream_error", "param": None,
+      "code": "upstream_rejected"}),
+    (b'{"error": {"code": "<script>", "message": 7}}',
+     {"message": "provider answered HTTP 400", "type": "upstream_error", "param": None,
+      "code": "upstream_rejected"}),
+    (b"[1, 2]", {"message": "provider answered HTTP 400", "type": "upstream_error",
+                 "param": None, "code": "upstream_rejected"}),
+])
+def test_a_provider_4xx_reaches_the_caller_as_json_with_a_code(body: bytes,
+                                                               want: dict[str, object]) -> None:
+    """What an OpenAI-style provider error says is kept; nothing else of the provider's
+    answer (its bytes, its content type) is served as the gateway's."""
+    svc = services()
+    call = served_call(svc)
+    status, out, ctype = pipeline.finish_json(svc, call, reply(body, 400, ctype="text/html"))
+    assert (status, ctype, json.loads(out)) == (400, b"application/json", {"error": want})
+    assert call.provider_response_hash == receipt.digest(SALT, body)  # the receipt: as sent
 
 
 @pytest.mark.parametrize(("usage", "kept"), [

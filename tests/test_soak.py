@@ -1,4 +1,4 @@
-"""The soak command (`scripts/soak.py`, docs/reliability.md) in short runs: kill -9 of the
+"""The soak command (`bench/soak.py`, docs/reliability.md) in short runs: kill -9 of the
 gateway, its shipper, the log and the witness at random moments under mixed load, and the log away for
 20 s under load. Each run checks, against the log's own database, that every acknowledged
 call's receipt is logged exactly once and every checkpoint served is consistent with the
@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def soak(*args: str, timeout: float) -> dict:
-    r = subprocess.run([sys.executable, "scripts/soak.py", *args], cwd=ROOT,
+    r = subprocess.run([sys.executable, "bench/soak.py", *args], cwd=ROOT,
                        capture_output=True, text=True, timeout=timeout)
     lines = [x for x in r.stdout.splitlines() if x.startswith("{")]
     assert lines, f"no summary (exit {r.returncode}): {r.stderr[-2000:]}"

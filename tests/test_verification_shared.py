@@ -82,6 +82,42 @@ def test_replicas_verify_a_route_once_between_them(calls: list[str]) -> None:
     assert len({lease.lease_id for lease in leases}) == 1
 
 
+def test_a_replica_waiting_adopts_a_lease_verified_after_its_call_began(calls: list[str]
+                                                                        ) -> None:
+    """B's call begins at now = 1000.0 while A, whose call began 20 ms later, verifies:
+    the lease A verifies is stamped 1000.02, after B's `now`, and B still adopts it."""
+    async def run() -> tuple[Lease, Lease]:
+        (a, b), prefix = _replicas(2)
+        try:
+            first = asyncio.create_task(a.ensure(_route(), 1000.02))
+            await asyncio.sleep(0.01)  # A holds the shared lock and is verifying
+            return await first, await b.ensure(_route(), 1000.0)
+        finally:
+            await _close([a, b], prefix)
+
+    on_a, on_b = asyncio.run(run())
+    assert calls == ["r1"]
+    assert on_a.lease_id == on_b.lease_id
+
+
+def test_a_lease_stamped_far_ahead_is_not_adopted() -> None:
+    async def run() -> list[Lease | None]:
+        prefix = f"pag-test:{secrets.token_hex(6)}:"
+        store = SharedLeases(REDIS, secrets.token_bytes(32), prefix)
+        lease = Lease("r1", "p", "fake", "00", "tls-spki:" + "ab" * 32, 1100.0, 1200.0)
+        try:
+            await store.put(_route(), lease, 1000.0)
+            return [await store.get(_route(), t) for t in (1000.0, 1080.0, 1199.0, 1200.0)]
+        finally:
+            await _close([], prefix)
+            await store.close()
+
+    got = asyncio.run(run())
+    assert got[0] is None  # 100 s ahead of this replica's clock: not adopted
+    assert got[1] is not None and got[2] is not None  # within shared.AHEAD, then valid
+    assert got[3] is None  # expired
+
+
 def test_forged_or_foreign_entries_are_ignored(calls: list[str]) -> None:
     async def run() -> tuple[Lease, Lease, Lease]:
         stores, prefix = _replicas(1)

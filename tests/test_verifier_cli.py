@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from tests.attested_log import AttestedLog, attested_log, make_receipt
 from tlog import checkpoint, merkle, note, tiles
 from verifier import receipt
 
@@ -198,33 +199,42 @@ def _receipt(key: Ed25519PrivateKey, route: str = "demo", provider: str = "demo"
     return receipt.entry(receipt.sign(body, key))
 
 
-def test_monitor_flags_policy_violations(tmp_path):
-    good_key, rogue_key = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
-    entries = [
-        _receipt(good_key, request=b"ok"),
-        _receipt(good_key, route="shadow", request=b"forbidden"),
-        _receipt(good_key, verified=False, request=b"unverified"),
-        _receipt(rogue_key, request=b"rogue"),
-        b"not a receipt",
-    ]
-    signer = note.generate_signer("example.com/receipts")
+@pytest.fixture(scope="module")
+def attested() -> AttestedLog:
+    return attested_log("example.com/receipts")
+
+
+def test_monitor_flags_policy_violations(tmp_path, attested):
+    a = attested
+    good_key, rogue_key = a.receipt_key, Ed25519PrivateKey.generate()
+
+    def rec(key, **kw) -> bytes:
+        return receipt.entry(make_receipt(key, a.gateway, **kw))
+
+    entries = [*a.entries,
+               rec(good_key, request=b"ok"),
+               rec(good_key, route="shadow", request=b"forbidden"),
+               rec(good_key, verified=False, request=b"unverified"),
+               rec(rogue_key, request=b"rogue"),
+               b"not a receipt"]
+    signer = a.signer
     _write_log(tmp_path / "log", signer, entries)
     policy = tmp_path / "policy.json"
     policy.write_text(json.dumps({
-        "gateway_keys": [base64.b64encode(good_key.public_key().public_bytes_raw()).decode()],
+        "allow_simulated": True, "app_id": a.gateway["app_id"],
         "allowed_routes": ["demo"], "allowed_providers": ["demo"], "require_verified": True}))
     r = verifier("monitor", "--once", "--log", str(tmp_path / "log"), "--vkey", signer.vkey,
                  "--policy", str(policy), "--state", str(tmp_path / "m.json"))
     alerts = [json.loads(line) for line in r.stdout.decode().splitlines()]
     assert r.returncode == 1
     assert sorted((a["alert"], a["index"]) for a in alerts) == [
-        ("forbidden_route", 1), ("unknown_signing_key", 3), ("unverified_upstream", 2)]
+        ("forbidden_route", 3), ("unattested_receipt", 5), ("unverified_upstream", 4)]
     # a later poll of the same log raises nothing new
     r = verifier("monitor", "--once", "--log", str(tmp_path / "log"), "--vkey", signer.vkey,
                  "--policy", str(policy), "--state", str(tmp_path / "m.json"))
     assert r.returncode == 0 and r.stdout == b""
     # a split view: the same key signs another history of the same size
-    other = [entries[0], _receipt(good_key, request=b"rewritten")] + entries[2:]
+    other = [*entries[:3], rec(good_key, request=b"rewritten"), *entries[4:]]
     _write_log(tmp_path / "fork", signer, other + [b"grown"])
     r = verifier("monitor", "--once", "--log", str(tmp_path / "fork"), "--vkey", signer.vkey,
                  "--policy", str(policy), "--state", str(tmp_path / "m.json"))

@@ -7,7 +7,6 @@ more non-empty extension lines. Size has no leading zeros; the root is 32 bytes.
 from __future__ import annotations
 
 import base64
-import binascii
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -57,7 +56,7 @@ def parse(text: bytes) -> Checkpoint:
         raise CheckpointError("tree size too large")
     try:
         root_hash = base64.b64decode(root_s, validate=True)
-    except binascii.Error as e:
+    except ValueError as e:  # binascii.Error, or a str with non-ASCII characters
         raise CheckpointError("malformed root hash") from e
     if len(root_hash) != HASH_SIZE:
         raise CheckpointError("root hash is not 32 bytes")

@@ -169,7 +169,7 @@ def parse_skey(skey: str) -> Ed25519Signer:
         raise NoteError("malformed skey")
     try:
         raw = base64.b64decode(parts[4], validate=True)
-    except binascii.Error as e:
+    except ValueError as e:  # binascii.Error, or a str with non-ASCII characters
         raise NoteError("malformed skey") from e
     if len(raw) != 33 or raw[0] != ALG_ED25519:
         raise NoteError("skey is not an Ed25519 note key")
@@ -254,7 +254,7 @@ def split(msg: bytes) -> tuple[bytes, list[Signature]]:
         name, sp, b64 = line[len(SIG_PREFIX) :].decode().partition(" ")
         try:
             raw = base64.b64decode(b64, validate=True)
-        except binascii.Error as e:
+        except ValueError as e:  # binascii.Error, or a str with non-ASCII characters
             raise NoteError("malformed signature") from e
         if not sp or not valid_name(name) or len(raw) < 5:
             raise NoteError("malformed signature line")

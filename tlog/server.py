@@ -6,7 +6,8 @@ POST /add-batch (an extension: many entries, one request), GET
 for operators GET /metrics (tlog/metrics.py), GET /healthz (the process
 answers) and GET /readyz (storage answers now, the served checkpoint is
 signed by the loaded key: 200, else 503 naming what failed).
-Every malformed request is a 4xx with a short plain-text or JSON reason.
+Every malformed request is a 4xx JSON `{"error", "code"}` (`tlog.service.refuse`);
+GET /openapi.json describes the whole API.
 What the log cannot do right now is a 503 JSON `{"error", "code"}` with
 `Retry-After`: an append not acknowledged (the codes of
 tlog/sequencer.py: `storage_unavailable`, `quorum_not_reached`,
@@ -23,12 +24,14 @@ import hmac
 import json
 import re
 import time
+from pathlib import Path
 from urllib.parse import parse_qs
 
 from tlog import checkpoint, merkle, tiles
 from tlog.metrics import LogMetrics
 from tlog.sequencer import SEQUENCER, STORAGE_UNAVAILABLE, AppendError, Log, NotSequencer
 from tlog.service import (
+    JSON,
     METRICS_TEXT,
     TEXT,
     Probe,
@@ -37,12 +40,14 @@ from tlog.service import (
     Send,
     observed,
     read_body,
+    refuse,
     respond,
 )
 from tlog.storage import StorageError
 
 OCTETS = b"application/octet-stream"
-JSON = b"application/json"
+OPENAPI = (Path(__file__).parent / "openapi.json").read_bytes()
+"""The OpenAPI 3 description of this API, written by hand (served at GET /openapi.json)."""
 IMMUTABLE = b"public, max-age=31536000, immutable"
 HEX64 = re.compile(r"[0-9a-f]{64}")
 PING_TIMEOUT = 3.0
@@ -80,12 +85,12 @@ class TlogApp:
         method, path = scope["method"], scope["path"]
         if path in ("/add", "/add-batch"):
             if method != "POST":
-                return await respond(send, 405, b"use POST\n")
+                return await refuse(send, 405, "method_not_allowed", "use POST")
             if path == "/add":
                 return await self._add(scope, receive, send)
             return await self._add_batch(scope, receive, send)
         if method not in ("GET", "HEAD"):
-            return await respond(send, 405, b"method not allowed\n")
+            return await refuse(send, 405, "method_not_allowed", "use GET")
         if path == "/checkpoint":
             return await respond(send, 200, self.log.served.note, TEXT, b"no-cache")
         if path.startswith("/tile/"):
@@ -105,7 +110,9 @@ class TlogApp:
             return await _json(send, 200, {"alive": True})
         if path == "/readyz":
             return await self._readyz(send)
-        await respond(send, 404, b"not found\n")
+        if path == "/openapi.json":
+            return await respond(send, 200, OPENAPI, JSON, b"no-cache")
+        await refuse(send, 404, "not_found", "no such endpoint")
 
     async def _readyz(self, send: Send) -> None:
         """200 only if storage answers now and the served checkpoint verifies under our key."""
@@ -133,12 +140,13 @@ class TlogApp:
     async def _add(self, scope: Scope, receive: Receive, send: Send) -> None:
         auth = dict(scope["headers"]).get(b"authorization", b"")
         if not hmac.compare_digest(auth, self._auth):
-            return await _json(send, 401, {"error": "missing or wrong bearer token"})
+            return await refuse(send, 401, "unauthorized", "missing or wrong bearer token")
         body = await read_body(scope, receive, self.max_entry)
         if body is None:
-            return await _json(send, 413, {"error": f"entry larger than {self.max_entry} bytes"})
+            return await refuse(send, 413, "entry_too_large",
+                                f"entry larger than {self.max_entry} bytes")
         if not body:
-            return await _json(send, 400, {"error": "empty entry"})
+            return await refuse(send, 400, "empty_entry", "empty entry")
         started = time.perf_counter()
         try:
             added = await self.log.add(body)
@@ -159,17 +167,18 @@ class TlogApp:
         """
         auth = dict(scope["headers"]).get(b"authorization", b"")
         if not hmac.compare_digest(auth, self._auth):
-            return await _json(send, 401, {"error": "missing or wrong bearer token"})
+            return await refuse(send, 401, "unauthorized", "missing or wrong bearer token")
         body = await read_body(scope, receive, tiles.WIDTH * (self.max_entry + 2))
         if body is None:
-            return await _json(send, 413, {"error": "batch larger than 256 largest entries"})
+            return await refuse(send, 413, "batch_too_large",
+                                "batch larger than 256 largest entries")
         try:
             entries = tiles.decode_bundle(body)
         except tiles.TileError as e:
-            return await _json(send, 400, {"error": f"bad batch: {e}"})
+            return await refuse(send, 400, "bad_batch", f"bad batch: {e}")
         if not entries or any(not e or len(e) > self.max_entry for e in entries):
-            return await _json(send, 400, {"error": "empty batch, empty entry or entry larger "
-                                                    f"than {self.max_entry} bytes"})
+            return await refuse(send, 400, "bad_batch", "empty batch, empty entry or entry "
+                                f"larger than {self.max_entry} bytes")
         if self.log.role != SEQUENCER:
             return await _not_sequencer(send, self.log.sequencer_url)
         results = await asyncio.gather(*(self.log.add(e) for e in entries),
@@ -189,34 +198,37 @@ class TlogApp:
         try:
             t = tiles.parse_path(p)
         except tiles.TileError as e:
-            return await respond(send, 400, f"{e}\n".encode())
+            return await refuse(send, 400, "bad_tile_path", str(e))
         if t.level is None:
             data = self.log.bundle(t.index, t.width)
         else:
             data = self.log.tile(t.level, t.index, t.width)
         if data is None:
-            return await respond(send, 404, b"tile beyond the tree\n")
+            return await refuse(send, 404, "tile_not_found", "tile beyond the tree")
         cache = IMMUTABLE if not t.partial else b"public, max-age=3600"
         await respond(send, 200, data, OCTETS, cache)
 
     async def _proof(self, request_hash: str, send: Send) -> None:
         if not HEX64.fullmatch(request_hash):
-            return await respond(send, 400, b"request hash must be 64 lower-case hex digits\n")
+            return await refuse(send, 400, "invalid_request_hash",
+                                "request hash must be 64 lower-case hex digits")
         text = self.log.proof_for(request_hash)
         if text is None:
-            return await respond(send, 404, b"no logged receipt with that request hash\n")
+            return await refuse(send, 404, "proof_not_found",
+                                "no logged receipt with that request hash")
         await respond(send, 200, text, TEXT, b"no-cache")
 
     async def _consistency(self, scope: Scope, send: Send) -> None:
         q = parse_qs(scope.get("query_string", b"").decode("latin-1"))
         old, new = _size(q.get("old")), _size(q.get("new"))
         if old is None or new is None:
-            return await _json(send, 400, {"error": "old and new must each be given once, "
-                                                    "as decimal tree sizes"})
+            return await refuse(send, 400, "bad_consistency_request",
+                                "old and new must each be given once, as decimal tree sizes")
         try:
             hashes = self.log.consistency(old, new)
         except merkle.ProofError as e:
-            return await _json(send, 400, {"error": f"bad consistency request: {e}"})
+            return await refuse(send, 400, "bad_consistency_request",
+                                f"bad consistency request: {e}")
         await _json(send, 200, {"proof": [base64.b64encode(h).decode() for h in hashes]})
 
 
@@ -242,9 +254,7 @@ async def _not_sequencer(send: Send, sequencer: str | None) -> None:
 
 async def _unavailable(send: Send, code: str, reason: str) -> None:
     """503 for what the log cannot do now; the client tries again after a second."""
-    body = {"error": reason, "code": code}
-    await respond(send, 503, json.dumps(body).encode(), JSON, b"no-store",
-                  [(b"retry-after", b"1")])
+    await refuse(send, 503, code, reason, [(b"retry-after", b"1")])
 
 
 async def _json(send: Send, status: int, obj: object) -> None:

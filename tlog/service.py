@@ -50,6 +50,7 @@ Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 TEXT = b"text/plain; charset=utf-8"
+JSON = b"application/json"
 METRICS_TEXT = b"text/plain; version=0.0.4; charset=utf-8"
 """Content-Type of a Prometheus text-format page (what prometheus_client's
 generate_latest writes)."""
@@ -85,6 +86,14 @@ async def respond(send: Send, status: int, body: bytes, ctype: bytes = TEXT,
         h += headers
     await send({"type": "http.response.start", "status": status, "headers": h})
     await send({"type": "http.response.body", "body": body})
+
+
+async def refuse(send: Send, status: int, code: str, reason: str,
+                 headers: list[tuple[bytes, bytes]] | None = None) -> None:
+    """A refusal as every service answers one: JSON `{"error": reason, "code": code}`,
+    never cached. `code` is stable (clients branch on it); `reason` is one line for people."""
+    body = json.dumps({"error": reason, "code": code}).encode()
+    await respond(send, status, body, JSON, b"no-store", headers)
 
 
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]

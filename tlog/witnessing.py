@@ -136,7 +136,7 @@ class WitnessPool:
     async def _submit(self, url: str, note_bytes: bytes, size: int,
                       prove: Callable[[int, int], list[bytes]]) -> dict[KeyRef, note.Signature]:
         """Ask one witness; its valid cosignatures, or WitnessFailure."""
-        assert self._client is not None
+        assert self._client is not None  # noqa: S101 - type narrowing: opened by start()
         st = self.status[url]
         text, _ = note.split(note_bytes)
         for _ in range(2):

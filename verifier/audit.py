@@ -83,7 +83,7 @@ class Fetcher:
                 return await asyncio.to_thread(p.read_bytes)
             except OSError as e:
                 raise AuditError(f"{path}: cannot read ({e.strerror})") from e
-        assert self._client is not None
+        assert self._client is not None  # noqa: S101 - type narrowing: opened by __aenter__
         async with self._sem:
             try:
                 r = await self._client.get(f"{self.base}/{path}")

@@ -45,7 +45,6 @@ logged document is re-verified.
 from __future__ import annotations
 
 import base64
-import binascii
 import hashlib
 import hmac
 import json
@@ -153,7 +152,7 @@ def decode_document(obj: Mapping[str, Any]) -> bytes:
     elif encoding == "base64":
         try:
             data = base64.b64decode(text, validate=True)
-        except binascii.Error as e:
+        except ValueError as e:  # binascii.Error, or a str with non-ASCII characters
             raise EvidenceEntryError("malformed", "document is not base64") from e
     else:
         raise EvidenceEntryError("malformed", "unknown document_encoding")
@@ -178,7 +177,7 @@ def join_parts(parts: Sequence[Mapping[str, Any]], document_sha256: str) -> byte
                                      f"{len(parts)} of this document")
         try:
             data += base64.b64decode(str(p.get("data", "")), validate=True)
-        except binascii.Error as e:
+        except ValueError as e:  # binascii.Error, or a str with non-ASCII characters
             raise EvidenceEntryError("malformed", f"part {i} is not base64") from e
     _check_sha(data, document_sha256)
     return data

@@ -1,15 +1,40 @@
-"""Tail a log, check each receipt against a route policy, alert on violations.
+"""Tail a log, accept each receipt through `receipt_check`, alert on policy violations.
 
 Each poll audits the log from the saved state (so a checkpoint inconsistent
-with an earlier one is caught as a split view), checks every new receipt
-entry (signature, shape, signing key, route, provider, model, upstream
-verification, E2EE mode), and compares the log's checkpoint with the latest
-one each configured witness reports for the same size. Alerts are JSON lines
-on stdout; `--webhook URL` also POSTs each one.
+with an earlier one is caught as a split view) and classifies every new
+entry, in log order:
 
-Policy file (JSON):
+- a keyset entry (`pag-keyset/1`) is checked under the policy's keyset pins
+  (`receipt_check.trusted_keyset`); in policy it becomes a trusted keyset for
+  the receipts after it, else the alert `keyset_out_of_policy`;
+- a receipt (`pag-receipt/...`) is accepted only by `receipt_check.accept`
+  with the trusted keysets logged *before* it. A receipt that does not parse
+  or whose signature fails is `bad_receipt`; one whose key has no logged,
+  in-policy keyset entry before it is `unattested_receipt`. Accepted
+  receipts, and only they, are checked against the route policy
+  (`forbidden_route|provider|model`, `unverified_upstream`, `e2ee_mode`,
+  `unknown_signing_key`), except refusals: a receipt that forwarded nothing
+  (`forwarded_hash` null: the call never reached a provider) breaks no route
+  rule and is counted as a refusal;
+- evidence entries and anything else are counted.
 
-    {"gateway_keys": ["<base64 receipt_signing_key>", ...],   # empty: any key
+Invariant: no entry, however malformed (not JSON, not an object, huge
+numbers, NaN, wrong types, deep nesting), stops the monitor. The worst an
+entry does is one alert (`entry_unreadable` if a check itself fails), and the
+state always advances past it. Entry classes are counted apart
+(`pag_monitor_entries_total{kind=...}`: receipt, refusal,
+receipt_unattested, receipt_invalid, keyset, keyset_out_of_policy, evidence,
+other); label values from the log are escaped in /metrics. Alerts are JSON
+lines on stdout; `--webhook URL` also POSTs each one. The trusted keysets are
+saved beside `--state` (`STATE.keysets.json`) so a restart keeps them; start
+a new state when the keyset pins change.
+
+Policy file (JSON object; every key optional):
+
+    {"allow_simulated": false, "app_id": HEX, "compose_hash": HEX,
+     "measurements": [{"mr_td": HEX, "rtmr0": HEX, ...}, ...],
+     "collateral": "FILE" | null, "pccs_url": URL | null,
+     "gateway_keys": ["<base64 receipt_signing_key>", ...],   # empty: any attested key
      "allowed_routes": [...], "allowed_providers": [...], "allowed_models": [...],
      "require_verified": true, "require_e2ee": "aci-1" | null}
 """
@@ -18,8 +43,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import contextlib
+import dataclasses
 import json
 import sys
 import time
@@ -31,13 +56,27 @@ import httpx
 
 from tlog import checkpoint, note
 from verifier import audit as auditing
-from verifier import receipt
+from verifier import evidence_entry, keyset_entry, receipt_check
 from witness import cosignature
+
+ENTRY_KINDS = ("receipt", "refusal", "receipt_unattested", "receipt_invalid", "keyset",
+               "keyset_out_of_policy", "evidence", "other")
+UNATTESTED_CODES = ("keyset_not_before", "keyset_unavailable", "keyset_entry_invalid",
+                    "receipt_key_mismatch", "receipt_mismatch")
+
+
+def _strings(obj: dict[str, Any], key: str) -> list[str] | None:
+    v = obj.get(key)
+    if v is None:
+        return None
+    if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+        raise ValueError(f"policy {key} must be a list of strings or null")
+    return v
 
 
 @dataclass
 class Policy:
-    """What receipts in the log are allowed to say."""
+    """What the log's keyset entries and receipts are allowed to say."""
 
     gateway_keys: list[str] = field(default_factory=list)
     allowed_routes: list[str] | None = None
@@ -45,43 +84,90 @@ class Policy:
     allowed_models: list[str] | None = None
     require_verified: bool = True
     require_e2ee: str | None = None
+    allow_simulated: bool = False
+    app_id: str | None = None
+    compose_hash: str | None = None
+    measurements: list[dict[str, str]] = field(default_factory=list)
+    collateral: str | None = None
+    pccs_url: str | None = None
 
     @classmethod
     def load(cls, path: Path) -> Policy:
+        """The policy in a JSON file; ValueError (one line) if it is not one."""
         obj = json.loads(path.read_text())
+        if not isinstance(obj, dict):
+            raise ValueError("policy must be a JSON object")
         unknown = set(obj) - set(cls.__dataclass_fields__)
         if unknown:
             raise ValueError(f"unknown policy keys: {', '.join(sorted(unknown))}")
-        return cls(**obj)
+        for k in ("allowed_routes", "allowed_providers", "allowed_models"):
+            _strings(obj, k)
+        if not isinstance(_strings(obj, "gateway_keys") or [], list):
+            raise ValueError("policy gateway_keys must be a list")
+        for k in ("require_verified", "allow_simulated"):
+            if k in obj and not isinstance(obj[k], bool):
+                raise ValueError(f"policy {k} must be true or false")
+        for k in ("require_e2ee", "app_id", "compose_hash", "collateral", "pccs_url"):
+            if obj.get(k) is not None and not isinstance(obj[k], str):
+                raise ValueError(f"policy {k} must be a string or null")
+        ms = obj.get("measurements", [])
+        if not isinstance(ms, list) or not all(
+                isinstance(m, dict) and m and all(isinstance(v, str) for v in m.values())
+                for m in ms):
+            raise ValueError("policy measurements must be a list of non-empty objects of hex")
+        return cls(**{**obj, "gateway_keys": obj.get("gateway_keys") or []})
+
+    def keyset_policy(self) -> receipt_check.KeysetPolicy:
+        """The keyset pins, as `receipt_check` takes them."""
+        col = None
+        if self.collateral is not None:
+            col = Path(self.collateral).read_text()
+        return receipt_check.KeysetPolicy(
+            allow_simulated=self.allow_simulated, app_id=self.app_id,
+            compose_hash=self.compose_hash, measurements=tuple(self.measurements),
+            collateral=col, pccs_url=self.pccs_url)
 
 
-def check_receipt(entry: bytes, policy: Policy) -> list[tuple[str, str]]:
-    """(alert kind, reason) for every way a receipt entry breaks the policy."""
-    try:
-        r = json.loads(entry)
-    except (ValueError, UnicodeDecodeError):
-        return []  # not a receipt: logs may hold other entries
-    if not isinstance(r, dict) or r.get("v") != receipt.VERSION:
-        return []
-    try:
-        key = receipt.verify(r)
-    except receipt.ReceiptError as e:
-        return [("bad_receipt", str(e))]
+def route_alerts(r: dict[str, Any], policy: Policy) -> list[tuple[str, str]]:
+    """(alert kind, reason) for every way an accepted receipt breaks the route policy."""
     out: list[tuple[str, str]] = []
-    if policy.gateway_keys and base64.b64encode(key).decode() not in policy.gateway_keys:
-        out.append(("unknown_signing_key", "receipt signed by a key no attested gateway holds"))
+    sig_key = r["signature"].get("key")
+    if policy.gateway_keys and sig_key not in policy.gateway_keys:
+        out.append(("unknown_signing_key", "receipt signed by a key the policy does not list"))
+    if r.get("forwarded_hash") is None:
+        return out  # a refusal: nothing reached a provider, no route rule can be broken
     route = r["route"]
-    for kind, value, allowed in (("forbidden_route", route.get("route_id"), policy.allowed_routes),
-                                 ("forbidden_provider", route.get("provider"), policy.allowed_providers),
+    for kind, value, allowed in (("forbidden_route", route.get("route_id"),
+                                  policy.allowed_routes),
+                                 ("forbidden_provider", route.get("provider"),
+                                  policy.allowed_providers),
                                  ("forbidden_model", route.get("model"), policy.allowed_models)):
         if allowed is not None and value not in allowed:
-            out.append((kind, f"{kind.split('_')[1]} {value!r} is not allowed"))
+            out.append((kind, f"{kind.split('_')[1]} {_short(value)} is not allowed"))
     if policy.require_verified and r["upstream"].get("verified") is not True:
         out.append(("unverified_upstream", "upstream was not verified"))
-    if policy.require_e2ee and r["e2ee"].get("mode") != policy.require_e2ee:
-        out.append(("e2ee_mode", f"e2ee mode {r['e2ee'].get('mode')!r}, policy requires "
+    mode = r["e2ee"].get("mode")
+    if policy.require_e2ee and mode != policy.require_e2ee:
+        out.append(("e2ee_mode", f"e2ee mode {_short(mode)}, policy requires "
                                  f"{policy.require_e2ee!r}"))
     return out
+
+
+def _short(value: Any) -> str:
+    """A value from the log, safe and short for an alert reason."""
+    return repr(value)[:80]
+
+
+def escape_label(value: str) -> str:
+    """A Prometheus label value, escaped (backslash, double quote, newline)."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _parse(entry: bytes) -> Any:
+    try:
+        return json.loads(entry)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return None
 
 
 class Monitor:
@@ -89,43 +175,122 @@ class Monitor:
 
     def __init__(self, log_url: str, log_verifier: note.Ed25519Verifier, policy: Policy, *,
                  witnesses: list[cosignature.CosignatureVerifier], quorum: int,
-                 witness_urls: list[str], state_path: Path | None, webhook: str | None) -> None:
+                 witness_urls: list[str], state_path: Path | None, webhook: str | None,
+                 quiet: bool = False) -> None:
         self.log_url = log_url
+        self.quiet = quiet  # collect alerts without printing them (`verifier audit --policy`)
         self.verifier = log_verifier
         self.policy = policy
+        self.keyset_policy = policy.keyset_policy()
         self.witnesses = witnesses
         self.quorum = quorum
         self.witness_urls = witness_urls
         self.state_path = state_path
         self.webhook = webhook
         self.state = auditing.load_state(state_path)
+        self.keysets = self._load_keysets()
         self.alerts: list[dict[str, Any]] = []
         self.counts: dict[str, int] = {}
+        self.entries: dict[str, int] = dict.fromkeys(ENTRY_KINDS, 0)
         self.receipts: dict[str, dict[str, int]] = {"route": {}, "provider": {}, "verified": {}}
         self.history: list[dict[str, Any]] = []
+
+    def _keysets_path(self) -> Path | None:
+        if self.state_path is None:
+            return None
+        return self.state_path.with_name(self.state_path.name + ".keysets.json")
+
+    def _load_keysets(self) -> dict[int, receipt_check.TrustedKeyset]:
+        p = self._keysets_path()
+        if p is None or not p.exists() or self.state is None:
+            return {}
+        try:
+            return {int(k): receipt_check.TrustedKeyset(**v)
+                    for k, v in json.loads(p.read_text()).items()}
+        except (ValueError, TypeError, AttributeError) as e:
+            raise auditing.AuditError(f"keyset file {p} is unreadable: {e}") from e
+
+    def _save_keysets(self) -> None:
+        p = self._keysets_path()
+        if p is None:
+            return
+        tmp = p.with_name(p.name + ".tmp")
+        tmp.write_text(json.dumps({str(i): dataclasses.asdict(k)
+                                   for i, k in self.keysets.items()}))
+        tmp.replace(p)
 
     def alert(self, kind: str, reason: str, **extra: Any) -> None:
         a = {"alert": kind, "reason": reason, "time": time.time(), **extra}
         self.alerts.append(a)
         self.counts[kind] = self.counts.get(kind, 0) + 1
-        print(json.dumps(a), flush=True)
+        if not self.quiet:
+            print(json.dumps(a), flush=True)
         if self.webhook:
             try:
                 httpx.post(self.webhook, json=a, timeout=5)
             except httpx.HTTPError as e:
                 print(f"monitor: webhook failed: {type(e).__name__}", file=sys.stderr)
 
+    def on_entry(self, index: int, entry: bytes) -> None:
+        """Classify one new entry; never raises (see the module docstring)."""
+        try:
+            kind = self._classify(index, entry)
+        except Exception as e:  # noqa: BLE001 - a hostile entry must not stop the monitor
+            self.alert("entry_unreadable", f"checking the entry failed: {type(e).__name__}",
+                       index=index)
+            kind = "other"
+        self.entries[kind] += 1
+
+    def _classify(self, index: int, entry: bytes) -> str:
+        obj = _parse(entry)
+        v = obj.get("v") if isinstance(obj, dict) else None
+        if v == keyset_entry.VERSION:
+            try:
+                self.keysets[index] = receipt_check.trusted_keyset(
+                    obj, index, log_verifier=self.verifier, policy=self.keyset_policy)
+            except keyset_entry.KeysetEntryError as e:
+                self.alert("keyset_out_of_policy", f"keyset entry {index}: {e}", index=index)
+                return "keyset_out_of_policy"
+            return "keyset"
+        if isinstance(v, str) and v.startswith("pag-receipt/"):
+            return self._receipt(index, obj, entry)
+        if v in (evidence_entry.VERSION, evidence_entry.PART_VERSION):
+            return "evidence"
+        return "other"
+
+    def _receipt(self, index: int, obj: dict[str, Any], entry: bytes) -> str:
+        def lookup(ki: int) -> receipt_check.TrustedKeyset:
+            ks = self.keysets.get(ki)
+            if ks is None:
+                raise LookupError("no logged, in-policy keyset entry at that index")
+            return ks
+
+        try:
+            acc = receipt_check.accept(obj, lookup, receipt_index=index, entry=entry)
+        except receipt_check.ReceiptRefused as e:
+            if e.code in UNATTESTED_CODES:
+                self.alert("unattested_receipt", str(e), index=index)
+                return "receipt_unattested"
+            self.alert("bad_receipt", str(e), index=index)
+            return "receipt_invalid"
+        r = acc.receipt
+        for kind, reason in route_alerts(r, self.policy):
+            self.alert(kind, reason, index=index)
+        route, up = r["route"], r["upstream"]
+        for key, value in (("route", route.get("route_id")), ("provider", route.get("provider")),
+                           ("verified", up.get("verified"))):
+            label = json.dumps(value) if not isinstance(value, str) else value
+            bucket = self.receipts[key]
+            bucket[label] = bucket.get(label, 0) + 1
+        return "receipt" if r.get("forwarded_hash") is not None else "refusal"
+
     async def poll(self) -> None:
         """Check what is new since the last poll."""
-        def on_entry(index: int, entry: bytes) -> None:
-            self._count(entry)
-            for kind, reason in check_receipt(entry, self.policy):
-                self.alert(kind, reason, index=index)
-
         fetcher = auditing.Fetcher(self.log_url)
         try:
             new = await auditing.audit(fetcher, self.verifier, witnesses=self.witnesses,
-                                       quorum=self.quorum, state=self.state, on_entry=on_entry)
+                                       quorum=self.quorum, state=self.state,
+                                       on_entry=self.on_entry)
         except auditing.AuditError as e:
             kind = "split_view" if ("split view" in str(e) or "consisten" in str(e)
                                     or "shrank" in str(e) or "root mismatch" in str(e)) else "audit"
@@ -138,21 +303,9 @@ class Monitor:
                              "cosigners": len(new.cosigners),
                              "receipts": sum(self.receipts["route"].values())})
         if self.state_path is not None:
+            self._save_keysets()
             auditing.save_state(self.state_path, new)
         await self._compare_witnesses(new)
-
-    def _count(self, entry: bytes) -> None:
-        try:
-            r = json.loads(entry)
-        except (ValueError, UnicodeDecodeError):
-            return
-        if not isinstance(r, dict) or r.get("v") != receipt.VERSION:
-            return
-        route, up = r.get("route") or {}, r.get("upstream") or {}
-        for key, value in (("route", route.get("route_id")), ("provider", route.get("provider")),
-                           ("verified", str(up.get("verified")).lower())):
-            bucket = self.receipts[key]
-            bucket[str(value)] = bucket.get(str(value), 0) + 1
 
     def snapshot(self) -> dict[str, Any]:
         """What the dashboard shows."""
@@ -160,17 +313,22 @@ class Monitor:
         return {"log": self.log_url, "origin": s.origin if s else None,
                 "size": s.size if s else 0, "root": s.root.hex() if s else None,
                 "cosigners": list(s.cosigners) if s else [], "receipts": self.receipts,
+                "entries": self.entries, "keysets": len(self.keysets),
                 "history": self.history[-500:], "alerts": self.alerts[-200:],
                 "alert_counts": self.counts}
 
     def metrics(self) -> str:
-        """Prometheus text exposition."""
+        """Prometheus text exposition (label values from the log escaped)."""
         lines = ["# TYPE pag_monitor_alerts_total counter"]
-        lines += [f'pag_monitor_alerts_total{{kind="{k}"}} {v}' for k, v in sorted(self.counts.items())]
+        lines += [f'pag_monitor_alerts_total{{kind="{escape_label(k)}"}} {v}'
+                  for k, v in sorted(self.counts.items())]
         lines += ["# TYPE pag_monitor_log_size gauge",
                   f"pag_monitor_log_size {self.state.size if self.state else 0}",
-                  "# TYPE pag_monitor_receipts_total counter"]
-        lines += [f'pag_monitor_receipts_total{{route="{k}"}} {v}'
+                  "# TYPE pag_monitor_entries_total counter"]
+        lines += [f'pag_monitor_entries_total{{kind="{k}"}} {v}'
+                  for k, v in self.entries.items()]
+        lines += ["# TYPE pag_monitor_receipts_total counter"]
+        lines += [f'pag_monitor_receipts_total{{route="{escape_label(k)}"}} {v}'
                   for k, v in sorted(self.receipts["route"].items())]
         return "\n".join(lines) + "\n"
 
@@ -218,18 +376,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from verifier.cli import _key_text
+    from verifier.cli import Failure, _key_text
 
     try:
         policy = Policy.load(args.policy)
         log_verifier = note.verifier_from_vkey(_key_text(args.vkey))
         ws = [cosignature.verifier_from_vkey(_key_text(v)) for v in args.witness]
-    except (ValueError, OSError, TypeError) as e:
+        quorum = len(ws) if args.quorum is None else args.quorum
+        if not 0 <= quorum <= len(ws):
+            raise ValueError(f"--quorum {quorum} with {len(ws)} witness keys")
+        m = Monitor(args.log, log_verifier, policy, witnesses=ws, quorum=quorum,
+                    witness_urls=args.witness_url, state_path=args.state, webhook=args.webhook)
+    except (ValueError, OSError, TypeError, auditing.AuditError, Failure) as e:
         print(f"verifier: monitor set-up: {e}", file=sys.stderr)
         return 2
-    quorum = len(ws) if args.quorum is None else args.quorum
-    m = Monitor(args.log, log_verifier, policy, witnesses=ws, quorum=quorum,
-                witness_urls=args.witness_url, state_path=args.state, webhook=args.webhook)
 
     if args.listen:
         from verifier.dashboard import serve_dashboard

@@ -191,7 +191,7 @@ class CallFlow:
         return b"".join(out), self.done
 
     def _open_event(self, ev: sse.Event) -> bytes:
-        assert self.opener is not None
+        assert self.opener is not None  # noqa: S101 - type narrowing: set by the seal step
         try:
             obj = json.loads(ev.data)
         except ValueError:

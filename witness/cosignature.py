@@ -14,7 +14,6 @@ SHA-256(name || 0x0A || 0x04 || key)[:4], vkey `name+hexid+base64(0x04||key)`.
 from __future__ import annotations
 
 import base64
-import binascii
 import os
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -108,7 +107,7 @@ def parse_skey(skey: str) -> CosignatureSigner:
         raise note.NoteError("malformed skey")
     try:
         raw = base64.b64decode(parts[4], validate=True)
-    except binascii.Error as e:
+    except ValueError as e:  # binascii.Error, or a str with non-ASCII characters
         raise note.NoteError("malformed skey") from e
     if len(raw) != 33 or raw[0] != ALG_COSIGNATURE:
         raise note.NoteError("skey is not a cosignature key")

@@ -3,7 +3,8 @@
 A checkpoint is cosigned only if it is signed by the configured key for its
 origin and is consistent with the last checkpoint this witness cosigned for
 that origin; the new size and root are durable before the answer is sent.
-For operators: GET /metrics (witness/metrics.py), GET /healthz (the process
+Every refusal but the 409 (whose body C2SP fixes) is JSON `{"error", "code"}`;
+GET /openapi.json describes the API. For operators: GET /metrics (witness/metrics.py), GET /healthz (the process
 answers), GET /readyz (the state database answers and is the one opened,
 the key signs: 200, else 503 naming what failed).
 
@@ -21,13 +22,29 @@ import collections
 import json
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from tlog import checkpoint, merkle, note
-from tlog.service import METRICS_TEXT, Probe, Receive, Scope, Send, observed, read_body, respond
+from tlog.service import (
+    JSON,
+    METRICS_TEXT,
+    Probe,
+    Receive,
+    Scope,
+    Send,
+    observed,
+    read_body,
+    refuse,
+    respond,
+)
 from witness import cosignature, request
 from witness.metrics import WitnessMetrics
 from witness.state import State, StateError
+
+OPENAPI = (Path(__file__).parent / "openapi.json").read_bytes()
+"""The OpenAPI 3 description of this API, written by hand (served at GET /openapi.json)."""
+READS = ("/", "/forks", "/metrics", "/healthz", "/readyz", "/openapi.json")
 
 PING_TIMEOUT = 3.0
 """Seconds /readyz waits for the state database to answer."""
@@ -45,7 +62,13 @@ class Refusal:
 
     status: int
     body: bytes
-    ctype: bytes = b"text/plain; charset=utf-8"
+    ctype: bytes = JSON
+
+
+def refusal(status: int, code: str, reason: str) -> Refusal:
+    """A refusal with the JSON body every service answers `{"error": reason, "code": code}`
+    (the 409 alone has the body C2SP fixes: the size and a newline)."""
+    return Refusal(status, json.dumps({"error": reason, "code": code}).encode())
 
 
 class Witness:
@@ -67,16 +90,16 @@ class Witness:
             text, _ = note.split(req.checkpoint)
             cp = checkpoint.parse(text)
         except (request.RequestError, note.NoteError, checkpoint.CheckpointError) as e:
-            return Refusal(400, f"malformed request: {e}\n".encode())
+            return refusal(400, "malformed_request", f"malformed request: {e}")
         verifier = self.logs.get(cp.origin)
         if verifier is None:
-            return Refusal(404, b"unknown log origin\n")
+            return refusal(404, "unknown_origin", "unknown log origin")
         try:
             checkpoint.open(req.checkpoint, verifier)
         except checkpoint.CheckpointError:
-            return Refusal(403, b"no valid signature from the log's key\n")
+            return refusal(403, "bad_signature", "no valid signature from the log's key")
         if req.old_size > cp.size:
-            return Refusal(400, b"old size exceeds the checkpoint size\n")
+            return refusal(400, "malformed_request", "old size exceeds the checkpoint size")
         lock = self._locks.setdefault(cp.origin, asyncio.Lock())
         async with lock:
             return await self._check_and_advance(req, cp)
@@ -89,25 +112,26 @@ class Witness:
             return Refusal(409, f"{size0}\n".encode(), request.SIZE_CONTENT_TYPE.encode())
         if req.old_size == 0:
             if req.proof:
-                return Refusal(422, b"a proof from size 0 must be empty\n")
+                return refusal(422, "bad_proof", "a proof from size 0 must be empty")
             if cp.size == 0 and cp.root_hash != merkle.EMPTY_ROOT:
-                return Refusal(422, b"the empty tree's root must be SHA-256 of nothing\n")
+                return refusal(422, "bad_empty_root",
+                               "the empty tree's root must be SHA-256 of nothing")
             if root0 is not None and cp.size == 0 and root0 != cp.root_hash:
-                return Refusal(422, b"fork at size 0\n")
+                return refusal(422, "fork", "fork at size 0")
         elif req.old_size == cp.size:
             if req.proof:
-                return Refusal(422, b"the proof between equal sizes must be empty\n")
+                return refusal(422, "bad_proof", "the proof between equal sizes must be empty")
             if cp.root_hash != root0:
                 cosigned = await asyncio.to_thread(self.state.note, cp.origin)
                 await asyncio.to_thread(self.state.record_fork, cp.origin, cp.size,
                                         cosigned or b"", req.checkpoint)
-                return Refusal(422, b"fork: same size, different root\n")
+                return refusal(422, "fork", "fork: same size, different root")
         else:
-            assert root0 is not None
+            assert root0 is not None  # noqa: S101 - type narrowing: old 0 (no root yet) is handled above
             try:
                 merkle.verify_consistency(req.old_size, cp.size, list(req.proof), root0, cp.root_hash)
             except merkle.ProofError as e:
-                return Refusal(422, f"consistency proof: {e}\n".encode())
+                return refusal(422, "bad_proof", f"consistency proof: {e}")
         ok = await asyncio.to_thread(self.state.advance, cp.origin, stored, cp.size,
                                      cp.root_hash, req.checkpoint)
         if not ok:
@@ -154,19 +178,17 @@ class WitnessApp:
         except StateError as e:
             if scope["path"] == "/add-checkpoint":
                 self.metrics.refusals.labels("503").inc()
-            body = json.dumps({"error": f"witness state unavailable: {e}",
-                               "code": STORAGE_UNAVAILABLE}).encode()
-            await respond(send, 503, body, b"application/json", b"no-store",
-                          [(b"retry-after", b"1")])
+            await refuse(send, 503, STORAGE_UNAVAILABLE, f"witness state unavailable: {e}",
+                         [(b"retry-after", b"1")])
 
     async def _route(self, scope: Scope, receive: Receive, send: Send) -> None:
         method, path = scope["method"], scope["path"]
         if path == "/add-checkpoint":
             if method != "POST":
-                return await respond(send, 405, b"use POST\n")
+                return await refuse(send, 405, "method_not_allowed", "use POST")
             body = await read_body(scope, receive, request.MAX_BODY)
             if body is None:
-                return await respond(send, 400, b"body too large\n")
+                return await refuse(send, 400, "malformed_request", "body too large")
             result = await self.witness.add_checkpoint(body)
             if isinstance(result, Refusal):
                 self.metrics.refusals.labels(str(result.status)).inc()
@@ -184,7 +206,11 @@ class WitnessApp:
             return await respond(send, 200, b'{"alive": true}', b"application/json")
         if path == "/readyz" and method in ("GET", "HEAD"):
             return await self._readyz(send)
-        await respond(send, 404, b"not found\n")
+        if path == "/openapi.json" and method in ("GET", "HEAD"):
+            return await respond(send, 200, OPENAPI, JSON, b"no-cache")
+        if path in READS:
+            return await refuse(send, 405, "method_not_allowed", "use GET")
+        await refuse(send, 404, "not_found", "no such endpoint")
 
     async def _readyz(self, send: Send) -> None:
         """200 only if the state database answers now and the key signs and verifies."""

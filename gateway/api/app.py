@@ -3,7 +3,8 @@
 It dispatches by path: model calls go to the pipeline (gateway/api/pipeline.py,
 where the invariants of a call are stated); the rest are small read-only
 endpoints: models, attestation, receipt lookup, the admin route view, health
-(`/healthz` alive, `/readyz` dependencies reachable) and Prometheus `/metrics`.
+(`/healthz` alive, `/readyz` dependencies reachable), Prometheus `/metrics` and
+`/openapi.json` (the API described by hand, gateway/api/openapi.json).
 
 Every request is counted and timed (gateway/api/metrics.py) and every model call
 logs one JSON line (gateway/api/jsonlog.py). An exception that escapes a handler
@@ -13,30 +14,33 @@ is a bug: it is logged by type and stack only and answered `500 internal_error`
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hmac
 import logging
 import re
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
 import orjson
 
-from gateway.api import jsonlog, pipeline
-from gateway.api.apikeys import KeyStore, admin_ok
+from gateway.api import jsonlog, pipeline, shared
+from gateway.api.apikeys import KeyStore, RedisRevocations, Revocations, admin_ok
 from gateway.api.attestation import Attest, AttestationDocuments
 from gateway.api.config import Config
 from gateway.api.errors import GatewayError, bad_request, unauthorized
 from gateway.api.health import Check, Readiness
 from gateway.api.metrics import CONTENT_TYPE as METRICS_TYPE
 from gateway.api.metrics import Gauge, Metrics
-from gateway.api.ratelimit import Limiter
+from gateway.api.ratelimit import Limiter, Limits, RedisLimits
+from gateway.api.receipt_index import Indexed, RedisReceiptIndex, logged_proof
 from gateway.api.replay import MemoryReplay, RedisReplay, ReplayStore
 from gateway.api.router import Router
 from gateway.api.routes import RouteBook
 from gateway.receipts.outbox import Outbox, ReceiptSigner
-from gateway.receipts.shipper import LogStatus
+from gateway.receipts.shipper import LogStatus, ProofChecker
 from gateway.upstream.client import Upstream
 from gateway.upstream.leases import Leases
 from tlog.service import Receive, Scope, Send, respond
@@ -48,10 +52,12 @@ RECEIPT_ID = re.compile(r"[0-9a-f]{32}")
 NONCE = re.compile(r"(?:[0-9a-fA-F]{2}){1,64}")
 MODEL_CALLS = {"/v1/chat/completions": "chat", "/v1/embeddings": "embeddings"}
 GETS = ("/v1/models", "/.well-known/attestation", "/v1/routes", "/healthz", "/readyz",
-        "/metrics")
+        "/metrics", "/openapi.json")
 ENDPOINTS = {**MODEL_CALLS, "/v1/models": "models", "/.well-known/attestation": "attestation",
              "/v1/routes": "routes", "/healthz": "healthz", "/readyz": "readyz",
-             "/metrics": "metrics"}
+             "/metrics": "metrics", "/openapi.json": "openapi"}
+OPENAPI = (Path(__file__).parent / "openapi.json").read_bytes()
+"""The OpenAPI 3 description of the gateway's HTTP API, written by hand."""
 LEASE_STATES = ("verified", "unverified-allowed", "refused", "unknown")
 COUNTS_TTL = 1.0  # seconds the outbox counts shown by /metrics may be old
 log = logging.getLogger("gateway.api.app")
@@ -69,17 +75,35 @@ class Gateway:
                  outbox: Outbox, status: LogStatus, leases: Leases, attest: Attest,
                  keyset_index: int, e2ee_key: bytes | None = None,
                  keyset_proof: str | None = None, readiness: Readiness | None = None,
-                 tracer: Any = None) -> None:
+                 tracer: Any = None, shared_mac_key: bytes | None = None) -> None:
         router = Router(cfg.routes)
-        url = cfg.replay_redis_url
-        replay: ReplayStore = RedisReplay(url, cfg.e2ee.prefix) if url else \
-            MemoryReplay(cfg.e2ee.max_entries)
+        sh = cfg.shared
+        self.redis = shared.connect(sh) if sh.redis_url else None  # [shared]: one pool
+        limiter: Limits = Limiter()
+        index = None
+        revocations: Revocations | None = None
+        self.revocations: RedisRevocations | None = None
+        self._refresh: asyncio.Task[None] | None = None
+        if self.redis is not None:
+            revocations = self.revocations = RedisRevocations(self.redis, sh.prefix)
+            if shared_mac_key is None:
+                raise ValueError("[shared] redis_url needs the replicas' shared MAC key")
+            limiter = RedisLimits(self.redis, sh.prefix, sh.hold_seconds)
+            index = RedisReceiptIndex(self.redis, sh.prefix, shared_mac_key,
+                                      sh.receipt_ttl_seconds)
+        replay: ReplayStore = MemoryReplay(cfg.e2ee.max_entries)
+        if (where := cfg.replay_redis) is not None:
+            url, prefix = where
+            replay = RedisReplay(url, prefix, self.redis if url == sh.redis_url else None)
         self.svc = pipeline.Services(
-            cfg=cfg, keys=KeyStore(cfg.api_keys), limiter=Limiter(), router=router,
+            cfg=cfg, keys=KeyStore(cfg.api_keys, revocations), limiter=limiter, router=router,
             routes=RouteBook(router.routes, leases), signer=signer, outbox=outbox,
             status=status, identity=identity, keyset_index=keyset_index, e2ee_key=e2ee_key,
-            replay=replay)
+            replay=replay, receipt_index=index)
+        self._proofs = ProofChecker(cfg.log.vkey, cfg.log.witness_vkeys, cfg.log.quorum) \
+            if index is not None and cfg.log.url else None
         self.keyset_proof = keyset_proof
+        self.log_http: httpx.AsyncClient | None = None
         g = cfg.gateway
         self.attestations = AttestationDocuments(
             attest, ttl=g.attestation_cache_seconds,
@@ -96,6 +120,12 @@ class Gateway:
     async def startup(self) -> None:
         """Open the upstream pool and start following the shipping ledger."""
         self.svc.upstream = Upstream()
+        if self.revocations is not None:  # first read now; until one succeeds, calls are 503
+            with contextlib.suppress(*shared.errors()):
+                await self.revocations.refresh()
+            self._refresh = asyncio.create_task(self.revocations.run())
+        if self._proofs is not None:
+            self.log_http = httpx.AsyncClient()  # proofs of receipts other replicas signed
         if any(r.evidence == "phala" for r in self.svc.cfg.routes):
             self.svc.signatures = httpx.AsyncClient()  # CA-verified: it may carry the route's key
         await self.svc.status.start()
@@ -106,7 +136,15 @@ class Gateway:
             await self.svc.upstream.close()
         if self.svc.signatures is not None:
             await self.svc.signatures.aclose()
+        if self._refresh is not None:
+            self._refresh.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._refresh
         await self.svc.replay.close()
+        if self.log_http is not None:
+            await self.log_http.aclose()
+        if self.redis is not None:
+            await self.redis.aclose()
         await self.svc.status.close()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -228,6 +266,8 @@ class Gateway:
                     {"ok": True, "log_down": self.svc.status.log_down}), JSON)
             elif path == "/readyz":
                 return await self._readyz(send)
+            elif path == "/openapi.json":
+                await respond(send, 200, OPENAPI, JSON, cache=b"no-cache")
             elif path == "/metrics":
                 await respond(send, 200, self.metrics.render(self._gauges()), METRICS_TYPE,
                               cache=b"no-store")
@@ -295,25 +335,41 @@ class Gateway:
         """A receipt and its proof. By id: only for the API key that made the call (any other
         key, or an unknown id, is the same 404). By request hash: no key, because the salted
         hash is a capability only the caller can compute (docs/receipts.md)."""
-        outbox = self.svc.outbox
+        outbox, index = self.svc.outbox, self.svc.receipt_index
+        found: Indexed | None = None
         if rest.startswith("by-request-hash/"):
             h = rest[len("by-request-hash/"):]
             if not HEX64.fullmatch(h):
                 raise bad_request("invalid_request_hash",
                                   "request hash must be 64 lower-case hex digits")
             row = outbox.by_request_hash(h)
+            if row is None and index is not None:
+                found = await index.by_request_hash(h)
         else:
             key = self.svc.keys.lookup(header(scope, b"authorization"))
             if key is None:
                 raise unauthorized("the API key that made the call is required")
-            row = outbox.get(rest) if RECEIPT_ID.fullmatch(rest) else None
-            if row is not None and (row.key_sha256 is None or not hmac.compare_digest(
-                    row.key_sha256, key.sha256)):
-                row = None
-        if row is None:
+            valid = RECEIPT_ID.fullmatch(rest) is not None
+            row = outbox.get(rest) if valid else None
+            if row is None and index is not None and valid:
+                found = await index.get(rest)  # signed by another replica
+            owner = row.key_sha256 if row is not None else \
+                found.key_sha256 if found is not None else None
+            if owner is None or not hmac.compare_digest(owner, key.sha256):
+                row = found = None
+        if row is not None:
+            entry, proof_text, log_index = row.entry, row.proof, row.log_index
+        elif found is not None:
+            entry, proof_text, log_index = found.entry, None, None
+            if self._proofs is not None and self.log_http is not None:
+                logged = await logged_proof(self.log_http, str(self.svc.cfg.log.url),
+                                            self._proofs, found.entry, found.request_hash)
+                if logged is not None:
+                    log_index, proof_text = logged
+        else:
             raise GatewayError(404, "receipt_not_found", "no such receipt")
-        body = b'{"receipt":' + row.entry + b',"proof":' + orjson.dumps(row.proof) + \
-            b',"index":' + orjson.dumps(row.log_index) + \
+        body = b'{"receipt":' + entry + b',"proof":' + orjson.dumps(proof_text) + \
+            b',"index":' + orjson.dumps(log_index) + \
             b',"log":' + orjson.dumps(self.svc.cfg.log.url) + b"}"  # where to read the log
         await respond(send, 200, body, JSON)
 

@@ -76,6 +76,24 @@ class LeaseSettings:
 
 
 @dataclass(frozen=True)
+class SharedSettings:
+    """The `[shared]` table: the Redis every replica of this gateway shares rate limits,
+    budgets, E2EE nonces, leases and receipt lookups through (gateway/api/shared.py).
+
+    No `redis_url`: all of it stays in this process (one replica). `hold_seconds` bounds
+    how long a budget reservation outlives a replica that died mid-call (it is then charged
+    in full); `receipt_ttl_seconds` how long any replica can find a receipt by id (each
+    takes about 2 KB of Redis memory meanwhile; after it, the replica that signed the
+    receipt still answers for it)."""
+
+    redis_url: str | None = None
+    prefix: str = "pag:"
+    timeout: float = 2.0
+    hold_seconds: int = 900
+    receipt_ttl_seconds: int = 3600
+
+
+@dataclass(frozen=True)
 class E2eeSettings:
     """The `[e2ee]` table: where accepted E2EE nonces are remembered (gateway/api/replay.py).
 
@@ -146,11 +164,29 @@ class Config:
     e2ee: E2eeSettings = E2eeSettings()
     server: ServerLimits = ServerLimits()
     tls: TlsSettings = TlsSettings()
+    shared: SharedSettings = SharedSettings()
 
     @property
-    def replay_redis_url(self) -> str | None:
-        """Where E2EE nonces are shared: `[e2ee] redis_url`, else `[leases] redis_url`."""
-        return self.e2ee.redis_url or self.leases.redis_url
+    def replay_redis(self) -> tuple[str, str] | None:
+        """Where E2EE nonces are shared, (url, key prefix): `[e2ee] redis_url`, else
+        `[shared] redis_url`, else `[leases] redis_url`; None: in this process."""
+        if self.e2ee.redis_url:
+            return self.e2ee.redis_url, self.e2ee.prefix
+        if self.shared.redis_url:
+            return self.shared.redis_url, self.shared.prefix + "e2ee:"
+        if self.leases.redis_url:
+            return self.leases.redis_url, self.e2ee.prefix
+        return None
+
+    @property
+    def lease_redis(self) -> tuple[str, str] | None:
+        """Where verified leases are shared, (url, key prefix): `[leases] redis_url`, else
+        `[shared] redis_url`; None: in this process."""
+        if self.leases.redis_url:
+            return self.leases.redis_url, self.leases.prefix
+        if self.shared.redis_url:
+            return self.shared.redis_url, self.shared.prefix + "lease:"
+        return None
 
 
 def _take(table: dict[str, Any], where: str, spec: dict[str, tuple[type | tuple[type, ...], bool]]
@@ -298,6 +334,26 @@ def _redis_url(where: str, url: str | None) -> None:
         raise ConfigError(f"{where}: not a redis:// URL: {url!r}")
 
 
+def _shared(t: dict[str, Any], routes: tuple[RouteSpec, ...]) -> SharedSettings:
+    v = _take(t, "[shared]", {"redis_url": (str, False), "prefix": (str, False),
+                              "timeout": ((int, float), False), "hold_seconds": (int, False),
+                              "receipt_ttl_seconds": (int, False)})
+    _redis_url("[shared].redis_url", v.get("redis_url"))
+    if not v.get("prefix", "pag:"):
+        raise ConfigError("[shared].prefix must not be empty")
+    for k in ("timeout", "hold_seconds", "receipt_ttl_seconds"):
+        if v.get(k, 1) <= 0:
+            raise ConfigError(f"[shared].{k} must be positive")
+    if "timeout" in v:
+        v["timeout"] = float(v["timeout"])
+    longest = max((max(r.timeout * (r.retries + 1), r.stream_timeout) for r in routes),
+                  default=0.0)
+    if v.get("redis_url") and v.get("hold_seconds", 900) <= longest:
+        raise ConfigError(f"[shared].hold_seconds must exceed the longest call a route allows "
+                          f"({longest:g} s): a reservation must outlive its call")
+    return SharedSettings(**v)
+
+
 def _e2ee(t: dict[str, Any]) -> E2eeSettings:
     v = _take(t, "[e2ee]", {"redis_url": (str, False), "prefix": (str, False),
                             "max_entries": (int, False)})
@@ -423,7 +479,7 @@ def parse(doc: dict[str, Any], path: Path) -> Config:
                                 "log": (dict, False), "api_keys": (list, False),
                                 "routes": (list, False), "leases": (dict, False),
                                 "e2ee": (dict, False), "tls": (dict, False),
-                                "server": (dict, False)})
+                                "server": (dict, False), "shared": (dict, False)})
     dstack = _take(top.get("dstack", {}), "[dstack]", {"endpoint": (str, False)})
     endpoint = dstack.get("endpoint")
     if endpoint and "://" not in endpoint:
@@ -444,7 +500,8 @@ def parse(doc: dict[str, Any], path: Path) -> Config:
                   dstack_endpoint=endpoint, log=_log(top.get("log", {}), base),
                   api_keys=keys, routes=routes, leases=_leases(top.get("leases", {})),
                   e2ee=_e2ee(top.get("e2ee", {})), tls=_tls(top.get("tls", {})),
-                  server=_server(top.get("server", {})))
+                  server=_server(top.get("server", {})),
+                  shared=_shared(top.get("shared", {}), routes))
 
 
 def load(path: str | Path) -> Config:

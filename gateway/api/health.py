@@ -7,11 +7,13 @@ raises otherwise; the gateway's probes (built by `gateway serve`) are:
 - `log`: the log answers `GET /checkpoint` with a checkpoint signed by its key;
 - `key_agent`: the dstack guest agent answers `Info`;
 - `shipper`: the receipt shipper process is running;
+- `shared_redis` (only with `[shared] redis_url`; required): Redis answers PING. Without
+  it no call with a rate limit, budget or E2EE nonce can be served (they fail closed);
 - `leases_redis` (only with `[leases] redis_url`; optional): Redis answers PING.
 
 Invariants:
 - Ready means every *required* probe passed within `timeout`; an optional probe
-  is reported but never makes the gateway unready (Redis is a cache: replicas
+  is reported but never makes the gateway unready (the lease cache: replicas
   verify for themselves without it).
 - The answer is computed at most once per `ttl` (concurrent callers share one
   run), so an unauthenticated caller cannot turn `/readyz` into load on the
@@ -110,7 +112,7 @@ def agent_probe(agent: Any) -> Probe:
 
 
 def redis_probe(url: str) -> Probe:
-    """Readiness probe (optional): the lease cache's Redis answers PING."""
+    """Readiness probe: Redis answers PING."""
     import redis.asyncio as aioredis
 
     client = aioredis.from_url(url, socket_timeout=2, socket_connect_timeout=2)

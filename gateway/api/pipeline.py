@@ -50,10 +50,12 @@ from typing import Any
 import httpx
 import orjson
 
+from gateway.api import shared
 from gateway.api.apikeys import KeyStore
 from gateway.api.config import ApiKey, Config, RouteSpec
-from gateway.api.errors import GatewayError, bad_request, refused, unauthorized
+from gateway.api.errors import GatewayError, bad_request, error_body, refused, unauthorized
 from gateway.api.ratelimit import Hold, Limits
+from gateway.api.receipt_index import RedisReceiptIndex
 from gateway.api.replay import MemoryReplay, ReplayStore, ReplayUnavailable
 from gateway.api.router import Router
 from gateway.api.routes import RouteBook, now_rfc3339
@@ -99,6 +101,7 @@ class Services:
     keyset_index: int
     e2ee_key: bytes | None = None
     replay: ReplayStore = field(default_factory=MemoryReplay)
+    receipt_index: RedisReceiptIndex | None = None  # [shared]: receipts any replica can find
     upstream: Upstream | None = None
     signatures: httpx.AsyncClient | None = None
     e2ee_public: bytes | None = field(init=False, default=None)
@@ -269,7 +272,10 @@ async def receipts_keepable(svc: Services) -> None:
 
 
 async def admit(svc: Services, key: ApiKey) -> None:
-    """429 over the key's rate or budget; 503 if policy refuses to serve while the log is down."""
+    """429 over the key's rate or budget; 503 if the replicas' list of revoked keys is stale
+    or policy refuses to serve while the log is down."""
+    if not svc.keys.revocations.fresh():
+        raise shared.unavailable("whether this API key was revoked")
     err = await svc.limiter.admit(key, time.monotonic())
     if err is not None:
         raise err
@@ -473,7 +479,7 @@ async def forward(svc: Services, call: Call, route: RouteSpec, lease: LeaseFacts
     """Send under the lease; if the provider's TLS key no longer matches it (a key
     rotation, or an impostor), re-verify once and retry once under the new lease.
     The refused handshake sent no byte; a failed re-verification refuses the call."""
-    assert svc.upstream is not None
+    assert svc.upstream is not None  # noqa: S101 - type narrowing: startup() opens the pool before any request
     path = UPSTREAM_PATH[call.kind]
     try:
         return await svc.upstream.send(route, lease, path, body, stream, headers)
@@ -510,7 +516,7 @@ def seal_upstream(call: Call, route: RouteSpec, lease: LeaseFacts,
 
 def open_upstream(call: Call, reply: UpstreamReply) -> None:
     """Read the provider's E2EE response headers (a 200 must be sealed to us)."""
-    assert call.upstream_opener is not None
+    assert call.upstream_opener is not None  # noqa: S101 - type narrowing: set with the route's seal step
     try:
         call.upstream_opener.start({k.decode("latin-1"): v.decode("latin-1")
                                     for k, v in reply.headers.items()})
@@ -528,7 +534,7 @@ async def check_response_signature(svc: Services, call: Call, forwarded: bytes,
     from gateway.verification import phala
 
     route, lease = call.route, call.lease
-    assert route is not None and lease is not None and svc.signatures is not None
+    assert route is not None and lease is not None and svc.signatures is not None  # noqa: S101 - type narrowing: only signature-bound leases reach here
     address = lease.binding.removeprefix(SIGNATURE_BINDING)
     try:
         chat_id = orjson.loads(reply.body)["id"]
@@ -559,6 +565,35 @@ def usage_of(obj: Any) -> dict[str, int] | None:
     return out or None
 
 
+PROVIDER_CODE = re.compile(r"[a-z0-9_.-]{1,64}")
+
+
+def provider_error(data: bytes, status: int) -> bytes:
+    """A provider's own error answer (4xx) in the gateway's error shape: JSON with a code.
+
+    What an OpenAI-style body says is kept: its `message` (at most 500 characters), its
+    `code` when it is a short token (else `upstream_rejected`), its `type` and `param`
+    when strings. Anything else (HTML, text, other JSON) becomes the gateway's own
+    `upstream_rejected`, so no provider's bytes or content type reach the caller as the
+    gateway's answer."""
+    try:
+        doc = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        doc = None
+    err = doc.get("error") if isinstance(doc, dict) else None
+    if isinstance(err, str):
+        err = {"message": err}
+    if not isinstance(err, dict):
+        err = {}
+    message, code, type_, param = (err.get(k) for k in ("message", "code", "type", "param"))
+    return error_body(
+        f"provider answered HTTP {status}: {message[:500]}" if isinstance(message, str)
+        else f"provider answered HTTP {status}",
+        type_ if isinstance(type_, str) else "upstream_error",
+        code if isinstance(code, str) and PROVIDER_CODE.fullmatch(code) else "upstream_rejected",
+        param if isinstance(param, str) else None)
+
+
 def finish_json(svc: Services, call: Call, reply: UpstreamReply) -> tuple[int, bytes, bytes]:
     """(status, body, content type) of a whole (non-streamed) reply: usage charged, fields
     sealed under E2EE. Under E2EE nothing but a sealed 200 leaves: a provider's error text
@@ -586,6 +621,8 @@ def finish_json(svc: Services, call: Call, reply: UpstreamReply) -> tuple[int, b
             call.usage = usage_of(resp.get("usage"))
     elif reply.status >= 400:
         call.refusal = {"code": "upstream_rejected", "status": reply.status}
+        if call.sealer is None:
+            return reply.status, provider_error(data, reply.status), JSON
     if call.sealer is None:
         return reply.status, data, ctype
     if reply.status != 200:
@@ -713,7 +750,7 @@ def relay_event(call: Call, ev: sse.Event) -> bytes:
 def seal_event(call: Call, ev: sse.Event, obj: Any) -> bytes:
     """One event sealed for an E2EE caller: `data:` of the sealed chunk (id, retry and
     comments dropped), or the error event that ends the stream."""
-    assert call.sealer is not None
+    assert call.sealer is not None  # noqa: S101 - type narrowing: set by open_e2ee for sealed calls
     if ev.type != "message":
         return stream_error(call, "e2ee_unsealable", "an event of another type than message")
     if not isinstance(obj, dict):
@@ -767,10 +804,13 @@ def receipt_body(call: Call, identity: dict[str, str], keyset_index: int,
 
 
 async def commit_receipt(svc: Services, call: Call, response_hash: str) -> None:
-    """Sign the call's receipt and commit it to the outbox (the shipper picks it up)."""
+    """Sign the call's receipt and commit it to the outbox (the shipper picks it up); with
+    `[shared]`, also record it where the other replicas find it."""
     _, entry = svc.signer.sign(receipt_body(call, svc.identity, svc.keyset_index,
                                             response_hash))
     await svc.outbox.put(call.receipt_id, call.request_hash, entry, call.key.sha256)
+    if svc.receipt_index is not None:
+        await svc.receipt_index.put(call.receipt_id, call.request_hash, entry, call.key.sha256)
 
 
 async def logged_in_time(svc: Services, call: Call) -> bool:

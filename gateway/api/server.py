@@ -67,6 +67,7 @@ from tlog.service import (
 
 log = logging.getLogger("gateway.api.server")
 LEASE_MAC_PATH = "pag/gateway/lease-cache"
+SHARED_MAC_PATH = "pag/gateway/shared-state"
 OUTSIDE_TEE_HINT = ("to run outside a TEE use `python -m gateway demo --data DIR --listen "
                     "HOST:PORT`, or start the simulator `python -m gateway.identity.dstack_sim "
                     "--socket PATH --data DIR` and set [dstack] endpoint = PATH")
@@ -86,6 +87,7 @@ class Identity:
     attest: Any
     keys: GatewayKeys
     lease_mac_key: bytes = b""
+    shared_mac_key: bytes | None = None  # [shared]: MACs the receipt index in Redis
     app_compose: str | None = None  # the attested app-compose document, when dstack gives it
     agent: Any = None  # the AsyncDstackClient (the readiness probe asks it for Info)
 
@@ -102,7 +104,9 @@ async def bootstrap(cfg: gconfig.Config) -> Identity:
     keyset = await keys.load(client, log_vkey=cfg.log.vkey or "")
     doc = await attestation.build(client, keyset, None)
     app_compose = await attested_app_compose(client, str(doc["compose_hash"]))
-    mac = await keys.derive_seed(client, LEASE_MAC_PATH) if cfg.leases.redis_url else b""
+    mac = await keys.derive_seed(client, LEASE_MAC_PATH) if cfg.lease_redis else b""
+    shared_mac = await keys.derive_seed(client, SHARED_MAC_PATH) if cfg.shared.redis_url \
+        else None
 
     async def attest(nonce: str | None) -> dict[str, Any]:
         return await attestation.build(client, keyset, nonce)
@@ -112,8 +116,8 @@ async def bootstrap(cfg: gconfig.Config) -> Identity:
         e2ee_private=keyset.e2ee_private_bytes(),
         gateway={"app_id": str(doc["app_id"]), "compose_hash": str(doc["compose_hash"]),
                  "keyset_hash": keyset.keyset_hash()},
-        attest=attest, keys=keyset, lease_mac_key=mac, app_compose=app_compose,
-        agent=client)
+        attest=attest, keys=keyset, lease_mac_key=mac, shared_mac_key=shared_mac,
+        app_compose=app_compose, agent=client)
 
 
 def agent_endpoint(cfg: gconfig.Config) -> str:
@@ -190,6 +194,8 @@ def readiness(cfg: gconfig.Config, ident: Identity, outbox: Outbox,
         checks.append(Check("shipper", shipper))
     if ident.agent is not None:
         checks.append(Check("key_agent", agent_probe(ident.agent)))
+    if cfg.shared.redis_url:  # limits, budgets and nonces: no call is served without it
+        checks.append(Check("shared_redis", redis_probe(cfg.shared.redis_url)))
     if cfg.leases.redis_url:
         checks.append(Check("leases_redis", redis_probe(cfg.leases.redis_url), required=False))
     return Readiness(checks)
@@ -213,15 +219,15 @@ async def attested_app_compose(client: Any, compose_hash: str) -> str | None:
 def lease_source(cfg: gconfig.Config, mac_key: bytes = b"",
                  evidence: EvidenceLog | None = None) -> Leases:
     """The provider-verification engine's lease store behind the gateway's adapter;
-    shared through Redis when `[leases].redis_url` is set (entries MACed with a key
+    shared through Redis when `[leases]` or `[shared]` names one (entries MACed with a key
     every replica of this app derives from dstack KMS). With `evidence`, every lease's
     evidence is logged before the lease serves."""
     from gateway.verification.base import VerificationError
     from gateway.verification.lease import LeaseStore
     from gateway.verification.shared import SharedLeases
 
-    shared = SharedLeases(cfg.leases.redis_url, mac_key, cfg.leases.prefix) \
-        if cfg.leases.redis_url else None
+    where = cfg.lease_redis
+    shared = SharedLeases(where[0], mac_key, where[1]) if where else None
     return Leases(LeaseStore(shared=shared, publish=evidence_hook(evidence) if evidence
                              else None), VerificationError)
 
@@ -243,7 +249,7 @@ def evidence_hook(evidence: EvidenceLog) -> Any:
 
 def log_client(cfg: gconfig.Config) -> LogClient:
     """The checked single-entry client of the configured log (keyset and evidence entries)."""
-    assert cfg.log.url is not None and cfg.log.vkey is not None
+    assert cfg.log.url is not None and cfg.log.vkey is not None  # noqa: S101 - type narrowing: config load requires both with a log
     token = cfg.log.token_file.read_text().strip() if cfg.log.token_file else None
     return LogClient(cfg.log.url, token, cfg.log.vkey, cfg.log.witness_vkeys, cfg.log.quorum)
 
@@ -263,7 +269,7 @@ def start_shipper(cfg: gconfig.Config) -> subprocess.Popen[bytes] | None:
     for w in cfg.log.witness_vkeys:
         cmd += ["--witness-vkey", w]
     cmd += ["--quorum", str(cfg.log.quorum)]
-    return subprocess.Popen(cmd)
+    return subprocess.Popen(cmd)  # noqa: S603 - our own interpreter and module; args from the operator's config, no shell
 
 
 def stop_process(proc: subprocess.Popen[bytes] | None) -> None:
@@ -347,7 +353,7 @@ async def serve(cfg: gconfig.Config, sock: socket.socket, stop: StopSignal, *,
                                           EvidenceLog(logc, now_rfc3339)),
                       attest=ident.attest, e2ee_key=ident.e2ee_private,
                       keyset_index=logged.index, keyset_proof=logged.proof,
-                      readiness=ready, tracer=spans)
+                      readiness=ready, tracer=spans, shared_mac_key=ident.shared_mac_key)
         servers = [(server(app, tls, "on"), sock)]
         if tls_sock is not None:  # the app's lifespan runs once, with the main listener
             servers.append((server(app, True, "off"), tls_sock))

@@ -267,7 +267,7 @@ class Connection(asyncio.Protocol):
     async def read(self, deadline: float | None = None) -> bytes:
         """The next piece of the body as received (de-chunked); b"" once it ended."""
         resp = self._response
-        assert resp is not None and resp.head_done
+        assert resp is not None and resp.head_done  # noqa: S101 - type narrowing: the head was parsed before the body is read
         while True:
             if resp.pieces:
                 piece = resp.pieces.popleft()
@@ -428,7 +428,7 @@ class UpstreamReply:
         """The streamed body as received, piece by piece; TimeoutError once no event
         completed within the route's `event_timeout` or the stream outlived its
         `stream_timeout`. The connection is pooled after a clean end, else dropped."""
-        assert self.conn is not None and self.pool is not None and self.route is not None
+        assert self.conn is not None and self.pool is not None and self.route is not None  # noqa: S101 - type narrowing: set when the connection was taken
         route = self.route
         gap = route.event_timeout or route.timeout
         loop = asyncio.get_running_loop()
@@ -533,7 +533,7 @@ class Upstream:
                                route_id=route.id)
                 continue
             return UpstreamReply(status, ctype, payload, headers=answer)
-        assert last is not None
+        assert last is not None  # noqa: S101 - type narrowing: the loop ran at least once
         raise last
 
     async def close(self) -> None:

@@ -85,7 +85,7 @@ class LeaseStore:
     async def _verify_shared(self, route: Any, now: float) -> Lease:
         """Adopt another replica's lease, or verify under the shared lock and publish."""
         shared = self._shared
-        assert shared is not None
+        assert shared is not None  # noqa: S101 - type narrowing: checked by the caller
         lease = await shared.get(route, now)
         if lease is None:
             token = await shared.lock(route)

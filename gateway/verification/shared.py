@@ -31,6 +31,7 @@ from gateway.verification.base import Lease
 log = logging.getLogger("gateway.leases")
 
 LOCK_MS = 30_000
+AHEAD = 30.0  # s: a stored lease stamped this far after `now` is still adopted (below)
 _DROP_IF_SAME = """
 local v = redis.call('GET', KEYS[1])
 if v and string.find(v, ARGV[1], 1, true) then return redis.call('DEL', KEYS[1]) end
@@ -93,7 +94,12 @@ class SharedLeases:
         return f"{self._prefix}{route.id}:{d}", d
 
     async def get(self, route: Any, now: float) -> Lease | None:
-        """A lease valid at `now` another replica stored, or None."""
+        """A lease another replica stored that has not expired at `now`, or None.
+
+        Its `verified_at` may be after `now` by up to `AHEAD` seconds: a replica whose call
+        began at `now` waits while another verifies, and that lease is stamped with the
+        other call's later start (or a clock a little ahead); refusing it would make every
+        waiter verify again. A lease stamped further ahead is ignored."""
         name, d = self._name(route)
         try:
             value = await self._redis.get(name)
@@ -101,7 +107,9 @@ class SharedLeases:
             self._down(e)
             return None
         lease = unseal(value, route.id, d, self._key) if value else None
-        return lease if lease is not None and lease.valid_at(now) else None
+        if lease is None or not lease.valid_at(max(now, min(lease.verified_at, now + AHEAD))):
+            return None
+        return lease
 
     async def put(self, route: Any, lease: Lease, now: float) -> None:
         """Store a freshly verified lease until it expires."""

@@ -51,7 +51,7 @@ SIMULATED_SIGNATURE_DATA = (
     + bytes(384) + bytes(64) + struct.pack("<H", 0) + struct.pack("<HI", 5, 0)
 )
 
-assert len(SIMULATED_QE_VENDOR_ID) == 16 and len(SIMULATED_USER_DATA) == 20
+assert len(SIMULATED_QE_VENDOR_ID) == 16 and len(SIMULATED_USER_DATA) == 20  # noqa: S101 - checks constants at import, not input
 
 
 class QuoteError(ValueError):
@@ -245,7 +245,7 @@ def build_simulated_quote(report_data: bytes, *, mr_td: bytes, rtmrs: Sequence[b
         *(_check_len(f"rtmr{i}", r, 48) for i, r in enumerate(rtmrs)),
         bytes(report_data).ljust(64, b"\x00"),
     ])
-    assert len(header) == HEADER_LEN and len(body) == TD10_BODY_LEN
+    assert len(header) == HEADER_LEN and len(body) == TD10_BODY_LEN  # noqa: S101 - checks our own builder's output, not input
     return (header + body + struct.pack("<I", len(SIMULATED_SIGNATURE_DATA))
             + SIMULATED_SIGNATURE_DATA)
 

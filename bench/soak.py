@@ -1,8 +1,8 @@
 """Soak: mixed load against the whole stack while its processes fail; then prove nothing
 acknowledged was lost or logged twice.
 
-    .venv/bin/python scripts/soak.py crash --seconds 300      # kill -9 at random moments
-    .venv/bin/python scripts/soak.py outage --seconds 660 --outage 600   # log away 10 min
+    .venv/bin/python bench/soak.py crash --seconds 300      # kill -9 at random moments
+    .venv/bin/python bench/soak.py outage --seconds 660 --outage 600   # log away 10 min
 
 The stack, on loopback: a witness (`witness serve`), the log (`tlog serve`, the
 witness's cosignature required: quorum 1), the gateway (`python -m
@@ -343,7 +343,7 @@ async def run(tmp: Path, mode: str, seconds: float, outage_s: float, seed: int) 
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(prog="scripts/soak.py")
+    ap = argparse.ArgumentParser(prog="bench/soak.py")
     ap.add_argument("mode", choices=("crash", "outage"))
     ap.add_argument("--seconds", type=float, default=300.0, help="how long the load runs")
     ap.add_argument("--outage", type=float, default=600.0,
