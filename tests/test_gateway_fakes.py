@@ -42,7 +42,7 @@ from gateway.receipts.outbox import Outbox, ReceiptSigner
 from gateway.receipts.shipper import LogStatus, Shipper
 from gateway.upstream.leases import Leases, LeaseSource
 from tlog import checkpoint, merkle, note, proof, tiles
-from tlog.service import uvicorn_config
+from tlog.service import StopSignal, uvicorn_config
 from verifier.tee.keyset import keyset_hash
 from witness import cosignature
 
@@ -462,11 +462,13 @@ async def run_gateway(cfg_path: Path, store: LeaseSource | None = None,
     rk = Ed25519PrivateKey.generate()
     ek = X25519PrivateKey.generate()
     store = store or FakeLeaseStore()
-    outbox = Outbox(cfg.gateway.data_dir, cfg.gateway.outbox_durability)
+    g = cfg.gateway
+    outbox = Outbox(g.data_dir, g.outbox_durability, max_bytes=g.outbox_max_bytes,
+                    retention=g.receipt_retention_seconds)
     token = cfg.log.token_file.read_text().strip() if cfg.log.token_file else None
     shipper = Shipper(cfg.gateway.data_dir, cfg.log.url, token, cfg.log.vkey,
                       concurrency=8, witnesses=cfg.log.witness_vkeys,
-                      quorum=cfg.log.quorum) if cfg.log.url else None
+                      quorum=cfg.log.quorum, max_bytes=g.outbox_max_bytes) if cfg.log.url else None
     status = LogStatus(outbox, shipper is not None)
     ident = await fake_identity(cfg, rk, ek)
     app = Gateway(cfg, signer=ReceiptSigner(rk), identity=ident.identity, outbox=outbox,
@@ -564,15 +566,17 @@ def sha(data: bytes) -> str:
 
 def serve_main(argv: list[str]) -> None:
     """`python -m tests.test_gateway_fakes CONFIG PORT`: the gateway with fake keys and
-    leases, but the real outbox, shipper process and uvicorn serving (for kill -9 tests)."""
+    leases, but the real outbox, shipper process (restarted if it dies, as by `gateway
+    serve`) and uvicorn serving (for kill -9 tests)."""
     import uvloop
 
     cfg = gconfig.load(argv[0])
+    StopSignal()  # SIGTERM: uvicorn stops, the outbox is closed, exit 0
 
     async def main() -> None:
         rk, ek = Ed25519PrivateKey.generate(), X25519PrivateKey.generate()
         ident = await fake_identity(cfg, rk, ek)
-        outbox = Outbox(cfg.gateway.data_dir, cfg.gateway.outbox_durability)
+        outbox = server.open_outbox(cfg)
         shipper = server.start_shipper(cfg)
         app = Gateway(cfg, signer=ReceiptSigner(rk), identity=ident.identity, outbox=outbox,
                       status=LogStatus(outbox, shipper is not None),
@@ -581,9 +585,19 @@ def serve_main(argv: list[str]) -> None:
         srv = uvicorn.Server(uvicorn_config(app, cfg.server, host="127.0.0.1",
                                             port=int(argv[1]), lifespan="on",
                                             log_level="warning", access_log=False, loop="none"))
+
+        async def watchdog() -> None:  # as `gateway serve`: a shipper that died is restarted
+            nonlocal shipper
+            while shipper is not None:
+                await asyncio.sleep(0.5)
+                if shipper.poll() is not None:
+                    shipper = server.start_shipper(cfg)
+
+        watch = asyncio.create_task(watchdog())
         try:
             await srv.serve()
         finally:
+            watch.cancel()
             server.stop_process(shipper)
             outbox.close()
 

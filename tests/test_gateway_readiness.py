@@ -103,8 +103,8 @@ def test_readyz_follows_the_outbox_and_the_log(tmp_path: Path) -> None:
                 chat = await c.post(gw.url + "/v1/chat/completions", headers={
                     "Authorization": f"Bearer {API_KEY}"}, json={
                     "model": "chat-model", "messages": [{"role": "user", "content": "hi"}]})
-                assert chat.status_code == 500  # no receipt, so the completion is withheld
-                assert chat.json()["error"]["code"] == "internal_error"
+                assert chat.status_code == 503  # no receipt, so the call is refused
+                assert chat.json()["error"]["code"] == "outbox_unavailable"
                 assert COMPLETION not in chat.text
                 writer.execute("PRAGMA query_only=0")
                 assert (await readyz(c, gw.url))[0] == 200

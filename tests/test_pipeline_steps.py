@@ -80,11 +80,15 @@ class FakeUpstream:
 
 
 class MemoryOutbox:
-    """Keeps put entries in memory, in order."""
+    """Keeps put entries in memory, in order; `admit` answers `refusal`."""
 
     def __init__(self) -> None:
         self.puts: list[tuple[str, str, bytes]] = []
         self.owners: list[str | None] = []
+        self.refusal: str | None = None
+
+    async def admit(self) -> str | None:
+        return self.refusal
 
     async def put(self, receipt_id: str, request_hash: str, entry: bytes,
                   key_sha256: str | None = None) -> None:
@@ -791,6 +795,17 @@ def test_an_unauthenticated_call_gets_no_receipt_but_its_hash() -> None:
     assert status == 401
     assert hdrs[b"x-request-hash"] == receipt.digest(bytes.fromhex(salt.decode()), raw).encode()
     assert b"x-receipt-id" not in hdrs
+    assert svc.outbox.puts == [] and svc.upstream.sent == []  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("code", ["outbox_full", "outbox_unavailable"])
+def test_a_call_whose_receipt_cannot_be_kept_is_refused_before_anything_is_sent(
+        code: str) -> None:
+    svc = services()
+    svc.outbox.refusal = code  # type: ignore[attr-defined]
+    with pytest.raises(GatewayError) as e:
+        call_app(svc, json.dumps(CHAT).encode(), (b"authorization", AUTH))
+    assert (e.value.status, e.value.code) == (503, code)
     assert svc.outbox.puts == [] and svc.upstream.sent == []  # type: ignore[union-attr]
 
 

@@ -129,10 +129,11 @@ def serve(args: argparse.Namespace) -> int:
     from tlog import keys, note
     from tlog.sequencer import Log
     from tlog.server import TlogApp
-    from tlog.service import LockHeld, bind, check_data_dir, uvicorn_config
+    from tlog.service import LockHeld, StopSignal, bind, check_data_dir, uvicorn_config
     from tlog.storage import StorageError
 
     logging.basicConfig(level=logging.INFO, format="tlog: %(message)s")
+    stop = StopSignal()  # SIGTERM: stop serving, then close the store (exit 0)
     if not 0 < args.max_entry <= 65535:
         return fail(EXIT_USAGE, "--max-entry must be 1..65535")
     if not 0.5 <= args.lease_ttl <= 600:
@@ -185,7 +186,8 @@ def serve(args: argparse.Namespace) -> int:
     role = "replica" if lease is not None else "sequencer"
     print(f"tlog: {signer.name} serving on http://{host}:{port} (size {log.head.size}, "
           f"{role})", file=sys.stderr, flush=True)
-    uvicorn.Server(config).run(sockets=[sock])
+    if not stop.received:
+        uvicorn.Server(config).run(sockets=[sock])
     store.close()
     return 0
 

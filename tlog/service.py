@@ -32,6 +32,7 @@ import json
 import logging
 import os
 import resource
+import signal
 import socket
 import sqlite3
 import sys
@@ -418,6 +419,21 @@ async def dstack_seed(endpoint: str, path: str) -> bytes:
 
     key = await AsyncDstackClient(endpoint=endpoint).get_key(path)
     return hashlib.sha256(b"pag-note-key\x00" + key.decode_key()).digest()
+
+
+class StopSignal:
+    """SIGTERM/SIGINT as a flag. uvicorn handles them while it serves, then re-raises the
+    signal to whatever handler was there before; this one absorbs it, so the service's own
+    clean-up (closing its store) runs and the exit status is 0. A signal that came before
+    uvicorn served is `received`: the caller then does not start serving."""
+
+    def __init__(self) -> None:
+        self.received = False
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.received = True
 
 
 def listen_address(value: str) -> tuple[str, int]:

@@ -142,11 +142,12 @@ def serve(args: argparse.Namespace, signer: cosignature.CosignatureSigner,
 
     import uvicorn
 
-    from tlog.service import bind, uvicorn_config
+    from tlog.service import StopSignal, bind, uvicorn_config
     from witness.server import Witness, WitnessApp
     from witness.state import State
 
     logging.basicConfig(level=logging.INFO, format="witness: %(message)s")
+    stop = StopSignal()  # SIGTERM: stop serving, then close the state (exit 0)
     host, port = args.listen
     try:
         sock = bind(host, port)
@@ -160,8 +161,9 @@ def serve(args: argparse.Namespace, signer: cosignature.CosignatureSigner,
     app = WitnessApp(Witness(state, signer, logs))
     print(f"witness: {signer.name} witnessing {', '.join(sorted(logs))} on http://{host}:{port}",
           file=sys.stderr, flush=True)
-    uvicorn.Server(uvicorn_config(app, limits, log_level="warning", access_log=False)).run(
-        sockets=[sock])
+    if not stop.received:
+        uvicorn.Server(uvicorn_config(app, limits, log_level="warning", access_log=False)).run(
+            sockets=[sock])
     state.close()
     return 0
 

@@ -293,6 +293,7 @@ class Gateway:
         total, unlogged = self._counts[1]
         book = self.svc.routes
         status = self.svc.status
+        outbox = self.svc.outbox
         return [
             Gauge("route_lease_state", "1 for the current lease state of each route",
                   [((("route", r.id), ("state", s)), float(book.state[r.id].state == s))
@@ -302,6 +303,14 @@ class Gateway:
                   [((), unlogged)]),
             Gauge("log_down", "1 while the receipt shipper cannot reach the log",
                   [((), float(status.log_down))]),
+            Gauge("outbox_bytes", "bytes the outbox and ledger files use (less free pages)",
+                  [((), outbox.bytes_used())]),
+            Gauge("outbox_max_bytes", "the configured bound: calls are refused 503 "
+                  "outbox_full at it", [((), outbox.max_bytes)]),
+            Gauge("outbox_near_bound", "1 once outbox_bytes passed 80% of outbox_max_bytes "
+                  "(alarm)", [((), float(outbox.near_bound()))]),
+            Gauge("outbox_failing", "1 while the outbox's last write failed (storage fault)",
+                  [((), float(outbox.failing is not None))]),
             Gauge("build_info", "the running version", [((("version", version()),), 1)]),
         ]
 

@@ -43,6 +43,8 @@ class GatewaySettings:
     log_unavailable: str = "serve-and-queue"
     log_wait_timeout: float = 30.0
     outbox_durability: str = "process"
+    outbox_max_bytes: int = 1 << 30  # the outbox and ledger files together; 503 outbox_full at it
+    receipt_retention_seconds: float = 7 * 86400.0  # a logged receipt stays readable this long
     data_dir: Path = Path(".")
     admin_key_sha256: str | None = None
     attestation_cache_seconds: float = 60.0  # the nonce-less attestation is shared this long
@@ -233,6 +235,7 @@ def _gateway(t: dict[str, Any], base: Path) -> GatewaySettings:
         "max_json_depth": (int, False),
         "require_log_inclusion": (bool, False), "log_unavailable": (str, False),
         "log_wait_timeout": ((int, float), False), "outbox_durability": (str, False),
+        "outbox_max_bytes": (int, False), "receipt_retention_seconds": ((int, float), False),
         "data_dir": (str, False),
         "admin_key_sha256": (str, False), "attestation_cache_seconds": ((int, float), False),
         "attestation_nonce_per_client_per_minute": (int, False),
@@ -241,6 +244,12 @@ def _gateway(t: dict[str, Any], base: Path) -> GatewaySettings:
         raise ConfigError(f"[gateway].log_unavailable: one of {', '.join(LOG_UNAVAILABLE)}")
     if v.get("outbox_durability", "process") not in DURABILITY:
         raise ConfigError(f"[gateway].outbox_durability: one of {', '.join(DURABILITY)}")
+    if v.get("outbox_max_bytes", 1 << 30) < 1 << 20:
+        raise ConfigError("[gateway].outbox_max_bytes must be at least 1048576 (1 MiB)")
+    if v.get("receipt_retention_seconds", 1) < 0:
+        raise ConfigError("[gateway].receipt_retention_seconds must not be negative")
+    if "receipt_retention_seconds" in v:
+        v["receipt_retention_seconds"] = float(v["receipt_retention_seconds"])
     for key in ("max_body_bytes", "max_messages", "max_json_depth"):
         if v.get(key, 1) <= 0:
             raise ConfigError(f"[gateway].{key} must be positive")

@@ -1,6 +1,7 @@
 """One model call as a sequence of named steps.
 
-    read the body → authenticate → admit → parse → open E2EE → reserve budget
+    read the body → authenticate → receipts keepable → admit → parse → open E2EE
+      → reserve budget
       → for each candidate route, in priority order:
             acquire its lease → forward (re-verify once if the key rotated)
             → check the response signature (signature-bound leases only)
@@ -16,7 +17,11 @@ Invariants:
   lease is acquired first; a TLS pin is checked on the handshake).
 - Everything after authentication gets a receipt, refusals included; it is
   committed to the outbox before the response completes (before the last
-  chunk of a stream).
+  chunk of a stream). A call whose receipt cannot be kept is not answered:
+  refused up front (503 `outbox_full` or `outbox_unavailable`, nothing
+  forwarded, no receipt) when the outbox says so, else 503
+  `outbox_unavailable` instead of the answer, or a stream cut off without its
+  last chunk, when the commit fails.
 - Prompt and completion text never reach a receipt, a log line or an error
   message; only hashes, routes, codes and usage counts do.
 - Every call is charged: a key with a budget reserves the most the call could
@@ -54,7 +59,7 @@ from gateway.api.receipt_index import RedisReceiptIndex
 from gateway.api.replay import MemoryReplay, ReplayStore, ReplayUnavailable
 from gateway.api.router import Router
 from gateway.api.routes import RouteBook, now_rfc3339
-from gateway.receipts.outbox import Outbox, ReceiptSigner
+from gateway.receipts.outbox import Outbox, OutboxUnavailable, ReceiptSigner
 from gateway.receipts.shipper import LogStatus
 from gateway.upstream.client import ProtocolError, Upstream, UpstreamReply
 from gateway.upstream.leases import LeaseFacts
@@ -65,6 +70,12 @@ from verifier import aci, receipt, sse
 log = logging.getLogger("gateway")
 
 JSON = b"application/json"
+OUTBOX_REFUSALS = {
+    "outbox_full": "the receipt outbox is at its size bound until the log catches up; "
+                   "nothing was forwarded",
+    "outbox_unavailable": "receipts cannot be stored now (gateway storage fault); "
+                          "nothing was forwarded",
+}
 RESPONSE_ID = re.compile(r"[A-Za-z0-9._:-]{1,200}")
 UPSTREAM_PATH = {"chat": "/chat/completions", "embeddings": "/embeddings"}
 USAGE_KEYS = ("prompt_tokens", "completion_tokens", "total_tokens")
@@ -167,6 +178,7 @@ async def model_call(svc: Services, scope: Scope, receive: Receive, send: Send,
                       headers=[(b"x-request-hash", request_hash.encode()),
                                (b"x-receipt-salt", salt.hex().encode())])
         return None
+    await receipts_keepable(svc)
     call = Call(secrets.token_hex(16), salt, request_hash, kind, key)
     try:
         try:
@@ -189,7 +201,11 @@ async def model_call(svc: Services, scope: Scope, receive: Receive, send: Send,
             status, out, ctype = e.status, e.body(), JSON
     finally:
         await settle(svc, call)
-    await commit_receipt(svc, call, receipt.digest(call.salt, out))
+    try:
+        await commit_receipt(svc, call, receipt.digest(call.salt, out))
+    except OutboxUnavailable:
+        raise refused(503, "outbox_unavailable", "the receipt could not be stored (gateway "
+                      "storage fault); the answer is withheld") from None
     if not await logged_in_time(svc, call):
         err = refused(503, "log_unavailable",
                       "the receipt could not be logged in time; it stays queued")
@@ -245,6 +261,14 @@ def authenticate(keys: KeyStore, hdrs: dict[bytes, bytes]) -> ApiKey:
     if key is None:
         raise unauthorized()
     return key
+
+
+async def receipts_keepable(svc: Services) -> None:
+    """503 when the outbox cannot keep a receipt now (`Outbox.admit` decides). Nothing is
+    forwarded and no receipt is written, so refused calls cannot grow the outbox."""
+    code = await svc.outbox.admit()
+    if code is not None:
+        raise refused(503, code, OUTBOX_REFUSALS[code])
 
 
 async def admit(svc: Services, key: ApiKey) -> None:
@@ -678,7 +702,13 @@ async def relay_stream(svc: Services, call: Call, reply: UpstreamReply, send: Se
         await chunks.aclose()  # a stream ended early releases (closes) its connection
     call.provider_response_hash = prov.hexdigest()
     await settle(svc, call)
-    await commit_receipt(svc, call, resp.hexdigest())
+    try:
+        await commit_receipt(svc, call, resp.hexdigest())
+    except OutboxUnavailable:  # not acknowledged: an error event, and no last chunk
+        await send({"type": "http.response.body", "more_body": True, "body": stream_error(
+            call, "outbox_unavailable", "the receipt could not be stored")})
+        call.refusal = {"code": "outbox_unavailable", "status": 503}
+        return
     await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 

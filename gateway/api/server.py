@@ -37,7 +37,6 @@ import hashlib
 import json
 import logging
 import os
-import signal
 import socket
 import sqlite3
 import subprocess
@@ -57,7 +56,14 @@ from gateway.receipts.logclient import LogClient, LogError
 from gateway.receipts.outbox import Outbox, ReceiptSigner
 from gateway.receipts.shipper import LogStatus
 from gateway.upstream.leases import Leases
-from tlog.service import bind, check_data_dir, listen_address, log_json, uvicorn_config
+from tlog.service import (
+    StopSignal,
+    bind,
+    check_data_dir,
+    listen_address,
+    log_json,
+    uvicorn_config,
+)
 
 log = logging.getLogger("gateway.api.server")
 LEASE_MAC_PATH = "pag/gateway/lease-cache"
@@ -153,7 +159,9 @@ def url_of(sock: socket.socket) -> str:
 def open_outbox(cfg: gconfig.Config) -> Outbox:
     """The receipt outbox in the data directory, or a StartupError."""
     try:
-        return Outbox(cfg.gateway.data_dir, cfg.gateway.outbox_durability)
+        g = cfg.gateway
+        return Outbox(g.data_dir, g.outbox_durability, max_bytes=g.outbox_max_bytes,
+                      retention=g.receipt_retention_seconds)
     except (sqlite3.Error, OSError) as e:
         raise StartupError(f"cannot open the receipt outbox in {cfg.gateway.data_dir}: "
                            f"{e}") from None
@@ -252,7 +260,8 @@ def start_shipper(cfg: gconfig.Config) -> subprocess.Popen[bytes] | None:
         return None
     cmd = [sys.executable, "-m", "gateway.receipts.shipper", "--data", str(cfg.gateway.data_dir),
            "--log", cfg.log.url, "--concurrency", str(cfg.log.concurrency),
-           "--parent", str(os.getpid())]
+           "--parent", str(os.getpid()),
+           "--outbox-max-bytes", str(cfg.gateway.outbox_max_bytes)]
     if cfg.log.token_file:
         cmd += ["--token-file", str(cfg.log.token_file)]
     if cfg.log.vkey:
@@ -279,20 +288,6 @@ def url(scheme: str, sock: socket.socket) -> str:
     """The URL of a bound listener (IPv6 hosts in brackets)."""
     host, port = sock.getsockname()[:2]
     return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
-
-
-class StopSignal:
-    """SIGTERM/SIGINT as a flag. uvicorn handles them while it serves, then re-raises the
-    signal to whatever handler was there before; this one absorbs it, so the gateway's own
-    clean-up (shipper, outbox) runs and the exit status is 0."""
-
-    def __init__(self) -> None:
-        self.received = False
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.received = True
 
 
 async def serve(cfg: gconfig.Config, sock: socket.socket, stop: StopSignal, *,

@@ -22,14 +22,34 @@ Invariants:
   files from before that column existed are migrated on open (ALTER TABLE ADD
   COLUMN); their old rows have no owner.
 - A receipt counts as logged only once the ledger holds the index and proof the
-  log returned; receipts are never deleted. The stored proof omits its `extra`
-  line (the entry, already stored) and gets it back when read.
+  log returned. The stored proof omits its `extra` line (the entry, already
+  stored) and gets it back when read.
+
+Bounded disk (docs/reliability.md):
+- The write-ahead log of each file is folded back in the background every
+  second and, once it passes `WAL_LIMIT`, truncated by its writer between two
+  transactions, so it cannot grow under a steady load whose readers never let a
+  passive checkpoint finish.
+- A receipt is pruned (deleted with its acknowledgement) only once it is logged
+  and older than the retention, or sooner, oldest first, while the outbox is
+  past its alarm level. A receipt the log has not acknowledged is never
+  deleted. The newest receipt is always kept, so a receipt number is never
+  reused. The outbox records how far it pruned (`health.pruned`); the shipper
+  deletes acknowledgements up to there from its ledger.
+- `admit` is the one place that decides whether a receipt can be kept now: no
+  when the bytes in use reach `max_bytes` (`outbox_full`), or when the last write
+  failed and a probe write still fails (`outbox_unavailable`). A call it refuses
+  is forwarded nowhere and leaves no receipt, so a flood of refusals cannot grow
+  the files; the refusal ends by itself when the shipper catches up or the disk
+  recovers.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
+import os
 import queue
 import sqlite3
 import threading
@@ -46,14 +66,22 @@ from tlog import proof
 
 OUTBOX_FILE = "outbox.sqlite3"
 LEDGER_FILE = "ledger.sqlite3"
+WAL_LIMIT = 4 << 20  # bytes of write-ahead log past which the writer truncates it (at most)
+MAX_BYTES = 1 << 30  # default hard bound on the bytes the outbox and ledger use
+RETENTION = 7 * 86400  # default seconds a logged receipt stays readable by its owner
+ALARM = 0.8  # fraction of max_bytes past which the outbox is "near its bound"
+PRUNE_BATCH = 5000  # receipts deleted per transaction
+USAGE_TTL = 0.25  # seconds a measured disk usage may be old
 OUTBOX_SCHEMA = """
 CREATE TABLE IF NOT EXISTS receipts (
   seq INTEGER PRIMARY KEY,
   id TEXT NOT NULL UNIQUE,
   request_hash TEXT NOT NULL,
   entry BLOB NOT NULL,
-  key_sha256 TEXT                   -- the caller's API key hash (NULL in outboxes made
-);                                  -- before owners were recorded: no owner can read them by id
+  key_sha256 TEXT,                  -- the caller's API key hash (NULL in outboxes made
+                                    -- before owners were recorded: no owner can read them by id)
+  t INTEGER                         -- Unix seconds of the commit (NULL before pruning existed)
+);
 CREATE INDEX IF NOT EXISTS receipts_request_hash ON receipts(request_hash, seq);
 CREATE TABLE IF NOT EXISTS health (
   k TEXT PRIMARY KEY,
@@ -75,6 +103,17 @@ ROW = ("SELECT r.id, r.request_hash, r.entry, l.log_index, l.proof, r.key_sha256
        "FROM receipts r "
        "LEFT JOIN ledger.logged l ON l.seq = r.seq ")
 DURABILITY = ("process", "fsync")
+FILES = (OUTBOX_FILE, OUTBOX_FILE + "-wal", LEDGER_FILE, LEDGER_FILE + "-wal")
+
+
+def wal_limit(max_bytes: int) -> int:
+    """The WAL size past which a writer truncates it: WAL_LIMIT, or a sixteenth of the
+    bound if smaller (both WALs count toward the bound)."""
+    return min(WAL_LIMIT, max_bytes // 16)
+
+
+class OutboxUnavailable(Exception):
+    """A receipt could not be committed (disk full, read-only, I/O error)."""
 
 
 def canonical(obj: Any) -> bytes:
@@ -134,6 +173,7 @@ def _settle(fut: asyncio.Future[None], err: BaseException | None) -> None:
 
 def _connect(path: Path, schema: str) -> sqlite3.Connection:
     conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+    conn.execute("PRAGMA auto_vacuum=INCREMENTAL")  # takes effect in a new file only
     conn.execute("PRAGMA journal_mode=WAL")
     conn.executescript(schema)
     if schema == OUTBOX_SCHEMA:
@@ -148,16 +188,25 @@ def _migrate_outbox(conn: sqlite3.Connection) -> None:
         cols = {row[1] for row in conn.execute("PRAGMA table_info(receipts)")}
         if "key_sha256" not in cols:
             conn.execute("ALTER TABLE receipts ADD COLUMN key_sha256 TEXT")
+        if "t" not in cols:
+            conn.execute("ALTER TABLE receipts ADD COLUMN t INTEGER")
         conn.execute("COMMIT")
     except BaseException:
         conn.execute("ROLLBACK")
         raise
 
 
-class _Writer:
-    """The single writer of one SQLite file: batched commits, checkpoints off the loop."""
+FaultHook = Callable[[str], None]  # called with "begin", "write", "commit", "committed"
 
-    def __init__(self, path: Path, schema: str, durability: str) -> None:
+
+class _Writer:
+    """The single writer of one SQLite file: batched commits, checkpoints off the loop.
+
+    `faults`, if set, is called before each step of a transaction and after its
+    commit; what it raises is that step failing (tests inject disk faults here)."""
+
+    def __init__(self, path: Path, schema: str, durability: str,
+                 wal_limit: int = WAL_LIMIT) -> None:
         if durability not in DURABILITY:
             raise ValueError(f"durability must be one of {DURABILITY}")
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -166,6 +215,11 @@ class _Writer:
         self._wconn.execute("PRAGMA synchronous=" +
                             ("FULL" if durability == "fsync" else "NORMAL"))
         self._wconn.execute("PRAGMA wal_autocheckpoint=0")
+        self._wal_limit = wal_limit
+        self._wconn.execute(f"PRAGMA journal_size_limit={wal_limit}")
+        self._wal = Path(f"{path}-wal")
+        self.faults: FaultHook | None = None
+        self.vacuum_due = False  # set after deletions: free pages go back to the file system
         self._closing = threading.Event()
         self._checkpointer = threading.Thread(target=self._checkpoint, daemon=True,
                                               name=f"{path.stem}-checkpoint")
@@ -183,9 +237,24 @@ class _Writer:
         conn = sqlite3.connect(self.path, isolation_level=None)
         try:
             while not self._closing.wait(1.0):
-                conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                with contextlib.suppress(sqlite3.Error):  # a full disk: next second
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
         finally:
             conn.close()
+
+    def _trim_wal(self) -> None:
+        """Between transactions: past its limit, fold the rest of the WAL in and truncate it
+        (waiting at most 50 ms for readers of an older snapshot; else at a later commit)."""
+        try:
+            if self._wal.stat().st_size <= self._wal_limit:
+                return
+            self._wconn.execute("PRAGMA busy_timeout=50")
+            try:
+                self._wconn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            finally:
+                self._wconn.execute("PRAGMA busy_timeout=5000")
+        except (OSError, sqlite3.Error):
+            return
 
     def _writer(self) -> None:
         while True:
@@ -206,25 +275,41 @@ class _Writer:
 
     def _apply(self, batch: list[_Op]) -> None:
         """Run a batch in one transaction; on failure, each op alone, so only culprits fail."""
-        if self._run(batch) is None:
+        err, committed = self._run(batch)
+        if err is None or committed or len(batch) == 1:
             for _, _, done in batch:
-                done(None)
+                done(err)
         else:
             for op in batch:
-                op[2](self._run([op]))
+                op[2](self._run([op])[0])
+        if self.vacuum_due:  # outside any transaction: executescript steps it to the end
+            self.vacuum_due = False
+            with contextlib.suppress(sqlite3.Error):
+                self._wconn.executescript("PRAGMA incremental_vacuum")
+        self._trim_wal()
 
-    def _run(self, ops: list[_Op]) -> BaseException | None:
-        """Apply `ops` in one transaction; the error, if it rolled back."""
+    def _run(self, ops: list[_Op]) -> tuple[BaseException | None, bool]:
+        """Apply `ops` in one transaction: (the error if any, whether it committed; an
+        error after the commit leaves the ops committed: they are not run again)."""
+        fault = self.faults or (lambda step: None)
         try:
+            fault("begin")
             self._wconn.execute("BEGIN IMMEDIATE")
             for sql, args, _ in ops:
+                fault("write")
                 self._wconn.execute(sql, args)
+            fault("commit")
             self._wconn.execute("COMMIT")
-        except sqlite3.Error as e:
+        except (sqlite3.Error, OSError) as e:
             if self._wconn.in_transaction:
-                self._wconn.execute("ROLLBACK")
-            return e
-        return None
+                with contextlib.suppress(sqlite3.Error):
+                    self._wconn.execute("ROLLBACK")
+            return e, False
+        try:
+            fault("committed")
+        except (sqlite3.Error, OSError) as e:  # committed, but its success lost
+            return e, True
+        return None, True
 
     def submit(self, sql: str, args: tuple[Any, ...]) -> asyncio.Future[None]:
         """Queue one write; the future resolves once it is committed."""
@@ -257,14 +342,23 @@ class _Writer:
 class Outbox:
     """Receipts (`outbox.sqlite3`) joined with their acknowledgements (`ledger.sqlite3`).
 
-    `writable=False` opens it for reading only (the shipper's view).
+    `writable=False` opens it for reading only (the shipper's view). `max_bytes` bounds
+    the bytes both files use (`admit`); `retention` is how long, in seconds, a logged
+    receipt stays readable by its owner before `prune` deletes it.
     """
 
     def __init__(self, data_dir: Path, durability: str = "process",
-                 writable: bool = True) -> None:
+                 writable: bool = True, max_bytes: int = MAX_BYTES,
+                 retention: float = RETENTION) -> None:
         data_dir.mkdir(parents=True, exist_ok=True)
+        self.data_dir = data_dir
+        self.max_bytes = max_bytes
+        self.retention = retention
+        self.failing: str | None = None  # why the last write failed, until one succeeds
+        self._usage = (float("-inf"), 0)
         path = data_dir / OUTBOX_FILE
-        self._writer = _Writer(path, OUTBOX_SCHEMA, durability) if writable else None
+        self._writer = _Writer(path, OUTBOX_SCHEMA, durability, wal_limit(max_bytes)) \
+            if writable else None
         _connect(data_dir / LEDGER_FILE, LEDGER_SCHEMA).close()
         if not writable:
             _connect(path, OUTBOX_SCHEMA).close()
@@ -272,20 +366,123 @@ class Outbox:
         self._rconn.execute("ATTACH DATABASE ? AS ledger", (str(data_dir / LEDGER_FILE),))
         self._rconn.execute("PRAGMA query_only=1")
 
+    @property
+    def faults(self) -> FaultHook | None:
+        """The writer's fault hook (tests only)."""
+        return self._writer.faults if self._writer is not None else None
+
+    @faults.setter
+    def faults(self, hook: FaultHook | None) -> None:
+        self._writable().faults = hook
+
+    def _writable(self) -> _Writer:
+        """The writer; RuntimeError (a programming error) if opened read-only."""
+        if self._writer is None:
+            raise RuntimeError("outbox opened read-only")
+        return self._writer
+
+    async def _write(self, sql: str, args: tuple[Any, ...]) -> None:
+        """One write through the writer; OutboxUnavailable if it was not committed."""
+        writer = self._writable()
+        try:
+            await writer.submit(sql, args)
+        except (sqlite3.Error, OSError) as e:
+            if isinstance(e, sqlite3.IntegrityError):
+                raise  # this write's own fault (a duplicate id), not the storage's
+            self.failing = f"{type(e).__name__}: {e}"
+            raise OutboxUnavailable(self.failing) from e
+        self.failing = None
+
     async def put(self, receipt_id: str, request_hash: str, entry: bytes,
                   key_sha256: str | None = None) -> None:
-        """Commit one receipt durably, with the hash of the API key that owns it."""
-        assert self._writer is not None, "outbox opened read-only"  # noqa: S101 - programming error, not input: a read-only outbox is never written
-        await self._writer.submit(
-            "INSERT INTO receipts(id, request_hash, entry, key_sha256) VALUES (?, ?, ?, ?)",
-            (receipt_id, request_hash, entry, key_sha256))
+        """Commit one receipt durably, with the hash of the API key that owns it;
+        OutboxUnavailable if it could not be."""
+        await self._write(
+            "INSERT INTO receipts(id, request_hash, entry, key_sha256, t) "
+            "VALUES (?, ?, ?, ?, ?)", (receipt_id, request_hash, entry, key_sha256,
+                                       int(time.time())))
 
     async def probe(self) -> None:
         """Commit one write through the same writer as `put` (a row of the `health` table,
         never a receipt): returns only if receipts can be committed now."""
-        assert self._writer is not None, "outbox opened read-only"  # noqa: S101 - programming error, not input: a read-only outbox is never written
-        await self._writer.submit("INSERT OR REPLACE INTO health(k, v) VALUES ('probe', ?)",
-                                  (time.time(),))
+        await self._write("INSERT OR REPLACE INTO health(k, v) VALUES ('probe', ?)",
+                          (time.time(),))
+
+    def bytes_used(self) -> int:
+        """Bytes the outbox and ledger files take on disk, less their free pages (which
+        SQLite reuses); measured at most USAGE_TTL seconds ago."""
+        now = time.monotonic()
+        if now - self._usage[0] < USAGE_TTL:
+            return self._usage[1]
+        total = 0
+        try:
+            for name in FILES:
+                with contextlib.suppress(FileNotFoundError):
+                    total += os.stat(self.data_dir / name).st_size
+            page = self._rconn.execute("PRAGMA page_size").fetchone()[0]
+            for db in ("main", "ledger"):
+                total -= page * self._rconn.execute(f"PRAGMA {db}.freelist_count").fetchone()[0]
+        except (OSError, sqlite3.Error):
+            return self._usage[1]  # unmeasurable now: the last measurement stands
+        self._usage = (now, max(total, 0))
+        return self._usage[1]
+
+    def near_bound(self) -> bool:
+        """Whether the bytes in use passed the alarm level (ALARM of `max_bytes`)."""
+        return self.bytes_used() >= ALARM * self.max_bytes
+
+    async def admit(self) -> str | None:
+        """None if a receipt can be kept now, else the refusal code: `outbox_full` at
+        `max_bytes`, `outbox_unavailable` while writes fail (a probe write is tried)."""
+        if self.bytes_used() >= self.max_bytes:
+            return "outbox_full"
+        if self.failing is not None:
+            with contextlib.suppress(OutboxUnavailable):
+                await self.probe()
+            if self.failing is not None:
+                return "outbox_unavailable"
+        return None
+
+    def pruned_through(self) -> int:
+        """Every receipt numbered up to this one has been pruned (0: none)."""
+        row = self._rconn.execute("SELECT v FROM health WHERE k = 'pruned'").fetchone()
+        return int(row[0]) if row else 0
+
+    def prunable_through(self, now: float) -> int:
+        """The last receipt number `prune` may delete through now: every receipt up to it
+        is logged and older than the retention (any age past the alarm level), and it is
+        not the newest receipt."""
+        done = self.pruned_through()
+        newest = self._rconn.execute("SELECT max(seq) FROM receipts").fetchone()[0] or 0
+        cutoff = now if self.near_bound() else now - self.retention
+        stop = min(newest, done + PRUNE_BATCH + 1)
+        young = self._rconn.execute(
+            "SELECT seq FROM receipts WHERE seq > ? AND coalesce(t, 0) > ? "
+            "ORDER BY seq LIMIT 1", (done, cutoff)).fetchone()
+        if young is not None:
+            stop = min(stop, young[0])
+        unlogged = self._rconn.execute(
+            "SELECT r.seq FROM receipts r WHERE r.seq > ? AND r.seq < ? AND NOT EXISTS "
+            "(SELECT 1 FROM ledger.logged l WHERE l.seq = r.seq) ORDER BY r.seq LIMIT 1",
+            (done, stop)).fetchone()
+        if unlogged is not None:
+            stop = unlogged[0]
+        return max(done, stop - 1)
+
+    async def prune(self, now: float | None = None) -> int:
+        """Delete the next batch of logged receipts past their retention (oldest first);
+        how many receipt numbers it covered."""
+        done = self.pruned_through()
+        through = self.prunable_through(time.time() if now is None else now)
+        if through <= done:
+            return 0
+        writer = self._writable()
+        writer.vacuum_due = True
+        await asyncio.gather(
+            writer.submit("DELETE FROM receipts WHERE seq > ? AND seq <= ?", (done, through)),
+            writer.submit("INSERT OR REPLACE INTO health(k, v) VALUES ('pruned', ?)",
+                          (through,)))
+        return through - done
 
     def unlogged_after(self, seq: int, limit: int = 1000) -> list[tuple[int, str, bytes]]:
         """(seq, id, entry) of receipts after `seq` the log has not acknowledged, oldest first."""
@@ -328,9 +525,10 @@ class Outbox:
         return dict(self._rconn.execute("SELECT k, v FROM ledger.state").fetchall())
 
     def counts(self) -> tuple[int, int]:
-        """(total receipts, receipts not yet logged)."""
+        """(receipts kept, receipts not yet logged)."""
         total = self._rconn.execute("SELECT count(*) FROM receipts").fetchone()[0]
-        logged = self._rconn.execute("SELECT count(*) FROM ledger.logged").fetchone()[0]
+        logged = self._rconn.execute("SELECT count(*) FROM ledger.logged WHERE seq > ?",
+                                     (self.pruned_through(),)).fetchone()[0]
         return total, total - logged
 
     def close(self) -> None:
@@ -341,21 +539,34 @@ class Outbox:
 
 
 class Ledger:
-    """The shipper's writable `ledger.sqlite3`: acknowledgements and state."""
+    """The shipper's writable `ledger.sqlite3`: acknowledgements and state. A write it
+    could not commit raises OutboxUnavailable."""
 
-    def __init__(self, data_dir: Path) -> None:
-        self._writer = _Writer(data_dir / LEDGER_FILE, LEDGER_SCHEMA, "process")
+    def __init__(self, data_dir: Path, max_bytes: int = MAX_BYTES) -> None:
+        self._writer = _Writer(data_dir / LEDGER_FILE, LEDGER_SCHEMA, "process",
+                               wal_limit(max_bytes))
 
     async def record(self, seq: int, p: proof.TlogProof) -> None:
         """Record the log's acknowledgement (index and proof) of receipt number `seq`."""
         compact = proof.TlogProof(p.index, p.hashes, p.checkpoint).format()
-        await self._writer.submit(
-            "INSERT OR REPLACE INTO logged(seq, log_index, proof) VALUES (?, ?, ?)",
-            (seq, p.index, compact))
+        await self._write("INSERT OR REPLACE INTO logged(seq, log_index, proof) VALUES (?, ?, ?)",
+                          (seq, p.index, compact))
+
+    async def _write(self, sql: str, args: tuple[Any, ...]) -> None:
+        try:
+            await self._writer.submit(sql, args)
+        except (sqlite3.Error, OSError) as e:
+            raise OutboxUnavailable(f"{type(e).__name__}: {e}") from e
+
+    async def prune(self, through: int) -> None:
+        """Delete the acknowledgements of receipts numbered up to `through` (the outbox
+        pruned them)."""
+        self._writer.vacuum_due = True
+        await self._write("DELETE FROM logged WHERE seq <= ?", (through,))
 
     async def set_state(self, log_down: bool, last_error: str | None) -> None:
         """Publish whether the log is reachable, and the last shipping error."""
-        await self._writer.submit(
+        await self._write(
             "INSERT OR REPLACE INTO state(k, v) VALUES ('log_down', ?), ('last_error', ?)",
             ("1" if log_down else "0", last_error or ""))
 

@@ -15,6 +15,11 @@ Invariants:
   proof (with backoff) until one meets the quorum.
 - Failures are retried forever with capped exponential backoff; nothing is
   dropped. `log_down` is true from a failed attempt until the next success.
+  An acknowledgement the ledger cannot store (disk full) is retried alone, with
+  the same backoff, until it is stored; the receipt is not appended again.
+- The gateway prunes logged receipts past their retention (`LogStatus`, through
+  `Outbox.prune`); the shipper then deletes their acknowledgements from its
+  ledger, so neither file grows without bound.
 - Many posts are in flight at once (the log batches them into one checkpoint),
   each on its own pooled keep-alive HTTP/1.1 connection; receipts that queue
   up go in one `POST /add-batch` (up to BATCH), each answer checked on its
@@ -31,6 +36,7 @@ import logging
 import os
 import re
 import signal
+import sqlite3
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -38,7 +44,7 @@ from urllib.parse import urlsplit
 
 import orjson
 
-from gateway.receipts.outbox import Ledger, Outbox
+from gateway.receipts.outbox import MAX_BYTES, Ledger, Outbox, OutboxUnavailable
 from gateway.upstream.client import Connection, Pool, ProtocolError, exchange
 from tlog import checkpoint, merkle, note, proof, tiles
 from tlog.service import log_json
@@ -54,6 +60,7 @@ BATCH = 64  # receipts per POST /add-batch at most
 LOCK_FILE = "shipper.lock"
 LOCK_WAIT = 15.0
 HEX64 = re.compile(r"[0-9a-f]{64}")
+PRUNE_EVERY = 5.0  # seconds between pruning rounds
 
 
 class ShipError(Exception):
@@ -147,7 +154,7 @@ class Shipper:
 
     def __init__(self, data_dir: Path, url: str, token: str | None, vkey: str | None = None,
                  concurrency: int = 128, witnesses: Sequence[str] = (),
-                 quorum: int = 0) -> None:
+                 quorum: int = 0, max_bytes: int = MAX_BYTES) -> None:
         self.data_dir = data_dir
         self.url = url.rstrip("/")
         u = urlsplit(self.url)
@@ -162,6 +169,7 @@ class Shipper:
             for path in ("/add", "/add-batch"))
         self._proof_head = f"GET {u.path.rstrip('/')}/proof/%s HTTP/1.1\r\nHost: {u.netloc}\r\n\r\n"
 
+        self._max_bytes = max_bytes
         self._batching = True  # until the log answers 404/405 to /add-batch
         self._checker = ProofChecker(vkey, witnesses, quorum)
         self._concurrency = concurrency
@@ -190,9 +198,9 @@ class Shipper:
             raise RuntimeError(f"another shipper holds {self.data_dir / LOCK_FILE}")
         self._lock = fd
         self.outbox = Outbox(self.data_dir, writable=False)
-        self.ledger = Ledger(self.data_dir)
+        self.ledger = Ledger(self.data_dir, self._max_bytes)
         await self.ledger.set_state(False, None)
-        self._tasks = [asyncio.create_task(self._poll())]
+        self._tasks = [asyncio.create_task(self._poll()), asyncio.create_task(self._prune())]
         self._tasks += [asyncio.create_task(self._worker()) for _ in range(self._concurrency)]
 
     async def _poll(self) -> None:
@@ -208,6 +216,41 @@ class Shipper:
                 self._queue.put_nowait(row)
                 cursor = row[0]
             await asyncio.sleep(0 if rows else POLL)
+
+    async def _prune(self) -> None:
+        """Delete the acknowledgements of receipts the outbox pruned."""
+        assert self.outbox is not None and self.ledger is not None  # noqa: S101 - type narrowing: opened by start()
+        done = 0
+        while True:
+            await asyncio.sleep(PRUNE_EVERY)
+            try:
+                through = self.outbox.pruned_through()
+                if through > done:
+                    await self.ledger.prune(through)
+                    done = through
+            except (OutboxUnavailable, sqlite3.Error, OSError) as e:
+                log.warning("ledger pruning failed: %s", e)
+
+    async def _record(self, seq: int, p: proof.TlogProof) -> None:
+        """Store an acknowledgement, retrying (with backoff) until the ledger takes it."""
+        assert self.ledger is not None  # noqa: S101 - type narrowing: opened by start()
+        delay = BACKOFF_START
+        while True:
+            try:
+                await self.ledger.record(seq, p)
+                return
+            except OutboxUnavailable as e:
+                log.error("ledger unavailable, retrying: %s", e)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, BACKOFF_MAX)
+
+    async def _set_state(self, log_down: bool, last_error: str | None) -> None:
+        """Publish the log's reachability (advisory: a failure to store it is logged)."""
+        assert self.ledger is not None  # noqa: S101 - type narrowing: opened by start()
+        try:
+            await self.ledger.set_state(log_down, last_error)
+        except OutboxUnavailable as e:
+            log.warning("ledger unavailable for the shipper state: %s", e)
 
     async def _exchange(self, request: bytes) -> tuple[int, bytes]:
         """(status, body) of one request on a pooled connection; ShipError if unreachable."""
@@ -263,14 +306,14 @@ class Shipper:
                     p = await self._fresh_proof(entry)
                 else:
                     p = self._checker.check(entry, await self._post(entry))
-                await self.ledger.record(seq, p)
+                await self._record(seq, p)
                 break
             except ShipError as e:
                 appended = e.appended or (appended and e.log_down)
                 if e.log_down and not self.log_down:
                     log.warning("receipt log unavailable: %s", e)
                     self.log_down = True
-                    await self.ledger.set_state(True, str(e))
+                    await self._set_state(True, str(e))
                 elif not e.log_down:
                     log.error("receipt %s not accepted by the log: %s", receipt_id, e)
                 await asyncio.sleep(delay)
@@ -283,7 +326,7 @@ class Shipper:
         if self.log_down:
             log.info("receipt log reachable again")
             self.log_down = False
-            await self.ledger.set_state(False, None)
+            await self._set_state(False, None)
 
     async def _ship_batch(self, batch: list[tuple[int, str, bytes]]
                           ) -> list[tuple[int, str, bytes, bool]]:
@@ -310,7 +353,7 @@ class Shipper:
             except ShipError as e:
                 rest.append((seq, rid, entry, e.appended))
                 continue
-            await self.ledger.record(seq, p)
+            await self._record(seq, p)
             self.shipped += 1
             self.batched += 1
         if len(rest) < len(batch):
@@ -360,7 +403,8 @@ class LogStatus:
         """Start following the ledger."""
         if self.enabled:
             self._tasks = [asyncio.create_task(self._refresh()),
-                           asyncio.create_task(self._resolve())]
+                           asyncio.create_task(self._resolve()),
+                           asyncio.create_task(self._prune())]
 
     async def _refresh(self) -> None:
         while True:
@@ -368,6 +412,16 @@ class LogStatus:
             self.log_down = st.get("log_down") == "1"
             self.last_error = st.get("last_error") or None
             await asyncio.sleep(0.05)
+
+    async def _prune(self) -> None:
+        """Prune logged receipts past their retention (Outbox.prune), batch by batch."""
+        while True:
+            try:
+                while await self.outbox.prune():
+                    await asyncio.sleep(0)
+            except (OutboxUnavailable, sqlite3.Error, OSError) as e:
+                log.warning("outbox pruning failed: %s", e)
+            await asyncio.sleep(PRUNE_EVERY)
 
     async def _resolve(self) -> None:
         while True:
@@ -427,13 +481,16 @@ def main(argv: list[str]) -> int:
                     help="distinct valid witness cosignatures a proof needs")
     ap.add_argument("--concurrency", type=int, default=128)
     ap.add_argument("--parent", type=int, help="exit when this process is gone")
+    ap.add_argument("--outbox-max-bytes", type=int, default=MAX_BYTES,
+                    help="the gateway's [gateway] outbox_max_bytes (sizes the ledger's WAL)")
     a = ap.parse_args(argv)
     log_json()
     _die_with_parent()
     token = a.token_file.read_text().strip() if a.token_file else None
 
     async def run() -> None:
-        shipper = Shipper(a.data, a.log, token, a.vkey, a.concurrency, a.witness_vkey, a.quorum)
+        shipper = Shipper(a.data, a.log, token, a.vkey, a.concurrency, a.witness_vkey, a.quorum,
+                          a.outbox_max_bytes)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
