@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from tests.attested_log import AttestedLog, attested_log, make_receipt, write_log
@@ -206,3 +207,180 @@ def test_an_endless_witness_page_is_one_alert(tmp_path: Path, attested: Attested
     assert [x["alert"] for x in m.alerts] == ["witness_unreachable"]
     assert m.state is not None and m.state.size == len(a.entries)
     assert _Endless.sent < 128 << 20
+
+
+def test_a_keyset_entry_bound_to_a_forked_checkpoint_is_a_monitor_alert(
+        tmp_path: Path, attested: AttestedLog) -> None:
+    """The keyset entry's nonce names a checkpoint of size 1 signed by the log, but of
+    another tree than the one the monitor audits (entry 0 differs). Only `verifier proof`
+    checked this; the monitor trusted the keyset and accepted the receipts after it."""
+    a = attested
+    rec = make_receipt(a.receipt_key, a.gateway)
+    write_log(tmp_path / "log", a.signer, [b"another genesis", a.entries[1],
+                                           receipt.entry(rec)])
+    m = monitor.Monitor(str(tmp_path / "log"), a.signer.verifier(),
+                        monitor.Policy(allow_simulated=True), witnesses=[], quorum=0,
+                        witness_urls=[], state_path=None, webhook=None, quiet=True)
+    asyncio.run(m.poll())
+    assert m.state is not None and m.state.size == 3
+    assert [(x["alert"], x["index"]) for x in m.alerts] == [
+        ("keyset_checkpoint_fork", 1), ("unattested_receipt", 2)]
+    assert "not of this log's tree" in m.alerts[0]["reason"]
+    assert m.keysets == {} and m.entries["receipt"] == 0
+
+
+def test_a_keyset_entry_of_this_tree_is_trusted_across_polls(
+        tmp_path: Path, attested: AttestedLog) -> None:
+    """Held: the fork check passes for the honest log, also when the keyset entry was
+    read in an earlier poll than the receipt (the check runs against each poll's tree)."""
+    a = attested
+    write_log(tmp_path / "log", a.signer, a.entries)
+    m = monitor.Monitor(str(tmp_path / "log"), a.signer.verifier(),
+                        monitor.Policy(allow_simulated=True), witnesses=[], quorum=0,
+                        witness_urls=[], state_path=tmp_path / "state.json", webhook=None,
+                        quiet=True)
+    asyncio.run(m.poll())
+    write_log(tmp_path / "log", a.signer, [*a.entries, receipt.entry(
+        make_receipt(a.receipt_key, a.gateway))])
+    asyncio.run(m.poll())
+    assert m.alerts == [] and m.entries["keyset"] == 1 and m.entries["receipt"] == 1
+
+
+
+def test_the_dashboard_serves_only_completed_polls(tmp_path: Path,
+                                                   attested: AttestedLog) -> None:
+    """`/api/state` serialized the dicts the poll mutates, from the dashboard's thread, at
+    any moment: mid-poll it showed entries the audit had not yet proven (and a read racing
+    a new dict key could raise). It serves what each poll published when it ended."""
+    from verifier.dashboard import serve_dashboard
+
+    a = attested
+    rec = receipt.entry(make_receipt(a.receipt_key, a.gateway))
+    write_log(tmp_path / "log", a.signer, [*a.entries, rec])
+    m = monitor.Monitor(str(tmp_path / "log"), a.signer.verifier(),
+                        monitor.Policy(allow_simulated=True), witnesses=[], quorum=0,
+                        witness_urls=[], state_path=None, webhook=None, quiet=True)
+    httpd = serve_dashboard(m, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{httpd.server_address[1]}"
+    seen_mid_poll: list[dict[str, Any]] = []
+    on_entry = m.on_entry
+
+    def reading_on_entry(index: int, entry: bytes) -> None:
+        on_entry(index, entry)
+        seen_mid_poll.append(httpx.get(f"{url}/api/state").json())
+
+    m.on_entry = reading_on_entry  # type: ignore[method-assign]
+    try:
+        asyncio.run(m.poll())
+        after = httpx.get(f"{url}/api/state").json()
+        metrics = httpx.get(f"{url}/metrics").text
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert len(seen_mid_poll) == 3
+    assert all(s["size"] == 0 and sum(s["entries"].values()) == 0 for s in seen_mid_poll)
+    assert after["size"] == 3 and after["entries"]["receipt"] == 1
+    assert 'pag_monitor_entries_total{kind="receipt"} 1' in metrics
+
+
+def test_concurrent_polls_and_dashboard_reads_never_raise(tmp_path: Path,
+                                                          attested: AttestedLog) -> None:
+    """Polls growing the per-route dicts while other threads read the dashboard: every
+    read is a whole published state, and its counts only ever grow."""
+    from verifier.dashboard import serve_dashboard
+
+    a = attested
+    write_log(tmp_path / "log", a.signer, a.entries)
+    m = monitor.Monitor(str(tmp_path / "log"), a.signer.verifier(),
+                        monitor.Policy(allow_simulated=True), witnesses=[], quorum=0,
+                        witness_urls=[], state_path=None, webhook=None, quiet=True)
+    httpd = serve_dashboard(m, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{httpd.server_address[1]}"
+    stop = threading.Event()
+    errors: list[BaseException] = []
+    reads: list[int] = []
+
+    def read() -> None:
+        with httpx.Client() as c:
+            last = -1
+            while not stop.is_set():
+                try:
+                    s = c.get(f"{url}/api/state").json()
+                    c.get(f"{url}/metrics").raise_for_status()
+                    n = sum(s["receipts"]["route"].values())
+                    assert n >= last, (n, last)
+                    last = n
+                    reads.append(n)
+                except BaseException as e:  # noqa: BLE001 - collected for the assertion
+                    errors.append(e)
+                    return
+
+    readers = [threading.Thread(target=read) for _ in range(2)]
+    for t in readers:
+        t.start()
+    entries = list(a.entries)
+    try:
+        for i in range(20):  # a new route, so a new dict key, in every poll
+            entries.append(receipt.entry(make_receipt(a.receipt_key, a.gateway,
+                                                      route=f"r{i}", request=b"%d" % i)))
+            write_log(tmp_path / "log", a.signer, entries)
+            asyncio.run(m.poll())
+    finally:
+        stop.set()
+        for t in readers:
+            t.join()
+        httpd.shutdown()
+        httpd.server_close()
+    assert errors == []
+    assert reads and m.entries["receipt"] == 20 and m.alerts == []
+
+
+class _Silent(http.server.BaseHTTPRequestHandler):
+    """A webhook that reads each POST and never answers (until the test lets it)."""
+
+    received = 0
+    release = threading.Event()
+
+    def do_POST(self) -> None:  # noqa: N802 - http.server's name
+        self.rfile.read(int(self.headers["content-length"]))
+        type(self).received += 1
+        type(self).release.wait()
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def test_a_webhook_that_never_answers_does_not_hold_up_the_poll(
+        tmp_path: Path, attested: AttestedLog, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each alert was POSTed from the poll, waiting up to 5 s for the webhook: a hostile
+    log raising an alert per entry, with a webhook that never answers, stalled polling
+    for hours. Alerts now go through a bounded queue posted by another thread: the poll
+    finishes while the webhook still holds the first alert, the queue drops the oldest
+    when full and counts it."""
+    from verifier import webhook
+
+    monkeypatch.setattr(webhook, "CAPACITY", 4)
+    monkeypatch.setattr(webhook, "TIMEOUT", 3600.0)
+    a = attested
+    n = 10
+    write_log(tmp_path / "log", a.signer, [*a.entries, *([b'{"v":"pag-receipt/2"}'] * n)])
+    _Silent.received, _Silent.release = 0, threading.Event()
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Silent)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        m = monitor.Monitor(str(tmp_path / "log"), a.signer.verifier(),
+                            monitor.Policy(allow_simulated=True), witnesses=[], quorum=0,
+                            witness_urls=[], state_path=None, quiet=True,
+                            webhook=f"http://127.0.0.1:{httpd.server_address[1]}/hook")
+        asyncio.run(m.poll())
+        assert m.state is not None and m.state.size == len(a.entries) + n
+        assert m.counts == {"bad_receipt": n}
+        assert _Silent.received <= 1  # the webhook holds at most the first alert
+        q = m.webhook
+        assert q is not None
+        assert q.pending() <= 4 and q.dropped >= n - 4 - 1  # one may be in flight
+        assert f"pag_monitor_webhook_dropped_total {q.dropped}" in m.metrics()
+    finally:
+        _Silent.release.set()
+        httpd.shutdown()
+        httpd.server_close()

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from tlog import merkle, note, tiles
+from tlog import checkpoint, merkle, note, tiles
 from witness import cosignature
 
 TIMEOUT = 30.0
@@ -167,14 +167,20 @@ async def audit(
     state: State | None = None,
     progress: Callable[[int, int], None] | None = None,
     on_entry: Callable[[int, bytes], None] | None = None,
+    on_checkpoint: Callable[[checkpoint.Checkpoint], None] | None = None,
 ) -> State:
-    """Verify the log; returns the new state. Raises AuditError with the reason."""
+    """Verify the log; returns the new state. Raises AuditError with the reason.
+
+    `on_checkpoint` gets the verified checkpoint being audited before any `on_entry`
+    (the entries are then proven against it only when the audit returns)."""
     cp_note = await fetcher.get("checkpoint")
     try:
         w = cosignature.verify_witnessed(cp_note, log_verifier, list(witnesses), quorum)
     except (ValueError, cosignature.QuorumError) as e:
         raise AuditError(f"checkpoint: {e}") from e
     cp = w.checkpoint
+    if on_checkpoint is not None:
+        on_checkpoint(cp)
     if state is not None:
         if state.origin != cp.origin:
             raise AuditError(f"checkpoint origin {cp.origin!r} is not the saved {state.origin!r}")

@@ -8,7 +8,6 @@ no web framework: `/` (the page), `/api/state` (JSON), `/metrics` (Prometheus) a
 from __future__ import annotations
 
 import http.server
-import json
 import threading
 from importlib import resources
 from typing import Any
@@ -23,9 +22,9 @@ def serve_dashboard(monitor: Any, host: str, port: int) -> http.server.Threading
             if self.path == "/":
                 self._send(200, page, "text/html; charset=utf-8")
             elif self.path == "/api/state":
-                self._send(200, json.dumps(monitor.snapshot()).encode(), "application/json")
+                self._send(200, monitor.published[0], "application/json")
             elif self.path == "/metrics":
-                self._send(200, monitor.metrics().encode(), "text/plain; version=0.0.4")
+                self._send(200, monitor.published[1].encode(), "text/plain; version=0.0.4")
             elif self.path == "/healthz":
                 self._send(200, b'{"ok":true}', "application/json")
             else:

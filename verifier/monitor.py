@@ -5,8 +5,12 @@ with an earlier one is caught as a split view) and classifies every new
 entry, in log order:
 
 - a keyset entry (`pag-keyset/1`) is checked under the policy's keyset pins
-  (`receipt_check.trusted_keyset`); in policy it becomes a trusted keyset for
-  the receipts after it, else the alert `keyset_out_of_policy`;
+  (`receipt_check.trusted_keyset`), and the checkpoint its attestation nonce
+  names must be of the tree being audited (a consistency proof from the log's
+  tiles, `log_reader.EntryReader.extends`): in policy and of this tree it
+  becomes a trusted keyset for the receipts after it; out of policy it is the
+  alert `keyset_out_of_policy`, bound to a checkpoint of another tree (a fork
+  signed by the log) `keyset_checkpoint_fork`;
 - a receipt (`pag-receipt/...`) is accepted only by `receipt_check.accept`
   with the trusted keysets logged *before* it. A receipt that does not parse
   or whose signature fails is `bad_receipt`; one whose key has no logged,
@@ -25,7 +29,11 @@ state always advances past it. Entry classes are counted apart
 (`pag_monitor_entries_total{kind=...}`: receipt, refusal,
 receipt_unattested, receipt_invalid, keyset, keyset_out_of_policy, evidence,
 other); label values from the log are escaped in /metrics. Alerts are JSON
-lines on stdout; `--webhook URL` also POSTs each one. The trusted keysets are
+lines on stdout; `--webhook URL` also POSTs each one, from a bounded queue in
+a background thread (verifier/webhook.py), so a slow webhook never holds up a
+poll. The dashboard (`/api/state`, `/metrics`) serves what `publish` built on
+the poll's side at the end of each poll: a consistent picture, and counts only
+of entries in a tree the audit verified. The trusted keysets are
 saved beside `--state` (`STATE.keysets.json`) so a restart keeps them; start
 a new state when the keyset pins change.
 
@@ -56,7 +64,8 @@ import httpx
 
 from tlog import checkpoint, note
 from verifier import audit as auditing
-from verifier import evidence_entry, keyset_entry, receipt_check
+from verifier import evidence_entry, keyset_entry, log_reader, receipt_check
+from verifier.webhook import WebhookQueue
 from witness import cosignature
 
 ENTRY_KINDS = ("receipt", "refusal", "receipt_unattested", "receipt_invalid", "keyset",
@@ -195,7 +204,7 @@ class Monitor:
         self.quorum = quorum
         self.witness_urls = witness_urls
         self.state_path = state_path
-        self.webhook = webhook
+        self.webhook = WebhookQueue(webhook) if webhook else None
         self.state = auditing.load_state(state_path)
         self.keysets = self._load_keysets()
         self.alerts: list[dict[str, Any]] = []
@@ -203,6 +212,10 @@ class Monitor:
         self.entries: dict[str, int] = dict.fromkeys(ENTRY_KINDS, 0)
         self.receipts: dict[str, dict[str, int]] = {"route": {}, "provider": {}, "verified": {}}
         self.history: list[dict[str, Any]] = []
+        self._target: checkpoint.Checkpoint | None = None  # the checkpoint being audited
+        self._reader: log_reader.EntryReader | None = None  # its tiles, for keyset checks
+        self.published: tuple[bytes, str] = (b"", "")
+        self.publish()
 
     def _keysets_path(self) -> Path | None:
         if self.state_path is None:
@@ -236,16 +249,16 @@ class Monitor:
         self.counts[kind] = self.counts.get(kind, 0) + 1
         if not self.quiet:
             print(json.dumps(a), flush=True)
-        if self.webhook:
-            try:
-                httpx.post(self.webhook, json=a, timeout=5)
-            except httpx.HTTPError as e:
-                print(f"monitor: webhook failed: {type(e).__name__}", file=sys.stderr)
+        if self.webhook is not None:
+            self.webhook.put(a)
 
     def on_entry(self, index: int, entry: bytes) -> None:
-        """Classify one new entry; never raises (see the module docstring)."""
+        """Classify one new entry; raises only AuditError (the log did not serve the
+        tiles a check needs: the poll fails and is retried), see the module docstring."""
         try:
             kind = self._classify(index, entry)
+        except auditing.AuditError:
+            raise
         except Exception as e:  # noqa: BLE001 - a hostile entry must not stop the monitor
             self.alert("entry_unreadable", f"checking the entry failed: {type(e).__name__}",
                        index=index)
@@ -257,17 +270,37 @@ class Monitor:
         v = obj.get("v") if isinstance(obj, dict) else None
         if v == keyset_entry.VERSION:
             try:
-                self.keysets[index] = receipt_check.trusted_keyset(
+                ks = receipt_check.trusted_keyset(
                     obj, index, log_verifier=self.verifier, policy=self.keyset_policy)
             except keyset_entry.KeysetEntryError as e:
                 self.alert("keyset_out_of_policy", f"keyset entry {index}: {e}", index=index)
                 return "keyset_out_of_policy"
+            try:
+                self._check_of_this_tree(obj["checkpoint"])
+            except log_reader.LogReadError as e:
+                self.alert("keyset_checkpoint_fork", f"keyset entry {index}: {e}", index=index)
+                return "keyset_out_of_policy"
+            self.keysets[index] = ks
             return "keyset"
         if isinstance(v, str) and v.startswith("pag-receipt/"):
             return self._receipt(index, obj, entry)
         if v in (evidence_entry.VERSION, evidence_entry.PART_VERSION):
             return "evidence"
         return "other"
+
+    def _check_of_this_tree(self, cp_text: str) -> None:
+        """LogReadError unless the checkpoint a keyset entry names (already checked signed
+        by the log, and no bigger than the entry's index) is of a prefix of the tree being
+        audited; AuditError if the log does not serve the tiles that would show it."""
+        if self._target is None or self._reader is None:
+            raise auditing.AuditError("no checkpoint is being audited")
+        old, _ = checkpoint.open(cp_text.encode(), self.verifier)
+        try:
+            self._reader.extends(old, self._target)
+        except log_reader.LogReadError as e:
+            if "not of this log's tree" in str(e):
+                raise
+            raise auditing.AuditError(f"checking a keyset entry's checkpoint: {e}") from e
 
     def _receipt(self, index: int, obj: dict[str, Any], entry: bytes) -> str:
         def lookup(ki: int) -> receipt_check.TrustedKeyset:
@@ -304,17 +337,26 @@ class Monitor:
         fetcher = auditing.Fetcher(self.log_url)
         saved = (dict(self.entries), {k: dict(v) for k, v in self.receipts.items()},
                  dict(self.keysets))
+        client = httpx.Client(timeout=30)
+        self._reader = log_reader.EntryReader(log_reader.getter(self.log_url, client))
+
+        def target(cp: checkpoint.Checkpoint) -> None:
+            self._target = cp
+
         try:
             new = await auditing.audit(fetcher, self.verifier, witnesses=self.witnesses,
                                        quorum=self.quorum, state=self.state,
-                                       on_entry=self.on_entry)
+                                       on_entry=self.on_entry, on_checkpoint=target)
         except auditing.AuditError as e:
             self.entries, self.receipts, self.keysets = saved
             kind = "split_view" if ("split view" in str(e) or "consisten" in str(e)
                                     or "shrank" in str(e) or "root mismatch" in str(e)) else "audit"
             self.alert(kind, str(e))
+            self.publish()
             return
         finally:
+            self._target = self._reader = None
+            client.close()
             await fetcher.close()
         self.state = new
         self.history.append({"time": time.time(), "size": new.size,
@@ -324,14 +366,20 @@ class Monitor:
             self._save_keysets()
             auditing.save_state(self.state_path, new)
         await self._compare_witnesses(new)
+        self.publish()
 
     @property
     def alert_total(self) -> int:
         """Every alert raised, including those no longer held in `alerts`."""
         return sum(self.counts.values())
 
+    def publish(self) -> None:
+        """Build what the dashboard serves, on the poll's side: the dashboard thread reads
+        only `published` (one reference, swapped whole), never the dicts a poll mutates."""
+        self.published = (json.dumps(self.snapshot()).encode(), self.metrics())
+
     def snapshot(self) -> dict[str, Any]:
-        """What the dashboard shows."""
+        """What the dashboard shows (call from the poll's thread; others read `published`)."""
         s = self.state
         return {"log": self.log_url, "origin": s.origin if s else None,
                 "size": s.size if s else 0, "root": s.root.hex() if s else None,
@@ -353,6 +401,11 @@ class Monitor:
         lines += ["# TYPE pag_monitor_receipts_total counter"]
         lines += [f'pag_monitor_receipts_total{{route="{escape_label(k)}"}} {v}'
                   for k, v in sorted(self.receipts["route"].items())]
+        if self.webhook is not None:
+            lines += ["# TYPE pag_monitor_webhook_dropped_total counter",
+                      f"pag_monitor_webhook_dropped_total {self.webhook.dropped}",
+                      "# TYPE pag_monitor_webhook_failed_total counter",
+                      f"pag_monitor_webhook_failed_total {self.webhook.failed}"]
         return "\n".join(lines) + "\n"
 
     async def _compare_witnesses(self, state: auditing.State) -> None:
