@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from tests.test_attack_verifier_cli import _Endless
 from tests.test_client import LOG, TinyLog, lease_for, signed
+from tlog import merkle
 from verifier import client as vc
 from verifier import receipt
 from verifier.tee import eventlog
@@ -144,6 +145,41 @@ def test_two_roots_for_one_size_are_a_fork_the_client_refuses() -> None:
     # a smaller checkpoint than one seen (an earlier receipt's stored proof) is no fork
     assert vc.check_proof(proof_a, rec_a, lease, policy, {99: bytes(32)})
 
+
+
+def test_a_fork_of_the_keyset_entrys_checkpoint_is_refused() -> None:
+    """The checkpoint the attestation's keyset proof was checked in is a root the client
+    saw too: a receipt proof in a tree of that size with another root is a split view.
+    Only receipt proofs were remembered, so the fork went unnoticed."""
+    honest, forked = TinyLog(), TinyLog()
+    honest.append(b"keyset entry stand-in")
+    forked.append(b"keyset entry stand-in")
+    honest.append(b"an entry only the attested tree has")
+    lease = lease_for(KEY, keyset_index=2, keyset_checkpoint=(
+        len(honest.leaves), merkle.root(honest.leaves)))
+    gw = vc.Gateway(BASE, vc.Policy(log_vkey=LOG.vkey), lease)
+    rec = signed(KEY, lease, receipt.new_salt(), b"a", b"answer")
+    i = forked.append(receipt.entry(rec))  # same size as the attested tree, another root
+    with pytest.raises(vc.ProofInvalid) as e:
+        vc.check_proof(forked.proof(i, ()), rec, lease, gw.policy, gw.checkpoints)
+    assert e.value.code == "log_fork"
+    with pytest.raises(vc.ProofInvalid) as e:  # and a later lease naming a forked tree
+        gw._remember(dataclasses.replace(lease, keyset_checkpoint=(  # noqa: SLF001
+            len(forked.leaves), merkle.root(forked.leaves))))
+    assert e.value.code == "log_fork"
+
+
+def test_check_proof_decides_keyset_order_through_receipt_check() -> None:
+    """A receipt proven at the index of the keyset entry it names (not after it): refused
+    by `receipt_check.accept`, with its code, as `verifier proof` refuses it."""
+    lease = lease_for(KEY, keyset_index=2)
+    log = TinyLog()
+    rec = signed(KEY, lease, receipt.new_salt(), b"a", b"answer")
+    i = log.append(receipt.entry(rec))
+    assert i == lease.keyset_index
+    with pytest.raises(vc.ProofInvalid) as e:
+        vc.check_proof(log.proof(i, ()), rec, lease, vc.Policy(log_vkey=LOG.vkey))
+    assert e.value.code == "keyset_not_before"
 
 def test_a_gateway_claiming_another_e2ee_key_gets_no_second_request_unattested() -> None:
     """The gateway says the sealed call used the wrong key (`e2ee_model_key_mismatch`), as

@@ -107,6 +107,8 @@ def test_a_logged_witnessed_keyset_is_accepted(logged: dict[str, Any]) -> None:
     lease = vc.attest(logged["doc"], NONCE, POLICY, time.time())
     assert lease.keyset_index == logged["doc"]["keyset_index"]
     assert lease.cosigners == (WITNESS.name,)
+    size = logged["doc"]["keyset_index"] + 1  # the proof was made right after the append
+    assert lease.keyset_checkpoint == (size, merkle.root(logged["log"].leaves[:size]))
     assert lease.simulated and lease.app_id == APP_ID
     assert lease.keyset == logged["keys"].to_json()
     assert vc.attest(logged["doc"], NONCE, vc.Policy(allow_simulated=True), time.time()) \

@@ -158,6 +158,7 @@ class Lease:
     expires_at: float
     keyset_index: int | None = None  # the logged keyset entry, when the policy names the log
     cosigners: tuple[str, ...] = ()
+    keyset_checkpoint: tuple[int, bytes] | None = None  # (size, root) its proof was checked in
 
     @property
     def receipt_key(self) -> bytes:
@@ -228,24 +229,26 @@ def attest(doc: Any, nonce: str, policy: Policy, now: float,
     if sets and not any(all(have[k] == v for k, v in s.items()) for s in sets):
         raise AttestationFailed("measurement_mismatch",
                                 "the quote's measurements match no allowed set")
-    index, cosigners = None, ()
+    index, cosigners, logged_in = None, (), None
     if policy.require_logged_release and not (policy.log_vkey and policy.witness_vkeys):
         raise AttestationFailed("policy_invalid", "require_logged_release needs log_vkey and "
                                 "witness_vkeys")
     if policy.log_vkey:
-        index, cosigners = check_logged_keyset(doc, facts, policy, vq)
+        index, cosigners, logged_in = check_logged_keyset(doc, facts, policy, vq)
         if policy.require_logged_release and not cosigners:
             raise AttestationFailed("release_not_witnessed", "the release's keyset entry is "
                                     "not cosigned by any witness")
     return Lease(keyset=dict(facts.keyset), keyset_hash=facts.keyset_hash, app_id=facts.app_id,
                  compose_hash=facts.compose_hash, simulated=facts.simulated,
                  measurements=have, verified_at=now, expires_at=now + policy.lease_seconds,
-                 keyset_index=index, cosigners=cosigners)
+                 keyset_index=index, cosigners=cosigners, keyset_checkpoint=logged_in)
 
 
 def check_logged_keyset(doc: Mapping[str, Any], facts: attestation.AttestationFacts,
-                        policy: Policy, verify_quote: Any) -> tuple[int, tuple[str, ...]]:
-    """(index, cosigners) of the logged `pag-keyset/1` entry holding the attested keyset.
+                        policy: Policy, verify_quote: Any
+                        ) -> tuple[int, tuple[str, ...], tuple[int, bytes]]:
+    """(index, cosigners, (size, root) of the checkpoint it was proven in) of the logged
+    `pag-keyset/1` entry holding the attested keyset.
 
     The gateway shows it as `keyset_index` and `keyset_proof` (a tlog-proof whose
     `extra` is the entry) in its attestation document; nothing there is trusted: the
@@ -280,10 +283,25 @@ def check_logged_keyset(doc: Mapping[str, Any], facts: attestation.AttestationFa
     if not hmac.compare_digest(ks.keyset_hash, facts.keyset_hash):
         raise AttestationFailed("keyset_not_logged",
                                 "the logged keyset entry holds another keyset")
-    return index, tuple(w.cosigners)
+    return index, tuple(w.cosigners), (w.checkpoint.size, w.checkpoint.root_hash)
 
 
 # -- receipts and proofs ---------------------------------------------------------------
+
+
+def _lease_lookup(lease: Lease) -> receipt_check.Lookup:
+    """`receipt_check`'s lookup for a lease: its attested keyset is the one trusted one,
+    at the logged keyset entry's index when the lease has one."""
+    trusted = receipt_check.TrustedKeyset(
+        lease.keyset["receipt_signing_key"], lease.keyset_hash, lease.app_id,
+        lease.compose_hash, lease.simulated, lease.keyset_index)
+
+    def lookup(index: int) -> receipt_check.TrustedKeyset:
+        if lease.keyset_index is not None and index != lease.keyset_index:
+            raise receipt_check.ReceiptRefused("receipt_mismatch", "the receipt names another "
+                                               "keyset entry than the logged one")
+        return trusted
+    return lookup
 
 
 def check_receipt(rec: Any, lease: Lease, *, receipt_id: str, salt: bytes, sent: bytes,
@@ -297,18 +315,8 @@ def check_receipt(rec: Any, lease: Lease, *, receipt_id: str, salt: bytes, sent:
     and received with the salt the client chose; the E2EE mode the call used.
     ReceiptInvalid codes: `receipt_invalid`, `receipt_key_mismatch`, `receipt_mismatch`,
     `digest_mismatch`."""
-    trusted = receipt_check.TrustedKeyset(
-        lease.keyset["receipt_signing_key"], lease.keyset_hash, lease.app_id,
-        lease.compose_hash, lease.simulated, lease.keyset_index)
-
-    def lookup(index: int) -> receipt_check.TrustedKeyset:
-        if lease.keyset_index is not None and index != lease.keyset_index:
-            raise receipt_check.ReceiptRefused("receipt_mismatch", "the receipt names another "
-                                               "keyset entry than the logged one")
-        return trusted
-
     try:
-        receipt_check.accept(rec, lookup, digests={
+        receipt_check.accept(rec, _lease_lookup(lease), digests={
             "request_hash": receipt.digest(salt, sent), "response_hash": response_hash})
     except receipt_check.ReceiptRefused as e:
         raise ReceiptInvalid(e.code, e.message) from None
@@ -321,10 +329,20 @@ def check_receipt(rec: Any, lease: Lease, *, receipt_id: str, salt: bytes, sent:
     return rec
 
 
+def remember_root(seen: dict[int, bytes], size: int, root: bytes) -> None:
+    """Add a verified checkpoint's root to `seen` (size -> root); ProofInvalid `log_fork`
+    if that size was seen with another root: the log showed this client a split view."""
+    if seen.setdefault(size, root) != root:
+        raise ProofInvalid("log_fork", f"the log showed two roots for size {size}: a "
+                           "split view (keep both proofs as evidence)")
+
+
 def check_proof(text: str, rec: dict[str, Any], lease: Lease, policy: Policy,
                 seen: dict[int, bytes] | None = None) -> str:
     """A receipt's tlog-proof, verified: checkpoint signed by the log and cosigned by the
-    policy's witness quorum, this exact receipt entry included, after its keyset entry.
+    policy's witness quorum, this exact receipt entry included, after its keyset entry
+    (when the lease knows that entry, decided by `receipt_check.accept` with the proof's
+    index as the receipt's: `keyset_not_before`).
 
     `seen` (size -> root of every checkpoint this client verified, updated here): a
     checkpoint with a size seen before and another root is a fork of the log, shown to
@@ -339,13 +357,12 @@ def check_proof(text: str, rec: dict[str, Any], lease: Lease, policy: Policy,
     except (ValueError, cosignature.QuorumError) as e:
         raise ProofInvalid("proof_invalid", str(e)) from None
     if seen is not None:
-        size, root = w.checkpoint.size, w.checkpoint.root_hash
-        if seen.setdefault(size, root) != root:
-            raise ProofInvalid("log_fork", f"the log showed two roots for size {size}: a "
-                               "split view (keep both proofs as evidence)")
-    ki = rec.get("keyset_index")
-    if lease.keyset_index is not None and not (isinstance(ki, int) and ki < p.index):
-        raise ProofInvalid("proof_invalid", "the receipt's keyset entry does not precede it")
+        remember_root(seen, w.checkpoint.size, w.checkpoint.root_hash)
+    if lease.keyset_index is not None:
+        try:
+            receipt_check.accept(rec, _lease_lookup(lease), receipt_index=p.index)
+        except receipt_check.ReceiptRefused as e:
+            raise ProofInvalid(e.code, e.message) from None
     return text
 
 
@@ -387,6 +404,7 @@ class Gateway:
             maxlen=RECEIPTS_KEPT)
         self.last_receipt: dict[str, Any] | None = None
         self.checkpoints: dict[int, bytes] = {}  # size -> root of each verified checkpoint
+        self._remember(lease)
 
     @property
     def lease(self) -> Lease:
@@ -431,6 +449,7 @@ class Gateway:
         """Re-attest now (fresh nonce); the new lease, or AttestationFailed."""
         nonce, url = _attestation_request(self.base_url)
         lease = attest(_document(*self._fetch(url)), nonce, self.policy, time.time())
+        self._remember(lease)
         self._lease = lease
         return lease
 
@@ -441,8 +460,15 @@ class Gateway:
         nonce, url = _attestation_request(self.base_url)
         doc = _document(*await self._afetch(url))
         lease = await asyncio.to_thread(attest, doc, nonce, self.policy, time.time())
+        self._remember(lease)
         self._lease = lease
         return lease
+
+    def _remember(self, lease: Lease) -> None:
+        """The checkpoint a lease's keyset entry was proven in joins the roots this client
+        saw (ProofInvalid `log_fork` if it forks one: the lease is not taken)."""
+        if lease.keyset_checkpoint is not None:
+            remember_root(self.checkpoints, *lease.keyset_checkpoint)
 
     def _due(self, now: float) -> bool:
         return now >= self._lease.expires_at - self.policy.refresh_before
