@@ -3,6 +3,9 @@
 Served from a thread with the standard library so a verifier install needs
 no web framework: `/` (the page), `/api/state` (JSON), `/metrics` (Prometheus) and
 `/healthz` (alive: what a container health check asks).
+The handler threads read only `monitor.published` (the JSON and metrics text the
+poll built when it last ended, one reference swapped whole), never the monitor's
+live counters.
 """
 
 from __future__ import annotations
