@@ -12,6 +12,7 @@ import functools
 import http.server
 import json
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -384,3 +385,44 @@ def test_a_webhook_that_never_answers_does_not_hold_up_the_poll(
         _Silent.release.set()
         httpd.shutdown()
         httpd.server_close()
+
+
+class _Recording(http.server.BaseHTTPRequestHandler):
+    """A webhook that answers 204, a little slowly, and keeps what it was sent."""
+
+    bodies: list[Any] = []
+
+    def do_POST(self) -> None:  # noqa: N802 - http.server's name
+        time.sleep(0.3)  # slower than the run's own end, so an undrained queue shows
+        type(self).bodies.append(json.loads(self.rfile.read(
+            int(self.headers["content-length"]))))
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def test_a_once_run_posts_every_alert_before_it_exits(tmp_path: Path,
+                                                      attested: AttestedLog) -> None:
+    """Posting from a background thread must not lose the alerts of `monitor --once`: the
+    run drains the queue before returning, in log order."""
+    import argparse
+
+    a = attested
+    write_log(tmp_path / "log", a.signer, [*a.entries, *([b'{"v":"pag-receipt/2"}'] * 3)])
+    (tmp_path / "policy.json").write_text('{"allow_simulated": true}')
+    _Recording.bodies = []
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Recording)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    args = argparse.Namespace(
+        log=str(tmp_path / "log"), policy=tmp_path / "policy.json", state=None,
+        witness_url=[], interval=0.0, once=True, listen=None, vkey=a.signer.vkey,
+        witness=[], quorum=None, webhook=f"http://127.0.0.1:{httpd.server_address[1]}/")
+    try:
+        assert monitor.run(args) == 1
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert [(b["alert"], b["index"]) for b in _Recording.bodies] == [
+        ("bad_receipt", 2), ("bad_receipt", 3), ("bad_receipt", 4)]

@@ -29,6 +29,10 @@ class LogReadError(Exception):
     """An entry could not be read or proven; the message is the one-line reason."""
 
 
+class NotAPrefix(LogReadError):
+    """The tiles were read, and the earlier checkpoint is not of a prefix of the tree."""
+
+
 def getter(base: str, client: httpx.Client | None = None) -> Getter:
     """get(path) -> bytes of a log resource under `base` (URL or directory)."""
     if not base.startswith(("http://", "https://")):
@@ -110,5 +114,5 @@ class EntryReader:
             proof = merkle.prove_consistency(old.size, cp.size, node)
             merkle.verify_consistency(old.size, cp.size, proof, old.root_hash, cp.root_hash)
         except (tiles.TileError, merkle.ProofError) as e:
-            raise LogReadError(f"the checkpoint of size {old.size} is not of this log's "
-                               f"tree: {e}") from e
+            raise NotAPrefix(f"the checkpoint of size {old.size} is not of this log's "
+                             f"tree: {e}") from e

@@ -277,7 +277,7 @@ class Monitor:
                 return "keyset_out_of_policy"
             try:
                 self._check_of_this_tree(obj["checkpoint"])
-            except log_reader.LogReadError as e:
+            except log_reader.NotAPrefix as e:
                 self.alert("keyset_checkpoint_fork", f"keyset entry {index}: {e}", index=index)
                 return "keyset_out_of_policy"
             self.keysets[index] = ks
@@ -289,7 +289,7 @@ class Monitor:
         return "other"
 
     def _check_of_this_tree(self, cp_text: str) -> None:
-        """LogReadError unless the checkpoint a keyset entry names (already checked signed
+        """NotAPrefix unless the checkpoint a keyset entry names (already checked signed
         by the log, and no bigger than the entry's index) is of a prefix of the tree being
         audited; AuditError if the log does not serve the tiles that would show it."""
         if self._target is None or self._reader is None:
@@ -297,9 +297,9 @@ class Monitor:
         old, _ = checkpoint.open(cp_text.encode(), self.verifier)
         try:
             self._reader.extends(old, self._target)
+        except log_reader.NotAPrefix:
+            raise
         except log_reader.LogReadError as e:
-            if "not of this log's tree" in str(e):
-                raise
             raise auditing.AuditError(f"checking a keyset entry's checkpoint: {e}") from e
 
     def _receipt(self, index: int, obj: dict[str, Any], entry: bytes) -> str:
@@ -506,6 +506,8 @@ def run(args: argparse.Namespace) -> int:
 
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(loop())
+        if m.webhook is not None:
+            m.webhook.drain()  # a --once run exits only once its alerts were posted
     if m.alerts:
         print(printable(f"verifier: {m.alert_total} alert(s): {m.alerts[0]['alert']}: "
                         f"{m.alerts[0]['reason']}"), file=sys.stderr)

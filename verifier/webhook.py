@@ -6,7 +6,9 @@ webhook that is slow or never answers therefore delays only the posting thread:
 the poll goes on. When the queue is full the oldest waiting alert is dropped and
 counted (`dropped`), so a hostile log raising an alert per entry cannot grow the
 monitor's memory either. Failures are counted (`failed`) and reported on stderr
-by exception type only (an alert may quote hostile text).
+by exception type only (an alert may quote hostile text). `drain()` waits until
+every queued alert was posted or failed (a `--once` run calls it before exiting;
+each post still has its own timeout, so it ends).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ class WebhookQueue:
         self._queue: collections.deque[dict[str, Any]] = collections.deque()
         self._capacity = CAPACITY if capacity is None else capacity
         self._ready = threading.Condition()
+        self._busy = False  # the posting thread holds an alert it has not finished
         threading.Thread(target=self._run, name="monitor-webhook", daemon=True).start()
 
     def put(self, alert: dict[str, Any]) -> None:
@@ -44,12 +47,17 @@ class WebhookQueue:
                 self._queue.popleft()
                 self.dropped += 1
             self._queue.append(alert)
-            self._ready.notify()
+            self._ready.notify_all()
 
     def pending(self) -> int:
         """Alerts queued and not yet taken by the posting thread."""
         with self._ready:
             return len(self._queue)
+
+    def drain(self) -> None:
+        """Return once the queue is empty and no post is under way."""
+        with self._ready:
+            self._ready.wait_for(lambda: not self._queue and not self._busy)
 
     def _run(self) -> None:
         with httpx.Client(timeout=self.timeout) as c:
@@ -58,9 +66,13 @@ class WebhookQueue:
                     while not self._queue:
                         self._ready.wait()
                     alert = self._queue.popleft()
+                    self._busy = True
                 try:
                     c.post(self.url, json=alert).raise_for_status()
                     self.posted += 1
                 except httpx.HTTPError as e:
                     self.failed += 1
                     print(f"monitor: webhook failed: {type(e).__name__}", file=sys.stderr)
+                with self._ready:
+                    self._busy = False
+                    self._ready.notify_all()
