@@ -28,6 +28,8 @@ import orjson
 from tlog import merkle, proof
 
 MEDIA_TYPE = "application/vnd.pag.batch+json"
+B64_HASH = 44
+"""Characters of a 32-byte hash in padded base64."""
 
 
 class BatchFormatError(ValueError):
@@ -101,11 +103,11 @@ def _item(item: object) -> Included | Refused:
     if not isinstance(index, int) or isinstance(index, bool) or index < 0:
         raise BatchFormatError("an index that is not a non-negative integer")
     if (not isinstance(hashes, list) or len(hashes) > proof.MAX_PROOF_HASHES
-            or not all(isinstance(h, str) for h in hashes)):
-        raise BatchFormatError("a proof that is not a list of at most 64 base64 strings")
+            or not all(isinstance(h, str) and len(h) == B64_HASH for h in hashes)):
+        raise BatchFormatError("a proof that is not a list of at most 64 base64 hashes")
     try:
-        decoded = tuple(base64.b64decode(h, validate=True) for h in hashes)
-    except binascii.Error as e:
+        decoded = tuple(binascii.a2b_base64(h, strict_mode=True) for h in hashes)
+    except ValueError as e:  # binascii.Error, or a str that is not ASCII
         raise BatchFormatError("malformed base64 in a proof") from e
     if any(len(h) != merkle.HASH_SIZE for h in decoded):
         raise BatchFormatError("a proof hash that is not 32 bytes")
