@@ -140,6 +140,8 @@ def test_round_trip() -> None:
     {"checkpoint": "n", "entries": [{"index": 1, "proof": "AAAA"}]},
     {"checkpoint": "n", "entries": [{"index": 1, "proof": ["AAAA"]}]},  # 3 bytes
     {"checkpoint": "n", "entries": [{"index": 1, "proof": ["!" * 44]}]},
+    {"checkpoint": "n", "entries": [{"index": 1, "proof": ["\u00e9" * 44]}]},  # not ASCII
+    {"checkpoint": "n", "entries": [{"index": 1, "proof": ["A" * 42 + "=="]}]},  # 31 bytes
     {"checkpoint": "n", "entries": [{"index": 1, "proof": [1]}]},
     {"checkpoint": "n", "entries": [{"index": 1, "proof": ["A" * 43 + "="] * 65}]},
     {"checkpoint": "n", "entries": [{"error": "e"}]},
