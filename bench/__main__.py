@@ -11,7 +11,10 @@ Parts (`--only` takes their names):
 
 - `append`: `POST /add` at 64 clients (wrk) against a bare uvicorn POST
   endpoint; `POST /add-batch` (256 entries a request, the gateway shipper's
-  path) in entries/s against the same bare endpoint fed the same bodies.
+  path) in entries/s against the same bare endpoint fed the same bodies, with
+  the default answer and with the compact one the shipper asks for; and in
+  process (bench/batch_answer.py) each answer's bytes, the log's CPU to
+  encode it and the shipper's to parse and verify it, per entry.
 - `gateway`: `python -m gateway demo`; the demo provider directly against
   through the gateway (receipts signed, committed, shipped, logged and
   witnessed): added p50 at one client, throughput at 16, and the added time
@@ -56,9 +59,10 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench import audit, gateway_overhead, tlog_append, tlog_replicas  # noqa: E402
+from bench import audit, batch_answer, gateway_overhead, tlog_append, tlog_replicas  # noqa: E402
 from bench.table import Row, table  # noqa: E402
 from tests.tlogutil import start_tlog, stop, wait_http  # noqa: E402
+from tlog.batch import MEDIA_TYPE as COMPACT  # noqa: E402
 
 DATA = ROOT / ".bench-data"
 DONE = """
@@ -201,6 +205,10 @@ def append_rows(tmp: Path, seconds: float, run: str) -> list[Row]:
         batch = wrk(url + "/add-batch", BATCH_LUA.format(auth=auth, run=run, batch=BATCH),
                     seconds, 16)
         cpu2 = gateway_overhead.cpu_seconds([proc.pid])
+        compact = wrk(url + "/add-batch", BATCH_LUA.format(
+            auth=auth + f'\nwrk.headers["Accept"] = "{COMPACT}"', run=run + "-compact",
+            batch=BATCH), seconds, 16)
+        cpu3 = gateway_overhead.cpu_seconds([proc.pid])
     finally:
         stop(proc)
     rows.append(ratio_row("POST /add, 64 clients (req/s)", add.rps, b_add.rps, "", 0.6,
@@ -213,9 +221,24 @@ def append_rows(tmp: Path, seconds: float, run: str) -> list[Row]:
     rows.append(Row(f"POST /add-batch ({BATCH}/req, 16 clients): entries/s", fmt(e_s),
                     fmt(b_s), f"{e_s / b_s:.2f}x" if b_s else "", ">= 50,000/s",
                     e_s >= 50_000 and batch.errors == 0))
-    rows.append(Row("tlog CPU per entry: /add, /add-batch",
+    c_s = compact.rps * BATCH
+    rows.append(Row(f"POST /add-batch compact answer ({BATCH}/req, 16 clients): entries/s",
+                    fmt(c_s), fmt(b_s), f"{c_s / b_s:.2f}x" if b_s else "", ">= 50,000/s",
+                    c_s >= 50_000 and compact.errors == 0))
+    m = batch_answer.measure()
+    rows.append(Row("/add-batch answer bytes per entry: compact (default)",
+                    fmt(m["bytes_compact"]), fmt(m["bytes_default"]),
+                    f"{m['bytes_compact'] / m['bytes_default']:.2f}x", "(in process)", None))
+    rows.append(Row("/add-batch answer CPU per entry, log encode: compact (default)",
+                    fmt(m["encode_compact"], " us"), fmt(m["encode_default"], " us"),
+                    f"{m['encode_compact'] / m['encode_default']:.2f}x", "(in process)", None))
+    rows.append(Row("/add-batch answer CPU per entry, shipper check: compact (default)",
+                    fmt(m["check_compact"], " us"), fmt(m["check_default"], " us"),
+                    f"{m['check_compact'] / m['check_default']:.2f}x", "(in process)", None))
+    rows.append(Row("tlog CPU per entry: /add, /add-batch, /add-batch compact",
                     f"{1e6 * (cpu1 - cpu0) / max(add.requests, 1):.0f} us, "
-                    f"{1e6 * (cpu2 - cpu1) / max(batch.requests * BATCH, 1):.0f} us",
+                    f"{1e6 * (cpu2 - cpu1) / max(batch.requests * BATCH, 1):.0f} us, "
+                    f"{1e6 * (cpu3 - cpu2) / max(compact.requests * BATCH, 1):.0f} us",
                     "", "", "(load-independent)", None))
     return rows
 

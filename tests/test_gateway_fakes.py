@@ -240,9 +240,12 @@ class FakeLog:
     checkpoint carries its cosignature while `cosign` is true."""
 
     def __init__(self, token: str = "append-token", batch_refusals: bool = False,
-                 witness: cosignature.CosignatureSigner | None = None) -> None:
+                 witness: cosignature.CosignatureSigner | None = None,
+                 old_batches: bool = False) -> None:
         self.token = token
         self.batch_refusals = batch_refusals  # serve /add-batch, acknowledging no entry
+        self.old_batches = old_batches  # serve /add-batch, each answer as /add's (no compact)
+        self.batch_accepts: list[str] = []  # the Accept header of each /add-batch
         self.witness = witness
         self.cosign = True
         self.signer = note.generate_signer("fake.log/test")
@@ -267,6 +270,8 @@ class FakeLog:
         app.router.add_get("/proof/{h}", self._proof)
         if self.batch_refusals:
             app.router.add_post("/add-batch", self._refuse_batch)
+        elif self.old_batches:
+            app.router.add_post("/add-batch", self._old_batch)
         self.runner = web.AppRunner(app, access_log=None)
         await self.runner.setup()
         await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
@@ -279,6 +284,20 @@ class FakeLog:
     async def _refuse_batch(self, request: web.Request) -> web.Response:
         n = len(tiles.decode_bundle(await request.read()))
         return web.json_response({"entries": [{"error": "not now"}] * n})
+
+    async def _old_batch(self, request: web.Request) -> web.Response:
+        """Every entry appended; the answer of a log that ignores the compact ask."""
+        if request.headers.get("Authorization") != f"Bearer {self.token}":
+            return web.Response(status=401)
+        self.batch_accepts.append(request.headers.get("Accept", ""))
+        start = len(self.entries)
+        for entry in tiles.decode_bundle(await request.read()):
+            self.entries.append(entry)
+            self.leaves.append(merkle.leaf_hash(entry))
+        proofs = [self.prove(i) for i in range(start, len(self.entries))]
+        return web.json_response({"entries": [
+            {"index": p.index, "checkpoint": p.checkpoint.decode(), "proof": p.format().decode()}
+            for p in proofs]})
 
     async def _add(self, request: web.Request) -> web.Response:
         if request.headers.get("Authorization") != f"Bearer {self.token}":

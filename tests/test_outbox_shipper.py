@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 from pathlib import Path
 from typing import Any
@@ -14,10 +15,12 @@ from gateway.receipts.outbox import Outbox
 from gateway.receipts.shipper import ProofChecker, ShipError, Shipper
 from tests.test_gateway_fakes import FakeLog
 from tests.tlogutil import start_tlog, stop
-from tlog import checkpoint, merkle, note, proof
+from tlog import batch, checkpoint, merkle, note, proof
+from witness import cosignature
 
 SIGNER = note.generate_signer("log.test/x")
 ENTRIES = [b"entry-%d" % i for i in range(5)]
+WITNESS = cosignature.generate_signer("witness.test/w")
 
 
 def answer(index: int, entry: bytes | None = None, signer: note.Ed25519Signer = SIGNER,
@@ -130,3 +133,101 @@ def test_entries_a_batch_did_not_get_acknowledged_are_shipped_singly(tmp_path: P
     assert sh._batching and sh.batched == 0  # noqa: SLF001 - the log has batches, refused these
     assert sh.shipped == 40 and logged == 40
     assert all(r.log_index is not None for r in rows)
+
+
+def compact(signer: note.Ed25519Signer = SIGNER,
+            cosigners: tuple[cosignature.CosignatureSigner, ...] = ()) -> dict[str, Any]:
+    """The compact `/add-batch` answer (tlog/batch.py) for ENTRIES, cosigned as given."""
+    leaves = [merkle.leaf_hash(e) for e in ENTRIES]
+    signed = checkpoint.sign(
+        checkpoint.Checkpoint("log.test/x", len(leaves), merkle.root(leaves), ()), signer)
+    for w in cosigners:
+        signed += cosignature.cosign(signed, w).line()
+    return {"checkpoint": signed.decode(), "entries": [
+        {"index": i, "proof": [base64.b64encode(h).decode()
+                               for h in merkle.inclusion_proof(i, len(leaves), leaves)]}
+        for i in range(len(ENTRIES))]}
+
+
+def test_a_compact_answer_gives_each_entry_the_proof_add_would_answer() -> None:
+    got = ProofChecker(SIGNER.vkey).check_batch(ENTRIES, compact())
+    for i, p in enumerate(got):
+        assert isinstance(p, proof.TlogProof)
+        assert p.format().decode() == json.loads(answer(i))["proof"]  # byte for byte
+    assert ProofChecker(None).check_batch(ENTRIES, compact())[3].index == 3  # type: ignore[union-attr]
+
+
+def test_a_compact_answer_has_its_checkpoint_verified_once(monkeypatch) -> None:
+    calls = []
+    real = cosignature.verify_witnessed
+
+    def counted(*args: Any) -> Any:
+        calls.append(args[0])
+        return real(*args)
+
+    monkeypatch.setattr("gateway.receipts.shipper.cosignature.verify_witnessed", counted)
+    checker = ProofChecker(SIGNER.vkey, [WITNESS.vkey], quorum=1)
+    assert all(isinstance(p, proof.TlogProof)
+               for p in checker.check_batch(ENTRIES, compact(cosigners=(WITNESS,))))
+    assert len(calls) == 1
+    calls.clear()
+    unwitnessed = ProofChecker(SIGNER.vkey, [WITNESS.vkey], quorum=1).check_batch(
+        ENTRIES, compact())  # in the log, not yet witnessed: asked again, never re-appended
+    assert len(calls) == 1
+    assert all(isinstance(e, ShipError) and e.appended and e.log_down for e in unwitnessed)
+
+
+def test_each_compact_item_is_checked_on_its_own() -> None:
+    doc = compact()
+    doc["entries"][1] = {"error": "log storage failed", "code": "storage_unavailable"}
+    doc["entries"][2]["index"] = 3  # a path for another leaf
+    sent = [*ENTRIES[:4], b"not the logged entry"]
+    ok, refused, moved, _, forged = ProofChecker(SIGNER.vkey).check_batch(sent, doc)
+    assert isinstance(ok, proof.TlogProof) and ok.index == 0
+    assert isinstance(refused, ShipError) and not refused.appended
+    assert "storage_unavailable" in str(refused)
+    for e in (moved, forged):
+        assert isinstance(e, ShipError) and "does not verify" in str(e) and not e.appended
+
+
+@pytest.mark.parametrize("doc", [
+    compact(signer=note.generate_signer("log.test/x")),  # not the log's key
+    {**compact(), "entries": compact()["entries"][:4]},  # an answer short
+    {**compact(), "entries": [{"index": 0, "proof": ["AAAA"]}] * 5},
+    {"checkpoint": None, "entries": []},
+    {"entries": [{}] * 4},  # old form, an answer short
+    [],
+])
+def test_a_batch_answer_wrong_as_a_whole_refuses_every_entry(doc: object) -> None:
+    with pytest.raises(ShipError) as e:
+        ProofChecker(SIGNER.vkey).check_batch(ENTRIES, doc)
+    assert not e.value.appended and not e.value.log_down
+
+
+def test_an_old_form_batch_answer_is_still_read() -> None:
+    doc = {"entries": [json.loads(answer(i)) for i in range(5)]}
+    doc["entries"][4] = {"error": "not now"}
+    *good, refused = ProofChecker(SIGNER.vkey).check_batch(ENTRIES, doc)
+    assert [p.index for p in good] == [0, 1, 2, 3]  # type: ignore[union-attr]
+    assert isinstance(refused, ShipError)
+
+
+def test_a_log_ignoring_the_compact_ask_gets_its_old_answers_read(tmp_path: Path) -> None:
+    async def run() -> tuple[Any, list, FakeLog]:
+        log = FakeLog(old_batches=True)
+        await log.start()
+        try:
+            sh, rows = await _ship_all(tmp_path / "gw", log.url, log.token, log.vkey, 40)
+            return sh, rows, log
+        finally:
+            await log.stop()
+
+    sh, rows, log = asyncio.run(run())
+    assert log.batch_accepts and set(log.batch_accepts) == {batch.MEDIA_TYPE}
+    assert sh._batching and sh.batched > 0 and sh.shipped == 40  # noqa: SLF001
+    assert len(log.entries) == 40  # nothing appended twice
+    verifier = note.verifier_from_vkey(log.vkey)
+    for r in rows:
+        p = proof.parse(r.proof.encode())
+        assert p.extra == r.entry and p.index == r.log_index
+        proof.check_inclusion(p, checkpoint.open(p.checkpoint, verifier)[0])

@@ -102,11 +102,24 @@ class NotSequencer(AppendError):
 
 @dataclass(frozen=True)
 class Added:
-    """What POST /add answers."""
+    """An acknowledged entry: its index and inclusion path under `head`, a served
+    checkpoint covering it. The tlog-proof text is formatted only when asked for
+    (a compact `/add-batch` answer never formats it)."""
 
     index: int
-    checkpoint: bytes
-    proof: bytes
+    head: Head
+    hashes: tuple[bytes, ...]
+    entry: bytes
+
+    @property
+    def checkpoint(self) -> bytes:
+        """The signed (and cosigned) checkpoint note."""
+        return self.head.note
+
+    @property
+    def proof(self) -> bytes:
+        """What POST /add answers as `proof`: c2sp.org/tlog-proof@v1 text, `extra` the entry."""
+        return proof.TlogProof(self.index, self.hashes, self.head.note, self.entry).format()
 
 
 class _Cache(dict[tuple[int, int], bytes]):
@@ -274,8 +287,12 @@ class Log:
         Proofs against one head may share a `memo` of its right-edge hashes.
         """
         h = head or self.served
-        hashes = tuple(merkle.prove_inclusion(index, h.size, self.node, memo))
-        return proof.TlogProof(index, hashes, h.note, entry).format()
+        return proof.TlogProof(index, self.inclusion(index, h, memo), h.note, entry).format()
+
+    def inclusion(self, index: int, head: Head,
+                  memo: dict[tuple[int, int], bytes] | None = None) -> tuple[bytes, ...]:
+        """The inclusion path of entry `index` under `head`, leaf side first."""
+        return tuple(merkle.prove_inclusion(index, head.size, self.node, memo))
 
     def proof_for(self, request_hash: str) -> bytes | None:
         """tlog-proof of the newest receipt with that request hash, if served."""
@@ -571,7 +588,7 @@ class Log:
             raise QuorumNotReached(f"the served checkpoint (size {served.size}) does not "
                                    "cover the batch")
         paths = merkle.prove_inclusions(indices, served.size, self._batch_node({}), {})
-        return [Added(i, served.note, proof.TlogProof(i, paths[i], served.note, entry).format())
+        return [Added(i, served, paths[i], entry)
                 for (entry, _), i in zip(batch, indices, strict=True)]
 
     def _fail(self, batch: list[tuple[bytes, asyncio.Future[Added]]], err: AppendError) -> None:

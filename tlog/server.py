@@ -28,9 +28,16 @@ from urllib.parse import parse_qs
 
 import orjson
 
-from tlog import checkpoint, merkle, tiles
+from tlog import batch, checkpoint, merkle, tiles
 from tlog.metrics import LogMetrics
-from tlog.sequencer import SEQUENCER, STORAGE_UNAVAILABLE, AppendError, Log, NotSequencer
+from tlog.sequencer import (
+    SEQUENCER,
+    STORAGE_UNAVAILABLE,
+    Added,
+    AppendError,
+    Log,
+    NotSequencer,
+)
 from tlog.service import (
     JSON,
     METRICS_TEXT,
@@ -164,10 +171,12 @@ class TlogApp:
 
         Answers 200 `{"entries": [...]}` in order, each either what `POST /add`
         answers for that entry (`index`, `checkpoint`, `proof`) or `{"error"}`
-        when that entry was not acknowledged (the client sends it again).
+        when that entry was not acknowledged (the client sends it again). With
+        `Accept: application/vnd.pag.batch+json`, the compact answer of tlog/batch.py:
+        one checkpoint, each entry's index and inclusion path under it.
         """
-        auth = dict(scope["headers"]).get(b"authorization", b"")
-        if not hmac.compare_digest(auth, self._auth):
+        headers = dict(scope["headers"])
+        if not hmac.compare_digest(headers.get(b"authorization", b""), self._auth):
             return await refuse(send, 401, "unauthorized", "missing or wrong bearer token")
         body = await read_body(scope, receive, tiles.WIDTH * (self.max_entry + 2))
         if body is None:
@@ -183,16 +192,32 @@ class TlogApp:
         if self.log.role != SEQUENCER:
             return await _not_sequencer(send, self.log.sequencer_url)
         results = await self.log.add_many(entries)
-        out: list[dict[str, object]] = []
         for r in results:
-            if isinstance(r, AppendError):
-                out.append({"error": str(r), "code": r.code})
-            elif isinstance(r, BaseException):
+            if isinstance(r, BaseException) and not isinstance(r, AppendError):
                 raise r
-            else:
-                out.append({"index": r.index, "checkpoint": r.checkpoint.decode(),
-                            "proof": r.proof.decode()})
+        if batch.wanted(headers.get(b"accept", b"")):
+            return await respond(send, 200, self._compact(results),
+                                 batch.MEDIA_TYPE.encode(), b"no-store")
+        out: list[dict[str, object]] = [
+            {"error": str(r), "code": r.code} if isinstance(r, AppendError)
+            else {"index": r.index, "checkpoint": r.checkpoint.decode(), "proof": r.proof.decode()}
+            for r in results]
         await _json(send, 200, {"entries": out})
+
+    def _compact(self, results: list[Added | AppendError]) -> bytes:
+        """The compact answer: one checkpoint, the newest (then most cosigned) of those
+        the entries were answered under; a path under an older one is proven again under
+        it (the same tree size has the same paths)."""
+        added = [r for r in results if isinstance(r, Added)]
+        head = max((a.head for a in added), key=lambda h: (h.size, len(h.note)),
+                   default=self.log.served)
+        memo: dict[tuple[int, int], bytes] = {}
+        items: list[batch.Included | batch.Refused] = [
+            batch.Refused(str(r), r.code) if isinstance(r, AppendError)
+            else batch.Included(r.index, r.hashes if r.head.size == head.size
+                                else self.log.inclusion(r.index, head, memo))
+            for r in results]
+        return batch.encode(head.note, items)
 
     async def _tile(self, p: str, send: Send) -> None:
         try:

@@ -22,8 +22,11 @@ Invariants:
   ledger, so neither file grows without bound.
 - Many posts are in flight at once (the log batches them into one checkpoint),
   each on its own pooled keep-alive HTTP/1.1 connection; receipts that queue
-  up go in one `POST /add-batch` (up to BATCH), each answer checked on its
-  own; whatever a batch did not get acknowledged is shipped singly.
+  up go in one `POST /add-batch` (up to BATCH) asking for the compact answer
+  (tlog/batch.py: one checkpoint, verified once, each entry's path checked
+  under it, the tlog-proof text `POST /add` would answer rebuilt locally) and
+  reading the old one (each item as `POST /add` answers) from a log that
+  ignores the ask; whatever a batch did not get acknowledged is shipped singly.
 """
 
 from __future__ import annotations
@@ -38,15 +41,16 @@ import re
 import signal
 import sqlite3
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import orjson
 
 from gateway.receipts.outbox import MAX_BYTES, Ledger, Outbox, OutboxUnavailable
 from gateway.upstream.client import Connection, Pool, ProtocolError, exchange
-from tlog import checkpoint, merkle, note, proof, tiles
+from tlog import batch, checkpoint, merkle, note, proof, tiles
 from tlog.service import log_json
 from witness import cosignature
 
@@ -126,27 +130,84 @@ class ProofChecker:
         if self._verifier is None:
             return p
         try:
-            cp = self._seen.get(p.checkpoint)
-            if cp is None:
-                cp = self._witnessed(entry, p)
-                if len(self._seen) > 64:
-                    self._seen.clear()
-                self._seen[p.checkpoint] = cp
-            proof.check_inclusion(p, cp, entry)
-        except (checkpoint.CheckpointError, note.NoteError, merkle.ProofError) as e:
+            cp, unwitnessed = self._open(p.checkpoint)
+        except (checkpoint.CheckpointError, note.NoteError) as e:
             raise ShipError(f"log proof does not verify: {e}", log_down=False) from e
+        return self._included(entry, p, cp, unwitnessed)
+
+    def check_batch(self, entries: Sequence[bytes], doc: object
+                    ) -> list[proof.TlogProof | ShipError]:
+        """Each entry's proof (or why not) from a parsed `POST /add-batch` answer: compact
+        (tlog/batch.py: its one checkpoint verified once, each path against it) or the old
+        form (each item as `POST /add` answers). ShipError if the answer as a whole is
+        malformed or, compact, its checkpoint is not the log's."""
+        if not (isinstance(doc, dict) and "checkpoint" in doc):
+            items = doc.get("entries") if isinstance(doc, dict) else None
+            if not isinstance(items, list) or len(items) != len(entries):
+                raise ShipError("log batch answer malformed", log_down=False)
+            return [_attempt(self.check_doc, e, item)
+                    for e, item in zip(entries, items, strict=True)]
+        try:
+            answer = batch.parse(doc)
+        except batch.BatchFormatError as e:
+            raise ShipError(f"log batch answer malformed: {e}", log_down=False) from e
+        if len(answer.entries) != len(entries):
+            raise ShipError("log batch answer malformed: wrong number of entries",
+                            log_down=False)
+        cp, unwitnessed = None, None
+        if self._verifier is not None:
+            try:
+                cp, unwitnessed = self._open(answer.checkpoint)
+            except (checkpoint.CheckpointError, note.NoteError) as e:
+                raise ShipError(f"log proof does not verify: {e}", log_down=False) from e
+        out: list[proof.TlogProof | ShipError] = []
+        for entry, item in zip(entries, answer.entries, strict=True):
+            if isinstance(item, batch.Refused):
+                out.append(ShipError(f"log did not acknowledge the entry: {item.code}",
+                                     log_down=False))
+                continue
+            p = item.tlog_proof(answer.checkpoint, entry)
+            out.append(p if cp is None else _attempt(self._included, entry, p, cp, unwitnessed))
+        return out
+
+    def _included(self, entry: bytes, p: proof.TlogProof, cp: checkpoint.Checkpoint,
+                  unwitnessed: str | None) -> proof.TlogProof:
+        """`p` if it includes `entry` under `cp` (the log's, opened by `_open`) and `cp`
+        meets the quorum; else ShipError (appended if only the quorum is missing)."""
+        try:
+            proof.check_inclusion(p, cp, entry)
+        except merkle.ProofError as e:
+            raise ShipError(f"log proof does not verify: {e}", log_down=False) from e
+        if unwitnessed is not None:
+            raise ShipError(f"log proof is not witnessed: {unwitnessed}", log_down=True,
+                            appended=True)
         return p
 
-    def _witnessed(self, entry: bytes, p: proof.TlogProof) -> checkpoint.Checkpoint:
-        assert self._verifier is not None  # noqa: S101 - type narrowing: set in __init__ when a vkey is given
+    def _open(self, signed: bytes) -> tuple[checkpoint.Checkpoint, str | None]:
+        """The checkpoint of a note signed by the log, and why it misses the witness
+        quorum (None if it meets it: then it is cached). Raises CheckpointError or
+        NoteError if the log did not sign it."""
+        assert self._verifier is not None  # noqa: S101 - type narrowing: callers check
+        cp = self._seen.get(signed)
+        if cp is not None:
+            return cp, None
         try:
-            return cosignature.verify_witnessed(p.checkpoint, self._verifier, self._witnesses,
-                                                self._quorum).checkpoint
+            cp = cosignature.verify_witnessed(signed, self._verifier, self._witnesses,
+                                              self._quorum).checkpoint
         except cosignature.QuorumError as e:
-            cp, _ = checkpoint.open(p.checkpoint, self._verifier)
-            proof.check_inclusion(p, cp, entry)  # appended (not yet witnessed enough)?
-            raise ShipError(f"log proof is not witnessed: {e}", log_down=True,
-                            appended=True) from e
+            return checkpoint.open(signed, self._verifier)[0], str(e)
+        if len(self._seen) > 64:
+            self._seen.clear()
+        self._seen[signed] = cp
+        return cp, None
+
+
+def _attempt(check: Callable[..., proof.TlogProof], *args: Any) -> proof.TlogProof | ShipError:
+    """`check(*args)`, or the ShipError it raised."""
+    try:
+        return check(*args)
+    except ShipError as e:
+        return e
 
 
 class Shipper:
@@ -165,8 +226,8 @@ class Shipper:
         auth = f"Authorization: Bearer {token}\r\n" if token else ""
         self._head, self._batch_head = ((
             f"POST {u.path.rstrip('/')}{path} HTTP/1.1\r\nHost: {u.netloc}\r\n{auth}"
-            "Content-Type: application/octet-stream\r\n").encode()
-            for path in ("/add", "/add-batch"))
+            f"Content-Type: application/octet-stream\r\n{accept}").encode()
+            for path, accept in (("/add", ""), ("/add-batch", f"Accept: {batch.MEDIA_TYPE}\r\n")))
         self._proof_head = f"GET {u.path.rstrip('/')}/proof/%s HTTP/1.1\r\nHost: {u.netloc}\r\n\r\n"
 
         self._max_bytes = max_bytes
@@ -328,46 +389,42 @@ class Shipper:
             self.log_down = False
             await self._set_state(False, None)
 
-    async def _ship_batch(self, batch: list[tuple[int, str, bytes]]
+    async def _ship_batch(self, queued: list[tuple[int, str, bytes]]
                           ) -> list[tuple[int, str, bytes, bool]]:
         """One `POST /add-batch`; returns what it did not get acknowledged (shipped singly),
         each with whether the log holds it already."""
         assert self.ledger is not None  # noqa: S101 - type narrowing: opened by start()
+        entries = [e for _, _, e in queued]
         try:
-            answer = await self._post(tiles.encode_bundle(e for _, _, e in batch),
-                                      self._batch_head)
-            items = orjson.loads(answer)["entries"]
-            if not isinstance(items, list) or len(items) != len(batch):
-                raise TypeError("wrong number of answers")
+            answer = await self._post(tiles.encode_bundle(entries), self._batch_head)
+            results = self._checker.check_batch(entries, orjson.loads(answer))
         except ShipError as e:
             if e.status in (404, 405):
                 log.info("the log has no /add-batch; appending one entry per request")
                 self._batching = False
-            return [(*b, False) for b in batch]
-        except (orjson.JSONDecodeError, KeyError, TypeError):
-            return [(*b, False) for b in batch]
+            return [(*b, False) for b in queued]
+        except orjson.JSONDecodeError:
+            return [(*b, False) for b in queued]
         rest = []
-        for (seq, rid, entry), item in zip(batch, items, strict=True):
-            try:
-                p = self._checker.check_doc(entry, item)
-            except ShipError as e:
-                rest.append((seq, rid, entry, e.appended))
+        for (seq, rid, entry), r in zip(queued, results, strict=True):
+            if isinstance(r, ShipError):
+                rest.append((seq, rid, entry, r.appended))
                 continue
-            await self._record(seq, p)
+            await self._record(seq, r)
             self.shipped += 1
             self.batched += 1
-        if len(rest) < len(batch):
+        if len(rest) < len(queued):
             await self._reachable()
         return rest
 
     async def _worker(self) -> None:
         while True:
-            batch = [await self._queue.get()]
-            while len(batch) < BATCH and not self._queue.empty():
-                batch.append(self._queue.get_nowait())
-            rest = [(*b, False) for b in batch]
-            if len(batch) > 1 and self._batching:
-                rest = await self._ship_batch(batch)
+            queued = [await self._queue.get()]
+            while len(queued) < BATCH and not self._queue.empty():
+                queued.append(self._queue.get_nowait())
+            rest = [(*b, False) for b in queued]
+            if len(queued) > 1 and self._batching:
+                rest = await self._ship_batch(queued)
             for seq, rid, entry, appended in rest:
                 await self._ship(seq, rid, entry, appended)
 

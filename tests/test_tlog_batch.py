@@ -1,0 +1,170 @@
+"""The compact `/add-batch` answer (tlog/batch.py): one checkpoint, each entry's path under it,
+the tlog-proof text `POST /add` answers rebuilt from it byte for byte; the default answer
+unchanged."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import httpx
+import orjson
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tests.tlogutil import start_tlog, stop
+from tlog import batch, checkpoint, merkle, note, proof, tiles
+from tlog.sequencer import QUORUM_NOT_REACHED, Added, AppendError, Log
+from tlog.server import TlogApp
+from tlog.sqlite_store import SQLiteStore
+
+H = bytes(range(32))
+
+
+@pytest.fixture(scope="module")
+def log(tmp_path_factory):
+    data = tmp_path_factory.mktemp("tlog") / "log"
+    proc, url = start_tlog(data)
+    token = (data / "append.token").read_text().strip()
+    verifier = note.verifier_from_vkey((data / "log.vkey").read_text())
+    yield url, token, verifier
+    stop(proc)
+
+
+def post(url: str, token: str, path: str, body: bytes, compact: bool = False) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {token}"}
+    if compact:
+        headers["Accept"] = batch.MEDIA_TYPE
+    return httpx.post(f"{url}{path}", content=body, headers=headers)
+
+
+def test_compact_answer_rebuilds_exactly_what_add_and_the_default_batch_answer(log) -> None:
+    url, token, verifier = log
+    entries = [json.dumps({"request_hash": f"{i:064x}", "compact": True}).encode()
+               for i in range(40)]
+    r = post(url, token, "/add-batch", tiles.encode_bundle(entries), compact=True)
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"] == batch.MEDIA_TYPE
+    answer = batch.parse(r.json())
+    cp, _ = checkpoint.open(answer.checkpoint, verifier)  # the one signature to check
+    assert len(answer.entries) == len(entries)
+    rebuilt = []
+    for entry, item in zip(entries, answer.entries, strict=True):
+        assert isinstance(item, batch.Included)
+        p = item.tlog_proof(answer.checkpoint, entry)
+        proof.check_inclusion(p, cp)
+        rebuilt.append(p.format().decode())
+    assert len({it.index for it in answer.entries}) == len(entries)  # type: ignore[union-attr]
+    # the same entries again (appends are idempotent, the tree does not change): the
+    # default answer and POST /add carry exactly the text rebuilt from the compact one
+    old = post(url, token, "/add-batch", tiles.encode_bundle(entries))
+    assert old.headers["content-type"] == "application/json"
+    items = old.json()["entries"]
+    assert [it["proof"] for it in items] == rebuilt
+    assert {it["checkpoint"] for it in items} == {answer.checkpoint.decode()}
+    single = post(url, token, "/add", entries[7]).json()
+    assert single["proof"] == rebuilt[7] and single["index"] == answer.entries[7].index  # type: ignore[union-attr]
+
+
+def test_the_compact_answer_carries_the_checkpoint_once(log) -> None:
+    url, token, _ = log
+    entries = [b'{"size": %d}' % i for i in range(256)]
+    full = post(url, token, "/add-batch", tiles.encode_bundle(entries)).content
+    compact = post(url, token, "/add-batch", tiles.encode_bundle(entries), compact=True).content
+    origin = batch.parse(orjson.loads(compact)).checkpoint.split(b"\n", 1)[0]
+    assert compact.count(origin) == 2  # its first line and its signature line
+    assert full.count(origin) == 2 * 2 * len(entries)  # per entry: checkpoint and proof
+    assert len(compact) * 2 < len(full)
+
+
+def test_bad_batches_are_refused_whole_in_either_form(log) -> None:
+    url, token, _ = log
+    for compact in (False, True):
+        r = post(url, token, "/add-batch", b"\x00\x00", compact=compact)
+        assert r.status_code == 400 and r.json()["code"] == "bad_batch"
+        r = httpx.post(f"{url}/add-batch", content=tiles.encode_bundle([b"x"]),
+                       headers={"Accept": batch.MEDIA_TYPE})
+        assert r.status_code == 401
+
+
+def test_mixed_heads_are_answered_under_the_newest_and_refusals_kept(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "log.db")
+    log = Log(store, note.generate_signer("test.example/batch"))
+    first, second = [b"first %d" % i for i in range(5)], [b"second %d" % i for i in range(9)]
+    head1, idx1 = log._commit(first)  # noqa: SLF001 - two checkpoints without a server
+    head2, idx2 = log._commit(second)  # noqa: SLF001
+    log.served = head2
+    refused = AppendError(QUORUM_NOT_REACHED, "not witnessed yet")
+    results: list[Added | AppendError] = [
+        Added(idx1[2], head1, log.inclusion(idx1[2], head1), first[2]),
+        refused,
+        Added(idx2[4], head2, log.inclusion(idx2[4], head2), second[4])]
+    answer = batch.parse(orjson.loads(TlogApp(log, "t")._compact(results)))  # noqa: SLF001
+    assert answer.checkpoint == head2.note
+    cp, _ = checkpoint.open(head2.note, log.signer.verifier())
+    a, r, b = answer.entries
+    assert r == batch.Refused("not witnessed yet", QUORUM_NOT_REACHED)
+    for item, entry in ((a, first[2]), (b, second[4])):
+        assert isinstance(item, batch.Included)
+        proof.check_inclusion(item.tlog_proof(answer.checkpoint, entry), cp)
+    assert a.index == idx1[2] and a.hashes != results[0].hashes  # type: ignore[union-attr]
+    store.close()
+
+
+@pytest.mark.parametrize(("accept", "wanted"), [
+    (b"application/vnd.pag.batch+json", True),
+    (b"application/json, Application/VND.pag.batch+JSON; q=0.9", True),
+    (b"", False),
+    (b"*/*", False),
+    (b"application/json", False),
+    (b"application/vnd.pag.batch+json-not", False),
+])
+def test_only_the_media_type_asks_for_the_compact_answer(accept: bytes, wanted: bool) -> None:
+    assert batch.wanted(accept) is wanted
+
+
+def test_round_trip() -> None:
+    items = (batch.Included(0, ()), batch.Included(7, (H, H[::-1])),
+             batch.Refused("storage failed", "storage_unavailable"))
+    assert batch.parse(orjson.loads(batch.encode(b"note\n", items))) == \
+        batch.BatchAnswer(b"note\n", items)
+
+
+@pytest.mark.parametrize("doc", [
+    [], "x", {}, {"checkpoint": "", "entries": []}, {"checkpoint": 1, "entries": []},
+    {"checkpoint": "n", "entries": {}}, {"checkpoint": "n", "entries": [1]},
+    {"checkpoint": "n", "entries": [{"index": -1, "proof": []}]},
+    {"checkpoint": "n", "entries": [{"index": True, "proof": []}]},
+    {"checkpoint": "n", "entries": [{"index": "1", "proof": []}]},
+    {"checkpoint": "n", "entries": [{"index": 1, "proof": "AAAA"}]},
+    {"checkpoint": "n", "entries": [{"index": 1, "proof": ["AAAA"]}]},  # 3 bytes
+    {"checkpoint": "n", "entries": [{"index": 1, "proof": ["!" * 44]}]},
+    {"checkpoint": "n", "entries": [{"index": 1, "proof": ["\u00e9" * 44]}]},  # not ASCII
+    {"checkpoint": "n", "entries": [{"index": 1, "proof": ["A" * 42 + "=="]}]},  # 31 bytes
+    {"checkpoint": "n", "entries": [{"index": 1, "proof": [1]}]},
+    {"checkpoint": "n", "entries": [{"index": 1, "proof": ["A" * 43 + "="] * 65}]},
+    {"checkpoint": "n", "entries": [{"error": "e"}]},
+    {"checkpoint": "n", "entries": [{"error": 1, "code": "c"}]},
+])
+def test_malformed_answers_are_refused(doc: object) -> None:
+    with pytest.raises(batch.BatchFormatError):
+        batch.parse(doc)
+
+
+JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=50),
+                    lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8), c,
+                                                                        max_size=4),
+                    max_leaves=20)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.fixed_dictionaries({"checkpoint": JSON, "entries": JSON}) | JSON)
+def test_any_json_parses_or_raises_only_the_format_error(doc: object) -> None:
+    try:
+        answer = batch.parse(doc)
+    except batch.BatchFormatError:
+        return
+    for item in answer.entries:
+        if isinstance(item, batch.Included):
+            assert all(len(h) == merkle.HASH_SIZE for h in item.hashes)
