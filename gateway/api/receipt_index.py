@@ -85,17 +85,32 @@ class RedisReceiptIndex:
     async def put(self, receipt_id: str, request_hash: str, entry: bytes, owner: str) -> None:
         """Record a committed receipt (best effort: a failure is logged, not raised)."""
         try:
-            async with self._redis.pipeline(transaction=False) as p:  # one round trip; the
-                # request-hash key only names an id, whose record `get` checks anyway
-                p.set(f"{self._prefix}receipt:{receipt_id}",
-                      seal(self._key, receipt_id, owner, request_hash, entry), ex=self._ttl)
-                p.set(f"{self._prefix}receipt-rh:{request_hash}", receipt_id, ex=self._ttl)
-                await p.execute()
+            async with self._redis.pipeline(transaction=False) as p:  # one round trip
+                self.queue_put(p, receipt_id, request_hash, entry, owner)
+                results = await p.execute(raise_on_error=False)
         except self._errors as e:
-            self.failures += 1
-            if self.failures == 1 or self.failures % 100 == 0:
-                log.warning("receipt not shared with the other replicas (%s); only this "
-                            "replica can answer for it", type(e).__name__)
+            results = [e]
+        self.stored(results)
+
+    def queue_put(self, pipe: Any, receipt_id: str, request_hash: str, entry: bytes,
+                  owner: str) -> None:
+        """Add `put`'s two writes to a Redis pipeline (to share a round trip); `stored`
+        then reads their results. The request-hash key only names an id, whose record
+        `get` checks anyway."""
+        pipe.set(f"{self._prefix}receipt:{receipt_id}",
+                 seal(self._key, receipt_id, owner, request_hash, entry), ex=self._ttl)
+        pipe.set(f"{self._prefix}receipt-rh:{request_hash}", receipt_id, ex=self._ttl)
+
+    def stored(self, results: list[Any]) -> None:
+        """Note the outcome of `queue_put`'s writes (results, or what the round trip
+        raised): a failure is counted and logged, never raised."""
+        e = next((r for r in results if isinstance(r, BaseException)), None)
+        if e is None:
+            return
+        self.failures += 1
+        if self.failures == 1 or self.failures % 100 == 0:
+            log.warning("receipt not shared with the other replicas (%s); only this "
+                        "replica can answer for it", type(e).__name__)
 
     async def get(self, receipt_id: str) -> Indexed | None:
         """The receipt with this id, or None (unknown, expired, not ours, Redis down)."""
