@@ -1,6 +1,6 @@
 """Redis round trips per gateway call with `[shared]`, against the real Redis at
 127.0.0.1:6379: a call by a key with a rate limit and a budget makes two (admit and
-reserve in one script; settle and the receipt-index write in one pipeline), and a failed
+reserve in one script; settle and the receipt-index write in another), and a failed
 index write does not skip the settlement.
 
 A round trip is one write of packed commands to the Redis socket (a pipeline is one);
@@ -107,7 +107,7 @@ def test_a_limited_call_makes_two_redis_round_trips(monkeypatch: pytest.MonkeyPa
 
 def test_a_failed_index_write_still_settles_the_call(monkeypatch: pytest.MonkeyPatch) -> None:
     counter = Counted(monkeypatch)
-    # an expiry of 0 seconds: Redis refuses both index writes, in the settlement's pipeline
+    # an expiry of 0 seconds: Redis refuses both index writes, in the settlement's script
     statuses, trips, charged, (found, failures) = run_calls(0, 2, counter)
     assert statuses == [200, 200]
     assert trips[1:] == [2]

@@ -823,8 +823,8 @@ def receipt_body(call: Call, identity: dict[str, str], keyset_index: int,
 async def commit_receipt(svc: Services, call: Call, response_hash: str) -> None:
     """Sign the call's receipt and commit it to the outbox (the shipper picks it up), then
     settle the call (`settle`) and, with `[shared]`, record the receipt where the other
-    replicas find it: one Redis round trip for both when both go to Redis, each with its own
-    outcome (a failed index write never skips the settlement). The call is settled even if
+    replicas find it: one Redis script for both when both go to Redis, settling first (a
+    failed index write never skips the settlement). The call is settled even if
     signing or the outbox fails."""
     try:
         _, entry = svc.signer.sign(receipt_body(call, svc.identity, svc.keyset_index,
@@ -840,15 +840,9 @@ async def commit_receipt(svc: Services, call: Call, response_hash: str) -> None:
         if index is not None:
             await index.put(call.receipt_id, call.request_hash, entry, call.key.sha256)
         return
-    try:
-        async with lim.pipeline() as p:
-            lim.queue_settle(p, *s)
-            index.queue_put(p, call.receipt_id, call.request_hash, entry, call.key.sha256)
-            results = await p.execute(raise_on_error=False)
-    except shared.errors() as e:
-        results = [e, e, e]
-    lim.settled(s[0], results[0])
-    index.stored(results[1:])
+    records = index.records(call.receipt_id, call.request_hash, entry, call.key.sha256)
+    failed = await lim.settle_and_set(*s, records, index.ttl)
+    index.stored(len(records) if failed is None else failed)
 
 
 async def logged_in_time(svc: Services, call: Call) -> bool:

@@ -14,8 +14,7 @@ A limit or budget of 0 means unlimited. Two implementations of `Limits`:
   atomic on the event loop; it restarts from zero with the process.
 - `RedisLimits`, shared by every replica (`[shared] redis_url`): each operation is one Lua
   script, atomic in Redis (`admit_reserve`, the pipeline's, takes the rate token and makes
-  the reservation in one; `queue_settle` lets a settlement share the round trip that
-  records the receipt), on Redis's clock (`TIME`), so replicas with skewed clocks share
+  the reservation in one; `settle_and_set` settles and records the receipt in one), on Redis's clock (`TIME`), so replicas with skewed clocks share
   one bucket. A reservation is a field `h:<id>` = `<tokens>:<expiry ms>` of the key's
   budget hash; one left behind by a replica that died mid-call is charged in full when it
   expires (`[shared] hold_seconds`, longer than any call: the call's usage is unknown and
@@ -234,6 +233,20 @@ if redis.call('HDEL', KEYS[1], 'h:' .. ARGV[1]) == 1 and tonumber(ARGV[2]) > 0 t
 end
 return 0
 """
+# `_SETTLE`, then SET each further key (ARGV[4], ARGV[5]...) with an expiry of ARGV[3]
+# seconds: the settlement is done first and stays done whatever the writes meet (a script
+# is not rolled back); a write that fails is counted, not raised. Returns the failures.
+_SETTLE_AND_SET = """
+if redis.call('HDEL', KEYS[1], 'h:' .. ARGV[1]) == 1 and tonumber(ARGV[2]) > 0 then
+  redis.call('HINCRBY', KEYS[1], 'used', ARGV[2])
+end
+local failed = 0
+for i = 2, #KEYS do
+  local r = redis.pcall('SET', KEYS[i], ARGV[i + 2], 'EX', ARGV[3])
+  if type(r) == 'table' and r.err then failed = failed + 1 end
+end
+return failed
+"""
 _CHARGED = _PURGE + """
 purge(KEYS[1])
 return tonumber(redis.call('HGET', KEYS[1], 'used') or '0')
@@ -252,6 +265,7 @@ class RedisLimits:
         self._admit_reserve = client.register_script(_ADMIT_RESERVE)
         self._reserve = client.register_script(_RESERVE)
         self._settle = client.register_script(_SETTLE)
+        self._settle_and_set = client.register_script(_SETTLE_AND_SET)
         self._charged = client.register_script(_CHARGED)
 
     def _keys(self, key: ApiKey) -> list[str]:
@@ -306,15 +320,19 @@ class RedisLimits:
             raise budget_exceeded(key, tokens, used, held)
         return hold
 
-    def queue_settle(self, pipe: Any, hold: Hold, used: int) -> None:
-        """Add `settle`'s script to a Redis pipeline (`pipeline()`), to share its round
-        trip; `settled` then reads its result. Sent as EVAL (the script is short), so the
-        pipeline needs no SCRIPT EXISTS round trip."""
-        pipe.eval(_SETTLE, 1, f"{self._prefix}budget:{hold.key_sha256}", hold.id, used)
-
-    def pipeline(self) -> Any:
-        """A pipeline (no transaction) on this client, for `queue_settle`."""
-        return self._redis.pipeline(transaction=False)
+    async def settle_and_set(self, hold: Hold, used: int, writes: list[tuple[str, bytes]],
+                             ttl: int) -> int | None:
+        """`settle`, and SET each (key, value) of `writes` with an expiry of `ttl` seconds,
+        in one script (one round trip). The settlement comes first and is never undone by
+        a write that fails. The number of writes that failed; None if Redis could not be
+        reached (the settlement then left to expire, as with `settle`)."""
+        try:
+            return int(await self._settle_and_set(
+                keys=[f"{self._prefix}budget:{hold.key_sha256}", *(k for k, _ in writes)],
+                args=[hold.id, used, ttl, *(v for _, v in writes)]))
+        except self._errors as e:
+            self.settled(hold, e)
+            return None
 
     async def settle(self, hold: Hold, used: int) -> None:
         """See `Limits.settle`. If Redis cannot answer, the reservation stays until it
@@ -327,13 +345,12 @@ class RedisLimits:
         except self._errors as e:
             self.settled(hold, e)
 
-    def settled(self, hold: Hold, result: Any) -> None:
-        """Note the outcome of a settlement (`queue_settle`'s result, or what it raised):
-        one that failed leaves the reservation to expire and be charged in full."""
-        if isinstance(result, BaseException):
-            log.warning("budget settlement not recorded (%s); the reservation of %d tokens "
-                        "will be charged in full when it expires", type(result).__name__,
-                        hold.tokens)
+    @staticmethod
+    def settled(hold: Hold, e: BaseException) -> None:
+        """Log a settlement that could not reach Redis: the reservation will expire and be
+        charged in full."""
+        log.warning("budget settlement not recorded (%s); the reservation of %d tokens "
+                        "will be charged in full when it expires", type(e).__name__, hold.tokens)
 
     async def charged(self, key: ApiKey) -> int:
         """Tokens charged to the key so far, by every replica."""
