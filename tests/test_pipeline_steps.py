@@ -822,3 +822,25 @@ def test_a_refused_call_is_receipted_and_sends_nothing() -> None:
     assert signed["refusal"] == {"code": "upstream_unverified", "status": 502}
     assert signed["route"]["route_id"] == "r1"  # the refusing route is named
     assert svc.upstream.sent == []  # type: ignore[union-attr]
+
+
+def test_a_bad_request_takes_its_rate_token() -> None:
+    key = ApiKey("one-a-minute", hash_key(API_KEY), requests_per_minute=1)
+    svc = services(key=key)
+    auth = (b"authorization", AUTH)
+    status, _, out = call_app(svc, b"{not json", auth)
+    assert (status, json.loads(out)["error"]["code"]) == (400, "invalid_json")
+    status, _, out = call_app(svc, json.dumps(CHAT).encode(), auth)  # the token is gone
+    assert (status, json.loads(out)["error"]["code"]) == (429, "rate_limit_exceeded")
+    assert len(svc.outbox.puts) == 2 and svc.upstream.sent == []  # type: ignore[union-attr,attr-defined]
+
+
+def test_a_call_refused_after_its_reservation_releases_it() -> None:
+    key = ApiKey("budget", hash_key(API_KEY), token_budget=10**6)
+    svc = services(key=key, log_unavailable="refuse")
+    svc.status.log_down = True  # refused once admitted and reserved
+    status, _, out = call_app(svc, json.dumps(CHAT).encode(), (b"authorization", AUTH))
+    assert (status, json.loads(out)["error"]["code"]) == (503, "log_unavailable")
+    assert svc.upstream.sent == []  # type: ignore[union-attr]
+    assert run(svc.limiter.reserve(key, 10**6)).tokens == 10**6  # nothing left held
+    assert svc.limiter.used(key) == 0  # type: ignore[attr-defined]

@@ -1,12 +1,13 @@
 """One model call as a sequence of named steps.
 
-    read the body → authenticate → receipts keepable → admit → parse → open E2EE
-      → reserve budget
+    read the body → authenticate → receipts keepable → parse → admit and reserve
+      budget (one step) → open E2EE
       → for each candidate route, in priority order:
             acquire its lease → forward (re-verify once if the key rotated)
             → check the response signature (signature-bound leases only)
       → seal the answer (the JSON body, or each SSE event)
-      → sign the receipt and queue it → respond      (and, whatever happened: settle)
+      → sign the receipt and queue it → settle → respond
+                                  (and, however else the call ends: settle)
 
 `model_call` is that sequence and nothing else; each step is a function of
 what the earlier ones produced, so each can be tested alone. A `Call`
@@ -54,7 +55,7 @@ from gateway.api import shared
 from gateway.api.apikeys import KeyStore
 from gateway.api.config import ApiKey, Config, RouteSpec
 from gateway.api.errors import GatewayError, bad_request, error_body, refused, unauthorized
-from gateway.api.ratelimit import Hold, Limits
+from gateway.api.ratelimit import Hold, Limits, RedisLimits
 from gateway.api.receipt_index import RedisReceiptIndex
 from gateway.api.replay import MemoryReplay, ReplayStore, ReplayUnavailable
 from gateway.api.router import Router
@@ -182,12 +183,15 @@ async def model_call(svc: Services, scope: Scope, receive: Receive, send: Send,
     call = Call(secrets.token_hex(16), salt, request_hash, kind, key)
     try:
         try:
-            await admit(svc, key)
-            req = parse(body, kind, svc.cfg.gateway.max_messages,
-                        svc.cfg.gateway.max_json_depth)
+            try:
+                req = parse(body, kind, svc.cfg.gateway.max_messages,
+                            svc.cfg.gateway.max_json_depth)
+            except GatewayError:
+                await admit(svc, key)  # a bad request takes its rate token all the same
+                raise
+            await admit_reserve(svc, call, req, len(body))
             call.sealer = await open_e2ee(svc, call, req, hdrs)
             call.stream = req.stream
-            call.hold = await reserve(svc, key, req, len(body))
             reply = await route_and_forward(svc, call, req)
             if reply.streaming:
                 call.status = 200
@@ -199,8 +203,9 @@ async def model_call(svc: Services, scope: Scope, receive: Receive, send: Send,
             if e.route_id is not None and call.route is None:
                 call.route = svc.router.by_id.get(e.route_id)
             status, out, ctype = e.status, e.body(), JSON
-    finally:
-        await settle(svc, call)
+    except BaseException:
+        await settle(svc, call)  # ended any other way: settled all the same
+        raise
     try:
         await commit_receipt(svc, call, receipt.digest(call.salt, out))
     except OutboxUnavailable:
@@ -362,25 +367,38 @@ def nesting_exceeds(value: Any, limit: int) -> bool:
     return False
 
 
-async def reserve(svc: Services, key: ApiKey, req: Request, body_size: int) -> Hold:
-    """Reserve the call's bound against the key's budget before anything is forwarded
-    (429 `budget_exceeded` if it does not fit)."""
-    return await svc.limiter.reserve(key, reserve_tokens(key, req, body_size))
+async def admit_reserve(svc: Services, call: Call, req: Request, body_size: int) -> None:
+    """`admit` and the reservation of the call's bound against the key's budget, before
+    anything is forwarded, in one step (one Redis round trip with `[shared]`): 429 over the
+    key's rate or budget (`budget_exceeded` if the bound does not fit); 503 if the revoked
+    keys are stale or policy refuses to serve while the log is down (the reservation, made
+    by then, is released by `settle`)."""
+    if not svc.keys.revocations.fresh():
+        raise shared.unavailable("whether this API key was revoked")
+    call.hold = await svc.limiter.admit_reserve(call.key, time.monotonic(),
+                                                reserve_tokens(call.key, req, body_size))
+    if svc.cfg.gateway.log_unavailable == "refuse" and svc.status.log_down:
+        raise refused(503, "log_unavailable",
+                      "the receipt log is unreachable and policy refuses to serve")
+
+
+def settlement(call: Call) -> tuple[Hold, int] | None:
+    """Take the call's reservation and what to charge for it: its real usage; if the
+    provider answered without saying what it used, the whole reservation. None once taken."""
+    hold, call.hold = call.hold, None
+    if hold is None:
+        return None
+    if call.usage and "total_tokens" in call.usage:
+        return hold, call.usage["total_tokens"]
+    return hold, hold.tokens if call.upstream_status == 200 else 0
 
 
 async def settle(svc: Services, call: Call) -> None:
-    """Release the call's reservation, charging its real usage; if the provider answered
-    without saying what it used, the whole reservation. Runs once, however the call ended."""
-    hold, call.hold = call.hold, None
-    if hold is None:
-        return
-    if call.usage and "total_tokens" in call.usage:
-        used = call.usage["total_tokens"]
-    elif call.upstream_status == 200:
-        used = hold.tokens
-    else:
-        used = 0
-    await svc.limiter.settle(hold, used)
+    """Release the call's reservation, charging its real usage. Runs once, however the call
+    ended (`commit_receipt` does it for a call that gets a receipt)."""
+    s = settlement(call)
+    if s is not None:
+        await svc.limiter.settle(*s)
 
 
 async def open_e2ee(svc: Services, call: Call, req: Request,
@@ -701,7 +719,6 @@ async def relay_stream(svc: Services, call: Call, reply: UpstreamReply, send: Se
     finally:
         await chunks.aclose()  # a stream ended early releases (closes) its connection
     call.provider_response_hash = prov.hexdigest()
-    await settle(svc, call)
     try:
         await commit_receipt(svc, call, resp.hexdigest())
     except OutboxUnavailable:  # not acknowledged: an error event, and no last chunk
@@ -804,13 +821,28 @@ def receipt_body(call: Call, identity: dict[str, str], keyset_index: int,
 
 
 async def commit_receipt(svc: Services, call: Call, response_hash: str) -> None:
-    """Sign the call's receipt and commit it to the outbox (the shipper picks it up); with
-    `[shared]`, also record it where the other replicas find it."""
-    _, entry = svc.signer.sign(receipt_body(call, svc.identity, svc.keyset_index,
-                                            response_hash))
-    await svc.outbox.put(call.receipt_id, call.request_hash, entry, call.key.sha256)
-    if svc.receipt_index is not None:
-        await svc.receipt_index.put(call.receipt_id, call.request_hash, entry, call.key.sha256)
+    """Sign the call's receipt and commit it to the outbox (the shipper picks it up), then
+    settle the call (`settle`) and, with `[shared]`, record the receipt where the other
+    replicas find it: one Redis script for both when both go to Redis, settling first (a
+    failed index write never skips the settlement). The call is settled even if
+    signing or the outbox fails."""
+    try:
+        _, entry = svc.signer.sign(receipt_body(call, svc.identity, svc.keyset_index,
+                                                response_hash))
+        await svc.outbox.put(call.receipt_id, call.request_hash, entry, call.key.sha256)
+    except BaseException:
+        await settle(svc, call)
+        raise
+    index, lim = svc.receipt_index, svc.limiter
+    s = settlement(call) if index is not None and isinstance(lim, RedisLimits) else None
+    if index is None or s is None or not s[0].tokens:
+        await settle(svc, call)
+        if index is not None:
+            await index.put(call.receipt_id, call.request_hash, entry, call.key.sha256)
+        return
+    records = index.records(call.receipt_id, call.request_hash, entry, call.key.sha256)
+    failed = await lim.settle_and_set(*s, records, index.ttl)
+    index.stored(len(records) if failed is None else failed)
 
 
 async def logged_in_time(svc: Services, call: Call) -> bool:

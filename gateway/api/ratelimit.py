@@ -13,7 +13,8 @@ A limit or budget of 0 means unlimited. Two implementations of `Limits`:
 - `Limiter`, in this process (one replica): its operations contain no await and so are
   atomic on the event loop; it restarts from zero with the process.
 - `RedisLimits`, shared by every replica (`[shared] redis_url`): each operation is one Lua
-  script, atomic in Redis, on Redis's clock (`TIME`), so replicas with skewed clocks share
+  script, atomic in Redis (`admit_reserve`, the pipeline's, takes the rate token and makes
+  the reservation in one; `settle_and_set` settles and records the receipt in one), on Redis's clock (`TIME`), so replicas with skewed clocks share
   one bucket. A reservation is a field `h:<id>` = `<tokens>:<expiry ms>` of the key's
   budget hash; one left behind by a replica that died mid-call is charged in full when it
   expires (`[shared] hold_seconds`, longer than any call: the call's usage is unknown and
@@ -62,6 +63,10 @@ class Limits(Protocol):
 
     async def reserve(self, key: ApiKey, tokens: int) -> Hold:
         """Reserve `tokens` against the key's budget, or raise 429 `budget_exceeded`."""
+
+    async def admit_reserve(self, key: ApiKey, now: float, tokens: int) -> Hold:
+        """`admit`, then `reserve` if admitted, as one atomic step; raises the refusal
+        (the same 429 either of them would give)."""
 
     async def settle(self, hold: Hold, used: int) -> None:
         """Release a reservation and charge what the call really used."""
@@ -121,6 +126,13 @@ class Limiter:
         self._held[key.sha256] = held + tokens
         return Hold(key.sha256, tokens)
 
+    async def admit_reserve(self, key: ApiKey, now: float, tokens: int) -> Hold:
+        """See `Limits.admit_reserve` (nothing awaited in between: atomic)."""
+        err = await self.admit(key, now)
+        if err is not None:
+            raise err
+        return await self.reserve(key, tokens)
+
     async def settle(self, hold: Hold, used: int) -> None:
         """Release a reservation and charge what the call really used."""
         if hold.tokens:
@@ -158,28 +170,51 @@ local function purge(key)
   return held
 end
 """
+# `take(bucket, rpm)`: whether one request may pass the bucket (a token is taken if so). The
+# bucket is full after a minute idle, so it may expire then.
+_BUCKET = """
+local function take(key, rpm)
+  local b = redis.call('HMGET', key, 'tokens', 'stamp')
+  local tokens = tonumber(b[1]) or rpm
+  local stamp = tonumber(b[2]) or now_ms
+  tokens = math.min(rpm, tokens + math.max(0, now_ms - stamp) * rpm / 60000)
+  local ok = tokens >= 1
+  if ok then tokens = tokens - 1 end
+  redis.call('HSET', key, 'tokens', tostring(tokens), 'stamp', tostring(now_ms))
+  redis.call('PEXPIRE', key, 120000)
+  return ok
+end
+"""
 # KEYS: bucket, budget; ARGV: requests per minute, budget. 0 admitted, 1 budget used up,
-# 2 too fast. The bucket is full after a minute idle, so it may expire then.
-_ADMIT = _PURGE + """
+# 2 too fast.
+_ADMIT = _PURGE + _BUCKET + """
 local budget = tonumber(ARGV[2])
 if budget > 0 then
   purge(KEYS[2])
   if tonumber(redis.call('HGET', KEYS[2], 'used') or '0') >= budget then return 1 end
 end
 local rpm = tonumber(ARGV[1])
-if rpm == 0 then return 0 end
-local b = redis.call('HMGET', KEYS[1], 'tokens', 'stamp')
-local tokens = tonumber(b[1]) or rpm
-local stamp = tonumber(b[2]) or now_ms
-tokens = math.min(rpm, tokens + math.max(0, now_ms - stamp) * rpm / 60000)
-local verdict = 2
-if tokens >= 1 then
-  tokens = tokens - 1
-  verdict = 0
+if rpm == 0 or take(KEYS[1], rpm) then return 0 end
+return 2
+"""
+# `admit` then `reserve`, atomically in one round trip. KEYS: bucket, budget; ARGV: requests
+# per minute, budget, tokens, reservation id, its lifetime (ms). {verdict, used, held}:
+# 0 admitted (and reserved if the key has a budget), 1 budget used up, 2 too fast,
+# 3 reservation refused (the request's rate token stays taken, as with `admit` + `reserve`).
+_ADMIT_RESERVE = _PURGE + _BUCKET + """
+local budget = tonumber(ARGV[2])
+local held, used = 0, 0
+if budget > 0 then
+  held = purge(KEYS[2])
+  used = tonumber(redis.call('HGET', KEYS[2], 'used') or '0')
+  if used >= budget then return {1, used, held} end
 end
-redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'stamp', tostring(now_ms))
-redis.call('PEXPIRE', KEYS[1], 120000)
-return verdict
+local rpm = tonumber(ARGV[1])
+if rpm > 0 and not take(KEYS[1], rpm) then return {2, used, held} end
+if budget == 0 then return {0, used, held} end
+if used + held + tonumber(ARGV[3]) > budget then return {3, used, held} end
+redis.call('HSET', KEYS[2], 'h:' .. ARGV[4], ARGV[3] .. ':' .. tostring(now_ms + tonumber(ARGV[5])))
+return {0, used, held}
 """
 # KEYS: budget; ARGV: budget, tokens, reservation id, its lifetime (ms).
 # {1, used, held} reserved, {0, used, held} refused.
@@ -198,6 +233,20 @@ if redis.call('HDEL', KEYS[1], 'h:' .. ARGV[1]) == 1 and tonumber(ARGV[2]) > 0 t
 end
 return 0
 """
+# `_SETTLE`, then SET each further key (ARGV[4], ARGV[5]...) with an expiry of ARGV[3]
+# seconds: the settlement is done first and stays done whatever the writes meet (a script
+# is not rolled back); a write that fails is counted, not raised. Returns the failures.
+_SETTLE_AND_SET = """
+if redis.call('HDEL', KEYS[1], 'h:' .. ARGV[1]) == 1 and tonumber(ARGV[2]) > 0 then
+  redis.call('HINCRBY', KEYS[1], 'used', ARGV[2])
+end
+local failed = 0
+for i = 2, #KEYS do
+  local r = redis.pcall('SET', KEYS[i], ARGV[i + 2], 'EX', ARGV[3])
+  if type(r) == 'table' and r.err then failed = failed + 1 end
+end
+return failed
+"""
 _CHARGED = _PURGE + """
 purge(KEYS[1])
 return tonumber(redis.call('HGET', KEYS[1], 'used') or '0')
@@ -213,8 +262,10 @@ class RedisLimits:
         self._hold_ms = hold_seconds * 1000
         self._errors = shared.errors()
         self._admit = client.register_script(_ADMIT)
+        self._admit_reserve = client.register_script(_ADMIT_RESERVE)
         self._reserve = client.register_script(_RESERVE)
         self._settle = client.register_script(_SETTLE)
+        self._settle_and_set = client.register_script(_SETTLE_AND_SET)
         self._charged = client.register_script(_CHARGED)
 
     def _keys(self, key: ApiKey) -> list[str]:
@@ -249,6 +300,40 @@ class RedisLimits:
             raise budget_exceeded(key, tokens, used, held)
         return hold
 
+    async def admit_reserve(self, key: ApiKey, now: float, tokens: int) -> Hold:
+        """See `Limits.admit_reserve`: one script, one round trip; `now` is unused. 503
+        `shared_state_unavailable` if Redis cannot answer."""
+        if not (key.requests_per_minute or key.token_budget):
+            return Hold(key.sha256, 0)
+        hold = Hold(key.sha256, tokens if key.token_budget else 0, secrets.token_hex(8))
+        try:
+            verdict, used, held = await self._admit_reserve(
+                keys=self._keys(key), args=[key.requests_per_minute, key.token_budget, tokens,
+                                            hold.id, self._hold_ms])
+        except self._errors as e:
+            raise shared.unavailable("the key's rate limit and budget", e) from None
+        if verdict == 1:
+            raise exhausted(key)
+        if verdict == 2:
+            raise too_fast(key.requests_per_minute)
+        if verdict == 3:
+            raise budget_exceeded(key, tokens, used, held)
+        return hold
+
+    async def settle_and_set(self, hold: Hold, used: int, writes: list[tuple[str, bytes]],
+                             ttl: int) -> int | None:
+        """`settle`, and SET each (key, value) of `writes` with an expiry of `ttl` seconds,
+        in one script (one round trip). The settlement comes first and is never undone by
+        a write that fails. The number of writes that failed; None if Redis could not be
+        reached (the settlement then left to expire, as with `settle`)."""
+        try:
+            return int(await self._settle_and_set(
+                keys=[f"{self._prefix}budget:{hold.key_sha256}", *(k for k, _ in writes)],
+                args=[hold.id, used, ttl, *(v for _, v in writes)]))
+        except self._errors as e:
+            self.settled(hold, e)
+            return None
+
     async def settle(self, hold: Hold, used: int) -> None:
         """See `Limits.settle`. If Redis cannot answer, the reservation stays until it
         expires and is then charged in full (never less than the call used)."""
@@ -258,7 +343,13 @@ class RedisLimits:
             await self._settle(keys=[f"{self._prefix}budget:{hold.key_sha256}"],
                                args=[hold.id, used])
         except self._errors as e:
-            log.warning("budget settlement not recorded (%s); the reservation of %d tokens "
+            self.settled(hold, e)
+
+    @staticmethod
+    def settled(hold: Hold, e: BaseException) -> None:
+        """Log a settlement that could not reach Redis: the reservation will expire and be
+        charged in full."""
+        log.warning("budget settlement not recorded (%s); the reservation of %d tokens "
                         "will be charged in full when it expires", type(e).__name__, hold.tokens)
 
     async def charged(self, key: ApiKey) -> int:

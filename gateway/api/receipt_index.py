@@ -78,24 +78,39 @@ class RedisReceiptIndex:
         self._redis = client
         self._prefix = prefix
         self._key = mac_key
-        self._ttl = ttl_seconds
+        self.ttl = ttl_seconds
         self._errors = shared.errors()
         self.failures = 0
 
     async def put(self, receipt_id: str, request_hash: str, entry: bytes, owner: str) -> None:
         """Record a committed receipt (best effort: a failure is logged, not raised)."""
         try:
-            async with self._redis.pipeline(transaction=False) as p:  # one round trip; the
-                # request-hash key only names an id, whose record `get` checks anyway
-                p.set(f"{self._prefix}receipt:{receipt_id}",
-                      seal(self._key, receipt_id, owner, request_hash, entry), ex=self._ttl)
-                p.set(f"{self._prefix}receipt-rh:{request_hash}", receipt_id, ex=self._ttl)
-                await p.execute()
-        except self._errors as e:
-            self.failures += 1
-            if self.failures == 1 or self.failures % 100 == 0:
-                log.warning("receipt not shared with the other replicas (%s); only this "
-                            "replica can answer for it", type(e).__name__)
+            async with self._redis.pipeline(transaction=False) as p:  # one round trip
+                for k, v in self.records(receipt_id, request_hash, entry, owner):
+                    p.set(k, v, ex=self.ttl)
+                failed = sum(isinstance(r, BaseException)
+                             for r in await p.execute(raise_on_error=False))
+        except self._errors:
+            failed = 2
+        self.stored(failed)
+
+    def records(self, receipt_id: str, request_hash: str, entry: bytes,
+                owner: str) -> list[tuple[str, bytes]]:
+        """The (key, value) pairs `put` writes, each to expire after `ttl` seconds (for a
+        caller that writes them in its own round trip, then calls `stored`). The
+        request-hash key only names an id, whose record `get` checks anyway."""
+        return [(f"{self._prefix}receipt:{receipt_id}",
+                 seal(self._key, receipt_id, owner, request_hash, entry)),
+                (f"{self._prefix}receipt-rh:{request_hash}", receipt_id.encode())]
+
+    def stored(self, failed: int) -> None:
+        """Note how many of the record's writes failed: counted and logged, never raised."""
+        if not failed:
+            return
+        self.failures += 1
+        if self.failures == 1 or self.failures % 100 == 0:
+            log.warning("receipt not shared with the other replicas (%d of its writes "
+                        "failed); only this replica can answer for it", failed)
 
     async def get(self, receipt_id: str) -> Indexed | None:
         """The receipt with this id, or None (unknown, expired, not ours, Redis down)."""

@@ -5,7 +5,7 @@ What replicas share, each behind an interface with an in-process twin:
 
 | state | Redis side | in-process side |
 |---|---|---|
-| rate limits, budgets | `ratelimit.RedisLimits` (one Lua script per step) | `ratelimit.Limiter` |
+| rate limits, budgets | `ratelimit.RedisLimits` (one Lua script to admit and reserve, one to settle and index the receipt) | `ratelimit.Limiter` |
 | E2EE nonces | `replay.RedisReplay` (`SET NX PX`) | `replay.MemoryReplay` |
 | verified leases | `verification.shared.SharedLeases` (MACed) | `verification.lease.LeaseStore` |
 | receipt lookups | `receipt_index.RedisReceiptIndex` (MACed, TTL) | the replica's own outbox |
