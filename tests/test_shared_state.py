@@ -52,7 +52,7 @@ def test_two_replicas_never_reserve_more_than_the_budget_together() -> None:
 
         async def try_reserve(lim: RedisLimits) -> Any:
             try:
-                return await lim.reserve(key, 70)
+                return await lim.admit_reserve(key, 0.0, 70)
             except GatewayError as e:
                 assert (e.status, e.code) == (429, "budget_exceeded")
                 return None
@@ -62,7 +62,7 @@ def test_two_replicas_never_reserve_more_than_the_budget_together() -> None:
         for i, h in enumerate(granted):
             await (a, b)[i % 2].settle(h, 10)
         assert await a.charged(key) == await b.charged(key) == 140
-        assert (await a.reserve(key, 860)).tokens == 860  # every reservation was released
+        assert (await a.admit_reserve(key, 0.0, 860)).tokens == 860  # every reservation was released
     with_redis(test)
 
 
@@ -71,16 +71,16 @@ def test_a_dead_replicas_reservation_is_charged_in_full_when_it_expires() -> Non
 
     async def test(client: Any, prefix: str) -> None:
         dead, alive = RedisLimits(client, prefix, 1), RedisLimits(client, prefix, 1)
-        orphan = await dead.reserve(key, 60)  # its replica dies: never settled
+        orphan = await dead.admit_reserve(key, 0.0, 60)  # its replica dies: never settled
         with pytest.raises(GatewayError):
-            await alive.reserve(key, 50)
+            await alive.admit_reserve(key, 0.0, 50)
         await asyncio.sleep(1.2)
         assert await alive.charged(key) == 60  # the bound of the unknown call
         assert await alive.admit(key, 0) is None
         await dead.settle(orphan, 5)  # a settlement after expiry charges nothing more
         assert await alive.charged(key) == 60
         with pytest.raises(GatewayError) as e:
-            await alive.reserve(key, 41)
+            await alive.admit_reserve(key, 0.0, 41)
         assert e.value.code == "budget_exceeded"
     with_redis(test)
 
@@ -94,12 +94,12 @@ def test_replicas_share_one_bucket_and_an_exhausted_budget() -> None:
         verdicts = [await (a, b)[i % 2].admit(rated, 0) for i in range(6)]
         assert verdicts[:4] == [None] * 4
         assert [v.code for v in verdicts[4:] if v is not None] == ["rate_limit_exceeded"] * 2
-        await a.settle(await a.reserve(budgeted, 10), 10)
+        await a.settle(await a.admit_reserve(budgeted, 0.0, 10), 10)
         refusal = await b.admit(budgeted, 0)
         assert refusal is not None and refusal.code == "budget_exceeded"
         unlimited = ApiKey("u", "5" * 64)
         assert await b.admit(unlimited, 0) is None
-        assert (await b.reserve(unlimited, 10**9)).tokens == 0
+        assert (await b.admit_reserve(unlimited, 0.0, 10**9)).tokens == 0
         assert [k async for k in client.scan_iter(match=f"{prefix}*{'5' * 64}")] == []
     with_redis(test)
 
@@ -114,7 +114,7 @@ def test_redis_down_refuses_with_503_before_anything_is_forwarded() -> None:
         assert refusal is not None
         assert (refusal.status, refusal.code) == (503, "shared_state_unavailable")
         with pytest.raises(GatewayError) as e:
-            await lim.reserve(key, 10)
+            await lim.admit_reserve(key, 0.0, 10)
         assert (e.value.status, e.value.code) == (503, "shared_state_unavailable")
         await lim.settle(Hold(key.sha256, 10, "ab"), 5)  # logged; the hold will be charged
         index = receipt_index.RedisReceiptIndex(client, "pag:", b"k" * 32, 60)

@@ -3,7 +3,7 @@
 Rates: each request takes one token from its key's bucket (`admit`; burst one minute).
 
 Budgets: a call reserves, before a byte is forwarded, the most tokens it could use
-(`reserve`; the pipeline computes the amount: a bound on the prompt plus the completion
+(`admit_reserve`, with the rate token; the pipeline computes the amount: a bound on the prompt plus the completion
 cap), and the reservation counts against the key's budget until the call settles it with
 what it really used (`settle`). A reservation that would take used + reserved past the
 budget is refused (429 `budget_exceeded`), so concurrent calls together never spend more
@@ -13,15 +13,15 @@ A limit or budget of 0 means unlimited. Two implementations of `Limits`:
 - `Limiter`, in this process (one replica): its operations contain no await and so are
   atomic on the event loop; it restarts from zero with the process.
 - `RedisLimits`, shared by every replica (`[shared] redis_url`): each operation is one Lua
-  script, atomic in Redis (`admit_reserve`, the pipeline's, takes the rate token and makes
-  the reservation in one; `settle_and_set` settles and records the receipt in one), on Redis's clock (`TIME`), so replicas with skewed clocks share
-  one bucket. A reservation is a field `h:<id>` = `<tokens>:<expiry ms>` of the key's
+  script, atomic in Redis (`admit_reserve` takes the rate token and makes the reservation
+  in one; `settle_and_set` settles and records the receipt in one), on Redis's clock
+  (`TIME`), so replicas with skewed clocks share one bucket. A reservation is a field `h:<id>` = `<tokens>:<expiry ms>` of the key's
   budget hash; one left behind by a replica that died mid-call is charged in full when it
   expires (`[shared] hold_seconds`, longer than any call: the call's usage is unknown and
   its reservation bounds it), so a crash never gives tokens back; a live call that outlives
   its reservation (several slow fallbacks) is likewise charged the whole reservation, and
-  its late settlement nothing more. Budgets in Redis last as long as Redis keeps them. Redis unreachable: the
-  call is refused with 503 `shared_state_unavailable` before anything is forwarded; a
+  its late settlement nothing more. Budgets in Redis last as long as Redis keeps them.
+  Redis unreachable: the call is refused with 503 `shared_state_unavailable` before anything is forwarded; a
   settlement that cannot reach Redis leaves the reservation to expire and be charged.
   Keys without a limit or budget never touch Redis.
 """
@@ -60,9 +60,6 @@ class Limits(Protocol):
 
     async def admit(self, key: ApiKey, now: float) -> GatewayError | None:
         """Take one request from the key's bucket, or return the 429 to send."""
-
-    async def reserve(self, key: ApiKey, tokens: int) -> Hold:
-        """Reserve `tokens` against the key's budget, or raise 429 `budget_exceeded`."""
 
     async def admit_reserve(self, key: ApiKey, now: float, tokens: int) -> Hold:
         """`admit`, then `reserve` if admitted, as one atomic step; raises the refusal
@@ -216,15 +213,6 @@ if used + held + tonumber(ARGV[3]) > budget then return {3, used, held} end
 redis.call('HSET', KEYS[2], 'h:' .. ARGV[4], ARGV[3] .. ':' .. tostring(now_ms + tonumber(ARGV[5])))
 return {0, used, held}
 """
-# KEYS: budget; ARGV: budget, tokens, reservation id, its lifetime (ms).
-# {1, used, held} reserved, {0, used, held} refused.
-_RESERVE = _PURGE + """
-local held = purge(KEYS[1])
-local used = tonumber(redis.call('HGET', KEYS[1], 'used') or '0')
-if used + held + tonumber(ARGV[2]) > tonumber(ARGV[1]) then return {0, used, held} end
-redis.call('HSET', KEYS[1], 'h:' .. ARGV[3], ARGV[2] .. ':' .. tostring(now_ms + tonumber(ARGV[4])))
-return {1, used, held}
-"""
 # KEYS: budget; ARGV: reservation id, tokens used. A reservation already expired was charged
 # in full by `purge`, which covers the call (it stayed within its reservation).
 _SETTLE = """
@@ -263,7 +251,6 @@ class RedisLimits:
         self._errors = shared.errors()
         self._admit = client.register_script(_ADMIT)
         self._admit_reserve = client.register_script(_ADMIT_RESERVE)
-        self._reserve = client.register_script(_RESERVE)
         self._settle = client.register_script(_SETTLE)
         self._settle_and_set = client.register_script(_SETTLE_AND_SET)
         self._charged = client.register_script(_CHARGED)
@@ -285,20 +272,6 @@ class RedisLimits:
         if verdict == 2:
             return too_fast(key.requests_per_minute)
         return None
-
-    async def reserve(self, key: ApiKey, tokens: int) -> Hold:
-        """See `Limits.reserve`; 503 `shared_state_unavailable` if Redis cannot answer."""
-        if not key.token_budget:
-            return Hold(key.sha256, 0)
-        hold = Hold(key.sha256, tokens, secrets.token_hex(8))
-        try:
-            ok, used, held = await self._reserve(
-                keys=self._keys(key)[1:], args=[key.token_budget, tokens, hold.id, self._hold_ms])
-        except self._errors as e:
-            raise shared.unavailable("the key's budget", e) from None
-        if not ok:
-            raise budget_exceeded(key, tokens, used, held)
-        return hold
 
     async def admit_reserve(self, key: ApiKey, now: float, tokens: int) -> Hold:
         """See `Limits.admit_reserve`: one script, one round trip; `now` is unused. 503
