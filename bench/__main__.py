@@ -51,7 +51,6 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -61,18 +60,12 @@ sys.path.insert(0, str(ROOT))
 
 from bench import audit, batch_answer, gateway_overhead, tlog_append, tlog_replicas  # noqa: E402
 from bench.table import Row, table  # noqa: E402
+from bench.wrk import PROOF_LUA  # noqa: E402
+from bench.wrk import run as wrk  # noqa: E402
 from tests.tlogutil import start_tlog, stop, wait_http  # noqa: E402
 from tlog.batch import MEDIA_TYPE as COMPACT  # noqa: E402
 
 DATA = ROOT / ".bench-data"
-DONE = """
-done = function(summary, latency, requests)
-  local e = summary.errors
-  io.write(string.format("RESULT %d %d %d %d %d %d\\n", summary.requests, summary.duration,
-    latency:percentile(50), latency:percentile(99),
-    e.connect + e.read + e.write + e.timeout, e.status))
-end
-"""
 BATCH = 256
 ADD_LUA = """
 wrk.method = "POST"
@@ -105,46 +98,12 @@ request = function()
   return wrk.format(nil, nil, nil, table.concat(parts))
 end
 """
-PROOF_LUA = """
-math.randomseed(7)
-request = function()
-  return wrk.format("GET", string.format("/proof/%064x", math.random(0, {entries} - 1)))
-end
-"""
-
-
-@dataclass
-class Run:
-    """One wrk run: requests, seconds, latency percentiles (ms), failures."""
-
-    requests: int
-    seconds: float
-    p50: float
-    p99: float
-    errors: int
-
-    @property
-    def rps(self) -> float:
-        return self.requests / self.seconds if self.seconds else 0.0
 
 
 
 
-def wrk(url: str, lua: str, seconds: float, conns: int, threads: int = 2) -> Run:
-    """Drive `url` with wrk and the given Lua script; failures counted, not raised."""
-    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
-        f.write(lua + DONE)
-    try:
-        out = subprocess.run(["wrk", f"-t{min(threads, conns)}", f"-c{conns}",
-                              f"-d{seconds:g}s", "--timeout", "10s", "-s", f.name, url],
-                             capture_output=True, text=True, timeout=seconds + 60)
-    finally:
-        os.unlink(f.name)
-    m = re.search(r"^RESULT (\d+) (\d+) (\d+) (\d+) (\d+) (\d+)$", out.stdout, re.M)
-    if m is None:
-        raise RuntimeError(f"wrk failed: {out.stdout[-400:]} {out.stderr[-400:]}")
-    n, dur, p50, p99, errs, status = map(int, m.groups())
-    return Run(n, dur / 1e6, p50 / 1000, p99 / 1000, errs + status)
+
+
 
 
 @contextlib.contextmanager

@@ -38,7 +38,6 @@ import asyncio
 import contextlib
 import os
 import random
-import re
 import secrets
 import shutil
 import signal
@@ -59,6 +58,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.table import Row, table  # noqa: E402
+from bench.wrk import PROOF_LUA, Run  # noqa: E402
+from bench.wrk import run as wrk_run  # noqa: E402
 from tests.tlogutil import start_tlog, stop  # noqa: E402
 from tlog import tiles  # noqa: E402
 from tlog.sequencer import SEQUENCER  # noqa: E402
@@ -70,14 +71,6 @@ TAKEOVER_TRIES = 3
 RETRY_EVERY = 0.01
 """Seconds between a takeover client's append attempts."""
 
-DONE_LUA = """
-done = function(summary, latency, requests)
-  local e = summary.errors
-  io.write(string.format("RESULT %d %d %d %d %d\\n", summary.requests, summary.duration,
-    latency:percentile(50), latency:percentile(99),
-    e.connect + e.read + e.write + e.timeout + e.status))
-end
-"""
 APPEND_LUA = """
 wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/octet-stream"
@@ -98,46 +91,15 @@ request = function()
   return wrk.format("GET", paths[(i % #paths) + 1])
 end
 """
-PROOF_LUA = """
-math.randomseed(7)
-request = function()
-  return wrk.format("GET", string.format("/proof/%064x", math.random(0, {entries} - 1)))
-end
-"""
 
 
 
 
-@dataclass
-class Load:
-    """One wrk run: requests, seconds, latency percentiles (ms), failed requests."""
-
-    requests: int
-    seconds: float
-    p50: float
-    p99: float
-    errors: int
-
-    @property
-    def rps(self) -> float:
-        return self.requests / self.seconds if self.seconds else 0.0
 
 
-def wrk(url: str, lua: str, seconds: float, conns: int) -> Load:
-    """Drive `url` with wrk (one thread) and a Lua script; failures counted, not raised."""
-    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
-        f.write(lua + DONE_LUA)
-    try:
-        out = subprocess.run(["wrk", "-t1", f"-c{conns}", f"-d{seconds:g}s", "--timeout", "10s",
-                              "-s", f.name, url],
-                             capture_output=True, text=True, timeout=seconds + 60)
-    finally:
-        os.unlink(f.name)
-    m = re.search(r"^RESULT (\d+) (\d+) (\d+) (\d+) (\d+)$", out.stdout, re.M)
-    if m is None:
-        raise RuntimeError(f"wrk failed: {out.stdout[-300:]} {out.stderr[-300:]}")
-    n, micros, p50, p99, errors = map(int, m.groups())
-    return Load(n, micros / 1e6, p50 / 1000, p99 / 1000, errors)
+def wrk(url: str, lua: str, seconds: float, conns: int) -> Run:
+    """Drive `url` with wrk, one thread (bench/wrk.py)."""
+    return wrk_run(url, lua, seconds, conns, threads=1)
 
 
 # -- the PostgreSQL database of this run ------------------------------------------
@@ -255,9 +217,9 @@ def wait_size(url: str, size: int, timeout: float = 30.0) -> None:
 class Appends:
     """Appends alone; appends while readers read; the readers."""
 
-    alone: Load
-    loaded: Load
-    reads: Load
+    alone: Run
+    loaded: Run
+    reads: Run
 
 
 def append_figures(nodes: list[Node], token: str, seconds: float, run: str) -> Appends:
@@ -308,9 +270,9 @@ def replica_lag(seq: str, replica: str, token: str, samples: int) -> list[float]
     return out
 
 
-def combined(loads: list[Load]) -> Load:
+def combined(loads: list[Run]) -> Run:
     """Rounds of one load as one: total rate, median p50, worst p99, all errors."""
-    return Load(sum(x.requests for x in loads), sum(x.seconds for x in loads),
+    return Run(sum(x.requests for x in loads), sum(x.seconds for x in loads),
                 median([x.p50 for x in loads]), max(x.p99 for x in loads),
                 sum(x.errors for x in loads))
 
@@ -458,7 +420,7 @@ def takeover_rows(tmp: Path, schema: Callable[[str], str]) -> list[Row]:
 # -- 3. proof latency -------------------------------------------------------------
 
 def proof_figures(data: Path, database: str | None, entries: int,
-                  seconds: float) -> dict[str, Load]:
+                  seconds: float) -> dict[str, Run]:
     """Build a log of `entries` receipt-like entries, then GET /proof on each node."""
     nodes = start_nodes(data, 2 if database else 1, database)
     try:
