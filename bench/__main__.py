@@ -56,6 +56,8 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
+LITELLM_VENV = ROOT / ".bench-venv"
+"""LiteLLM's proxy for the gateway part's peer rows, when installed there (bench/gateway_overhead.py)."""
 sys.path.insert(0, str(ROOT))
 
 from bench import audit, batch_answer, gateway_overhead, tlog_append, tlog_replicas  # noqa: E402
@@ -221,6 +223,7 @@ def first_chunk_ms(client: httpx.Client, url: str, body: dict, headers: dict[str
 def gateway_rows(tmp: Path, seconds: float, samples: int, profile: float) -> list[Row]:
     """The demo provider directly against through the gateway: c=1, c=16, streaming."""
     demo = gateway_overhead.Demo(tmp / "demo")
+    litellm: gateway_overhead.LiteLLM | None = None
     try:
         ready = demo.ready
         direct = gateway_overhead.Target("direct", ready["provider"], "demo-chat-1", "unused",
@@ -230,9 +233,20 @@ def gateway_rows(tmp: Path, seconds: float, samples: int, profile: float) -> lis
         for t in (direct, gw):  # warm up connections, leases and caches
             gateway_overhead.wrk(t, 4, 1, tmp)
         side = [demo.pids[n] for n in ("shipper", "tlog", "witness")]
+        targets = [direct, gw]
+        if (LITELLM_VENV / "bin" / "litellm").exists():
+            try:
+                litellm = gateway_overhead.LiteLLM(LITELLM_VENV, ready["provider"],
+                                                   gateway_overhead.free_port(), tmp)
+            except RuntimeError as e:
+                print(f"bench: LiteLLM unavailable ({e}); no LiteLLM rows")
+            else:
+                targets.append(gateway_overhead.Target("litellm", litellm.url + "/v1",
+                                                       "demo-chat", litellm.key, litellm.pids()))
+                gateway_overhead.wrk(targets[-1], 4, 1, tmp)
         res, logging_cpu = {}, 0.0
         for c in (1, 16):
-            for t in (direct, gw):
+            for t in targets:
                 before = gateway_overhead.cpu_seconds(side)
                 res[(t.name, c)] = gateway_overhead.wrk(t, c, int(seconds), tmp)
                 if t is gw and c == 16:
@@ -250,6 +264,8 @@ def gateway_rows(tmp: Path, seconds: float, samples: int, profile: float) -> lis
         if profile:
             run_profiles(demo, gw, tmp, profile)
     finally:
+        if litellm is not None:
+            litellm.stop()
         demo.stop()
     d1, g1 = res[("direct", 1)], res[("gateway", 1)]
     d16, g16 = res[("direct", 16)], res[("gateway", 16)]
@@ -266,6 +282,19 @@ def gateway_rows(tmp: Path, seconds: float, samples: int, profile: float) -> lis
     rows.append(Row("CPU per call at c=16: gateway; shipper+tlog+witness",
                     f"{g16.cpu_ms:.3f} ms; {1000 * logging_cpu / max(g16.requests, 1):.3f} ms",
                     f"direct {d16.cpu_ms:.3f} ms", "", "(load-independent)", None))
+    if ("litellm", 1) in res:
+        l1, l16 = res[("litellm", 1)], res[("litellm", 16)]
+        rows += [
+            Row("LiteLLM proxy c=1: added p50", fmt(l1.p50_ms - d1.p50_ms, " ms"),
+                f"gateway {fmt(g1.p50_ms - d1.p50_ms, ' ms')}",
+                f"{(g1.p50_ms - d1.p50_ms) / max(l1.p50_ms - d1.p50_ms, 1e-9):.2f}x", "(peer)",
+                None),
+            Row("gateway c=16 (req/s) vs the LiteLLM proxy", f"{g16.rps:,.0f}",
+                f"LiteLLM {l16.rps:,.0f}", f"{g16.rps / max(l16.rps, 1e-9):.1f}x", "(peer)",
+                None),
+            Row("CPU per call at c=16: LiteLLM proxy", f"{l16.cpu_ms:.3f} ms", "", "",
+                "(load-independent)", None),
+        ]
     if errors:
         rows.append(Row("gateway failures", str(errors), "", "", "0", False))
     return rows
