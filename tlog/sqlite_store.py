@@ -53,6 +53,10 @@ lookup; both by `prefix`, confirmed against the entry."""
 OLD_TABLES = ("leaves", "lookup")
 """The indexes of logs written before the prefix tables; `migrate` replaces them."""
 
+WRITER_CACHE_KIB = 32768
+"""Page cache of the writing connection (SQLite's default is 2 MiB): the index pages a
+batch touches stay cached for the next one."""
+
 IN_LIST = 500
 """Prefixes looked up per query (SQLite limits the number of bound parameters)."""
 
@@ -104,6 +108,7 @@ class SQLiteStore:
         self._lock_fd = lock_exclusive(path.with_suffix(".lock"))
         try:
             self._db = connect_durable(path, SCHEMA)
+            self._db.execute(f"PRAGMA cache_size=-{WRITER_CACHE_KIB}")
             migrate(self._db)
         except BaseException:
             os.close(self._lock_fd)
@@ -203,8 +208,14 @@ class SQLiteStore:
                            ((key_prefix(k), ix) for k, ix in keys))
 
     def find_leaves(self, hashes: Sequence[bytes]) -> dict[bytes, int]:
-        with self._reading() as db:
-            return _held(db, hashes)
+        """Through the writing connection: its page cache, unlike the reading one's, stays
+        valid across its own commits, and the index pages it reads are those the next
+        `persist` writes."""
+        with self._lock:
+            try:
+                return _held(self._db, hashes)
+            except (sqlite3.Error, OSError) as e:
+                raise StorageError(f"{self._path.name}: read failed: {e}") from e
 
     def leaves_indexed(self) -> int:
         with self._reading() as db:
