@@ -91,3 +91,10 @@ def test_a_log_with_the_old_indexes_is_migrated_on_open(tmp_path):
     assert [r.index for r in answers] == [2, 0, 4]
     assert store.leaves_indexed() == 5
     store.close()
+
+
+def test_request_hashes_sharing_a_leading_run_get_different_prefixes():
+    """Structured request hashes (sequential, a common leading run) do not pile up on one
+    index key, which would make every GET /proof scan them all."""
+    keys_ = [f"{i:064x}" for i in range(1000)] + [f"{i:032x}{7:08x}{0:024x}" for i in range(1000)]
+    assert len({sqlite_store.key_prefix(k) for k in keys_}) == len(keys_)
