@@ -13,8 +13,8 @@ another, is refused with `LockHeld` before it reads or writes anything, so
 two `tlog serve` on one data dir can never both sequence.
 
 The two random-key indexes, the leaf index and the request-hash lookup, are
-keyed by the first 8 bytes of the hash as a signed integer (`prefix`), not
-by the whole hash: their rows are a third of the size, so a batch's inserts
+keyed by 8 bytes of a hash as a signed integer (`prefix` of the leaf hash,
+`key_prefix` of the request hash), not by the whole hash: their rows are a third of the size, so a batch's inserts
 dirty fewer pages and its COMMIT writes fewer. A prefix is not unique (64-bit
 prefix collisions take ~2^32 work to find), so nothing rests on it: every
 prefix hit is confirmed against the stored entry itself (its leaf hash, its
