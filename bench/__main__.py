@@ -338,12 +338,12 @@ def bulk_log(entries: int) -> Path:
     time), then the leaf index and lookup keys sorted by key, so the random-key
     indexes are built in one pass instead of page by page. The signed
     checkpoint is the one `recover` signs when the log is first opened (the
-    path a crash between persist and checkpoint takes). A tree whose schema has
-    no leaf index (older commits) gets none.
+    path a crash between persist and checkpoint takes). The index tables are
+    tlog/sqlite_store.py's prefix tables.
     """
     from tlog import keys, merkle, tiles
     from tlog.sequencer import Log
-    from tlog.sqlite_store import SQLiteStore
+    from tlog.sqlite_store import SQLiteStore, key_prefix, prefix
     from tlog.storage import lookup_key
 
     data = DATA / f"log-{entries}"
@@ -354,9 +354,8 @@ def bulk_log(entries: int) -> Path:
     t = time.perf_counter()
     store = SQLiteStore(data / "log.db")
     db = store._db  # noqa: SLF001 - the loader writes the tables the steps would
-    has_leaves = db.execute("SELECT 1 FROM sqlite_master WHERE name = 'leaves'").fetchone()
-    db.execute("CREATE TEMP TABLE new_leaves (hash BLOB, idx INTEGER)")
-    db.execute("CREATE TEMP TABLE new_keys (key TEXT, idx INTEGER)")
+    db.execute("CREATE TEMP TABLE new_leaves (prefix INTEGER, idx INTEGER)")
+    db.execute("CREATE TEMP TABLE new_keys (prefix INTEGER, idx INTEGER)")
     edge: dict[tuple[int, int], bytes] = {}
     step = 1 << 16
     for start in range(0, entries, step):
@@ -368,16 +367,16 @@ def bulk_log(entries: int) -> Path:
                        ((start + i, e) for i, e in enumerate(chunk)))
         db.executemany("INSERT OR REPLACE INTO tiles (level, idx, data) VALUES (?, ?, ?)",
                        ((lv, ix, d) for (lv, ix), d in edge.items()))
-        if has_leaves:
-            db.executemany("INSERT INTO new_leaves VALUES (?, ?)",
-                           ((h, start + i) for i, h in enumerate(hashes)))
+        db.executemany("INSERT INTO new_leaves VALUES (?, ?)",
+                       ((prefix(h), start + i) for i, h in enumerate(hashes)))
         db.executemany("INSERT INTO new_keys VALUES (?, ?)",
-                       ((lookup_key(e), start + i) for i, e in enumerate(chunk)))
+                       ((key_prefix(lookup_key(e)), start + i) for i, e in enumerate(chunk)))
         db.execute("COMMIT")
     db.execute("BEGIN")
-    if has_leaves:
-        db.execute("INSERT INTO leaves (hash, idx) SELECT hash, idx FROM new_leaves ORDER BY hash")
-    db.execute("INSERT INTO lookup (key, idx) SELECT key, idx FROM new_keys ORDER BY key, idx")
+    db.execute("INSERT INTO leaf_prefixes (prefix, idx) "
+               "SELECT prefix, idx FROM new_leaves ORDER BY prefix, idx")
+    db.execute("INSERT INTO lookup_prefixes (prefix, idx) "
+               "SELECT prefix, idx FROM new_keys ORDER BY prefix, idx")
     db.execute("DROP TABLE new_leaves")
     db.execute("DROP TABLE new_keys")
     db.execute("COMMIT")

@@ -147,7 +147,7 @@ def test_a_log_from_before_the_leaf_index_gets_it_on_open(tmp_path, request, ope
 
         def raw(sql: str, params: tuple) -> None:
             db.execute(sql, params)
-        prefix = ""
+        leaf_index = "leaf_prefixes"
     else:
         db = psycopg.connect(request.getfixturevalue("pg_url"), autocommit=True)
 
@@ -155,8 +155,8 @@ def test_a_log_from_before_the_leaf_index_gets_it_on_open(tmp_path, request, ope
             for table in ("entries", "tiles", "checkpoints"):
                 sql = sql.replace(f" {table} ", f" tlog_{table} ")
             db.execute(sql.replace("?", "%s"), params)
-        prefix = "tlog_"
-    raw(f"DROP TABLE {prefix}leaves", ())
+        leaf_index = "tlog_leaves"
+    raw(f"DROP TABLE {leaf_index}", ())
     store.close()
     store = open_store()  # the table comes back, empty: the old log
     for entry in (b"b", b"b", b"d"):  # the old version logged b three times

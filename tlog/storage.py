@@ -49,6 +49,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+import orjson
+
 from tlog import checkpoint, merkle, note, tiles
 
 STEPS = ("sequence", "persist", "checkpoint")
@@ -134,11 +136,19 @@ class Storage(Protocol):
 
 
 def lookup_key(entry: bytes) -> str | None:
-    """The request hash of a receipt entry (JSON with a hex `request_hash`), else None."""
+    """The request hash of a receipt entry (JSON with a hex `request_hash`), else None.
+
+    Parsed by orjson; what orjson refuses (NaN, lone surrogates, UTF-16...) is parsed
+    by `json` as before, so the answer is always the one `json.loads` gives.
+    """
     if not entry.startswith(b"{") or b'"request_hash"' not in entry:
         return None
     try:
-        value = json.loads(entry).get("request_hash")
+        try:
+            doc = orjson.loads(entry)
+        except orjson.JSONDecodeError:
+            doc = json.loads(entry)
+        value = doc.get("request_hash")
     except (ValueError, UnicodeDecodeError, AttributeError):
         return None
     if isinstance(value, str) and HEX64.fullmatch(value):
