@@ -5,9 +5,12 @@ whatever order nodes are asked in."""
 from __future__ import annotations
 
 import random
+import tempfile
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tlog import merkle, note, proof, tiles
 from tlog.sequencer import Log
@@ -89,3 +92,39 @@ def test_add_many_answers_each_entry_in_order_like_add(tmp_path: Path) -> None:
 
     asyncio.run(go())
     store.close()
+
+
+def _receipt(i: int) -> bytes:
+    return b'{"request_hash": "%064x"}' % i
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.integers(1, 700), min_size=1, max_size=3), st.randoms(use_true_random=False))
+def test_paths_and_served_proofs_equal_the_definition(batches: list[int],
+                                                      rnd: random.Random) -> None:
+    """Log.inclusion (a full leaf tile's path from the node cache or one tile read) and
+    proof_for (the served head's right edge memoized) give RFC 9162's PATH and the old
+    tlog-proof text byte for byte, under every head, warm cache or cold, as the served
+    head moves (and the memo must be thrown away)."""
+    with tempfile.TemporaryDirectory() as d:
+        store = SQLiteStore(Path(d) / "log.db")
+        log = Log(store, note.generate_signer("test.example/paths"))
+        entries: list[bytes] = []
+        heads = []
+        for n in batches:
+            chunk = [_receipt(len(entries) + i) for i in range(n)]
+            heads.append(log._commit(chunk)[0])
+            entries += chunk
+        leaves = [merkle.leaf_hash(e) for e in entries]
+        for head in rnd.sample(heads, len(heads)) + heads:  # any order: the memo follows
+            log.served = head
+            size = head.size
+            wanted = [0, size - 1, min(size - 1, 255), min(size - 1, 256),
+                      (size - 1) & -256] + [rnd.randrange(size) for _ in range(12)]
+            for i in wanted:
+                want = tuple(merkle.inclusion_proof(i, size, leaves))
+                assert log.inclusion(i, head) == want
+                text = log.proof_for(f"{i:064x}")
+                assert text == proof.TlogProof(i, want, head.note, entries[i]).format()
+            assert log.proof_for(f"{size:064x}") is None  # held by a later head only
+        store.close()

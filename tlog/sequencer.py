@@ -159,6 +159,9 @@ class Log:
         self._tiles = _Cache(4096)
         self._nodes = _Cache(1 << 18)
         self._bundles = _Cache(1024)
+        self._edge: tuple[tuple[int, bytes], dict[tuple[int, int], bytes]] = ((0, b""), {})
+        """(size, root) of the last head single proofs were served against, and its
+        right-edge memo (`_edge_memo`)."""
         self._cache_lock = threading.Lock()
         self._commit_lock = threading.Lock()
         self._generation = 0
@@ -292,14 +295,55 @@ class Log:
     def inclusion(self, index: int, head: Head,
                   memo: dict[tuple[int, int], bytes] | None = None) -> tuple[bytes, ...]:
         """The inclusion path of entry `index` under `head`, leaf side first."""
-        return tuple(merkle.prove_inclusion(index, head.size, self.node, memo))
+        node = self.node
+        if index | (tiles.WIDTH - 1) < head.size:  # its leaf tile is full under `head`
+            low = self._tile_path(index)
+
+            def node(level: int, i: int) -> bytes:
+                h = low.get((level, i))
+                return self.node(level, i) if h is None else h
+
+        return tuple(merkle.prove_inclusion(index, head.size, node, memo))
+
+    def _tile_path(self, index: int) -> dict[tuple[int, int], bytes]:
+        """The 8 nodes of the inclusion path of leaf `index` inside its full leaf tile:
+        (level, (index >> level) ^ 1) for levels 0..7, each from the node cache or hashed up
+        from the tile (read once) and cached, as `node` would give it."""
+        out: dict[tuple[int, int], bytes] = {}
+        tile = b""
+        base = index & -tiles.WIDTH
+        for level in range(tiles.HEIGHT):
+            key = (level, (index >> level) ^ 1)
+            h = self._nodes.get(key)
+            if h is None:
+                if not tile:
+                    tile = self.read_tile(0, index >> tiles.HEIGHT)
+                    if len(tile) != tiles.TILE_BYTES:
+                        raise tiles.TileError("leaf tile too short for a full tile's path")
+                first = (key[1] << level) - base
+                h = tiles.run_root(tile[first * merkle.HASH_SIZE:
+                                        (first + (1 << level)) * merkle.HASH_SIZE])
+                self._nodes.put(key, h)
+            out[key] = h
+        return out
 
     def proof_for(self, request_hash: str) -> bytes | None:
         """tlog-proof of the newest receipt with that request hash, if served."""
         index = self.store.lookup(request_hash)
-        if index is None or index >= self.served.size:
+        head = self.served
+        if index is None or index >= head.size:
             return None
-        return self.prove(index, self._entries(index, index + 1)[0])
+        return self.prove(index, self._entries(index, index + 1)[0], head, self._edge_memo(head))
+
+    def _edge_memo(self, head: Head) -> dict[tuple[int, int], bytes]:
+        """The memo of `head`'s right edge, shared by every proof against it: merkle.range_hash
+        keeps only incomplete ranges in it, all ending at `head.size` (O(log size) hashes).
+        A fresh one for another head, so it holds one head's edge only."""
+        tree, memo = self._edge
+        if tree != (head.size, head.root):
+            memo = {}
+            self._edge = ((head.size, head.root), memo)
+        return memo
 
     # -- what is served ----------------------------------------------------
 
