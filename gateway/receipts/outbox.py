@@ -27,10 +27,9 @@ Invariants:
 
 Bounded disk (docs/reliability.md):
 - The write-ahead log of each file is folded back in the background every
-  CHECKPOINT_EVERY seconds (often enough that under a steady load it is reused
-  from its start long before it reaches its limit) and, once it passes
-  `WAL_LIMIT`, truncated by its writer between two transactions, so it cannot
-  grow under a steady load whose readers never let a passive checkpoint finish.
+  second and, once it passes `WAL_LIMIT`, truncated by its writer between two
+  transactions, so it cannot grow under a steady load whose readers never let a
+  passive checkpoint finish.
 - A receipt is pruned (deleted with its acknowledgement) only once it is logged
   and older than the retention, or sooner, oldest first, while the outbox is
   past its alarm level. A receipt the log has not acknowledged is never
@@ -68,7 +67,6 @@ from tlog import proof
 OUTBOX_FILE = "outbox.sqlite3"
 LEDGER_FILE = "ledger.sqlite3"
 WAL_LIMIT = 4 << 20  # bytes of write-ahead log past which the writer truncates it (at most)
-CHECKPOINT_EVERY = 0.1  # seconds between background (passive) checkpoints
 MAX_BYTES = 1 << 30  # default hard bound on the bytes the outbox and ledger use
 RETENTION = 7 * 86400  # default seconds a logged receipt stays readable by its owner
 ALARM = 0.8  # fraction of max_bytes past which the outbox is "near its bound"
@@ -235,11 +233,10 @@ class _Writer:
             self._thread.start()
 
     def _checkpoint(self) -> None:
-        """Fold the WAL into the database every CHECKPOINT_EVERY seconds, on this thread's
-        own connection (off the event loop: the writer then rarely has to truncate)."""
+        """Fold the WAL into the database every second, on this thread's own connection."""
         conn = sqlite3.connect(self.path, isolation_level=None)
         try:
-            while not self._closing.wait(CHECKPOINT_EVERY):
+            while not self._closing.wait(1.0):
                 with contextlib.suppress(sqlite3.Error):  # a full disk: next second
                     conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
         finally:

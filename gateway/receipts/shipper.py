@@ -31,7 +31,7 @@ Invariants:
   arrive meanwhile wait for the next one, so under load the batches grow with
   the log's answer time (the log, its witnesses and this checker work per
   batch, not per receipt: at 16 clients on the demo, one batch in flight
-  instead of one per poll cut their CPU per receipt by a fifth), while an idle
+  instead of one per poll cut their CPU per receipt by about a fifth), while an idle
   shipper still posts a lone receipt at once. The singles a batch leaves over
   (retried forever) do not hold the batch slot, so they cannot stall batching.
 """
