@@ -246,6 +246,8 @@ class FakeLog:
         self.batch_refusals = batch_refusals  # serve /add-batch, acknowledging no entry
         self.old_batches = old_batches  # serve /add-batch, each answer as /add's (no compact)
         self.batch_accepts: list[str] = []  # the Accept header of each /add-batch
+        self.batch_delay = 0.0  # seconds each (old-style) /add-batch takes
+        self.batches_in_flight = self.most_batches_in_flight = 0
         self.witness = witness
         self.cosign = True
         self.signer = note.generate_signer("fake.log/test")
@@ -290,6 +292,12 @@ class FakeLog:
         if request.headers.get("Authorization") != f"Bearer {self.token}":
             return web.Response(status=401)
         self.batch_accepts.append(request.headers.get("Accept", ""))
+        self.batches_in_flight += 1
+        self.most_batches_in_flight = max(self.most_batches_in_flight, self.batches_in_flight)
+        try:
+            await asyncio.sleep(self.batch_delay)
+        finally:
+            self.batches_in_flight -= 1
         start = len(self.entries)
         for entry in tiles.decode_bundle(await request.read()):
             self.entries.append(entry)

@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from gateway.receipts.outbox import Outbox
-from gateway.receipts.shipper import ProofChecker, ShipError, Shipper
+from gateway.receipts.shipper import BATCHES_IN_FLIGHT, ProofChecker, ShipError, Shipper
 from tests.test_gateway_fakes import FakeLog
 from tests.tlogutil import start_tlog, stop
 from tlog import batch, checkpoint, merkle, note, proof
@@ -231,3 +231,35 @@ def test_a_log_ignoring_the_compact_ask_gets_its_old_answers_read(tmp_path: Path
         p = proof.parse(r.proof.encode())
         assert p.extra == r.entry and p.index == r.log_index
         proof.check_inclusion(p, checkpoint.open(p.checkpoint, verifier)[0])
+
+
+def test_batches_in_flight_are_bounded_so_receipts_arriving_meanwhile_share_one(
+        tmp_path: Path) -> None:
+    async def run() -> tuple[Shipper, FakeLog, list]:
+        log = FakeLog(old_batches=True)
+        log.batch_delay = 0.05
+        await log.start()
+        ob = Outbox(tmp_path / "gw")
+        sh = Shipper(tmp_path / "gw", log.url, log.token, log.vkey, concurrency=16)
+        await sh.start()
+        try:
+            for i in range(200):  # receipts keep arriving while batches are slow
+                await ob.put(f"{i:032x}", f"{i:064x}",
+                             json.dumps({"request_hash": f"{i:064x}"}).encode())
+                if i % 10 == 9:
+                    await asyncio.sleep(0.005)
+            for _ in range(600):
+                if ob.counts()[1] == 0:
+                    break
+                await asyncio.sleep(0.02)
+            return sh, log, [ob.get(f"{i:032x}") for i in range(200)]
+        finally:
+            await sh.close()
+            ob.close()
+            await log.stop()
+
+    sh, log, rows = asyncio.run(run())
+    assert 1 <= log.most_batches_in_flight <= BATCHES_IN_FLIGHT
+    assert sh.shipped == 200 and len(log.entries) == 200  # all logged, none twice
+    assert all(r is not None and r.log_index is not None for r in rows)
+    assert len(log.batch_accepts) <= 40  # 200 receipts in few batches, not one per poll

@@ -7,7 +7,8 @@ keys and workload identity from the dstack guest agent (`[dstack] endpoint`);
 make sure the keyset entry is in the log (gateway/receipts/keysets.py: reused
 from the data directory, or appended; until then nothing is served: connections
 wait in the backlog and /healthz does not answer); open the outbox; start the shipper process (`python -m gateway.receipts.shipper`, which
-dies with the gateway); serve the ASGI app with uvicorn (uvloop, httptools).
+dies with the gateway); serve the ASGI app with uvicorn (uvloop, httptools),
+its connections corked (gateway/api/cork.py: a whole answer in one write).
 When listening, one JSON line goes to stdout: `{"gateway": URL,
 "receipt_signing_key": B64, "keyset_hash": HEX, "keyset_index": INT,
 "tls_spki_sha256": HEX}` plus `"gateway_tls": URL` with `--tls-listen`.
@@ -47,6 +48,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from gateway.api import config as gconfig
+from gateway.api.cork import corked
 from gateway.api.health import Check, Readiness, agent_probe, log_probe, redis_probe
 from gateway.api.routes import now_rfc3339
 from gateway.identity.keys import GatewayKeys
@@ -336,12 +338,14 @@ async def serve(cfg: gconfig.Config, sock: socket.socket, stop: StopSignal, *,
                 shipper = start_shipper(cfg)
 
     def server(app: Any, with_tls: bool, lifespan: str) -> uvicorn.Server:
-        return uvicorn.Server(uvicorn_config(
+        config = uvicorn_config(
             app, cfg.server, lifespan=lifespan, loop="none", log_config=None,
             access_log=False, log_level="warning", timeout_graceful_shutdown=5,
             proxy_headers=False, server_header=False,
             ssl_certfile=str(cert) if with_tls else None,
-            ssl_keyfile=str(key) if with_tls else None))
+            ssl_keyfile=str(key) if with_tls else None)
+        config.http = corked(config.http)  # a whole answer's head and body in one write
+        return uvicorn.Server(config)
 
     watch = asyncio.create_task(watchdog())
     try:
