@@ -7,6 +7,14 @@ entries equals the signed root; and the tree extends the state saved by the
 previous run (consistency, checked from the saved compact range). Memory is
 O(log n) for the tree plus two rows of tiles in flight (one checked while the next
 is fetched), never the whole log.
+
+Hashing is most of the work and holds the GIL, so a long audit on two CPUs hands
+the later part of the full leaf tiles to a second process (`_SecondProcess`),
+which answers their roots; the parent checks its own part first and then takes
+the helper's roots, so the verdict, and the reason of the first bad tile, are
+those of one process. Bundles are hashed in one pass of slices
+(`bundle_leaf_hashes`), never split into a list of entries unless `on_entry`
+wants them.
 """
 
 from __future__ import annotations
@@ -17,6 +25,9 @@ import contextlib
 import hashlib
 import http.client
 import json
+import multiprocessing
+import multiprocessing.connection
+import os
 import ssl
 import sys
 import threading
@@ -33,6 +44,10 @@ TIMEOUT = 30.0
 """Seconds a fetch may wait on its connection."""
 MAX_BODY = tiles.WIDTH * (tiles.MAX_ENTRY + 2)
 """The largest resource a log can serve: a full bundle of the largest entries."""
+ROW = 64
+"""Leaf tiles fetched together; two rows are in memory at a time."""
+SECOND_PROCESS_FROM = 1024
+"""Full leaf tiles (262,144 entries) from which a second process pays for its start."""
 
 
 class AuditError(Exception):
@@ -185,11 +200,15 @@ async def audit(
     progress: Callable[[int, int], None] | None = None,
     on_entry: Callable[[int, bytes], None] | None = None,
     on_checkpoint: Callable[[checkpoint.Checkpoint], None] | None = None,
+    second_process_from: int = SECOND_PROCESS_FROM,
 ) -> State:
     """Verify the log; returns the new state. Raises AuditError with the reason.
 
     `on_checkpoint` gets the verified checkpoint being audited before any `on_entry`
-    (the entries are then proven against it only when the audit returns)."""
+    (the entries are then proven against it only when the audit returns). With at
+    least `second_process_from` full leaf tiles to check, no `on_entry` and two
+    CPUs, a second process fetches and checks the later part of them (see
+    `_SecondProcess`); the verdict and its reason are those of one process."""
     cp_note = await fetcher.get("checkpoint")
     try:
         w = cosignature.verify_witnessed(cp_note, log_verifier, list(witnesses), quorum)
@@ -208,40 +227,39 @@ async def audit(
         if 0 < state.size < cp.size:
             await _check_extends(fetcher, state, cp.size)
     builder = _builder_from(state) if state is not None and state.size else merkle.Builder()
-    start = builder.size
     # level 0 first: entries against leaf tiles, streamed a row of bundles at a time
     roots: dict[int, bytes] = {}  # roots of full level-0 tiles checked in this run
-    row = 64
-    first_tile = start // tiles.WIDTH
+    first_tile = builder.size // tiles.WIDTH
     last_tile = (cp.size + tiles.WIDTH - 1) // tiles.WIDTH
-    rows = [[(n, min(tiles.WIDTH, cp.size - n * tiles.WIDTH))
-             for n in range(base, min(base + row, last_tile))]
-            for base in range(first_tile, last_tile, row)]
+    full_end = cp.size // tiles.WIDTH  # the tiles from the first whole one up to here are full
 
-    def fetch(paths: list[tuple[int, int]]) -> asyncio.Future[list[bytes]]:
-        """The row's bundles and leaf tiles, interleaved: bundle, tile, bundle, ..."""
-        return asyncio.ensure_future(fetcher.get_many(
-            [p for n, w in paths for p in (tiles.entries_path(n, w), tiles.path(0, n, w))]))
+    def check(n: int, width: int, bundle: bytes, tile: bytes) -> None:
+        root = _check_leaf_tile(n, width, bundle, tile, builder, on_entry)
+        if root is not None:
+            roots[n] = root
 
-    ahead = fetch(rows[0]) if rows else None  # the next row is fetched while one is checked
-    try:
-        for k, paths in enumerate(rows):
-            if ahead is None:  # fetch(rows[k]) was started for every row
-                break
-            datas = await ahead
-            ahead = fetch(rows[k + 1]) if k + 1 < len(rows) else None
-            for k2, (n, width) in enumerate(paths):
-                root = _check_leaf_tile(n, width, datas[2 * k2], datas[2 * k2 + 1], builder,
-                                        on_entry)
-                if root is not None:
-                    roots[n] = root
+    whole = first_tile + (1 if builder.size % tiles.WIDTH else 0)
+    helper = None
+    if on_entry is None and full_end - whole >= second_process_from and _cpus() >= 2:
+        mid = whole + (full_end - whole) * 11 // 20  # the helper starts ~0.2 s later
+        helper = _SecondProcess.start(fetcher.base, mid, full_end)
+    if helper is None:
+        await _leaf_rows(fetcher, cp.size, first_tile, last_tile, check, progress)
+    else:
+        try:
+            await _leaf_rows(fetcher, cp.size, first_tile, mid, check, progress)
+            theirs = await helper.roots()
+        finally:
+            helper.stop()
+        if theirs is None:  # the helper could not finish (killed, out of memory): do it here
+            await _leaf_rows(fetcher, cp.size, mid, full_end, check, progress)
+        else:
+            for n, root in zip(range(mid, full_end), theirs, strict=True):
+                builder.append_subtree(root, tiles.HEIGHT)
+                roots[n] = root
             if progress is not None:
-                progress(min(cp.size, (paths[-1][0] + 1) * tiles.WIDTH), cp.size)
-    finally:
-        if ahead is not None:
-            ahead.cancel()
-            with contextlib.suppress(asyncio.CancelledError, AuditError):
-                await ahead
+                progress(full_end * tiles.WIDTH, cp.size)
+        await _leaf_rows(fetcher, cp.size, full_end, last_tile, check, progress)
     if builder.size != cp.size:
         raise AuditError(f"entries stop at {builder.size}, checkpoint says {cp.size}")
     if builder.root() != cp.root_hash:
@@ -249,6 +267,121 @@ async def audit(
     await _check_upper_tiles(fetcher, cp.size, roots)
     return State(cp.origin, cp.size, cp.root_hash, list(builder._stack),  # noqa: SLF001
                  w.cosigners)
+
+
+async def _leaf_rows(fetcher: Fetcher, size: int, lo: int, hi: int,
+                     each: Callable[[int, int, bytes, bytes], None],
+                     progress: Callable[[int, int], None] | None) -> None:
+    """Fetch leaf tiles [lo, hi) of a tree of `size` leaves with their entry bundles, a
+    row at a time (the next row while one is checked); each(n, width, bundle, tile)
+    in tile order. Memory: two rows."""
+    rows = [[(n, min(tiles.WIDTH, size - n * tiles.WIDTH)) for n in range(base, min(base + ROW, hi))]
+            for base in range(lo, hi, ROW)]
+
+    def fetch(paths: list[tuple[int, int]]) -> asyncio.Future[list[bytes]]:
+        """The row's bundles and leaf tiles, interleaved: bundle, tile, bundle, ..."""
+        return asyncio.ensure_future(fetcher.get_many(
+            [p for n, w in paths for p in (tiles.entries_path(n, w), tiles.path(0, n, w))]))
+
+    ahead = fetch(rows[0]) if rows else None
+    try:
+        for k, paths in enumerate(rows):
+            if ahead is None:  # fetch(rows[k]) was started for every row
+                break
+            datas = await ahead
+            ahead = fetch(rows[k + 1]) if k + 1 < len(rows) else None
+            for i, (n, width) in enumerate(paths):
+                each(n, width, datas[2 * i], datas[2 * i + 1])
+            if progress is not None:
+                progress(min(size, (paths[-1][0] + 1) * tiles.WIDTH), size)
+    finally:
+        if ahead is not None:
+            ahead.cancel()
+            with contextlib.suppress(asyncio.CancelledError, AuditError):
+                await ahead
+
+
+def _cpus() -> int:
+    """CPUs this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+class _SecondProcess:
+    """A spawned process that fetches and checks full leaf tiles [first, stop) of the
+    log at `base` (its own connections or file reads) and answers their roots.
+
+    Hashing holds the GIL, so a second process is the only way to use a second CPU.
+    It answers over a pipe: ("roots", the roots concatenated) or ("error", the
+    AuditError's reason); nothing (it died, or hit anything but an AuditError)
+    makes `roots()` None and the caller checks those tiles itself, so the verdict
+    never depends on the helper running. The parent checks the tiles below `first`
+    before it asks, so the first bad tile is the one reported, as in one process.
+    """
+
+    def __init__(self, proc: multiprocessing.process.BaseProcess,
+                 recv: multiprocessing.connection.Connection) -> None:
+        self._proc, self._recv = proc, recv
+
+    @classmethod
+    def start(cls, base: str, first: int, stop: int) -> _SecondProcess | None:
+        """The running helper, or None when no process can be started."""
+        ctx = multiprocessing.get_context("spawn")
+        recv, send = ctx.Pipe(duplex=False)
+        proc = ctx.Process(target=_second_process_main, args=(base, first, stop, send),
+                           name="audit-hash", daemon=True)
+        try:
+            proc.start()
+        except OSError:
+            recv.close()
+            return None
+        finally:
+            send.close()
+        return cls(proc, recv)
+
+    async def roots(self) -> list[bytes] | None:
+        """The roots of its tiles in order; AuditError with its reason; None if it died."""
+        try:
+            kind, value = await asyncio.to_thread(self._recv.recv)
+        except (EOFError, OSError):
+            return None
+        if kind == "error":
+            raise AuditError(value)
+        return [value[i : i + 32] for i in range(0, len(value), 32)]
+
+    def stop(self) -> None:
+        """End the helper (at once if it is still working) and reap it."""
+        if self._proc.is_alive():
+            self._proc.terminate()
+        self._proc.join()
+        self._recv.close()
+
+
+def _second_process_main(base: str, first: int, stop: int,
+                         send: multiprocessing.connection.Connection) -> None:
+    """The helper's body: roots of full leaf tiles [first, stop), or the AuditError."""
+    out: list[bytes] = []
+
+    def check(n: int, width: int, bundle: bytes, tile: bytes) -> None:
+        _check_leaf_hashes(n, width, bundle, tile, want_entries=False)
+        out.append(tiles.run_root(tile))
+
+    async def run() -> None:
+        fetcher = Fetcher(base)
+        try:
+            await _leaf_rows(fetcher, stop * tiles.WIDTH, first, stop, check, None)
+        finally:
+            await fetcher.close()
+
+    try:
+        asyncio.run(run())
+        send.send(("roots", b"".join(out)))
+    except AuditError as e:
+        send.send(("error", str(e)))
+    finally:
+        send.close()
 
 
 async def _check_extends(fetcher: Fetcher, state: State, size: int) -> None:
@@ -301,14 +434,12 @@ def bundle_leaf_hashes(bundle: bytes, width: int) -> bytes | None:
     return b"".join(out) if i == len(bundle) else None
 
 
-def _check_leaf_tile(n: int, width: int, bundle: bytes, tile: bytes, builder: merkle.Builder,
-                     on_entry: Callable[[int, bytes], None] | None) -> bytes | None:
-    """Check one entry bundle against its level-0 tile and feed the builder.
-
-    Returns the tile's root when the tile is full (for the level above).
-    """
+def _check_leaf_hashes(n: int, width: int, bundle: bytes, tile: bytes, *,
+                       want_entries: bool) -> list[bytes]:
+    """AuditError unless entry bundle n holds `width` entries whose leaf hashes are
+    level-0 tile n; returns the entries if wanted (else [])."""
     bpath, tpath = tiles.entries_path(n, width), tiles.path(0, n, width)
-    hashes = bundle_leaf_hashes(bundle, width) if on_entry is None else None
+    hashes = None if want_entries else bundle_leaf_hashes(bundle, width)
     entries: list[bytes] = []
     if hashes is None:  # the entries are wanted, or the bundle is bad: say how
         try:
@@ -324,6 +455,16 @@ def _check_leaf_tile(n: int, width: int, bundle: bytes, tile: bytes, builder: me
     if hashes != tile:
         bad = next(i for i in range(width) if hashes[i * 32 : i * 32 + 32] != tile[i * 32 : i * 32 + 32])
         raise AuditError(f"{bpath}: entry {n * tiles.WIDTH + bad} does not match its hash in {tpath}")
+    return entries
+
+
+def _check_leaf_tile(n: int, width: int, bundle: bytes, tile: bytes, builder: merkle.Builder,
+                     on_entry: Callable[[int, bytes], None] | None) -> bytes | None:
+    """Check one entry bundle against its level-0 tile and feed the builder.
+
+    Returns the tile's root when the tile is full (for the level above).
+    """
+    entries = _check_leaf_hashes(n, width, bundle, tile, want_entries=on_entry is not None)
     first = n * tiles.WIDTH
     if on_entry is not None:
         for i, e in enumerate(entries):
