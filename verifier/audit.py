@@ -28,6 +28,7 @@ import json
 import multiprocessing
 import multiprocessing.connection
 import os
+import signal
 import ssl
 import sys
 import threading
@@ -361,7 +362,11 @@ class _SecondProcess:
 
 def _second_process_main(base: str, first: int, stop: int,
                          send: multiprocessing.connection.Connection) -> None:
-    """The helper's body: roots of full leaf tiles [first, stop), or the AuditError."""
+    """The helper's body: roots of full leaf tiles [first, stop), or the AuditError.
+
+    Any other failure sends nothing (the parent then checks these tiles and meets it
+    itself); Ctrl-C is the parent's to handle, which ends the helper."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     out: list[bytes] = []
 
     def check(n: int, width: int, bundle: bytes, tile: bytes) -> None:
@@ -377,9 +382,12 @@ def _second_process_main(base: str, first: int, stop: int,
 
     try:
         asyncio.run(run())
-        send.send(("roots", b"".join(out)))
     except AuditError as e:
         send.send(("error", str(e)))
+    except Exception:  # noqa: S110 - nothing sent is the signal: the parent redoes the tiles
+        pass
+    else:
+        send.send(("roots", b"".join(out)))
     finally:
         send.close()
 
