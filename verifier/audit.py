@@ -106,6 +106,7 @@ class Fetcher:
         self.local = None if base.startswith(("http://", "https://")) else \
             Path(base.removeprefix("file://"))
         self._url = urlsplit(self.base)
+        self._concurrency = concurrency
         self._pool = None if self.local else ThreadPoolExecutor(
             concurrency, thread_name_prefix="audit-fetch")
         self._conns: list[http.client.HTTPConnection] = []
@@ -123,7 +124,20 @@ class Fetcher:
         local = self.local
         if local is not None:
             return [_read_file(local, p) for p in paths]
-        return list(await asyncio.gather(*[self.get(p) for p in paths]))
+        # one worker call per connection, each fetching its share in turn: a hop
+        # between the loop and a thread per request cost as much as the request
+        k = min(self._concurrency, len(paths))
+        loop = asyncio.get_running_loop()
+        shares = await asyncio.gather(*[
+            loop.run_in_executor(self._pool, self._fetch_all, paths[i::k]) for i in range(k)])
+        out: list[bytes] = [b""] * len(paths)
+        for i, share in enumerate(shares):
+            out[i::k] = share
+        return out
+
+    def _fetch_all(self, paths: list[str]) -> list[bytes]:
+        """GET each of `paths` in turn on this thread's connection."""
+        return [self._fetch(p) for p in paths]
 
     def _connection(self) -> http.client.HTTPConnection:
         conn = getattr(self._local, "conn", None)
