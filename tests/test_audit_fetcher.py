@@ -173,3 +173,18 @@ def test_get_many_from_a_directory_reads_in_order_and_refuses_oversized_files(
         fetch_many(str(tmp_path), ["f1", "f4"])
     with pytest.raises(audit.AuditError, match=r"^f9: cannot read \(No such file"):
         fetch_many(str(tmp_path), ["f9"])
+
+
+def test_a_file_that_grows_while_read_is_read_whole(tmp_path, monkeypatch) -> None:
+    (tmp_path / "f").write_bytes(b"abc")
+    real_fstat = audit.os.fstat
+
+    def stale_fstat(fd: int):  # the size seen before the file grew
+        st = real_fstat(fd)
+        return type("Stat", (), {"st_size": st.st_size - 2})()
+
+    monkeypatch.setattr(audit.os, "fstat", stale_fstat)
+    assert fetch_many(str(tmp_path), ["f"]) == [b"abc"]
+    monkeypatch.setattr(audit, "MAX_BODY", 2)
+    with pytest.raises(audit.AuditError, match="larger than an entry bundle"):
+        fetch_many(str(tmp_path), ["f"])

@@ -188,7 +188,12 @@ def _read_file(root: Path, path: str) -> bytes:
     """The file root/path, refused past the largest resource (runs in a worker thread)."""
     try:
         with (root / path).open("rb") as f:
-            body = f.read(MAX_BODY + 1)
+            # a buffer of the file's size plus one byte, not of the limit: a read of
+            # MAX_BODY + 1 maps (and faults in) 16 MiB per file
+            size = os.fstat(f.fileno()).st_size
+            body = f.read(min(size, MAX_BODY) + 1)
+            if len(body) > size:  # it grew meanwhile: the rest, up to the limit
+                body += f.read(MAX_BODY + 1 - len(body))
     except OSError as e:
         raise AuditError(f"{path}: cannot read ({e.strerror})") from e
     if len(body) > MAX_BODY:
