@@ -9,6 +9,8 @@ import functools
 import http.server
 import os
 import signal
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -136,8 +138,8 @@ def test_a_helper_that_dies_leaves_its_tiles_to_the_parent(log, monkeypatch) -> 
     started = audit._SecondProcess.start  # noqa: SLF001
     killed: list[int] = []
 
-    def start_and_kill(base: str, first: int, stop: int) -> audit._SecondProcess | None:  # noqa: SLF001
-        helper = started(base, first, stop)
+    async def start_and_kill(base: str, first: int, stop: int) -> audit._SecondProcess | None:  # noqa: SLF001
+        helper = await started(base, first, stop)
         assert helper is not None
         pid = helper._proc.pid  # noqa: SLF001
         assert pid is not None
@@ -150,3 +152,23 @@ def test_a_helper_that_dies_leaves_its_tiles_to_the_parent(log, monkeypatch) -> 
     flip(d / "tile/0/017", 40)
     assert "entry 4353 " in reason(str(d), signer, 2)
     assert len(killed) == 2
+
+
+def test_a_helper_that_cannot_start_leaves_its_tiles_to_the_parent(log, monkeypatch) -> None:
+    d, signer = log
+    monkeypatch.setattr(audit.sys, "executable", "/nonexistent/python")
+    assert run(str(d), signer, 2).to_json() == run(str(d), signer, ONE_PROCESS).to_json()
+
+
+def test_the_helper_answers_roots_or_the_reason_on_stdout(log) -> None:
+    d, signer = log
+    one = subprocess.run([sys.executable, "-c", "from verifier.audit import _second_process_main "
+                          "as m; m(*__import__('sys').argv[1:])", str(d), "3", "5"],
+                         capture_output=True, check=True)
+    full = [tiles.run_root((d / tiles.path(0, n)).read_bytes()) for n in (3, 4)]
+    assert one.stdout == b"roots\n" + b"".join(full)
+    flip(d / "tile/entries/004", 40)
+    bad = subprocess.run([sys.executable, "-c", "from verifier.audit import _second_process_main "
+                          "as m; m(*__import__('sys').argv[1:])", str(d), "3", "5"],
+                         capture_output=True, check=True)
+    assert bad.stdout.startswith(b"error\ntile/entries/004: ")

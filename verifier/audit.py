@@ -25,8 +25,6 @@ import contextlib
 import hashlib
 import http.client
 import json
-import multiprocessing
-import multiprocessing.connection
 import os
 import signal
 import ssl
@@ -262,7 +260,7 @@ async def audit(
     helper = None
     if on_entry is None and full_end - whole >= second_process_from and _cpus() >= 2:
         mid = whole + (full_end - whole) * 11 // 20  # the helper starts ~0.2 s later
-        helper = _SecondProcess.start(fetcher.base, mid, full_end)
+        helper = await _SecondProcess.start(fetcher.base, mid, full_end)
     if helper is None:
         await _leaf_rows(fetcher, cp.size, first_tile, last_tile, check, progress)
     else:
@@ -270,7 +268,7 @@ async def audit(
             await _leaf_rows(fetcher, cp.size, first_tile, mid, check, progress)
             theirs = await helper.roots()
         finally:
-            helper.stop()
+            await helper.stop()
         if theirs is None:  # the helper could not finish (killed, out of memory): do it here
             await _leaf_rows(fetcher, cp.size, mid, full_end, check, progress)
         else:
@@ -330,61 +328,63 @@ def _cpus() -> int:
 
 
 class _SecondProcess:
-    """A spawned process that fetches and checks full leaf tiles [first, stop) of the
-    log at `base` (its own connections or file reads) and answers their roots.
+    """A second Python process that fetches and checks full leaf tiles [first, stop) of
+    the log at `base` (its own connections or file reads) and answers their roots.
 
     Hashing holds the GIL, so a second process is the only way to use a second CPU.
-    It answers over a pipe: ("roots", the roots concatenated) or ("error", the
-    AuditError's reason); nothing (it died, or hit anything but an AuditError)
-    makes `roots()` None and the caller checks those tiles itself, so the verdict
-    never depends on the helper running. The parent checks the tiles below `first`
-    before it asks, so the first bad tile is the one reported, as in one process.
+    It is a plain `python -c` of `_second_process_main` (not multiprocessing, which
+    would re-run the caller's main script in it) and answers on stdout: b"roots\n"
+    and the roots concatenated, or b"error\n" and the AuditError's reason. Any other
+    answer (it died, or hit anything but an AuditError) makes `roots()` None and the
+    caller checks those tiles itself, so the verdict never depends on the helper
+    running. The parent checks the tiles below `first` before it asks, so the first
+    bad tile is the one reported, as in one process.
     """
 
-    def __init__(self, proc: multiprocessing.process.BaseProcess,
-                 recv: multiprocessing.connection.Connection) -> None:
-        self._proc, self._recv = proc, recv
+    def __init__(self, proc: asyncio.subprocess.Process, count: int) -> None:
+        self._proc, self._count = proc, count
 
     @classmethod
-    def start(cls, base: str, first: int, stop: int) -> _SecondProcess | None:
+    async def start(cls, base: str, first: int, stop: int) -> _SecondProcess | None:
         """The running helper, or None when no process can be started."""
-        ctx = multiprocessing.get_context("spawn")
-        recv, send = ctx.Pipe(duplex=False)
-        proc = ctx.Process(target=_second_process_main, args=(base, first, stop, send),
-                           name="audit-hash", daemon=True)
-        try:
-            proc.start()
-        except OSError:
-            recv.close()
+        if not sys.executable:
             return None
-        finally:
-            send.close()
-        return cls(proc, recv)
+        code = ("import sys; sys.path.insert(0, sys.argv[1]); "
+                "from verifier.audit import _second_process_main as m; m(*sys.argv[2:])")
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-c", code, str(Path(__file__).resolve().parents[1]), base,
+                str(first), str(stop), stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
+        except OSError:
+            return None
+        return cls(proc, stop - first)
 
     async def roots(self) -> list[bytes] | None:
-        """The roots of its tiles in order; AuditError with its reason; None if it died."""
-        try:
-            kind, value = await asyncio.to_thread(self._recv.recv)
-        except (EOFError, OSError):
+        """The roots of its tiles in order; AuditError with its reason; None otherwise."""
+        out, _ = await self._proc.communicate()
+        kind, _, value = out.partition(b"\n")
+        if self._proc.returncode != 0:
             return None
-        if kind == "error":
-            raise AuditError(value)
+        if kind == b"error":
+            raise AuditError(value.decode(errors="replace"))
+        if kind != b"roots" or len(value) != self._count * merkle.HASH_SIZE:
+            return None
         return [value[i : i + 32] for i in range(0, len(value), 32)]
 
-    def stop(self) -> None:
+    async def stop(self) -> None:
         """End the helper (at once if it is still working) and reap it."""
-        if self._proc.is_alive():
-            self._proc.terminate()
-        self._proc.join()
-        self._recv.close()
+        if self._proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self._proc.kill()
+            await self._proc.wait()
 
 
-def _second_process_main(base: str, first: int, stop: int,
-                         send: multiprocessing.connection.Connection) -> None:
-    """The helper's body: roots of full leaf tiles [first, stop), or the AuditError.
-
-    Any other failure sends nothing (the parent then checks these tiles and meets it
-    itself); Ctrl-C is the parent's to handle, which ends the helper."""
+def _second_process_main(base: str, first: str, stop: str) -> None:
+    """The helper's body: roots of full leaf tiles [first, stop) of `base` on stdout, or
+    the AuditError's reason. Any other failure exits 1 with nothing on stdout (the
+    parent then checks these tiles and meets it itself); Ctrl-C is the parent's to
+    handle, which ends the helper."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     out: list[bytes] = []
 
@@ -395,20 +395,20 @@ def _second_process_main(base: str, first: int, stop: int,
     async def run() -> None:
         fetcher = Fetcher(base)
         try:
-            await _leaf_rows(fetcher, stop * tiles.WIDTH, first, stop, check, None)
+            await _leaf_rows(fetcher, int(stop) * tiles.WIDTH, int(first), int(stop), check, None)
         finally:
             await fetcher.close()
 
     try:
         asyncio.run(run())
     except AuditError as e:
-        send.send(("error", str(e)))
-    except Exception:  # noqa: S110 - nothing sent is the signal: the parent redoes the tiles
-        pass
+        answer = b"error\n" + str(e).encode()
+    except Exception:  # nothing on stdout is the signal: the parent checks these tiles
+        sys.exit(1)
     else:
-        send.send(("roots", b"".join(out)))
-    finally:
-        send.close()
+        answer = b"roots\n" + b"".join(out)
+    sys.stdout.buffer.write(answer)
+    sys.stdout.buffer.flush()
 
 
 async def _check_extends(fetcher: Fetcher, state: State, size: int) -> None:
