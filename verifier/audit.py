@@ -183,7 +183,7 @@ class Fetcher:
 
 
 def _read_file(root: Path, path: str) -> bytes:
-    """The file root/path, refused past the largest resource (runs in a worker thread)."""
+    """The file root/path, refused past the largest resource."""
     try:
         with (root / path).open("rb") as f:
             # a buffer of the file's size plus one byte, not of the limit: a read of
