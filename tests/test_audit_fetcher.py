@@ -128,3 +128,63 @@ def test_an_unreachable_log_is_an_audit_error() -> None:
         port = s.getsockname()[1]
     with pytest.raises(audit.AuditError):
         fetch_all(f"http://127.0.0.1:{port}", ["checkpoint"])
+
+
+def fetch_many(base: str, paths: list[str], concurrency: int = 3) -> list[bytes]:
+    async def go() -> list[bytes]:
+        f = audit.Fetcher(base, concurrency=concurrency)
+        try:
+            return await f.get_many(paths)
+        finally:
+            await f.close()
+    return asyncio.run(go())
+
+
+def test_get_many_answers_in_the_order_asked_on_warm_connections(server) -> None:
+    def reply(head: bytes) -> bytes:
+        path = head.split(b" ")[1]
+        return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(path), path)
+
+    base, accepted = server(reply)
+    for n in (1, 2, 7, 40):
+        paths = [f"tile/0/{i:03d}" for i in range(n)]
+        assert fetch_many(base, paths) == [b"/" + p.encode() for p in paths]
+    assert accepted[0] <= 3 * 4  # at most one connection per worker and call
+
+
+def test_get_many_refuses_when_any_answer_is_bad(server) -> None:
+    def reply(head: bytes) -> bytes:
+        if b"/tile/0/005" in head:
+            return b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n"
+        return b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+    base, _ = server(reply)
+    with pytest.raises(audit.AuditError, match=r"^tile/0/005: HTTP 404$"):
+        fetch_many(base, [f"tile/0/{i:03d}" for i in range(12)])
+
+
+def test_get_many_from_a_directory_reads_in_order_and_refuses_oversized_files(
+        tmp_path, monkeypatch) -> None:
+    for i in range(5):
+        (tmp_path / f"f{i}").write_bytes(b"x" * i)
+    assert fetch_many(str(tmp_path), [f"f{i}" for i in (3, 0, 4)]) == [b"xxx", b"", b"xxxx"]
+    monkeypatch.setattr(audit, "MAX_BODY", 3)
+    with pytest.raises(audit.AuditError, match=r"^f4: larger than an entry bundle can be$"):
+        fetch_many(str(tmp_path), ["f1", "f4"])
+    with pytest.raises(audit.AuditError, match=r"^f9: cannot read \(No such file"):
+        fetch_many(str(tmp_path), ["f9"])
+
+
+def test_a_file_that_grows_while_read_is_read_whole(tmp_path, monkeypatch) -> None:
+    (tmp_path / "f").write_bytes(b"abc")
+    real_fstat = audit.os.fstat
+
+    def stale_fstat(fd: int):  # the size seen before the file grew
+        st = real_fstat(fd)
+        return type("Stat", (), {"st_size": st.st_size - 2})()
+
+    monkeypatch.setattr(audit.os, "fstat", stale_fstat)
+    assert fetch_many(str(tmp_path), ["f"]) == [b"abc"]
+    monkeypatch.setattr(audit, "MAX_BODY", 2)
+    with pytest.raises(audit.AuditError, match="larger than an entry bundle"):
+        fetch_many(str(tmp_path), ["f"])
