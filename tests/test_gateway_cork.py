@@ -40,20 +40,39 @@ class Recording(asyncio.Transport):
         return 0
 
 
-def test_writes_of_one_loop_turn_leave_as_one_write_in_order() -> None:
+def test_a_head_leaves_joined_with_the_next_write_and_other_writes_at_once() -> None:
     async def run() -> list[bytes]:
         inner = Recording()
         t = CorkedTransport(inner, asyncio.get_running_loop())
         t.write(b"HTTP/1.1 200 OK\r\n\r\n")
         t.write(b"")
+        assert inner.writes == [] and t.get_write_buffer_size() == 19
         t.writelines([bytearray(b"body"), memoryview(b"!")])
-        assert inner.writes == [] and t.get_write_buffer_size() == 24
-        await asyncio.sleep(0)
-        t.write(b"next turn")
+        assert inner.writes == [b"HTTP/1.1 200 OK\r\n\r\nbody", b"!"]
+        t.write(b"HTTP/1.1 204 No Content\r\n\r\n")  # nothing follows it in this turn
+        assert len(inner.writes) == 2
         await asyncio.sleep(0)
         return inner.writes
 
-    assert asyncio.run(run()) == [b"HTTP/1.1 200 OK\r\n\r\nbody!", b"next turn"]
+    assert asyncio.run(run())[2:] == [b"HTTP/1.1 204 No Content\r\n\r\n"]
+
+
+def test_a_streams_events_are_not_held_while_the_writer_keeps_the_loop() -> None:
+    """The gateway relays buffered upstream chunks without yielding: each leaves at once."""
+    async def run() -> list[bytes]:
+        inner = Recording()
+        t = CorkedTransport(inner, asyncio.get_running_loop())
+        t.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for i in range(3):
+            t.write(b"9\r\ndata: %d\n\n\r\n" % i)
+        writes = list(inner.writes)
+        await asyncio.sleep(0)
+        assert inner.writes == writes
+        return writes
+
+    writes = asyncio.run(run())
+    assert len(writes) == 3 and writes[0].endswith(b"data: 0\n\n\r\n")
+    assert writes[1:] == [b"9\r\ndata: 1\n\n\r\n", b"9\r\ndata: 2\n\n\r\n"]
 
 
 def test_close_sends_what_is_held_first_and_abort_drops_it() -> None:
@@ -61,9 +80,9 @@ def test_close_sends_what_is_held_first_and_abort_drops_it() -> None:
         loop = asyncio.get_running_loop()
         closed, aborted = Recording(), Recording()
         a, b = CorkedTransport(closed, loop), CorkedTransport(aborted, loop)
-        a.write(b"last words")
+        a.write(b"HTTP/1.1 200 OK\r\n\r\n")  # held: a head
         a.close()
-        b.write(b"never sent")
+        b.write(b"HTTP/1.1 500 Oops\r\n\r\n")
         b.abort()
         await asyncio.sleep(0)
         a.write(b"after close")  # dropped, as a closed transport drops it
@@ -71,7 +90,7 @@ def test_close_sends_what_is_held_first_and_abort_drops_it() -> None:
         return closed, aborted
 
     closed, aborted = asyncio.run(run())
-    assert closed.events == ["write", "close"] and closed.writes == [b"last words"]
+    assert closed.events == ["write", "close"] and closed.writes == [b"HTTP/1.1 200 OK\r\n\r\n"]
     assert aborted.events == ["abort"] and aborted.writes == []
 
 

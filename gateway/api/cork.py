@@ -1,18 +1,21 @@
-"""Corked HTTP connections: the writes of one event-loop turn leave in one system call.
+"""Corked HTTP connections: a response head leaves in one system call with what follows it.
 
 uvicorn writes a response's head when the app sends `http.response.start` and its
 body on `http.response.body`: two `send` system calls, two TCP segments and two
-wake-ups of the client for every whole answer. `CorkedTransport` holds what is
-written until the loop turn ends (`loop.call_soon`), then writes it as one.
+wake-ups of the client for every whole answer. `CorkedTransport` holds a write
+that ends like an HTTP head (CRLF CRLF) until the next write, which leaves joined
+with it, or until the end of the loop turn (`loop.call_soon`). Every other write
+leaves at once: a stream's events are never held behind the work the gateway does
+before it next yields (reading further upstream chunks already buffered, the
+receipt), so corking costs a stream's first chunk nothing.
 
 Invariants:
 - Bytes leave in the order written, none dropped while the connection is open:
   `close`, `write_eof` and `set_protocol` send what is held first; `abort`
   discards it, as aborting a transport discards its buffer.
-- Nothing waits longer than the rest of the loop turn it was written in, so a
-  stream's events are not delayed behind later ones.
+- At most one write is held, and never past the loop turn it was written in.
 - Flow control is the real transport's: it pauses the protocol as before,
-  counting bytes from the moment they are handed over at the end of the turn.
+  counting bytes from the moment they are handed over.
 """
 
 from __future__ import annotations
@@ -31,12 +34,17 @@ class CorkedTransport(asyncio.Transport):
         self._held: list[bytes] = []
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
-        """Hold `data`; the first write of a turn schedules the flush."""
+        """Send `data` joined with a held head; hold it if it ends like a head."""
         if not data:
             return
-        if not self._held:
+        if self._held:
+            self._held.append(bytes(data))
+            self.flush()
+        elif bytes(data[-4:]) == b"\r\n\r\n":
+            self._held.append(bytes(data))
             self._loop.call_soon(self.flush)
-        self._held.append(bytes(data))
+        elif not self._inner.is_closing():
+            self._inner.write(data)
 
     def writelines(self, list_of_data: Any) -> None:
         """Hold each piece, as `write` does."""
@@ -44,7 +52,7 @@ class CorkedTransport(asyncio.Transport):
             self.write(data)
 
     def flush(self) -> None:
-        """Hand what is held to the real transport, in one write."""
+        """Hand what is held to the real transport, in one write (a no-op when nothing is)."""
         if not self._held:
             return
         held, self._held = self._held, []
