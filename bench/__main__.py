@@ -18,7 +18,8 @@ Parts (`--only` takes their names):
 - `gateway`: `python -m gateway demo`; the demo provider directly against
   through the gateway (receipts signed, committed, shipped, logged and
   witnessed): added p50 at one client, throughput at 16, and the added time
-  to the first chunk of a streamed answer.
+  to the first chunk of a streamed answer; beside them LiteLLM's proxy (one
+  worker, same provider) when `.bench-venv` has `litellm[proxy]`.
 - `proofs`: a log of 1M entries (and 10M with `--full`) built with the bulk
   loader (the storage steps in 8192-entry batches, no HTTP), cached under
   `.bench-data/` so later runs start at once; `GET /proof/{hash}` over HTTP
