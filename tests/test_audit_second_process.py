@@ -17,26 +17,13 @@ from pathlib import Path
 
 import pytest
 
-from tlog import checkpoint, merkle, note, tiles
+from tests.attested_log import write_log
+from tlog import note, tiles
 from verifier import audit
 
 FULL = 20  # full leaf tiles; the helper takes the later 9 when it runs
 SIZE = FULL * tiles.WIDTH + 37
 ONE_PROCESS = 1 << 40
-
-
-def write_log(d: Path, signer: note.Ed25519Signer, entries: list[bytes]) -> None:
-    hashes = [merkle.leaf_hash(e) for e in entries]
-    for (lv, ix), data in tiles.extend(0, hashes, lambda a, b: b"").items():
-        p = d / tiles.path(lv, ix, len(data) // 32)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_bytes(data)
-    for b in tiles.bundles_for_size(len(entries)):
-        p = d / str(b)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_bytes(tiles.encode_bundle(entries[b.index * 256 : b.index * 256 + b.width]))
-    cp = checkpoint.Checkpoint(signer.name, len(entries), merkle.root(hashes))
-    (d / "checkpoint").write_bytes(checkpoint.sign(cp, signer))
 
 
 class _Quiet(http.server.SimpleHTTPRequestHandler):

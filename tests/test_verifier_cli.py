@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from tests.attested_log import AttestedLog, attested_log, make_receipt
-from tlog import checkpoint, merkle, note, tiles
+from tests.attested_log import AttestedLog, attested_log, make_receipt, write_log
+from tlog import note, tiles
 from verifier import receipt
 
 
@@ -125,24 +125,10 @@ def test_audit_detects_one_flipped_byte(testdata, tmp_path, target, reason):
     assert r.returncode == 1 and reason in r.stderr, r.stderr
 
 
-def _write_log(d: Path, signer: note.Ed25519Signer, entries: list[bytes]) -> None:
-    hashes = [merkle.leaf_hash(e) for e in entries]
-    for (lv, ix), data in tiles.extend(0, hashes, lambda a, b: b"").items():
-        p = d / tiles.path(lv, ix, len(data) // 32)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_bytes(data)
-    for b in tiles.bundles_for_size(len(entries)):
-        p = d / str(b)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_bytes(tiles.encode_bundle(entries[b.index * 256 : b.index * 256 + b.width]))
-    cp = checkpoint.Checkpoint(signer.name, len(entries), merkle.root(hashes))
-    (d / "checkpoint").write_bytes(checkpoint.sign(cp, signer))
-
-
 def test_audit_multi_level_log(tmp_path):
     signer = note.generate_signer("example.com/big")
     entries = [b"e%d" % i for i in range(256 * 256 + 300)]
-    _write_log(tmp_path, signer, entries)
+    write_log(tmp_path, signer, entries)
     r = verifier("audit", "--log", str(tmp_path), "--vkey", signer.vkey)
     assert r.returncode == 0, r.stderr
     # a level-1 tile that does not hold the root of the level-0 tile below it
@@ -218,7 +204,7 @@ def test_monitor_flags_policy_violations(tmp_path, attested):
                rec(rogue_key, request=b"rogue"),
                b"not a receipt"]
     signer = a.signer
-    _write_log(tmp_path / "log", signer, entries)
+    write_log(tmp_path / "log", signer, entries)
     policy = tmp_path / "policy.json"
     policy.write_text(json.dumps({
         "allow_simulated": True, "app_id": a.gateway["app_id"],
@@ -235,7 +221,7 @@ def test_monitor_flags_policy_violations(tmp_path, attested):
     assert r.returncode == 0 and r.stdout == b""
     # a split view: the same key signs another history of the same size
     other = [*entries[:3], rec(good_key, request=b"rewritten"), *entries[4:]]
-    _write_log(tmp_path / "fork", signer, other + [b"grown"])
+    write_log(tmp_path / "fork", signer, other + [b"grown"])
     r = verifier("monitor", "--once", "--log", str(tmp_path / "fork"), "--vkey", signer.vkey,
                  "--policy", str(policy), "--state", str(tmp_path / "m.json"))
     assert r.returncode == 1 and json.loads(r.stdout.splitlines()[0])["alert"] == "split_view"
