@@ -60,3 +60,8 @@ def test_lookup_key_takes_only_lower_case_hex_of_64() -> None:
     assert lookup_key(b'{"request_hash": "%s"}' % h.upper().encode()) is None
     assert lookup_key(b'{"request_hash": "%s\\n"}' % h.encode()) is None  # no $ slack
     assert lookup_key(b'{"request_hash": "%s0"}' % h.encode()) is None
+
+
+def test_nesting_too_deep_to_parse_is_no_key_not_an_error() -> None:
+    deep = b'{"request_hash":"' + b"a" * 64 + b'","x":' + b"[" * 30000 + b"]" * 30000 + b"}"
+    assert lookup_key(deep) is None

@@ -64,6 +64,17 @@ def test_appends_need_the_token(log, headers, status):
     assert httpx.post(f"{url}/add", content=b"x", headers=headers).status_code == status
 
 
+def test_an_entry_nested_too_deep_for_json_is_appended_not_refused_as_storage(log):
+    """Before: its lookup key's parse raised RecursionError, a 503 storage_unavailable
+    that no retry could clear."""
+    url, token, verifier, _ = log
+    deep = b'{"request_hash":"' + b"b" * 64 + b'","x":' + b"[" * 30000 + b"]" * 30000 + b"}"
+    r = add(url, token, deep)
+    assert r.status_code == 200, r.text
+    assert r.json()["index"] >= 0
+    assert httpx.get(f"{url}/proof/{'b' * 64}").status_code == 404  # not a receipt: no lookup
+
+
 def test_oversized_and_empty_entries(log):
     url, token, *_ = log
     assert add(url, token, b"x" * 65536).status_code == 413

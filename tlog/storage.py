@@ -139,7 +139,8 @@ def lookup_key(entry: bytes) -> str | None:
     """The request hash of a receipt entry (JSON with a hex `request_hash`), else None.
 
     Parsed by orjson; what orjson refuses (NaN, lone surrogates, UTF-16...) is parsed
-    by `json` as before, so the answer is always the one `json.loads` gives.
+    by `json` as before, so the answer is always the one `json.loads` gives; nesting
+    too deep for either is not a receipt (None), never an error of the append.
     """
     if not entry.startswith(b"{") or b'"request_hash"' not in entry:
         return None
@@ -149,7 +150,7 @@ def lookup_key(entry: bytes) -> str | None:
         except orjson.JSONDecodeError:
             doc = json.loads(entry)
         value = doc.get("request_hash")
-    except (ValueError, UnicodeDecodeError, AttributeError):
+    except (ValueError, UnicodeDecodeError, AttributeError, RecursionError):
         return None
     if isinstance(value, str) and HEX64.fullmatch(value):
         return value
