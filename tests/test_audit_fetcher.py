@@ -60,11 +60,13 @@ def server() -> Iterator[Callable[[Reply], tuple[str, list[int]]]]:
         s.close()
 
 
-def fetch_all(base: str, paths: list[str]) -> list[bytes]:
+def fetch_all(base: str, paths: list[str], *, many: bool = False,
+              concurrency: int = 2) -> list[bytes]:
+    """`paths` fetched one `get` at a time, or with one `get_many` (`many`)."""
     async def go() -> list[bytes]:
-        f = audit.Fetcher(base, concurrency=2)
+        f = audit.Fetcher(base, concurrency=concurrency)
         try:
-            return [await f.get(p) for p in paths]
+            return await f.get_many(paths) if many else [await f.get(p) for p in paths]
         finally:
             await f.close()
     return asyncio.run(go())
@@ -130,14 +132,8 @@ def test_an_unreachable_log_is_an_audit_error() -> None:
         fetch_all(f"http://127.0.0.1:{port}", ["checkpoint"])
 
 
-def fetch_many(base: str, paths: list[str], concurrency: int = 3) -> list[bytes]:
-    async def go() -> list[bytes]:
-        f = audit.Fetcher(base, concurrency=concurrency)
-        try:
-            return await f.get_many(paths)
-        finally:
-            await f.close()
-    return asyncio.run(go())
+def fetch_many(base: str, paths: list[str]) -> list[bytes]:
+    return fetch_all(base, paths, many=True, concurrency=3)
 
 
 def test_get_many_answers_in_the_order_asked_on_warm_connections(server) -> None:

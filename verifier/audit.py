@@ -370,7 +370,7 @@ class _SecondProcess:
             raise AuditError(value.decode(errors="replace"))
         if kind != b"roots" or len(value) != self._count * merkle.HASH_SIZE:
             return None
-        return [value[i : i + 32] for i in range(0, len(value), 32)]
+        return [value[i : i + merkle.HASH_SIZE] for i in range(0, len(value), merkle.HASH_SIZE)]
 
     async def stop(self) -> None:
         """End the helper (at once if it is still working) and reap it."""
