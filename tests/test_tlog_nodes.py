@@ -46,7 +46,7 @@ def test_batch_answers_carry_proofs_that_verify(tmp_path: Path) -> None:
     batch = [b"entry %d" % i for i in range(600)]
     head, indices = log._commit(batch)
     log.served = head
-    answers = log._answers([(e, None) for e in batch], indices)  # type: ignore[misc]
+    answers = log._answers(batch, indices)
     for e, a in zip(batch, answers, strict=True):
         p = proof.parse(a.proof)
         assert p.extra == e and p.checkpoint == head.note

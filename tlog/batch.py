@@ -18,7 +18,6 @@ malformed. Nothing here verifies a signature or a proof.
 
 from __future__ import annotations
 
-import base64
 import binascii
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -71,11 +70,21 @@ def wanted(accept: bytes) -> bool:
 
 
 def encode(checkpoint: bytes, entries: Sequence[Included | Refused]) -> bytes:
-    """The compact answer's JSON bytes."""
-    items: list[dict[str, object]] = [
-        {"index": e.index, "proof": [base64.b64encode(h).decode() for h in e.hashes]}
-        if isinstance(e, Included) else {"error": e.error, "code": e.code}
-        for e in entries]
+    """The compact answer's JSON bytes. Neighbouring entries' paths share most hashes,
+    so each distinct hash is base64-encoded once."""
+    b64: dict[bytes, str] = {}
+    items: list[dict[str, object]] = []
+    for e in entries:
+        if isinstance(e, Refused):
+            items.append({"error": e.error, "code": e.code})
+            continue
+        path = []
+        for h in e.hashes:
+            text = b64.get(h)
+            if text is None:
+                text = b64[h] = binascii.b2a_base64(h, newline=False).decode()
+            path.append(text)
+        items.append({"index": e.index, "proof": path})
     return orjson.dumps({"checkpoint": checkpoint.decode(), "entries": items})
 
 

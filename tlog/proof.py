@@ -35,12 +35,21 @@ class TlogProof:
     checkpoint: bytes
     extra: bytes | None = None
 
-    def format(self) -> bytes:
+    def format(self, memo: dict[bytes, bytes] | None = None) -> bytes:
+        """The proof's text. Proofs formatted together may share a `memo` of the base64
+        of their hashes (neighbouring entries' paths share most of them)."""
         lines = [HEADER]
         if self.extra is not None:
-            lines.append(b"extra " + base64.b64encode(self.extra))
+            lines.append(b"extra " + binascii.b2a_base64(self.extra, newline=False))
         lines.append(b"index %d" % self.index)
-        lines += [base64.b64encode(h) for h in self.hashes]
+        if memo is None:
+            lines += [binascii.b2a_base64(h, newline=False) for h in self.hashes]
+        else:
+            for h in self.hashes:
+                text = memo.get(h)
+                if text is None:
+                    text = memo[h] = binascii.b2a_base64(h, newline=False)
+                lines.append(text)
         return b"\n".join(lines) + b"\n\n" + self.checkpoint
 
 

@@ -119,7 +119,15 @@ class Added:
     @property
     def proof(self) -> bytes:
         """What POST /add answers as `proof`: c2sp.org/tlog-proof@v1 text, `extra` the entry."""
-        return proof.TlogProof(self.index, self.hashes, self.head.note, self.entry).format()
+        return self.tlog_proof().format()
+
+    def tlog_proof(self) -> proof.TlogProof:
+        """The parts of `proof`, to format with a memo shared by a batch's answers."""
+        return proof.TlogProof(self.index, self.hashes, self.head.note, self.entry)
+
+
+Pending = tuple[list[bytes], "asyncio.Future[list[Added]]"]
+"""Entries queued together by one `add` or `add_many`, and the future of their answers."""
 
 
 class _Cache(dict[tuple[int, int], bytes]):
@@ -146,7 +154,7 @@ class Log:
         *,
         witnesses: WitnessPool | None = None,
         lease: PostgresLease | None = None,
-        max_batch: int = 4096,
+        max_batch: int = 4096,  # entries a batch takes, in whole groups (one may exceed it)
         faults: FaultHook | None = None,
     ) -> None:
         self.store = store
@@ -182,7 +190,7 @@ class Log:
             self.head = store.head() or sign_head(signer, 0, merkle.EMPTY_ROOT)
         self.size = self.head.size
         self.served: Head = self._last_witnessed()
-        self._queue: asyncio.Queue[tuple[bytes, asyncio.Future[Added]]] | None = None
+        self._queue: asyncio.Queue[Pending] | None = None
         self._task: asyncio.Task[None] | None = None
         self._cosign_task: asyncio.Task[None] | None = None
         self._campaign_task: asyncio.Task[None] | None = None
@@ -508,28 +516,26 @@ class Log:
 
     async def add(self, entry: bytes) -> Added:
         """Append; returns once the entry is durable and under a served checkpoint."""
+        return (await self._submit([entry]))[0]
+
+    async def add_many(self, entries: list[bytes]) -> list[Added | AppendError]:
+        """Append several entries (queued together, so one batch); each result is what
+        `add` returns or raises for that entry, in order."""
+        try:
+            return list(await self._submit(entries))
+        except AppendError as e:
+            return [e] * len(entries)
+
+    async def _submit(self, entries: list[bytes]) -> list[Added]:
+        """Queue `entries` as one group (never split across batches); their answers, in
+        order, or the AppendError that refused the whole batch."""
         if self._queue is None:
             if self.lease is not None:
                 raise NotSequencer(self.sequencer_url)
             raise AppendError(SHUTTING_DOWN, "the log is not started")
-        fut: asyncio.Future[Added] = asyncio.get_running_loop().create_future()
-        await self._queue.put((entry, fut))
+        fut: asyncio.Future[list[Added]] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait((entries, fut))  # unbounded: never waits
         return await fut
-
-    async def add_many(self, entries: list[bytes]) -> list[Added | AppendError]:
-        """Append several entries (queued together, so usually one batch); each result is
-        what `add` returns or raises for that entry, in order."""
-        if self._queue is None:
-            err = (NotSequencer(self.sequencer_url) if self.lease is not None
-                   else AppendError(SHUTTING_DOWN, "the log is not started"))
-            return [err] * len(entries)
-        loop = asyncio.get_running_loop()
-        futs: list[asyncio.Future[Added]] = []
-        for entry in entries:
-            fut: asyncio.Future[Added] = loop.create_future()
-            self._queue.put_nowait((entry, fut))  # unbounded: never waits
-            futs.append(fut)
-        return await asyncio.gather(*futs, return_exceptions=True)  # type: ignore[return-value]
 
     def _fault(self, step: str) -> None:
         if self._faults is not None:
@@ -578,12 +584,14 @@ class Log:
     async def _run(self) -> None:
         queue = self._queue
         assert queue is not None  # noqa: S101 - type narrowing: created by start()
-        batch: list[tuple[bytes, asyncio.Future[Added]]] = []
+        batch: list[Pending] = []
         try:
             while True:
                 batch = [await queue.get()]
-                while len(batch) < self.max_batch and not queue.empty():
+                count = len(batch[0][0])
+                while count < self.max_batch and not queue.empty():
                     batch.append(queue.get_nowait())
+                    count += len(batch[-1][0])
                 if not await self._append(batch):
                     return
         except asyncio.CancelledError:
@@ -591,18 +599,19 @@ class Log:
                        else AppendError(SHUTTING_DOWN, "the log is shutting down"))
             raise
 
-    async def _append(self, batch: list[tuple[bytes, asyncio.Future[Added]]]) -> bool:
+    async def _append(self, batch: list[Pending]) -> bool:
         """One batch through the three steps, answered; False once this log may no longer
         sequence."""
+        entries = [e for group, _ in batch for e in group]
         try:
-            head, indices = await asyncio.to_thread(self._commit, [e for e, _ in batch])
+            head, indices = await asyncio.to_thread(self._commit, entries)
             if self._quorum() > 0:
                 if max(indices) >= self.served.size:
                     await self._cosign(head)
             elif head.size > self.served.size:
                 self.served = head
             self._schedule_cosign()
-            answers = self._answers(batch, indices)
+            answers = self._answers(entries, indices)
         except QuorumNotReached as e:
             self._fail(batch, AppendError(QUORUM_NOT_REACHED, f"witness quorum not reached "
                                           f"({e}); the entry is durable: send it again later"))
@@ -619,13 +628,14 @@ class Log:
             self._fail(batch, AppendError(STORAGE_UNAVAILABLE, "log storage failed; nothing "
                                           "was acknowledged: send the entry again"))
             return True
-        for (_, fut), answer in zip(batch, answers, strict=True):
+        at = 0
+        for group, fut in batch:
             if not fut.done():
-                fut.set_result(answer)
+                fut.set_result(answers[at:at + len(group)])
+            at += len(group)
         return True
 
-    def _answers(self, batch: list[tuple[bytes, asyncio.Future[Added]]],
-                 indices: list[int]) -> list[Added]:
+    def _answers(self, entries: list[bytes], indices: list[int]) -> list[Added]:
         """Each entry's index and proof against the served checkpoint, which covers them."""
         served = self.served
         if max(indices) >= served.size:
@@ -633,13 +643,13 @@ class Log:
                                    "cover the batch")
         paths = merkle.prove_inclusions(indices, served.size, self._batch_node({}), {})
         return [Added(i, served, paths[i], entry)
-                for (entry, _), i in zip(batch, indices, strict=True)]
+                for entry, i in zip(entries, indices, strict=True)]
 
-    def _fail(self, batch: list[tuple[bytes, asyncio.Future[Added]]], err: AppendError) -> None:
-        for _, fut in batch:
+    def _fail(self, batch: list[Pending], err: AppendError) -> None:
+        for group, fut in batch:
             if not fut.done():
                 fut.set_exception(err)
-                self.refusals[err.code] += 1
+                self.refusals[err.code] += len(group)
 
     async def _cosign(self, head: Head) -> None:
         """Gather verified cosignatures for `head`, persist them and serve it (with a quorum,
