@@ -70,7 +70,7 @@ from tlog.batch import MEDIA_TYPE as COMPACT  # noqa: E402
 
 DATA = ROOT / ".bench-data"
 LOG_LAYOUT = "v2"
-"""The bulk logs' table layout: v2 has tiles by rowid (v1, unnamed, by (level, idx))."""
+"""The bulk logs' table layout: v2 has tiles by rowid and inner rows (v1, unnamed, neither)."""
 BATCH = 256
 ADD_LUA = """
 wrk.method = "POST"
@@ -342,14 +342,15 @@ def bulk_log(entries: int) -> Path:
     indexes are built in one pass instead of page by page. The signed
     checkpoint is the one `recover` signs when the log is first opened (the
     path a crash between persist and checkpoint takes). The tables are
-    tlog/sqlite_store.py's: tiles by `tile_id`, the prefix index tables. The cache directory names the
+    tlog/sqlite_store.py's: tiles by `tile_id` with each full leaf tile's
+    inner row, the prefix index tables. The cache directory names the
     layout (`LOG_LAYOUT`), so a log cached by an older loader is rebuilt,
     not migrated again in every run's copy.
     """
     from tlog import keys, merkle, tiles
     from tlog.sequencer import Log
     from tlog.sqlite_store import SQLiteStore, key_prefix, prefix, tile_id
-    from tlog.storage import lookup_key
+    from tlog.storage import inner_rows, lookup_key
 
     data = DATA / f"log-{entries}-{LOG_LAYOUT}"
     if (data / "complete").exists():
@@ -372,6 +373,7 @@ def bulk_log(entries: int) -> Path:
                        ((start + i, e) for i, e in enumerate(chunk)))
         db.executemany("INSERT OR REPLACE INTO tiles (id, data) VALUES (?, ?)",
                        ((tile_id(lv, ix), d) for (lv, ix), d in edge.items()))
+        db.executemany("INSERT INTO tile_inner (idx, data) VALUES (?, ?)", inner_rows(edge))
         db.executemany("INSERT INTO new_leaves VALUES (?, ?)",
                        ((prefix(h), start + i) for i, h in enumerate(hashes)))
         db.executemany("INSERT INTO new_keys VALUES (?, ?)",

@@ -23,8 +23,10 @@ holds. A log written before these tables (`leaves` keyed by hash, `lookup`
 by hex key) is migrated on open, in one transaction.
 
 Hash tiles are rows of a rowid table keyed by `tile_id` (level and index in one
-integer). A log written with the older `tiles` table keyed by (level, idx) is
-migrated on open, in the same one transaction.
+integer), each full leaf tile's inner row (tlog/storage.py) a 512-byte row of
+`tile_inner` written in the same transaction as its tile. A log written with
+the older `tiles` table keyed by (level, idx) is migrated on open, in the
+same one transaction; its inner rows are computed by `recover`.
 """
 
 from __future__ import annotations
@@ -39,11 +41,12 @@ from pathlib import Path
 
 from tlog import merkle
 from tlog.service import connect_durable, lock_exclusive
-from tlog.storage import Head, StorageError, lookup_key
+from tlog.storage import Head, StorageError, inner_rows, lookup_key
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS entries (idx INTEGER PRIMARY KEY, data BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS tiles (id INTEGER PRIMARY KEY, data BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS tile_inner (idx INTEGER PRIMARY KEY, data BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS checkpoints (size INTEGER PRIMARY KEY, root BLOB NOT NULL,
                                         note BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS lookup_prefixes (prefix INTEGER NOT NULL, idx INTEGER NOT NULL,
@@ -51,8 +54,9 @@ CREATE TABLE IF NOT EXISTS lookup_prefixes (prefix INTEGER NOT NULL, idx INTEGER
 CREATE TABLE IF NOT EXISTS leaf_prefixes (prefix INTEGER NOT NULL, idx INTEGER NOT NULL,
                                           PRIMARY KEY (prefix, idx)) WITHOUT ROWID;
 """
-"""`tiles` holds hash tiles by `tile_id`; `leaf_prefixes` is the leaf index (tlog/storage.py),
-`lookup_prefixes` the request-hash lookup, both by `prefix`, confirmed against the entry."""
+"""`tiles` holds hash tiles by `tile_id`, `tile_inner` each full leaf tile's inner row by
+its index (tlog/storage.py); `leaf_prefixes` is the leaf index, `lookup_prefixes` the
+request-hash lookup, both by `prefix`, confirmed against the entry."""
 
 OLD_TABLES = ("leaves", "lookup")
 """The indexes of logs written before the prefix tables; `migrate` replaces them."""
@@ -208,6 +212,11 @@ class SQLiteStore:
                              (tile_id(level, index),)).fetchone()
         return b"" if row is None else bytes(row[0])
 
+    def read_inner(self, index: int) -> bytes:
+        with self._reading() as db:
+            row = db.execute("SELECT data FROM tile_inner WHERE idx = ?", (index,)).fetchone()
+        return b"" if row is None else bytes(row[0])
+
     def read_entries(self, start: int, end: int) -> list[bytes]:
         with self._reading() as db:
             rows = db.execute(
@@ -227,6 +236,8 @@ class SQLiteStore:
                            ((prefix(h), start + i) for i, h in enumerate(hashes)))
             db.executemany("INSERT OR REPLACE INTO tiles (id, data) VALUES (?, ?)",
                            ((tile_id(lv, ix), d) for (lv, ix), d in tiles.items()))
+            db.executemany("INSERT OR REPLACE INTO tile_inner (idx, data) VALUES (?, ?)",
+                           inner_rows(tiles))
             db.executemany("INSERT OR IGNORE INTO lookup_prefixes (prefix, idx) VALUES (?, ?)",
                            ((key_prefix(k), ix) for k, ix in keys))
 
@@ -249,6 +260,16 @@ class SQLiteStore:
         with self._writing() as db:
             db.executemany("INSERT OR IGNORE INTO leaf_prefixes (prefix, idx) VALUES (?, ?)",
                            ((prefix(h), start + i) for i, h in enumerate(hashes)))
+
+    def inner_held(self) -> int:
+        with self._reading() as db:
+            row = db.execute("SELECT MAX(idx) FROM tile_inner").fetchone()
+        return 0 if row[0] is None else row[0] + 1
+
+    def store_inner(self, start: int, rows: Sequence[bytes]) -> None:
+        with self._writing() as db:
+            db.executemany("INSERT OR IGNORE INTO tile_inner (idx, data) VALUES (?, ?)",
+                           ((start + i, r) for i, r in enumerate(rows)))
 
     def checkpoint(self, head: Head) -> None:
         with self._writing() as db:
