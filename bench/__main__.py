@@ -69,6 +69,8 @@ from tests.tlogutil import start_tlog, stop, wait_http  # noqa: E402
 from tlog.batch import MEDIA_TYPE as COMPACT  # noqa: E402
 
 DATA = ROOT / ".bench-data"
+LOG_LAYOUT = "v2"
+"""The bulk logs' table layout: v2 has tiles by rowid and inner rows (v1, unnamed, neither)."""
 BATCH = 256
 ADD_LUA = """
 wrk.method = "POST"
@@ -339,15 +341,18 @@ def bulk_log(entries: int) -> Path:
     time), then the leaf index and lookup keys sorted by key, so the random-key
     indexes are built in one pass instead of page by page. The signed
     checkpoint is the one `recover` signs when the log is first opened (the
-    path a crash between persist and checkpoint takes). The index tables are
-    tlog/sqlite_store.py's prefix tables.
+    path a crash between persist and checkpoint takes). The tables are
+    tlog/sqlite_store.py's: tiles by `tile_id` with each full leaf tile's
+    inner row, the prefix index tables. The cache directory names the
+    layout (`LOG_LAYOUT`), so a log cached by an older loader is rebuilt,
+    not migrated again in every run's copy.
     """
     from tlog import keys, merkle, tiles
     from tlog.sequencer import Log
-    from tlog.sqlite_store import SQLiteStore, key_prefix, prefix
-    from tlog.storage import lookup_key
+    from tlog.sqlite_store import SQLiteStore, key_prefix, prefix, tile_id
+    from tlog.storage import inner_rows, lookup_key
 
-    data = DATA / f"log-{entries}"
+    data = DATA / f"log-{entries}-{LOG_LAYOUT}"
     if (data / "complete").exists():
         return data
     shutil.rmtree(data, ignore_errors=True)
@@ -366,8 +371,9 @@ def bulk_log(entries: int) -> Path:
         db.execute("BEGIN")
         db.executemany("INSERT INTO entries (idx, data) VALUES (?, ?)",
                        ((start + i, e) for i, e in enumerate(chunk)))
-        db.executemany("INSERT OR REPLACE INTO tiles (level, idx, data) VALUES (?, ?, ?)",
-                       ((lv, ix, d) for (lv, ix), d in edge.items()))
+        db.executemany("INSERT OR REPLACE INTO tiles (id, data) VALUES (?, ?)",
+                       ((tile_id(lv, ix), d) for (lv, ix), d in edge.items()))
+        db.executemany("INSERT INTO tile_inner (idx, data) VALUES (?, ?)", inner_rows(edge))
         db.executemany("INSERT INTO new_leaves VALUES (?, ?)",
                        ((prefix(h), start + i) for i, h in enumerate(hashes)))
         db.executemany("INSERT INTO new_keys VALUES (?, ?)",

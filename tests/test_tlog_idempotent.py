@@ -23,7 +23,7 @@ from tests.test_tlog_postgres import pg_url  # noqa: F401 - the fresh-schema fix
 from tests.tlogutil import start_tlog, stop
 from tlog import checkpoint, keys, merkle, note, proof, storage, tiles
 from tlog.sequencer import Added, AppendError, Log
-from tlog.sqlite_store import SQLiteStore
+from tlog.sqlite_store import SQLiteStore, tile_id
 
 psycopg = pytest.importorskip("psycopg")
 
@@ -125,13 +125,13 @@ def test_retry_after_a_crash_between_steps_is_one_entry(tmp_path, open_store, st
 def _append_as_old_version(store: storage.Storage, signer: note.Signer, raw: Callable,
                            entry: bytes) -> None:
     """Append `entry` the way a log without a leaf index did: no duplicate check, no
-    leaf row (raw SQL through `raw(sql_sqlite, sql_postgres, params)`)."""
+    leaf row (raw SQL through `raw(sql, params)`; a tile through `raw(None, (level,
+    index, data))`, in the table as the store now keys it)."""
     size = store.size()
     changed = tiles.extend(size, [merkle.leaf_hash(entry)], store.read_tile)
     raw("INSERT INTO entries (idx, data) VALUES (?, ?)", (size, entry))
     for (level, index), data in changed.items():
-        raw("DELETE FROM tiles WHERE level = ? AND idx = ?", (level, index))
-        raw("INSERT INTO tiles (level, idx, data) VALUES (?, ?, ?)", (level, index, data))
+        raw(None, (level, index, data))
     root = merkle.tree_root(size + 1, storage.node_reader(store.read_tile))
     head = storage.sign_head(signer, size + 1, root)
     raw("INSERT INTO checkpoints (size, root, note) VALUES (?, ?, ?)",
@@ -145,13 +145,20 @@ def test_a_log_from_before_the_leaf_index_gets_it_on_open(tmp_path, request, ope
     if isinstance(store, SQLiteStore):
         db = sqlite3.connect(tmp_path / "log.db", isolation_level=None)
 
-        def raw(sql: str, params: tuple) -> None:
+        def raw(sql: str | None, params: tuple) -> None:
+            if sql is None:
+                level, index, data = params
+                sql, params = ("INSERT OR REPLACE INTO tiles (id, data) VALUES (?, ?)",
+                               (tile_id(level, index), data))
             db.execute(sql, params)
         leaf_index = "leaf_prefixes"
     else:
         db = psycopg.connect(request.getfixturevalue("pg_url"), autocommit=True)
 
-        def raw(sql: str, params: tuple) -> None:
+        def raw(sql: str | None, params: tuple) -> None:
+            if sql is None:
+                db.execute("DELETE FROM tlog_tiles WHERE level = %s AND idx = %s", params[:2])
+                sql = "INSERT INTO tiles (level, idx, data) VALUES (?, ?, ?)"
             for table in ("entries", "tiles", "checkpoints"):
                 sql = sql.replace(f" {table} ", f" tlog_{table} ")
             db.execute(sql.replace("?", "%s"), params)

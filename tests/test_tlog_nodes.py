@@ -98,23 +98,34 @@ def _receipt(i: int) -> bytes:
     return b'{"request_hash": "%064x"}' % i
 
 
-@settings(max_examples=40, deadline=None)
-@given(st.lists(st.integers(1, 700), min_size=1, max_size=3), st.randoms(use_true_random=False))
-def test_paths_and_served_proofs_equal_the_definition(batches: list[int],
-                                                      rnd: random.Random) -> None:
-    """Log.inclusion (a full leaf tile's path from the node cache or one tile read) and
-    proof_for (the served head's right edge memoized) give RFC 9162's PATH and the old
-    tlog-proof text byte for byte, under every head, warm cache or cold, as the served
-    head moves (and the memo must be thrown away)."""
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(1, 700), min_size=1, max_size=3), st.randoms(use_true_random=False),
+       st.sampled_from(["all", "none", "some"]), st.booleans())
+def test_paths_and_served_proofs_equal_the_definition(batches: list[int], rnd: random.Random,
+                                                      inner: str, restart: bool) -> None:
+    """Log.inclusion (a full leaf tile's path from the node cache, or from the tile and its
+    inner row, or from the whole tile where the row is absent) and proof_for (the served
+    head's right edge memoized) give RFC 9162's PATH and the old tlog-proof text byte for
+    byte, under every head, warm cache or cold (`restart`: a new Log on the store), with
+    every, no or some leaf tiles' inner rows stored, as the served head moves (and the memo
+    must be thrown away)."""
     with tempfile.TemporaryDirectory() as d:
         store = SQLiteStore(Path(d) / "log.db")
-        log = Log(store, note.generate_signer("test.example/paths"))
+        signer = note.generate_signer("test.example/paths")
+        log = Log(store, signer)
         entries: list[bytes] = []
         heads = []
         for n in batches:
             chunk = [_receipt(len(entries) + i) for i in range(n)]
             heads.append(log._commit(chunk)[0])
             entries += chunk
+        full = len(entries) >> tiles.HEIGHT
+        assert store.inner_held() == full
+        if restart:
+            log = Log(store, signer)  # cold caches
+        kept = {"all": range(full), "none": [], "some": rnd.sample(range(full), full // 2)}[inner]
+        store._db.executemany("DELETE FROM tile_inner WHERE idx = ?",
+                              [(n,) for n in range(full) if n not in kept])
         leaves = [merkle.leaf_hash(e) for e in entries]
         for head in rnd.sample(heads, len(heads)) + heads:  # any order: the memo follows
             log.served = head

@@ -20,7 +20,7 @@ from collections.abc import Iterator, Sequence
 import psycopg
 
 from tlog import merkle
-from tlog.storage import Fenced, Head, StorageError
+from tlog.storage import Fenced, Head, StorageError, inner_rows
 
 CONNECT_TIMEOUT = 5
 """Seconds to wait for a connection before the database counts as unreachable."""
@@ -34,6 +34,7 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS tlog_entries (idx BIGINT PRIMARY KEY, data BYTEA NOT NULL);
 CREATE TABLE IF NOT EXISTS tlog_tiles (level INT, idx BIGINT, data BYTEA NOT NULL,
                                        PRIMARY KEY (level, idx));
+CREATE TABLE IF NOT EXISTS tlog_tile_inner (idx BIGINT PRIMARY KEY, data BYTEA NOT NULL);
 CREATE TABLE IF NOT EXISTS tlog_checkpoints (size BIGINT PRIMARY KEY, root BYTEA NOT NULL,
                                              note BYTEA NOT NULL);
 CREATE TABLE IF NOT EXISTS tlog_lookup (key TEXT NOT NULL, idx BIGINT NOT NULL,
@@ -45,8 +46,9 @@ CREATE TABLE IF NOT EXISTS tlog_sequencer (id INT PRIMARY KEY CHECK (id = 1),
                                            expires TIMESTAMPTZ NOT NULL);
 INSERT INTO tlog_sequencer VALUES (1, 0, '', '', 0, '-infinity') ON CONFLICT DO NOTHING;
 """
-"""`tlog_leaves` is the leaf index (each held entry's leaf hash, once: tlog/storage.py);
-`tlog_sequencer` is the one lease row of tlog/election.py; its `token` fences writes."""
+"""`tlog_tile_inner` holds each full leaf tile's inner row, `tlog_leaves` is the leaf index
+(each held entry's leaf hash, once), both as tlog/storage.py says; `tlog_sequencer` is the
+one lease row of tlog/election.py; its `token` fences writes."""
 
 STALLED_TRANSACTION = 10
 """Seconds after which PostgreSQL ends a write transaction left idle (a paused writer), so
@@ -147,6 +149,10 @@ class PostgresStore:
         row = self._one("SELECT data FROM tlog_tiles WHERE level = %s AND idx = %s", (level, index))
         return b"" if row is None else bytes(row[0])
 
+    def read_inner(self, index: int) -> bytes:
+        row = self._one("SELECT data FROM tlog_tile_inner WHERE idx = %s", (index,))
+        return b"" if row is None else bytes(row[0])
+
     def read_entries(self, start: int, end: int) -> list[bytes]:
         with self._reading() as db:
             rows = db.execute(
@@ -165,6 +171,9 @@ class PostgresStore:
                 "INSERT INTO tlog_tiles (level, idx, data) VALUES (%s, %s, %s) "
                 "ON CONFLICT (level, idx) DO UPDATE SET data = EXCLUDED.data",
                 [(lv, ix, d) for (lv, ix), d in tiles.items()])
+            if inner := inner_rows(tiles):
+                cur.executemany("INSERT INTO tlog_tile_inner (idx, data) VALUES (%s, %s) "
+                                "ON CONFLICT (idx) DO UPDATE SET data = EXCLUDED.data", inner)
             if keys:
                 cur.executemany("INSERT INTO tlog_lookup (key, idx) VALUES (%s, %s) "
                                 "ON CONFLICT DO NOTHING", list(keys))
@@ -184,6 +193,16 @@ class PostgresStore:
             cur.executemany("INSERT INTO tlog_leaves (hash, idx) VALUES (%s, %s) "
                             "ON CONFLICT (hash) DO NOTHING",
                             [(h, start + i) for i, h in enumerate(hashes)])
+
+    def inner_held(self) -> int:
+        row = self._one("SELECT MAX(idx) FROM tlog_tile_inner")
+        return 0 if row is None or row[0] is None else row[0] + 1
+
+    def store_inner(self, start: int, rows: Sequence[bytes]) -> None:
+        with self._writing() as cur:
+            cur.executemany("INSERT INTO tlog_tile_inner (idx, data) VALUES (%s, %s) "
+                            "ON CONFLICT (idx) DO NOTHING",
+                            [(start + i, r) for i, r in enumerate(rows)])
 
     def checkpoint(self, head: Head) -> None:
         with self._writing() as cur:

@@ -315,25 +315,62 @@ class Log:
 
     def _tile_path(self, index: int) -> dict[tuple[int, int], bytes]:
         """The 8 nodes of the inclusion path of leaf `index` inside its full leaf tile:
-        (level, (index >> level) ^ 1) for levels 0..7, each from the node cache or hashed up
-        from the tile (read once) and cached, as `node` would give it."""
+        (level, (index >> level) ^ 1) for levels 0..7, each from the node cache or else
+        from `_tile_runs` (computed once) and cached, as `node` would give it."""
         out: dict[tuple[int, int], bytes] = {}
-        tile = b""
-        base = index & -tiles.WIDTH
+        runs: list[tuple[bytes, int]] = []
         for level in range(tiles.HEIGHT):
             key = (level, (index >> level) ^ 1)
             h = self._nodes.get(key)
             if h is None:
-                if not tile:
-                    tile = self.read_tile(0, index >> tiles.HEIGHT)
-                    if len(tile) != tiles.TILE_BYTES:
-                        raise tiles.TileError("leaf tile too short for a full tile's path")
-                first = (key[1] << level) - base
-                h = tiles.run_root(tile[first * merkle.HASH_SIZE:
-                                        (first + (1 << level)) * merkle.HASH_SIZE])
+                if not runs:
+                    runs = self._tile_runs(index)
+                run, first = runs[level]
+                j = (key[1] - first) * merkle.HASH_SIZE
+                h = run[j:j + merkle.HASH_SIZE]
                 self._nodes.put(key, h)
             out[key] = h
         return out
+
+    def _tile_runs(self, index: int) -> list[tuple[bytes, int]]:
+        """For each level 0..7, a run of nodes inside leaf `index`'s full leaf tile holding
+        its path node at that level: (the nodes concatenated, the index of the first).
+
+        With the tile's inner row (tiles.inner_row): levels 0..3 from the leaf's 16-leaf
+        group hashed up, 4..7 from the row hashed up (30 SHA-256); the group must hash to
+        its node in the row and the row to the tile's node in the level-1 tile, else
+        StorageError: a wrong row is refused, never served. Without one (a log not yet
+        given them, a backend without them): the whole tile hashed up (255 SHA-256),
+        checked against the same level-1 node.
+        """
+        n, low = index >> tiles.HEIGHT, tiles.INNER_LEVEL
+        tile = self.read_tile(0, n)
+        if len(tile) != tiles.TILE_BYTES:
+            raise tiles.TileError("leaf tile too short for a full tile's path")
+        top = self.node(tiles.HEIGHT, n)
+        inner = self.store.read_inner(n)
+        if not inner:
+            layers = [tile, *tiles.run_layers(tile)]
+            if layers[-1] != top:
+                raise StorageError(f"leaf tile {n} does not hash to its node in the level-1 tile")
+            return [(layers[lv], n << (tiles.HEIGHT - lv)) for lv in range(tiles.HEIGHT)]
+        if len(inner) != tiles.INNER_BYTES:
+            raise StorageError(f"the inner row of leaf tile {n} is {len(inner)} bytes, "
+                               f"not {tiles.INNER_BYTES}")
+        upper = [inner, *tiles.run_layers(inner)]
+        if upper[-1] != top:
+            raise StorageError(f"the inner row of leaf tile {n} does not hash to its node "
+                               "in the level-1 tile")
+        g = index >> low  # the leaf's level-4 node, the root of its group
+        k = g & ((1 << (tiles.HEIGHT - low)) - 1)  # its position in the tile and the row
+        span = merkle.HASH_SIZE << low
+        group = tile[k * span:(k + 1) * span]
+        lower = [group, *tiles.run_layers(group)]
+        if lower[-1] != inner[k * merkle.HASH_SIZE:(k + 1) * merkle.HASH_SIZE]:
+            raise StorageError(f"leaf tile {n} does not hash to its inner row")
+        return ([(lower[lv], g << (low - lv)) for lv in range(low)]
+                + [(upper[lv - low], n << (tiles.HEIGHT - lv))
+                   for lv in range(low, tiles.HEIGHT)])
 
     def proof_for(self, request_hash: str) -> bytes | None:
         """tlog-proof of the newest receipt with that request hash, if served."""

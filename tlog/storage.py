@@ -2,8 +2,9 @@
 
 An append goes through:
 1. sequence: the sequencer gives a batch of entries consecutive indices;
-2. persist: entries, their leaf hashes, the hash tiles they change and their
-   lookup keys are committed in ONE transaction (`Storage.persist`);
+2. persist: entries, their leaf hashes, the hash tiles they change (with the
+   inner row of each leaf tile they fill) and their lookup keys are committed
+   in ONE transaction (`Storage.persist`);
 3. checkpoint: the new tree head is signed and committed (`Storage.checkpoint`).
 
 Nothing is acknowledged before step 3 has committed. A crash between 2 and 3
@@ -23,6 +24,13 @@ be written even by mistake. Logs created before the leaf index get it on
 open: `recover` indexes the stored entries it lacks, in index order (the
 index always covers a prefix of the log; an entry an older log holds twice
 keeps its first index).
+
+A full leaf tile's inner row (its 16 level-4 nodes, `tiles.inner_row`) only
+makes inclusion proofs cheaper: it commits with the tile, so no crash leaves a
+tile without it or it without its tile; the sequencer checks it against the
+tree before using one and hashes up the whole tile where a row is absent, so
+no proof depends on it. Logs written before inner rows get them on open:
+`recover` computes the missing ones from the stored tiles, in index order.
 
 A step that fails (disk full, read-only file system, the database
 connection dropped or refused) raises StorageError and acknowledges nothing
@@ -102,14 +110,18 @@ class Storage(Protocol):
     def read_tile(self, level: int, index: int) -> bytes:
         """Current bytes of a hash tile (b"" if absent)."""
 
+    def read_inner(self, index: int) -> bytes:
+        """The inner row (tiles.inner_row) of full leaf tile `index` (b"" if absent)."""
+
     def read_entries(self, start: int, end: int) -> list[bytes]:
         """Entries [start, end)."""
 
     def persist(self, start: int, entries: Sequence[bytes], tiles: dict[tuple[int, int], bytes],
                 keys: Sequence[tuple[str, int]]) -> None:
-        """Step 2: entries from index `start` with their leaf hashes, changed tiles, lookup
-        keys; atomically. Raises StorageError (writing nothing) if the log already holds
-        one of the entries."""
+        """Step 2: entries from index `start` with their leaf hashes, changed tiles (with
+        the inner row of each full leaf tile among them, `inner_rows`), lookup keys;
+        atomically. Raises StorageError (writing nothing) if the log already holds one of
+        the entries."""
 
     def find_leaves(self, hashes: Sequence[bytes]) -> dict[bytes, int]:
         """The index of each of these leaf hashes that the leaf index holds."""
@@ -119,6 +131,12 @@ class Storage(Protocol):
 
     def index_leaves(self, start: int, hashes: Sequence[bytes]) -> None:
         """Record the leaf hashes of stored entries from `start`, keeping any already held."""
+
+    def inner_held(self) -> int:
+        """One past the highest leaf tile index with a stored inner row (0 if none)."""
+
+    def store_inner(self, start: int, rows: Sequence[bytes]) -> None:
+        """Record the inner rows of full leaf tiles from `start`, keeping any already held."""
 
     def checkpoint(self, head: Head) -> None:
         """Step 3: record a new signed checkpoint."""
@@ -198,15 +216,51 @@ def index_leaves(store: Storage) -> int:
     return start - done
 
 
+def inner_rows(changed: dict[tuple[int, int], bytes]) -> list[tuple[int, bytes]]:
+    """(index, inner row) of every full leaf tile among `changed` tiles: what `persist`
+    stores beside them, in the same transaction."""
+    return [(ix, tiles.inner_row(data)) for (level, ix), data in changed.items()
+            if level == 0 and len(data) == tiles.TILE_BYTES]
+
+
+INNER_CHUNK = 1024
+"""Leaf tiles read (8 MiB) and inner rows written per transaction when an older log gets them."""
+
+
+def store_inner_rows(store: Storage) -> int:
+    """Give every full leaf tile its inner row; how many rows were computed.
+
+    `persist` writes a tile's row with the tile, so rows always cover the full leaf
+    tiles from 0 up to some index, and a log written before them (or by an older
+    sequencer) lacks only rows above it. Cheap when complete (one query); otherwise
+    computed from the stored tiles in index order, INNER_CHUNK per transaction, so a
+    crash part way leaves a shorter prefix that the next open extends.
+    """
+    full = store.size() >> tiles.HEIGHT
+    start = done = store.inner_held()
+    while start < full:
+        end = min(full, start + INNER_CHUNK)
+        rows = []
+        for n in range(start, end):
+            tile = store.read_tile(0, n)
+            if len(tile) != tiles.TILE_BYTES:
+                raise StorageError(f"leaf tile {n} is not full below size {full << tiles.HEIGHT}")
+            rows.append(tiles.inner_row(tile))
+        store.store_inner(start, rows)
+        start = end
+    return start - done
+
+
 def recover(store: Storage, signer: note.Signer) -> Head:
     """Bring a store to a signed head covering every persisted entry, every entry in the
-    leaf index.
+    leaf index, every full leaf tile its inner row.
 
     A new log gets a signed checkpoint of size 0 (root SHA-256("")). Entries
     persisted after the last checkpoint (a crash between steps 2 and 3) are
     covered by a new checkpoint computed from the stored tiles.
     """
     index_leaves(store)
+    store_inner_rows(store)
     size = store.size()
     head = store.head()
     if head is not None and head.size > size:
