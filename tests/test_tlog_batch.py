@@ -168,3 +168,20 @@ def test_any_json_parses_or_raises_only_the_format_error(doc: object) -> None:
     for item in answer.entries:
         if isinstance(item, batch.Included):
             assert all(len(h) == merkle.HASH_SIZE for h in item.hashes)
+
+
+def test_an_empty_add_many_answers_nothing_and_the_log_goes_on(tmp_path: Path, caplog) -> None:
+    import asyncio
+
+    async def run() -> tuple[list, list]:
+        log = Log(SQLiteStore(tmp_path / "log.db"), note.generate_signer("test.example/empty"))
+        await log.start()
+        try:
+            return await log.add_many([]), await log.add_many([b"after the empty one"])
+        finally:
+            await log.close()
+
+    empty, after = asyncio.run(run())
+    assert empty == []
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]  # no batch failed
+    assert isinstance(after[0], Added) and after[0].index == 0

@@ -123,6 +123,11 @@ class PostgresStore:
         with self._reading() as db:
             return db.execute(sql, params).fetchone()
 
+    def _after_last(self, table: str) -> int:
+        """One past the highest `idx` in `table` (one of this module's), 0 if empty."""
+        row = self._one(f"SELECT MAX(idx) FROM {table}")  # noqa: S608 - a fixed table name
+        return 0 if row is None or row[0] is None else row[0] + 1
+
     def fence(self, token: int) -> None:
         self._token = token
 
@@ -130,8 +135,7 @@ class PostgresStore:
         self._one("SELECT size FROM tlog_checkpoints ORDER BY size DESC LIMIT 1")
 
     def size(self) -> int:
-        row = self._one("SELECT MAX(idx) FROM tlog_entries")
-        return 0 if row is None or row[0] is None else row[0] + 1
+        return self._after_last("tlog_entries")
 
     def head(self) -> Head | None:
         heads = self.recent(1)
@@ -185,8 +189,7 @@ class PostgresStore:
         return {bytes(h): ix for h, ix in rows}
 
     def leaves_indexed(self) -> int:
-        row = self._one("SELECT MAX(idx) FROM tlog_leaves")
-        return 0 if row is None or row[0] is None else row[0] + 1
+        return self._after_last("tlog_leaves")
 
     def index_leaves(self, start: int, hashes: Sequence[bytes]) -> None:
         with self._writing() as cur:
@@ -195,8 +198,7 @@ class PostgresStore:
                             [(h, start + i) for i, h in enumerate(hashes)])
 
     def inner_held(self) -> int:
-        row = self._one("SELECT MAX(idx) FROM tlog_tile_inner")
-        return 0 if row is None or row[0] is None else row[0] + 1
+        return self._after_last("tlog_tile_inner")
 
     def store_inner(self, start: int, rows: Sequence[bytes]) -> None:
         with self._writing() as cur:

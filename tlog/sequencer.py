@@ -558,8 +558,10 @@ class Log:
     async def add_many(self, entries: list[bytes]) -> list[Added | AppendError]:
         """Append several entries (queued together, so one batch); each result is what
         `add` returns or raises for that entry, in order."""
+        if not entries:
+            return []
         try:
-            return list(await self._submit(entries))
+            return await self._submit(entries)  # type: ignore[return-value]
         except AppendError as e:
             return [e] * len(entries)
 

@@ -186,6 +186,12 @@ class SQLiteStore:
             except (sqlite3.Error, OSError) as e:
                 raise StorageError(f"{self._path.name}: read failed: {e}") from e
 
+    def _after_last(self, table: str) -> int:
+        """One past the highest `idx` in `table` (one of SCHEMA's), 0 if empty."""
+        with self._reading() as db:
+            row = db.execute(f"SELECT MAX(idx) FROM {table}").fetchone()  # noqa: S608 - fixed name
+        return 0 if row[0] is None else row[0] + 1
+
     def fence(self, token: int) -> None:
         """Nothing to do: the file lock already makes this the only writer."""
 
@@ -201,9 +207,7 @@ class SQLiteStore:
             db.execute("SELECT size FROM checkpoints ORDER BY size DESC LIMIT 1")
 
     def size(self) -> int:
-        with self._reading() as db:
-            row = db.execute("SELECT MAX(idx) FROM entries").fetchone()
-        return 0 if row[0] is None else row[0] + 1
+        return self._after_last("entries")
 
     def head(self) -> Head | None:
         heads = self.recent(1)
@@ -262,9 +266,7 @@ class SQLiteStore:
                 raise StorageError(f"{self._path.name}: read failed: {e}") from e
 
     def leaves_indexed(self) -> int:
-        with self._reading() as db:
-            row = db.execute("SELECT MAX(idx) FROM leaf_prefixes").fetchone()
-        return 0 if row[0] is None else row[0] + 1
+        return self._after_last("leaf_prefixes")
 
     def index_leaves(self, start: int, hashes: Sequence[bytes]) -> None:
         with self._writing() as db:
@@ -272,9 +274,7 @@ class SQLiteStore:
                            ((prefix(h), start + i) for i, h in enumerate(hashes)))
 
     def inner_held(self) -> int:
-        with self._reading() as db:
-            row = db.execute("SELECT MAX(idx) FROM tile_inner").fetchone()
-        return 0 if row[0] is None else row[0] + 1
+        return self._after_last("tile_inner")
 
     def store_inner(self, start: int, rows: Sequence[bytes]) -> None:
         with self._writing() as db:
