@@ -3,6 +3,7 @@
 
     .venv/bin/python bench/gateway_overhead.py [--duration 5] [--rounds 2]
         [--concurrency 1,16,64] [--litellm-venv .bench-venv] [--profile 8]
+        [--profile-concurrency 16]
 
 Starts `python -m gateway demo` in a temporary DIR (and, when its venv has it,
 `litellm --num_workers 1` in front of the same provider), then drives each
@@ -280,7 +281,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--concurrency", default="1,16,64")
     ap.add_argument("--litellm-venv", type=Path, default=ROOT / ".bench-venv")
     ap.add_argument("--profile", type=int, default=8,
-                    help="seconds of py-spy sampling per process at c=16 (0: none)")
+                    help="seconds of py-spy sampling per process (0: none)")
+    ap.add_argument("--profile-concurrency", type=int, default=16,
+                    help="wrk clients while profiling")
     ap.add_argument("--top", type=int, default=15, help="profile entries to print")
     a = ap.parse_args(argv)
     if shutil.which("wrk") is None:
@@ -383,12 +386,14 @@ def main(argv: list[str] | None = None) -> int:
         spy = a.litellm_venv / "bin" / "py-spy"
         if a.profile > 0 and spy.exists():
             for name in ("gateway", "shipper", "tlog"):
-                load = threading.Thread(target=wrk, args=(targets[1], 16, a.profile + 2, work))
+                load = threading.Thread(target=wrk, args=(targets[1], a.profile_concurrency,
+                                                          a.profile + 2, work))
                 load.start()
                 time.sleep(1)
                 try:
                     top = profile(str(spy), demo.pids[name], a.profile, work / f"{name}.prof")
-                    print(f"\n{name} CPU profile under gateway load at c=16 (py-spy, "
+                    print(f"\n{name} CPU profile under gateway load at "
+                          f"c={a.profile_concurrency} (py-spy, "
                           f"{a.profile} s; self % / inclusive % of samples; top {a.top}):")
                     for s_pct, i_pct, fn in top[:a.top]:
                         print(f"  {s_pct:5.1f} {i_pct:5.1f}  {fn}")

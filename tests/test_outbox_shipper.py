@@ -263,3 +263,49 @@ def test_batches_in_flight_are_bounded_so_receipts_arriving_meanwhile_share_one(
     assert sh.shipped == 200 and len(log.entries) == 200  # all logged, none twice
     assert all(r is not None and r.log_index is not None for r in rows)
     assert len(log.batch_accepts) <= 40  # 200 receipts in few batches, not one per poll
+
+
+def _trickle(tmp: Path, linger: float, n: int, gap: float) -> tuple[Shipper, FakeLog]:
+    """n receipts put one at a time, `gap` seconds apart, shipped with `linger`."""
+    async def run() -> tuple[Shipper, FakeLog]:
+        log = FakeLog(old_batches=True)
+        await log.start()
+        ob = Outbox(tmp / "gw")
+        sh = Shipper(tmp / "gw", log.url, log.token, log.vkey, concurrency=4, linger=linger)
+        await sh.start()
+        try:
+            for i in range(n):
+                await ob.put(f"{i:032x}", f"{i:064x}",
+                             json.dumps({"request_hash": f"{i:064x}"}).encode())
+                await asyncio.sleep(gap)
+            for _ in range(600):
+                if ob.counts()[1] == 0:
+                    break
+                await asyncio.sleep(0.02)
+            assert ob.counts()[1] == 0
+            return sh, log
+        finally:
+            await sh.close()
+            ob.close()
+            await log.stop()
+
+    return asyncio.run(run())
+
+
+def test_a_trickle_of_receipts_waits_for_company_in_one_batch(tmp_path: Path) -> None:
+    sh, log = _trickle(tmp_path, linger=0.5, n=30, gap=0.002)
+    assert sh.shipped == 30 and len(log.entries) == 30  # all logged, none twice
+    assert len(log.batch_accepts) + log.single_adds <= 5  # not one request per receipt
+    assert sh.batched >= 25
+
+
+def test_without_linger_a_lone_receipt_is_posted_at_once(tmp_path: Path) -> None:
+    sh, log = _trickle(tmp_path, linger=0, n=20, gap=0.03)
+    assert sh.shipped == 20 and len(log.entries) == 20
+    assert log.single_adds >= 10  # each arrived alone and left alone
+
+
+@pytest.mark.parametrize("linger", [-0.01, 1.5, float("nan")])
+def test_linger_out_of_range_is_refused(tmp_path: Path, linger: float) -> None:
+    with pytest.raises(ValueError, match="linger"):
+        Shipper(tmp_path, "http://127.0.0.1:1", None, linger=linger)
