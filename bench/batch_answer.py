@@ -54,7 +54,7 @@ def measure() -> dict[str, float]:
         cosigned = head.note + b"".join(cosignature.cosign(head.note, w).line()
                                         for w in witnesses)
         log.served = Head(head.size, head.root, cosigned)
-        added: list[Added] = log._answers([(e, None) for e in entries], indices)  # type: ignore[arg-type]  # noqa: SLF001
+        added: list[Added] = log._answers(entries, indices)  # noqa: SLF001
         app = TlogApp(log, "unused")
 
         def default() -> bytes:
