@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.api import config, server
+from gateway.api import config
 from tlog import note
 from witness import cosignature
 
@@ -79,16 +79,6 @@ def test_documented_example_loads(tmp_path: Path) -> None:
     assert r.attestation_url == "http://127.0.0.1:8001/.well-known/attestation"
     assert r.policy == {"allow_simulated": True, "allow_unverified": False, "max_lease_age": 300,
                         "app_id": "c" * 40}
-
-
-@pytest.mark.parametrize("require", [False, True])
-def test_the_shipper_lingers_only_when_answers_do_not_wait_for_proofs(
-        tmp_path: Path, require: bool) -> None:
-    text = EXAMPLE.replace("require_log_inclusion = false", f"require_log_inclusion = {require}"
-                           .lower())
-    cmd = server.shipper_command(config.load(write(tmp_path, text)))
-    assert cmd[cmd.index("--log") + 1] == "http://127.0.0.1:9000"
-    assert (cmd[-2:] == ["--linger", "0"]) is require and cmd.count("--linger") == require
 
 
 def test_defaults(tmp_path: Path) -> None:

@@ -39,7 +39,7 @@ from gateway.api.routes import now_rfc3339
 from gateway.receipts import keysets
 from gateway.receipts.logclient import LogClient
 from gateway.receipts.outbox import Outbox, ReceiptSigner
-from gateway.receipts.shipper import LINGER, LogStatus, Shipper
+from gateway.receipts.shipper import LogStatus, Shipper
 from gateway.upstream.leases import Leases, LeaseSource
 from tlog import checkpoint, merkle, note, proof, tiles
 from tlog.service import StopSignal, uvicorn_config
@@ -247,7 +247,6 @@ class FakeLog:
         self.old_batches = old_batches  # serve /add-batch, each answer as /add's (no compact)
         self.batch_accepts: list[str] = []  # the Accept header of each /add-batch
         self.batch_delay = 0.0  # seconds each (old-style) /add-batch takes
-        self.single_adds = 0  # POST /add requests appended
         self.batches_in_flight = self.most_batches_in_flight = 0
         self.witness = witness
         self.cosign = True
@@ -315,7 +314,6 @@ class FakeLog:
             return web.Response(status=503)
         entry = await request.read()
         self.entries.append(entry)
-        self.single_adds += 1
         self.leaves.append(merkle.leaf_hash(entry))
         p = self.prove(len(self.entries) - 1)
         return web.json_response({"index": p.index, "checkpoint": p.checkpoint.decode(),
@@ -497,8 +495,7 @@ async def run_gateway(cfg_path: Path, store: LeaseSource | None = None,
     token = cfg.log.token_file.read_text().strip() if cfg.log.token_file else None
     shipper = Shipper(cfg.gateway.data_dir, cfg.log.url, token, cfg.log.vkey,
                       concurrency=8, witnesses=cfg.log.witness_vkeys,
-                      quorum=cfg.log.quorum, max_bytes=g.outbox_max_bytes,
-                      linger=0 if g.require_log_inclusion else LINGER) if cfg.log.url else None
+                      quorum=cfg.log.quorum, max_bytes=g.outbox_max_bytes) if cfg.log.url else None
     status = LogStatus(outbox, shipper is not None)
     ident = await fake_identity(cfg, rk, ek)
     app = Gateway(cfg, signer=ReceiptSigner(rk), identity=ident.identity, outbox=outbox,

@@ -260,11 +260,6 @@ def start_shipper(cfg: gconfig.Config) -> subprocess.Popen[bytes] | None:
     """Start `python -m gateway.receipts.shipper` for the configured log (None without a log)."""
     if not cfg.log.url:
         return None
-    return subprocess.Popen(shipper_command(cfg))  # noqa: S603 - our own interpreter and module; args from the operator's config, no shell
-
-
-def shipper_command(cfg: gconfig.Config) -> list[str]:
-    """The shipper's command line for the configured log (`cfg.log.url` set)."""
     cmd = [sys.executable, "-m", "gateway.receipts.shipper", "--data", str(cfg.gateway.data_dir),
            "--log", cfg.log.url, "--concurrency", str(cfg.log.concurrency),
            "--parent", str(os.getpid()),
@@ -276,9 +271,7 @@ def shipper_command(cfg: gconfig.Config) -> list[str]:
     for w in cfg.log.witness_vkeys:
         cmd += ["--witness-vkey", w]
     cmd += ["--quorum", str(cfg.log.quorum)]
-    if cfg.gateway.require_log_inclusion:  # every answer waits for its proof: no linger
-        cmd += ["--linger", "0"]
-    return cmd
+    return subprocess.Popen(cmd)  # noqa: S603 - our own interpreter and module; args from the operator's config, no shell
 
 
 def stop_process(proc: subprocess.Popen[bytes] | None) -> None:

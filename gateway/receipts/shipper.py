@@ -34,12 +34,6 @@ Invariants:
   instead of one per poll cut their CPU per receipt by about a fifth), while an idle
   shipper still posts a lone receipt at once. The singles a batch leaves over
   (retried forever) do not hold the batch slot, so they cannot stall batching.
-- A batch waits up to `linger` seconds after its first receipt for more (as a
-  log pools entries before sequencing), so a steady trickle of receipts is
-  logged in batches, not one `POST /add` each: at one client on the demo, 10 ms
-  cut the shipper's, log's and witness's CPU per receipt by about half. A full
-  batch leaves at once. `gateway serve` passes 0 when answers wait for their
-  proof (`require_log_inclusion`), where the linger would be paid by every call.
 """
 
 from __future__ import annotations
@@ -75,7 +69,6 @@ POST_TIMEOUT = 30.0
 POLL = 0.002
 BATCH = 256  # receipts per POST /add-batch at most (a tile's width, as the log's bench posts)
 BATCHES_IN_FLIGHT = 1  # POST /add-batch requests outstanding at once
-LINGER = 0.01  # seconds a batch waits after its first receipt for more
 LOCK_FILE = "shipper.lock"
 LOCK_WAIT = 15.0
 HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -230,9 +223,7 @@ class Shipper:
 
     def __init__(self, data_dir: Path, url: str, token: str | None, vkey: str | None = None,
                  concurrency: int = 128, witnesses: Sequence[str] = (),
-                 quorum: int = 0, max_bytes: int = MAX_BYTES, linger: float = LINGER) -> None:
-        if not 0 <= linger <= 1:
-            raise ValueError("linger must be between 0 and 1 second")
+                 quorum: int = 0, max_bytes: int = MAX_BYTES) -> None:
         self.data_dir = data_dir
         self.url = url.rstrip("/")
         u = urlsplit(self.url)
@@ -248,7 +239,6 @@ class Shipper:
         self._proof_head = f"GET {u.path.rstrip('/')}/proof/%s HTTP/1.1\r\nHost: {u.netloc}\r\n\r\n"
 
         self._max_bytes = max_bytes
-        self._linger = linger
         self._batching = True  # until the log answers 404/405 to /add-batch
         self._checker = ProofChecker(vkey, witnesses, quorum)
         self._concurrency = concurrency
@@ -442,8 +432,6 @@ class Shipper:
         while True:
             async with self._batch_slots:
                 queued = [await self._queue.get()]
-                if self._linger and self._queue.qsize() < BATCH - 1:
-                    await asyncio.sleep(self._linger)
                 while len(queued) < BATCH and not self._queue.empty():
                     queued.append(self._queue.get_nowait())
                 rest = [(*b, False) for b in queued]
@@ -550,7 +538,7 @@ def _die_with_parent() -> None:
 
 def main(argv: list[str]) -> int:
     """`python -m gateway.receipts.shipper --data DIR --log URL [--token-file F] [--vkey V]
-    [--witness-vkey W ...] [--quorum K] [--linger S]`."""
+    [--witness-vkey W ...] [--quorum K]`."""
     ap = argparse.ArgumentParser(prog="python -m gateway.receipts.shipper")
     ap.add_argument("--data", required=True, type=Path)
     ap.add_argument("--log", required=True)
@@ -561,8 +549,6 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--quorum", type=int, default=0,
                     help="distinct valid witness cosignatures a proof needs")
     ap.add_argument("--concurrency", type=int, default=128)
-    ap.add_argument("--linger", type=float, default=LINGER,
-                    help="seconds a batch waits after its first receipt for more (0 to 1)")
     ap.add_argument("--parent", type=int, help="exit when this process is gone")
     ap.add_argument("--outbox-max-bytes", type=int, default=MAX_BYTES,
                     help="the gateway's [gateway] outbox_max_bytes (sizes the ledger's WAL)")
@@ -573,7 +559,7 @@ def main(argv: list[str]) -> int:
 
     async def run() -> None:
         shipper = Shipper(a.data, a.log, token, a.vkey, a.concurrency, a.witness_vkey, a.quorum,
-                          a.outbox_max_bytes, a.linger)
+                          a.outbox_max_bytes)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
