@@ -69,9 +69,8 @@ from tests.tlogutil import start_tlog, stop, wait_http  # noqa: E402
 from tlog.batch import MEDIA_TYPE as COMPACT  # noqa: E402
 
 DATA = ROOT / ".bench-data"
-LOG_LAYOUT = "v3"
-"""The bulk logs' table layout: v3 indexes receipts only by lookup key, v2 also by leaf
-hash; both have tiles by rowid and inner rows (v1, unnamed, neither)."""
+LOG_LAYOUT = "v2"
+"""The bulk logs' table layout: v2 has tiles by rowid and inner rows (v1, unnamed, neither)."""
 BATCH = 256
 ADD_LUA = """
 wrk.method = "POST"
@@ -339,9 +338,8 @@ def bulk_log(entries: int) -> Path:
 
     The bulk loader writes what the storage steps would, in big sequential
     transactions: entries and hash tiles (`tiles.extend`, 65,536 leaves at a
-    time), then the lookup keys sorted by key, so the random-key index is built
-    in one pass instead of page by page (the entries are all receipts, so none
-    goes in the leaf index). The signed
+    time), then the leaf index and lookup keys sorted by key, so the random-key
+    indexes are built in one pass instead of page by page. The signed
     checkpoint is the one `recover` signs when the log is first opened (the
     path a crash between persist and checkpoint takes). The tables are
     tlog/sqlite_store.py's: tiles by `tile_id` with each full leaf tile's
@@ -351,7 +349,7 @@ def bulk_log(entries: int) -> Path:
     """
     from tlog import keys, merkle, tiles
     from tlog.sequencer import Log
-    from tlog.sqlite_store import SQLiteStore, key_prefix, tile_id
+    from tlog.sqlite_store import SQLiteStore, key_prefix, prefix, tile_id
     from tlog.storage import inner_rows, lookup_key
 
     data = DATA / f"log-{entries}-{LOG_LAYOUT}"
@@ -362,6 +360,7 @@ def bulk_log(entries: int) -> Path:
     t = time.perf_counter()
     store = SQLiteStore(data / "log.db")
     db = store._db  # noqa: SLF001 - the loader writes the tables the steps would
+    db.execute("CREATE TEMP TABLE new_leaves (prefix INTEGER, idx INTEGER)")
     db.execute("CREATE TEMP TABLE new_keys (prefix INTEGER, idx INTEGER)")
     edge: dict[tuple[int, int], bytes] = {}
     step = 1 << 16
@@ -375,13 +374,17 @@ def bulk_log(entries: int) -> Path:
         db.executemany("INSERT OR REPLACE INTO tiles (id, data) VALUES (?, ?)",
                        ((tile_id(lv, ix), d) for (lv, ix), d in edge.items()))
         db.executemany("INSERT INTO tile_inner (idx, data) VALUES (?, ?)", inner_rows(edge))
+        db.executemany("INSERT INTO new_leaves VALUES (?, ?)",
+                       ((prefix(h), start + i) for i, h in enumerate(hashes)))
         db.executemany("INSERT INTO new_keys VALUES (?, ?)",
                        ((key_prefix(lookup_key(e)), start + i) for i, e in enumerate(chunk)))
         db.execute("COMMIT")
     db.execute("BEGIN")
+    db.execute("INSERT INTO leaf_prefixes (prefix, idx) "
+               "SELECT prefix, idx FROM new_leaves ORDER BY prefix, idx")
     db.execute("INSERT INTO lookup_prefixes (prefix, idx) "
                "SELECT prefix, idx FROM new_keys ORDER BY prefix, idx")
-    db.execute("UPDATE meta SET v = ? WHERE k = 'leaves_indexed'", (entries,))
+    db.execute("DROP TABLE new_leaves")
     db.execute("DROP TABLE new_keys")
     db.execute("COMMIT")
     log = Log(store, keys.load_signer(data))  # recover: signs the checkpoint over it all

@@ -182,9 +182,7 @@ class PostgresStore:
                 cur.executemany("INSERT INTO tlog_lookup (key, idx) VALUES (%s, %s) "
                                 "ON CONFLICT DO NOTHING", list(keys))
 
-    def find_leaves(self, hashes: Sequence[bytes],
-                    keys: Sequence[str | None]) -> dict[bytes, int]:
-        """By leaf hash (`tlog_leaves` holds every entry; `keys` are not needed)."""
+    def find_leaves(self, hashes: Sequence[bytes]) -> dict[bytes, int]:
         with self._reading() as db:
             rows = db.execute("SELECT hash, idx FROM tlog_leaves WHERE hash = ANY(%s)",
                               (list(dict.fromkeys(hashes)),)).fetchall()
@@ -193,8 +191,7 @@ class PostgresStore:
     def leaves_indexed(self) -> int:
         return self._after_last("tlog_leaves")
 
-    def index_leaves(self, start: int, hashes: Sequence[bytes],
-                     keys: Sequence[str | None]) -> None:
+    def index_leaves(self, start: int, hashes: Sequence[bytes]) -> None:
         with self._writing() as cur:
             cur.executemany("INSERT INTO tlog_leaves (hash, idx) VALUES (%s, %s) "
                             "ON CONFLICT (hash) DO NOTHING",

@@ -591,8 +591,7 @@ class Log:
             generation = self._generation
             start = self.size
             hashes = [merkle.leaf_hash(e) for e in entries]
-            keys = [lookup_key(e) for e in entries]
-            held = self.store.find_leaves(hashes, keys)
+            held = self.store.find_leaves(hashes)
             indices: list[int] = []
             fresh: list[int] = []  # positions in `entries` of those new to the log
             for i, h in enumerate(hashes):
@@ -605,9 +604,9 @@ class Log:
             self._fault("sequence")
             if new:
                 changed = tiles.extend(start, [hashes[i] for i in fresh], self.read_tile)
-                self.store.persist(start, new, changed,
-                                   [(k, start + j) for j, i in enumerate(fresh)
-                                    if (k := keys[i]) is not None])
+                keys = [(k, start + j) for j, e in enumerate(new)
+                        if (k := lookup_key(e)) is not None]
+                self.store.persist(start, new, changed, keys)
                 with self._cache_lock:
                     if generation == self._generation:
                         for key, data in changed.items():

@@ -22,17 +22,6 @@ lookup key), and `persist` refuses an entry whose leaf hash a confirmed row
 holds. A log written before these tables (`leaves` keyed by hash, `lookup`
 by hex key) is migrated on open, in one transaction.
 
-Each entry is in one of the two: an entry with a lookup key (a receipt) only in
-the lookup index, where its duplicates are found too (the same bytes have the
-same key), one without only in the leaf index. Once an index outgrows the
-cache, each insert dirties about one page, so at 1M entries this halved the
-storage CPU per appended receipt (25 -> 13 us in 4,096-entry batches; 10M: 38
--> 20 us). `meta` row `leaves_indexed` says how far the two are complete, row
-`keyed_in_leaves` below which index entries with a key are in the leaf index
-too: a log from before `meta` put every entry there, so it gets both rows on
-open (one past its highest indexed entry), and its keyed entries are still
-found if the lookup index lacks one.
-
 Hash tiles are rows of a rowid table keyed by `tile_id` (level and index in one
 integer), each full leaf tile's inner row (tlog/storage.py) a 512-byte row of
 `tile_inner` written in the same transaction as its tile. A log written with
@@ -65,14 +54,10 @@ CREATE TABLE IF NOT EXISTS lookup_prefixes (prefix INTEGER NOT NULL, idx INTEGER
                                             PRIMARY KEY (prefix, idx)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS leaf_prefixes (prefix INTEGER NOT NULL, idx INTEGER NOT NULL,
                                           PRIMARY KEY (prefix, idx)) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v INTEGER NOT NULL) WITHOUT ROWID;
 """
 """`tiles` holds hash tiles by `tile_id`, `tile_inner` each full leaf tile's inner row by
-its index (tlog/storage.py); `lookup_prefixes` indexes the entries with a lookup key (by
-`key_prefix`), `leaf_prefixes` those without one (by `prefix` of the leaf hash), each row
-confirmed against the entry; `meta` row `leaves_indexed` is the index below which every
-entry is in one of them, `keyed_in_leaves` the one below which keyed entries are in
-`leaf_prefixes` too (`mark_indexed`)."""
+its index (tlog/storage.py); `leaf_prefixes` is the leaf index, `lookup_prefixes` the
+request-hash lookup, both by `prefix`, confirmed against the entry."""
 
 OLD_TABLES = ("leaves", "lookup")
 """The indexes of logs written before the prefix tables; `migrate` replaces them."""
@@ -148,19 +133,6 @@ def migrate(db: sqlite3.Connection) -> None:
         raise
 
 
-def mark_indexed(db: sqlite3.Connection) -> int:
-    """Give a log its `meta` rows if it lacks them (one statement, idempotent); its
-    `keyed_in_leaves`.
-
-    A log written before `meta` put every entry in `leaf_prefixes`, in index order, so
-    the entries below one past its highest index there are all indexed, the keyed ones
-    in both indexes; a new log starts both rows at 0."""
-    db.execute("INSERT OR IGNORE INTO meta (k, v) SELECT k, v FROM "
-               "(SELECT 'leaves_indexed' AS k UNION ALL SELECT 'keyed_in_leaves'), "
-               "(SELECT COALESCE(MAX(idx) + 1, 0) AS v FROM leaf_prefixes)")
-    return db.execute("SELECT v FROM meta WHERE k = 'keyed_in_leaves'").fetchone()[0]
-
-
 class SQLiteStore:
     """tlog.storage.Storage on one SQLite database; safe across threads.
 
@@ -176,7 +148,6 @@ class SQLiteStore:
             self._db.execute(f"PRAGMA cache_size=-{WRITER_CACHE_KIB}")
             self._db.execute(f"PRAGMA wal_autocheckpoint={WAL_PAGES}")
             migrate(self._db)
-            self._keyed_in_leaves = mark_indexed(self._db)
         except BaseException:
             os.close(self._lock_fd)
             raise
@@ -270,51 +241,37 @@ class SQLiteStore:
     def persist(self, start: int, entries: Sequence[bytes], tiles: dict[tuple[int, int], bytes],
                 keys: Sequence[tuple[str, int]]) -> None:
         hashes = [merkle.leaf_hash(e) for e in entries]
-        keyed = {ix - start: k for k, ix in keys}
-        kps = _key_prefixes([keyed.get(i) for i in range(len(entries))])
         with self._writing() as db:
-            held = _held(db, hashes, kps, self._keyed_in_leaves)
-            if len(set(hashes)) != len(hashes) or held:
+            if len(set(hashes)) != len(hashes) or _held(db, hashes):
                 raise StorageError("persist: the log already holds one of these entries")
             db.executemany("INSERT INTO entries (idx, data) VALUES (?, ?)",
                            ((start + i, e) for i, e in enumerate(entries)))
             db.executemany("INSERT INTO leaf_prefixes (prefix, idx) VALUES (?, ?)",
-                           ((prefix(h), start + i) for i, h in enumerate(hashes)
-                            if kps[i] is None))
+                           ((prefix(h), start + i) for i, h in enumerate(hashes)))
             db.executemany("INSERT OR REPLACE INTO tiles (id, data) VALUES (?, ?)",
                            ((tile_id(lv, ix), d) for (lv, ix), d in tiles.items()))
             db.executemany("INSERT OR REPLACE INTO tile_inner (idx, data) VALUES (?, ?)",
                            inner_rows(tiles))
             db.executemany("INSERT OR IGNORE INTO lookup_prefixes (prefix, idx) VALUES (?, ?)",
-                           ((kp, start + i) for i, kp in enumerate(kps) if kp is not None))
-            _advance(db, start, start + len(entries))
+                           ((key_prefix(k), ix) for k, ix in keys))
 
-    def find_leaves(self, hashes: Sequence[bytes],
-                    keys: Sequence[str | None]) -> dict[bytes, int]:
+    def find_leaves(self, hashes: Sequence[bytes]) -> dict[bytes, int]:
         """Through the writing connection: its page cache, unlike the reading one's, stays
         valid across its own commits, and the index pages it reads are those the next
         `persist` writes."""
         with self._lock:
             try:
-                return _held(self._db, hashes, _key_prefixes(keys), self._keyed_in_leaves)
+                return _held(self._db, hashes)
             except (sqlite3.Error, OSError) as e:
                 raise StorageError(f"{self._path.name}: read failed: {e}") from e
 
     def leaves_indexed(self) -> int:
-        with self._reading() as db:
-            row = db.execute("SELECT v FROM meta WHERE k = 'leaves_indexed'").fetchone()
-        return 0 if row is None else row[0]
+        return self._after_last("leaf_prefixes")
 
-    def index_leaves(self, start: int, hashes: Sequence[bytes],
-                     keys: Sequence[str | None]) -> None:
+    def index_leaves(self, start: int, hashes: Sequence[bytes]) -> None:
         with self._writing() as db:
-            kps = _key_prefixes(keys)
             db.executemany("INSERT OR IGNORE INTO leaf_prefixes (prefix, idx) VALUES (?, ?)",
-                           ((prefix(h), start + i) for i, h in enumerate(hashes)
-                            if kps[i] is None))
-            db.executemany("INSERT OR IGNORE INTO lookup_prefixes (prefix, idx) VALUES (?, ?)",
-                           ((kp, start + i) for i, kp in enumerate(kps) if kp is not None))
-            _advance(db, start, start + len(hashes))
+                           ((prefix(h), start + i) for i, h in enumerate(hashes)))
 
     def inner_held(self) -> int:
         return self._after_last("tile_inner")
@@ -358,50 +315,18 @@ class SQLiteStore:
                 self._lock_fd = -1
 
 
-def _key_prefixes(keys: Sequence[str | None]) -> list[int | None]:
-    """`key_prefix` of each lookup key, None for an entry without one."""
-    return [None if k is None else key_prefix(k) for k in keys]
-
-
-def _advance(db: sqlite3.Connection, start: int, end: int) -> None:
-    """Move `leaves_indexed` to `end` if the entries below `start` were all indexed (it
-    never passes an entry that is in neither index)."""
-    db.execute("UPDATE meta SET v = MAX(v, ?) WHERE k = 'leaves_indexed' AND v >= ?",
-               (end, start))
-
-
-def _held(db: sqlite3.Connection, hashes: Sequence[bytes], kps: Sequence[int | None],
-          keyed_in_leaves: int) -> dict[bytes, int]:
-    """The lowest index of each of these leaf hashes among the stored entries. The entry
-    of `hashes[i]` is looked for under its lookup key's `kps[i]` in `lookup_prefixes` or,
-    without one, under its leaf hash in `leaf_prefixes` (where `persist` put it: the same
-    bytes always have the same key); a keyed one not found there also in `leaf_prefixes`
-    if the log has keyed entries in it (`keyed_in_leaves`). Each hit is confirmed by the
-    entry's own leaf hash."""
-    by_leaf: dict[int, set[bytes]] = {}
-    by_key: dict[int, set[bytes]] = {}
-    for h, kp in zip(hashes, kps, strict=True):
-        if kp is None:
-            by_leaf.setdefault(prefix(h), set()).add(h)
-        else:
-            by_key.setdefault(kp, set()).add(h)
-    found = _probe(db, "lookup_prefixes", by_key)
-    if keyed_in_leaves:
-        for hs in by_key.values():
-            for h in hs - found.keys():
-                by_leaf.setdefault(prefix(h), set()).add(h)
-    return _probe(db, "leaf_prefixes", by_leaf) | found
-
-
-def _probe(db: sqlite3.Connection, table: str, wanted: dict[int, set[bytes]]) -> dict[bytes, int]:
-    """The lowest index of each hash in `wanted` (by its index key) that `table` (a prefix
-    index) points at, confirmed by the entry's own leaf hash."""
+def _held(db: sqlite3.Connection, hashes: Sequence[bytes]) -> dict[bytes, int]:
+    """The lowest index of each of these leaf hashes among the stored entries, found by
+    prefix and confirmed by the entry's own leaf hash."""
+    wanted: dict[int, set[bytes]] = {}
+    for h in hashes:
+        wanted.setdefault(prefix(h), set()).add(h)
     found: dict[bytes, int] = {}
-    ps = list(wanted)
-    for i in range(0, len(ps), IN_LIST):
-        part = ps[i:i + IN_LIST]
+    keys = list(wanted)
+    for i in range(0, len(keys), IN_LIST):
+        part = keys[i:i + IN_LIST]
         marks = ",".join("?" * len(part))
-        sql = (f"SELECT l.prefix, l.idx, e.data FROM {table} l "  # noqa: S608 - fixed names
+        sql = ("SELECT l.prefix, l.idx, e.data FROM leaf_prefixes l "  # noqa: S608
                f"JOIN entries e ON e.idx = l.idx WHERE l.prefix IN ({marks}) ORDER BY l.idx")
         for p, ix, data in db.execute(sql, part):
             h = merkle.leaf_hash(bytes(data))

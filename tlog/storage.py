@@ -123,19 +123,14 @@ class Storage(Protocol):
         atomically. Raises StorageError (writing nothing) if the log already holds one of
         the entries."""
 
-    def find_leaves(self, hashes: Sequence[bytes],
-                    keys: Sequence[str | None]) -> dict[bytes, int]:
-        """The index of each of these leaf hashes that the leaf index holds; `keys[i]` is
-        the lookup key of the entry of `hashes[i]` (`lookup_key`), which a backend may
-        index such entries by instead."""
+    def find_leaves(self, hashes: Sequence[bytes]) -> dict[bytes, int]:
+        """The index of each of these leaf hashes that the leaf index holds."""
 
     def leaves_indexed(self) -> int:
-        """The index below which every entry is in the leaf index (0 if none is)."""
+        """One past the highest entry index in the leaf index (0 if empty)."""
 
-    def index_leaves(self, start: int, hashes: Sequence[bytes],
-                     keys: Sequence[str | None]) -> None:
-        """Record the leaf hashes (and lookup keys) of stored entries from `start`, keeping
-        any already held."""
+    def index_leaves(self, start: int, hashes: Sequence[bytes]) -> None:
+        """Record the leaf hashes of stored entries from `start`, keeping any already held."""
 
     def inner_held(self) -> int:
         """One past the highest leaf tile index with a stored inner row (0 if none)."""
@@ -202,17 +197,21 @@ INDEX_CHUNK = 4096
 def index_leaves(store: Storage) -> int:
     """Put every stored entry's leaf hash in the leaf index; how many entries were read.
 
-    Cheap when the index is complete (two queries). Otherwise indexes from
-    `leaves_indexed`, in index order, INDEX_CHUNK entries per transaction.
+    Cheap when the index is complete (one lookup of the last entry). Otherwise
+    indexes from one past the highest indexed entry, in index order.
     """
     size = store.size()
+    if size == 0:
+        return 0
+    last = merkle.leaf_hash(store.read_entries(size - 1, size)[0])
+    if store.find_leaves([last]).get(last) == size - 1:
+        return 0
     start = done = store.leaves_indexed()
     while start < size:
         entries = store.read_entries(start, min(size, start + INDEX_CHUNK))
         if not entries:
             raise StorageError(f"entries from {start} are missing below size {size}")
-        store.index_leaves(start, [merkle.leaf_hash(e) for e in entries],
-                           [lookup_key(e) for e in entries])
+        store.index_leaves(start, [merkle.leaf_hash(e) for e in entries])
         start += len(entries)
     return start - done
 
