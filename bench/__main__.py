@@ -63,7 +63,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench import audit, batch_answer, gateway_overhead, tlog_append, tlog_replicas  # noqa: E402
 from bench.table import Row, table  # noqa: E402
-from bench.wrk import PROOF_LUA  # noqa: E402
+from bench.wrk import PROOF_LUA, Run  # noqa: E402
 from bench.wrk import run as wrk  # noqa: E402
 from tests.tlogutil import start_tlog, stop, wait_http  # noqa: E402
 from tlog.batch import MEDIA_TYPE as COMPACT  # noqa: E402
@@ -151,6 +151,18 @@ def ratio_row(figure: str, value: float, base: float, unit: str, want: float,
 
 # -- append -------------------------------------------------------------------
 
+def append_auth(data: Path) -> str:
+    """The wrk script line that sends the log's append token (in `data`)."""
+    return ('wrk.headers["Authorization"] = "Bearer '
+            + (data / "append.token").read_text().strip() + '"')
+
+
+def add_batch(url: str, auth: str, run: str, seconds: float) -> Run:
+    """POST /add-batch of BATCH entries unique to `run`, 16 clients, for `seconds`."""
+    return wrk(url + "/add-batch", BATCH_LUA.format(auth=auth, run=run, batch=BATCH),
+               seconds, 16)
+
+
 def append_rows(tmp: Path, seconds: float, run: str) -> list[Row]:
     """POST /add at 64 clients and POST /add-batch, each against the bare endpoint."""
     rows = []
@@ -161,17 +173,14 @@ def append_rows(tmp: Path, seconds: float, run: str) -> list[Row]:
     data = tmp / "append-log"
     proc, url = start_tlog(data)
     try:
-        auth = ('wrk.headers["Authorization"] = "Bearer '
-                + (data / "append.token").read_text().strip() + '"')
+        auth = append_auth(data)
         cpu0 = gateway_overhead.cpu_seconds([proc.pid])
         add = wrk(url + "/add", ADD_LUA.format(auth=auth, run=run), seconds, 64)
         cpu1 = gateway_overhead.cpu_seconds([proc.pid])
-        batch = wrk(url + "/add-batch", BATCH_LUA.format(auth=auth, run=run, batch=BATCH),
-                    seconds, 16)
+        batch = add_batch(url, auth, run, seconds)
         cpu2 = gateway_overhead.cpu_seconds([proc.pid])
-        compact = wrk(url + "/add-batch", BATCH_LUA.format(
-            auth=auth + f'\nwrk.headers["Accept"] = "{COMPACT}"', run=run + "-compact",
-            batch=BATCH), seconds, 16)
+        compact = add_batch(url, auth + f'\nwrk.headers["Accept"] = "{COMPACT}"',
+                            run + "-compact", seconds)
         cpu3 = gateway_overhead.cpu_seconds([proc.pid])
     finally:
         stop(proc)
@@ -406,11 +415,9 @@ def proof_figures(entries: int, tmp: Path, seconds: float, run: str) -> dict[str
     try:
         proof = wrk(url, PROOF_LUA.format(entries=entries), seconds, 1)
         rss, _ = rss_mib(proc.pid)
-        auth = ('wrk.headers["Authorization"] = "Bearer '
-                + (data / "append.token").read_text().strip() + '"')
+        auth = append_auth(data)
         add = wrk(url + "/add", ADD_LUA.format(auth=auth, run=run), seconds, 64)
-        batch = wrk(url + "/add-batch", BATCH_LUA.format(auth=auth, run=run + "-batch",
-                                                         batch=BATCH), seconds, 16)
+        batch = add_batch(url, auth, run + "-batch", seconds)
         _, peak = rss_mib(proc.pid)
     finally:
         stop(proc)
@@ -510,8 +517,7 @@ def profile_add_load(tmp: Path, seconds: float, run: str) -> None:
     data = tmp / "profile-log"
     proc, url = start_tlog(data)
     try:
-        auth = ('wrk.headers["Authorization"] = "Bearer '
-                + (data / "append.token").read_text().strip() + '"')
+        auth = append_auth(data)
         load = threading.Thread(target=wrk, args=(url + "/add", ADD_LUA.format(
             auth=auth, run=run), seconds + 2, 64))
         load.start()
