@@ -24,7 +24,7 @@ from gateway.demo import stack as demo
 
 ROOT = Path(__file__).resolve().parents[1]
 READY_KEYS = {"gateway", "tlog", "witness", "provider", "log_vkey", "witness_vkey", "api_key",
-              "gateway_tls"}
+              "gateway_tls", "provider_tls"}
 START_TIMEOUT = 120.0
 
 
@@ -138,6 +138,9 @@ def test_restart_reuses_keys_and_sigterm_stops_every_part(tmp_path: Path) -> Non
         assert set(ready) == READY_KEYS
         assert ready["provider"].endswith("/v1")
         assert httpx.get(ready["provider"] + "/models", timeout=10).status_code == 200
+        assert ready["provider_tls"].startswith("https://") and ready["provider_tls"].endswith("/v1")
+        assert httpx.get(ready["provider_tls"] + "/models", timeout=10,
+                         verify=False).status_code == 200  # noqa: S501 - its self-signed key
         r = chat(ready, "hello")
         assert r.status_code == 200, r.text
         receipt_id = r.headers["x-receipt-id"]

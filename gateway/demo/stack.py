@@ -5,8 +5,10 @@ gateway on PORT): two dstack simulators (the gateway's and the provider's),
 the demo model provider, one witness, the tlog (witnessed, quorum 1) and the
 gateway with a generated config. Once every part answers it prints one JSON
 line to stdout (`gateway`, `tlog`, `witness`, `provider`, `log_vkey`,
-`witness_vkey`, `api_key`, and `gateway_tls`: the same gateway over HTTPS with
-its attested TLS key, on a second port) and serves until SIGTERM/SIGINT.
+`witness_vkey`, `api_key`, `gateway_tls`: the same gateway over HTTPS with
+its attested TLS key, on a second port, and `provider_tls`: the provider's
+HTTPS base URL, the one the gateway's route uses) and serves until
+SIGTERM/SIGINT.
 
 Invariants:
 - One demo per DIR: the demo holds an exclusive lock on DIR/demo.lock for its
@@ -520,11 +522,12 @@ def start_stack(stack: Stack, data: Path, host: str, port: int, timeout: float,
     wait_ready(stack, tlog, signed_checkpoint(tlog_url, log_vkey),
                "/checkpoint answered, signed by its key", deadline)
 
+    provider_base = f"https://127.0.0.1:{provider_tls_port}/v1"
     cfg = data / "gateway.toml"
     cfg.write_text(gateway_config(
         data=data, dstack_socket=sims["gateway"][0], tlog_url=tlog_url, log_vkey=log_vkey,
         witness_vkey=witness_vkey, api_key=api_key, admin_key=admin_key,
-        provider_http=provider_url, provider_base=f"https://127.0.0.1:{provider_tls_port}/v1"))
+        provider_http=provider_url, provider_base=provider_base))
     gateway_url = f"http://{host}:{port}" if ":" not in host else f"http://[{host}]:{port}"
     tls_url = gateway_url.replace("http://", "https://").rsplit(":", 1)[0] + f":{tls_port}"
     gateway = stack.start("gateway", ["-m", "gateway", "serve", "--config", str(cfg),
@@ -537,7 +540,8 @@ def start_stack(stack: Stack, data: Path, host: str, port: int, timeout: float,
     check_routes(gateway_url, admin_key)
     return {"gateway": gateway_url, "tlog": tlog_url, "witness": witness_url,
             "provider": provider_url + "/v1", "log_vkey": log_vkey,
-            "witness_vkey": witness_vkey, "api_key": api_key, "gateway_tls": tls_url}
+            "witness_vkey": witness_vkey, "api_key": api_key, "gateway_tls": tls_url,
+            "provider_tls": provider_base}
 
 
 def check_routes(gateway_url: str, admin_key: str) -> None:
