@@ -370,11 +370,14 @@ def bounded_http(limits: ServerLimits, cap: int) -> type[asyncio.Protocol]:
 
 
 def uvicorn_config(app: Any, limits: ServerLimits, **kwargs: Any) -> Any:
-    """A `uvicorn.Config` serving `app` on httptools with `limits` enforced; `kwargs` go
-    to uvicorn (host, port, log_level, ...)."""
+    """A `uvicorn.Config` serving `app` on httptools with `limits` enforced and its
+    connections corked (tlog/cork.py: a whole answer's head and body in one write);
+    `kwargs` go to uvicorn (host, port, log_level, ...)."""
     import uvicorn
 
-    return uvicorn.Config(app, http=bounded_http(limits, connection_cap(limits)),
+    from tlog.cork import corked
+
+    return uvicorn.Config(app, http=corked(bounded_http(limits, connection_cap(limits))),
                           timeout_keep_alive=limits.keep_alive_timeout,  # type: ignore[arg-type]
                           **kwargs)
 

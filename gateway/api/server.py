@@ -8,7 +8,7 @@ make sure the keyset entry is in the log (gateway/receipts/keysets.py: reused
 from the data directory, or appended; until then nothing is served: connections
 wait in the backlog and /healthz does not answer); open the outbox; start the shipper process (`python -m gateway.receipts.shipper`, which
 dies with the gateway); serve the ASGI app with uvicorn (uvloop, httptools),
-its connections corked (gateway/api/cork.py: a whole answer in one write).
+its connections corked (tlog/cork.py: a whole answer in one write).
 When listening, one JSON line goes to stdout: `{"gateway": URL,
 "receipt_signing_key": B64, "keyset_hash": HEX, "keyset_index": INT,
 "tls_spki_sha256": HEX}` plus `"gateway_tls": URL` with `--tls-listen`.
@@ -48,7 +48,6 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from gateway.api import config as gconfig
-from gateway.api.cork import corked
 from gateway.api.health import Check, Readiness, agent_probe, log_probe, redis_probe
 from gateway.api.routes import now_rfc3339
 from gateway.identity.keys import GatewayKeys
@@ -344,7 +343,6 @@ async def serve(cfg: gconfig.Config, sock: socket.socket, stop: StopSignal, *,
             proxy_headers=False, server_header=False,
             ssl_certfile=str(cert) if with_tls else None,
             ssl_keyfile=str(key) if with_tls else None)
-        config.http = corked(config.http)  # a whole answer's head and body in one write
         return uvicorn.Server(config)
 
     watch = asyncio.create_task(watchdog())

@@ -1,4 +1,4 @@
-"""Corked connections (gateway/api/cork.py): one write per loop turn, same bytes, same order."""
+"""Corked connections (tlog/cork.py): one write per loop turn, same bytes, same order."""
 
 from __future__ import annotations
 
@@ -7,9 +7,10 @@ import socket
 from typing import Any
 
 import uvicorn
+from uvicorn.server import ServerState
 
-from gateway.api.cork import CorkedTransport, corked
-from tlog.service import ServerLimits, bounded_http
+from tlog.cork import CorkedTransport, corked
+from tlog.service import ServerLimits, bounded_http, uvicorn_config
 
 
 class Recording(asyncio.Transport):
@@ -155,3 +156,30 @@ def test_a_corked_server_sends_the_same_bytes_for_pipelined_and_streamed_answers
 
     plain = bounded_http(ServerLimits(), 100)
     assert asyncio.run(run(corked(bounded_http(ServerLimits(), 100)))) == asyncio.run(run(plain))
+
+
+def test_every_service_answers_a_request_in_one_write() -> None:
+    """The protocol `uvicorn_config` gives the tlog, the witness and the gateway sends a whole
+    answer's head and body in one write; uncorked, the same answer takes two."""
+
+    async def run(protocol: type[asyncio.Protocol], config: uvicorn.Config) -> list[bytes]:
+        inner = Recording()
+        inner.get_extra_info = lambda name, default=None: (  # type: ignore[method-assign]
+            ("127.0.0.1", 4000) if name in ("peername", "sockname") else default)
+        proto: Any = protocol(config=config, server_state=ServerState(),  # type: ignore[call-arg]
+                              app_state={})
+        proto.connection_made(inner)
+        proto.data_received(b"POST /whole HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
+        for _ in range(20):
+            await asyncio.sleep(0)
+        proto.connection_lost(None)
+        return inner.writes
+
+    config = uvicorn_config(_app, ServerLimits(), lifespan="off", log_config=None,
+                            log_level="warning", server_header=False, date_header=False)
+    config.load()
+    writes = asyncio.run(run(config.http_protocol_class, config))
+    assert len(writes) == 1
+    assert writes[0].startswith(b"HTTP/1.1 200 OK\r\n")
+    assert writes[0].endswith(b'\r\n\r\n{"answer": "/whole"}')
+    assert len(asyncio.run(run(bounded_http(ServerLimits(), 100), config))) == 2

@@ -5,9 +5,10 @@ body on `http.response.body`: two `send` system calls, two TCP segments and two
 wake-ups of the client for every whole answer. `CorkedTransport` holds a write
 that ends like an HTTP head (CRLF CRLF) until the next write, which leaves joined
 with it, or until the end of the loop turn (`loop.call_soon`). Every other write
-leaves at once: a stream's events are never held behind the work the gateway does
-before it next yields (reading further upstream chunks already buffered, the
-receipt), so corking costs a stream's first chunk nothing.
+leaves at once: a stream's events are never held behind the work the app does
+before it next yields (the gateway: reading further upstream chunks already
+buffered, the receipt), so corking costs a stream's first chunk nothing. Every
+service's uvicorn serves through it (`tlog.service.uvicorn_config`).
 
 Invariants:
 - Bytes leave in the order written, none dropped while the connection is open:
