@@ -176,10 +176,24 @@ def test_every_service_answers_a_request_in_one_write() -> None:
         return inner.writes
 
     config = uvicorn_config(_app, ServerLimits(), lifespan="off", log_config=None,
-                            log_level="warning", server_header=False, date_header=False)
+                            log_level="warning", date_header=False)
     config.load()
     writes = asyncio.run(run(config.http_protocol_class, config))
     assert len(writes) == 1
     assert writes[0].startswith(b"HTTP/1.1 200 OK\r\n")
+    assert b"\r\nserver:" not in writes[0].lower()
     assert writes[0].endswith(b'\r\n\r\n{"answer": "/whole"}')
     assert len(asyncio.run(run(bounded_http(ServerLimits(), 100), config))) == 2
+
+
+def test_services_take_no_client_address_from_forwarded_headers() -> None:
+    """No service reads X-Forwarded-For (a peer could claim any address with it) or names
+    its server software; a caller may still turn either on."""
+    config = uvicorn_config(_app, ServerLimits(), lifespan="off", log_config=None)
+    config.load()
+    assert config.loaded_app is _app  # no ProxyHeadersMiddleware in front of it
+    assert not config.server_header
+    config = uvicorn_config(_app, ServerLimits(), lifespan="off", log_config=None,
+                            proxy_headers=True)
+    config.load()
+    assert config.loaded_app is not _app
