@@ -45,6 +45,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from tlog.cork import corked
+
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
@@ -377,8 +379,6 @@ def uvicorn_config(app: Any, limits: ServerLimits, **kwargs: Any) -> Any:
     unless `kwargs` turn them on (uvicorn's proxy-header middleware was ~5 % of the log's
     CPU under `POST /add`)."""
     import uvicorn
-
-    from tlog.cork import corked
 
     kwargs.setdefault("proxy_headers", False)
     kwargs.setdefault("server_header", False)

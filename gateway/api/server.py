@@ -340,7 +340,6 @@ async def serve(cfg: gconfig.Config, sock: socket.socket, stop: StopSignal, *,
         config = uvicorn_config(
             app, cfg.server, lifespan=lifespan, loop="none", log_config=None,
             access_log=False, log_level="warning", timeout_graceful_shutdown=5,
-            proxy_headers=False, server_header=False,
             ssl_certfile=str(cert) if with_tls else None,
             ssl_keyfile=str(key) if with_tls else None)
         return uvicorn.Server(config)
