@@ -46,11 +46,11 @@ def sizes(data: Path) -> dict[str, int]:
 async def load(url: str, calls: int, concurrency: int) -> int:
     """Send `calls` chat calls with `concurrency` workers; the number answered 200."""
     ok = 0
-    todo = iter(range(calls))
+    pending = iter(range(calls))
 
     async def worker(c: httpx.AsyncClient) -> None:
         nonlocal ok
-        for _ in todo:
+        for _ in pending:
             r = await c.post(url + "/v1/chat/completions", json=BODY,
                              headers={"Authorization": f"Bearer {API_KEY}"})
             ok += r.status_code == 200

@@ -184,11 +184,11 @@ def receipt_like(i: int) -> bytes:
 def append_batches(url: str, token: str, start: int, count: int, parallel: int = 4) -> None:
     """Append entries start..start+count-1 in 256-entry POST /add-batch requests."""
     async def go() -> None:
-        todo = list(range(start, start + count, tiles.WIDTH))
+        pending = list(range(start, start + count, tiles.WIDTH))
         async with httpx.AsyncClient(timeout=60) as c:
             async def worker() -> None:
-                while todo:
-                    first = todo.pop(0)
+                while pending:
+                    first = pending.pop(0)
                     batch = [receipt_like(i) for i in
                              range(first, min(first + tiles.WIDTH, start + count))]
                     r = await c.post(f"{url}/add-batch", content=tiles.encode_bundle(batch),

@@ -47,12 +47,12 @@ def descendants(pid: int) -> set[int]:
             if st is not None:
                 parents.setdefault(st[0], []).append(int(entry))
     out: set[int] = set()
-    todo = [pid]
-    while todo:
-        for child in parents.get(todo.pop(), []):
+    pending = [pid]
+    while pending:
+        for child in parents.get(pending.pop(), []):
             if child not in out:
                 out.add(child)
-                todo.append(child)
+                pending.append(child)
     return out
 
 

@@ -182,14 +182,14 @@ def test_the_witness_shares_plumbing_not_the_logs_server() -> None:
 def verifier_closure() -> set[str]:
     """Every project module `verifier` can load (top-level and lazy imports followed)."""
     seen: set[str] = set()
-    todo = [m for m in MODULES if under(m, "verifier")]
-    while todo:
-        m = todo.pop()
+    pending = [m for m in MODULES if under(m, "verifier")]
+    while pending:
+        m = pending.pop()
         if m in seen:
             continue
         seen.add(m)
-        todo += [t for i in IMPORTS[m] if (t := target(i.name)) in MODULES]
-        todo += [p for p in (m.rpartition(".")[0],) if p]  # a package runs its __init__
+        pending += [t for i in IMPORTS[m] if (t := target(i.name)) in MODULES]
+        pending += [p for p in (m.rpartition(".")[0],) if p]  # a package runs its __init__
     return seen
 
 

@@ -146,20 +146,20 @@ def prove_inclusions(indices: Iterable[int], size: int, node: NodeReader,
         bad = wanted[0] if wanted[0] < 0 else wanted[-1]
         raise ProofError(f"index {bad} out of range for tree size {size}")
     out: dict[int, tuple[bytes, ...]] = {}
-    todo: list[tuple[int, int, list[int], tuple[bytes, ...]]] = []
+    stack: list[tuple[int, int, list[int], tuple[bytes, ...]]] = []
     if wanted:
-        todo.append((0, size, wanted, ()))
-    while todo:
-        lo, hi, group, root_side = todo.pop()  # root_side: the path so far, root first
+        stack.append((0, size, wanted, ()))
+    while stack:
+        lo, hi, group, root_side = stack.pop()  # root_side: the path so far, root first
         if hi - lo == 1:
             out[lo] = root_side[::-1]
             continue
         mid = lo + _split(hi - lo)
         cut = bisect.bisect_left(group, mid)
         if cut:
-            todo.append((lo, mid, group[:cut], root_side + (range_hash(mid, hi, node, memo),)))
+            stack.append((lo, mid, group[:cut], root_side + (range_hash(mid, hi, node, memo),)))
         if cut < len(group):
-            todo.append((mid, hi, group[cut:], root_side + (range_hash(lo, mid, node, memo),)))
+            stack.append((mid, hi, group[cut:], root_side + (range_hash(lo, mid, node, memo),)))
     return out
 
 
