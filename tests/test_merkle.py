@@ -145,6 +145,55 @@ def test_batch_inclusion_proofs_refuse_indices_outside_the_tree(indices):
             _leaves(5)))
 
 
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 700), st.data())
+def test_one_batch_proof_gives_the_root_and_every_single_path(size, data):
+    leaves = _leaves(size)
+    node = merkle._list_reader(leaves)
+    indices = data.draw(st.lists(st.integers(0, size - 1), min_size=1, max_size=40)
+                        | st.integers(0, size - 1).flatmap(
+                            lambda lo: st.just(list(range(lo, min(size, lo + 300))))))
+    proof = merkle.prove_batch(indices, size, node)
+    got = {i: leaves[i] for i in indices}
+    root, paths = merkle.root_from_batch(got, size, proof)
+    assert root == merkle.root(leaves)
+    for i in indices:
+        assert paths[i] == merkle.prove_inclusion(i, size, node)
+    assert len(proof) <= sum(len(paths[i]) for i in set(indices))  # never more than apart
+    if proof:  # every hash matters and its place matters
+        k = data.draw(st.integers(0, len(proof) - 1))
+        flipped = [*proof[:k], bytes(32), *proof[k + 1:]]
+        assert merkle.root_from_batch(got, size, flipped)[0] != root
+        with pytest.raises(merkle.ProofError):
+            merkle.root_from_batch(got, size, proof[:k] + proof[k + 1:])
+    with pytest.raises(merkle.ProofError):
+        merkle.root_from_batch(got, size, [*proof, leaves[0]])
+    other = {**got, indices[0]: merkle.leaf_hash(b"not this leaf")}
+    assert merkle.root_from_batch(other, size, proof)[0] != root
+
+
+def test_a_run_of_leaves_needs_about_two_paths_of_hashes():
+    size = 100_000
+    node = merkle._list_reader(_leaves(size))
+    proof = merkle.prove_batch(range(70_000, 70_256), size, node)
+    assert len(proof) <= 2 * len(merkle.prove_inclusion(70_000, size, node))
+
+
+@pytest.mark.parametrize(("leaves", "size", "proof"), [
+    ({}, 4, []),  # nothing to prove
+    ({4: bytes(32)}, 4, []),  # past the tree
+    ({-1: bytes(32)}, 4, []),
+    ({0: bytes(31)}, 4, [bytes(32)] * 2),  # a leaf hash of the wrong size
+    ({0: bytes(32)}, 4, [bytes(32), bytes(33)]),
+])
+def test_a_batch_proof_with_bad_inputs_is_refused(leaves, size, proof):
+    with pytest.raises(merkle.ProofError):
+        merkle.root_from_batch(leaves, size, proof)
+    if leaves and min(leaves) < 0 or max(leaves, default=0) >= size:
+        with pytest.raises(merkle.ProofError):
+            merkle.prove_batch(leaves, size, merkle._list_reader(_leaves(4)))
+
+
 @settings(max_examples=150, deadline=None)
 @given(st.integers(1, 600), st.data())
 def test_consistency_roundtrip(new, data):

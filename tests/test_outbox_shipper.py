@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -136,17 +137,17 @@ def test_entries_a_batch_did_not_get_acknowledged_are_shipped_singly(tmp_path: P
 
 
 def compact(signer: note.Ed25519Signer = SIGNER,
-            cosigners: tuple[cosignature.CosignatureSigner, ...] = ()) -> dict[str, Any]:
-    """The compact `/add-batch` answer (tlog/batch.py) for ENTRIES, cosigned as given."""
+            cosigners: tuple[cosignature.CosignatureSigner, ...] = (),
+            of: Sequence[int] = range(len(ENTRIES))) -> dict[str, Any]:
+    """The compact `/add-batch` answer (tlog/batch.py) for the ENTRIES at `of`, under a
+    checkpoint of all ENTRIES cosigned as given."""
     leaves = [merkle.leaf_hash(e) for e in ENTRIES]
     signed = checkpoint.sign(
         checkpoint.Checkpoint("log.test/x", len(leaves), merkle.root(leaves), ()), signer)
     for w in cosigners:
         signed += cosignature.cosign(signed, w).line()
-    return {"checkpoint": signed.decode(), "entries": [
-        {"index": i, "proof": [base64.b64encode(h).decode()
-                               for h in merkle.inclusion_proof(i, len(leaves), leaves)]}
-        for i in range(len(ENTRIES))]}
+    hashes = merkle.prove_batch(of, len(leaves), merkle._list_reader(leaves))  # noqa: SLF001
+    return json.loads(batch.encode(signed, list(of), hashes))
 
 
 def test_a_compact_answer_gives_each_entry_the_proof_add_would_answer() -> None:
@@ -177,23 +178,56 @@ def test_a_compact_answer_has_its_checkpoint_verified_once(monkeypatch) -> None:
     assert all(isinstance(e, ShipError) and e.appended and e.log_down for e in unwitnessed)
 
 
-def test_each_compact_item_is_checked_on_its_own() -> None:
+def test_a_refused_compact_item_is_refused_alone() -> None:
+    leaves = [merkle.leaf_hash(e) for e in ENTRIES]
     doc = compact()
     doc["entries"][1] = {"error": "log storage failed", "code": "storage_unavailable"}
-    doc["entries"][2]["index"] = 3  # a path for another leaf
-    sent = [*ENTRIES[:4], b"not the logged entry"]
-    ok, refused, moved, _, forged = ProofChecker(SIGNER.vkey).check_batch(sent, doc)
+    doc["proof"] = [base64.b64encode(h).decode() for h in merkle.prove_batch(
+        [0, 2, 3, 4], len(leaves), merkle._list_reader(leaves))]  # noqa: SLF001
+    ok, refused, *rest = ProofChecker(SIGNER.vkey).check_batch(ENTRIES, doc)
     assert isinstance(ok, proof.TlogProof) and ok.index == 0
     assert isinstance(refused, ShipError) and not refused.appended
     assert "storage_unavailable" in str(refused)
-    for e in (moved, forged):
-        assert isinstance(e, ShipError) and "does not verify" in str(e) and not e.appended
+    assert [p.index for p in rest] == [2, 3, 4]  # type: ignore[union-attr]
+
+
+def _moved(doc: dict[str, Any]) -> dict[str, Any]:
+    doc["entries"][2]["index"] = doc["entries"][1]["index"]  # two entries on one index
+    return doc
+
+
+def _swapped(doc: dict[str, Any]) -> dict[str, Any]:
+    doc["entries"][1]["index"], doc["entries"][2]["index"] = 2, 1
+    return doc
+
+
+MIDDLE = (1, 2, 3)  # a batch whose proof is not empty: leaves 0 and 4 are beside it
+SENT = [ENTRIES[i] for i in MIDDLE]
+
+
+@pytest.mark.parametrize(("sent", "doc"), [
+    ([SENT[0], b"not the logged entry", SENT[2]], compact(of=MIDDLE)),  # a forged entry
+    (SENT, _moved(compact(of=MIDDLE))),
+    (SENT, _swapped(compact(of=MIDDLE))),  # each index real, but not that entry's
+    (SENT, {**compact(of=MIDDLE), "proof": compact(of=MIDDLE)["proof"][:-1]}),  # a hash short
+    (SENT, {**compact(of=MIDDLE), "proof": [*compact(of=MIDDLE)["proof"]] * 2}),  # too many
+    (SENT, {**compact(of=MIDDLE), "proof": compact(of=MIDDLE)["proof"][::-1]}),  # reordered
+    (SENT, {**compact(of=MIDDLE), "entries": [{"index": i} for i in (1, 2, 5)]}),  # past size
+    (ENTRIES, {**compact(), "proof": compact(of=MIDDLE)["proof"]}),  # hashes where none are due
+])
+def test_a_compact_proof_that_does_not_verify_refuses_the_whole_batch(sent: list[bytes],
+                                                                       doc: object) -> None:
+    with pytest.raises(ShipError) as e:
+        ProofChecker(SIGNER.vkey).check_batch(sent, doc)
+    assert not e.value.appended and not e.value.log_down
+    with pytest.raises(ShipError):  # without the log's key the proof is still recomputed
+        ProofChecker(None).check_batch(sent, doc)
 
 
 @pytest.mark.parametrize("doc", [
     compact(signer=note.generate_signer("log.test/x")),  # not the log's key
     {**compact(), "entries": compact()["entries"][:4]},  # an answer short
-    {**compact(), "entries": [{"index": 0, "proof": ["AAAA"]}] * 5},
+    {**compact(), "proof": ["AAAA"]},
     {"checkpoint": None, "entries": []},
     {"entries": [{}] * 4},  # old form, an answer short
     [],

@@ -1,6 +1,6 @@
-"""The compact `/add-batch` answer (tlog/batch.py): one checkpoint, each entry's path under it,
-the tlog-proof text `POST /add` answers rebuilt from it byte for byte; the default answer
-unchanged."""
+"""The compact `/add-batch` answer (tlog/batch.py): one checkpoint, each entry's index, one
+proof of them all; the tlog-proof text `POST /add` answers rebuilt from it byte for byte; the
+default answer unchanged."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from tests.tlogutil import start_tlog, stop
 from tlog import batch, checkpoint, merkle, note, proof, tiles
-from tlog.sequencer import QUORUM_NOT_REACHED, Added, AppendError, Log
+from tlog.sequencer import QUORUM_NOT_REACHED, Added, AppendError, Log, Paths
 from tlog.server import TlogApp
 from tlog.sqlite_store import SQLiteStore
 
@@ -48,14 +48,15 @@ def test_compact_answer_rebuilds_exactly_what_add_and_the_default_batch_answer(l
     assert r.headers["content-type"] == batch.MEDIA_TYPE
     answer = batch.parse(r.json())
     cp, _ = checkpoint.open(answer.checkpoint, verifier)  # the one signature to check
-    assert len(answer.entries) == len(entries)
+    root, proofs = batch.rebuild(answer, entries, cp.size)
+    assert root == cp.root_hash
+    assert len(answer.proof) < 2 * 64  # not one path per entry
     rebuilt = []
-    for entry, item in zip(entries, answer.entries, strict=True):
-        assert isinstance(item, batch.Included)
-        p = item.tlog_proof(answer.checkpoint, entry)
+    for entry, p in zip(entries, proofs, strict=True):
+        assert isinstance(p, proof.TlogProof) and p.extra == entry
         proof.check_inclusion(p, cp)
         rebuilt.append(p.format().decode())
-    assert len({it.index for it in answer.entries}) == len(entries)  # type: ignore[union-attr]
+    assert len(set(answer.entries)) == len(entries)
     # the same entries again (appends are idempotent, the tree does not change): the
     # default answer and POST /add carry exactly the text rebuilt from the compact one
     old = post(url, token, "/add-batch", tiles.encode_bundle(entries))
@@ -64,7 +65,7 @@ def test_compact_answer_rebuilds_exactly_what_add_and_the_default_batch_answer(l
     assert [it["proof"] for it in items] == rebuilt
     assert {it["checkpoint"] for it in items} == {answer.checkpoint.decode()}
     single = post(url, token, "/add", entries[7]).json()
-    assert single["proof"] == rebuilt[7] and single["index"] == answer.entries[7].index  # type: ignore[union-attr]
+    assert single["proof"] == rebuilt[7] and single["index"] == answer.entries[7]
 
 
 def test_the_compact_answer_carries_the_checkpoint_once(log) -> None:
@@ -75,7 +76,7 @@ def test_the_compact_answer_carries_the_checkpoint_once(log) -> None:
     origin = batch.parse(orjson.loads(compact)).checkpoint.split(b"\n", 1)[0]
     assert compact.count(origin) == 2  # its first line and its signature line
     assert full.count(origin) == 2 * 2 * len(entries)  # per entry: checkpoint and proof
-    assert len(compact) * 2 < len(full)
+    assert len(compact) * 50 < len(full)  # and one proof, not a path per entry
 
 
 def test_bad_batches_are_refused_whole_in_either_form(log) -> None:
@@ -97,55 +98,75 @@ def test_mixed_heads_are_answered_under_the_newest_and_refusals_kept(tmp_path: P
     log.served = head2
     refused = AppendError(QUORUM_NOT_REACHED, "not witnessed yet")
     results: list[Added | AppendError] = [
-        Added(idx1[2], head1, log.inclusion(idx1[2], head1), first[2]),
+        Added(idx1[2], head1, Paths([idx1[2]], head1.size, log.node), first[2]),
         refused,
-        Added(idx2[4], head2, log.inclusion(idx2[4], head2), second[4])]
+        Added(idx2[4], head2, Paths([idx2[4]], head2.size, log.node), second[4])]
     answer = batch.parse(orjson.loads(TlogApp(log, "t")._compact(results)))  # noqa: SLF001
     assert answer.checkpoint == head2.note
     cp, _ = checkpoint.open(head2.note, log.signer.verifier())
-    a, r, b = answer.entries
+    root, (a, r, b) = batch.rebuild(answer, [first[2], b"refused", second[4]], cp.size)
+    assert root == cp.root_hash
     assert r == batch.Refused("not witnessed yet", QUORUM_NOT_REACHED)
-    for item, entry in ((a, first[2]), (b, second[4])):
-        assert isinstance(item, batch.Included)
-        proof.check_inclusion(item.tlog_proof(answer.checkpoint, entry), cp)
+    for p, entry in ((a, first[2]), (b, second[4])):
+        assert isinstance(p, proof.TlogProof) and p.extra == entry
+        proof.check_inclusion(p, cp)
     assert a.index == idx1[2] and a.hashes != results[0].hashes  # type: ignore[union-attr]
     store.close()
 
 
+def test_an_answer_of_refusals_only_has_no_proof(tmp_path: Path) -> None:
+    log = Log(SQLiteStore(tmp_path / "log.db"), note.generate_signer("test.example/refused"))
+    log.served = log._commit([b"one"])[0]  # noqa: SLF001
+    refused = AppendError(QUORUM_NOT_REACHED, "not witnessed yet")
+    answer = batch.parse(orjson.loads(TlogApp(log, "t")._compact([refused, refused])))  # noqa: SLF001
+    assert answer.proof == ()
+    assert batch.rebuild(answer, [b"a", b"b"], 1) == (None, [batch.Refused(
+        "not witnessed yet", QUORUM_NOT_REACHED)] * 2)
+    with pytest.raises(merkle.ProofError):  # hashes where no entry is acknowledged
+        batch.rebuild(batch.BatchAnswer(answer.checkpoint, answer.entries, (H,)), [b"a", b"b"], 1)
+
+
 @pytest.mark.parametrize(("accept", "wanted"), [
-    (b"application/vnd.pag.batch+json", True),
-    (b"application/json, Application/VND.pag.batch+JSON; q=0.9", True),
+    (b"application/vnd.pag.batch-proof+json", True),
+    (b"application/json, Application/VND.pag.batch-PROOF+JSON; q=0.9", True),
     (b"", False),
     (b"*/*", False),
     (b"application/json", False),
-    (b"application/vnd.pag.batch+json-not", False),
+    (b"application/vnd.pag.batch+json", False),  # the older compact answer, gone
+    (b"application/vnd.pag.batch-proof+json-not", False),
 ])
 def test_only_the_media_type_asks_for_the_compact_answer(accept: bytes, wanted: bool) -> None:
     assert batch.wanted(accept) is wanted
 
 
 def test_round_trip() -> None:
-    items = (batch.Included(0, ()), batch.Included(7, (H, H[::-1])),
-             batch.Refused("storage failed", "storage_unavailable"))
-    assert batch.parse(orjson.loads(batch.encode(b"note\n", items))) == \
-        batch.BatchAnswer(b"note\n", items)
+    items = (0, 7, batch.Refused("storage failed", "storage_unavailable"))
+    assert batch.parse(orjson.loads(batch.encode(b"note\n", items, [H, H[::-1]]))) == \
+        batch.BatchAnswer(b"note\n", items, (H, H[::-1]))
+
+
+B64 = "A" * 43 + "="
 
 
 @pytest.mark.parametrize("doc", [
-    [], "x", {}, {"checkpoint": "", "entries": []}, {"checkpoint": 1, "entries": []},
-    {"checkpoint": "n", "entries": {}}, {"checkpoint": "n", "entries": [1]},
-    {"checkpoint": "n", "entries": [{"index": -1, "proof": []}]},
-    {"checkpoint": "n", "entries": [{"index": True, "proof": []}]},
-    {"checkpoint": "n", "entries": [{"index": "1", "proof": []}]},
-    {"checkpoint": "n", "entries": [{"index": 1, "proof": "AAAA"}]},
-    {"checkpoint": "n", "entries": [{"index": 1, "proof": ["AAAA"]}]},  # 3 bytes
-    {"checkpoint": "n", "entries": [{"index": 1, "proof": ["!" * 44]}]},
-    {"checkpoint": "n", "entries": [{"index": 1, "proof": ["\u00e9" * 44]}]},  # not ASCII
-    {"checkpoint": "n", "entries": [{"index": 1, "proof": ["A" * 42 + "=="]}]},  # 31 bytes
-    {"checkpoint": "n", "entries": [{"index": 1, "proof": [1]}]},
-    {"checkpoint": "n", "entries": [{"index": 1, "proof": ["A" * 43 + "="] * 65}]},
-    {"checkpoint": "n", "entries": [{"error": "e"}]},
-    {"checkpoint": "n", "entries": [{"error": 1, "code": "c"}]},
+    [], "x", {}, {"checkpoint": "", "entries": [], "proof": []},
+    {"checkpoint": 1, "entries": [], "proof": []},
+    {"checkpoint": "n", "entries": [], "proof": None},
+    {"checkpoint": "n", "entries": []},
+    {"checkpoint": "n", "entries": {}, "proof": []},
+    {"checkpoint": "n", "entries": [1], "proof": []},
+    {"checkpoint": "n", "entries": [{"index": -1}], "proof": []},
+    {"checkpoint": "n", "entries": [{"index": True}], "proof": []},
+    {"checkpoint": "n", "entries": [{"index": "1"}], "proof": []},
+    {"checkpoint": "n", "entries": [{"index": 1}], "proof": "AAAA"},
+    {"checkpoint": "n", "entries": [{"index": 1}], "proof": ["AAAA"]},  # 3 bytes
+    {"checkpoint": "n", "entries": [{"index": 1}], "proof": ["!" * 44]},
+    {"checkpoint": "n", "entries": [{"index": 1}], "proof": ["\u00e9" * 44]},  # not ASCII
+    {"checkpoint": "n", "entries": [{"index": 1}], "proof": ["A" * 42 + "=="]},  # 31 bytes
+    {"checkpoint": "n", "entries": [{"index": 1}], "proof": [1]},
+    {"checkpoint": "n", "entries": [{"index": 1}], "proof": [B64] * (256 * 64 + 1)},
+    {"checkpoint": "n", "entries": [{"error": "e"}], "proof": []},
+    {"checkpoint": "n", "entries": [{"error": 1, "code": "c"}], "proof": []},
 ])
 def test_malformed_answers_are_refused(doc: object) -> None:
     with pytest.raises(batch.BatchFormatError):
@@ -159,15 +180,15 @@ JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.fixed_dictionaries({"checkpoint": JSON, "entries": JSON}) | JSON)
+@given(st.fixed_dictionaries({"checkpoint": JSON, "entries": JSON, "proof": JSON}) | JSON)
 def test_any_json_parses_or_raises_only_the_format_error(doc: object) -> None:
     try:
         answer = batch.parse(doc)
     except batch.BatchFormatError:
         return
+    assert all(len(h) == merkle.HASH_SIZE for h in answer.proof)
     for item in answer.entries:
-        if isinstance(item, batch.Included):
-            assert all(len(h) == merkle.HASH_SIZE for h in item.hashes)
+        assert isinstance(item, batch.Refused) or (isinstance(item, int) and item >= 0)
 
 
 def test_an_empty_add_many_answers_nothing_and_the_log_goes_on(tmp_path: Path, caplog) -> None:

@@ -6,7 +6,7 @@ node SHA-256(0x01 || left || right), the root of the empty tree SHA-256("").
 Two ways in:
 - the fixed list API (`root`, `inclusion_proof`, `consistency_proof`) over a
   sequence of leaf hashes, for tests and small trees;
-- the node API (`tree_root`, `prove_inclusion`, `prove_inclusions`,
+- the node API (`tree_root`, `prove_inclusion`, `prove_inclusions`, `prove_batch`,
   `prove_consistency`) over a `NodeReader`, a function returning the hash of
   the complete subtree of 2**level leaves starting at leaf `index << level`.
   Storage backends give a reader over their tiles, so proofs touch O(log n)
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import bisect
 import hashlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 HASH_SIZE = 32
 EMPTY_ROOT = hashlib.sha256(b"").digest()
@@ -163,6 +163,38 @@ def prove_inclusions(indices: Iterable[int], size: int, node: NodeReader,
     return out
 
 
+def prove_batch(indices: Iterable[int], size: int, node: NodeReader,
+                memo: dict[tuple[int, int], bytes] | None = None) -> list[bytes]:
+    """One inclusion proof for many leaves of one tree: the hashes of the subtrees that
+    hold none of the leaves but are siblings of subtrees that hold some.
+
+    Their order is that of a depth-first walk down RFC 9162's recursion, left
+    before right, entered only where a wanted leaf is; `root_from_batch` walks the
+    same way. A run of k neighbouring leaves needs about 2 log2(size) hashes, not
+    k times log2(size). `memo` as in range_hash.
+    """
+    wanted = sorted(set(indices))
+    if wanted and not (wanted[0] >= 0 and wanted[-1] < size):
+        bad = wanted[0] if wanted[0] < 0 else wanted[-1]
+        raise ProofError(f"index {bad} out of range for tree size {size}")
+    out: list[bytes] = []
+
+    def walk(lo: int, hi: int, group: list[int]) -> None:
+        if hi - lo == 1:
+            return
+        mid = lo + _split(hi - lo)
+        cut = bisect.bisect_left(group, mid)
+        for a, b, part in ((lo, mid, group[:cut]), (mid, hi, group[cut:])):
+            if part:
+                walk(a, b, part)
+            else:
+                out.append(range_hash(a, b, node, memo))
+
+    if wanted:
+        walk(0, size, wanted)
+    return out
+
+
 def prove_consistency(old_size: int, new_size: int, node: NodeReader) -> list[bytes]:
     """RFC 9162 PROOF(old_size, D[0:new_size]); empty when the sizes are equal."""
     if not 0 < old_size <= new_size:
@@ -225,6 +257,46 @@ def verify_inclusion(
     """Raise ProofError unless `proof` shows leaf `index` of tree `size` has `root`."""
     if root_from_inclusion(leaf_hash, index, size, proof) != root:
         raise ProofError("inclusion proof does not lead to the root")
+
+
+def root_from_batch(leaves: Mapping[int, bytes], size: int, proof: Sequence[bytes]
+                    ) -> tuple[bytes, dict[int, list[bytes]]]:
+    """The root implied by a `prove_batch` proof for `leaves` ({index: leaf hash}), and
+    each leaf's own inclusion path (leaf side first, as `prove_inclusion` gives it).
+
+    ProofError if an index is out of range, a hash is not 32 bytes, or the proof
+    has too few or too many hashes. The caller compares the root.
+    """
+    wanted = sorted(leaves)
+    if not wanted:
+        raise ProofError("a batch proof of no leaves")
+    if wanted[0] < 0 or wanted[-1] >= size:
+        bad = wanted[0] if wanted[0] < 0 else wanted[-1]
+        raise ProofError(f"index {bad} out of range for tree size {size}")
+    _check_hashes([*leaves.values(), *proof])
+    paths: dict[int, list[bytes]] = {i: [] for i in wanted}
+    given = iter(proof)
+
+    def walk(lo: int, hi: int, group: list[int]) -> bytes:
+        if hi - lo == 1:
+            return leaves[lo]
+        mid = lo + _split(hi - lo)
+        cut = bisect.bisect_left(group, mid)
+        left, right = group[:cut], group[cut:]
+        lh = walk(lo, mid, left) if left else next(given, None)
+        rh = walk(mid, hi, right) if right else next(given, None)
+        if lh is None or rh is None:
+            raise ProofError("batch proof too short")
+        for i in left:
+            paths[i].append(rh)
+        for i in right:
+            paths[i].append(lh)
+        return node_hash(lh, rh)
+
+    root = walk(0, size, wanted)
+    if next(given, None) is not None:
+        raise ProofError("batch proof too long")
+    return root, paths
 
 
 def verify_consistency(

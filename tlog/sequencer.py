@@ -45,7 +45,7 @@ import contextlib
 import functools
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -100,16 +100,39 @@ class NotSequencer(AppendError):
         self.sequencer = sequencer
 
 
+class Paths:
+    """The inclusion paths of one batch's entries under one tree size, all computed on the
+    first ask (`merkle.prove_inclusions`, sharing what neighbouring paths share). A
+    compact `/add-batch` answer never asks: it proves the batch with one proof."""
+
+    def __init__(self, indices: Iterable[int], size: int, node: merkle.NodeReader) -> None:
+        self._indices: Iterable[int] | None = indices
+        self._size = size
+        self._node: merkle.NodeReader | None = node
+        self._paths: dict[int, tuple[bytes, ...]] = {}
+
+    def __getitem__(self, index: int) -> tuple[bytes, ...]:
+        if self._indices is not None and self._node is not None:
+            self._paths = merkle.prove_inclusions(self._indices, self._size, self._node, {})
+            self._indices = self._node = None  # the node reader's scratch goes with it
+        return self._paths[index]
+
+
 @dataclass(frozen=True)
 class Added:
     """An acknowledged entry: its index and inclusion path under `head`, a served
-    checkpoint covering it. The tlog-proof text is formatted only when asked for
-    (a compact `/add-batch` answer never formats it)."""
+    checkpoint covering it. The path and the tlog-proof text are computed only when
+    asked for (a compact `/add-batch` answer asks for neither)."""
 
     index: int
     head: Head
-    hashes: tuple[bytes, ...]
+    paths: Paths
     entry: bytes
+
+    @property
+    def hashes(self) -> tuple[bytes, ...]:
+        """The inclusion path under `head`, leaf side first."""
+        return self.paths[self.index]
 
     @property
     def checkpoint(self) -> bytes:
@@ -312,6 +335,11 @@ class Log:
                 return self.node(level, i) if h is None else h
 
         return tuple(merkle.prove_inclusion(index, head.size, node, memo))
+
+    def batch_inclusion(self, indices: Iterable[int], head: Head) -> list[bytes]:
+        """One proof of the inclusion of every entry in `indices` under `head`
+        (`merkle.prove_batch`)."""
+        return merkle.prove_batch(indices, head.size, self._batch_node({}), {})
 
     def _tile_path(self, index: int) -> dict[tuple[int, int], bytes]:
         """The 8 nodes of the inclusion path of leaf `index` inside its full leaf tile:
@@ -680,8 +708,8 @@ class Log:
         if max(indices) >= served.size:
             raise QuorumNotReached(f"the served checkpoint (size {served.size}) does not "
                                    "cover the batch")
-        paths = merkle.prove_inclusions(indices, served.size, self._batch_node({}), {})
-        return [Added(i, served, paths[i], entry)
+        paths = Paths(indices, served.size, self._batch_node({}))
+        return [Added(i, served, paths, entry)
                 for entry, i in zip(entries, indices, strict=True)]
 
     def _fail(self, batch: list[Pending], err: AppendError) -> None:

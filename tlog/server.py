@@ -172,8 +172,8 @@ class TlogApp:
         Answers 200 `{"entries": [...]}` in order, each either what `POST /add`
         answers for that entry (`index`, `checkpoint`, `proof`) or `{"error"}`
         when that entry was not acknowledged (the client sends it again). With
-        `Accept: application/vnd.pag.batch+json`, the compact answer of tlog/batch.py:
-        one checkpoint, each entry's index and inclusion path under it.
+        `Accept: application/vnd.pag.batch-proof+json`, the compact answer of
+        tlog/batch.py: one checkpoint, each entry's index, one proof of them all.
         """
         headers = dict(scope["headers"])
         if not hmac.compare_digest(headers.get(b"authorization", b""), self._auth):
@@ -207,19 +207,17 @@ class TlogApp:
         await _json(send, 200, {"entries": out})
 
     def _compact(self, results: list[Added | AppendError]) -> bytes:
-        """The compact answer: one checkpoint, the newest (then most cosigned) of those
-        the entries were answered under; a path under an older one is proven again under
-        it (the same tree size has the same paths)."""
+        """The compact answer: one checkpoint, the newest (then most cosigned) of those the
+        entries were answered under, and one proof of every acknowledged entry under it
+        (the same tree size has the same proofs)."""
         added = [r for r in results if isinstance(r, Added)]
         head = max((a.head for a in added), key=lambda h: (h.size, len(h.note)),
                    default=self.log.served)
-        memo: dict[tuple[int, int], bytes] = {}
-        items: list[batch.Included | batch.Refused] = [
-            batch.Refused(str(r), r.code) if isinstance(r, AppendError)
-            else batch.Included(r.index, r.hashes if r.head.size == head.size
-                                else self.log.inclusion(r.index, head, memo))
+        items: list[int | batch.Refused] = [
+            batch.Refused(str(r), r.code) if isinstance(r, AppendError) else r.index
             for r in results]
-        return batch.encode(head.note, items)
+        return batch.encode(head.note, items,
+                            self.log.batch_inclusion([a.index for a in added], head))
 
     async def _tile(self, p: str, send: Send) -> None:
         try:

@@ -23,8 +23,10 @@ Invariants:
 - Many posts are in flight at once (the log batches them into one checkpoint),
   each on its own pooled keep-alive HTTP/1.1 connection; receipts that queue
   up go in one `POST /add-batch` (up to BATCH) asking for the compact answer
-  (tlog/batch.py: one checkpoint, verified once, each entry's path checked
-  under it, the tlog-proof text `POST /add` would answer rebuilt locally) and
+  (tlog/batch.py: one checkpoint, verified once, and one proof of the whole
+  batch, recomputed from the entries sent to the checkpoint's root; each
+  entry's path, and the tlog-proof text `POST /add` would answer, rebuilt
+  locally on the way) and
   reading the old one (each item as `POST /add` answers) from a log that
   ignores the ask; whatever a batch did not get acknowledged is shipped singly.
 - At most BATCHES_IN_FLIGHT batch posts are in flight at once: receipts that
@@ -146,9 +148,10 @@ class ProofChecker:
     def check_batch(self, entries: Sequence[bytes], doc: object
                     ) -> list[proof.TlogProof | ShipError]:
         """Each entry's proof (or why not) from a parsed `POST /add-batch` answer: compact
-        (tlog/batch.py: its one checkpoint verified once, each path against it) or the old
-        form (each item as `POST /add` answers). ShipError if the answer as a whole is
-        malformed or, compact, its checkpoint is not the log's."""
+        (tlog/batch.py: its one checkpoint verified once, its one proof recomputed from
+        the entries sent to the checkpoint's root, each entry's own path rebuilt on the
+        way) or the default form (each item as `POST /add` answers). ShipError if the
+        answer as a whole is malformed or, compact, does not verify."""
         if not (isinstance(doc, dict) and "checkpoint" in doc):
             items = doc.get("entries") if isinstance(doc, dict) else None
             if not isinstance(items, list) or len(items) != len(entries):
@@ -157,26 +160,32 @@ class ProofChecker:
                     for e, item in zip(entries, items, strict=True)]
         try:
             answer = batch.parse(doc)
+            cp, unwitnessed = self._open_batch(answer.checkpoint)
+            root, rebuilt = batch.rebuild(answer, entries, cp.size)
         except batch.BatchFormatError as e:
             raise ShipError(f"log batch answer malformed: {e}", log_down=False) from e
-        if len(answer.entries) != len(entries):
-            raise ShipError("log batch answer malformed: wrong number of entries",
+        except (checkpoint.CheckpointError, note.NoteError, merkle.ProofError) as e:
+            raise ShipError(f"log batch proof does not verify: {e}", log_down=False) from e
+        if root is not None and root != cp.root_hash:
+            raise ShipError("log batch proof does not lead to the checkpoint's root",
                             log_down=False)
-        cp, unwitnessed = None, None
-        if self._verifier is not None:
-            try:
-                cp, unwitnessed = self._open(answer.checkpoint)
-            except (checkpoint.CheckpointError, note.NoteError) as e:
-                raise ShipError(f"log proof does not verify: {e}", log_down=False) from e
         out: list[proof.TlogProof | ShipError] = []
-        for entry, item in zip(entries, answer.entries, strict=True):
-            if isinstance(item, batch.Refused):
-                out.append(ShipError(f"log did not acknowledge the entry: {item.code}",
+        for p in rebuilt:
+            if isinstance(p, batch.Refused):
+                out.append(ShipError(f"log did not acknowledge the entry: {p.code}",
                                      log_down=False))
-                continue
-            p = item.tlog_proof(answer.checkpoint, entry)
-            out.append(p if cp is None else _attempt(self._included, entry, p, cp, unwitnessed))
+            elif unwitnessed is not None:
+                out.append(ShipError(f"log proof is not witnessed: {unwitnessed}",
+                                     log_down=True, appended=True))
+            else:
+                out.append(p)
         return out
+
+    def _open_batch(self, signed: bytes) -> tuple[checkpoint.Checkpoint, str | None]:
+        """`_open`, or without the log's vkey only the checkpoint parsed (no policy then)."""
+        if self._verifier is None:
+            return checkpoint.parse(note.split(signed)[0]), None
+        return self._open(signed)
 
     def _included(self, entry: bytes, p: proof.TlogProof, cp: checkpoint.Checkpoint,
                   unwitnessed: str | None) -> proof.TlogProof:
