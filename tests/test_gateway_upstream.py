@@ -7,8 +7,8 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
-from gateway.upstream.client import Pool, ProtocolError, exchange
 from gateway.upstream.leases import facts_of, rfc3339
+from tlog.http1 import Pool, ProtocolError, exchange
 
 REQ = b"POST /x HTTP/1.1\r\nHost: h\r\nContent-Length: 2\r\n\r\nhi"
 

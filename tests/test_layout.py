@@ -24,8 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("gateway", "verifier", "tlog", "witness")
 BASE = {"cryptography", "rfc8785", "httpx", "pyhpke"}  # pyproject's base dependencies
 # Server-side third-party packages: a base install must hold none of them.
-SERVER = ("aiohttp", "orjson", "fastapi", "starlette", "uvicorn", "uvloop", "redis", "psycopg",
-          "dstack_sdk", "sigstore", "eth_keys", "Crypto", "dcap_qvl")
+SERVER = ("aiohttp", "orjson", "fastapi", "starlette", "uvicorn", "uvloop", "httptools", "redis",
+          "psycopg", "dstack_sdk", "sigstore", "eth_keys", "Crypto", "dcap_qvl")
 # Pure formats: bytes in, values or errors out; no I/O of any kind.
 PURE = ("tlog.merkle", "tlog.note", "tlog.checkpoint", "tlog.tiles", "tlog.proof",
         "witness.cosignature", "witness.request", "verifier.receipt", "verifier.keyset_entry",
@@ -221,8 +221,8 @@ GATEWAY_RULES: dict[str, tuple[str, ...]] = {
     "gateway.identity": ("gateway.identity",),
     "gateway.upstream": ("gateway.upstream", "gateway.verification", "gateway.api.errors",
                          "gateway.api.config"),
-    "gateway.receipts": ("gateway.receipts", "gateway.upstream.client"),
-    "gateway.verification": ("gateway.verification", "gateway.upstream.client"),
+    "gateway.receipts": ("gateway.receipts",),
+    "gateway.verification": ("gateway.verification",),
     "gateway.api": ("gateway.api", "gateway.identity", "gateway.upstream",
                     "gateway.verification", "gateway.receipts"),
 }

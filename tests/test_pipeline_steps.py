@@ -30,7 +30,7 @@ from gateway.api.ratelimit import Hold, Limiter
 from gateway.api.router import Router
 from gateway.api.routes import RouteBook
 from gateway.receipts.outbox import ReceiptSigner
-from gateway.upstream.client import ProtocolError, UpstreamReply
+from gateway.upstream.client import UpstreamReply
 from gateway.upstream.leases import LeaseFacts, Leases
 from gateway.verification.base import SIGNATURE_BINDING
 from tests.test_gateway_fakes import (
@@ -42,6 +42,7 @@ from tests.test_gateway_fakes import (
     FakeLeaseStore,
     FakeVerificationError,
 )
+from tlog.http1 import ProtocolError
 from verifier import aci, receipt, sse
 
 SALT = bytes(range(32))

@@ -32,9 +32,10 @@ import uvloop
 
 from gateway.api.config import RouteSpec
 from gateway.api.errors import GatewayError
-from gateway.upstream.client import EventClock, ProtocolError, Upstream
+from gateway.upstream.client import EventClock, Upstream
 from gateway.upstream.leases import LeaseFacts
 from tests.test_gateway_fakes import API_KEY, run_gateway, write_config
+from tlog.http1 import ProtocolError
 from verifier import receipt
 
 GUARD = 20.0  # seconds: a hang guard, never an assertion

@@ -23,7 +23,6 @@ from aiohttp import web
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from gateway.upstream.client import spki_sha256
 from gateway.verification import tdx, tinfoil
 from gateway.verification.base import Policy, VerificationError
 from gateway.verification.lease import LeaseStore
@@ -37,6 +36,7 @@ from tests.test_gateway_fakes import (
     write_config,
 )
 from tests.test_verification_failclosed import gateway as running_gateway
+from tlog.http1 import spki_sha256
 from verifier.tee.quote import build_simulated_quote
 
 FIX = Path(__file__).parent / "fixtures" / "providers" / "tinfoil"

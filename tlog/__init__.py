@@ -2,7 +2,9 @@
 
 Pure formats (`merkle`, `note`, `checkpoint`, `tiles`, `proof`, `batch`), the durable
 storage, the sequencer and its election among PostgreSQL replicas, the HTTP
-server and its metrics, and `service`: the plumbing every HTTP service of the
-project shares. It imports `witness` formats (to gather
+server and its metrics, the witness client, and two modules every HTTP service
+of the project shares: `service` (server plumbing) and `http1` (the strict
+pooled HTTP/1.1 client the log, the receipt shipper and the gateway's upstream
+calls use). It imports `witness` formats (to gather
 cosignatures) and never imports `gateway` or `verifier`.
 """

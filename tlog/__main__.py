@@ -37,7 +37,8 @@ def parser() -> argparse.ArgumentParser:
                    help="PostgreSQL: this replica's URL as other replicas name it to clients "
                         "(default http://HOST:PORT of --listen)")
     s.add_argument("--witness", action="append", default=[], metavar="URL",
-                   help="witness to submit checkpoints to (repeat)")
+                   help="witness to submit checkpoints to, http(s)://host[:port][/prefix] "
+                        "(repeat)")
     s.add_argument("--witness-vkey", action="append", default=[], metavar="VKEY",
                    help="a witness's cosignature key, or a file holding it (repeat); only "
                         "cosignatures that verify under one of these are kept, served and "
@@ -208,9 +209,11 @@ def key_text(value: str) -> str:
 def witness_pool(args: argparse.Namespace):  # noqa: ANN201 - WitnessPool | None
     """The witnesses from --witness/--witness-vkey/--quorum, checked (ValueError if unusable)."""
     from tlog import note
-    from tlog.witnessing import WitnessPool
+    from tlog.witnessing import WitnessPool, endpoint
     from witness import cosignature
 
+    for url in args.witness:
+        endpoint(url)  # a malformed URL is refused here, before any other check
     try:
         verifiers = cosignature.parse_vkeys([key_text(v) for v in args.witness_vkey])
     except note.NoteError as e:

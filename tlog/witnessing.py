@@ -17,6 +17,17 @@ per witness key, and the quorum counts DISTINCT witness keys with a valid
 cosignature, never answers: two URLs answering with the same key count
 once, and a fake witness answering 200 under an honest witness's key ID
 counts for nothing.
+
+Witnesses are reached over `tlog.http1`: one pool of keep-alive HTTP/1.1
+connections (a connection is reused only after an answer that ended
+cleanly), `http://` or `https://` with the certificate and host name
+verified by the default SSL context. A witness URL is checked when the pool
+is made (scheme, host, port; no credentials, query, fragment or blanks), so a
+malformed one is refused at start-up, never at the first checkpoint. An
+answer is read up to MAX_ANSWER bytes: a larger one is that witness's
+"bad_answer", never held in memory. A connection refused, reset or closed
+mid-answer, a TLS failure or malformed HTTP is "unreachable"; no answer by
+the round's deadline is "timeout".
 """
 
 from __future__ import annotations
@@ -26,10 +37,9 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
-import httpx
-
-from tlog import note
+from tlog import http1, note
 from witness import request
 from witness.cosignature import CosignatureVerifier
 
@@ -39,6 +49,8 @@ KeyRef = tuple[str, bytes]
 """A signature's (key name, key ID)."""
 Late = Callable[[list[note.Signature]], Awaitable[None]]
 """Receives valid cosignatures that arrived after a round returned."""
+MAX_ANSWER = 64 << 10
+"""The largest witness answer read, in bytes (a cosignature is one line, a 409 a size)."""
 
 
 class QuorumNotReached(Exception):
@@ -64,6 +76,42 @@ class WitnessStatus:
 
     def fail(self, reason: str) -> None:
         self.failures[reason] = self.failures.get(reason, 0) + 1
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where one witness's add-checkpoint requests go: the http1 target and request head."""
+
+    target: tuple[str, int, bool, None]
+    head: bytes
+
+
+def endpoint(url: str) -> Endpoint:
+    """The add-checkpoint endpoint of a witness URL, `http(s)://host[:port][/prefix]`;
+    ValueError, saying what is wrong, for anything else."""
+    def bad(why: str) -> ValueError:
+        return ValueError(f"bad witness URL {url!r}: {why} (use http(s)://host[:port][/prefix])")
+
+    if not url.isascii() or any(c <= " " or c == "\x7f" for c in url):
+        raise bad("blanks, control or non-ASCII characters")
+    try:
+        u = urlsplit(url)
+        port = u.port
+    except ValueError as e:
+        raise bad(str(e)) from None
+    if u.scheme not in ("http", "https"):
+        raise bad("the scheme must be http or https")
+    if not u.hostname:
+        raise bad("no host")
+    if port == 0:
+        raise bad("port 0")
+    if u.username is not None or u.password is not None:
+        raise bad("credentials in the URL")
+    if u.query or u.fragment or url.endswith(("?", "#")):
+        raise bad("a query or fragment")
+    tls = u.scheme == "https"
+    head = f"POST {u.path.rstrip('/')}/add-checkpoint HTTP/1.1\r\nHost: {u.netloc}\r\n".encode()
+    return Endpoint((u.hostname, port or (443 if tls else 80), tls, None), head)
 
 
 def valid_cosignatures(text: bytes, sigs: Iterable[note.Signature],
@@ -109,34 +157,62 @@ class WitnessPool:
         if quorum > len(urls):
             raise ValueError(f"quorum {quorum} exceeds the {len(urls)} witness URLs")
         self.urls = [u.rstrip("/") for u in urls]
+        self._endpoints = {u: endpoint(u) for u in self.urls}
         self.verifiers = list(verifiers)
         self.quorum = quorum
         self.timeout = timeout
         self.status = {u: WitnessStatus() for u in self.urls}
-        self._client: httpx.AsyncClient | None = None
+        self._pool: http1.Pool | None = None
         self._busy = {u: asyncio.Lock() for u in self.urls}
         self._stragglers: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
-        self._client = httpx.AsyncClient(timeout=self.timeout)
+        self._pool = http1.Pool()
 
     async def close(self) -> None:
         for t in list(self._stragglers):
             t.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await t
-        if self._client is not None:
-            await self._client.aclose()
+        if self._pool is not None:
+            self._pool.close()
 
     def count(self, note_bytes: bytes) -> int:
         """Distinct witness keys with a valid cosignature on a checkpoint note."""
         text, sigs = note.split(note_bytes)
         return len(valid_cosignatures(text, sigs, self.verifiers))
 
+    async def _post(self, url: str, body: bytes, deadline: float) -> tuple[int, str, bytes]:
+        """(status, content type, body) of one add-checkpoint request on a pooled
+        connection, by the loop-time `deadline`; WitnessFailure otherwise."""
+        assert self._pool is not None  # noqa: S101 - type narrowing: opened by start()
+        ep = self._endpoints[url]
+        data = ep.head + b"Content-Length: %d\r\n\r\n" % len(body) + body
+        conn: http1.Connection | None = None
+        try:
+            async with asyncio.timeout_at(deadline):
+                conn, status, headers = await http1.exchange(self._pool, ep.target, data,
+                                                              body_limit=MAX_ANSWER)
+                answer = await conn.body()
+        except BaseException as e:
+            if conn is not None:
+                conn.close()
+            if isinstance(e, TimeoutError):
+                raise WitnessFailure("timeout", f"witness {url} did not answer by the "
+                                                "round's deadline") from e
+            if isinstance(e, http1.TooLarge):
+                raise WitnessFailure("bad_answer", f"witness {url} answered over "
+                                                   f"{MAX_ANSWER} bytes") from e
+            if isinstance(e, OSError | http1.ProtocolError):
+                raise WitnessFailure("unreachable", f"witness {url}: {e!r}") from e
+            raise
+        self._pool.release(conn)
+        return status, headers.get(b"content-type", b"").decode("latin-1"), answer
+
     async def _submit(self, url: str, note_bytes: bytes, size: int,
-                      prove: Callable[[int, int], list[bytes]]) -> dict[KeyRef, note.Signature]:
+                      prove: Callable[[int, int], list[bytes]],
+                      deadline: float) -> dict[KeyRef, note.Signature]:
         """Ask one witness; its valid cosignatures, or WitnessFailure."""
-        assert self._client is not None  # noqa: S101 - type narrowing: opened by start()
         st = self.status[url]
         text, _ = note.split(note_bytes)
         for _ in range(2):
@@ -144,25 +220,20 @@ class WitnessPool:
             if old > size:
                 raise WitnessFailure("ahead", f"witness {url} is at size {old}, beyond {size}")
             proof = prove(old, size) if 0 < old < size else []
-            try:
-                r = await self._client.post(f"{url}/add-checkpoint",
-                                            content=request.format(old, proof, note_bytes))
-            except httpx.HTTPError as e:
-                raise WitnessFailure("unreachable", f"witness {url}: {e!r}") from e
-            if r.status_code == 409 and r.headers.get("content-type", "").startswith(
-                    request.SIZE_CONTENT_TYPE):
-                got = r.text.strip()
+            status, ctype, answer = await self._post(
+                url, request.format(old, proof, note_bytes), deadline)
+            if status == 409 and ctype.startswith(request.SIZE_CONTENT_TYPE):
+                got = answer.strip()
                 if not got.isdigit() or len(got) > 19:
                     raise WitnessFailure("bad_answer", f"witness {url} sent a malformed size")
                 st.size = int(got)
                 continue
-            if r.status_code != 200:
-                raise WitnessFailure(f"http_{r.status_code}" if 400 <= r.status_code < 600
-                                     else "bad_answer",
-                                     f"witness {url} answered {r.status_code}: "
-                                     f"{r.text.strip()[:200]!r}")
+            if status != 200:
+                raise WitnessFailure(f"http_{status}" if 400 <= status < 600 else "bad_answer",
+                                     f"witness {url} answered {status}: "
+                                     f"{answer.decode('utf-8', 'replace').strip()[:200]!r}")
             try:
-                _, sigs = note.split(text + b"\n" + r.content)
+                _, sigs = note.split(text + b"\n" + answer)
             except note.NoteError as e:
                 raise WitnessFailure("bad_answer", f"witness {url}: malformed answer: {e}") from e
             valid = valid_cosignatures(text, sigs, self.verifiers)
@@ -175,12 +246,13 @@ class WitnessPool:
         raise WitnessFailure("conflict", f"witness {url} kept answering 409")
 
     async def _ask(self, url: str, note_bytes: bytes, size: int,
-                   prove: Callable[[int, int], list[bytes]]) -> dict[KeyRef, note.Signature]:
+                   prove: Callable[[int, int], list[bytes]],
+                   deadline: float) -> dict[KeyRef, note.Signature]:
         """`_submit`, with the outcome counted in `status`; a failure gives no cosignature."""
         st = self.status[url]
         try:
             async with self._busy[url]:
-                valid = await self._submit(url, note_bytes, size, prove)
+                valid = await self._submit(url, note_bytes, size, prove, deadline)
         except WitnessFailure as e:
             log.warning("%s", e)
             st.fail(e.reason)
@@ -206,7 +278,7 @@ class WitnessPool:
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout
-        tasks = {asyncio.create_task(self._ask(u, note_bytes, size, prove)): u
+        tasks = {asyncio.create_task(self._ask(u, note_bytes, size, prove, deadline)): u
                  for u in self.urls}
         got: dict[KeyRef, note.Signature] = {}
         pending = set(tasks)

@@ -62,9 +62,10 @@ from gateway.api.router import Router
 from gateway.api.routes import RouteBook, now_rfc3339
 from gateway.receipts.outbox import Outbox, OutboxUnavailable, ReceiptSigner
 from gateway.receipts.shipper import LogStatus
-from gateway.upstream.client import ProtocolError, Upstream, UpstreamReply
+from gateway.upstream.client import Upstream, UpstreamReply
 from gateway.upstream.leases import LeaseFacts
 from gateway.verification.base import SIGNATURE_BINDING
+from tlog.http1 import ProtocolError
 from tlog.service import Receive, Scope, Send, respond
 from verifier import aci, receipt, sse
 

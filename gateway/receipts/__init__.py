@@ -6,6 +6,7 @@ verified proof, the keyset entry logged before the gateway listens
 (`evidence`), and the checked single-entry log client both use (`logclient`).
 The formats themselves are pure modules in `verifier` (`receipt`,
 `keyset_entry`, `evidence_entry`), shared with clients. It imports `tlog`'s
-and `witness`'s pure formats and `gateway.upstream.client` (HTTP/1.1
-connections); never the API, the verification engine or the demo.
+and `witness`'s pure formats and `tlog.http1` (HTTP/1.1 connections) and
+nothing else of `gateway`: never the API, upstream, the verification engine or
+the demo.
 """

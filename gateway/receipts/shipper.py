@@ -58,8 +58,8 @@ from urllib.parse import urlsplit
 import orjson
 
 from gateway.receipts.outbox import MAX_BYTES, Ledger, Outbox, OutboxUnavailable
-from gateway.upstream.client import Connection, Pool, ProtocolError, exchange
 from tlog import batch, checkpoint, merkle, note, proof, tiles
+from tlog.http1 import Connection, Pool, ProtocolError, exchange
 from tlog.service import log_json
 from witness import cosignature
 

@@ -36,7 +36,6 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from gateway.upstream import client as upstream
 from gateway.verification import tdx
 from gateway.verification.base import (
     Lease,
@@ -46,6 +45,7 @@ from gateway.verification.base import (
     fetch_evidence,
 )
 from gateway.verification.sigstore_release import Release, ReleaseError, verify_release
+from tlog.http1 import spki_sha256
 from verifier.tee import quote as tdxquote
 
 TDX_GUEST_V2 = "https://tinfoil.sh/predicate/tdx-guest/v2"
@@ -151,7 +151,7 @@ def _peer_spki(response: httpx.Response) -> bytes | None:
     stream = response.extensions.get("network_stream")
     ssl_object = stream.get_extra_info("ssl_object") if stream is not None else None
     der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
-    return upstream.spki_sha256(der) if der else None
+    return spki_sha256(der) if der else None
 
 
 async def fetch(client: httpx.AsyncClient, url: str) -> tuple[bytes, bytes | None]:
