@@ -22,7 +22,9 @@ stack is stopped (SIGTERM), and the log's own database is read:
   receipt in the log exactly once, and no receipt is in the log twice;
 - every checkpoint the log served carries the log's signature and its root is the root
   of the first `size` entries of the final log (so it is consistent with every later
-  one).
+  one);
+- no process exited unless we killed or stopped it (one that did is named, with the end
+  of its output, on stderr).
 Prints one JSON summary line; exit status 0 only if every check held.
 """
 
@@ -67,11 +69,13 @@ class Service:
     log: Path
     proc: asyncio.subprocess.Process | None = None
     kills: int = 0
+    died: list[int] = field(default_factory=list)  # exit statuses of deaths we did not cause
 
     async def start(self, timeout: float = 90.0) -> None:
         with open(self.log, "ab") as out:  # noqa: ASYNC230 - the child keeps its own copy
-            self.proc = await asyncio.create_subprocess_exec(
-                *self.cmd, cwd=ROOT, stdout=out, stderr=out, start_new_session=True)
+            self.proc = await asyncio.create_subprocess_exec(  # a crash prints its stack
+                *self.cmd, cwd=ROOT, stdout=out, stderr=out, start_new_session=True,
+                env={**os.environ, "PYTHONFAULTHANDLER": "1"})
         deadline = time.monotonic() + timeout
         async with httpx.AsyncClient(timeout=2) as c:
             while True:
@@ -85,15 +89,30 @@ class Service:
                 await asyncio.sleep(0.05)
 
     async def kill(self) -> None:
+        """SIGKILL, and wait for the process to end."""
         assert self.proc is not None
-        self.proc.kill()
-        await self.proc.wait()
-        self.kills += 1
+        with contextlib.suppress(ProcessLookupError):  # already dead: noted below
+            self.proc.kill()
+        status = await self.proc.wait()
+        if status == -signal.SIGKILL:
+            self.kills += 1
+        else:
+            self.note_death(status)
+
+    def note_death(self, status: int) -> None:
+        """The process exited on its own: keep its status, show the end of its output."""
+        self.died.append(status)
+        tail = self.log.read_bytes()[-3000:].decode(errors="replace")
+        print(f"soak: {self.name} exited on its own ({status}); its output ends:\n{tail}",
+              file=sys.stderr, flush=True)
 
     async def stop(self) -> int | None:
         """SIGTERM (then SIGKILL after 15 s); the exit status."""
-        if self.proc is None or self.proc.returncode is not None:
-            return None if self.proc is None else self.proc.returncode
+        if self.proc is None:
+            return None
+        if self.proc.returncode is not None:
+            self.note_death(self.proc.returncode)
+            return self.proc.returncode
         self.proc.send_signal(signal.SIGTERM)
         try:
             return await asyncio.wait_for(self.proc.wait(), 15)
@@ -322,6 +341,8 @@ async def run(tmp: Path, mode: str, seconds: float, outage_s: float, seed: int) 
         stop.set()
         await asyncio.gather(*tasks)
         for svc in services:  # whatever chaos left down comes back
+            if svc.proc is not None and svc.proc.returncode is not None:
+                svc.note_death(svc.proc.returncode)
             if svc.proc is None or svc.proc.returncode is not None:
                 await svc.start()
         deadline = time.monotonic() + 120
@@ -333,11 +354,14 @@ async def run(tmp: Path, mode: str, seconds: float, outage_s: float, seed: int) 
         exits = {s.name: await s.stop() for s in services}
         await prov.stop()
     summary = {"mode": mode, "seconds": round(time.monotonic() - started, 1),
-               "kills": {s.name: s.kills for s in [*services, shipper]}, "failed_calls": dict(tally.failed),
+               "kills": {s.name: s.kills for s in [*services, shipper]},
+               "died_on_their_own": {s.name: s.died for s in services if s.died},
+               "failed_calls": dict(tally.failed),
                "gateway_peaks": tally.peak,
                "sigterm_exit": exits, **check_log(log_dir, keys["tlog"], tally)}
     summary["ok"] = (summary["acknowledged_missing"] == 0 and summary["logged_twice"] == 0
                      and summary["checkpoints_inconsistent"] == 0
+                     and not summary["died_on_their_own"]
                      and summary["acknowledged"] > 0)
     return summary
 

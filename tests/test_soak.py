@@ -21,6 +21,7 @@ def soak(*args: str, timeout: float) -> dict:
     assert lines, f"no summary (exit {r.returncode}): {r.stderr[-2000:]}"
     summary = json.loads(lines[-1])
     assert r.returncode == (0 if summary["ok"] else 1)
+    assert summary["died_on_their_own"] == {}, r.stderr[-4000:]  # with their output
     return summary
 
 
