@@ -11,6 +11,7 @@ import base64
 import contextlib
 import datetime
 import hashlib
+import ipaddress
 import json
 import socket
 import ssl
@@ -56,16 +57,23 @@ OK_COMPLETION = json.dumps({"id": "chatcmpl-1", "object": "chat.completion", "ch
 COMPLETION = "COMPLETION-MARKER-51d2-secret-answer"
 
 
-def tls_server_context(tmp: Path) -> tuple[ssl.SSLContext, str]:
-    """A TLS server context with a fresh self-signed key; (context, SPKI SHA-256 hex)."""
+def tls_server_context(tmp: Path, ip: str | None = None) -> tuple[ssl.SSLContext, str]:
+    """A TLS server context with a fresh self-signed key in TMP/tls.crt and tls.key;
+    (context, SPKI SHA-256 hex). With `ip`, the certificate names that address and is a
+    CA, so a client that trusts TMP/tls.crt verifies it as that host's."""
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "provider.test")])
     now = datetime.datetime.now(datetime.UTC)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(days=1))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .sign(key, hashes.SHA256()))
+    builder = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+               .public_key(key.public_key()).serial_number(x509.random_serial_number())
+               .not_valid_before(now - datetime.timedelta(days=1))
+               .not_valid_after(now + datetime.timedelta(days=1)))
+    if ip is not None:
+        builder = (builder.add_extension(x509.SubjectAlternativeName(
+                       [x509.IPAddress(ipaddress.ip_address(ip))]), critical=False)
+                   .add_extension(x509.BasicConstraints(ca=True, path_length=None),
+                                  critical=True))
+    cert = builder.sign(key, hashes.SHA256())
     (tmp / "tls.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     (tmp / "tls.key").write_bytes(key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,

@@ -11,8 +11,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import datetime
-import ipaddress
 import os
 import re
 import socket
@@ -24,14 +22,10 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
+from tests.test_gateway_fakes import tls_server_context
 from tests.test_tlog_crash import _run
 from tests.tlogutil import free_port
 from tlog import checkpoint, keys
@@ -465,34 +459,12 @@ def test_a_409_is_retried_from_the_size_it_reports_on_the_same_connection(tmp_pa
     assert pool.status[witness.url].size == 3
 
 
-def tls_context(tmp_path) -> tuple[ssl.SSLContext, Path]:
-    """A server context for 127.0.0.1 with a fresh self-signed certificate, and its file."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "witness.test")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(days=1))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName(
-                [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(key, hashes.SHA256()))
-    crt, pem = tmp_path / "witness.crt", tmp_path / "witness.key"
-    crt.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    pem.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                      serialization.PrivateFormat.PKCS8,
-                                      serialization.NoEncryption()))
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.load_cert_chain(crt, pem)
-    return ctx, crt
-
-
 @pytest.mark.parametrize("trusted", [True, False], ids=["trusted", "untrusted"])
 def test_an_https_witness_is_reached_only_with_a_verified_certificate(tmp_path, raws,
                                                                        monkeypatch, trusted):
     w = cosignature.generate_signer("w.example")
-    ctx, crt = tls_context(tmp_path)
+    ctx, _ = tls_server_context(tmp_path, ip="127.0.0.1")
+    crt = tmp_path / "tls.crt"
     if trusted:  # the default SSL context's trust store (OpenSSL reads it when made)
         monkeypatch.setenv("SSL_CERT_FILE", str(crt))
     witness = raws(cosigning(w), tls=ctx)
