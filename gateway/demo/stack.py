@@ -58,7 +58,10 @@ import httpx
 from gateway.identity.dstack_sim import default_app_compose
 from tlog.service import LockHeld, bind, listen_address, lock_exclusive
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
+"""The directory this `gateway` package is imported from: every child runs there with it
+first on PYTHONPATH, so the stack runs the same code as the demo process (a second
+checkout sharing one venv runs its own code, not the one the venv was installed from)."""
 GATEWAY_APP_ID = hashlib.sha256(b"pag-demo/gateway").hexdigest()[:40]
 PROVIDER_APP_ID = hashlib.sha256(b"pag-demo/provider").hexdigest()[:40]
 PROVIDER_APP_NAME = "pag-demo-provider"
