@@ -254,6 +254,7 @@ class FakeLog:
         self.batch_refusals = batch_refusals  # serve /add-batch, acknowledging no entry
         self.old_batches = old_batches  # serve /add-batch, each answer as /add's (no compact)
         self.batch_accepts: list[str] = []  # the Accept header of each /add-batch
+        self.batch_starts: list[float] = []  # the loop's time each (old-style) /add-batch came
         self.batch_delay = 0.0  # seconds each (old-style) /add-batch takes
         self.batches_in_flight = self.most_batches_in_flight = 0
         self.witness = witness
@@ -300,6 +301,7 @@ class FakeLog:
         if request.headers.get("Authorization") != f"Bearer {self.token}":
             return web.Response(status=401)
         self.batch_accepts.append(request.headers.get("Accept", ""))
+        self.batch_starts.append(asyncio.get_running_loop().time())
         self.batches_in_flight += 1
         self.most_batches_in_flight = max(self.most_batches_in_flight, self.batches_in_flight)
         try:

@@ -81,3 +81,24 @@ def test_bootstrap_against_the_dstack_simulator(tmp_path: Path) -> None:
                                  "keyset_hash": doc["keyset_hash"]}
         attestation.check(doc, nonce="00ff", allow_simulated=True)
     asyncio.run(go())
+
+
+@pytest.mark.parametrize("require", [False, True])
+def test_the_shipper_batches_unless_answers_wait_for_the_log(tmp_path: Path, monkeypatch,
+                                                            require: bool) -> None:
+    from gateway.api import config as gconfig
+    from tests.test_gateway_fakes import LogRef, write_config
+
+    ref = LogRef(url="http://127.0.0.1:9", vkey=note.generate_signer("log.test").vkey,
+                 token="append-token")  # noqa: S106 - a test token
+    extra = "require_log_inclusion = true\n" if require else ""
+    cfg = gconfig.load(write_config(tmp_path, "http://127.0.0.1:9/v1", log=ref,
+                                    extra_gateway=extra))
+    started: list[list[str]] = []
+    monkeypatch.setattr(subprocess, "Popen", lambda cmd, *a, **k: started.append(cmd))
+    server.start_shipper(cfg)
+    (cmd,) = started
+    assert cmd[cmd.index("-m") + 1] == "gateway.receipts.shipper"
+    assert ("--batch-interval" in cmd) == require
+    if require:
+        assert cmd[cmd.index("--batch-interval") + 1] == "0"

@@ -297,3 +297,57 @@ def test_batches_in_flight_are_bounded_so_receipts_arriving_meanwhile_share_one(
     assert sh.shipped == 200 and len(log.entries) == 200  # all logged, none twice
     assert all(r is not None and r.log_index is not None for r in rows)
     assert len(log.batch_accepts) <= 40  # 200 receipts in few batches, not one per poll
+
+
+def test_batch_posts_start_at_least_the_interval_apart_and_a_lone_receipt_goes_at_once(
+        tmp_path: Path) -> None:
+    interval = 0.25
+
+    async def run() -> tuple[list[float], float | None, bool, int]:
+        log = FakeLog(old_batches=True)
+        await log.start()
+        ob = Outbox(tmp_path / "gw")
+        sh = Shipper(tmp_path / "gw", log.url, log.token, log.vkey, concurrency=8,
+                     batch_interval=interval)
+        await sh.start()
+        loop = asyncio.get_running_loop()
+        try:
+            t0 = loop.time()
+            first = None
+            await ob.put(f"{0:032x}", f"{0:064x}", json.dumps({"request_hash": "0" * 64}).encode())
+            for _ in range(200):  # the first receipt after a pause: posted without waiting
+                if ob.counts()[1] == 0:
+                    first = loop.time() - t0
+                    break
+                await asyncio.sleep(0.005)
+            # a second one right after must wait out the interval: not logged at once
+            await ob.put(f"{1:032x}", f"{1:064x}", json.dumps({"request_hash": "1" * 64}).encode())
+            await asyncio.sleep(0.02)
+            waited = ob.counts()[1] == 1
+            for i in range(2, 120):  # a steady stream
+                await ob.put(f"{i:032x}", f"{i:064x}",
+                             json.dumps({"request_hash": f"{i:064x}"}).encode())
+                await asyncio.sleep(0.01)
+            for _ in range(400):
+                if ob.counts()[1] == 0:
+                    break
+                await asyncio.sleep(0.02)
+            return log.batch_starts, first, waited, len(log.entries)
+        finally:
+            await sh.close()
+            ob.close()
+            await log.stop()
+
+    starts, first, waited, logged = asyncio.run(run())
+    assert logged == 120  # every receipt logged once
+    assert first is not None and first < interval  # not held back after a pause
+    assert waited
+    assert len(starts) >= 3
+    gaps = [b - a for a, b in zip(starts, starts[1:], strict=False)]
+    assert min(gaps) >= interval * 0.95, gaps  # the loop's clock; sleep never ends early
+
+
+def test_a_batch_interval_outside_0_to_10_s_is_refused(tmp_path: Path) -> None:
+    for bad in (-0.1, 10.5):
+        with pytest.raises(ValueError, match="batch interval"):
+            Shipper(tmp_path, "http://127.0.0.1:1", None, batch_interval=bad)

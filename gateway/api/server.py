@@ -270,6 +270,8 @@ def start_shipper(cfg: gconfig.Config) -> subprocess.Popen[bytes] | None:
     for w in cfg.log.witness_vkeys:
         cmd += ["--witness-vkey", w]
     cmd += ["--quorum", str(cfg.log.quorum)]
+    if cfg.gateway.require_log_inclusion:  # answers wait for the log: send receipts at once
+        cmd += ["--batch-interval", "0"]
     return subprocess.Popen(cmd)  # noqa: S603 - our own interpreter and module; args from the operator's config, no shell
 
 

@@ -36,6 +36,14 @@ Invariants:
   instead of one per poll cut their CPU per receipt by about a fifth), while an idle
   shipper still posts a lone receipt at once. The singles a batch leaves over
   (retried forever) do not hold the batch slot, so they cannot stall batching.
+- Batch posts start at least `batch_interval` apart (BATCH_INTERVAL, 50 ms; the
+  gateway passes 0 when `require_log_inclusion` makes its answers wait for the
+  log): under load a receipt waits up to that long to be sent, and the log,
+  its witnesses and this checker do their per-batch work a fifth as often (at
+  16 clients on the demo, about 100 receipts a batch instead of 19, and half
+  the CPU per receipt in this shipper, the log and its witness). A receipt arriving after a pause
+  longer than the interval is posted at once; a full batch (BATCH) never
+  waits.
 """
 
 from __future__ import annotations
@@ -71,6 +79,7 @@ POST_TIMEOUT = 30.0
 POLL = 0.002
 BATCH = 256  # receipts per POST /add-batch at most (a tile's width, as the log's bench posts)
 BATCHES_IN_FLIGHT = 1  # POST /add-batch requests outstanding at once
+BATCH_INTERVAL = 0.05  # seconds at least between the starts of two batch posts
 LOCK_FILE = "shipper.lock"
 LOCK_WAIT = 15.0
 HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -232,7 +241,10 @@ class Shipper:
 
     def __init__(self, data_dir: Path, url: str, token: str | None, vkey: str | None = None,
                  concurrency: int = 128, witnesses: Sequence[str] = (),
-                 quorum: int = 0, max_bytes: int = MAX_BYTES) -> None:
+                 quorum: int = 0, max_bytes: int = MAX_BYTES,
+                 batch_interval: float = BATCH_INTERVAL) -> None:
+        if not 0 <= batch_interval <= 10:
+            raise ValueError("batch interval must be 0 to 10 seconds")
         self.data_dir = data_dir
         self.url = url.rstrip("/")
         u = urlsplit(self.url)
@@ -253,6 +265,8 @@ class Shipper:
         self._concurrency = concurrency
         self._queue: asyncio.Queue[tuple[int, str, bytes]] = asyncio.Queue()
         self._batch_slots = asyncio.Semaphore(BATCHES_IN_FLIGHT)
+        self._batch_interval = batch_interval
+        self._last_batch = float("-inf")  # loop time the last batch post started
         self._tasks: list[asyncio.Task[None]] = []
         self._pool = Pool()
         self._lock: int | None = None
@@ -441,6 +455,11 @@ class Shipper:
         while True:
             async with self._batch_slots:
                 queued = [await self._queue.get()]
+                loop = asyncio.get_running_loop()
+                wait = self._last_batch + self._batch_interval - loop.time()
+                if wait > 0 and self._queue.qsize() < BATCH - 1:  # a full batch goes now
+                    await asyncio.sleep(wait)
+                self._last_batch = loop.time()
                 while len(queued) < BATCH and not self._queue.empty():
                     queued.append(self._queue.get_nowait())
                 rest = [(*b, False) for b in queued]
@@ -547,7 +566,7 @@ def _die_with_parent() -> None:
 
 def main(argv: list[str]) -> int:
     """`python -m gateway.receipts.shipper --data DIR --log URL [--token-file F] [--vkey V]
-    [--witness-vkey W ...] [--quorum K]`."""
+    [--witness-vkey W ...] [--quorum K] [--batch-interval SECONDS]`."""
     ap = argparse.ArgumentParser(prog="python -m gateway.receipts.shipper")
     ap.add_argument("--data", required=True, type=Path)
     ap.add_argument("--log", required=True)
@@ -561,14 +580,18 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--parent", type=int, help="exit when this process is gone")
     ap.add_argument("--outbox-max-bytes", type=int, default=MAX_BYTES,
                     help="the gateway's [gateway] outbox_max_bytes (sizes the ledger's WAL)")
+    ap.add_argument("--batch-interval", type=float, default=BATCH_INTERVAL,
+                    help="seconds at least between two batch posts (0 to 10; 0: none)")
     a = ap.parse_args(argv)
+    if not 0 <= a.batch_interval <= 10:
+        ap.error("--batch-interval must be 0 to 10 seconds")
     log_json()
     _die_with_parent()
     token = a.token_file.read_text().strip() if a.token_file else None
 
     async def run() -> None:
         shipper = Shipper(a.data, a.log, token, a.vkey, a.concurrency, a.witness_vkey, a.quorum,
-                          a.outbox_max_bytes)
+                          a.outbox_max_bytes, a.batch_interval)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
