@@ -41,9 +41,10 @@ Invariants:
   log): under load a receipt waits up to that long to be sent, and the log,
   its witnesses and this checker do their per-batch work a fifth as often (at
   16 clients on the demo, about 100 receipts a batch instead of 19, and half
-  the CPU per receipt in this shipper, the log and its witness). A receipt arriving after a pause
-  longer than the interval is posted at once; a full batch (BATCH) never
-  waits.
+  the CPU per receipt in this shipper, the log and its witness). A receipt
+  arriving after a pause longer than the interval is posted at once; a full
+  batch (BATCH) never waits. A receipt held back is still in the outbox: a
+  shipper stopped meanwhile sends it after its restart.
 """
 
 from __future__ import annotations
