@@ -340,10 +340,9 @@ async def run(tmp: Path, mode: str, seconds: float, outage_s: float, seed: int) 
         await asyncio.sleep(seconds)
         stop.set()
         await asyncio.gather(*tasks)
-        for svc in services:  # whatever chaos left down comes back
+        for svc in services:  # whatever died on its own comes back (chaos restarts its kills)
             if svc.proc is not None and svc.proc.returncode is not None:
                 svc.note_death(svc.proc.returncode)
-            if svc.proc is None or svc.proc.returncode is not None:
                 await svc.start()
         deadline = time.monotonic() + 120
         while (await unlogged(gw_url)) != 0:

@@ -130,7 +130,6 @@ def chat(ready: dict[str, Any], text: str) -> httpx.Response:
                             "messages": [{"role": "user", "content": text}]}, timeout=30)
 
 
-
 def test_the_stack_runs_the_code_of_the_checkout_it_was_started_from() -> None:
     """Children import `gateway`, `tlog` and `witness` from the directory the demo's own
     `gateway` came from (first on PYTHONPATH, and their working directory), not from
@@ -147,6 +146,7 @@ def test_the_stack_runs_the_code_of_the_checkout_it_was_started_from() -> None:
     r = subprocess.run([sys.executable, "-c", "import gateway.receipts.shipper as s; print(s.__file__)"],
                        cwd=demo.ROOT, env=env, capture_output=True, text=True, check=True)
     assert Path(r.stdout.strip()).resolve() == first / "gateway" / "receipts" / "shipper.py"
+
 
 def test_restart_reuses_keys_and_sigterm_stops_every_part(tmp_path: Path) -> None:
     data = tmp_path / "d"

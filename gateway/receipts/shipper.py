@@ -81,6 +81,15 @@ POLL = 0.002
 BATCH = 256  # receipts per POST /add-batch at most (a tile's width, as the log's bench posts)
 BATCHES_IN_FLIGHT = 1  # POST /add-batch requests outstanding at once
 BATCH_INTERVAL = 0.05  # seconds at least between the starts of two batch posts
+MAX_BATCH_INTERVAL = 10.0
+
+
+def check_batch_interval(seconds: float) -> float:
+    """`seconds`, if it is a usable batch interval: ValueError unless 0 to
+    MAX_BATCH_INTERVAL (so never NaN or infinite)."""
+    if not 0 <= seconds <= MAX_BATCH_INTERVAL:
+        raise ValueError(f"batch interval must be 0 to {MAX_BATCH_INTERVAL:g} seconds")
+    return seconds
 LOCK_FILE = "shipper.lock"
 LOCK_WAIT = 15.0
 HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -244,8 +253,6 @@ class Shipper:
                  concurrency: int = 128, witnesses: Sequence[str] = (),
                  quorum: int = 0, max_bytes: int = MAX_BYTES,
                  batch_interval: float = BATCH_INTERVAL) -> None:
-        if not 0 <= batch_interval <= 10:
-            raise ValueError("batch interval must be 0 to 10 seconds")
         self.data_dir = data_dir
         self.url = url.rstrip("/")
         u = urlsplit(self.url)
@@ -266,7 +273,7 @@ class Shipper:
         self._concurrency = concurrency
         self._queue: asyncio.Queue[tuple[int, str, bytes]] = asyncio.Queue()
         self._batch_slots = asyncio.Semaphore(BATCHES_IN_FLIGHT)
-        self._batch_interval = batch_interval
+        self._batch_interval = check_batch_interval(batch_interval)
         self._last_batch = float("-inf")  # loop time the last batch post started
         self._tasks: list[asyncio.Task[None]] = []
         self._pool = Pool()
@@ -582,10 +589,13 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--outbox-max-bytes", type=int, default=MAX_BYTES,
                     help="the gateway's [gateway] outbox_max_bytes (sizes the ledger's WAL)")
     ap.add_argument("--batch-interval", type=float, default=BATCH_INTERVAL,
-                    help="seconds at least between two batch posts (0 to 10; 0: none)")
+                    help=f"seconds at least between two batch posts "
+                         f"(0 to {MAX_BATCH_INTERVAL:g}; 0: none)")
     a = ap.parse_args(argv)
-    if not 0 <= a.batch_interval <= 10:
-        ap.error("--batch-interval must be 0 to 10 seconds")
+    try:
+        check_batch_interval(a.batch_interval)
+    except ValueError as e:
+        ap.error(f"--batch-interval: {e}")
     log_json()
     _die_with_parent()
     token = a.token_file.read_text().strip() if a.token_file else None
