@@ -299,6 +299,8 @@ def gateway_rows(tmp: Path, seconds: float, samples: int, profile: float) -> lis
         ratio_row("gateway c=16 (req/s)", g16.rps, d16.rps, "", 0.3, ">= 0.3x direct"),
         Row("streaming: added time to first chunk (p50)", fmt(t_g - t_d, " ms"),
             f"direct {fmt(t_d, ' ms')}", f"{t_g / t_d:.2f}x", "<= 1 ms", t_g - t_d <= 1.0),
+        Row("gateway c=16: p99 latency", fmt(g16.p99_ms, " ms"),
+            f"direct p99 {fmt(d16.p99_ms, ' ms')}", "", "(informational)", None),
     ]
     s1, s16 = res[("direct-tls", 1)], res[("direct-tls", 16)]
     t_s = statistics.median(ttfc["direct-tls"])

@@ -26,10 +26,14 @@ Invariants:
   stored) and gets it back when read.
 
 Bounded disk (docs/reliability.md):
-- The write-ahead log of each file is folded back in the background every
-  second and, once it passes `WAL_LIMIT`, truncated by its writer between two
-  transactions, so it cannot grow under a steady load whose readers never let a
-  passive checkpoint finish.
+- The write-ahead log of each file is folded back by a background thread
+  every `CHECKPOINT_EVERY` and, once it passes `WAL_LIMIT`, restarted between
+  two transactions (fully folded in, written again from its start and its file
+  cut back to the limit), so it cannot grow under a steady load that never lets
+  a passive checkpoint catch up. In "process" mode the checkpoint thread does
+  the restart while the writer holds its next commits back (the event loop goes
+  on serving); in "fsync" mode the writer thread does. A restart that readers
+  keep from finishing is tried again `TRIM_RETRY` later, not at every commit.
 - A receipt is pruned (deleted with its acknowledgement) only once it is logged
   and older than the retention, or sooner, oldest first, while the outbox is
   past its alarm level. A receipt the log has not acknowledged is never
@@ -66,9 +70,12 @@ from tlog import proof
 
 OUTBOX_FILE = "outbox.sqlite3"
 LEDGER_FILE = "ledger.sqlite3"
-WAL_LIMIT = 32 << 20  # bytes of write-ahead log past which the writer truncates it (at most)
+WAL_LIMIT = 32 << 20  # bytes of write-ahead log past which it is restarted (at most)
 # (4 MiB truncated the outbox's WAL 4-7 times a second at 16 clients, on the event loop;
 # 32 MiB: about once, and 12-16 % more calls a second: docs/benchmarks.md)
+CHECKPOINT_EVERY = 0.1  # seconds between passive checkpoints of the WAL, off the loop
+TRIM_WAIT = 0.05  # seconds a restart waits for readers of an older snapshot
+TRIM_RETRY = 1.0  # seconds before a restart readers kept from finishing is tried again
 MAX_BYTES = 1 << 30  # default hard bound on the bytes the outbox and ledger use
 RETENTION = 7 * 86400  # default seconds a logged receipt stays readable by its owner
 ALARM = 0.8  # fraction of max_bytes past which the outbox is "near its bound"
@@ -109,7 +116,7 @@ FILES = (OUTBOX_FILE, OUTBOX_FILE + "-wal", LEDGER_FILE, LEDGER_FILE + "-wal")
 
 
 def wal_limit(max_bytes: int) -> int:
-    """The WAL size past which a writer truncates it: WAL_LIMIT, or a sixteenth of the
+    """The WAL size past which it is restarted and cut back to: WAL_LIMIT, or a sixteenth of the
     bound if smaller (both WALs count toward the bound)."""
     return min(WAL_LIMIT, max_bytes // 16)
 
@@ -162,6 +169,9 @@ class Row:
 
 
 _Op = tuple[str, tuple[Any, ...], Callable[[BaseException | None], None]]
+_CUT: _Op = ("PRAGMA user_version = 0", (), lambda err: None)
+"""A commit of one page and nothing else: the first commit after a WAL restart cuts the
+file back to the limit, and this one is made when no other write comes."""
 
 
 def _settle(fut: asyncio.Future[None], err: BaseException | None) -> None:
@@ -223,6 +233,10 @@ class _Writer:
         self.faults: FaultHook | None = None
         self.vacuum_due = False  # set after deletions: free pages go back to the file system
         self._closing = threading.Event()
+        self._trim_asked = threading.Event()
+        self._handback: Callable[[], None] | None = None  # set by the loop, run by the thread
+        self._holding = False  # (on the loop) commits wait for a restart
+        self._trim_after = 0.0  # monotonic time before which no restart is tried
         self._checkpointer = threading.Thread(target=self._checkpoint, daemon=True,
                                               name=f"{path.stem}-checkpoint")
         self._checkpointer.start()
@@ -235,28 +249,79 @@ class _Writer:
             self._thread.start()
 
     def _checkpoint(self) -> None:
-        """Fold the WAL into the database every second, on this thread's own connection."""
-        conn = sqlite3.connect(self.path, isolation_level=None)
+        """Fold the WAL into the database every CHECKPOINT_EVERY, on this thread's own
+        connection; when the writer asks (`_trim_wal`), restart it instead, then hand the
+        writer its commits back."""
+        conn = sqlite3.connect(self.path, isolation_level=None, timeout=TRIM_WAIT)
         try:
-            while not self._closing.wait(1.0):
-                with contextlib.suppress(sqlite3.Error):  # a full disk: next second
-                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            while not self._closing.is_set():
+                asked = self._trim_asked.wait(CHECKPOINT_EVERY)
+                self._trim_asked.clear()
+                handback, self._handback = self._handback, None
+                if handback is not None:
+                    try:
+                        self._restart(conn)
+                    finally:
+                        with contextlib.suppress(RuntimeError):  # the loop has closed
+                            handback()
+                elif not asked:
+                    with contextlib.suppress(sqlite3.Error):  # a full disk: next second
+                        conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
         finally:
             conn.close()
 
+    def _restart(self, conn: sqlite3.Connection) -> bool:
+        """Fold the rest of the WAL in so that the next commit writes it from its start
+        again and cuts the file back to the limit (`journal_size_limit`); whether that
+        finished. It waits at most TRIM_WAIT for readers of an older snapshot; if they keep
+        it from finishing, none is tried for TRIM_RETRY seconds. (A restart, not a
+        truncation to zero: freeing a 32 MiB file's blocks took 12 ms here, on top of the
+        checkpoint's own fsyncs, while commits wait.)"""
+        try:
+            busy = conn.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()[0]
+        except sqlite3.Error:
+            busy = 1
+        if busy:
+            self._trim_after = time.monotonic() + TRIM_RETRY
+        return not busy
+
     def _trim_wal(self) -> None:
-        """Between transactions: past its limit, fold the rest of the WAL in and truncate it
-        (waiting at most 50 ms for readers of an older snapshot; else at a later commit)."""
+        """Between transactions, once the WAL is past its limit: restart it. On the
+        writer thread ("fsync" mode) right here; on the loop ("process" mode) the
+        checkpoint thread does it, and the writer holds its commits until it is done
+        (here too if that thread is gone)."""
+        if self._closing.is_set() or time.monotonic() < self._trim_after:
+            return
         try:
             if self._wal.stat().st_size <= self._wal_limit:
                 return
-            self._wconn.execute("PRAGMA busy_timeout=50")
-            try:
-                self._wconn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            finally:
-                self._wconn.execute("PRAGMA busy_timeout=5000")
-        except (OSError, sqlite3.Error):
+        except OSError:
             return
+        if self._thread is not None or not self._checkpointer.is_alive():
+            with contextlib.suppress(sqlite3.Error):
+                self._wconn.execute(f"PRAGMA busy_timeout={int(TRIM_WAIT * 1000)}")
+                try:
+                    restarted = self._restart(self._wconn)
+                finally:
+                    self._wconn.execute("PRAGMA busy_timeout=5000")
+                if restarted:
+                    self._run([_CUT])
+            return
+        loop = asyncio.get_running_loop()
+        self._holding = True
+        self._handback = lambda: loop.call_soon_threadsafe(self._resume)
+        self._trim_asked.set()
+
+    def _resume(self) -> None:
+        """On the loop, once the checkpoint thread has restarted the WAL: commit what
+        waited, or `_CUT` if nothing did (an outbox refusing calls at its bound must see
+        its WAL file shrink)."""
+        self._holding = False
+        if self._closing.is_set():
+            return
+        if not self._pending:
+            self._pending.append(_CUT)
+        self._flush()
 
     def _writer(self) -> None:
         while True:
@@ -321,7 +386,7 @@ class _Writer:
             self._ops.put((sql, args, lambda err: loop.call_soon_threadsafe(_settle, fut, err)))
             return fut
         self._pending.append((sql, args, lambda err: _settle(fut, err)))
-        if len(self._pending) == 1:
+        if len(self._pending) == 1 and not self._holding:
             loop.call_soon(self._flush)
         return fut
 
@@ -331,13 +396,15 @@ class _Writer:
 
     def close(self) -> None:
         """Finish queued writes and stop the helper threads."""
+        self._closing.set()  # no restart is asked for from now on
+        self._trim_asked.set()
+        self._checkpointer.join()  # after the restart in flight, if any
+        self._holding = False
         if self._pending:
             self._flush()
         if self._thread is not None:
             self._ops.put(None)
             self._thread.join()
-        self._closing.set()
-        self._checkpointer.join()
         self._wconn.close()
 
 
