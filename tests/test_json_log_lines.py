@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import enum
 import json
 import logging
 import math
@@ -114,6 +115,17 @@ class Sub(str):
 def test_values_that_are_not_json_are_logged_by_type_name(value: Any, logged: str) -> None:
     _, doc = line(record({"v": value}))
     assert doc["v"] == logged
+
+
+class Code(enum.IntEnum):
+    TEAPOT = 418
+
+
+def test_str_and_int_subclasses_are_logged_by_value_as_json_dumps_does() -> None:
+    rec = record({"code": Sub("outbox_full"), "status": Code.TEAPOT})
+    text, doc = line(rec)
+    assert doc["code"] == "outbox_full" and doc["status"] == 418
+    assert doc == reference(rec)
 
 
 def test_str_subclasses_big_ints_odd_keys_and_non_ascii_still_make_a_line() -> None:

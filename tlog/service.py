@@ -393,10 +393,10 @@ def _type_name(o: object) -> str:
     return type(o).__name__
 
 
-# orjson's own encodings of dataclasses, datetimes and str/int subclasses are passed to
-# `_type_name` instead, as json.dumps would
-_ORJSON_OPTIONS = (orjson.OPT_PASSTHROUGH_DATACLASS | orjson.OPT_PASSTHROUGH_DATETIME
-                   | orjson.OPT_PASSTHROUGH_SUBCLASS)
+# dataclasses and datetimes, which orjson would encode, go to `_type_name` as json.dumps
+# sends them; str, int, dict and list subclasses are encoded by value by both (enums and
+# UUIDs too, by orjson only)
+_ORJSON_OPTIONS = orjson.OPT_PASSTHROUGH_DATACLASS | orjson.OPT_PASSTHROUGH_DATETIME
 
 
 class JsonFormatter(logging.Formatter):
