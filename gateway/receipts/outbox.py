@@ -265,7 +265,7 @@ class _Writer:
                         with contextlib.suppress(RuntimeError):  # the loop has closed
                             handback()
                 elif not asked:
-                    with contextlib.suppress(sqlite3.Error):  # a full disk: next second
+                    with contextlib.suppress(sqlite3.Error):  # a full disk: next time
                         conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
         finally:
             conn.close()
