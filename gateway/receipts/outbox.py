@@ -255,7 +255,7 @@ class _Writer:
         conn = sqlite3.connect(self.path, isolation_level=None, timeout=TRIM_WAIT)
         try:
             while not self._closing.is_set():
-                asked = self._trim_asked.wait(CHECKPOINT_EVERY)
+                self._trim_asked.wait(CHECKPOINT_EVERY)
                 self._trim_asked.clear()
                 handback, self._handback = self._handback, None
                 if handback is not None:
@@ -264,7 +264,7 @@ class _Writer:
                     finally:
                         with contextlib.suppress(RuntimeError):  # the loop has closed
                             handback()
-                elif not asked:
+                else:
                     with contextlib.suppress(sqlite3.Error):  # a full disk: next time
                         conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
         finally:

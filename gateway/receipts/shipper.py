@@ -82,6 +82,10 @@ BATCH = 256  # receipts per POST /add-batch at most (a tile's width, as the log'
 BATCHES_IN_FLIGHT = 1  # POST /add-batch requests outstanding at once
 BATCH_INTERVAL = 0.05  # seconds at least between the starts of two batch posts
 MAX_BATCH_INTERVAL = 10.0
+LOCK_FILE = "shipper.lock"
+LOCK_WAIT = 15.0
+HEX64 = re.compile(r"[0-9a-f]{64}")
+PRUNE_EVERY = 5.0  # seconds between pruning rounds
 
 
 def check_batch_interval(seconds: float) -> float:
@@ -90,10 +94,6 @@ def check_batch_interval(seconds: float) -> float:
     if not 0 <= seconds <= MAX_BATCH_INTERVAL:
         raise ValueError(f"batch interval must be 0 to {MAX_BATCH_INTERVAL:g} seconds")
     return seconds
-LOCK_FILE = "shipper.lock"
-LOCK_WAIT = 15.0
-HEX64 = re.compile(r"[0-9a-f]{64}")
-PRUNE_EVERY = 5.0  # seconds between pruning rounds
 
 
 class ShipError(Exception):
@@ -460,10 +460,10 @@ class Shipper:
     async def _worker(self) -> None:
         """Take what is queued (up to BATCH) once a batch slot is free, post it, then ship
         what it left over one by one (outside the slot)."""
+        loop = asyncio.get_running_loop()
         while True:
             async with self._batch_slots:
                 queued = [await self._queue.get()]
-                loop = asyncio.get_running_loop()
                 wait = self._last_batch + self._batch_interval - loop.time()
                 if wait > 0 and self._queue.qsize() < BATCH - 1:  # a full batch goes now
                     await asyncio.sleep(wait)
