@@ -170,7 +170,8 @@ def test_a_log_from_before_the_leaf_index_gets_it_on_open(tmp_path, request, ope
         _append_as_old_version(store, signer, raw, entry)
     db.close()
     assert stored(store) == [b"a", b"b", b"c", b"b", b"b", b"d"]
-    assert store.leaves_indexed() == 0
+    # SQLite indexed the three entries it held when it opened (tlog/recent.py)
+    assert store.leaves_indexed() == (3 if isinstance(store, SQLiteStore) else 0)
     log = Log(store, signer)  # recover indexes every entry, the first copy of b wins
     assert store.leaves_indexed() == 6
     answers = _run(log, [b"b", b"d", b"a", b"e"])

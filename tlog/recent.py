@@ -1,0 +1,145 @@
+"""The index rows of a log's newest entries, kept in memory until written to storage.
+
+A random-key B-tree index dirties about one page per inserted row once it has more
+pages than a batch has rows: on a log of 1M entries each appended entry cost ~7 KB of
+WAL for its two index rows, more at 10M. So the SQLite store (tlog/sqlite_store.py)
+keeps the rows of its newest entries here and writes them into the stored indexes in
+key order, once FOLD_AT entries' rows are held: each stored page is then written about
+once per fold, not once per entry. A fold is written in PIECES consecutive prefix
+ranges, one per append transaction, so no append waits for a whole fold.
+
+Nothing here is the only copy: every row derives from a stored entry (its leaf hash,
+its lookup key), so after a crash the store rebuilds `Memory` from the entries the
+stored index does not cover yet (from `Memory.below`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+FOLD_AT = 65536
+"""Entries whose rows are held before a fold starts (~13 MB of rows for both indexes)."""
+
+PIECES = 16
+"""Append transactions a fold is spread over."""
+
+CATCH_UP_FOLDS = 4
+"""On open, rows of more than this many folds are written at once (`Memory.behind`)."""
+
+Rows = list[tuple[int, int]]
+"""(prefix, entry index) rows of an index."""
+
+
+class Recent:
+    """A multimap of 64-bit key prefixes to entry indices (most prefixes have one index).
+
+    Written by one thread; a reader on another thread sees each `add` whole or not at
+    all (single dict and list operations, atomic in CPython)."""
+
+    def __init__(self) -> None:
+        self._one: dict[int, int] = {}
+        self._more: dict[int, list[int]] = {}  # a prefix's indices after the first
+
+    def __len__(self) -> int:
+        return len(self._one) + sum(len(v) for v in self._more.values())
+
+    def add(self, rows: Iterable[tuple[int, int]]) -> None:
+        """Record (prefix, index) rows; a row already held is kept once."""
+        one, more = self._one, self._more
+        for p, ix in rows:
+            first = one.get(p)
+            if first is None:
+                one[p] = ix
+            elif first != ix and ix not in more.get(p, ()):
+                more.setdefault(p, []).append(ix)
+
+    def get(self, p: int) -> list[int]:
+        """The indices under prefix `p`, in the order added."""
+        first = self._one.get(p)
+        if first is None:
+            return []
+        return [first, *self._more.get(p, ())]
+
+    def rows(self) -> Iterator[tuple[int, int]]:
+        """Every (prefix, index) row, sorted: the order that writes each B-tree page once."""
+        one, more = self._one, self._more
+        for p in sorted(one):
+            if p in more:
+                for ix in sorted([one[p], *more[p]]):
+                    yield p, ix
+            else:
+                yield p, one[p]
+
+
+def pieces(rows: Iterator[tuple[int, int]], count: int) -> list[Rows]:
+    """Sorted `rows` cut into `count` runs of (nearly) equal length, in order."""
+    every = list(rows)
+    step, extra = divmod(len(every), count)
+    cuts = [i * step + min(i, extra) for i in range(count + 1)]
+    return [every[cuts[i]:cuts[i + 1]] for i in range(count)]
+
+
+class Memory:
+    """The rows of entries [below, end): those `filling`, and those of a fold in progress
+    (`draining`: the rows of [below, drain_end), cut into PIECES runs, `piece` of them
+    written so far). Rows stay readable here until the last piece commits."""
+
+    def __init__(self, below: int) -> None:
+        self.below = self.end = self.drain_end = below
+        self.leaves, self.keys = Recent(), Recent()
+        self.draining: tuple[Recent, Recent] | None = None
+        self.runs: tuple[list[Rows], list[Rows]] = ([], [])
+        self.piece = 0
+
+    def add(self, end: int, leaves: Rows, keys: Rows) -> None:
+        """The rows of entries [self.end, end), committed."""
+        self.leaves.add(leaves)
+        self.keys.add(keys)
+        self.end = end
+
+    def due(self) -> bool:
+        """A fold should start: enough rows are filling and none is in progress."""
+        return self.draining is None and self.end - self.below >= FOLD_AT
+
+    def overfull(self) -> bool:
+        """Another FOLD_AT entries' rows filled while a fold is in progress: it must end now."""
+        return self.draining is not None and self.end - self.drain_end >= FOLD_AT
+
+    def behind(self) -> bool:
+        """More rows are held than appends fill between folds (CATCH_UP_FOLDS * FOLD_AT):
+        only a log whose stored index lacks many entries (written by an older version) is."""
+        return self.end - self.below >= CATCH_UP_FOLDS * FOLD_AT
+
+    def start_fold(self) -> None:
+        """What is filling becomes the fold in progress; new rows fill anew."""
+        self.draining = (self.leaves, self.keys)
+        self.runs = (pieces(self.leaves.rows(), PIECES), pieces(self.keys.rows(), PIECES))
+        self.piece = 0
+        self.drain_end = self.end
+        self.leaves, self.keys = Recent(), Recent()
+
+    def next_piece(self) -> tuple[Rows, Rows]:
+        """The leaf and lookup rows the next piece writes."""
+        return self.runs[0][self.piece], self.runs[1][self.piece]
+
+    def piece_written(self) -> None:
+        """The next piece committed; after the last, the fold's rows leave memory."""
+        self.piece += 1
+        if self.piece == PIECES:
+            self.draining = None
+            self.runs = ([], [])
+            self.below = self.drain_end
+
+    def leaf_candidates(self, p: int) -> list[int]:
+        """Entry indices whose leaf hash may have prefix `p`."""
+        found = self.leaves.get(p)
+        if (draining := self.draining) is not None:
+            found += draining[0].get(p)
+        return found
+
+    def key_candidates(self, p: int) -> list[int]:
+        """Entry indices whose lookup key may have prefix `p`."""
+        found = self.keys.get(p)
+        if (draining := self.draining) is not None:
+            found += draining[1].get(p)
+        return found
