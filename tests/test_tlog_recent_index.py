@@ -13,7 +13,7 @@ import pytest
 
 from tests.test_tlog_crash import _run
 from tlog import keys, merkle, recent, sqlite_store, storage
-from tlog.recent import Memory, Recent, pieces
+from tlog.recent import Memory, Recent
 from tlog.sequencer import Log
 from tlog.sqlite_store import SQLiteStore, key_prefix, prefix, slice_bounds
 
@@ -68,21 +68,15 @@ def check(store: SQLiteStore, path, entries: list[bytes], disjoint: bool = False
         assert i in memory.key_candidates(key_prefix(request_hash(i)))
 
 
-def test_recent_keeps_each_row_once_and_yields_them_sorted():
+def test_recent_keeps_each_row_once_and_runs_them_by_key_range(small_folds):
+    top = (1 << 63) - 1
     r = Recent()
-    r.add([(5, 1), (-3, 2), (5, 4), (5, 1), (9, 0), (5, 3)])
+    r.add([(5, 1), (-3, 2), (5, 4), (5, 1), (top, 0), (5, 3), (-(1 << 63), 6)])
     r.add([(5, 4), (-3, 2)])
     assert r.get(5) == [1, 4, 3] and r.get(-3) == [2] and r.get(6) == []
-    assert list(r.rows()) == [(-3, 2), (5, 1), (5, 3), (5, 4), (9, 0)]
-    assert len(r) == 5
-
-
-def test_pieces_cut_rows_into_runs_in_order():
-    rows = [(i, i) for i in range(10)]
-    cut = pieces(iter(rows), 4)
-    assert [len(c) for c in cut] == [3, 3, 2, 2]
-    assert [r for c in cut for r in c] == rows
-    assert pieces(iter([]), 3) == [[], [], []]
+    assert [r.run(k) for k in range(4)] == [[(-(1 << 63), 6)], [(-3, 2)], [(5, 1), (5, 3), (5, 4)],
+                                            [(top, 0)]]
+    assert len(r) == 6
 
 
 def test_slices_split_the_prefix_space_in_order():

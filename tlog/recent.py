@@ -15,7 +15,7 @@ stored index does not cover yet (from `Memory.below`).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 
 FOLD_AT = 65536
 """Entries whose rows are held before a fold starts (~13 MB of rows for both indexes)."""
@@ -31,7 +31,8 @@ Rows = list[tuple[int, int]]
 
 
 class Recent:
-    """A multimap of 64-bit key prefixes to entry indices (most prefixes have one index).
+    """A multimap of 64-bit key prefixes to entry indices (most prefixes have one index),
+    its rows also kept in PIECES runs by key range (`run`).
 
     Written by one thread; a reader on another thread sees each `add` whole or not at
     all (single dict and list operations, atomic in CPython)."""
@@ -39,19 +40,23 @@ class Recent:
     def __init__(self) -> None:
         self._one: dict[int, int] = {}
         self._more: dict[int, list[int]] = {}  # a prefix's indices after the first
+        self._runs: list[Rows] = [[] for _ in range(PIECES)]
 
     def __len__(self) -> int:
-        return len(self._one) + sum(len(v) for v in self._more.values())
+        return sum(len(r) for r in self._runs)
 
     def add(self, rows: Iterable[tuple[int, int]]) -> None:
         """Record (prefix, index) rows; a row already held is kept once."""
-        one, more = self._one, self._more
+        one, more, runs, count = self._one, self._more, self._runs, len(self._runs)
         for p, ix in rows:
             first = one.get(p)
             if first is None:
                 one[p] = ix
             elif first != ix and ix not in more.get(p, ()):
                 more.setdefault(p, []).append(ix)
+            else:
+                continue
+            runs[((p + (1 << 63)) * count) >> 64].append((p, ix))
 
     def get(self, p: int) -> list[int]:
         """The indices under prefix `p`, in the order added."""
@@ -60,35 +65,21 @@ class Recent:
             return []
         return [first, *self._more.get(p, ())]
 
-    def rows(self) -> Iterator[tuple[int, int]]:
-        """Every (prefix, index) row, sorted: the order that writes each B-tree page once."""
-        one, more = self._one, self._more
-        for p in sorted(one):
-            if p in more:
-                for ix in sorted([one[p], *more[p]]):
-                    yield p, ix
-            else:
-                yield p, one[p]
-
-
-def pieces(rows: Iterator[tuple[int, int]], count: int) -> list[Rows]:
-    """Sorted `rows` cut into `count` runs of (nearly) equal length, in order."""
-    every = list(rows)
-    step, extra = divmod(len(every), count)
-    cuts = [i * step + min(i, extra) for i in range(count + 1)]
-    return [every[cuts[i]:cuts[i + 1]] for i in range(count)]
+    def run(self, k: int) -> Rows:
+        """The rows whose prefix is in the k-th of PIECES equal ranges of the signed 64-bit
+        integers, sorted: the order that writes each B-tree page once."""
+        return sorted(self._runs[k])
 
 
 class Memory:
     """The rows of entries [below, end): those `filling`, and those of a fold in progress
-    (`draining`: the rows of [below, drain_end), cut into PIECES runs, `piece` of them
-    written so far). Rows stay readable here until the last piece commits."""
+    (`draining`: the rows of [below, drain_end), of whose PIECES runs `piece` are written
+    so far). Rows stay readable here until the last piece commits."""
 
     def __init__(self, below: int) -> None:
         self.below = self.end = self.drain_end = below
         self.leaves, self.keys = Recent(), Recent()
         self.draining: tuple[Recent, Recent] | None = None
-        self.runs: tuple[list[Rows], list[Rows]] = ([], [])
         self.piece = 0
 
     def add(self, end: int, leaves: Rows, keys: Rows) -> None:
@@ -113,21 +104,20 @@ class Memory:
     def start_fold(self) -> None:
         """What is filling becomes the fold in progress; new rows fill anew."""
         self.draining = (self.leaves, self.keys)
-        self.runs = (pieces(self.leaves.rows(), PIECES), pieces(self.keys.rows(), PIECES))
         self.piece = 0
         self.drain_end = self.end
         self.leaves, self.keys = Recent(), Recent()
 
-    def next_piece(self) -> tuple[Rows, Rows]:
-        """The leaf and lookup rows the next piece writes."""
-        return self.runs[0][self.piece], self.runs[1][self.piece]
+    def piece_rows(self, k: int) -> tuple[Rows, Rows]:
+        """The leaf and lookup rows piece `k` of the fold in progress writes, sorted."""
+        assert self.draining is not None  # noqa: S101 - only while a fold is in progress
+        return self.draining[0].run(k), self.draining[1].run(k)
 
     def piece_written(self) -> None:
         """The next piece committed; after the last, the fold's rows leave memory."""
         self.piece += 1
         if self.piece == PIECES:
             self.draining = None
-            self.runs = ([], [])
             self.below = self.drain_end
 
     def leaf_candidates(self, p: int) -> list[int]:

@@ -237,14 +237,14 @@ class SQLiteStore:
             self._pieces_written(PIECES - memory.piece)
 
     def _write_piece(self, db: sqlite3.Connection, k: int) -> None:
-        """Piece `k` of the fold in progress (in the caller's transaction): its runs of
-        rows into the young tables, then piece `k` of this fold's slice of the young tables
+        """Piece `k` of the fold in progress (in the caller's transaction): its rows in
+        the k-th key range into the young tables, then piece `k` of this fold's slice of the young tables
         into the main ones; the count of folds and the entries the stored index covers."""
         memory = self._memory
         lo, hi = slice_bounds((self._folds % SLICES) * PIECES + k, SLICES * PIECES)
-        for table, runs in zip(INDEXES, memory.runs, strict=True):
+        for table, rows in zip(INDEXES, memory.piece_rows(k), strict=True):
             db.executemany(f"INSERT OR IGNORE INTO young_{table} (prefix, idx) VALUES (?, ?)",  # noqa: S608 - fixed names
-                           runs[k])
+                           rows)
             db.execute(f"INSERT OR IGNORE INTO {table} (prefix, idx) SELECT prefix, idx "  # noqa: S608
                        f"FROM young_{table} WHERE prefix BETWEEN ? AND ?", (lo, hi))
             db.execute(f"DELETE FROM young_{table} WHERE prefix BETWEEN ? AND ?", (lo, hi))  # noqa: S608
@@ -383,15 +383,16 @@ class SQLiteStore:
                 raise StorageError(f"{self._path.name}: read failed: {e}") from e
 
     def _held(self, db: sqlite3.Connection, hashes: Sequence[bytes]) -> dict[bytes, int]:
-        """`_held` over the stored index and the rows in memory."""
-        found = _held(db, hashes)
+        """`_held_stored`, and the rows in memory confirmed the same way."""
+        found = _held_stored(db, hashes)
         memory = self._memory
         maybe = {ix for h in hashes for ix in memory.leaf_candidates(prefix(h))}
-        if maybe:
-            wanted = set(hashes)
-            marks = ",".join("?" * len(maybe))
-            sql = f"SELECT idx, data FROM entries WHERE idx IN ({marks})"  # noqa: S608
-            for ix, data in db.execute(sql, sorted(maybe)):
+        wanted = set(hashes)
+        candidates = sorted(maybe)
+        for i in range(0, len(candidates), IN_LIST):
+            part = candidates[i:i + IN_LIST]
+            sql = f"SELECT idx, data FROM entries WHERE idx IN ({','.join('?' * len(part))})"  # noqa: S608
+            for ix, data in db.execute(sql, part):
                 h = merkle.leaf_hash(bytes(data))
                 if h in wanted and ix < found.get(h, ix + 1):
                     found[h] = ix
@@ -404,10 +405,9 @@ class SQLiteStore:
     def index_leaves(self, start: int, hashes: Sequence[bytes]) -> None:
         """Entries stored behind this store's back (an older version's appends): indexed
         like appended ones. The store indexes everything stored when it opens."""
-        with self._lock:
-            if start != self._memory.end:
-                raise StorageError(f"index_leaves: entries from {self._memory.end} are not indexed, "
-                                   f"not from {start}")
+        if start != self._memory.end:
+            raise StorageError(f"index_leaves: entries from {self._memory.end} are not indexed, "
+                               f"not from {start}")
         self._index(start, hashes, self.read_entries(start, start + len(hashes)))
 
     def inner_held(self) -> int:
@@ -461,7 +461,7 @@ class SQLiteStore:
                 self._lock_fd = -1
 
 
-def _held(db: sqlite3.Connection, hashes: Sequence[bytes]) -> dict[bytes, int]:
+def _held_stored(db: sqlite3.Connection, hashes: Sequence[bytes]) -> dict[bytes, int]:
     """The lowest index of each of these leaf hashes among the stored entries, found by
     prefix and confirmed by the entry's own leaf hash."""
     wanted: dict[int, set[bytes]] = {}
