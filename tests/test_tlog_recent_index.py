@@ -74,7 +74,7 @@ def test_recent_keeps_each_row_once_and_runs_them_by_key_range(small_folds):
     r.add([(5, 1), (-3, 2), (5, 4), (5, 1), (top, 0), (5, 3), (-(1 << 63), 6)])
     r.add([(5, 4), (-3, 2)])
     assert r.get(5) == [1, 4, 3] and r.get(-3) == [2] and r.get(6) == []
-    assert [r.run(k) for k in range(4)] == [[(-(1 << 63), 6)], [(-3, 2)], [(5, 1), (5, 3), (5, 4)],
+    assert [list(r.run(k)) for k in range(4)] == [[(-(1 << 63), 6)], [(-3, 2)], [(5, 1), (5, 3), (5, 4)],
                                             [(top, 0)]]
     assert len(r) == 6
 

@@ -15,7 +15,7 @@ stored index does not cover yet (from `Memory.below`).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 FOLD_AT = 65536
 """Entries whose rows are held before a fold starts (~13 MB of rows for both indexes)."""
@@ -32,7 +32,7 @@ Rows = list[tuple[int, int]]
 
 class Recent:
     """A multimap of 64-bit key prefixes to entry indices (most prefixes have one index),
-    its rows also kept in PIECES runs by key range (`run`).
+    its prefixes also listed in PIECES runs by key range (`run`).
 
     Written by one thread; a reader on another thread sees each `add` whole or not at
     all (single dict and list operations, atomic in CPython)."""
@@ -40,10 +40,10 @@ class Recent:
     def __init__(self) -> None:
         self._one: dict[int, int] = {}
         self._more: dict[int, list[int]] = {}  # a prefix's indices after the first
-        self._runs: list[Rows] = [[] for _ in range(PIECES)]
+        self._runs: list[list[int]] = [[] for _ in range(PIECES)]  # the prefixes, by range
 
     def __len__(self) -> int:
-        return sum(len(r) for r in self._runs)
+        return len(self._one) + sum(len(v) for v in self._more.values())
 
     def add(self, rows: Iterable[tuple[int, int]]) -> None:
         """Record (prefix, index) rows; a row already held is kept once."""
@@ -52,11 +52,9 @@ class Recent:
             first = one.get(p)
             if first is None:
                 one[p] = ix
+                runs[((p + (1 << 63)) * count) >> 64].append(p)
             elif first != ix and ix not in more.get(p, ()):
                 more.setdefault(p, []).append(ix)
-            else:
-                continue
-            runs[((p + (1 << 63)) * count) >> 64].append((p, ix))
 
     def get(self, p: int) -> list[int]:
         """The indices under prefix `p`, in the order added."""
@@ -65,10 +63,18 @@ class Recent:
             return []
         return [first, *self._more.get(p, ())]
 
-    def run(self, k: int) -> Rows:
+    def run(self, k: int) -> Iterator[tuple[int, int]]:
         """The rows whose prefix is in the k-th of PIECES equal ranges of the signed 64-bit
-        integers, sorted: the order that writes each B-tree page once."""
-        return sorted(self._runs[k])
+        integers, sorted: the order that writes each B-tree page once. A generator, so
+        that SQLite's `executemany` interleaves it with its writes (it lets other threads
+        run between rows instead of waiting for the whole list)."""
+        one, more = self._one, self._more
+        for p in sorted(self._runs[k]):
+            if p in more:
+                for ix in sorted([one[p], *more[p]]):
+                    yield p, ix
+            else:
+                yield p, one[p]
 
 
 class Memory:
@@ -108,7 +114,7 @@ class Memory:
         self.drain_end = self.end
         self.leaves, self.keys = Recent(), Recent()
 
-    def piece_rows(self, k: int) -> tuple[Rows, Rows]:
+    def piece_rows(self, k: int) -> tuple[Iterator[tuple[int, int]], Iterator[tuple[int, int]]]:
         """The leaf and lookup rows piece `k` of the fold in progress writes, sorted."""
         assert self.draining is not None  # noqa: S101 - only while a fold is in progress
         return self.draining[0].run(k), self.draining[1].run(k)
