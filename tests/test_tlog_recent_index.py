@@ -64,8 +64,8 @@ def check(store: SQLiteStore, path, entries: list[bytes], disjoint: bool = False
         held = {ix for _, ix in main | young}
         assert set(range(memory.below)) <= held
     for i, h in enumerate(hashes[memory.below:], memory.below):
-        assert i in memory.leaf_candidates(prefix(h))
-        assert i in memory.key_candidates(key_prefix(request_hash(i)))
+        assert i in memory.leaf_indices([prefix(h)])
+        assert i in memory.key_indices(key_prefix(request_hash(i)))
 
 
 def test_recent_keeps_each_row_once_and_runs_them_by_key_range(small_folds):
@@ -73,7 +73,8 @@ def test_recent_keeps_each_row_once_and_runs_them_by_key_range(small_folds):
     r = Recent()
     r.add([(5, 1), (-3, 2), (5, 4), (5, 1), (top, 0), (5, 3), (-(1 << 63), 6)])
     r.add([(5, 4), (-3, 2)])
-    assert r.get(5) == [1, 4, 3] and r.get(-3) == [2] and r.get(6) == []
+    assert r.indices([5]) == {1, 3, 4} and r.indices([-3]) == {2} and r.indices([6]) == set()
+    assert r.indices([5, 6, top]) == {0, 1, 3, 4}
     assert [list(r.run(k)) for k in range(4)] == [[(-(1 << 63), 6)], [(-3, 2)], [(5, 1), (5, 3), (5, 4)],
                                             [(top, 0)]]
     assert len(r) == 6
@@ -91,13 +92,13 @@ def test_memory_keeps_a_fold_readable_until_its_last_piece(small_folds):
     assert m.due()
     m.start_fold()
     m.add(22, [(50, 20), (51, 21)], [])
-    assert not m.due() and m.leaf_candidates(3) == [3] and m.leaf_candidates(50) == [20]
+    assert not m.due() and m.leaf_indices([3]) == {3} and m.leaf_indices([50, 3, 8]) == {20, 3, 8}
     for _ in range(3):
         m.piece_written()
-        assert m.leaf_candidates(3) == [3] and m.below == 0
+        assert m.leaf_indices([3]) == {3} and m.below == 0
     m.piece_written()
-    assert m.draining is None and m.below == 20 and m.leaf_candidates(3) == []
-    assert m.key_candidates(100) == [] and m.leaf_candidates(51) == [21]
+    assert m.draining is None and m.below == 20 and m.leaf_indices([3]) == set()
+    assert m.key_indices(100) == set() and m.leaf_indices([51]) == {21}
 
 
 def test_appends_fold_through_young_into_main_tables(tmp_path, small_folds):

@@ -56,12 +56,17 @@ class Recent:
             elif first != ix and ix not in more.get(p, ()):
                 more.setdefault(p, []).append(ix)
 
-    def get(self, p: int) -> list[int]:
-        """The indices under prefix `p`, in the order added."""
-        first = self._one.get(p)
-        if first is None:
-            return []
-        return [first, *self._more.get(p, ())]
+    def indices(self, prefixes: Iterable[int]) -> set[int]:
+        """The indices under any of these prefixes."""
+        one, more = self._one, self._more
+        found = set()
+        for p in prefixes:
+            first = one.get(p)
+            if first is not None:
+                found.add(first)
+                if p in more:
+                    found.update(more[p])
+        return found
 
     def run(self, k: int) -> Iterator[tuple[int, int]]:
         """The rows whose prefix is in the k-th of PIECES equal ranges of the signed 64-bit
@@ -126,16 +131,14 @@ class Memory:
             self.draining = None
             self.below = self.drain_end
 
-    def leaf_candidates(self, p: int) -> list[int]:
-        """Entry indices whose leaf hash may have prefix `p`."""
-        found = self.leaves.get(p)
-        if (draining := self.draining) is not None:
-            found += draining[0].get(p)
-        return found
+    def leaf_indices(self, prefixes: Iterable[int]) -> set[int]:
+        """Entry indices whose leaf hash may have one of these prefixes."""
+        draining = self.draining
+        found = self.leaves.indices(prefixes)
+        return found if draining is None else found | draining[0].indices(prefixes)
 
-    def key_candidates(self, p: int) -> list[int]:
+    def key_indices(self, p: int) -> set[int]:
         """Entry indices whose lookup key may have prefix `p`."""
-        found = self.keys.get(p)
-        if (draining := self.draining) is not None:
-            found += draining[1].get(p)
-        return found
+        draining = self.draining
+        found = self.keys.indices((p,))
+        return found if draining is None else found | draining[1].indices((p,))

@@ -383,18 +383,20 @@ class SQLiteStore:
                 raise StorageError(f"{self._path.name}: read failed: {e}") from e
 
     def _held(self, db: sqlite3.Connection, hashes: Sequence[bytes]) -> dict[bytes, int]:
-        """`_held_stored`, and the rows in memory confirmed the same way."""
-        found = _held_stored(db, hashes)
-        memory = self._memory
-        maybe = {ix for h in hashes for ix in memory.leaf_candidates(prefix(h))}
-        wanted = set(hashes)
-        candidates = sorted(maybe)
+        """The lowest index of each of these leaf hashes among the stored entries, found by
+        prefix in the stored index and in memory, and confirmed by the entry's own leaf
+        hash."""
+        wanted: dict[int, set[bytes]] = {}
+        for h in hashes:
+            wanted.setdefault(prefix(h), set()).add(h)
+        found = _held_stored(db, wanted)
+        candidates = sorted(self._memory.leaf_indices(wanted))
         for i in range(0, len(candidates), IN_LIST):
             part = candidates[i:i + IN_LIST]
             sql = f"SELECT idx, data FROM entries WHERE idx IN ({','.join('?' * len(part))})"  # noqa: S608
             for ix, data in db.execute(sql, part):
                 h = merkle.leaf_hash(bytes(data))
-                if h in wanted and ix < found.get(h, ix + 1):
+                if h in wanted.get(prefix(h), ()) and ix < found.get(h, ix + 1):
                     found[h] = ix
         return found
 
@@ -437,7 +439,7 @@ class SQLiteStore:
         the rows in memory (all newer than the stored ones), else the stored rows. Memory
         is read first: a fold empties it only after its rows are committed."""
         p = key_prefix(key)
-        recent = sorted(self._memory.key_candidates(p), reverse=True)
+        recent = sorted(self._memory.key_indices(p), reverse=True)
         with self._reading() as db:
             for ix in recent:
                 row = db.execute("SELECT data FROM entries WHERE idx = ?", (ix,)).fetchone()
@@ -461,12 +463,9 @@ class SQLiteStore:
                 self._lock_fd = -1
 
 
-def _held_stored(db: sqlite3.Connection, hashes: Sequence[bytes]) -> dict[bytes, int]:
-    """The lowest index of each of these leaf hashes among the stored entries, found by
-    prefix and confirmed by the entry's own leaf hash."""
-    wanted: dict[int, set[bytes]] = {}
-    for h in hashes:
-        wanted.setdefault(prefix(h), set()).add(h)
+def _held_stored(db: sqlite3.Connection, wanted: dict[int, set[bytes]]) -> dict[bytes, int]:
+    """The lowest index of each wanted leaf hash (by its prefix) in the stored index,
+    confirmed by the entry's own leaf hash."""
     found: dict[bytes, int] = {}
     keys = list(wanted)
     for i in range(0, len(keys), IN_LIST):
