@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import shutil
 import sqlite3
+from pathlib import Path
 
 import pytest
 
@@ -41,6 +42,13 @@ def stored_rows(path, table: str) -> set[tuple[int, int]]:
         return set(db.execute(f"SELECT prefix, idx FROM {table}"))  # noqa: S608
     finally:
         db.close()
+
+
+def open_log(tmp_path) -> tuple[SQLiteStore, Log, Path]:
+    """The store at tmp_path/log.db and a sequencer on it."""
+    path = tmp_path / "log.db"
+    store = SQLiteStore(path)
+    return store, Log(store, keys.load_signer(tmp_path)), path
 
 
 def check(store: SQLiteStore, path, entries: list[bytes], disjoint: bool = False) -> None:
@@ -102,10 +110,7 @@ def test_memory_keeps_a_fold_readable_until_its_last_piece(small_folds):
 
 
 def test_appends_fold_through_young_into_main_tables(tmp_path, small_folds):
-    signer = keys.load_signer(tmp_path)
-    path = tmp_path / "log.db"
-    store = SQLiteStore(path)
-    log = Log(store, signer)
+    store, log, path = open_log(tmp_path)
     entries: list[bytes] = []
     biggest = 0
     for size in (1, 5, 16, 3, 40, 7, 2, 30, 1, 1, 64, 9) * 3:
@@ -125,10 +130,7 @@ def test_appends_fold_through_young_into_main_tables(tmp_path, small_folds):
 
 def test_every_crash_image_reopens_with_every_entry_indexed(tmp_path, small_folds):
     """A copy of the files taken after each append is what kill -9 at that point leaves."""
-    signer = keys.load_signer(tmp_path)
-    path = tmp_path / "log.db"
-    store = SQLiteStore(path)
-    log = Log(store, signer)
+    store, log, path = open_log(tmp_path)
     entries: list[bytes] = []
     for n, size in enumerate((3, 17, 5, 9, 33, 2, 11, 20, 6)):
         batch = [receipt(len(entries) + i) for i in range(size)]
@@ -148,10 +150,7 @@ def test_every_crash_image_reopens_with_every_entry_indexed(tmp_path, small_fold
 
 def test_a_failed_piece_commits_nothing_and_the_next_append_writes_it(tmp_path, small_folds,
                                                                       monkeypatch):
-    signer = keys.load_signer(tmp_path)
-    path = tmp_path / "log.db"
-    store = SQLiteStore(path)
-    log = Log(store, signer)
+    store, log, path = open_log(tmp_path)
     entries = [receipt(i) for i in range(20)]
     _run(log, entries)  # 20 rows held: the next append starts a fold
     write = SQLiteStore._write_piece  # noqa: SLF001
@@ -179,9 +178,7 @@ def test_a_failed_piece_commits_nothing_and_the_next_append_writes_it(tmp_path, 
 def test_colliding_prefixes_are_confirmed_in_memory_and_in_storage(tmp_path, small_folds,
                                                                    monkeypatch):
     monkeypatch.setattr(sqlite_store, "prefix", lambda digest: 7)
-    signer = keys.load_signer(tmp_path)
-    store = SQLiteStore(tmp_path / "log.db")
-    log = Log(store, signer)
+    store, log, _ = open_log(tmp_path)
     entries = [receipt(i) for i in range(60)]
     _run(log, entries[:30])
     _run(log, entries[30:])
@@ -195,11 +192,9 @@ def test_colliding_prefixes_are_confirmed_in_memory_and_in_storage(tmp_path, sma
 
 
 def test_a_log_whose_stored_index_lags_far_is_folded_on_open(tmp_path, small_folds):
-    signer = keys.load_signer(tmp_path)
-    path = tmp_path / "log.db"
-    store = SQLiteStore(path)
+    store, log, path = open_log(tmp_path)
     entries = [receipt(i) for i in range(150)]
-    _run(Log(store, signer), entries)
+    _run(log, entries)
     store.close()
     db = sqlite3.connect(path, isolation_level=None)  # as an old version without the index left it
     for table in ("leaf_prefixes", "young_leaf_prefixes", "young_lookup_prefixes",
@@ -214,10 +209,8 @@ def test_a_log_whose_stored_index_lags_far_is_folded_on_open(tmp_path, small_fol
 
 
 def test_a_missing_entry_fails_the_open_and_releases_the_log(tmp_path, small_folds):
-    signer = keys.load_signer(tmp_path)
-    path = tmp_path / "log.db"
-    store = SQLiteStore(path)
-    _run(Log(store, signer), [receipt(i) for i in range(40)])
+    store, log, path = open_log(tmp_path)
+    _run(log, [receipt(i) for i in range(40)])
     below = store._memory.below  # noqa: SLF001
     store.close()
     db = sqlite3.connect(path, isolation_level=None)
