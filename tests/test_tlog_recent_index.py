@@ -85,7 +85,6 @@ def test_recent_keeps_each_row_once_and_runs_them_by_key_range(small_folds):
     assert r.indices([5, 6, top]) == {0, 1, 3, 4}
     assert [list(r.run(k)) for k in range(4)] == [[(-(1 << 63), 6)], [(-3, 2)], [(5, 1), (5, 3), (5, 4)],
                                             [(top, 0)]]
-    assert len(r) == 6
 
 
 def test_slices_split_the_prefix_space_in_order():

@@ -42,9 +42,6 @@ class Recent:
         self._more: dict[int, list[int]] = {}  # a prefix's indices after the first
         self._runs: list[list[int]] = [[] for _ in range(PIECES)]  # the prefixes, by range
 
-    def __len__(self) -> int:
-        return len(self._one) + sum(len(v) for v in self._more.values())
-
     def add(self, rows: Iterable[tuple[int, int]]) -> None:
         """Record (prefix, index) rows; a row already held is kept once."""
         one, more, runs, count = self._one, self._more, self._runs, len(self._runs)
@@ -132,13 +129,16 @@ class Memory:
             self.below = self.drain_end
 
     def leaf_indices(self, prefixes: Iterable[int]) -> set[int]:
-        """Entry indices whose leaf hash may have one of these prefixes."""
-        draining = self.draining
+        """Entry indices whose leaf hash may have one of these prefixes.
+
+        Reads `leaves` before `draining`, the reverse of the order `start_fold` sets them
+        in, so a reader on another thread never misses the rows a fold is taking over."""
         found = self.leaves.indices(prefixes)
+        draining = self.draining
         return found if draining is None else found | draining[0].indices(prefixes)
 
     def key_indices(self, p: int) -> set[int]:
-        """Entry indices whose lookup key may have prefix `p`."""
-        draining = self.draining
+        """Entry indices whose lookup key may have prefix `p` (read as `leaf_indices`)."""
         found = self.keys.indices((p,))
+        draining = self.draining
         return found if draining is None else found | draining[1].indices((p,))
