@@ -108,6 +108,37 @@ def test_memory_keeps_a_fold_readable_until_its_last_piece(small_folds):
     assert m.key_indices(100) == set() and m.leaf_indices([51]) == {21}
 
 
+class FoldOnRead(Memory):
+    """Memory whose next read of `leaves` or `keys` first starts a fold: what a reader on
+    another thread sees when a fold starts between its two reads."""
+
+    fold_next_read = False
+
+    def _rows(self, name: str) -> Recent:
+        if self.fold_next_read:
+            self.fold_next_read = False
+            self.start_fold()
+        return self.__dict__[name]
+
+    leaves = property(lambda self: self._rows("_leaves"),
+                      lambda self, v: self.__dict__.__setitem__("_leaves", v))
+    keys = property(lambda self: self._rows("_keys"),
+                    lambda self, v: self.__dict__.__setitem__("_keys", v))
+
+
+def test_a_fold_starting_between_a_readers_reads_hides_no_row(small_folds):
+    m = FoldOnRead(0)
+    m.add(20, [(p, p) for p in range(20)], [(100 + p, p) for p in range(20)])
+    m.fold_next_read = True
+    assert m.leaf_indices([3, 4]) == {3, 4}
+    assert m.draining is not None  # the fold did start between the reads
+    m = FoldOnRead(0)
+    m.add(20, [(p, p) for p in range(20)], [(100 + p, p) for p in range(20)])
+    m.fold_next_read = True
+    assert m.key_indices(105) == {5}
+    assert m.draining is not None
+
+
 def test_appends_fold_through_young_into_main_tables(tmp_path, small_folds):
     store, log, path = open_log(tmp_path)
     entries: list[bytes] = []
