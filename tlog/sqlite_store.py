@@ -95,9 +95,15 @@ WRITER_CACHE_KIB = 32768
 batch touches stay cached for the next one."""
 
 WAL_PAGES = 10000
-"""Pages the WAL may hold before a commit copies them back into the database (SQLite's
-default is 1000): the index pages that folds rewrite are copied once per ~40 MiB of
-commits instead of once per commit. Durability is the same; commits still fsync."""
+"""Pages the WAL may hold before a commit copies them back into the database itself
+(SQLite's default is 1000): only when the checkpoint thread falls behind."""
+
+CHECKPOINT_EVERY = 0.25
+"""Seconds between the checkpoint thread's passive checkpoints. They copy committed WAL
+pages into the database on a connection of their own, so no append waits for them: with
+only the automatic checkpoint, run by the committing thread, `POST /add` at 64 clients on
+a log of 10M entries had a p99 of 300 ms (105 ms with no checkpoint at all). A checkpoint
+only copies what commits already made durable."""
 
 IN_LIST = 500
 """Prefixes looked up per query (SQLite limits the number of bound parameters)."""
@@ -193,6 +199,8 @@ class SQLiteStore:
         self._path = path
         self._inode = os.stat(path).st_ino
         self._absent: set[bytes] = set()
+        self._closing = threading.Event()
+        self._checkpointer: threading.Thread | None = None
         try:
             with self._reading() as db:
                 row = db.execute("SELECT count, below FROM folds").fetchone()
@@ -203,9 +211,25 @@ class SQLiteStore:
                 self._folds, below = row
             self._memory = Memory(below)
             self._catch_up()
+            checkpoints = sqlite3.connect(str(path), isolation_level=None,
+                                          check_same_thread=False)
         except BaseException:
             self.close()
             raise
+        self._checkpointer = threading.Thread(target=self._checkpoints, args=(checkpoints,),
+                                              name="tlog-checkpoint", daemon=True)
+        self._checkpointer.start()
+
+    def _checkpoints(self, db: sqlite3.Connection) -> None:
+        """A passive checkpoint every CHECKPOINT_EVERY until `close` (the checkpoint thread).
+        One that fails (disk full) is tried again at the next; the WAL meanwhile keeps every
+        commit, and past WAL_PAGES the committing thread checkpoints too."""
+        try:
+            while not self._closing.wait(CHECKPOINT_EVERY):
+                with contextlib.suppress(sqlite3.Error):
+                    db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        finally:
+            db.close()
 
     def _catch_up(self) -> None:
         """Rebuild the memory rows from the entries the stored index does not cover (those
@@ -455,6 +479,9 @@ class SQLiteStore:
         return None
 
     def close(self) -> None:
+        self._closing.set()
+        if self._checkpointer is not None:
+            self._checkpointer.join()
         with self._lock, self._rlock:
             self._db.close()
             self._rdb.close()
