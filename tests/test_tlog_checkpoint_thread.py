@@ -1,9 +1,11 @@
 """SQLite's WAL is checkpointed by the store's own thread, not by the appending one: the
 WAL is reused from its start while appends go on (it grows without end with no
-checkpoint at all), the thread ends with the store, and a failed open starts none."""
+checkpoint at all), the thread ends with the store (closed, or collected unclosed), and
+a failed open starts none."""
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
 
@@ -56,3 +58,14 @@ def test_a_failed_open_starts_no_thread(tmp_path, monkeypatch):
     with pytest.raises(storage.StorageError):
         SQLiteStore(tmp_path / "log.db")
     assert {t for t in threading.enumerate() if t.name == "tlog-checkpoint"} == before
+
+
+def test_a_store_never_closed_ends_its_thread_when_collected(tmp_path):
+    before = {t for t in threading.enumerate() if t.name == "tlog-checkpoint"}
+    store = SQLiteStore(tmp_path / "log.db")
+    mine = {t for t in threading.enumerate() if t.name == "tlog-checkpoint"} - before
+    del store
+    gc.collect()
+    for t in mine:
+        t.join(timeout=10)
+    assert not any(t.is_alive() for t in mine)

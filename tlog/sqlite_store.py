@@ -46,6 +46,7 @@ import os
 import sqlite3
 import struct
 import threading
+import weakref
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -216,20 +217,11 @@ class SQLiteStore:
         except BaseException:
             self.close()
             raise
-        self._checkpointer = threading.Thread(target=self._checkpoints, args=(checkpoints,),
+        self._checkpointer = threading.Thread(target=_checkpoints,
+                                              args=(checkpoints, self._closing),
                                               name="tlog-checkpoint", daemon=True)
         self._checkpointer.start()
-
-    def _checkpoints(self, db: sqlite3.Connection) -> None:
-        """A passive checkpoint every CHECKPOINT_EVERY until `close` (the checkpoint thread).
-        One that fails (disk full) is tried again at the next; the WAL meanwhile keeps every
-        commit, and past WAL_PAGES the committing thread checkpoints too."""
-        try:
-            while not self._closing.wait(CHECKPOINT_EVERY):
-                with contextlib.suppress(sqlite3.Error):
-                    db.execute("PRAGMA wal_checkpoint(PASSIVE)")
-        finally:
-            db.close()
+        weakref.finalize(self, self._closing.set)  # a store never closed still ends it
 
     def _catch_up(self) -> None:
         """Rebuild the memory rows from the entries the stored index does not cover (those
@@ -488,6 +480,19 @@ class SQLiteStore:
             if self._lock_fd >= 0:
                 os.close(self._lock_fd)
                 self._lock_fd = -1
+
+
+def _checkpoints(db: sqlite3.Connection, closing: threading.Event) -> None:
+    """A passive checkpoint every CHECKPOINT_EVERY until `closing` is set (the checkpoint
+    thread; it holds no reference to its store). One that fails (disk full) is tried again
+    at the next; the WAL meanwhile keeps every commit, and past WAL_PAGES the committing
+    thread checkpoints too."""
+    try:
+        while not closing.wait(CHECKPOINT_EVERY):
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+    finally:
+        db.close()
 
 
 def _held_stored(db: sqlite3.Connection, wanted: dict[int, set[bytes]]) -> dict[bytes, int]:
