@@ -25,6 +25,7 @@ import pytest
 from gateway.receipts import outbox as ob
 from gateway.receipts.outbox import Ledger, Outbox
 from tests.test_gateway_fakes import API_KEY, FakeLog, FakeProvider, run_gateway, write_config
+from tests.test_tlog_faults import fill
 from tlog import proof
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -275,11 +276,7 @@ def test_real_disk_full_under_the_outbox_is_503_and_heals(tmp_path: Path,
             cfg.write_text(cfg.read_text().replace('data_dir = "data"', f'data_dir = "{tmpfs}"'))
             async with run_gateway(cfg) as gw, httpx.AsyncClient(timeout=20) as c:
                 acked = [(await chat(c, gw.url)).headers["x-receipt-id"] for _ in range(3)]
-                filler = tmpfs / "filler"
-                with open(filler, "wb") as f, contextlib.suppress(OSError):  # noqa: ASYNC230
-                    while True:
-                        f.write(b"\0" * 65536)
-                        f.flush()
+                filler = fill(tmpfs)
                 statuses: Counter[int] = Counter()
                 codes: Counter[str] = Counter()
                 for _ in range(400):

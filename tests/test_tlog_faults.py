@@ -230,9 +230,11 @@ def small_fs(tmp_path) -> Iterator[Path]:
 
 
 def fill(directory: Path) -> Path:
-    """Write a file until the file system is full; returns it (delete it to free space)."""
+    """Write a file until the file system is full; returns it (delete it to free space).
+    Unbuffered: a buffered file may keep the rest of a short write and try it again when
+    closed, raising ENOSPC there (seen once in CI)."""
     filler = directory / "filler"
-    with open(filler, "wb") as f, contextlib.suppress(OSError):
+    with open(filler, "wb", buffering=0) as f, contextlib.suppress(OSError):
         while True:
             f.write(b"\0" * 65536)
             f.flush()
