@@ -17,6 +17,10 @@ from tlog.sequencer import Log
 from tlog.sqlite_store import SQLiteStore
 
 
+def checkpoint_threads() -> set[threading.Thread]:
+    return {t for t in threading.enumerate() if t.name == "tlog-checkpoint"}
+
+
 def largest_wal(tmp_path, monkeypatch, every: float) -> int:
     """The largest size the WAL file reached over 40 appends, with checkpoints by the thread
     every `every` seconds and none by the appending thread."""
@@ -41,9 +45,9 @@ def test_the_thread_keeps_the_wal_from_growing(tmp_path, monkeypatch):
 
 
 def test_the_thread_ends_with_the_store(tmp_path):
-    before = {t for t in threading.enumerate() if t.name == "tlog-checkpoint"}
+    before = checkpoint_threads()
     store = SQLiteStore(tmp_path / "log.db")
-    mine = {t for t in threading.enumerate() if t.name == "tlog-checkpoint"} - before
+    mine = checkpoint_threads() - before
     assert len(mine) == 1
     store.close()
     assert not any(t.is_alive() for t in mine)
@@ -54,16 +58,16 @@ def test_a_failed_open_starts_no_thread(tmp_path, monkeypatch):
         raise storage.StorageError("catch-up failed")
 
     monkeypatch.setattr(SQLiteStore, "_catch_up", fail)
-    before = {t for t in threading.enumerate() if t.name == "tlog-checkpoint"}
+    before = checkpoint_threads()
     with pytest.raises(storage.StorageError):
         SQLiteStore(tmp_path / "log.db")
-    assert {t for t in threading.enumerate() if t.name == "tlog-checkpoint"} == before
+    assert checkpoint_threads() == before
 
 
 def test_a_store_never_closed_ends_its_thread_when_collected(tmp_path):
-    before = {t for t in threading.enumerate() if t.name == "tlog-checkpoint"}
+    before = checkpoint_threads()
     store = SQLiteStore(tmp_path / "log.db")
-    mine = {t for t in threading.enumerate() if t.name == "tlog-checkpoint"} - before
+    mine = checkpoint_threads() - before
     del store
     gc.collect()
     for t in mine:

@@ -100,14 +100,20 @@ class Memory:
         """A fold should start: enough rows are filling and none is in progress."""
         return self.draining is None and self.end - self.below >= FOLD_AT
 
-    def overfull(self) -> bool:
-        """Another FOLD_AT entries' rows filled while a fold is in progress: it must end now."""
-        return self.draining is not None and self.end - self.drain_end >= FOLD_AT
-
     def behind(self) -> bool:
         """More rows are held than appends fill between folds (CATCH_UP_FOLDS * FOLD_AT):
         only a log whose stored index lacks many entries (written by an older version) is."""
         return self.end - self.below >= CATCH_UP_FOLDS * FOLD_AT
+
+    def pieces_due(self) -> range:
+        """The pieces of the fold in progress the next transaction writes: the next one;
+        all the rest if another FOLD_AT entries' rows filled meanwhile or memory is
+        `behind`; none with no fold in progress."""
+        if self.draining is None:
+            return range(0)
+        if self.end - self.drain_end >= FOLD_AT or self.behind():
+            return range(self.piece, PIECES)
+        return range(self.piece, self.piece + 1)
 
     def start_fold(self) -> None:
         """What is filling becomes the fold in progress; new rows fill anew."""

@@ -205,9 +205,9 @@ class SQLiteStore:
         try:
             with self._reading() as db:
                 row = db.execute("SELECT count, below FROM folds").fetchone()
-            if row is None:  # no fold written yet: the stored index covers a prefix of the log
-                self._folds = 0
-                below = max(self._after_last(t) for t in ("leaf_prefixes", "young_leaf_prefixes"))
+            if row is None:  # no piece written yet (each writes the row), the young tables
+                self._folds = 0  # empty: the stored index covers a prefix of the log
+                below = self._after_last("leaf_prefixes")
             else:
                 self._folds, below = row
             self._memory = Memory(below)
@@ -247,15 +247,17 @@ class SQLiteStore:
         if memory.behind():
             if memory.draining is None:
                 memory.start_fold()
+            pieces = memory.pieces_due()
             with self._writing() as db:
-                for k in range(memory.piece, PIECES):
+                for k in pieces:
                     self._write_piece(db, k)
-            self._pieces_written(PIECES - memory.piece)
+            self._pieces_written(len(pieces))
 
     def _write_piece(self, db: sqlite3.Connection, k: int) -> None:
         """Piece `k` of the fold in progress (in the caller's transaction): its rows in
-        the k-th key range into the young tables, then piece `k` of this fold's slice of the young tables
-        into the main ones; the count of folds and the entries the stored index covers."""
+        the k-th key range into the young tables, then piece `k` of this fold's slice of
+        the young tables into the main ones; the count of folds and the entries the stored
+        index covers (every piece writes them, so young rows never exist without them)."""
         memory = self._memory
         lo, hi = slice_bounds((self._folds % SLICES) * PIECES + k, SLICES * PIECES)
         for table, rows in zip(INDEXES, memory.piece_rows(k), strict=True):
@@ -365,9 +367,7 @@ class SQLiteStore:
         memory = self._memory
         if memory.due():
             memory.start_fold()
-        todo = 0
-        if memory.draining is not None:
-            todo = PIECES - memory.piece if memory.overfull() else 1
+        pieces = memory.pieces_due()
         with self._writing() as db:
             unchecked = [h for h in hashes if h not in self._absent]
             self._absent = set()
@@ -379,9 +379,9 @@ class SQLiteStore:
                            ((tile_id(lv, ix), d) for (lv, ix), d in tiles.items()))
             db.executemany("INSERT OR REPLACE INTO tile_inner (idx, data) VALUES (?, ?)",
                            inner_rows(tiles))
-            for k in range(memory.piece, memory.piece + todo):
+            for k in pieces:
                 self._write_piece(db, k)
-        self._pieces_written(todo)
+        self._pieces_written(len(pieces))
         memory.add(start + len(entries), [(prefix(h), start + i) for i, h in enumerate(hashes)],
                    [(key_prefix(k), ix) for k, ix in keys])
 
