@@ -82,7 +82,7 @@ def test_files_stay_bounded_and_only_logged_receipts_past_retention_are_pruned(
         skip = rows[1500][0]  # one receipt the log never acknowledged
         for seq, _, e in rows:
             if seq != skip:
-                await ledger.record(seq, proof.TlogProof(seq, (b"h" * 32,), b"cp\n", e))
+                await ledger.record([(seq, proof.TlogProof(seq, (b"h" * 32,), b"cp\n", e))])
         full = sum((tmp_path / f).stat().st_size for f in (ob.OUTBOX_FILE, ob.LEDGER_FILE))
         assert not box.near_bound()
         assert await box.prune() == 0  # all younger than the retention
@@ -93,7 +93,7 @@ def test_files_stay_bounded_and_only_logged_receipts_past_retention_are_pruned(
         await ledger.prune(box.pruned_through())
         assert box.counts() == (500, 1)
         assert box.get(rows[1499][1]) is None and box.get(rows[1500][1]) is not None
-        await ledger.record(skip, proof.TlogProof(skip, (b"h" * 32,), b"cp\n", entry))
+        await ledger.record([(skip, proof.TlogProof(skip, (b"h" * 32,), b"cp\n", entry))])
         while await box.prune(now):
             pass
         assert box.pruned_through() == rows[-1][0] - 1  # the newest is kept

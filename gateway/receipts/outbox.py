@@ -168,8 +168,10 @@ class Row:
     key_sha256: str | None = None
 
 
-_Op = tuple[str, tuple[Any, ...], Callable[[BaseException | None], None]]
-_CUT: _Op = ("PRAGMA user_version = 0", (), lambda err: None)
+_Op = tuple[str, Any, bool, Callable[[BaseException | None], None]]
+"""(statement, arguments, whether they are a list of rows for `executemany`, what to call
+with the outcome)"""
+_CUT: _Op = ("PRAGMA user_version = 0", (), False, lambda err: None)
 """A commit of one page and nothing else: the first commit after a WAL restart cuts the
 file back to the limit, and this one is made when no other write comes."""
 
@@ -344,11 +346,11 @@ class _Writer:
         """Run a batch in one transaction; on failure, each op alone, so only culprits fail."""
         err, committed = self._run(batch)
         if err is None or committed or len(batch) == 1:
-            for _, _, done in batch:
-                done(err)
+            for op in batch:
+                op[3](err)
         else:
             for op in batch:
-                op[2](self._run([op])[0])
+                op[3](self._run([op])[0])
         if self.vacuum_due:  # outside any transaction: executescript steps it to the end
             self.vacuum_due = False
             with contextlib.suppress(sqlite3.Error):
@@ -362,9 +364,12 @@ class _Writer:
         try:
             fault("begin")
             self._wconn.execute("BEGIN IMMEDIATE")
-            for sql, args, _ in ops:
+            for sql, args, many, _ in ops:
                 fault("write")
-                self._wconn.execute(sql, args)
+                if many:
+                    self._wconn.executemany(sql, args)
+                else:
+                    self._wconn.execute(sql, args)
             fault("commit")
             self._wconn.execute("COMMIT")
         except (sqlite3.Error, OSError) as e:
@@ -378,14 +383,16 @@ class _Writer:
             return e, True
         return None, True
 
-    def submit(self, sql: str, args: tuple[Any, ...]) -> asyncio.Future[None]:
-        """Queue one write; the future resolves once it is committed."""
+    def submit(self, sql: str, args: Any, many: bool = False) -> asyncio.Future[None]:
+        """Queue one write (`many`: `args` is a list of rows, written by one statement each,
+        all in the same transaction); the future resolves once it is committed."""
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[None] = loop.create_future()
         if self._thread is not None:
-            self._ops.put((sql, args, lambda err: loop.call_soon_threadsafe(_settle, fut, err)))
+            self._ops.put((sql, args, many,
+                           lambda err: loop.call_soon_threadsafe(_settle, fut, err)))
             return fut
-        self._pending.append((sql, args, lambda err: _settle(fut, err)))
+        self._pending.append((sql, args, many, lambda err: _settle(fut, err)))
         if len(self._pending) == 1 and not self._holding:
             loop.call_soon(self._flush)
         return fut
@@ -615,15 +622,17 @@ class Ledger:
         self._writer = _Writer(data_dir / LEDGER_FILE, LEDGER_SCHEMA, "process",
                                wal_limit(max_bytes))
 
-    async def record(self, seq: int, p: proof.TlogProof) -> None:
-        """Record the log's acknowledgement (index and proof) of receipt number `seq`."""
-        compact = proof.TlogProof(p.index, p.hashes, p.checkpoint).format()
+    async def record(self, acks: list[tuple[int, proof.TlogProof]]) -> None:
+        """Record the log's acknowledgements (index and proof) of these receipt numbers, in
+        one transaction: all of them or none."""
+        rows = [(seq, p.index, proof.TlogProof(p.index, p.hashes, p.checkpoint).format())
+                for seq, p in acks]
         await self._write("INSERT OR REPLACE INTO logged(seq, log_index, proof) VALUES (?, ?, ?)",
-                          (seq, p.index, compact))
+                          rows, many=True)
 
-    async def _write(self, sql: str, args: tuple[Any, ...]) -> None:
+    async def _write(self, sql: str, args: Any, many: bool = False) -> None:
         try:
-            await self._writer.submit(sql, args)
+            await self._writer.submit(sql, args, many)
         except (sqlite3.Error, OSError) as e:
             raise OutboxUnavailable(f"{type(e).__name__}: {e}") from e
 

@@ -332,13 +332,14 @@ class Shipper:
             except (OutboxUnavailable, sqlite3.Error, OSError) as e:
                 log.warning("ledger pruning failed: %s", e)
 
-    async def _record(self, seq: int, p: proof.TlogProof) -> None:
-        """Store an acknowledgement, retrying (with backoff) until the ledger takes it."""
+    async def _record(self, acks: list[tuple[int, proof.TlogProof]]) -> None:
+        """Store acknowledgements (one transaction), retrying (with backoff) until the ledger
+        takes them."""
         assert self.ledger is not None  # noqa: S101 - type narrowing: opened by start()
         delay = BACKOFF_START
         while True:
             try:
-                await self.ledger.record(seq, p)
+                await self.ledger.record(acks)
                 return
             except OutboxUnavailable as e:
                 log.error("ledger unavailable, retrying: %s", e)
@@ -407,7 +408,7 @@ class Shipper:
                     p = await self._fresh_proof(entry)
                 else:
                     p = self._checker.check(entry, await self._post(entry))
-                await self._record(seq, p)
+                await self._record([(seq, p)])
                 break
             except ShipError as e:
                 appended = e.appended or (appended and e.log_down)
@@ -445,14 +446,16 @@ class Shipper:
             return [(*b, False) for b in queued]
         except orjson.JSONDecodeError:
             return [(*b, False) for b in queued]
-        rest = []
+        rest, acks = [], []
         for (seq, rid, entry), r in zip(queued, results, strict=True):
             if isinstance(r, ShipError):
                 rest.append((seq, rid, entry, r.appended))
-                continue
-            await self._record(seq, r)
-            self.shipped += 1
-            self.batched += 1
+            else:
+                acks.append((seq, r))
+        if acks:
+            await self._record(acks)
+            self.shipped += len(acks)
+            self.batched += len(acks)
         if len(rest) < len(queued):
             await self._reachable()
         return rest
