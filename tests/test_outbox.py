@@ -14,7 +14,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway.receipts.outbox import (
+    ALARM,
     OUTBOX_FILE,
+    USAGE_TTL,
     Ledger,
     Outbox,
     ReceiptSigner,
@@ -69,7 +71,7 @@ def test_outbox_ledger_and_reopen(tmp_path: Path, durability: str) -> None:
         ledger = Ledger(data)
         p = proof.TlogProof(7, (b"h" * 32,), b"checkpoint note\n", b"entry7")
         seq7 = next(q for q, i, _ in ob.unlogged_after(0) if i == f"{7:032x}")
-        await ledger.record(seq7, p)
+        await ledger.record([(seq7, p)])
         await ledger.set_state(True, "log unreachable: OSError")
         assert ob.counts() == (50, 49)
         assert ob.logged_among([f"{7:032x}", f"{8:032x}"]) == {f"{7:032x}"}
@@ -259,6 +261,30 @@ def test_without_its_checkpoint_thread_the_writer_restarts_the_wal_itself(
             sizes.append(wal.stat().st_size)
         assert done and all(d == ("MainThread", True) for d in done)
         assert max(sizes) <= LIMIT + len(ENTRY) + (64 << 10)  # one commit past, then cut
+        ob.close()
+
+    asyncio.run(go())
+
+
+# -- the bound ---------------------------------------------------------------------------
+
+
+def test_past_the_alarm_level_the_bytes_in_use_are_measured_at_each_call(
+        tmp_path: Path) -> None:
+    """Below the alarm level a measurement is reused for USAGE_TTL; past it every `admit`
+    sees what was just committed (a fast gateway committed 26 % past its bound within one
+    USAGE_TTL)."""
+    async def go() -> None:
+        ob = Outbox(tmp_path, max_bytes=1 << 30)
+        first = ob.bytes_used()
+        await ob.put("a" * 32, "0" * 64, b"x" * 200_000)
+        assert ob.bytes_used() == first  # far below the alarm level: the cached figure
+        await asyncio.sleep(USAGE_TTL)
+        before = ob.bytes_used()  # measured again: its time is up
+        assert before >= first + 200_000
+        ob.max_bytes = int(before / ALARM)  # now just at the alarm level
+        await ob.put("b" * 32, "1" * 64, b"y" * 600_000)  # more than the WAL holds now
+        assert ob.bytes_used() >= before + 300_000  # measured again at once
         ob.close()
 
     asyncio.run(go())

@@ -486,9 +486,11 @@ class Outbox:
 
     def bytes_used(self) -> int:
         """Bytes the outbox and ledger files take on disk, less their free pages (which
-        SQLite reuses); measured at most USAGE_TTL seconds ago."""
+        SQLite reuses); measured at most USAGE_TTL seconds ago, and at each call once
+        past the alarm level (so what is committed within USAGE_TTL cannot carry the files
+        far past `max_bytes`)."""
         now = time.monotonic()
-        if now - self._usage[0] < USAGE_TTL:
+        if now - self._usage[0] < USAGE_TTL and self._usage[1] < ALARM * self.max_bytes:
             return self._usage[1]
         total = 0
         try:
