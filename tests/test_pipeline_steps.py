@@ -225,6 +225,20 @@ def test_receipt_salt_malformed_is_400(given: bytes) -> None:
     assert refusal(e) == (400, "invalid_receipt_salt")
 
 
+def test_receipt_ids_are_unguessable_and_sort_by_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """32 hex digits (what GET /v1/receipts/{id} accepts): the time in milliseconds, then
+    80 random bits."""
+    now = [1_765_000_000_000_000_000]
+    monkeypatch.setattr(pipeline.time, "time_ns", lambda: now[0])
+    same_ms = [pipeline.new_receipt_id() for _ in range(1000)]
+    assert len(set(same_ms)) == 1000  # the random part differs within one millisecond
+    assert {i[:12] for i in same_ms} == {f"{1_765_000_000_000:012x}"}
+    now[0] += 1_000_000
+    later = pipeline.new_receipt_id()
+    assert all(re.fullmatch(r"[0-9a-f]{32}", i) for i in [*same_ms, later])
+    assert later > max(same_ms)  # a later millisecond sorts after, whatever the random part
+
+
 def test_authenticate_accepts_only_the_bearer_key() -> None:
     keys = KeyStore([KEY])
     assert pipeline.authenticate(keys, {b"authorization": AUTH}) is KEY
