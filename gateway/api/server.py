@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import gc
 import hashlib
 import json
 import logging
@@ -293,6 +294,17 @@ def url(scheme: str, sock: socket.socket) -> str:
     return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
 
 
+def freeze_startup_heap() -> int:
+    """Move every object alive now (modules, config, keys, routes: about 70k once the
+    gateway listens) out of the garbage collector's view, so its full collections under
+    load walk only what was made since; how many were moved. They are still freed when
+    no longer referenced; only a cycle among them would now stay. (Under 16 clients a
+    full collection took 31-48 ms, seven times in 15 s, and set the gateway's p99.)"""
+    gc.collect()
+    gc.freeze()
+    return gc.get_freeze_count()
+
+
 async def serve(cfg: gconfig.Config, sock: socket.socket, stop: StopSignal, *,
                 tls: bool | None = None, tls_sock: socket.socket | None = None) -> None:
     """Run on the bound `sock` (and `tls_sock`, always HTTPS) until SIGTERM/SIGINT;
@@ -375,6 +387,7 @@ async def serve(cfg: gconfig.Config, sock: socket.socket, stop: StopSignal, *,
                     "tls_spki_sha256": ident.keys.keyset.tls_spki_sha256}
             if tls_sock is not None:
                 line["gateway_tls"] = url("https", tls_sock)
+            freeze_startup_heap()
             print(json.dumps(line), flush=True)
         await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         for s, _ in servers:  # one stopped (a signal, or a failure): stop the other too
