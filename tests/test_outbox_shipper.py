@@ -277,8 +277,8 @@ def test_a_batch_is_acknowledged_in_one_ledger_transaction(tmp_path: Path,
     real = ob._Writer._run  # noqa: SLF001
 
     def counted(self: Any, ops: list) -> Any:
-        rows = [len(args) if many else 1 for sql, args, many, _ in ops
-                if sql.startswith("INSERT OR REPLACE INTO logged")]
+        rows = [len(op.args) if op.many else 1 for op in ops
+                if op.sql.startswith("INSERT OR REPLACE INTO logged")]
         if rows:
             logged_rows.append(sum(rows))
         return real(self, ops)

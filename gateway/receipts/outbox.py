@@ -61,7 +61,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -168,10 +168,16 @@ class Row:
     key_sha256: str | None = None
 
 
-_Op = tuple[str, Any, bool, Callable[[BaseException | None], None]]
-"""(statement, arguments, whether they are a list of rows for `executemany`, what to call
-with the outcome)"""
-_CUT: _Op = ("PRAGMA user_version = 0", (), False, lambda err: None)
+class _Op(NamedTuple):
+    """One queued write."""
+
+    sql: str
+    args: Any  # a row, or (`many`) a list of rows for `executemany`
+    many: bool
+    done: Callable[[BaseException | None], None]  # called with the outcome
+
+
+_CUT = _Op("PRAGMA user_version = 0", (), False, lambda err: None)
 """A commit of one page and nothing else: the first commit after a WAL restart cuts the
 file back to the limit, and this one is made when no other write comes."""
 
@@ -347,10 +353,10 @@ class _Writer:
         err, committed = self._run(batch)
         if err is None or committed or len(batch) == 1:
             for op in batch:
-                op[3](err)
+                op.done(err)
         else:
             for op in batch:
-                op[3](self._run([op])[0])
+                op.done(self._run([op])[0])
         if self.vacuum_due:  # outside any transaction: executescript steps it to the end
             self.vacuum_due = False
             with contextlib.suppress(sqlite3.Error):
@@ -364,12 +370,12 @@ class _Writer:
         try:
             fault("begin")
             self._wconn.execute("BEGIN IMMEDIATE")
-            for sql, args, many, _ in ops:
+            for op in ops:
                 fault("write")
-                if many:
-                    self._wconn.executemany(sql, args)
+                if op.many:
+                    self._wconn.executemany(op.sql, op.args)
                 else:
-                    self._wconn.execute(sql, args)
+                    self._wconn.execute(op.sql, op.args)
             fault("commit")
             self._wconn.execute("COMMIT")
         except (sqlite3.Error, OSError) as e:
@@ -389,10 +395,10 @@ class _Writer:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[None] = loop.create_future()
         if self._thread is not None:
-            self._ops.put((sql, args, many,
-                           lambda err: loop.call_soon_threadsafe(_settle, fut, err)))
+            self._ops.put(_Op(sql, args, many,
+                              lambda err: loop.call_soon_threadsafe(_settle, fut, err)))
             return fut
-        self._pending.append((sql, args, many, lambda err: _settle(fut, err)))
+        self._pending.append(_Op(sql, args, many, lambda err: _settle(fut, err)))
         if len(self._pending) == 1 and not self._holding:
             loop.call_soon(self._flush)
         return fut
