@@ -130,9 +130,17 @@ def serve(args: argparse.Namespace) -> int:
     from tlog import keys, note
     from tlog.sequencer import Log
     from tlog.server import TlogApp
-    from tlog.service import LockHeld, StopSignal, bind, check_data_dir, uvicorn_config
+    from tlog.service import (
+        LockHeld,
+        StopSignal,
+        bind,
+        check_data_dir,
+        limit_malloc_arenas,
+        uvicorn_config,
+    )
     from tlog.storage import StorageError
 
+    limit_malloc_arenas()  # before the store's and the server's threads start
     logging.basicConfig(level=logging.INFO, format="tlog: %(message)s")
     stop = StopSignal()  # SIGTERM: stop serving, then close the store (exit 0)
     if not 0 < args.max_entry <= 65535:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import ctypes
 import fcntl
 import hashlib
 import json
@@ -434,6 +435,23 @@ class JsonFormatter(logging.Formatter):
         except orjson.JSONEncodeError:
             pass
         return json.dumps(doc, separators=(",", ":"), default=_type_name)
+
+
+M_ARENA_MAX = -8  # glibc's mallopt parameter (malloc.h)
+
+
+def limit_malloc_arenas(arenas: int = 2) -> bool:
+    """Let glibc's malloc keep at most `arenas` arenas for the process's threads (its default
+    is eight per core); whether it took it (False where the C library is not glibc). Call it
+    before any thread starts. Each thread that allocates otherwise gets an arena of its own,
+    and memory freed in one stays resident there: `tlog serve`'s peak RSS after the bench's
+    appends was 193-212 MiB at 1M entries and 190-196 at 10M with the default, 175 and 167
+    with two arenas, at the same speed (docs/benchmarks.md)."""
+    try:
+        libc = ctypes.CDLL(None)
+        return bool(libc.mallopt(M_ARENA_MAX, arenas))
+    except (OSError, AttributeError):
+        return False
 
 
 def log_json(level: int = logging.INFO) -> None:
