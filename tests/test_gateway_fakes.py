@@ -35,6 +35,7 @@ from gateway.api import config as gconfig
 from gateway.api import server
 from gateway.api.apikeys import hash_key
 from gateway.api.app import Gateway
+from gateway.api.errors import MALFORMED
 from gateway.api.health import Readiness
 from gateway.api.routes import now_rfc3339
 from gateway.receipts import keysets
@@ -517,7 +518,7 @@ async def run_gateway(cfg_path: Path, store: LeaseSource | None = None,
     # TCP_NODELAY only on sockets whose proto is TCP (else Nagle adds 40 ms per response)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn_config(app, cfg.server, lifespan="on",
+    server = uvicorn.Server(uvicorn_config(app, cfg.server, MALFORMED, lifespan="on",
                                            log_level="warning", access_log=False))
     if shipper is not None:
         await shipper.start()
@@ -619,7 +620,7 @@ def serve_main(argv: list[str]) -> None:
                       status=LogStatus(outbox, shipper is not None),
                       leases=Leases(FakeLeaseStore(), FakeVerificationError),
                       attest=ident.attest, keyset_index=ident.keyset_index)
-        srv = uvicorn.Server(uvicorn_config(app, cfg.server, host="127.0.0.1",
+        srv = uvicorn.Server(uvicorn_config(app, cfg.server, MALFORMED, host="127.0.0.1",
                                             port=int(argv[1]), lifespan="on",
                                             log_level="warning", access_log=False, loop="none"))
 

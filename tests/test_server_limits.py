@@ -359,6 +359,27 @@ def test_a_silent_connection_gets_408_at_the_head_deadline(services: dict[str, S
     asyncio.run(go())
 
 
+def test_a_request_the_parser_rejects_gets_a_json_400_with_a_code(
+        services: dict[str, Service]) -> None:
+    """What httptools cannot parse (here a Transfer-Encoding no server knows; the schema
+    fuzzer found it) is refused in the service's own JSON shape, not uvicorn's plain text."""
+    async def go() -> None:
+        for name in ("tlog", "witness", "gateway"):
+            r, w = await asyncio.open_connection("127.0.0.1", services[name].port)
+            w.write(b"POST /add-batch HTTP/1.1\r\nHost: x\r\ntransfer-encoding: ?kHS{j\r\n"
+                    b"\r\n\xff")
+            async with asyncio.timeout(GUARD):
+                answer = await r.read()  # the answer, then the close
+            w.close()
+            head, _, body = answer.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 400 "), (name, head)
+            assert b"content-type: application/json" in head.lower(), (name, head)
+            doc = json.loads(body)
+            code = doc["error"]["code"] if name == "gateway" else doc["code"]
+            assert code == "malformed_http", (name, doc)
+    asyncio.run(go())
+
+
 def test_a_keep_alive_connection_is_closed_once_idle(services: dict[str, Service]) -> None:
     async def go() -> None:
         for svc in services.values():

@@ -290,9 +290,17 @@ REFUSALS = {status: (f"HTTP/1.1 {status} {reason}\r\nconnection: close\r\n"
                                    "Large"), (503, "Service Unavailable"))}
 
 
-def bounded_http(limits: ServerLimits, cap: int) -> type[asyncio.Protocol]:
+MALFORMED = orjson.dumps({"error": "malformed HTTP request", "code": "malformed_http"})
+"""The 400 body of a request httptools cannot parse (the log's and the witness's refusal
+shape; the gateway passes its OpenAI-shaped one)."""
+
+
+def bounded_http(limits: ServerLimits, cap: int, malformed: bytes = MALFORMED
+                 ) -> type[asyncio.Protocol]:
     """uvicorn's httptools protocol class with `limits` enforced (`cap` connections), one
-    `ConnectionBook` per class: build one per server."""
+    `ConnectionBook` per class: build one per server. A request that cannot be parsed is
+    answered 400 with the JSON `malformed` body (uvicorn's own answer is plain text), and
+    the connection closed."""
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
     book = ConnectionBook(cap, limits.max_connections_per_client)
@@ -364,6 +372,15 @@ def bounded_http(limits: ServerLimits, cap: int) -> type[asyncio.Protocol]:
             else:  # a body that did not come in time: the application sees a disconnect
                 self.transport.close()
 
+        def send_400_response(self, msg: str) -> None:  # noqa: ARG002 - uvicorn's text
+            self._disarm()
+            head = [b"HTTP/1.1 400 Bad Request\r\n"]
+            head += [n + b": " + v + b"\r\n" for n, v in self.server_state.default_headers]
+            head.append(b"content-type: application/json\r\ncontent-length: %d\r\n"
+                        b"connection: close\r\n\r\n" % len(malformed))
+            self.transport.write(b"".join(head) + malformed)
+            self.transport.close()
+
         def _refuse(self, status: int) -> None:
             self._disarm()
             if not self.transport.is_closing():
@@ -374,9 +391,11 @@ def bounded_http(limits: ServerLimits, cap: int) -> type[asyncio.Protocol]:
     return BoundedHttpToolsProtocol
 
 
-def uvicorn_config(app: Any, limits: ServerLimits, **kwargs: Any) -> Any:
-    """A `uvicorn.Config` serving `app` on httptools with `limits` enforced and its
-    connections corked (tlog/cork.py: a whole answer's head and body in one write);
+def uvicorn_config(app: Any, limits: ServerLimits, malformed: bytes = MALFORMED,
+                   **kwargs: Any) -> Any:
+    """A `uvicorn.Config` serving `app` on httptools with `limits` enforced, unparseable
+    requests answered 400 with `malformed`, and its connections corked (tlog/cork.py: a
+    whole answer's head and body in one write);
     `kwargs` go to uvicorn (host, port, log_level, ...). No service reads the client's
     address from X-Forwarded-* headers or names its server software, so both are off
     unless `kwargs` turn them on (uvicorn's proxy-header middleware was ~5 % of the log's
@@ -385,7 +404,8 @@ def uvicorn_config(app: Any, limits: ServerLimits, **kwargs: Any) -> Any:
 
     kwargs.setdefault("proxy_headers", False)
     kwargs.setdefault("server_header", False)
-    return uvicorn.Config(app, http=corked(bounded_http(limits, connection_cap(limits))),
+    return uvicorn.Config(app, http=corked(bounded_http(limits, connection_cap(limits),
+                                                        malformed)),
                           timeout_keep_alive=limits.keep_alive_timeout,  # type: ignore[arg-type]
                           **kwargs)
 

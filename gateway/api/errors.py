@@ -52,3 +52,7 @@ def rate_limited(code: str, message: str) -> GatewayError:
 def refused(status: int, code: str, message: str, route_id: str | None = None) -> GatewayError:
     """A routing or verification refusal (no byte went upstream)."""
     return GatewayError(status, code, message, type_="upstream_error", route_id=route_id)
+
+
+MALFORMED = error_body("malformed HTTP request", "invalid_request_error", "malformed_http")
+"""The 400 body of a request the HTTP parser rejects (tlog.service.uvicorn_config)."""

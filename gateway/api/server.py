@@ -49,6 +49,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from gateway.api import config as gconfig
+from gateway.api import errors
 from gateway.api.health import Check, Readiness, agent_probe, log_probe, redis_probe
 from gateway.api.routes import now_rfc3339
 from gateway.identity.keys import GatewayKeys
@@ -352,7 +353,7 @@ async def serve(cfg: gconfig.Config, sock: socket.socket, stop: StopSignal, *,
 
     def server(app: Any, with_tls: bool, lifespan: str) -> uvicorn.Server:
         config = uvicorn_config(
-            app, cfg.server, lifespan=lifespan, loop="none", log_config=None,
+            app, cfg.server, errors.MALFORMED, lifespan=lifespan, loop="none", log_config=None,
             access_log=False, log_level="warning", timeout_graceful_shutdown=5,
             ssl_certfile=str(cert) if with_tls else None,
             ssl_keyfile=str(key) if with_tls else None)
