@@ -95,6 +95,11 @@ WRITER_CACHE_KIB = 32768
 """Page cache of the writing connection (SQLite's default is 2 MiB): the index pages a
 batch touches stay cached for the next one."""
 
+READER_CACHE_KIB = 16384
+"""Page cache of the reading connection: the inner pages of the 10M log's leaf index stay
+cached under random proof lookups (`GET /proof` p50 at 10M over 1M, each over a bare GET:
+1.22-1.27x with 2 MiB, 1.22x with 8, 0.93-1.05x with 16)."""
+
 WAL_PAGES = 10000
 """Pages the WAL may hold before a commit copies them back into the database itself
 (SQLite's default is 1000): only when the checkpoint thread falls behind."""
@@ -196,6 +201,7 @@ class SQLiteStore:
             raise
         self._lock = threading.Lock()
         self._rdb = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+        self._rdb.execute(f"PRAGMA cache_size=-{READER_CACHE_KIB}")
         self._rlock = threading.Lock()
         self._path = path
         self._inode = os.stat(path).st_ino
