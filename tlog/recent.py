@@ -135,16 +135,18 @@ class Memory:
             self.below = self.drain_end
 
     def leaf_indices(self, prefixes: Iterable[int]) -> set[int]:
-        """Entry indices whose leaf hash may have one of these prefixes.
-
-        Reads `leaves` before `draining`, the reverse of the order `start_fold` sets them
-        in, so a reader on another thread never misses the rows a fold is taking over."""
-        found = self.leaves.indices(prefixes)
-        draining = self.draining
-        return found if draining is None else found | draining[0].indices(prefixes)
+        """Entry indices whose leaf hash may have one of these prefixes."""
+        return self._indices(0, tuple(prefixes))
 
     def key_indices(self, p: int) -> set[int]:
-        """Entry indices whose lookup key may have prefix `p` (read as `leaf_indices`)."""
-        found = self.keys.indices((p,))
+        """Entry indices whose lookup key may have prefix `p`."""
+        return self._indices(1, (p,))
+
+    def _indices(self, which: int, prefixes: tuple[int, ...]) -> set[int]:
+        """The indices under `prefixes` in the filling and draining multimaps of index
+        `which` (0 leaves, 1 lookup keys). Reads the filling ones before `draining`, the
+        reverse of the order `start_fold` sets them in, so a reader on another thread never
+        misses the rows a fold is taking over."""
+        found = (self.leaves, self.keys)[which].indices(prefixes)
         draining = self.draining
-        return found if draining is None else found | draining[1].indices((p,))
+        return found if draining is None else found | draining[which].indices(prefixes)
