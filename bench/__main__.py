@@ -1,11 +1,15 @@
 """Every benchmark of issue #16 in one run, printed as one table.
 
-    .venv/bin/python -m bench [--full] [--only NAME,...] [--profile SECONDS]
+    .venv/bin/python -m bench [--full] [--only NAME,...] [--rounds N] [--profile SECONDS]
 
 Each row is a figure, the baseline it is compared with (measured in this run,
 on this machine, right before or after it), their ratio, and the issue's
 target. On a shared machine absolute numbers move with the load; the ratio
-against the same run's baseline is the figure that counts.
+against the same run's baseline is the figure that counts. The ratio rows of
+`append` and `gateway` run `--rounds` alternating rounds (3 by default: the
+baseline, then the figure, each round) and give the medians and the median of
+the per-round ratios, with their range: one pair's ratio moved by a quarter
+between runs a minute apart on the same code.
 
 Parts (`--only` takes their names):
 
@@ -151,6 +155,24 @@ def ratio_row(figure: str, value: float, base: float, unit: str, want: float,
                r >= want if extra else None)
 
 
+def median_ratio(values: list[float], bases: list[float]) -> tuple[float, str]:
+    """The median of the per-round ratios value/base, and its text: "0.28x", and with more
+    than one round the range, "0.28x (0.25-0.31)". Each round's pair ran back to back, so
+    a ratio never spans the machine's drift between rounds."""
+    ratios = sorted(v / b if b else 0.0 for v, b in zip(values, bases, strict=True))
+    r = statistics.median(ratios)
+    return r, f"{r:.2f}x" + (f" ({ratios[0]:.2f}-{ratios[-1]:.2f})" if len(ratios) > 1 else "")
+
+
+def rounds_row(figure: str, values: list[float], bases: list[float], unit: str, want: float,
+               target: str, extra: bool = True) -> Row:
+    """`ratio_row` over alternating rounds: medians of the values and of the baselines, and
+    the verdict on the median of the per-round ratios."""
+    r, text = median_ratio(values, bases)
+    return Row(figure, fmt(statistics.median(values), unit), fmt(statistics.median(bases), unit),
+               text, target, r >= want if extra else None)
+
+
 # -- append -------------------------------------------------------------------
 
 def append_auth(data: Path) -> str:
@@ -168,32 +190,43 @@ def add_batch(url: str, auth: str, run: str, seconds: float, compact: bool = Tru
                seconds, 16)
 
 
-def append_rows(tmp: Path, seconds: float, run: str) -> list[Row]:
-    """POST /add at 64 clients and POST /add-batch, each against the bare endpoint."""
+def append_rows(tmp: Path, seconds: float, run: str, rounds: int) -> list[Row]:
+    """POST /add at 64 clients against the bare endpoint in `rounds` alternating rounds (the
+    bare endpoint, then the log, each round), then POST /add-batch, each against it."""
     rows = []
-    with bare_server(tmp) as bare:
-        b_add = wrk(bare + "/add", ADD_LUA.format(auth="", run=run), seconds, 64)
-        b_batch = wrk(bare + "/add", BATCH_LUA.format(auth="", run=run, batch=BATCH),
-                      seconds, 16)
     data = tmp / "append-log"
-    proc, url = start_tlog(data)
-    try:
-        auth = append_auth(data)
-        cpu0 = gateway_overhead.cpu_seconds([proc.pid])
-        add = wrk(url + "/add", ADD_LUA.format(auth=auth, run=run), seconds, 64)
-        cpu1 = gateway_overhead.cpu_seconds([proc.pid])
-        batch = add_batch(url, auth, run, seconds, compact=False)
-        cpu2 = gateway_overhead.cpu_seconds([proc.pid])
-        compact = add_batch(url, auth, run + "-compact", seconds)
-        cpu3 = gateway_overhead.cpu_seconds([proc.pid])
-    finally:
-        stop(proc)
-    rows.append(ratio_row("POST /add, 64 clients (req/s)", add.rps, b_add.rps, "", 0.6,
-                          ">= 0.6x bare uvicorn"))
-    rows.append(Row("POST /add, 64 clients: p99", fmt(add.p99, " ms"), fmt(b_add.p99, " ms"),
-                    "", "<= 100 ms", add.p99 <= 100 and add.errors == 0))
-    if add.errors:
-        rows.append(Row("POST /add failures", str(add.errors), "", "", "0", False))
+    adds: list[Run] = []
+    bares: list[Run] = []
+    add_cpu = 0.0
+    with bare_server(tmp) as bare:
+        proc, url = start_tlog(data)
+        try:
+            auth = append_auth(data)
+            for i in range(rounds):  # entries unique to each round: appends never deduplicate
+                bares.append(wrk(bare + "/add", ADD_LUA.format(auth="", run=f"{run}-{i}"),
+                                 seconds, 64))
+                cpu0 = gateway_overhead.cpu_seconds([proc.pid])
+                adds.append(wrk(url + "/add", ADD_LUA.format(auth=auth, run=f"{run}-{i}"),
+                                seconds, 64))
+                add_cpu += gateway_overhead.cpu_seconds([proc.pid]) - cpu0
+            b_batch = wrk(bare + "/add", BATCH_LUA.format(auth="", run=run, batch=BATCH),
+                          seconds, 16)
+            cpu1 = gateway_overhead.cpu_seconds([proc.pid])
+            batch = add_batch(url, auth, run, seconds, compact=False)
+            cpu2 = gateway_overhead.cpu_seconds([proc.pid])
+            compact = add_batch(url, auth, run + "-compact", seconds)
+            cpu3 = gateway_overhead.cpu_seconds([proc.pid])
+        finally:
+            stop(proc)
+    errors = sum(a.errors for a in adds)
+    rows.append(rounds_row(f"POST /add, 64 clients (req/s), median of {rounds} rounds",
+                           [a.rps for a in adds], [b.rps for b in bares], "", 0.6,
+                           ">= 0.6x bare uvicorn"))
+    worst, worst_bare = max(a.p99 for a in adds), max(b.p99 for b in bares)
+    rows.append(Row("POST /add, 64 clients: p99 (the worst round)", fmt(worst, " ms"),
+                    fmt(worst_bare, " ms"), "", "<= 100 ms", worst <= 100 and errors == 0))
+    if errors:
+        rows.append(Row("POST /add failures", str(errors), "", "", "0", False))
     e_s, b_s, c_s = batch.rps * BATCH, b_batch.rps * BATCH, compact.rps * BATCH
     rows.append(Row(f"POST /add-batch ({BATCH}/req, 16 clients), compact answer (the "
                     "shipper's): entries/s", fmt(c_s), fmt(b_s),
@@ -213,7 +246,7 @@ def append_rows(tmp: Path, seconds: float, run: str) -> list[Row]:
                     fmt(m["check_compact"], " us"), fmt(m["check_default"], " us"),
                     f"{m['check_compact'] / m['check_default']:.2f}x", "(in process)", None))
     rows.append(Row("tlog CPU per entry: /add, /add-batch default, /add-batch compact",
-                    f"{1e6 * (cpu1 - cpu0) / max(add.requests, 1):.0f} us, "
+                    f"{1e6 * add_cpu / max(sum(a.requests for a in adds), 1):.0f} us, "
                     f"{1e6 * (cpu2 - cpu1) / max(batch.requests * BATCH, 1):.0f} us, "
                     f"{1e6 * (cpu3 - cpu2) / max(compact.requests * BATCH, 1):.0f} us",
                     "", "", "(load-independent)", None))
@@ -236,8 +269,10 @@ def first_chunk_ms(client: httpx.Client, url: str, body: dict, headers: dict[str
     return dt * 1000
 
 
-def gateway_rows(tmp: Path, seconds: float, samples: int, profile: float) -> list[Row]:
-    """The demo provider directly against through the gateway: c=1, c=16, streaming."""
+def gateway_rows(tmp: Path, seconds: float, samples: int, profile: float, rounds: int
+                 ) -> list[Row]:
+    """The demo provider directly against through the gateway: c=1 and c=16 in `rounds`
+    alternating rounds (direct, gateway, direct HTTPS), streaming."""
     demo = gateway_overhead.Demo(tmp / "demo")
     litellm: gateway_overhead.LiteLLM | None = None
     try:
@@ -263,13 +298,16 @@ def gateway_rows(tmp: Path, seconds: float, samples: int, profile: float) -> lis
                 targets.append(gateway_overhead.Target("litellm", litellm.url + "/v1",
                                                        "demo-chat", litellm.key, litellm.pids()))
                 gateway_overhead.wrk(targets[-1], 4, 1, tmp)
-        res, logging_cpu = {}, 0.0
+        res: dict[tuple[str, int], list[gateway_overhead.Result]] = {}
+        logging_cpu = 0.0
         for c in (1, 16):
-            for t in targets:
-                before = gateway_overhead.cpu_seconds(side)
-                res[(t.name, c)] = gateway_overhead.wrk(t, c, int(seconds), tmp)
-                if t is gw and c == 16:
-                    logging_cpu = gateway_overhead.cpu_seconds(side) - before
+            for i in range(rounds):  # each round: direct, gateway, direct HTTPS back to back
+                for t in targets if i == 0 else streamed:  # the peer once
+                    before = gateway_overhead.cpu_seconds(side)
+                    res.setdefault((t.name, c), []).append(
+                        gateway_overhead.wrk(t, c, int(seconds), tmp))
+                    if t is gw and c == 16:
+                        logging_cpu += gateway_overhead.cpu_seconds(side) - before
         ttfc: dict[str, list[float]] = {t.name: [] for t in streamed}
         msg = [{"role": "user", "content": gateway_overhead.PROMPT}]
         with httpx.Client(timeout=30) as client, \
@@ -288,45 +326,63 @@ def gateway_rows(tmp: Path, seconds: float, samples: int, profile: float) -> lis
         if litellm is not None:
             litellm.stop()
         demo.stop()
-    d1, g1 = res[("direct", 1)], res[("gateway", 1)]
-    d16, g16 = res[("direct", 16)], res[("gateway", 16)]
+    def p50s(name: str) -> list[float]:
+        return [r.p50_ms for r in res[(name, 1)]]
+
+    def rps16(name: str) -> list[float]:
+        return [r.rps for r in res[(name, 16)]]
+
+    def added(name: str) -> float:  # the median over rounds of each round's added p50
+        return statistics.median(g - d for g, d in zip(p50s("gateway"), p50s(name),
+                                                       strict=True))
+
+    g16 = res[("gateway", 16)]
+    g16_calls = sum(r.requests for r in g16)
     t_d, t_g = statistics.median(ttfc["direct"]), statistics.median(ttfc["gateway"])
-    errors = sum(r.errors for r in res.values())
+    errors = sum(r.errors for runs in res.values() for r in runs)
+    n = f", median of {rounds} rounds" if rounds > 1 else ""
     rows = [
-        Row("gateway c=1: added p50", fmt(g1.p50_ms - d1.p50_ms, " ms"),
-            f"direct p50 {fmt(d1.p50_ms, ' ms')}", f"{g1.p50_ms / d1.p50_ms:.2f}x", "<= 0.5 ms",
-            g1.p50_ms - d1.p50_ms <= 0.5),
-        ratio_row("gateway c=16 (req/s)", g16.rps, d16.rps, "", 0.3, ">= 0.3x direct"),
+        Row(f"gateway c=1: added p50{n}", fmt(added("direct"), " ms"),
+            f"direct p50 {fmt(statistics.median(p50s('direct')), ' ms')}",
+            median_ratio(p50s("gateway"), p50s("direct"))[1], "<= 0.5 ms",
+            added("direct") <= 0.5),
+        rounds_row(f"gateway c=16 (req/s){n}", rps16("gateway"), rps16("direct"), "", 0.3,
+                   ">= 0.3x direct"),
         Row("streaming: added time to first chunk (p50)", fmt(t_g - t_d, " ms"),
             f"direct {fmt(t_d, ' ms')}", f"{t_g / t_d:.2f}x", "<= 1 ms", t_g - t_d <= 1.0),
-        Row("gateway c=16: p99 latency", fmt(g16.p99_ms, " ms"),
-            f"direct p99 {fmt(d16.p99_ms, ' ms')}", "", "(informational)", None),
+        Row("gateway c=16: p99 latency (the worst round)", fmt(max(r.p99_ms for r in g16), " ms"),
+            f"direct p99 {fmt(max(r.p99_ms for r in res[('direct', 16)]), ' ms')}", "",
+            "(informational)", None),
     ]
-    s1, s16 = res[("direct-tls", 1)], res[("direct-tls", 16)]
     t_s = statistics.median(ttfc["direct-tls"])
     rows += [
-        Row("gateway c=1: added p50 over direct HTTPS", fmt(g1.p50_ms - s1.p50_ms, " ms"),
-            f"direct HTTPS p50 {fmt(s1.p50_ms, ' ms')}", f"{g1.p50_ms / s1.p50_ms:.2f}x",
-            "(the route's transport)", None),
-        ratio_row("gateway c=16 (req/s) vs direct HTTPS", g16.rps, s16.rps, "", 0.3,
-                  "(the route's transport)", extra=False),
+        Row("gateway c=1: added p50 over direct HTTPS", fmt(added("direct-tls"), " ms"),
+            f"direct HTTPS p50 {fmt(statistics.median(p50s('direct-tls')), ' ms')}",
+            median_ratio(p50s("gateway"), p50s("direct-tls"))[1], "(the route's transport)",
+            None),
+        rounds_row("gateway c=16 (req/s) vs direct HTTPS", rps16("gateway"), rps16("direct-tls"),
+                   "", 0.3, "(the route's transport)", extra=False),
         Row("streaming: added time to first chunk over direct HTTPS", fmt(t_g - t_s, " ms"),
             f"direct HTTPS {fmt(t_s, ' ms')}", f"{t_g / t_s:.2f}x", "(the route's transport)",
             None),
     ]
+    d16 = res[("direct", 16)]
     rows.append(Row("CPU per call at c=16: gateway; shipper+tlog+witness",
-                    f"{g16.cpu_ms:.3f} ms; {1000 * logging_cpu / max(g16.requests, 1):.3f} ms",
-                    f"direct {d16.cpu_ms:.3f} ms", "", "(load-independent)", None))
-    if ("litellm", 1) in res:
-        l1, l16 = res[("litellm", 1)], res[("litellm", 16)]
+                    f"{sum(r.cpu_ms * r.requests for r in g16) / max(g16_calls, 1):.3f} ms; "
+                    f"{1000 * logging_cpu / max(g16_calls, 1):.3f} ms",
+                    f"direct {sum(r.cpu_ms * r.requests for r in d16) / max(sum(r.requests for r in d16), 1):.3f} ms",
+                    "", "(load-independent)", None))
+    if ("litellm", 1) in res:  # against the first round, which ran next to it
+        (l1,), (l16,) = res[("litellm", 1)], res[("litellm", 16)]
+        d1, g1, g16_first = res[("direct", 1)][0], res[("gateway", 1)][0], g16[0]
         rows += [
             Row("LiteLLM proxy c=1: added p50", fmt(l1.p50_ms - d1.p50_ms, " ms"),
                 f"gateway {fmt(g1.p50_ms - d1.p50_ms, ' ms')}",
                 f"{(g1.p50_ms - d1.p50_ms) / max(l1.p50_ms - d1.p50_ms, 1e-9):.2f}x", "(peer)",
                 None),
-            Row("gateway c=16 (req/s) vs the LiteLLM proxy", f"{g16.rps:,.0f}",
-                f"LiteLLM {l16.rps:,.0f}", f"{g16.rps / max(l16.rps, 1e-9):.1f}x", "(peer)",
-                None),
+            Row("gateway c=16 (req/s) vs the LiteLLM proxy", f"{g16_first.rps:,.0f}",
+                f"LiteLLM {l16.rps:,.0f}", f"{g16_first.rps / max(l16.rps, 1e-9):.1f}x",
+                "(peer)", None),
             Row("CPU per call at c=16: LiteLLM proxy", f"{l16.cpu_ms:.3f} ms", "", "",
                 "(load-independent)", None),
         ]
@@ -570,9 +626,13 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
     ap.add_argument("--full", action="store_true", help="longer runs, and logs of 10M entries")
     ap.add_argument("--only", default="append,gateway,proofs,audit")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="alternating rounds of each ratio row's pair (the median counts)")
     ap.add_argument("--profile", type=float, default=0.0,
                     help="seconds of py-spy sampling per process (0: none)")
     a = ap.parse_args(argv)
+    if a.rounds < 1:
+        ap.error("--rounds must be at least 1")
     if shutil.which("wrk") is None:
         print("bench: wrk not found (Debian package wrk)", file=sys.stderr)
         return 2
@@ -584,11 +644,11 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="pag-bench-") as d:
         tmp = Path(d)
         if "append" in parts:
-            rows += append_rows(tmp, seconds, run)
+            rows += append_rows(tmp, seconds, run, a.rounds)
             if a.profile:
                 profile_add_load(tmp, a.profile, run)
         if "gateway" in parts:
-            rows += gateway_rows(tmp, seconds, 500 if a.full else 200, a.profile)
+            rows += gateway_rows(tmp, seconds, 500 if a.full else 200, a.profile, a.rounds)
         if "proofs" in parts:
             sizes = [1 << 20, 10_000_000] if a.full else [1 << 20]
             rows += proof_rows(tmp, seconds, sizes, run)
