@@ -74,7 +74,7 @@ def test_recover_refuses_tampered_tiles(tmp_path):
     store = SQLiteStore(tmp_path / "log.db")
     _run(Log(store, signer), [b"x%d" % i for i in range(5)])
     # an entry persisted without a checkpoint, over a tile that no longer matches the head
-    store.persist(5, [b"y"], {(0, 0): b"\x00" * 32 * 6}, [])
+    store.persist(5, [b"y"], [merkle.leaf_hash(b"y")], {(0, 0): b"\x00" * 32 * 6}, [])
     with pytest.raises(storage.StorageError):
         storage.recover(store, signer)
     store.close()

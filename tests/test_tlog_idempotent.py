@@ -91,7 +91,7 @@ def test_a_second_copy_can_never_be_persisted(tmp_path, open_store):
     _run(Log(store, signer), [b"only once"])
     changed = tiles.extend(1, [merkle.leaf_hash(b"only once")], store.read_tile)
     with pytest.raises(storage.StorageError):
-        store.persist(1, [b"only once"], changed, [])
+        store.persist(1, [b"only once"], [merkle.leaf_hash(b"only once")], changed, [])
     assert stored(store) == [b"only once"]
     store.close()
 

@@ -51,11 +51,12 @@ def test_a_duplicate_is_refused_despite_colliding_prefixes(tmp_path, colliding):
     _run(Log(store, signer), [b"x", b"y"])
     changed = tiles.extend(2, [merkle.leaf_hash(b"y")], store.read_tile)
     with pytest.raises(storage.StorageError):
-        store.persist(2, [b"y"], changed, [])
+        store.persist(2, [b"y"], [merkle.leaf_hash(b"y")], changed, [])
     changed = tiles.extend(2, [merkle.leaf_hash(b"z")] * 2, store.read_tile)
     with pytest.raises(storage.StorageError):  # twice in one batch
-        store.persist(2, [b"z", b"z"], changed, [])
-    store.persist(2, [b"z"], tiles.extend(2, [merkle.leaf_hash(b"z")], store.read_tile), [])
+        store.persist(2, [b"z", b"z"], [merkle.leaf_hash(b"z")] * 2, changed, [])
+    store.persist(2, [b"z"], [merkle.leaf_hash(b"z")],
+                  tiles.extend(2, [merkle.leaf_hash(b"z")], store.read_tile), [])
     assert store.read_entries(0, 5) == [b"x", b"y", b"z"]
     store.close()
 

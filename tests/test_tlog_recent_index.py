@@ -191,7 +191,7 @@ def test_a_failed_piece_commits_nothing_and_the_next_append_writes_it(tmp_path, 
 
     monkeypatch.setattr(SQLiteStore, "_write_piece", failing)
     with pytest.raises(storage.StorageError):
-        store.persist(20, [receipt(20)], {}, [])
+        store.persist(20, [receipt(20)], [merkle.leaf_hash(receipt(20))], {}, [])
     assert store.size() == 20 and store._memory.piece == 0  # noqa: SLF001
     assert not stored_rows(path, "young_leaf_prefixes") | stored_rows(path, "leaf_prefixes")
     check(store, path, entries)
@@ -217,7 +217,7 @@ def test_colliding_prefixes_are_confirmed_in_memory_and_in_storage(tmp_path, sma
     assert store.find_leaves(hashes) == {h: i for i, h in enumerate(hashes)}
     assert store.lookup(request_hash(5)) == 5 and store.lookup(request_hash(96)) is None
     with pytest.raises(storage.StorageError):
-        store.persist(61, [entries[50]], {}, [])
+        store.persist(61, [entries[50]], [merkle.leaf_hash(entries[50])], {}, [])
     store.close()
 
 

@@ -42,13 +42,13 @@ def test_stale_token_commits_nothing(pg_url):  # noqa: F811
         ta = a.campaign()
         assert ta.ours and not b.campaign().ours  # a live lease is not taken
         a_store.fence(ta.token)
-        a_store.persist(0, [b"by a"], {(0, 0): merkle.leaf_hash(b"by a")}, [])
+        a_store.persist(0, [b"by a"], [merkle.leaf_hash(b"by a")], {(0, 0): merkle.leaf_hash(b"by a")}, [])
         expire(pg_url)  # a "pauses" past its ttl
         tb = b.campaign()
         assert tb.ours and tb.token == ta.token + 1 and tb.sequencer == "http://b"
         b_store.fence(tb.token)
         with pytest.raises(Fenced):  # a wakes up and tries to go on
-            a_store.persist(1, [b"late a"], {}, [])
+            a_store.persist(1, [b"late a"], [merkle.leaf_hash(b"late a")], {}, [])
         with pytest.raises(Fenced):
             a_store.update_note(0, b"x")
         assert b_store.size() == 1 and b_store.read_entries(0, 2) == [b"by a"]

@@ -19,7 +19,6 @@ from collections.abc import Iterator, Sequence
 
 import psycopg
 
-from tlog import merkle
 from tlog.storage import Fenced, Head, StorageError, inner_rows
 
 CONNECT_TIMEOUT = 5
@@ -164,13 +163,13 @@ class PostgresStore:
                 (start, end)).fetchall()
         return [bytes(r[0]) for r in rows]
 
-    def persist(self, start: int, entries: Sequence[bytes], tiles: dict[tuple[int, int], bytes],
-                keys: Sequence[tuple[str, int]]) -> None:
+    def persist(self, start: int, entries: Sequence[bytes], hashes: Sequence[bytes],
+                tiles: dict[tuple[int, int], bytes], keys: Sequence[tuple[str, int]]) -> None:
         with self._writing() as cur:
             cur.executemany("INSERT INTO tlog_entries (idx, data) VALUES (%s, %s)",
                             [(start + i, e) for i, e in enumerate(entries)])
             cur.executemany("INSERT INTO tlog_leaves (hash, idx) VALUES (%s, %s)",
-                            [(merkle.leaf_hash(e), start + i) for i, e in enumerate(entries)])
+                            [(h, start + i) for i, h in enumerate(hashes)])
             cur.executemany(
                 "INSERT INTO tlog_tiles (level, idx, data) VALUES (%s, %s, %s) "
                 "ON CONFLICT (level, idx) DO UPDATE SET data = EXCLUDED.data",

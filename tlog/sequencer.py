@@ -631,10 +631,11 @@ class Log:
             new = [entries[i] for i in fresh]
             self._fault("sequence")
             if new:
-                changed = tiles.extend(start, [hashes[i] for i in fresh], self.read_tile)
+                new_hashes = [hashes[i] for i in fresh]
+                changed = tiles.extend(start, new_hashes, self.read_tile)
                 keys = [(k, start + j) for j, e in enumerate(new)
                         if (k := lookup_key(e)) is not None]
-                self.store.persist(start, new, changed, keys)
+                self.store.persist(start, new, new_hashes, changed, keys)
                 with self._cache_lock:
                     if generation == self._generation:
                         for key, data in changed.items():

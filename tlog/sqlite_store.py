@@ -364,12 +364,11 @@ class SQLiteStore:
             ).fetchall()
         return [bytes(r[0]) for r in rows]
 
-    def persist(self, start: int, entries: Sequence[bytes], tiles: dict[tuple[int, int], bytes],
-                keys: Sequence[tuple[str, int]]) -> None:
+    def persist(self, start: int, entries: Sequence[bytes], hashes: Sequence[bytes],
+                tiles: dict[tuple[int, int], bytes], keys: Sequence[tuple[str, int]]) -> None:
         """The entries' index rows join those held in memory (tlog/recent.py). While a
         fold is in progress, this transaction also writes its next piece; all the rest of
         it if another FOLD_AT entries' rows have filled meanwhile."""
-        hashes = [merkle.leaf_hash(e) for e in entries]
         memory = self._memory
         if memory.due():
             memory.start_fold()

@@ -116,10 +116,11 @@ class Storage(Protocol):
     def read_entries(self, start: int, end: int) -> list[bytes]:
         """Entries [start, end)."""
 
-    def persist(self, start: int, entries: Sequence[bytes], tiles: dict[tuple[int, int], bytes],
-                keys: Sequence[tuple[str, int]]) -> None:
-        """Step 2: entries from index `start` with their leaf hashes, changed tiles (with
-        the inner row of each full leaf tile among them, `inner_rows`), lookup keys;
+    def persist(self, start: int, entries: Sequence[bytes], hashes: Sequence[bytes],
+                tiles: dict[tuple[int, int], bytes], keys: Sequence[tuple[str, int]]) -> None:
+        """Step 2: entries from index `start` with their leaf hashes (`hashes[i]` is
+        merkle.leaf_hash(entries[i]): the caller has them from sequencing), changed tiles
+        (with the inner row of each full leaf tile among them, `inner_rows`), lookup keys;
         atomically. Raises StorageError (writing nothing) if the log already holds one of
         the entries."""
 
