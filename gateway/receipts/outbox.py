@@ -66,6 +66,7 @@ from typing import Any, NamedTuple
 import orjson
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from gateway.receipts.doorbell import Ringer
 from tlog import proof
 
 OUTBOX_FILE = "outbox.sqlite3"
@@ -239,6 +240,7 @@ class _Writer:
         self._wconn.execute(f"PRAGMA journal_size_limit={wal_limit}")
         self._wal = Path(f"{path}-wal")
         self.faults: FaultHook | None = None
+        self.committed: Callable[[], None] | None = None  # after each committed batch
         self.vacuum_due = False  # set after deletions: free pages go back to the file system
         self._closing = threading.Event()
         self._trim_asked = threading.Event()
@@ -351,6 +353,8 @@ class _Writer:
     def _apply(self, batch: list[_Op]) -> None:
         """Run a batch in one transaction; on failure, each op alone, so only culprits fail."""
         err, committed = self._run(batch)
+        if committed and self.committed is not None:
+            self.committed()
         if err is None or committed or len(batch) == 1:
             for op in batch:
                 op.done(err)
@@ -441,6 +445,9 @@ class Outbox:
         path = data_dir / OUTBOX_FILE
         self._writer = _Writer(path, OUTBOX_SCHEMA, durability, wal_limit(max_bytes)) \
             if writable else None
+        self._ringer = Ringer(data_dir) if writable else None
+        if self._writer is not None and self._ringer is not None:
+            self._writer.committed = self._ringer.ring  # the shipper looks at once
         _connect(data_dir / LEDGER_FILE, LEDGER_SCHEMA).close()
         if not writable:
             _connect(path, OUTBOX_SCHEMA).close()
@@ -619,6 +626,8 @@ class Outbox:
         """Finish queued writes and close."""
         if self._writer is not None:
             self._writer.close()
+        if self._ringer is not None:
+            self._ringer.close()
         self._rconn.close()
 
 
