@@ -1,43 +1,44 @@
 """The gateway's doorbell for its shipper: a ring wakes an idle shipper, a lost or
-unheard ring costs nothing but the fallback poll, and nothing but a FIFO is used."""
+unheard ring costs nothing but the fallback poll, and `gateway serve` hands each
+shipper process a pipe of its own."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import os
-import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from gateway.receipts import doorbell, shipper
-from gateway.receipts.doorbell import BELL_FILE, Bell, Ringer
+from gateway.api import config as gconfig
+from gateway.api import server
+from gateway.receipts import shipper
+from gateway.receipts.doorbell import Bell, Ringer
 from gateway.receipts.outbox import Outbox
 from gateway.receipts.shipper import Shipper
-from tests.test_gateway_fakes import FakeLog
+from tests.test_gateway_fakes import FakeLog, LogRef, write_config
+from tlog import note
 
 NEVER = 60.0  # a wait this long would fail the test's own guard: only a ring ends it
 GUARD = 10.0
 
 
-def test_a_ring_wakes_a_waiting_bell_and_one_rung_before_the_wait_is_not_missed(
-        tmp_path: Path) -> None:
+def test_a_ring_wakes_a_waiting_bell_and_one_rung_before_the_wait_is_not_missed() -> None:
     async def run() -> None:
-        bell = Bell(tmp_path)
-        assert bell.open()
-        mode = (tmp_path / BELL_FILE).stat().st_mode
-        assert stat.S_ISFIFO(mode) and stat.S_IMODE(mode) == 0o600
-        ringer = Ringer(tmp_path)
+        r, w = os.pipe()
+        bell, ringer = Bell(r), Ringer()
+        ringer.attach(w)
         try:
             asyncio.get_running_loop().call_later(0.05, ringer.ring)
             await asyncio.wait_for(bell.wait(NEVER), GUARD)  # woken while waiting
             ringer.ring()  # between a look and the wait
             await asyncio.wait_for(bell.wait(NEVER), GUARD)
-            probe = os.open(tmp_path / BELL_FILE, os.O_RDONLY | os.O_NONBLOCK)
             with pytest.raises(BlockingIOError):  # the wait took every ring with it
-                os.read(probe, 1)
-            os.close(probe)
+                os.read(r, 1)
+            assert bell.listening
         finally:
             ringer.close()
             bell.close()
@@ -45,60 +46,37 @@ def test_a_ring_wakes_a_waiting_bell_and_one_rung_before_the_wait_is_not_missed(
     asyncio.run(run())
 
 
-def test_ringing_without_a_shipper_is_harmless_and_reaches_the_next_one(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(doorbell, "REOPEN", 0.0)
-
+def test_ringing_a_shipper_that_is_gone_is_harmless_and_the_next_one_is_rung() -> None:
     async def run() -> None:
-        ringer = Ringer(tmp_path)
-        ringer.ring()  # no FIFO at all
-        assert not (tmp_path / BELL_FILE).exists()
-        os.mkfifo(tmp_path / BELL_FILE, 0o600)
-        ringer.ring()  # a FIFO nobody reads (ENXIO)
-        first = Bell(tmp_path)
-        assert first.open()
-        ringer.ring()
-        first.close()  # the shipper goes away: the next ring meets EPIPE
+        ringer = Ringer()
+        ringer.ring()  # nothing attached yet
+        r, w = os.pipe()
+        ringer.attach(w)
+        os.close(r)  # the shipper exits: the next ring meets EPIPE
         for _ in range(3):
             ringer.ring()
-        second = Bell(tmp_path)
-        assert second.open()
+        r2, w2 = os.pipe()
+        ringer.attach(w2)  # the restarted shipper's pipe
+        bell = Bell(r2)
         try:
             ringer.ring()
-            await asyncio.wait_for(second.wait(NEVER), GUARD)
+            await asyncio.wait_for(bell.wait(NEVER), GUARD)
         finally:
             ringer.close()
-            second.close()
+            bell.close()
 
     asyncio.run(run())
 
 
-def test_nothing_but_a_fifo_is_used_at_the_bell_path(tmp_path: Path) -> None:
-    async def run() -> None:
-        plain = tmp_path / "plain"
-        plain.mkdir()
-        (plain / BELL_FILE).write_bytes(b"not a fifo")
-        assert not Bell(plain).open()
-        Ringer(plain).ring()
-        assert (plain / BELL_FILE).read_bytes() == b"not a fifo"
+def test_a_bell_whose_gateway_closed_its_end_goes_back_to_polling() -> None:
+    async def run() -> bool:
+        r, w = os.pipe()
+        bell = Bell(r)
+        os.close(w)
+        await asyncio.wait_for(bell.wait(NEVER), GUARD)  # end of file wakes it
+        return bell.listening
 
-        linked = tmp_path / "linked"
-        linked.mkdir()
-        os.mkfifo(tmp_path / "elsewhere", 0o600)
-        (linked / BELL_FILE).symlink_to(tmp_path / "elsewhere")
-        assert not Bell(linked).open()  # not followed
-        reader = os.open(tmp_path / "elsewhere", os.O_RDONLY | os.O_NONBLOCK)
-        try:
-            Ringer(linked).ring()
-            try:
-                got = os.read(reader, 1)  # b"": no writer ever opened it
-            except BlockingIOError:
-                got = b""
-            assert got == b""  # nothing was written through the link
-        finally:
-            os.close(reader)
-
-    asyncio.run(run())
+    assert asyncio.run(run()) is False
 
 
 def test_an_idle_shipper_sleeps_until_a_commit_rings(tmp_path: Path,
@@ -119,7 +97,9 @@ def test_an_idle_shipper_sleeps_until_a_commit_rings(tmp_path: Path,
         log = FakeLog()
         await log.start()
         ob = Outbox(tmp_path)
-        sh = Shipper(tmp_path, log.url, log.token, log.vkey, concurrency=2)
+        r, w = os.pipe()
+        ob.ringer.attach(w)
+        sh = Shipper(tmp_path, log.url, log.token, log.vkey, concurrency=2, bell_fd=r)
         await sh.start()
         try:
             await asyncio.sleep(0.3)  # idle: 150 looks at one per POLL without the bell
@@ -138,3 +118,42 @@ def test_an_idle_shipper_sleeps_until_a_commit_rings(tmp_path: Path,
     idle_looks, unlogged = asyncio.run(run())
     assert idle_looks <= 2
     assert unlogged == 0
+
+
+def test_gateway_serve_hands_each_shipper_a_pipe_of_its_own(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    started: list[tuple[list[str], tuple[int, ...]]] = []
+
+    class Started:
+        def __init__(self, cmd: list[str], pass_fds: tuple[int, ...] = ()) -> None:
+            started.append((cmd, pass_fds))
+            fd = int(cmd[cmd.index("--bell-fd") + 1])
+            self.read_end = os.dup(fd)  # what the child inherits
+
+    monkeypatch.setattr(subprocess, "Popen", Started)
+    ref = LogRef(url="http://127.0.0.1:9", vkey=note.generate_signer("log.test").vkey,
+                 token="append-token")  # noqa: S106 - a test token
+    cfg = gconfig.load(write_config(tmp_path, "http://127.0.0.1:9/v1", log=ref))
+    ob = Outbox(tmp_path / "outbox")
+    try:
+        first = server.start_shipper(cfg, ob)
+        second = server.start_shipper(cfg, ob)  # the watchdog's restart
+        (cmd1, fds1), (cmd2, fds2) = started
+        assert fds1 == (int(cmd1[-1]),) and fds2 == (int(cmd2[-1]),)
+        ob.ringer.ring()
+        os.set_blocking(first.read_end, False)
+        assert os.read(first.read_end, 1) == b""  # the old shipper's pipe: closed, unrung
+        assert os.read(second.read_end, 1) == b"\0"
+        os.close(first.read_end)
+        os.close(second.read_end)
+    finally:
+        ob.close()
+
+
+def test_the_shipper_refuses_a_bell_fd_that_is_not_a_pipe(tmp_path: Path) -> None:
+    r = subprocess.run([sys.executable, "-m", "gateway.receipts.shipper", "--data", str(tmp_path),
+                        "--log", "http://127.0.0.1:9", "--bell-fd", "0"],
+                       stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60,
+                       check=False)
+    assert r.returncode == 2
+    assert "--bell-fd: not an open pipe" in r.stderr

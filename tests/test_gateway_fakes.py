@@ -615,7 +615,7 @@ def serve_main(argv: list[str]) -> None:
         rk, ek = Ed25519PrivateKey.generate(), X25519PrivateKey.generate()
         ident = await fake_identity(cfg, rk, ek)
         outbox = server.open_outbox(cfg)
-        shipper = server.start_shipper(cfg)
+        shipper = server.start_shipper(cfg, outbox)
         app = Gateway(cfg, signer=ReceiptSigner(rk), identity=ident.identity, outbox=outbox,
                       status=LogStatus(outbox, shipper is not None),
                       leases=Leases(FakeLeaseStore(), FakeVerificationError),
@@ -629,7 +629,7 @@ def serve_main(argv: list[str]) -> None:
             while shipper is not None:
                 await asyncio.sleep(0.5)
                 if shipper.poll() is not None:
-                    shipper = server.start_shipper(cfg)
+                    shipper = server.start_shipper(cfg, outbox)
 
         watch = asyncio.create_task(watchdog())
         try:

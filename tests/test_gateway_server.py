@@ -12,6 +12,7 @@ import pytest
 
 from gateway import __main__ as cli
 from gateway.api import server
+from gateway.receipts.outbox import Outbox
 from tlog import note
 from tlog.service import listen_address
 
@@ -97,7 +98,11 @@ def test_the_shipper_batches_unless_answers_wait_for_the_log(tmp_path: Path, mon
                                     extra_gateway=extra))
     started: list[list[str]] = []
     monkeypatch.setattr(subprocess, "Popen", lambda cmd, *a, **k: started.append(cmd))
-    server.start_shipper(cfg)
+    outbox = Outbox(tmp_path / "outbox")
+    try:
+        server.start_shipper(cfg, outbox)
+    finally:
+        outbox.close()
     (cmd,) = started
     assert cmd[cmd.index("-m") + 1] == "gateway.receipts.shipper"
     assert ("--batch-interval" in cmd) == require

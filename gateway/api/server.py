@@ -257,8 +257,10 @@ def log_client(cfg: gconfig.Config) -> LogClient:
     return LogClient(cfg.log.url, token, cfg.log.vkey, cfg.log.witness_vkeys, cfg.log.quorum)
 
 
-def start_shipper(cfg: gconfig.Config) -> subprocess.Popen[bytes] | None:
-    """Start `python -m gateway.receipts.shipper` for the configured log (None without a log)."""
+def start_shipper(cfg: gconfig.Config, outbox: Outbox) -> subprocess.Popen[bytes] | None:
+    """Start `python -m gateway.receipts.shipper` for the configured log (None without a log),
+    with a new doorbell pipe: its read end inherited, its write end the outbox's ringer's
+    (gateway/receipts/doorbell.py)."""
     if not cfg.log.url:
         return None
     cmd = [sys.executable, "-m", "gateway.receipts.shipper", "--data", str(cfg.gateway.data_dir),
@@ -274,7 +276,16 @@ def start_shipper(cfg: gconfig.Config) -> subprocess.Popen[bytes] | None:
     cmd += ["--quorum", str(cfg.log.quorum)]
     if cfg.gateway.require_log_inclusion:  # answers wait for the log: send receipts at once
         cmd += ["--batch-interval", "0"]
-    return subprocess.Popen(cmd)  # noqa: S603 - our own interpreter and module; args from the operator's config, no shell
+    bell, ring = os.pipe()
+    try:
+        proc = subprocess.Popen([*cmd, "--bell-fd", str(bell)], pass_fds=(bell,))  # noqa: S603 - our own interpreter and module; args from the operator's config, no shell
+    except BaseException:
+        os.close(ring)
+        raise
+    finally:
+        os.close(bell)
+    outbox.ringer.attach(ring)
+    return proc
 
 
 def stop_process(proc: subprocess.Popen[bytes] | None) -> None:
@@ -336,7 +347,7 @@ async def serve(cfg: gconfig.Config, sock: socket.socket, stop: StopSignal, *,
     except BaseException:
         await logc.close()
         raise
-    shipper = start_shipper(cfg)
+    shipper = start_shipper(cfg, outbox)
     cert = key = None
     if tls or tls_sock is not None:
         cert, key = write_tls_files(ident.keys, cfg.gateway.data_dir / "tls",
@@ -349,7 +360,7 @@ async def serve(cfg: gconfig.Config, sock: socket.socket, stop: StopSignal, *,
             await asyncio.sleep(1.0)
             if shipper.poll() is not None:
                 log.error("receipt shipper exited with %s; restarting it", shipper.returncode)
-                shipper = start_shipper(cfg)
+                shipper = start_shipper(cfg, outbox)
 
     def server(app: Any, with_tls: bool, lifespan: str) -> uvicorn.Server:
         config = uvicorn_config(

@@ -1,125 +1,92 @@
-"""The gateway's doorbell for its shipper: a FIFO (`shipper.bell`) in the data directory.
+"""The gateway's doorbell for its shipper: a pipe from `gateway serve` to the shipper
+process it starts.
 
-The gateway rings it after each outbox commit (`Ringer.ring`: one byte, never
-blocking, never raising); the shipper, when it found nothing to ship, waits for a
-ring (`Bell.wait`) instead of reading the outbox again every few milliseconds. An
-idle shipper then stays asleep; it used to read the outbox 500 times a second.
+The gateway writes a byte to the pipe after each outbox commit (`Ringer.ring`: never
+blocking, never raising); the shipper, after a spell with nothing to ship, waits for
+a byte (`Bell.wait`) instead of reading the outbox every few milliseconds. An idle
+shipper then stays asleep; it used to read the outbox 500 times a second.
 
 It is a hint, never a channel of record: what to ship is still read from the outbox,
-and the shipper still looks at least every IDLE_POLL seconds, so a ring that is lost
-(no shipper listening yet, a shipper restarting) delays a receipt by at most that,
-and loses nothing.
+and a waiting shipper still looks at least every IDLE_POLL seconds, so a ring that is
+lost delays a receipt by at most that, and loses nothing.
 
 Invariants:
-- `ring` costs one non-blocking write, or nothing while no shipper listens (the
-  FIFO is reopened at most once per REOPEN seconds); a full pipe means a ring is
-  already waiting. Errors are swallowed: a commit never fails because of the bell.
-- The shipper makes the FIFO (mode 0600) in the private data directory and keeps a
-  write end of its own, so its read end never sees end-of-file. Neither side opens
-  anything at that path that is not a FIFO, nor follows a symbolic link there; the
-  shipper then polls as before.
+- Each shipper process gets a pipe of its own, inherited as a descriptor
+  (`--bell-fd`): no file in the data directory, nothing another process can open.
+- `ring` costs one non-blocking write. A full pipe means a ring is waiting already; a
+  reader gone (EPIPE: the shipper exited) detaches the pipe. Errors are swallowed: a
+  commit never fails because of the bell.
+- The shipper listens only while it waits, so under load the rings cost it nothing.
+  At end of file (the gateway closed its end) it goes back to polling.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import os
-import stat
-import time
-from pathlib import Path
+import threading
 
-BELL_FILE = "shipper.bell"
-IDLE_POLL = 1.0  # seconds an idle shipper sleeps without a ring before it looks anyway
+IDLE_POLL = 1.0  # seconds a waiting shipper sleeps without a ring before it looks anyway
 IDLE_LOOKS = 50  # looks in a row that found nothing (about 0.1 s) before the shipper waits
-REOPEN = 1.0  # seconds between the gateway's tries to reach a shipper that is not there
-
-log = logging.getLogger("gateway.receipts.doorbell")
-
-
-def _open_fifo(path: Path, flags: int) -> int | None:
-    """A descriptor of the FIFO at `path` (non-blocking), or None if there is none."""
-    try:
-        fd = os.open(path, flags | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOFOLLOW)
-    except OSError:  # absent, a link, or (writing) no reader yet
-        return None
-    if not stat.S_ISFIFO(os.fstat(fd).st_mode):
-        os.close(fd)
-        return None
-    return fd
 
 
 class Ringer:
-    """The gateway's side: `ring` after a commit."""
+    """The gateway's side: `attach` each new shipper's pipe, `ring` after each commit. Safe
+    across threads (an "fsync" outbox rings from its writer thread): a descriptor is never
+    written after it is closed, so never into a file that reused its number."""
 
-    def __init__(self, data_dir: Path) -> None:
-        self._path = data_dir / BELL_FILE
+    def __init__(self) -> None:
         self._fd: int | None = None
-        self._retry_at = float("-inf")  # monotonic time of the next try to open
+        self._lock = threading.Lock()
+
+    def attach(self, fd: int) -> None:
+        """Ring into `fd` (a pipe's write end, taken over) from now on."""
+        os.set_blocking(fd, False)
+        with self._lock:
+            self._close()
+            self._fd = fd
 
     def ring(self) -> None:
-        """Tell a listening shipper that the outbox has news; never blocks or raises."""
-        if self._fd is None:
-            now = time.monotonic()
-            if now < self._retry_at:
-                return
-            self._retry_at = now + REOPEN
-            self._fd = _open_fifo(self._path, os.O_WRONLY)
+        """Tell the shipper that the outbox has news; never blocks or raises."""
+        with self._lock:
             if self._fd is None:
                 return
-        try:
-            os.write(self._fd, b"\0")
-        except BlockingIOError:  # the pipe is full: a ring is waiting already
-            pass
-        except OSError:  # the shipper went away (EPIPE): try again later
-            self.close()
+            try:
+                os.write(self._fd, b"\0")
+            except BlockingIOError:  # the pipe is full: a ring is waiting already
+                pass
+            except OSError:  # the shipper is gone (EPIPE): nobody to ring until the next
+                self._close()
 
     def close(self) -> None:
+        with self._lock:
+            self._close()
+
+    def _close(self) -> None:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
 
 
 class Bell:
-    """The shipper's side: `open` once on its loop, then `wait` after each look at the
-    outbox that found nothing. The shipper listens only while it waits: under load it
-    never looks at the pipe, and the rings of that time cost it nothing (a full pipe
-    drops further rings, which is as good as a ring)."""
+    """The shipper's side, over the pipe's read end (taken over; None: no bell, poll)."""
 
-    def __init__(self, data_dir: Path) -> None:
-        self._path = data_dir / BELL_FILE
-        self._fds: tuple[int, int] | None = None
+    def __init__(self, fd: int | None) -> None:
+        self._fd = fd
+        if fd is not None:
+            os.set_blocking(fd, False)
 
     @property
     def listening(self) -> bool:
-        return self._fds is not None
-
-    def open(self) -> bool:
-        """Make the FIFO if need be; False (the shipper polls) if it cannot listen there."""
-        try:
-            os.mkfifo(self._path, 0o600)
-        except FileExistsError:
-            pass  # an earlier shipper's (or something else: checked next)
-        except OSError as e:
-            log.warning("no doorbell (%s): polling the outbox instead", e)
-            return False
-        r = _open_fifo(self._path, os.O_RDONLY)
-        w = _open_fifo(self._path, os.O_WRONLY) if r is not None else None
-        if r is None or w is None:
-            if r is not None:
-                os.close(r)
-            log.warning("no doorbell: %s is not a FIFO; polling the outbox instead",
-                        self._path)
-            return False
-        self._fds = (r, w)
-        return True
+        return self._fd is not None
 
     async def wait(self, timeout: float) -> None:
         """Until a ring, or `timeout` seconds. A ring that came before this call (since the
-        last `wait` returned) ends it at once: one early return after a busy spell, never
-        a ring missed between the look and the wait."""
-        assert self._fds is not None  # noqa: S101 - the caller checks `listening`
+        last `wait` returned) ends it at once: one early return after a busy spell, and
+        never a ring missed between a look and the wait."""
+        fd = self._fd
+        assert fd is not None  # noqa: S101 - the caller checks `listening`
         loop = asyncio.get_running_loop()
         rung: asyncio.Future[None] = loop.create_future()
 
@@ -127,20 +94,20 @@ class Bell:
             if not rung.done():
                 rung.set_result(None)
 
-        loop.add_reader(self._fds[0], wake)
+        loop.add_reader(fd, wake)
         timer = loop.call_later(timeout, wake)
         try:
             await rung
         finally:
             timer.cancel()
-            loop.remove_reader(self._fds[0])
+            loop.remove_reader(fd)
         with contextlib.suppress(BlockingIOError):
-            while os.read(self._fds[0], 4096):
-                pass
+            while True:
+                if not os.read(fd, 4096):  # end of file: the gateway closed its end
+                    self.close()
+                    return
 
     def close(self) -> None:
-        """Stop (the FIFO stays for the next shipper)."""
-        if self._fds is not None:
-            for fd in self._fds:
-                os.close(fd)
-            self._fds = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None

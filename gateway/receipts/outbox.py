@@ -445,9 +445,9 @@ class Outbox:
         path = data_dir / OUTBOX_FILE
         self._writer = _Writer(path, OUTBOX_SCHEMA, durability, wal_limit(max_bytes)) \
             if writable else None
-        self._ringer = Ringer(data_dir) if writable else None
-        if self._writer is not None and self._ringer is not None:
-            self._writer.committed = self._ringer.ring  # the shipper looks at once
+        self.ringer = Ringer()  # the shipper's doorbell, once `gateway serve` attaches it
+        if self._writer is not None:
+            self._writer.committed = self.ringer.ring
         _connect(data_dir / LEDGER_FILE, LEDGER_SCHEMA).close()
         if not writable:
             _connect(path, OUTBOX_SCHEMA).close()
@@ -626,8 +626,7 @@ class Outbox:
         """Finish queued writes and close."""
         if self._writer is not None:
             self._writer.close()
-        if self._ringer is not None:
-            self._ringer.close()
+        self.ringer.close()
         self._rconn.close()
 
 

@@ -59,6 +59,7 @@ import os
 import re
 import signal
 import sqlite3
+import stat
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -254,7 +255,7 @@ class Shipper:
     def __init__(self, data_dir: Path, url: str, token: str | None, vkey: str | None = None,
                  concurrency: int = 128, witnesses: Sequence[str] = (),
                  quorum: int = 0, max_bytes: int = MAX_BYTES,
-                 batch_interval: float = BATCH_INTERVAL) -> None:
+                 batch_interval: float = BATCH_INTERVAL, bell_fd: int | None = None) -> None:
         self.data_dir = data_dir
         self.url = url.rstrip("/")
         u = urlsplit(self.url)
@@ -279,7 +280,7 @@ class Shipper:
         self._last_batch = float("-inf")  # loop time the last batch post started
         self._tasks: list[asyncio.Task[None]] = []
         self._pool = Pool()
-        self._bell = Bell(data_dir)
+        self._bell = Bell(bell_fd)  # the read end of the gateway's doorbell (doorbell.py)
         self._lock: int | None = None
         self.outbox: Outbox | None = None
         self.ledger: Ledger | None = None
@@ -304,7 +305,6 @@ class Shipper:
         self.outbox = Outbox(self.data_dir, writable=False)
         self.ledger = Ledger(self.data_dir, self._max_bytes)
         await self.ledger.set_state(False, None)
-        self._bell.open()
         self._tasks = [asyncio.create_task(self._poll()), asyncio.create_task(self._prune())]
         self._tasks += [asyncio.create_task(self._worker()) for _ in range(self._concurrency)]
 
@@ -609,6 +609,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--parent", type=int, help="exit when this process is gone")
     ap.add_argument("--outbox-max-bytes", type=int, default=MAX_BYTES,
                     help="the gateway's [gateway] outbox_max_bytes (sizes the ledger's WAL)")
+    ap.add_argument("--bell-fd", type=int,
+                    help="an inherited pipe the gateway rings after each outbox commit")
     ap.add_argument("--batch-interval", type=float, default=BATCH_INTERVAL,
                     help=f"seconds at least between two batch posts "
                          f"(0 to {MAX_BATCH_INTERVAL:g}; 0: none)")
@@ -617,13 +619,20 @@ def main(argv: list[str]) -> int:
         check_batch_interval(a.batch_interval)
     except ValueError as e:
         ap.error(f"--batch-interval: {e}")
+    if a.bell_fd is not None:
+        try:
+            is_pipe = stat.S_ISFIFO(os.fstat(a.bell_fd).st_mode)
+        except OSError:
+            is_pipe = False
+        if not is_pipe:
+            ap.error("--bell-fd: not an open pipe")
     log_json()
     _die_with_parent()
     token = a.token_file.read_text().strip() if a.token_file else None
 
     async def run() -> None:
         shipper = Shipper(a.data, a.log, token, a.vkey, a.concurrency, a.witness_vkey, a.quorum,
-                          a.outbox_max_bytes, a.batch_interval)
+                          a.outbox_max_bytes, a.batch_interval, a.bell_fd)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
