@@ -17,10 +17,10 @@ from gateway.api import config as gconfig
 from gateway.api import server
 from gateway.receipts import shipper
 from gateway.receipts.doorbell import Bell, Ringer
-from gateway.receipts.outbox import Outbox
-from gateway.receipts.shipper import Shipper
+from gateway.receipts.outbox import Ledger, Outbox
+from gateway.receipts.shipper import LogStatus, Shipper
 from tests.test_gateway_fakes import FakeLog, LogRef, write_config
-from tlog import note
+from tlog import checkpoint, merkle, note, proof
 
 NEVER = 60.0  # a wait this long would fail the test's own guard: only a ring ends it
 GUARD = 10.0
@@ -120,40 +120,113 @@ def test_an_idle_shipper_sleeps_until_a_commit_rings(tmp_path: Path,
     assert unlogged == 0
 
 
-def test_gateway_serve_hands_each_shipper_a_pipe_of_its_own(
+def test_gateway_serve_hands_each_shipper_pipes_of_its_own(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     started: list[tuple[list[str], tuple[int, ...]]] = []
 
     class Started:
         def __init__(self, cmd: list[str], pass_fds: tuple[int, ...] = ()) -> None:
             started.append((cmd, pass_fds))
-            fd = int(cmd[cmd.index("--bell-fd") + 1])
-            self.read_end = os.dup(fd)  # what the child inherits
+            # what the child inherits
+            self.bell = os.dup(int(cmd[cmd.index("--bell-fd") + 1]))
+            self.ack = os.dup(int(cmd[cmd.index("--ack-fd") + 1]))
 
     monkeypatch.setattr(subprocess, "Popen", Started)
+    monkeypatch.setattr(shipper, "ACK_POLL", NEVER)
     ref = LogRef(url="http://127.0.0.1:9", vkey=note.generate_signer("log.test").vkey,
                  token="append-token")  # noqa: S106 - a test token
     cfg = gconfig.load(write_config(tmp_path, "http://127.0.0.1:9/v1", log=ref))
     ob = Outbox(tmp_path / "outbox")
+
+    async def run() -> None:
+        status = LogStatus(ob, True)
+        await status.start()
+        try:
+            first = server.start_shipper(cfg, ob, status)
+            waiting = asyncio.create_task(status.wait_logged("0" * 32, GUARD))
+            await asyncio.sleep(0.05)  # the status now waits on the first shipper's pipe
+            second = server.start_shipper(cfg, ob, status)  # the watchdog's restart
+            (cmd1, fds1), (cmd2, fds2) = started
+            for cmd, fds in ((cmd1, fds1), (cmd2, fds2)):
+                assert fds == (int(cmd[cmd.index("--bell-fd") + 1]),
+                               int(cmd[cmd.index("--ack-fd") + 1]))
+            ob.ringer.ring()
+            os.set_blocking(first.bell, False)
+            assert os.read(first.bell, 1) == b""  # the old shipper's pipe: closed, unrung
+            assert os.read(second.bell, 1) == b"\0"
+            with pytest.raises(BrokenPipeError):  # the gateway stopped listening to it
+                os.write(first.ack, b"\0")
+            await ob.put("0" * 32, "0" * 64, b"{}")
+            ledger = Ledger(tmp_path / "outbox")
+            try:
+                await ledger.record([(1, tlog_proof())])
+            finally:
+                ledger.close()
+            os.write(second.ack, b"\0")  # the new shipper's ring: only it ends the wait
+            assert await waiting
+            for fd in (first.bell, second.bell, first.ack, second.ack):
+                os.close(fd)
+        finally:
+            await status.close()
+
     try:
-        first = server.start_shipper(cfg, ob)
-        second = server.start_shipper(cfg, ob)  # the watchdog's restart
-        (cmd1, fds1), (cmd2, fds2) = started
-        assert fds1 == (int(cmd1[-1]),) and fds2 == (int(cmd2[-1]),)
-        ob.ringer.ring()
-        os.set_blocking(first.read_end, False)
-        assert os.read(first.read_end, 1) == b""  # the old shipper's pipe: closed, unrung
-        assert os.read(second.read_end, 1) == b"\0"
-        os.close(first.read_end)
-        os.close(second.read_end)
+        asyncio.run(run())
     finally:
         ob.close()
 
 
-def test_the_shipper_refuses_a_bell_fd_that_is_not_a_pipe(tmp_path: Path) -> None:
+def test_a_call_waiting_for_the_log_hears_the_ledger_ring_not_a_poll(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the ledger doorbell the gateway reads the ledger when rung (not every POLL),
+    and a waiting call resolves as soon as its acknowledgement is committed."""
+    monkeypatch.setattr(shipper, "ACK_POLL", NEVER)
+    reads = 0
+    logged_among = Outbox.logged_among
+
+    def counted(self: Outbox, ids: list[str]) -> object:
+        nonlocal reads
+        reads += 1
+        return logged_among(self, ids)
+
+    monkeypatch.setattr(Outbox, "logged_among", counted)
+
+    async def run() -> tuple[int, bool]:
+        ob = Outbox(tmp_path)
+        ledger = Ledger(tmp_path)
+        r, w = os.pipe()
+        ledger.ringer.attach(w)
+        status = LogStatus(ob, True)
+        status.listen(r)
+        await status.start()
+        try:
+            await ob.put("0" * 32, "0" * 64, b"{}")
+            waiting = asyncio.create_task(status.wait_logged("0" * 32, GUARD))
+            await asyncio.sleep(0.3)  # unlogged: 150 reads at one per POLL without the bell
+            idle_reads = reads
+            await ledger.record([(1, tlog_proof())])  # the commit rings
+            return idle_reads, await waiting
+        finally:
+            await status.close()
+            ledger.close()
+            ob.close()
+
+    idle_reads, logged = asyncio.run(run())
+    assert idle_reads <= 2
+    assert logged
+
+
+def tlog_proof() -> proof.TlogProof:
+    """A well-formed proof (the ledger stores it; nothing here verifies it)."""
+    signer = note.generate_signer("log.test")
+    cp = checkpoint.Checkpoint("log.test", 1, merkle.leaf_hash(b"{}"))
+    return proof.TlogProof(0, (), checkpoint.sign(cp, signer))
+
+
+@pytest.mark.parametrize("flag", ["--bell-fd", "--ack-fd"])
+def test_the_shipper_refuses_a_doorbell_fd_that_is_not_a_pipe(tmp_path: Path, flag: str) -> None:
     r = subprocess.run([sys.executable, "-m", "gateway.receipts.shipper", "--data", str(tmp_path),
-                        "--log", "http://127.0.0.1:9", "--bell-fd", "0"],
+                        "--log", "http://127.0.0.1:9", flag, "0"],
                        stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60,
                        check=False)
     assert r.returncode == 2
-    assert "--bell-fd: not an open pipe" in r.stderr
+    assert f"{flag}: not an open pipe" in r.stderr

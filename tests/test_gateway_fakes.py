@@ -615,9 +615,10 @@ def serve_main(argv: list[str]) -> None:
         rk, ek = Ed25519PrivateKey.generate(), X25519PrivateKey.generate()
         ident = await fake_identity(cfg, rk, ek)
         outbox = server.open_outbox(cfg)
-        shipper = server.start_shipper(cfg, outbox)
+        status = LogStatus(outbox, bool(cfg.log.url))
+        shipper = server.start_shipper(cfg, outbox, status)
         app = Gateway(cfg, signer=ReceiptSigner(rk), identity=ident.identity, outbox=outbox,
-                      status=LogStatus(outbox, shipper is not None),
+                      status=status,
                       leases=Leases(FakeLeaseStore(), FakeVerificationError),
                       attest=ident.attest, keyset_index=ident.keyset_index)
         srv = uvicorn.Server(uvicorn_config(app, cfg.server, MALFORMED, host="127.0.0.1",
@@ -629,7 +630,7 @@ def serve_main(argv: list[str]) -> None:
             while shipper is not None:
                 await asyncio.sleep(0.5)
                 if shipper.poll() is not None:
-                    shipper = server.start_shipper(cfg, outbox)
+                    shipper = server.start_shipper(cfg, outbox, status)
 
         watch = asyncio.create_task(watchdog())
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import gc
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import pytest
 from gateway import __main__ as cli
 from gateway.api import server
 from gateway.receipts.outbox import Outbox
+from gateway.receipts.shipper import LogStatus
 from tlog import note
 from tlog.service import listen_address
 
@@ -99,10 +101,12 @@ def test_the_shipper_batches_unless_answers_wait_for_the_log(tmp_path: Path, mon
     started: list[list[str]] = []
     monkeypatch.setattr(subprocess, "Popen", lambda cmd, *a, **k: started.append(cmd))
     outbox = Outbox(tmp_path / "outbox")
+    status = LogStatus(outbox, True)
     try:
-        server.start_shipper(cfg, outbox)
+        server.start_shipper(cfg, outbox, status)
     finally:
         outbox.close()
+        asyncio.run(status.close())
     (cmd,) = started
     assert cmd[cmd.index("-m") + 1] == "gateway.receipts.shipper"
     assert ("--batch-interval" in cmd) == require

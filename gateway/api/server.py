@@ -257,10 +257,12 @@ def log_client(cfg: gconfig.Config) -> LogClient:
     return LogClient(cfg.log.url, token, cfg.log.vkey, cfg.log.witness_vkeys, cfg.log.quorum)
 
 
-def start_shipper(cfg: gconfig.Config, outbox: Outbox) -> subprocess.Popen[bytes] | None:
+def start_shipper(cfg: gconfig.Config, outbox: Outbox,
+                  status: LogStatus) -> subprocess.Popen[bytes] | None:
     """Start `python -m gateway.receipts.shipper` for the configured log (None without a log),
-    with a new doorbell pipe: its read end inherited, its write end the outbox's ringer's
-    (gateway/receipts/doorbell.py)."""
+    with two new doorbell pipes (gateway/receipts/doorbell.py): the outbox's (its read end
+    inherited, its write end the outbox's ringer's) and the ledger's (its write end
+    inherited, its read end what `status` listens to)."""
     if not cfg.log.url:
         return None
     cmd = [sys.executable, "-m", "gateway.receipts.shipper", "--data", str(cfg.gateway.data_dir),
@@ -277,14 +279,19 @@ def start_shipper(cfg: gconfig.Config, outbox: Outbox) -> subprocess.Popen[bytes
     if cfg.gateway.require_log_inclusion:  # answers wait for the log: send receipts at once
         cmd += ["--batch-interval", "0"]
     bell, ring = os.pipe()
+    acked, ack = os.pipe()
     try:
-        proc = subprocess.Popen([*cmd, "--bell-fd", str(bell)], pass_fds=(bell,))  # noqa: S603 - our own interpreter and module; args from the operator's config, no shell
+        proc = subprocess.Popen([*cmd, "--bell-fd", str(bell), "--ack-fd", str(ack)],  # noqa: S603 - our own interpreter and module; args from the operator's config, no shell
+                                pass_fds=(bell, ack))
     except BaseException:
         os.close(ring)
+        os.close(acked)
         raise
     finally:
         os.close(bell)
+        os.close(ack)
     outbox.ringer.attach(ring)
+    status.listen(acked)
     return proc
 
 
@@ -347,7 +354,8 @@ async def serve(cfg: gconfig.Config, sock: socket.socket, stop: StopSignal, *,
     except BaseException:
         await logc.close()
         raise
-    shipper = start_shipper(cfg, outbox)
+    status = LogStatus(outbox, bool(cfg.log.url))
+    shipper = start_shipper(cfg, outbox, status)
     cert = key = None
     if tls or tls_sock is not None:
         cert, key = write_tls_files(ident.keys, cfg.gateway.data_dir / "tls",
@@ -360,7 +368,7 @@ async def serve(cfg: gconfig.Config, sock: socket.socket, stop: StopSignal, *,
             await asyncio.sleep(1.0)
             if shipper.poll() is not None:
                 log.error("receipt shipper exited with %s; restarting it", shipper.returncode)
-                shipper = start_shipper(cfg, outbox)
+                shipper = start_shipper(cfg, outbox, status)
 
     def server(app: Any, with_tls: bool, lifespan: str) -> uvicorn.Server:
         config = uvicorn_config(
@@ -375,7 +383,7 @@ async def serve(cfg: gconfig.Config, sock: socket.socket, stop: StopSignal, *,
         ready = readiness(cfg, ident, outbox,
                           lambda: shipper is not None and shipper.poll() is None)
         app = Gateway(cfg, signer=ReceiptSigner(ident.receipt_key), identity=ident.gateway,
-                      outbox=outbox, status=LogStatus(outbox, shipper is not None),
+                      outbox=outbox, status=status,
                       leases=lease_source(cfg, ident.lease_mac_key,
                                           EvidenceLog(logc, now_rfc3339)),
                       attest=ident.attest, e2ee_key=ident.e2ee_private,

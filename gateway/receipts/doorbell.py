@@ -1,23 +1,30 @@
-"""The gateway's doorbell for its shipper: a pipe from `gateway serve` to the shipper
-process it starts.
+"""The doorbells between `gateway serve` and the shipper process it starts: two pipes.
 
-The gateway writes a byte to the pipe after each outbox commit (`Ringer.ring`: never
-blocking, never raising); the shipper, after a spell with nothing to ship, waits for
-a byte (`Bell.wait`) instead of reading the outbox every few milliseconds. An idle
-shipper then stays asleep; it used to read the outbox 500 times a second.
+- Outbox news (gateway to shipper): the gateway writes a byte after each outbox
+  commit; the shipper, after a spell with nothing to ship, waits for a byte instead
+  of reading the outbox every few milliseconds. An idle shipper then stays asleep; it
+  used to read the outbox 500 times a second.
+- Ledger news (shipper to gateway): the shipper writes a byte after each ledger
+  commit (acknowledgements, its state); the gateway's `LogStatus`, while calls wait
+  for their receipt to be logged (`require_log_inclusion`), reads the ledger when
+  rung instead of every 2 ms. A waiting call then learns of its proof as soon as it
+  is stored, and the gateway reads the ledger once per commit, not 4-5 times per call.
 
-It is a hint, never a channel of record: what to ship is still read from the outbox,
-and a waiting shipper still looks at least every IDLE_POLL seconds, so a ring that is
-lost delays a receipt by at most that, and loses nothing.
+Both are hints, never channels of record: what to ship and what is logged are still
+read from the outbox and the ledger, and a listener still looks at least every
+fallback period (IDLE_POLL, ACK_POLL), so a ring that is lost delays a receipt or an
+answer by at most that, and loses nothing.
 
 Invariants:
-- Each shipper process gets a pipe of its own, inherited as a descriptor
-  (`--bell-fd`): no file in the data directory, nothing another process can open.
+- Each shipper process gets pipes of its own, inherited as descriptors (`--bell-fd`,
+  `--ack-fd`): no file in the data directory, nothing another process can open.
 - `ring` costs one non-blocking write. A full pipe means a ring is waiting already; a
-  reader gone (EPIPE: the shipper exited) detaches the pipe. Errors are swallowed: a
-  commit never fails because of the bell.
-- The shipper listens only while it waits, so under load the rings cost it nothing.
-  At end of file (the gateway closed its end) it goes back to polling.
+  reader gone (EPIPE: the other process exited) detaches the pipe. Errors are
+  swallowed: a commit never fails because of a bell.
+- A listener hears a ring only while it waits, so under load the rings cost it
+  nothing. At end of file (the other end closed) it goes back to polling.
+- A `Bell` closed while a wait is in progress (on the loop's thread: the gateway
+  swaps in a restarted shipper's pipe) ends that wait at once.
 """
 
 from __future__ import annotations
@@ -26,15 +33,18 @@ import asyncio
 import contextlib
 import os
 import threading
+from collections.abc import Callable
 
 IDLE_POLL = 1.0  # seconds a waiting shipper sleeps without a ring before it looks anyway
 IDLE_LOOKS = 50  # looks in a row that found nothing (about 0.1 s) before the shipper waits
+ACK_POLL = 0.1  # seconds the gateway waits for the ledger's ring before it looks anyway
 
 
 class Ringer:
-    """The gateway's side: `attach` each new shipper's pipe, `ring` after each commit. Safe
-    across threads (an "fsync" outbox rings from its writer thread): a descriptor is never
-    written after it is closed, so never into a file that reused its number."""
+    """The writing side (the outbox's in the gateway, the ledger's in the shipper): `attach`
+    each new pipe, `ring` after each commit. Safe across threads (an "fsync" outbox rings
+    from its writer thread): a descriptor is never written after it is closed, so never
+    into a file that reused its number."""
 
     def __init__(self) -> None:
         self._fd: int | None = None
@@ -48,7 +58,7 @@ class Ringer:
             self._fd = fd
 
     def ring(self) -> None:
-        """Tell the shipper that the outbox has news; never blocks or raises."""
+        """Tell the other process there is news; never blocks or raises."""
         with self._lock:
             if self._fd is None:
                 return
@@ -70,10 +80,12 @@ class Ringer:
 
 
 class Bell:
-    """The shipper's side, over the pipe's read end (taken over; None: no bell, poll)."""
+    """The listening side (the shipper's, the gateway's `LogStatus`), over a pipe's read end
+    (taken over; None: no bell, poll)."""
 
     def __init__(self, fd: int | None) -> None:
         self._fd = fd
+        self._waiting: tuple[asyncio.AbstractEventLoop, Callable[[], None]] | None = None
         if fd is not None:
             os.set_blocking(fd, False)
 
@@ -95,12 +107,17 @@ class Bell:
                 rung.set_result(None)
 
         loop.add_reader(fd, wake)
+        self._waiting = (loop, wake)
         timer = loop.call_later(timeout, wake)
         try:
             await rung
         finally:
             timer.cancel()
-            loop.remove_reader(fd)
+            if self._fd == fd:  # else `close` ended the wait and stopped reading
+                loop.remove_reader(fd)
+                self._waiting = None
+        if self._fd != fd:
+            return
         with contextlib.suppress(BlockingIOError):
             while True:
                 if not os.read(fd, 4096):  # end of file: the gateway closed its end
@@ -108,6 +125,12 @@ class Bell:
                     return
 
     def close(self) -> None:
+        """Stop listening (on the loop's thread): a wait in progress ends at once."""
         if self._fd is not None:
+            if self._waiting is not None:
+                loop, wake = self._waiting
+                self._waiting = None
+                loop.remove_reader(self._fd)
+                wake()
             os.close(self._fd)
             self._fd = None

@@ -637,6 +637,8 @@ class Ledger:
     def __init__(self, data_dir: Path, max_bytes: int = MAX_BYTES) -> None:
         self._writer = _Writer(data_dir / LEDGER_FILE, LEDGER_SCHEMA, "process",
                                wal_limit(max_bytes))
+        self.ringer = Ringer()  # the gateway's ledger doorbell, once the shipper attaches it
+        self._writer.committed = self.ringer.ring
 
     async def record(self, acks: list[tuple[int, proof.TlogProof]]) -> None:
         """Record the log's acknowledgements (index and proof) of these receipt numbers, in
@@ -667,3 +669,4 @@ class Ledger:
     def close(self) -> None:
         """Finish queued writes and close."""
         self._writer.close()
+        self.ringer.close()

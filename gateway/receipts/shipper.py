@@ -4,7 +4,8 @@ The shipper runs as its own process (`python -m gateway.receipts.shipper`, start
 `gateway serve`) or as tasks in the caller's loop; either way it reads new
 receipts from the outbox (by sequence number; once idle, it waits for the
 gateway's doorbell, doorbell.py, instead of polling), writes acknowledgements
-to the ledger, and the gateway learns about them through `LogStatus`.
+to the ledger, and the gateway learns about them through `LogStatus` (rung by
+the ledger's doorbell after each commit, when `gateway serve` started it).
 
 Invariants:
 - A receipt is marked logged only after the log answered 200 with an index and
@@ -68,7 +69,7 @@ from urllib.parse import urlsplit
 
 import orjson
 
-from gateway.receipts.doorbell import IDLE_LOOKS, IDLE_POLL, Bell
+from gateway.receipts.doorbell import ACK_POLL, IDLE_LOOKS, IDLE_POLL, Bell
 from gateway.receipts.outbox import MAX_BYTES, Ledger, Outbox, OutboxUnavailable
 from tlog import batch, checkpoint, merkle, note, proof, tiles
 from tlog.http1 import Connection, Pool, ProtocolError, exchange
@@ -255,7 +256,8 @@ class Shipper:
     def __init__(self, data_dir: Path, url: str, token: str | None, vkey: str | None = None,
                  concurrency: int = 128, witnesses: Sequence[str] = (),
                  quorum: int = 0, max_bytes: int = MAX_BYTES,
-                 batch_interval: float = BATCH_INTERVAL, bell_fd: int | None = None) -> None:
+                 batch_interval: float = BATCH_INTERVAL, bell_fd: int | None = None,
+                 ack_fd: int | None = None) -> None:
         self.data_dir = data_dir
         self.url = url.rstrip("/")
         u = urlsplit(self.url)
@@ -281,6 +283,7 @@ class Shipper:
         self._tasks: list[asyncio.Task[None]] = []
         self._pool = Pool()
         self._bell = Bell(bell_fd)  # the read end of the gateway's doorbell (doorbell.py)
+        self._ack_fd = ack_fd  # the write end of the gateway's ledger doorbell
         self._lock: int | None = None
         self.outbox: Outbox | None = None
         self.ledger: Ledger | None = None
@@ -304,6 +307,9 @@ class Shipper:
         self._lock = fd
         self.outbox = Outbox(self.data_dir, writable=False)
         self.ledger = Ledger(self.data_dir, self._max_bytes)
+        if self._ack_fd is not None:
+            self.ledger.ringer.attach(self._ack_fd)
+            self._ack_fd = None
         await self.ledger.set_state(False, None)
         self._tasks = [asyncio.create_task(self._poll()), asyncio.create_task(self._prune())]
         self._tasks += [asyncio.create_task(self._worker()) for _ in range(self._concurrency)]
@@ -504,6 +510,9 @@ class Shipper:
         self._tasks = []
         self._pool.close()
         self._bell.close()
+        if self._ack_fd is not None:  # never handed to a ledger
+            os.close(self._ack_fd)
+            self._ack_fd = None
         if self.ledger is not None:
             self.ledger.close()
         if self.outbox is not None:
@@ -514,7 +523,11 @@ class Shipper:
 
 
 class LogStatus:
-    """The gateway's view of shipping: is the log down, and waiting for a receipt's proof."""
+    """The gateway's view of shipping: is the log down, and waiting for a receipt's proof.
+
+    While calls wait for their receipts (`wait_logged`), the ledger is read after each
+    ring of the shipper's ledger doorbell (`listen`; at least every ACK_POLL), or every
+    POLL without one."""
 
     def __init__(self, outbox: Outbox, enabled: bool) -> None:
         self.outbox = outbox
@@ -524,6 +537,13 @@ class LogStatus:
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self._acks = Bell(None)
+
+    def listen(self, fd: int) -> None:
+        """Read the ledger when `fd` (a pipe's read end, taken over: the ledger doorbell
+        of the shipper just started) rings; the previous shipper's pipe is closed."""
+        self._acks.close()
+        self._acks = Bell(fd)
 
     async def start(self) -> None:
         """Start following the ledger."""
@@ -558,7 +578,10 @@ class LogStatus:
                 for fut in self._waiters.pop(rid, ()):
                     if not fut.done():
                         fut.set_result(None)
-            await asyncio.sleep(POLL)
+            if self._acks.listening:
+                await self._acks.wait(ACK_POLL)
+            else:
+                await asyncio.sleep(POLL)
 
     async def wait_logged(self, receipt_id: str, timeout: float) -> bool:
         """Wait until the log acknowledged the receipt; False on timeout (it stays queued)."""
@@ -582,6 +605,7 @@ class LogStatus:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
+        self._acks.close()
 
 
 def _die_with_parent() -> None:
@@ -591,6 +615,13 @@ def _die_with_parent() -> None:
         import ctypes
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def _is_pipe(fd: int) -> bool:
+    try:
+        return stat.S_ISFIFO(os.fstat(fd).st_mode)
+    except OSError:
+        return False
 
 
 def main(argv: list[str]) -> int:
@@ -611,6 +642,8 @@ def main(argv: list[str]) -> int:
                     help="the gateway's [gateway] outbox_max_bytes (sizes the ledger's WAL)")
     ap.add_argument("--bell-fd", type=int,
                     help="an inherited pipe the gateway rings after each outbox commit")
+    ap.add_argument("--ack-fd", type=int,
+                    help="an inherited pipe to ring after each ledger commit")
     ap.add_argument("--batch-interval", type=float, default=BATCH_INTERVAL,
                     help=f"seconds at least between two batch posts "
                          f"(0 to {MAX_BATCH_INTERVAL:g}; 0: none)")
@@ -619,20 +652,16 @@ def main(argv: list[str]) -> int:
         check_batch_interval(a.batch_interval)
     except ValueError as e:
         ap.error(f"--batch-interval: {e}")
-    if a.bell_fd is not None:
-        try:
-            is_pipe = stat.S_ISFIFO(os.fstat(a.bell_fd).st_mode)
-        except OSError:
-            is_pipe = False
-        if not is_pipe:
-            ap.error("--bell-fd: not an open pipe")
+    for flag, fd in (("--bell-fd", a.bell_fd), ("--ack-fd", a.ack_fd)):
+        if fd is not None and not _is_pipe(fd):
+            ap.error(f"{flag}: not an open pipe")
     log_json()
     _die_with_parent()
     token = a.token_file.read_text().strip() if a.token_file else None
 
     async def run() -> None:
         shipper = Shipper(a.data, a.log, token, a.vkey, a.concurrency, a.witness_vkey, a.quorum,
-                          a.outbox_max_bytes, a.batch_interval, a.bell_fd)
+                          a.outbox_max_bytes, a.batch_interval, a.bell_fd, a.ack_fd)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
