@@ -24,7 +24,10 @@ Parts (`--only` takes their names):
   through the gateway (receipts signed, committed, shipped, logged and
   witnessed): added p50 at one client, throughput at 16, and the added time
   to the first chunk of a streamed answer; beside them LiteLLM's proxy (one
-  worker, same provider) when `.bench-venv` has `litellm[proxy]`.
+  worker, same provider) when `.bench-venv` has `litellm[proxy]`. Then the
+  demo again with `--require-log-inclusion` (each answer waits until its
+  receipt is logged and witnessed): its added p50 at one client and throughput
+  at 16, rows marked "log inclusion" (informational).
 - `proofs`: a log of 1M entries (and 10M with `--full`) built with the bulk
   loader (the storage steps in 8192-entry batches, no HTTP), cached under
   `.bench-data/` so later runs start at once; `GET /proof/{hash}` over HTTP
@@ -405,6 +408,50 @@ def gateway_rows(tmp: Path, seconds: float, samples: int, profile: float, rounds
     return rows
 
 
+def inclusion_rows(tmp: Path, seconds: float, rounds: int) -> list[Row]:
+    """The demo with `--require-log-inclusion` (each answer waits until its receipt is in
+    the log, witnessed): added p50 at one client and throughput at 16 against the
+    provider called directly, in alternating rounds. Informational: the issue's targets
+    are for the default mode."""
+    demo = gateway_overhead.Demo(tmp / "demo-inclusion", "--require-log-inclusion")
+    try:
+        ready = demo.ready
+        direct = gateway_overhead.Target("direct", ready["provider"], "demo-chat-1", "unused",
+                                         [demo.pids["provider"]])
+        gw = gateway_overhead.Target("gateway", ready["gateway"] + "/v1", "demo-chat",
+                                     ready["api_key"], [demo.pids["gateway"]])
+        for t in (direct, gw):
+            gateway_overhead.wrk(t, 4, 1, tmp)
+        res: dict[tuple[str, int], list[gateway_overhead.Result]] = {}
+        for c in (1, 16):
+            for _ in range(rounds):
+                for t in (direct, gw):
+                    res.setdefault((t.name, c), []).append(
+                        gateway_overhead.wrk(t, c, int(seconds), tmp))
+    finally:
+        demo.stop()
+    p50 = {n: [r.p50_ms for r in res[(n, 1)]] for n in ("direct", "gateway")}
+    added = statistics.median(g - d for g, d in zip(p50["gateway"], p50["direct"], strict=True))
+    g16 = res[("gateway", 16)]
+    n = f", median of {rounds} rounds" if rounds > 1 else ""
+    rows = [
+        Row(f"log inclusion: gateway c=1: added p50{n}", fmt(added, " ms"),
+            f"direct p50 {fmt(statistics.median(p50['direct']), ' ms')}",
+            median_ratio(p50["gateway"], p50["direct"])[1], "(informational)", None),
+        rounds_row(f"log inclusion: gateway c=16 (req/s){n}", [r.rps for r in g16],
+                   [r.rps for r in res[("direct", 16)]], "", 0.0, "(informational)",
+                   extra=False),
+        Row("log inclusion: gateway CPU per call at c=1; at c=16",
+            f"{statistics.median(r.cpu_ms for r in res[('gateway', 1)]):.3f} ms; "
+            f"{statistics.median(r.cpu_ms for r in g16):.3f} ms", "", "",
+            "(load-independent)", None),
+    ]
+    errors = sum(r.errors for runs in res.values() for r in runs)
+    if errors:
+        rows.append(Row("log inclusion: gateway failures", str(errors), "", "", "0", False))
+    return rows
+
+
 def run_profiles(demo: gateway_overhead.Demo, gw: gateway_overhead.Target, tmp: Path,
                  seconds: float) -> None:
     """py-spy tops of the gateway, shipper and tlog under c=16 gateway load."""
@@ -661,6 +708,7 @@ def main(argv: list[str] | None = None) -> int:
                 profile_add_load(tmp, a.profile, run)
         if "gateway" in parts:
             rows += gateway_rows(tmp, seconds, 500 if a.full else 200, a.profile, a.rounds)
+            rows += inclusion_rows(tmp, seconds, a.rounds)
         if "proofs" in parts:
             sizes = [1 << 20, 10_000_000] if a.full else [1 << 20]
             rows += proof_rows(tmp, seconds, sizes, run)

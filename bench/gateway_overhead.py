@@ -135,14 +135,14 @@ def wrk(target: Target, concurrency: int, duration: int, script_dir: Path) -> Re
 
 
 class Demo:
-    """`python -m gateway demo` in a temporary DIR."""
+    """`python -m gateway demo [ARGS]` in a temporary DIR."""
 
-    def __init__(self, data: Path) -> None:
-        self.err = (data.parent / "demo.stderr").open("wb")
+    def __init__(self, data: Path, *args: str) -> None:
+        self.err = (data.parent / f"{data.name}.stderr").open("wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "gateway", "demo", "--data", str(data),
-             "--listen", "127.0.0.1:0"], cwd=ROOT, stdout=subprocess.PIPE, stderr=self.err,
-            stdin=subprocess.DEVNULL)
+             "--listen", "127.0.0.1:0", *args], cwd=ROOT, stdout=subprocess.PIPE,
+            stderr=self.err, stdin=subprocess.DEVNULL)
         q: queue.Queue[bytes] = queue.Queue()
         assert self.proc.stdout is not None
         threading.Thread(target=lambda: q.put(self.proc.stdout.readline()), daemon=True).start()

@@ -310,9 +310,10 @@ def test_generated_config_is_valid_and_hashes_keys(tmp_path: Path) -> None:
     from witness import cosignature
 
     w = cosignature.generate_signer("w").vkey
+    v = note.generate_signer("v").vkey
     text = demo.gateway_config(
         data=tmp_path, dstack_socket=tmp_path / "s.sock", tlog_url="http://127.0.0.1:1",
-        log_vkey=note.generate_signer("v").vkey, witness_vkey=w, api_key="sk-secret",
+        log_vkey=v, witness_vkey=w, api_key="sk-secret",
         admin_key="sk-admin",
         provider_http="http://127.0.0.1:2", provider_base="https://127.0.0.1:3/v1")
     path = tmp_path / "gateway.toml"
@@ -329,6 +330,16 @@ def test_generated_config_is_valid_and_hashes_keys(tmp_path: Path) -> None:
     assert all(r.policy["app_id"] == demo.PROVIDER_APP_ID for r in cfg.routes)
     assert all(r.policy["compose_hash"] == demo.PROVIDER_COMPOSE_HASH for r in cfg.routes)
     assert cfg.log.quorum == 1 and cfg.log.witness_vkeys == (w,)
+    assert cfg.gateway.require_log_inclusion is False
+    strict = tmp_path / "strict.toml"
+    strict.write_text(text.replace("require_log_inclusion = false",
+                                   "require_log_inclusion = true"))
+    assert config.load(strict).gateway.require_log_inclusion is True
+    assert demo.gateway_config(
+        data=tmp_path, dstack_socket=tmp_path / "s.sock", tlog_url="http://127.0.0.1:1",
+        log_vkey=v, witness_vkey=w, api_key="sk-secret",
+        admin_key="sk-admin", provider_http="http://127.0.0.1:2",
+        provider_base="https://127.0.0.1:3/v1", require_log_inclusion=True) == strict.read_text()
 
 
 def test_secret_file_is_created_once_private(tmp_path: Path) -> None:

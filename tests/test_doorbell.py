@@ -120,6 +120,52 @@ def test_an_idle_shipper_sleeps_until_a_commit_rings(tmp_path: Path,
     assert unlogged == 0
 
 
+def test_a_shipper_without_batch_interval_waits_on_the_bell_after_one_empty_look(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Batch interval 0 (answers wait for the log): no run of 50 empty looks first, and a
+    ring starts the next look at once, not POLL after the last one."""
+    monkeypatch.setattr(shipper, "IDLE_POLL", NEVER)
+    looks = 0
+    unlogged_after = Outbox.unlogged_after
+
+    def counted(self: Outbox, *args: object) -> object:
+        nonlocal looks
+        looks += 1
+        return unlogged_after(self, *args)
+
+    monkeypatch.setattr(Outbox, "unlogged_after", counted)
+
+    async def run() -> tuple[int, int]:
+        log = FakeLog()
+        await log.start()
+        ob = Outbox(tmp_path)
+        r, w = os.pipe()
+        ob.ringer.attach(w)
+        sh = Shipper(tmp_path, log.url, log.token, log.vkey, concurrency=2, batch_interval=0,
+                     bell_fd=r)
+        await sh.start()
+        monkeypatch.setattr(shipper, "POLL", NEVER)  # from now on only a ring starts a look
+        try:
+            await asyncio.sleep(0.3)
+            idle_looks = looks
+            for i in range(3):  # each commit rings; each ring starts a look at once
+                await ob.put(f"{i:032x}", f"{i:064x}",
+                             json.dumps({"request_hash": f"{i:064x}"}).encode())
+            for _ in range(int(GUARD / 0.01)):
+                if ob.counts()[1] == 0:
+                    break
+                await asyncio.sleep(0.01)
+            return idle_looks, ob.counts()[1]
+        finally:
+            await sh.close()
+            ob.close()
+            await log.stop()
+
+    idle_looks, unlogged = asyncio.run(run())
+    assert idle_looks == 1
+    assert unlogged == 0
+
+
 def test_gateway_serve_hands_each_shipper_pipes_of_its_own(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     started: list[tuple[list[str], tuple[int, ...]]] = []

@@ -8,7 +8,8 @@ line to stdout (`gateway`, `tlog`, `witness`, `provider`, `log_vkey`,
 `witness_vkey`, `api_key`, `gateway_tls`: the same gateway over HTTPS with
 its attested TLS key, on a second port, and `provider_tls`: the provider's
 HTTPS base URL, the one the gateway's route uses) and serves until
-SIGTERM/SIGINT.
+SIGTERM/SIGINT. With `--require-log-inclusion` the gateway answers a call only
+once its receipt is in the log and witnessed (`[gateway] require_log_inclusion`).
 
 Invariants:
 - One demo per DIR: the demo holds an exclusive lock on DIR/demo.lock for its
@@ -409,8 +410,9 @@ def toml_str(value: str) -> str:
 
 def gateway_config(*, data: Path, dstack_socket: Path, tlog_url: str, log_vkey: str,
                    witness_vkey: str, api_key: str, admin_key: str, provider_http: str,
-                   provider_base: str) -> str:
-    """The demo gateway's TOML config (docs/config.md)."""
+                   provider_base: str, require_log_inclusion: bool = False) -> str:
+    """The demo gateway's TOML config (docs/config.md); `require_log_inclusion`: answers
+    wait until their receipt is in the log, witnessed."""
     def sha(s: str) -> str:
         return hashlib.sha256(s.encode()).hexdigest()
 
@@ -435,7 +437,7 @@ def gateway_config(*, data: Path, dstack_socket: Path, tlog_url: str, log_vkey: 
         "[gateway]",
         'name = "pag-demo"',
         "max_body_bytes = 1048576",
-        "require_log_inclusion = false",
+        f"require_log_inclusion = {'true' if require_log_inclusion else 'false'}",
         'log_unavailable = "serve-and-queue"',
         f"data_dir = {toml_str(str(data / 'gateway'))}",
         f"admin_key_sha256 = {toml_str(sha(admin_key))}",
@@ -477,7 +479,7 @@ def socket_dir(data: Path) -> tuple[Path, bool]:
 
 
 def start_stack(stack: Stack, data: Path, host: str, port: int, timeout: float,
-                sockets: Path) -> dict[str, Any]:
+                sockets: Path, require_log_inclusion: bool = False) -> dict[str, Any]:
     """Start every part and wait for it; the ready line's members."""
     deadline = time.monotonic() + timeout
     ports = stable_ports(data, PART_PORTS, reserved=(port,))
@@ -530,7 +532,8 @@ def start_stack(stack: Stack, data: Path, host: str, port: int, timeout: float,
     cfg.write_text(gateway_config(
         data=data, dstack_socket=sims["gateway"][0], tlog_url=tlog_url, log_vkey=log_vkey,
         witness_vkey=witness_vkey, api_key=api_key, admin_key=admin_key,
-        provider_http=provider_url, provider_base=provider_base))
+        provider_http=provider_url, provider_base=provider_base,
+        require_log_inclusion=require_log_inclusion))
     gateway_url = f"http://{host}:{port}" if ":" not in host else f"http://[{host}]:{port}"
     tls_url = gateway_url.replace("http://", "https://").rsplit(":", 1)[0] + f":{tls_port}"
     gateway = stack.start("gateway", ["-m", "gateway", "serve", "--config", str(cfg),
@@ -569,6 +572,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--listen", required=True, type=listen_address, metavar="HOST:PORT",
                     help="HOST:PORT of the gateway (port 0: any)")
     ap.add_argument("--startup-timeout", type=float, default=90.0, help="seconds")
+    ap.add_argument("--require-log-inclusion", action="store_true",
+                    help="answer a call only once its receipt is in the log, witnessed")
     a = ap.parse_args(argv)
     host, port = a.listen
     data = a.data.resolve()
@@ -580,12 +585,13 @@ def main(argv: list[str]) -> int:
         print(f"demo: {e}", file=sys.stderr)
         return 1
     try:
-        return run(data, host, port, a.startup_timeout)
+        return run(data, host, port, a.startup_timeout, a.require_log_inclusion)
     finally:
         os.close(lock)
 
 
-def run(data: Path, host: str, port: int, startup_timeout: float) -> int:
+def run(data: Path, host: str, port: int, startup_timeout: float,
+        require_log_inclusion: bool = False) -> int:
     """Start the stack in the locked DIR, print the ready line, serve until a signal."""
     (data / "logs").mkdir(parents=True, exist_ok=True)
     stack = Stack(data / "logs")
@@ -599,7 +605,8 @@ def run(data: Path, host: str, port: int, startup_timeout: float) -> int:
     status = 0
     try:
         try:
-            ready = start_stack(stack, data, host, port, startup_timeout, sockets)
+            ready = start_stack(stack, data, host, port, startup_timeout, sockets,
+                                require_log_inclusion)
         except DemoError as e:
             if stack.stopping:
                 return 0
