@@ -249,6 +249,10 @@ def test_a_call_waiting_for_the_log_hears_the_ledger_ring_not_a_poll(
             waiting = asyncio.create_task(status.wait_logged("0" * 32, GUARD))
             await asyncio.sleep(0.3)  # unlogged: 150 reads at one per POLL without the bell
             idle_reads = reads
+            for _ in range(3):  # a ring is a hint: without the ledger's ack nothing resolves
+                ledger.ringer.ring()
+                await asyncio.sleep(0.02)
+            assert not waiting.done()
             await ledger.record([(1, tlog_proof())])  # the commit rings
             return idle_reads, await waiting
         finally:

@@ -120,7 +120,7 @@ class Bell:
             return
         with contextlib.suppress(BlockingIOError):
             while True:
-                if not os.read(fd, 4096):  # end of file: the gateway closed its end
+                if not os.read(fd, 4096):  # end of file: the other process closed its end
                     self.close()
                     return
 

@@ -321,8 +321,8 @@ class Shipper:
         IDLE_POLL. (Under load the empty looks come one at a time, and waiting on the
         bell after each cost more than the look it saved.) With a batch interval of 0
         (answers wait for the log: latency first) it waits for the bell after each empty
-        look and looks again as soon as it rings, not POLL after the last look: with
-        one client, 4.3-4.7 ms added per call instead of 6.1-6.6 (docs/benchmarks.md)."""
+        look and looks again as soon as it rings, not POLL after the last look (one
+        client: a median 4.45 ms added per call instead of 6.24, docs/benchmarks.md)."""
         assert self.outbox is not None  # noqa: S101 - type narrowing: opened by start()
         loop = asyncio.get_running_loop()
         eager = self._batch_interval == 0
