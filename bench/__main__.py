@@ -271,6 +271,16 @@ def first_chunk_ms(client: httpx.Client, url: str, body: dict, headers: dict[str
     return dt * 1000
 
 
+def demo_targets(demo: gateway_overhead.Demo
+                 ) -> tuple[gateway_overhead.Target, gateway_overhead.Target]:
+    """The demo's provider called directly (plain HTTP) and through its gateway."""
+    ready = demo.ready
+    return (gateway_overhead.Target("direct", ready["provider"], "demo-chat-1", "unused",
+                                    [demo.pids["provider"]]),
+            gateway_overhead.Target("gateway", ready["gateway"] + "/v1", "demo-chat",
+                                    ready["api_key"], [demo.pids["gateway"]]))
+
+
 def gateway_rows(tmp: Path, seconds: float, samples: int, profile: float, rounds: int
                  ) -> list[Row]:
     """The demo provider directly against through the gateway: c=1 and c=16 in `rounds`
@@ -279,10 +289,7 @@ def gateway_rows(tmp: Path, seconds: float, samples: int, profile: float, rounds
     litellm: gateway_overhead.LiteLLM | None = None
     try:
         ready = demo.ready
-        direct = gateway_overhead.Target("direct", ready["provider"], "demo-chat-1", "unused",
-                                         [demo.pids["provider"]])
-        gw = gateway_overhead.Target("gateway", ready["gateway"] + "/v1", "demo-chat",
-                                     ready["api_key"], [demo.pids["gateway"]])
+        direct, gw = demo_targets(demo)
         tls = gateway_overhead.Target("direct-tls", ready["provider_tls"], "demo-chat-1",
                                       "unused", [demo.pids["provider"]])  # as the route does
         streamed = [direct, gw, tls]
@@ -416,11 +423,7 @@ def inclusion_rows(tmp: Path, seconds: float, rounds: int) -> list[Row]:
     are for the default mode."""
     demo = gateway_overhead.Demo(tmp / "demo-inclusion", "--require-log-inclusion")
     try:
-        ready = demo.ready
-        direct = gateway_overhead.Target("direct", ready["provider"], "demo-chat-1", "unused",
-                                         [demo.pids["provider"]])
-        gw = gateway_overhead.Target("gateway", ready["gateway"] + "/v1", "demo-chat",
-                                     ready["api_key"], [demo.pids["gateway"]])
+        direct, gw = demo_targets(demo)
         for t in (direct, gw):
             gateway_overhead.wrk(t, 4, 1, tmp)
         res: dict[tuple[str, int], list[gateway_overhead.Result]] = {}

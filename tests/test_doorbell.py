@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -79,33 +80,42 @@ def test_a_bell_whose_gateway_closed_its_end_goes_back_to_polling() -> None:
     assert asyncio.run(run()) is False
 
 
-def test_an_idle_shipper_sleeps_until_a_commit_rings(tmp_path: Path,
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(shipper, "IDLE_POLL", NEVER)
-    monkeypatch.setattr(shipper, "IDLE_LOOKS", 1)
-    looks = 0
-    unlogged_after = Outbox.unlogged_after
+def counting(monkeypatch: pytest.MonkeyPatch, name: str) -> list[int]:
+    """Count the calls of `Outbox.name` from now on (in a one-element list)."""
+    calls = [0]
+    original = getattr(Outbox, name)
 
     def counted(self: Outbox, *args: object) -> object:
-        nonlocal looks
-        looks += 1
-        return unlogged_after(self, *args)
+        calls[0] += 1
+        return original(self, *args)
 
-    monkeypatch.setattr(Outbox, "unlogged_after", counted)
+    monkeypatch.setattr(Outbox, name, counted)
+    return calls
 
+
+def idle_then_ship(tmp_path: Path, looks: list[int], receipts: int,
+                   started: Callable[[], None] = lambda: None,
+                   batch_interval: float = shipper.BATCH_INTERVAL) -> tuple[int, int]:
+    """A shipper with the outbox's doorbell idles 0.3 s, then
+    `receipts` are committed: (the outbox looks while idle, receipts still unlogged after
+    at most GUARD). `started` runs once the shipper has started."""
     async def run() -> tuple[int, int]:
         log = FakeLog()
         await log.start()
         ob = Outbox(tmp_path)
         r, w = os.pipe()
         ob.ringer.attach(w)
-        sh = Shipper(tmp_path, log.url, log.token, log.vkey, concurrency=2, bell_fd=r)
+        sh = Shipper(tmp_path, log.url, log.token, log.vkey, concurrency=2, bell_fd=r,
+                     batch_interval=batch_interval)
         await sh.start()
+        started()
         try:
             await asyncio.sleep(0.3)  # idle: 150 looks at one per POLL without the bell
-            idle_looks = looks
-            await ob.put("0" * 32, "0" * 64, json.dumps({"request_hash": "0" * 64}).encode())
-            for _ in range(int(GUARD / 0.01)):  # only the ring can wake it before NEVER
+            idle_looks = looks[0]
+            for i in range(receipts):  # each commit rings
+                await ob.put(f"{i:032x}", f"{i:064x}",
+                             json.dumps({"request_hash": f"{i:064x}"}).encode())
+            for _ in range(int(GUARD / 0.01)):  # only rings can wake it before NEVER
                 if ob.counts()[1] == 0:
                     break
                 await asyncio.sleep(0.01)
@@ -115,7 +125,14 @@ def test_an_idle_shipper_sleeps_until_a_commit_rings(tmp_path: Path,
             ob.close()
             await log.stop()
 
-    idle_looks, unlogged = asyncio.run(run())
+    return asyncio.run(run())
+
+
+def test_an_idle_shipper_sleeps_until_a_commit_rings(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(shipper, "IDLE_POLL", NEVER)
+    monkeypatch.setattr(shipper, "IDLE_LOOKS", 1)
+    idle_looks, unlogged = idle_then_ship(tmp_path, counting(monkeypatch, "unlogged_after"), 1)
     assert idle_looks <= 2
     assert unlogged == 0
 
@@ -125,43 +142,10 @@ def test_a_shipper_without_batch_interval_waits_on_the_bell_after_one_empty_look
     """Batch interval 0 (answers wait for the log): no run of 50 empty looks first, and a
     ring starts the next look at once, not POLL after the last one."""
     monkeypatch.setattr(shipper, "IDLE_POLL", NEVER)
-    looks = 0
-    unlogged_after = Outbox.unlogged_after
-
-    def counted(self: Outbox, *args: object) -> object:
-        nonlocal looks
-        looks += 1
-        return unlogged_after(self, *args)
-
-    monkeypatch.setattr(Outbox, "unlogged_after", counted)
-
-    async def run() -> tuple[int, int]:
-        log = FakeLog()
-        await log.start()
-        ob = Outbox(tmp_path)
-        r, w = os.pipe()
-        ob.ringer.attach(w)
-        sh = Shipper(tmp_path, log.url, log.token, log.vkey, concurrency=2, batch_interval=0,
-                     bell_fd=r)
-        await sh.start()
-        monkeypatch.setattr(shipper, "POLL", NEVER)  # from now on only a ring starts a look
-        try:
-            await asyncio.sleep(0.3)
-            idle_looks = looks
-            for i in range(3):  # each commit rings; each ring starts a look at once
-                await ob.put(f"{i:032x}", f"{i:064x}",
-                             json.dumps({"request_hash": f"{i:064x}"}).encode())
-            for _ in range(int(GUARD / 0.01)):
-                if ob.counts()[1] == 0:
-                    break
-                await asyncio.sleep(0.01)
-            return idle_looks, ob.counts()[1]
-        finally:
-            await sh.close()
-            ob.close()
-            await log.stop()
-
-    idle_looks, unlogged = asyncio.run(run())
+    looks = counting(monkeypatch, "unlogged_after")
+    idle_looks, unlogged = idle_then_ship(  # from the start on, only a ring starts a look
+        tmp_path, looks, 3, lambda: monkeypatch.setattr(shipper, "POLL", NEVER),
+        batch_interval=0)
     assert idle_looks == 1
     assert unlogged == 0
 
@@ -226,15 +210,7 @@ def test_a_call_waiting_for_the_log_hears_the_ledger_ring_not_a_poll(
     """With the ledger doorbell the gateway reads the ledger when rung (not every POLL),
     and a waiting call resolves as soon as its acknowledgement is committed."""
     monkeypatch.setattr(shipper, "ACK_POLL", NEVER)
-    reads = 0
-    logged_among = Outbox.logged_among
-
-    def counted(self: Outbox, ids: list[str]) -> object:
-        nonlocal reads
-        reads += 1
-        return logged_among(self, ids)
-
-    monkeypatch.setattr(Outbox, "logged_among", counted)
+    reads = counting(monkeypatch, "logged_among")
 
     async def run() -> tuple[int, bool]:
         ob = Outbox(tmp_path)
@@ -248,7 +224,7 @@ def test_a_call_waiting_for_the_log_hears_the_ledger_ring_not_a_poll(
             await ob.put("0" * 32, "0" * 64, b"{}")
             waiting = asyncio.create_task(status.wait_logged("0" * 32, GUARD))
             await asyncio.sleep(0.3)  # unlogged: 150 reads at one per POLL without the bell
-            idle_reads = reads
+            idle_reads = reads[0]
             for _ in range(3):  # a ring is a hint: without the ledger's ack nothing resolves
                 ledger.ringer.ring()
                 await asyncio.sleep(0.02)
