@@ -634,10 +634,11 @@ class Ledger:
     """The shipper's writable `ledger.sqlite3`: acknowledgements and state. A write it
     could not commit raises OutboxUnavailable."""
 
-    def __init__(self, data_dir: Path, max_bytes: int = MAX_BYTES) -> None:
+    def __init__(self, data_dir: Path, max_bytes: int = MAX_BYTES,
+                 ringer: Ringer | None = None) -> None:
         self._writer = _Writer(data_dir / LEDGER_FILE, LEDGER_SCHEMA, "process",
                                wal_limit(max_bytes))
-        self.ringer = Ringer()  # the gateway's ledger doorbell, once the shipper attaches it
+        self.ringer = ringer or Ringer()  # the gateway's ledger doorbell, rung after commits
         self._writer.committed = self.ringer.ring
 
     async def record(self, acks: list[tuple[int, proof.TlogProof]]) -> None:

@@ -69,7 +69,7 @@ from urllib.parse import urlsplit
 
 import orjson
 
-from gateway.receipts.doorbell import ACK_POLL, IDLE_LOOKS, IDLE_POLL, Bell
+from gateway.receipts.doorbell import ACK_POLL, IDLE_LOOKS, IDLE_POLL, Bell, Ringer
 from gateway.receipts.outbox import MAX_BYTES, Ledger, Outbox, OutboxUnavailable
 from tlog import batch, checkpoint, merkle, note, proof, tiles
 from tlog.http1 import Connection, Pool, ProtocolError, exchange
@@ -283,7 +283,9 @@ class Shipper:
         self._tasks: list[asyncio.Task[None]] = []
         self._pool = Pool()
         self._bell = Bell(bell_fd)  # the read end of the gateway's doorbell (doorbell.py)
-        self._ack_fd = ack_fd  # the write end of the gateway's ledger doorbell
+        self._acks = Ringer()  # the gateway's ledger doorbell (doorbell.py)
+        if ack_fd is not None:
+            self._acks.attach(ack_fd)
         self._lock: int | None = None
         self.outbox: Outbox | None = None
         self.ledger: Ledger | None = None
@@ -306,10 +308,7 @@ class Shipper:
             raise RuntimeError(f"another shipper holds {self.data_dir / LOCK_FILE}")
         self._lock = fd
         self.outbox = Outbox(self.data_dir, writable=False)
-        self.ledger = Ledger(self.data_dir, self._max_bytes)
-        if self._ack_fd is not None:
-            self.ledger.ringer.attach(self._ack_fd)
-            self._ack_fd = None
+        self.ledger = Ledger(self.data_dir, self._max_bytes, self._acks)
         await self.ledger.set_state(False, None)
         self._tasks = [asyncio.create_task(self._poll()), asyncio.create_task(self._prune())]
         self._tasks += [asyncio.create_task(self._worker()) for _ in range(self._concurrency)]
@@ -517,9 +516,7 @@ class Shipper:
         self._tasks = []
         self._pool.close()
         self._bell.close()
-        if self._ack_fd is not None:  # never handed to a ledger
-            os.close(self._ack_fd)
-            self._ack_fd = None
+        self._acks.close()
         if self.ledger is not None:
             self.ledger.close()
         if self.outbox is not None:
