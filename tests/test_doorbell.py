@@ -241,6 +241,71 @@ def test_a_call_waiting_for_the_log_hears_the_ledger_ring_not_a_poll(
     assert logged
 
 
+def test_an_idle_gateway_reads_the_shippers_state_when_rung_not_every_50_ms(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With nothing waiting, the gateway reads the shipper's state when the ledger rings
+    (the state's own commit rings too), not every STATE_POLL; a call that starts waiting
+    wakes it at once, so an acknowledgement stored before that wait is not missed."""
+    monkeypatch.setattr(shipper, "IDLE_POLL", NEVER)
+    monkeypatch.setattr(shipper, "ACK_POLL", NEVER)
+    reads = counting(monkeypatch, "state")
+
+    async def run() -> tuple[int, bool, bool]:
+        ob = Outbox(tmp_path)
+        ledger = Ledger(tmp_path)
+        r, w = os.pipe()
+        ledger.ringer.attach(w)
+        status = LogStatus(ob, True)
+        status.listen(r)
+        await status.start()
+        try:
+            await asyncio.sleep(0.3)  # idle: 6 reads at one per STATE_POLL without the bell
+            idle_reads = reads[0]
+            await ledger.set_state(True, "log unreachable")  # the commit rings
+            for _ in range(100):
+                if status.log_down:
+                    break
+                await asyncio.sleep(0.01)
+            seen = status.log_down and status.last_error == "log unreachable"
+            await ob.put("0" * 32, "0" * 64, b"{}")
+            await ledger.record([(1, tlog_proof())])
+            await asyncio.sleep(0.05)  # that ring came and went: no call waited then
+            logged = await asyncio.wait_for(status.wait_logged("0" * 32, NEVER), GUARD)
+            return idle_reads, seen, logged
+        finally:
+            await status.close()
+            ledger.close()
+            ob.close()
+
+    idle_reads, seen, logged = asyncio.run(run())
+    assert idle_reads <= 2
+    assert seen
+    assert logged
+
+
+def test_without_a_bell_the_gateway_polls_the_shippers_state(tmp_path: Path) -> None:
+    """No ledger doorbell (a gateway started without one): the state is still followed."""
+    async def run() -> bool:
+        ob = Outbox(tmp_path)
+        ledger = Ledger(tmp_path)
+        status = LogStatus(ob, True)
+        await status.start()
+        try:
+            await asyncio.sleep(0.05)
+            await ledger.set_state(True, None)
+            for _ in range(100):
+                if status.log_down:
+                    return True
+                await asyncio.sleep(0.01)
+            return False
+        finally:
+            await status.close()
+            ledger.close()
+            ob.close()
+
+    assert asyncio.run(run())
+
+
 def tlog_proof() -> proof.TlogProof:
     """A well-formed proof (the ledger stores it; nothing here verifies it)."""
     signer = note.generate_signer("log.test")

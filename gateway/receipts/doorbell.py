@@ -5,10 +5,12 @@
   of reading the outbox every few milliseconds. An idle shipper then stays asleep; it
   used to read the outbox 500 times a second.
 - Ledger news (shipper to gateway): the shipper writes a byte after each ledger
-  commit (acknowledgements, its state); the gateway's `LogStatus`, while calls wait
-  for their receipt to be logged (`require_log_inclusion`), reads the ledger when
-  rung instead of every 2 ms. A waiting call then learns of its proof as soon as it
-  is stored, and the gateway reads the ledger once per commit, not 4-5 times per call.
+  commit (acknowledgements, its state); the gateway's `LogStatus` reads the ledger
+  when rung: the shipper's state (is the log down) instead of every 50 ms, and, while
+  calls wait for their receipt to be logged (`require_log_inclusion`), their
+  acknowledgements instead of every 2 ms. A waiting call then learns of its proof as
+  soon as it is stored, the gateway reads the ledger once per commit, not 4-5 times
+  per call, and an idle gateway reads it once a second.
 
 Both are hints, never channels of record: what to ship and what is logged are still
 read from the outbox and the ledger, and a listener still looks at least every
@@ -35,9 +37,11 @@ import os
 import threading
 from collections.abc import Callable
 
-IDLE_POLL = 1.0  # seconds a waiting shipper sleeps without a ring before it looks anyway
+IDLE_POLL = 1.0  # seconds an idle listener (a shipper with nothing to ship, the gateway with
+# no call waiting for the log) waits for a ring before it looks anyway
 IDLE_LOOKS = 50  # looks in a row that found nothing (about 0.1 s) before the shipper waits
-ACK_POLL = 0.1  # seconds the gateway waits for the ledger's ring before it looks anyway
+ACK_POLL = 0.1  # seconds the gateway waits for the ledger's ring, while calls wait for it,
+# before it looks anyway (IDLE_POLL while none do)
 
 
 class Ringer:
@@ -123,6 +127,11 @@ class Bell:
                 if not os.read(fd, 4096):  # end of file: the other process closed its end
                     self.close()
                     return
+
+    def poke(self) -> None:
+        """End a wait in progress now, as a ring would (on the loop's thread)."""
+        if self._waiting is not None:
+            self._waiting[1]()
 
     def close(self) -> None:
         """Stop listening (on the loop's thread): a wait in progress ends at once."""

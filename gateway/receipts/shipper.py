@@ -82,6 +82,7 @@ BACKOFF_START = 0.05
 BACKOFF_MAX = 2.0
 POST_TIMEOUT = 30.0
 POLL = 0.002
+STATE_POLL = 0.05  # seconds between reads of the shipper's state without a ledger doorbell
 BATCH = 256  # receipts per POST /add-batch at most (a tile's width, as the log's bench posts)
 BATCHES_IN_FLIGHT = 1  # POST /add-batch requests outstanding at once
 BATCH_INTERVAL = 0.05  # seconds at least between the starts of two batch posts
@@ -529,9 +530,12 @@ class Shipper:
 class LogStatus:
     """The gateway's view of shipping: is the log down, and waiting for a receipt's proof.
 
-    While calls wait for their receipts (`wait_logged`), the ledger is read after each
-    ring of the shipper's ledger doorbell (`listen`; at least every ACK_POLL), or every
-    POLL without one."""
+    One task follows the ledger: it reads the shipper's state (`log_down`,
+    `last_error`) and resolves waiting calls after each ring of the shipper's ledger
+    doorbell (`listen`), and at least every ACK_POLL while calls wait (`wait_logged`),
+    every IDLE_POLL otherwise. Every ledger commit rings, state changes included, so a
+    change is seen as soon as it is stored. Without a bell it reads every POLL while
+    calls wait and every STATE_POLL otherwise."""
 
     def __init__(self, outbox: Outbox, enabled: bool) -> None:
         self.outbox = outbox
@@ -552,16 +556,28 @@ class LogStatus:
     async def start(self) -> None:
         """Start following the ledger."""
         if self.enabled:
-            self._tasks = [asyncio.create_task(self._refresh()),
-                           asyncio.create_task(self._resolve()),
+            self._tasks = [asyncio.create_task(self._follow()),
                            asyncio.create_task(self._prune())]
 
-    async def _refresh(self) -> None:
+    async def _follow(self) -> None:
         while True:
             st = self.outbox.state()
             self.log_down = st.get("log_down") == "1"
             self.last_error = st.get("last_error") or None
-            await asyncio.sleep(0.05)
+            if self._waiters:
+                for rid in self.outbox.logged_among(list(self._waiters)[:500]):
+                    for fut in self._waiters.pop(rid, ()):
+                        if not fut.done():
+                            fut.set_result(None)
+            if self._acks.listening:
+                await self._acks.wait(ACK_POLL if self._waiters else IDLE_POLL)
+            elif self._waiters:
+                await asyncio.sleep(POLL)
+            else:
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(STATE_POLL):
+                        await self._wake.wait()
 
     async def _prune(self) -> None:
         """Prune logged receipts past their retention (Outbox.prune), batch by batch."""
@@ -573,25 +589,13 @@ class LogStatus:
                 log.warning("outbox pruning failed: %s", e)
             await asyncio.sleep(PRUNE_EVERY)
 
-    async def _resolve(self) -> None:
-        while True:
-            if not self._waiters:
-                self._wake.clear()
-                await self._wake.wait()
-            for rid in self.outbox.logged_among(list(self._waiters)[:500]):
-                for fut in self._waiters.pop(rid, ()):
-                    if not fut.done():
-                        fut.set_result(None)
-            if self._acks.listening:
-                await self._acks.wait(ACK_POLL)
-            else:
-                await asyncio.sleep(POLL)
-
     async def wait_logged(self, receipt_id: str, timeout: float) -> bool:
         """Wait until the log acknowledged the receipt; False on timeout (it stays queued)."""
         fut = asyncio.get_running_loop().create_future()
+        if not self._waiters:  # the follower may be in an idle wait: look now
+            self._wake.set()
+            self._acks.poke()
         self._waiters.setdefault(receipt_id, []).append(fut)
-        self._wake.set()
         try:
             await asyncio.wait_for(fut, timeout)
             return True
