@@ -306,6 +306,39 @@ def test_without_a_bell_the_gateway_polls_the_shippers_state(tmp_path: Path) -> 
     assert asyncio.run(run())
 
 
+def test_a_draining_gateway_answers_waiting_calls_after_the_grace_not_at_the_cancel(
+        tmp_path: Path) -> None:
+    """`drain` (the server is stopping): a call acknowledged within the grace is still
+    logged; one that is not returns False once the grace is over, as does a call that
+    starts waiting afterwards, whatever its own timeout."""
+    async def run() -> tuple[bool, bool, bool]:
+        ob = Outbox(tmp_path)
+        ledger = Ledger(tmp_path)
+        status = LogStatus(ob, True)
+        await status.start()
+        try:
+            for rid in ("1" * 32, "2" * 32):
+                await ob.put(rid, rid * 2, b"{}")
+            logged = asyncio.create_task(status.wait_logged("1" * 32, NEVER))
+            unlogged = asyncio.create_task(status.wait_logged("2" * 32, NEVER))
+            await asyncio.sleep(0.05)
+            status.drain(0.3)
+            status.drain(NEVER)  # a later, longer drain does not extend the first (GUARD)
+            await ledger.record([(1, tlog_proof())])
+            late = await asyncio.wait_for(status.wait_logged("3" * 32, NEVER), GUARD)
+            return (await asyncio.wait_for(logged, GUARD),
+                    await asyncio.wait_for(unlogged, GUARD), late)
+        finally:
+            await status.close()
+            ledger.close()
+            ob.close()
+
+    logged, unlogged, late = asyncio.run(run())
+    assert logged
+    assert not unlogged
+    assert not late
+
+
 def tlog_proof() -> proof.TlogProof:
     """A well-formed proof (the ledger stores it; nothing here verifies it)."""
     signer = note.generate_signer("log.test")

@@ -605,7 +605,8 @@ def sha(data: bytes) -> str:
 def serve_main(argv: list[str]) -> None:
     """`python -m tests.test_gateway_fakes CONFIG PORT`: the gateway with fake keys and
     leases, but the real outbox, shipper process (restarted if it dies, as by `gateway
-    serve`) and uvicorn serving (for kill -9 tests)."""
+    serve`) and uvicorn serving, stopped as `gateway serve` stops (for kill -9 and SIGTERM
+    tests)."""
     import uvloop
 
     cfg = gconfig.load(argv[0])
@@ -621,9 +622,11 @@ def serve_main(argv: list[str]) -> None:
                       status=status,
                       leases=Leases(FakeLeaseStore(), FakeVerificationError),
                       attest=ident.attest, keyset_index=ident.keyset_index)
-        srv = uvicorn.Server(uvicorn_config(app, cfg.server, MALFORMED, host="127.0.0.1",
-                                            port=int(argv[1]), lifespan="on",
-                                            log_level="warning", access_log=False, loop="none"))
+        srv = server.draining_server(
+            uvicorn_config(app, cfg.server, MALFORMED, host="127.0.0.1", port=int(argv[1]),
+                           lifespan="on", log_level="warning", access_log=False, loop="none",
+                           timeout_graceful_shutdown=server.GRACEFUL_SHUTDOWN),
+            lambda: status.drain(server.LOG_WAIT_ON_SHUTDOWN))  # as `gateway serve`
 
         async def watchdog() -> None:  # as `gateway serve`: a shipper that died is restarted
             nonlocal shipper

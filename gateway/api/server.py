@@ -12,7 +12,11 @@ its connections corked (tlog/cork.py: a whole answer in one write).
 When listening, one JSON line goes to stdout: `{"gateway": URL,
 "receipt_signing_key": B64, "keyset_hash": HEX, "keyset_index": INT,
 "tls_spki_sha256": HEX}` plus `"gateway_tls": URL` with `--tls-listen`.
-SIGTERM/SIGINT stop it cleanly.
+SIGTERM/SIGINT stop it cleanly: no new connections; calls in flight get up to
+GRACEFUL_SHUTDOWN to finish; calls waiting for the log (`require_log_inclusion`) wait
+at most LOG_WAIT_ON_SHUTDOWN more and are then answered 503 `log_unavailable` (their
+receipts stay queued for the next start); a shipper that exits meanwhile is not
+restarted.
 
 Attested TLS: HTTPS is served with the TLS key derived from dstack KMS
 (gateway/identity/keys.py), whose SPKI SHA-256 is `tls_spki_sha256` in the
@@ -43,6 +47,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,6 +76,10 @@ from tlog.service import (
 log = logging.getLogger("gateway.api.server")
 LEASE_MAC_PATH = "pag/gateway/lease-cache"
 SHARED_MAC_PATH = "pag/gateway/shared-state"
+GRACEFUL_SHUTDOWN = 5.0  # seconds uvicorn waits for calls in flight, once stopping, before
+# it cancels them
+LOG_WAIT_ON_SHUTDOWN = 2.0  # seconds a call waiting for the log still waits once stopping:
+# then it is answered 503 log_unavailable (its receipt stays queued), never cancelled
 OUTSIDE_TEE_HINT = ("to run outside a TEE use `python -m gateway demo --data DIR --listen "
                     "HOST:PORT`, or start the simulator `python -m gateway.identity.dstack_sim "
                     "--socket PATH --data DIR` and set [dstack] endpoint = PATH")
@@ -324,6 +333,20 @@ def freeze_startup_heap() -> int:
     return gc.get_freeze_count()
 
 
+def draining_server(config: Any, draining: Callable[[], None]) -> Any:
+    """A `uvicorn.Server` for `config` that calls `draining` as its shutdown begins (a
+    signal, or `should_exit`), before it waits up to GRACEFUL_SHUTDOWN for the calls in
+    flight and cancels the rest."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+            draining()
+            await super().shutdown(sockets)
+
+    return Server(config)
+
+
 async def serve(cfg: gconfig.Config, sock: socket.socket, stop: StopSignal, *,
                 tls: bool | None = None, tls_sock: socket.socket | None = None) -> None:
     """Run on the bound `sock` (and `tls_sock`, always HTTPS) until SIGTERM/SIGINT;
@@ -362,21 +385,28 @@ async def serve(cfg: gconfig.Config, sock: socket.socket, stop: StopSignal, *,
                                     hostnames=cfg.tls.hostnames,
                                     ip_addresses=cfg.tls.ip_addresses)
 
+    stopping = False
+
     async def watchdog() -> None:
         nonlocal shipper
-        while shipper is not None:
+        while shipper is not None and not stopping:
             await asyncio.sleep(1.0)
-            if shipper.poll() is not None:
+            if shipper.poll() is not None and not stopping:
                 log.error("receipt shipper exited with %s; restarting it", shipper.returncode)
                 shipper = start_shipper(cfg, outbox, status)
+
+    def draining() -> None:
+        nonlocal stopping
+        stopping = True  # a shipper that exits now (a signal to the group) stays down
+        status.drain(LOG_WAIT_ON_SHUTDOWN)
 
     def server(app: Any, with_tls: bool, lifespan: str) -> uvicorn.Server:
         config = uvicorn_config(
             app, cfg.server, errors.MALFORMED, lifespan=lifespan, loop="none", log_config=None,
-            access_log=False, log_level="warning", timeout_graceful_shutdown=5,
+            access_log=False, log_level="warning", timeout_graceful_shutdown=GRACEFUL_SHUTDOWN,
             ssl_certfile=str(cert) if with_tls else None,
             ssl_keyfile=str(key) if with_tls else None)
-        return uvicorn.Server(config)
+        return draining_server(config, draining)
 
     watch = asyncio.create_task(watchdog())
     try:

@@ -542,7 +542,8 @@ class LogStatus:
         self.enabled = enabled
         self.log_down = False
         self.last_error: str | None = None
-        self._waiters: dict[str, list[asyncio.Future[None]]] = {}
+        self._waiters: dict[str, list[asyncio.Future[bool]]] = {}
+        self._until: float | None = None  # (loop time) once draining: no call waits past it
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._acks = Bell(None)
@@ -568,7 +569,7 @@ class LogStatus:
                 for rid in self.outbox.logged_among(list(self._waiters)[:500]):
                     for fut in self._waiters.pop(rid, ()):
                         if not fut.done():
-                            fut.set_result(None)
+                            fut.set_result(True)
             if self._acks.listening:
                 await self._acks.wait(ACK_POLL if self._waiters else IDLE_POLL)
             elif self._waiters:
@@ -590,15 +591,18 @@ class LogStatus:
             await asyncio.sleep(PRUNE_EVERY)
 
     async def wait_logged(self, receipt_id: str, timeout: float) -> bool:
-        """Wait until the log acknowledged the receipt; False on timeout (it stays queued)."""
-        fut = asyncio.get_running_loop().create_future()
+        """Wait until the log acknowledged the receipt; False on timeout, or once draining
+        (`drain`) has run out (either way it stays queued)."""
+        loop = asyncio.get_running_loop()
+        if self._until is not None:
+            timeout = min(timeout, self._until - loop.time())
+        fut: asyncio.Future[bool] = loop.create_future()
         if not self._waiters:  # the follower may be in an idle wait: look now
             self._wake.set()
             self._acks.poke()
         self._waiters.setdefault(receipt_id, []).append(fut)
         try:
-            await asyncio.wait_for(fut, timeout)
-            return True
+            return await asyncio.wait_for(fut, max(timeout, 0.0))
         except TimeoutError:
             waiting = self._waiters.get(receipt_id, [])
             if fut in waiting:
@@ -606,6 +610,24 @@ class LogStatus:
             if not waiting:
                 self._waiters.pop(receipt_id, None)
             return False
+
+    def drain(self, grace: float) -> None:
+        """The server is stopping: calls waiting for the log, and calls that start waiting,
+        wait at most `grace` seconds more, then answer as on a timeout (their receipts stay
+        queued for the next start), before the server cancels what still runs."""
+        loop = asyncio.get_running_loop()
+        until = loop.time() + grace
+        if self._until is not None and self._until <= until:
+            return
+        self._until = until
+        loop.call_at(until, self._release)
+
+    def _release(self) -> None:
+        for futs in self._waiters.values():
+            for fut in futs:
+                if not fut.done():
+                    fut.set_result(False)
+        self._waiters.clear()
 
     async def close(self) -> None:
         """Stop following."""
