@@ -283,6 +283,46 @@ def test_an_idle_gateway_reads_the_shippers_state_when_rung_not_every_50_ms(
     assert logged
 
 
+def test_rings_faster_than_state_poll_read_the_state_at_most_that_often_and_miss_nothing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under load the ledger rings far more often than STATE_POLL: the state is read at
+    most once per STATE_POLL, and a change rung just after a read is read when due (not
+    at the next ring, nor IDLE_POLL later)."""
+    monkeypatch.setattr(shipper, "IDLE_POLL", NEVER)
+    monkeypatch.setattr(shipper, "ACK_POLL", NEVER)
+    reads = counting(monkeypatch, "state")
+
+    async def run() -> tuple[int, bool]:
+        ob = Outbox(tmp_path)
+        ledger = Ledger(tmp_path)
+        r, w = os.pipe()
+        ledger.ringer.attach(w)
+        status = LogStatus(ob, True)
+        status.listen(r)
+        await status.start()
+        try:
+            await asyncio.sleep(0.05)
+            before = reads[0]
+            for _ in range(60):  # 0.3 s of rings every 5 ms: 60 reads if each rang one
+                ledger.ringer.ring()
+                await asyncio.sleep(0.005)
+            flood_reads = reads[0] - before
+            await ledger.set_state(True, None)  # rung once, right after the flood's reads
+            for _ in range(200):
+                if status.log_down:
+                    break
+                await asyncio.sleep(0.01)
+            return flood_reads, status.log_down
+        finally:
+            await status.close()
+            ledger.close()
+            ob.close()
+
+    flood_reads, seen = asyncio.run(run())
+    assert flood_reads <= 0.3 / shipper.STATE_POLL + 2
+    assert seen
+
+
 def test_without_a_bell_the_gateway_polls_the_shippers_state(tmp_path: Path) -> None:
     """No ledger doorbell (a gateway started without one): the state is still followed."""
     async def run() -> bool:

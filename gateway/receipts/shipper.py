@@ -530,12 +530,13 @@ class Shipper:
 class LogStatus:
     """The gateway's view of shipping: is the log down, and waiting for a receipt's proof.
 
-    One task follows the ledger: it reads the shipper's state (`log_down`,
-    `last_error`) and resolves waiting calls after each ring of the shipper's ledger
-    doorbell (`listen`), and at least every ACK_POLL while calls wait (`wait_logged`),
-    every IDLE_POLL otherwise. Every ledger commit rings, state changes included, so a
-    change is seen as soon as it is stored. Without a bell it reads every POLL while
-    calls wait and every STATE_POLL otherwise."""
+    One task follows the ledger: it resolves waiting calls (`wait_logged`) and reads the
+    shipper's state (`log_down`, `last_error`) after each ring of the shipper's ledger
+    doorbell (`listen`), and at least every ACK_POLL while calls wait, every IDLE_POLL
+    otherwise. Every ledger commit rings, state changes included, so a change is seen
+    within STATE_POLL of being stored: the state is read at most that often (under load
+    the rings come faster), and a ring that came sooner gets its read when it is due.
+    Without a bell it looks every POLL while calls wait and every STATE_POLL otherwise."""
 
     def __init__(self, outbox: Outbox, enabled: bool) -> None:
         self.outbox = outbox
@@ -561,23 +562,31 @@ class LogStatus:
                            asyncio.create_task(self._prune())]
 
     async def _follow(self) -> None:
+        loop = asyncio.get_running_loop()
+        state_due = loop.time()
         while True:
-            st = self.outbox.state()
-            self.log_down = st.get("log_down") == "1"
-            self.last_error = st.get("last_error") or None
+            now = loop.time()
+            stale = now < state_due  # looked again sooner: read the state when it is due
+            if not stale:
+                st = self.outbox.state()
+                self.log_down = st.get("log_down") == "1"
+                self.last_error = st.get("last_error") or None
+                state_due = now + STATE_POLL
             if self._waiters:
                 for rid in self.outbox.logged_among(list(self._waiters)[:500]):
                     for fut in self._waiters.pop(rid, ()):
                         if not fut.done():
                             fut.set_result(True)
+            timeout = min(ACK_POLL if self._waiters else IDLE_POLL,
+                          state_due - now if stale else IDLE_POLL)
             if self._acks.listening:
-                await self._acks.wait(ACK_POLL if self._waiters else IDLE_POLL)
+                await self._acks.wait(timeout)
             elif self._waiters:
                 await asyncio.sleep(POLL)
             else:
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(STATE_POLL):
+                    async with asyncio.timeout(min(timeout, STATE_POLL)):
                         await self._wake.wait()
 
     async def _prune(self) -> None:
