@@ -127,6 +127,14 @@ def test_defaults(tmp_path: Path) -> None:
     ("[shared]\nredis_url = 'redis://r'\nhold_seconds = 3000\n[[routes]]\nid='r'\nmodel='m'\n"
      "provider='p'\nbase_url='http://x/v1'\ntimeout = 1000\nretries = 2\n", "(3000 s)"),
     ("not toml = = =", "not valid TOML"),
+    ("[gateway]\nlog_wait_timeout = nan\n", r"\[gateway\]\.log_wait_timeout: must be a finite"),
+    ("[gateway]\nlog_wait_timeout = 0\n", "log_wait_timeout must be positive"),
+    ("[gateway]\nlog_wait_timeout = -1.5\n", "log_wait_timeout must be positive"),
+    ("[gateway]\nreceipt_retention_seconds = inf\n", "receipt_retention_seconds: must be a finite"),
+    ("[gateway]\nattestation_cache_seconds = nan\n", "attestation_cache_seconds: must be a finite"),
+    ("[[routes]]\nid='r'\nmodel='m'\nprovider='p'\nbase_url='http://x/v1'\ntimeout=nan\n",
+     "timeout: must be a finite number"),
+    ("[shared]\ntimeout = -inf\n", "timeout: must be a finite number"),
 ])
 def test_errors_name_the_key(tmp_path: Path, text: str, message: str) -> None:
     with pytest.raises(config.ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):

@@ -93,6 +93,23 @@ def test_unusable_limits_are_refused_naming_the_setting(field: str, value: float
         f"tlog: {flag} must {'not be negative' if value < 0 and 'client' in field else 'be positive'}"]
 
 
+
+@pytest.mark.parametrize("value", ["nan", "inf"])
+def test_limits_that_are_not_finite_are_refused(value: str, tmp_path: Path) -> None:
+    """nan passed `<= 0` and inf meant no timeout at all: both are refused, from a flag
+    and from the gateway's TOML (which has nan and inf literals)."""
+    with pytest.raises(ValueError, match="header_timeout must be a finite number"):
+        ServerLimits(header_timeout=float(value))
+    cfg = tmp_path / "g.toml"
+    cfg.write_text(f"[server]\nheader_timeout = {value}\n")
+    with pytest.raises(gconfig.ConfigError, match=r"\[server\]\.header_timeout"):
+        gconfig.load(cfg)
+    run = subprocess.run([sys.executable, "-m", "tlog", "serve", "--data", str(tmp_path / "d"),
+                          "--listen", "127.0.0.1:0", "--header-timeout", value],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2
+    assert run.stderr.strip().splitlines() == ["tlog: --header-timeout must be a finite number"]
+
 def test_gateway_config_server_table() -> None:
     cfg = gconfig.parse({"server": {"header_timeout": 2.5, "max_connections": 10}}, Path("x"))
     assert cfg.server == ServerLimits(header_timeout=2.5, max_connections=10)

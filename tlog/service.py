@@ -31,6 +31,7 @@ import fcntl
 import hashlib
 import json
 import logging
+import math
 import os
 import resource
 import signal
@@ -185,6 +186,8 @@ class ServerLimits:
     def __post_init__(self) -> None:
         for name in ("header_timeout", "body_timeout", "keep_alive_timeout",
                      "max_connections", "max_header_bytes"):
+            if not math.isfinite(getattr(self, name)):  # a flag or TOML of nan or inf
+                raise ValueError(f"{name} must be a finite number")
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
         if self.max_connections_per_client < 0:

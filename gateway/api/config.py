@@ -8,6 +8,7 @@ paths resolve against the directory of the config file.
 from __future__ import annotations
 
 import ipaddress
+import math
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -191,7 +192,8 @@ class Config:
 
 def _take(table: dict[str, Any], where: str, spec: dict[str, tuple[type | tuple[type, ...], bool]]
           ) -> dict[str, Any]:
-    """Check `table` against {key: (types, required)}; reject unknown keys."""
+    """Check `table` against {key: (types, required)}; reject unknown keys, and floats that
+    are not finite (no setting means anything by nan or inf)."""
     if not isinstance(table, dict):
         raise ConfigError(f"{where} must be a table")
     unknown = sorted(set(table) - set(spec))
@@ -207,6 +209,8 @@ def _take(table: dict[str, Any], where: str, spec: dict[str, tuple[type | tuple[
         allowed = types if isinstance(types, tuple) else (types,)
         if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
             raise ConfigError(f"{where}.{key}: wrong type {type(value).__name__}")
+        if isinstance(value, float) and not math.isfinite(value):  # TOML has nan and inf
+            raise ConfigError(f"{where}.{key}: must be a finite number")
         out[key] = value
     return out
 
@@ -260,6 +264,8 @@ def _gateway(t: dict[str, Any], base: Path) -> GatewaySettings:
     else:
         v["data_dir"] = base
     if "log_wait_timeout" in v:
+        if v["log_wait_timeout"] <= 0:
+            raise ConfigError("[gateway].log_wait_timeout must be positive")
         v["log_wait_timeout"] = float(v["log_wait_timeout"])
     for k in ("attestation_cache_seconds", "attestation_nonce_per_client_per_minute",
               "attestation_nonce_per_second"):
