@@ -99,3 +99,23 @@ def test_version(module):
     r = subprocess.run([sys.executable, "-m", module, "--version"], capture_output=True,
                        text=True, timeout=60)
     assert r.returncode == 0 and "private-ai-gateway" in r.stdout and r.stdout.count("\n") == 1
+
+
+@pytest.mark.parametrize(("command", "flag"), [
+    (["tlog", "serve", "--listen", "127.0.0.1:0"], "--witness-timeout"),
+    (["verifier", "monitor", "--log", "http://127.0.0.1:9", "--policy", "p.json",
+      "--vkey", "v"], "--interval"),
+    (["gateway", "demo", "--listen", "127.0.0.1:0"], "--startup-timeout")])
+@pytest.mark.parametrize("value", ["nan", "inf", "0", "-1"])
+def test_seconds_flags_refuse_what_is_not_a_positive_finite_number(
+        tmp_path, command: list[str], flag: str, value: str) -> None:
+    """A monitor polling every nan seconds spun (asyncio.sleep(nan) returns at once), a
+    witness timeout of nan failed each cosignature request: now a usage error at start."""
+    r = subprocess.run([sys.executable, "-m", *command, "--data", str(tmp_path / "d"),
+                        flag, value] if command[0] != "verifier" else
+                       [sys.executable, "-m", *command, flag, value],
+                       capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert r.returncode == 2
+    assert f"argument {flag}: not a positive, finite number of seconds: '{value}'" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert not (tmp_path / "d").exists()  # refused before anything was made

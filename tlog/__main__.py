@@ -15,6 +15,7 @@ from tlog.service import (
     limits_from_args,
     listen_address,
     package_version,
+    seconds,
 )
 
 DSTACK_KEY_PATH = "pag/tlog/note-key"
@@ -45,7 +46,7 @@ def parser() -> argparse.ArgumentParser:
                         "counted")
     s.add_argument("--quorum", type=int, default=0,
                    help="answer appends only once K distinct witness keys cosigned")
-    s.add_argument("--witness-timeout", type=float, default=5.0)
+    s.add_argument("--witness-timeout", type=seconds, default=5.0)
     s.add_argument("--max-entry", type=int, default=65535, help="largest entry in bytes")
     s.add_argument("--dstack", default=os.environ.get("DSTACK_SIMULATOR_ENDPOINT"),
                    help="dstack guest-agent socket: derive the log key from its KMS")

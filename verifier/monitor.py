@@ -63,6 +63,7 @@ from typing import Any
 import httpx
 
 from tlog import checkpoint, note
+from tlog.service import seconds
 from verifier import audit as auditing
 from verifier import evidence_entry, keyset_entry, log_reader, receipt_check
 from verifier.webhook import WebhookQueue
@@ -469,7 +470,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--state", type=Path)
     p.add_argument("--witness-url", action="append", default=[],
                    help="witness whose GET / lists the sizes and roots it cosigned")
-    p.add_argument("--interval", type=float, default=10.0)
+    p.add_argument("--interval", type=seconds, default=10.0)
     p.add_argument("--once", action="store_true", help="poll once; exit 1 if anything alerted")
     p.add_argument("--webhook")
     p.add_argument("--listen", help="HOST:PORT for the dashboard (/), /api/state and /metrics")

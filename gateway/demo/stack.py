@@ -57,7 +57,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from gateway.identity.dstack_sim import default_app_compose
-from tlog.service import LockHeld, bind, listen_address, lock_exclusive
+from tlog.service import LockHeld, bind, listen_address, lock_exclusive, seconds
 
 ROOT = Path(__file__).resolve().parents[2]
 """The directory this `gateway` package is imported from: every child runs there with it
@@ -571,7 +571,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--data", required=True, type=Path, help="state directory (kept)")
     ap.add_argument("--listen", required=True, type=listen_address, metavar="HOST:PORT",
                     help="HOST:PORT of the gateway (port 0: any)")
-    ap.add_argument("--startup-timeout", type=float, default=90.0, help="seconds")
+    ap.add_argument("--startup-timeout", type=seconds, default=90.0, help="seconds")
     ap.add_argument("--require-log-inclusion", action="store_true",
                     help="answer a call only once its receipt is in the log, witnessed")
     a = ap.parse_args(argv)
