@@ -135,6 +135,10 @@ def test_defaults(tmp_path: Path) -> None:
     ("[[routes]]\nid='r'\nmodel='m'\nprovider='p'\nbase_url='http://x/v1'\ntimeout=nan\n",
      "timeout: must be a finite number"),
     ("[shared]\ntimeout = -inf\n", "timeout: must be a finite number"),
+    ("[[routes]]\nid='r'\nmodel='m'\nprovider='p'\nbase_url='http://x/v1'\n"
+     "[routes.policy]\nmax_lease_age = inf\n", "'max_lease_age': must be a finite number"),
+    ("[[routes]]\nid='r'\nmodel='m'\nprovider='p'\nbase_url='http://x/v1'\n"
+     "[routes.policy]\nrefresh_before = nan\n", "'refresh_before': must be a finite number"),
 ])
 def test_errors_name_the_key(tmp_path: Path, text: str, message: str) -> None:
     with pytest.raises(config.ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):

@@ -12,6 +12,7 @@ keeps only the entry's index.
 from __future__ import annotations
 
 import hashlib
+import math
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
@@ -79,6 +80,8 @@ class Policy:
         for key, value in d.items():
             if not _type_ok(kinds[key], value):
                 raise ValueError(f"policy key {key!r}: wrong type {type(value).__name__}")
+            if isinstance(value, float) and not math.isfinite(value):  # a lease age of nan
+                raise ValueError(f"policy key {key!r}: must be a finite number")  # never ends
         for m in d.get("allowed_measurements", ()):
             if not isinstance(m, dict) or not all(isinstance(v, str) for v in m.values()):
                 raise ValueError("allowed_measurements: a list of tables of hex strings")
