@@ -11,6 +11,7 @@ import httpx
 import pytest
 
 from tests.tlogutil import free_port, start_tlog, stop
+from tlog import note
 from tlog.service import LockHeld
 from tlog.sqlite_store import SQLiteStore
 
@@ -103,19 +104,32 @@ def test_version(module):
 
 @pytest.mark.parametrize(("command", "flag"), [
     (["tlog", "serve", "--listen", "127.0.0.1:0"], "--witness-timeout"),
-    (["verifier", "monitor", "--log", "http://127.0.0.1:9", "--policy", "p.json",
-      "--vkey", "v"], "--interval"),
     (["gateway", "demo", "--listen", "127.0.0.1:0"], "--startup-timeout")])
 @pytest.mark.parametrize("value", ["nan", "inf", "0", "-1"])
 def test_seconds_flags_refuse_what_is_not_a_positive_finite_number(
         tmp_path, command: list[str], flag: str, value: str) -> None:
-    """A monitor polling every nan seconds spun (asyncio.sleep(nan) returns at once), a
-    witness timeout of nan failed each cosignature request: now a usage error at start."""
+    """A witness timeout of nan failed each cosignature request, and the log served on:
+    now a usage error at start, before anything is made."""
     r = subprocess.run([sys.executable, "-m", *command, "--data", str(tmp_path / "d"),
-                        flag, value] if command[0] != "verifier" else
-                       [sys.executable, "-m", *command, flag, value],
-                       capture_output=True, text=True, timeout=60, cwd=tmp_path)
+                        flag, value], capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert r.returncode == 2
     assert f"argument {flag}: not a positive, finite number of seconds: '{value}'" in r.stderr
     assert "Traceback" not in r.stderr
-    assert not (tmp_path / "d").exists()  # refused before anything was made
+    assert not (tmp_path / "d").exists()
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "0", "-1"])
+def test_the_monitor_refuses_an_interval_that_is_not_a_positive_finite_number(
+        tmp_path, value: str) -> None:
+    """asyncio.sleep(nan) returns at once: a monitor at --interval nan or -1 polled the log
+    without a pause. Now a set-up error (exit 2), before the first poll."""
+    policy = tmp_path / "p.json"
+    policy.write_text("{}")
+    vkey = note.generate_signer("log.test").vkey
+    r = subprocess.run([sys.executable, "-m", "verifier", "monitor", "--log",
+                        "http://127.0.0.1:9", "--policy", str(policy), "--vkey", vkey,
+                        "--interval", value], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [
+        f"verifier: monitor set-up: --interval {float(value)}: not a positive, finite number "
+        "of seconds"]

@@ -54,6 +54,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -63,7 +64,6 @@ from typing import Any
 import httpx
 
 from tlog import checkpoint, note
-from tlog.service import seconds
 from verifier import audit as auditing
 from verifier import evidence_entry, keyset_entry, log_reader, receipt_check
 from verifier.webhook import WebhookQueue
@@ -470,7 +470,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--state", type=Path)
     p.add_argument("--witness-url", action="append", default=[],
                    help="witness whose GET / lists the sizes and roots it cosigned")
-    p.add_argument("--interval", type=seconds, default=10.0)
+    p.add_argument("--interval", type=float, default=10.0, help="seconds between polls")
     p.add_argument("--once", action="store_true", help="poll once; exit 1 if anything alerted")
     p.add_argument("--webhook")
     p.add_argument("--listen", help="HOST:PORT for the dashboard (/), /api/state and /metrics")
@@ -486,6 +486,9 @@ def run(args: argparse.Namespace) -> int:
         quorum = len(ws) if args.quorum is None else args.quorum
         if not 0 <= quorum <= len(ws):
             raise ValueError(f"--quorum {quorum} with {len(ws)} witness keys")
+        if not (math.isfinite(args.interval) and args.interval > 0):  # sleep(nan) spins
+            raise ValueError(f"--interval {args.interval}: not a positive, finite number of "
+                             "seconds")
         m = Monitor(args.log, log_verifier, policy, witnesses=ws, quorum=quorum,
                     witness_urls=args.witness_url, state_path=args.state, webhook=args.webhook)
     except (ValueError, OSError, TypeError, auditing.AuditError, Failure) as e:
