@@ -5,11 +5,12 @@ shipper process a pipe of its own."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -205,6 +206,35 @@ def test_gateway_serve_hands_each_shipper_pipes_of_its_own(
         ob.close()
 
 
+@contextlib.asynccontextmanager
+async def following(tmp_path: Path, bell: bool = True
+                    ) -> AsyncIterator[tuple[Outbox, Ledger, LogStatus]]:
+    """An outbox, its ledger and a started `LogStatus` hearing the ledger's doorbell (or,
+    with `bell` false, polling), closed afterwards."""
+    ob, ledger = Outbox(tmp_path), Ledger(tmp_path)
+    status = LogStatus(ob, True)
+    if bell:
+        r, w = os.pipe()
+        ledger.ringer.attach(w)
+        status.listen(r)
+    await status.start()
+    try:
+        yield ob, ledger, status
+    finally:
+        await status.close()
+        ledger.close()
+        ob.close()
+
+
+async def eventually(holds: Callable[[], bool]) -> bool:
+    """Whether `holds()` comes true within GUARD seconds (looked at every 10 ms)."""
+    for _ in range(int(GUARD / 0.01)):
+        if holds():
+            return True
+        await asyncio.sleep(0.01)
+    return False
+
+
 def test_a_call_waiting_for_the_log_hears_the_ledger_ring_not_a_poll(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """With the ledger doorbell the gateway reads the ledger when rung (not every POLL),
@@ -213,14 +243,7 @@ def test_a_call_waiting_for_the_log_hears_the_ledger_ring_not_a_poll(
     reads = counting(monkeypatch, "logged_among")
 
     async def run() -> tuple[int, bool]:
-        ob = Outbox(tmp_path)
-        ledger = Ledger(tmp_path)
-        r, w = os.pipe()
-        ledger.ringer.attach(w)
-        status = LogStatus(ob, True)
-        status.listen(r)
-        await status.start()
-        try:
+        async with following(tmp_path) as (ob, ledger, status):
             await ob.put("0" * 32, "0" * 64, b"{}")
             waiting = asyncio.create_task(status.wait_logged("0" * 32, GUARD))
             await asyncio.sleep(0.3)  # unlogged: 150 reads at one per POLL without the bell
@@ -231,10 +254,6 @@ def test_a_call_waiting_for_the_log_hears_the_ledger_ring_not_a_poll(
             assert not waiting.done()
             await ledger.record([(1, tlog_proof())])  # the commit rings
             return idle_reads, await waiting
-        finally:
-            await status.close()
-            ledger.close()
-            ob.close()
 
     idle_reads, logged = asyncio.run(run())
     assert idle_reads <= 2
@@ -251,31 +270,16 @@ def test_an_idle_gateway_reads_the_shippers_state_when_rung_not_every_50_ms(
     reads = counting(monkeypatch, "state")
 
     async def run() -> tuple[int, bool, bool]:
-        ob = Outbox(tmp_path)
-        ledger = Ledger(tmp_path)
-        r, w = os.pipe()
-        ledger.ringer.attach(w)
-        status = LogStatus(ob, True)
-        status.listen(r)
-        await status.start()
-        try:
+        async with following(tmp_path) as (ob, ledger, status):
             await asyncio.sleep(0.3)  # idle: 6 reads at one per STATE_POLL without the bell
             idle_reads = reads[0]
             await ledger.set_state(True, "log unreachable")  # the commit rings
-            for _ in range(100):
-                if status.log_down:
-                    break
-                await asyncio.sleep(0.01)
-            seen = status.log_down and status.last_error == "log unreachable"
+            seen = await eventually(lambda: status.last_error == "log unreachable")
             await ob.put("0" * 32, "0" * 64, b"{}")
             await ledger.record([(1, tlog_proof())])
             await asyncio.sleep(0.05)  # that ring came and went: no call waited then
             logged = await asyncio.wait_for(status.wait_logged("0" * 32, NEVER), GUARD)
-            return idle_reads, seen, logged
-        finally:
-            await status.close()
-            ledger.close()
-            ob.close()
+            return idle_reads, seen and status.log_down, logged
 
     idle_reads, seen, logged = asyncio.run(run())
     assert idle_reads <= 2
@@ -293,14 +297,7 @@ def test_rings_faster_than_state_poll_read_the_state_at_most_that_often_and_miss
     reads = counting(monkeypatch, "state")
 
     async def run() -> tuple[int, bool]:
-        ob = Outbox(tmp_path)
-        ledger = Ledger(tmp_path)
-        r, w = os.pipe()
-        ledger.ringer.attach(w)
-        status = LogStatus(ob, True)
-        status.listen(r)
-        await status.start()
-        try:
+        async with following(tmp_path) as (_, ledger, status):
             await asyncio.sleep(0.05)
             before = reads[0]
             for _ in range(60):  # 0.3 s of rings every 5 ms: 60 reads if each rang one
@@ -308,15 +305,7 @@ def test_rings_faster_than_state_poll_read_the_state_at_most_that_often_and_miss
                 await asyncio.sleep(0.005)
             flood_reads = reads[0] - before
             await ledger.set_state(True, None)  # rung once, right after the flood's reads
-            for _ in range(200):
-                if status.log_down:
-                    break
-                await asyncio.sleep(0.01)
-            return flood_reads, status.log_down
-        finally:
-            await status.close()
-            ledger.close()
-            ob.close()
+            return flood_reads, await eventually(lambda: status.log_down)
 
     flood_reads, seen = asyncio.run(run())
     assert flood_reads <= 0.3 / shipper.STATE_POLL + 2
@@ -326,22 +315,10 @@ def test_rings_faster_than_state_poll_read_the_state_at_most_that_often_and_miss
 def test_without_a_bell_the_gateway_polls_the_shippers_state(tmp_path: Path) -> None:
     """No ledger doorbell (a gateway started without one): the state is still followed."""
     async def run() -> bool:
-        ob = Outbox(tmp_path)
-        ledger = Ledger(tmp_path)
-        status = LogStatus(ob, True)
-        await status.start()
-        try:
+        async with following(tmp_path, bell=False) as (_, ledger, status):
             await asyncio.sleep(0.05)
             await ledger.set_state(True, None)
-            for _ in range(100):
-                if status.log_down:
-                    return True
-                await asyncio.sleep(0.01)
-            return False
-        finally:
-            await status.close()
-            ledger.close()
-            ob.close()
+            return await eventually(lambda: status.log_down)
 
     assert asyncio.run(run())
 
@@ -352,11 +329,7 @@ def test_a_draining_gateway_answers_waiting_calls_after_the_grace_not_at_the_can
     logged; one that is not returns False once the grace is over, as does a call that
     starts waiting afterwards, whatever its own timeout."""
     async def run() -> tuple[bool, bool, bool]:
-        ob = Outbox(tmp_path)
-        ledger = Ledger(tmp_path)
-        status = LogStatus(ob, True)
-        await status.start()
-        try:
+        async with following(tmp_path, bell=False) as (ob, ledger, status):
             for rid in ("1" * 32, "2" * 32):
                 await ob.put(rid, rid * 2, b"{}")
             logged = asyncio.create_task(status.wait_logged("1" * 32, NEVER))
@@ -368,10 +341,6 @@ def test_a_draining_gateway_answers_waiting_calls_after_the_grace_not_at_the_can
             late = await asyncio.wait_for(status.wait_logged("3" * 32, NEVER), GUARD)
             return (await asyncio.wait_for(logged, GUARD),
                     await asyncio.wait_for(unlogged, GUARD), late)
-        finally:
-            await status.close()
-            ledger.close()
-            ob.close()
 
     logged, unlogged, late = asyncio.run(run())
     assert logged
