@@ -625,8 +625,8 @@ def serve_main(argv: list[str]) -> None:
         srv = server.draining_server(
             uvicorn_config(app, cfg.server, MALFORMED, host="127.0.0.1", port=int(argv[1]),
                            lifespan="on", log_level="warning", access_log=False, loop="none",
-                           timeout_graceful_shutdown=server.GRACEFUL_SHUTDOWN),
-            lambda: status.drain(server.LOG_WAIT_ON_SHUTDOWN))  # as `gateway serve`
+                           timeout_graceful_shutdown=cfg.gateway.shutdown_grace),
+            lambda: status.drain(server.log_wait_on_shutdown(cfg.gateway.shutdown_grace)))
 
         async def watchdog() -> None:  # as `gateway serve`: a shipper that died is restarted
             nonlocal shipper

@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -58,53 +59,83 @@ def test_witness_serve_exits_0_on_sigterm(tmp_path: Path) -> None:
     assert "+" in out.stdout  # its key, readable after the clean stop
 
 
-def test_gateway_sigterm_answers_calls_waiting_for_the_log_503_not_500(tmp_path: Path) -> None:
-    """With `require_log_inclusion` and a log that stopped acknowledging, calls waiting
-    for it when SIGTERM comes are answered 503 log_unavailable once LOG_WAIT_ON_SHUTDOWN is
-    over (their receipts stay queued); uvicorn's graceful period used to run out first and
-    cancel them: a 500 and "Exception in ASGI application" for each."""
-    root = Path(__file__).resolve().parents[1]
-    body = {"model": "chat-model", "messages": [{"role": "user", "content": "hello"}]}
-    auth = {"Authorization": f"Bearer {API_KEY}"}
+ROOT = Path(__file__).resolve().parents[1]
+BODY = {"model": "chat-model", "messages": [{"role": "user", "content": "hello"}]}
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
-    async def go() -> tuple[list[int], list[str], int | None, str]:
+
+@dataclass
+class Stopped:
+    """What the calls in flight at a gateway's SIGTERM got, and how the gateway ended."""
+
+    statuses: list[int]
+    bodies: list[str]
+    exit_code: int | None
+    output: str
+
+
+def sigterm_with_calls_in_flight(tmp_path: Path, extra_gateway: str, calls: int = 3,
+                                 delay: float = 0.0, log_fails: bool = False) -> Stopped:
+    """Serve the gateway (tests.test_gateway_fakes, stopped as `gateway serve` is) with a
+    provider answering after `delay` seconds; one call first (logged while the log
+    answers), then, with `log_fails`, the log acknowledges nothing; `calls` calls start,
+    and SIGTERM comes 0.5 s later."""
+    async def go() -> Stopped:
         prov, log = FakeProvider(), FakeLog()
         await prov.start()
         await log.start()
         port = free_port()
         url = f"http://127.0.0.1:{port}"
-        cfg = write_config(tmp_path, prov.base_url, log=log,
-                           extra_gateway="require_log_inclusion = true\n")
+        cfg = write_config(tmp_path, prov.base_url, log=log, extra_gateway=extra_gateway)
         out = tmp_path / "gateway.out"
         with out.open("wb") as sink:
             gw = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "tests.test_gateway_fakes", str(cfg), str(port),
-                env={**os.environ, "PYTHONPATH": str(root)}, cwd=root, stdout=sink, stderr=sink)
+                env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT, stdout=sink, stderr=sink)
             try:
                 await wait_ready(url, gw)
-                async with httpx.AsyncClient(timeout=30) as c:
-                    first = await c.post(url + "/v1/chat/completions", json=body, headers=auth)
-                    assert first.status_code == 200  # logged while the log answers
-                    log.fail = True  # from now on nothing is acknowledged
-                    calls = [asyncio.create_task(c.post(url + "/v1/chat/completions",
-                                                        json=body, headers=auth))
-                             for _ in range(3)]
-                    await asyncio.sleep(0.5)  # all three wait for the log
+                async with httpx.AsyncClient(timeout=60) as c:
+                    first = await c.post(url + "/v1/chat/completions", json=BODY, headers=AUTH)
+                    assert first.status_code == 200
+                    log.fail = log_fails
+                    prov.delay = delay
+                    flying = [asyncio.create_task(c.post(url + "/v1/chat/completions",
+                                                         json=BODY, headers=AUTH))
+                              for _ in range(calls)]
+                    await asyncio.sleep(0.5)  # all of them in the gateway now
                     gw.send_signal(signal.SIGTERM)
-                    answers = await asyncio.gather(*calls)
-                code = await asyncio.wait_for(gw.wait(), 15)
+                    answers = await asyncio.gather(*flying)
+                code = await asyncio.wait_for(gw.wait(), 60)
             finally:
                 if gw.returncode is None:
                     gw.kill()
                     await gw.wait()
                 await prov.stop()
                 await log.stop()
-        return ([a.status_code for a in answers], [a.text for a in answers], code,
-                out.read_text(errors="replace"))
+        return Stopped([a.status_code for a in answers], [a.text for a in answers], code,
+                       out.read_text(errors="replace"))
 
-    statuses, bodies, code, output = asyncio.run(go())
-    assert statuses == [503, 503, 503], bodies
-    assert all(json.loads(b)["error"]["code"] == "log_unavailable" for b in bodies)
-    assert code == 0
-    assert "Exception in ASGI application" not in output
-    assert "CancelledError" not in output
+    return asyncio.run(go())
+
+
+def test_gateway_sigterm_answers_calls_waiting_for_the_log_503_not_500(tmp_path: Path) -> None:
+    """With `require_log_inclusion` and a log that stopped acknowledging, calls waiting
+    for it when SIGTERM comes are answered 503 log_unavailable LOG_WAIT_MARGIN before the
+    graceful period ends (their receipts stay queued); that period used to run out first
+    and uvicorn cancelled them: a 500 and "Exception in ASGI application" for each."""
+    r = sigterm_with_calls_in_flight(tmp_path, "require_log_inclusion = true\n",
+                                     log_fails=True)
+    assert r.statuses == [503, 503, 503], r.bodies
+    assert all(json.loads(b)["error"]["code"] == "log_unavailable" for b in r.bodies)
+    assert r.exit_code == 0
+    assert "Exception in ASGI application" not in r.output
+    assert "CancelledError" not in r.output
+
+
+def test_gateway_sigterm_lets_calls_finish_within_shutdown_grace(tmp_path: Path) -> None:
+    """Model calls take long. Calls in flight at SIGTERM whose provider answers after 6 s
+    complete with `shutdown_grace = 10`; the fixed 5 s before cut them (500)."""
+    r = sigterm_with_calls_in_flight(tmp_path, "shutdown_grace = 10\n", calls=2, delay=6.0)
+    assert r.statuses == [200, 200], r.bodies
+    assert r.exit_code == 0
+    assert "Exception in ASGI application" not in r.output

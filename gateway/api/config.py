@@ -26,6 +26,7 @@ KINDS = ("chat", "embeddings")
 EVIDENCE = ("dstack", "phala", "nearai", "tinfoil", "none")
 LOG_UNAVAILABLE = ("serve-and-queue", "refuse")
 DURABILITY = ("process", "fsync")
+MAX_WAIT = 3600.0  # seconds: the longest log_wait_timeout or shutdown_grace
 
 
 class ConfigError(ValueError):
@@ -43,6 +44,7 @@ class GatewaySettings:
     require_log_inclusion: bool = False
     log_unavailable: str = "serve-and-queue"
     log_wait_timeout: float = 30.0
+    shutdown_grace: float = 5.0  # seconds calls in flight may take to finish once stopping
     outbox_durability: str = "process"
     outbox_max_bytes: int = 1 << 30  # the outbox and ledger files together; 503 outbox_full at it
     receipt_retention_seconds: float = 7 * 86400.0  # a logged receipt stays readable this long
@@ -238,7 +240,8 @@ def _gateway(t: dict[str, Any], base: Path) -> GatewaySettings:
         "name": (str, False), "max_body_bytes": (int, False), "max_messages": (int, False),
         "max_json_depth": (int, False),
         "require_log_inclusion": (bool, False), "log_unavailable": (str, False),
-        "log_wait_timeout": ((int, float), False), "outbox_durability": (str, False),
+        "log_wait_timeout": ((int, float), False), "shutdown_grace": ((int, float), False),
+        "outbox_durability": (str, False),
         "outbox_max_bytes": (int, False), "receipt_retention_seconds": ((int, float), False),
         "data_dir": (str, False),
         "admin_key_sha256": (str, False), "attestation_cache_seconds": ((int, float), False),
@@ -263,10 +266,11 @@ def _gateway(t: dict[str, Any], base: Path) -> GatewaySettings:
         v["data_dir"] = _path(base, v["data_dir"])
     else:
         v["data_dir"] = base
-    if "log_wait_timeout" in v:
-        if v["log_wait_timeout"] <= 0:
-            raise ConfigError("[gateway].log_wait_timeout must be positive")
-        v["log_wait_timeout"] = float(v["log_wait_timeout"])
+    for k in ("log_wait_timeout", "shutdown_grace"):
+        if k in v:
+            if not 0 < v[k] <= MAX_WAIT:
+                raise ConfigError(f"[gateway].{k} must be positive, at most {MAX_WAIT:g} s")
+            v[k] = float(v[k])
     for k in ("attestation_cache_seconds", "attestation_nonce_per_client_per_minute",
               "attestation_nonce_per_second"):
         if v.get(k, 1) <= 0:

@@ -13,10 +13,10 @@ When listening, one JSON line goes to stdout: `{"gateway": URL,
 "receipt_signing_key": B64, "keyset_hash": HEX, "keyset_index": INT,
 "tls_spki_sha256": HEX}` plus `"gateway_tls": URL` with `--tls-listen`.
 SIGTERM/SIGINT stop it cleanly: no new connections; calls in flight get up to
-GRACEFUL_SHUTDOWN to finish; calls waiting for the log (`require_log_inclusion`) wait
-at most LOG_WAIT_ON_SHUTDOWN more and are then answered 503 `log_unavailable` (their
-receipts stay queued for the next start); a shipper that exits meanwhile is not
-restarted.
+`[gateway] shutdown_grace` to finish (then uvicorn cancels them); calls waiting for the
+log (`require_log_inclusion`) are answered 503 `log_unavailable` LOG_WAIT_MARGIN before
+that (their receipts stay queued for the next start); a shipper that exits meanwhile is
+not restarted.
 
 Attested TLS: HTTPS is served with the TLS key derived from dstack KMS
 (gateway/identity/keys.py), whose SPKI SHA-256 is `tls_spki_sha256` in the
@@ -76,10 +76,8 @@ from tlog.service import (
 log = logging.getLogger("gateway.api.server")
 LEASE_MAC_PATH = "pag/gateway/lease-cache"
 SHARED_MAC_PATH = "pag/gateway/shared-state"
-GRACEFUL_SHUTDOWN = 5.0  # seconds uvicorn waits for calls in flight, once stopping, before
-# it cancels them
-LOG_WAIT_ON_SHUTDOWN = 2.0  # seconds a call waiting for the log still waits once stopping:
-# then it is answered 503 log_unavailable (its receipt stays queued), never cancelled
+LOG_WAIT_MARGIN = 3.0  # seconds before `shutdown_grace` runs out (at most half of it) by
+# which calls still waiting for the log are answered 503 log_unavailable, never cancelled
 OUTSIDE_TEE_HINT = ("to run outside a TEE use `python -m gateway demo --data DIR --listen "
                     "HOST:PORT`, or start the simulator `python -m gateway.identity.dstack_sim "
                     "--socket PATH --data DIR` and set [dstack] endpoint = PATH")
@@ -333,10 +331,16 @@ def freeze_startup_heap() -> int:
     return gc.get_freeze_count()
 
 
+def log_wait_on_shutdown(grace: float) -> float:
+    """Seconds calls waiting for the log may still wait once a stop begins that gives calls
+    in flight `grace` seconds: LOG_WAIT_MARGIN less, or half if it is that short."""
+    return grace - min(LOG_WAIT_MARGIN, grace / 2)
+
+
 def draining_server(config: Any, draining: Callable[[], None]) -> Any:
     """A `uvicorn.Server` for `config` that calls `draining` as its shutdown begins (a
-    signal, or `should_exit`), before it waits up to GRACEFUL_SHUTDOWN for the calls in
-    flight and cancels the rest."""
+    signal, or `should_exit`), before it waits up to its `timeout_graceful_shutdown` for
+    the calls in flight and cancels the rest."""
     import uvicorn
 
     class Server(uvicorn.Server):
@@ -398,12 +402,13 @@ async def serve(cfg: gconfig.Config, sock: socket.socket, stop: StopSignal, *,
     def draining() -> None:
         nonlocal stopping
         stopping = True  # a shipper that exits now (a signal to the group) stays down
-        status.drain(LOG_WAIT_ON_SHUTDOWN)
+        status.drain(log_wait_on_shutdown(cfg.gateway.shutdown_grace))
 
     def server(app: Any, with_tls: bool, lifespan: str) -> uvicorn.Server:
         config = uvicorn_config(
             app, cfg.server, errors.MALFORMED, lifespan=lifespan, loop="none", log_config=None,
-            access_log=False, log_level="warning", timeout_graceful_shutdown=GRACEFUL_SHUTDOWN,
+            access_log=False, log_level="warning",
+            timeout_graceful_shutdown=cfg.gateway.shutdown_grace,
             ssl_certfile=str(cert) if with_tls else None,
             ssl_keyfile=str(key) if with_tls else None)
         return draining_server(config, draining)
