@@ -486,9 +486,9 @@ def run(args: argparse.Namespace) -> int:
         quorum = len(ws) if args.quorum is None else args.quorum
         if not 0 <= quorum <= len(ws):
             raise ValueError(f"--quorum {quorum} with {len(ws)} witness keys")
-        if not (math.isfinite(args.interval) and args.interval > 0):  # sleep(nan) spins
+        if not args.once and not (math.isfinite(args.interval) and args.interval > 0):
             raise ValueError(f"--interval {args.interval}: not a positive, finite number of "
-                             "seconds")
+                             "seconds")  # asyncio.sleep(nan) returns at once: a spinning poll
         m = Monitor(args.log, log_verifier, policy, witnesses=ws, quorum=quorum,
                     witness_urls=args.witness_url, state_path=args.state, webhook=args.webhook)
     except (ValueError, OSError, TypeError, auditing.AuditError, Failure) as e:
