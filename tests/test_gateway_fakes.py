@@ -626,7 +626,7 @@ def serve_main(argv: list[str]) -> None:
             uvicorn_config(app, cfg.server, MALFORMED, host="127.0.0.1", port=int(argv[1]),
                            lifespan="on", log_level="warning", access_log=False, loop="none",
                            timeout_graceful_shutdown=cfg.gateway.shutdown_grace),
-            lambda: status.drain(server.log_wait_on_shutdown(cfg.gateway.shutdown_grace)))
+            status)  # stopped as `gateway serve` is
 
         async def watchdog() -> None:  # as `gateway serve`: a shipper that died is restarted
             nonlocal shipper

@@ -337,15 +337,18 @@ def log_wait_on_shutdown(grace: float) -> float:
     return grace - min(LOG_WAIT_MARGIN, grace / 2)
 
 
-def draining_server(config: Any, draining: Callable[[], None]) -> Any:
-    """A `uvicorn.Server` for `config` that calls `draining` as its shutdown begins (a
-    signal, or `should_exit`), before it waits up to its `timeout_graceful_shutdown` for
-    the calls in flight and cancels the rest."""
+def draining_server(config: Any, status: LogStatus,
+                    stopping: Callable[[], None] = lambda: None) -> Any:
+    """A `uvicorn.Server` for `config` whose shutdown (a signal, or `should_exit`) first
+    calls `stopping` and drains `status` (`log_wait_on_shutdown` of the config's
+    `timeout_graceful_shutdown`), then waits that long for the calls in flight and
+    cancels the rest."""
     import uvicorn
 
     class Server(uvicorn.Server):
         async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
-            draining()
+            stopping()
+            status.drain(log_wait_on_shutdown(self.config.timeout_graceful_shutdown))
             await super().shutdown(sockets)
 
     return Server(config)
@@ -399,10 +402,9 @@ async def serve(cfg: gconfig.Config, sock: socket.socket, stop: StopSignal, *,
                 log.error("receipt shipper exited with %s; restarting it", shipper.returncode)
                 shipper = start_shipper(cfg, outbox, status)
 
-    def draining() -> None:
+    def stop_watching() -> None:
         nonlocal stopping
         stopping = True  # a shipper that exits now (a signal to the group) stays down
-        status.drain(log_wait_on_shutdown(cfg.gateway.shutdown_grace))
 
     def server(app: Any, with_tls: bool, lifespan: str) -> uvicorn.Server:
         config = uvicorn_config(
@@ -411,7 +413,7 @@ async def serve(cfg: gconfig.Config, sock: socket.socket, stop: StopSignal, *,
             timeout_graceful_shutdown=cfg.gateway.shutdown_grace,
             ssl_certfile=str(cert) if with_tls else None,
             ssl_keyfile=str(key) if with_tls else None)
-        return draining_server(config, draining)
+        return draining_server(config, status, stop_watching)
 
     watch = asyncio.create_task(watchdog())
     try:

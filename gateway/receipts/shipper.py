@@ -82,8 +82,8 @@ BACKOFF_START = 0.05
 BACKOFF_MAX = 2.0
 POST_TIMEOUT = 30.0
 POLL = 0.002
-STATE_POLL = 0.05  # seconds at least between two reads of the shipper's state (the period without a
-# ledger doorbell)
+STATE_POLL = 0.05  # seconds at least between two reads of the shipper's state (and the
+# period of those reads without a ledger doorbell)
 BATCH = 256  # receipts per POST /add-batch at most (a tile's width, as the log's bench posts)
 BATCHES_IN_FLIGHT = 1  # POST /add-batch requests outstanding at once
 BATCH_INTERVAL = 0.05  # seconds at least between the starts of two batch posts
@@ -578,8 +578,9 @@ class LogStatus:
                     for fut in self._waiters.pop(rid, ()):
                         if not fut.done():
                             fut.set_result(True)
-            timeout = min(ACK_POLL if self._waiters else IDLE_POLL,
-                          state_due - now if stale else IDLE_POLL)
+            timeout = ACK_POLL if self._waiters else IDLE_POLL
+            if stale:
+                timeout = min(timeout, state_due - now)
             if self._acks.listening:
                 await self._acks.wait(timeout)
             elif self._waiters:
