@@ -104,6 +104,7 @@ class FakeProvider:
         self.port = 0
         self.tls: ssl.SSLContext | None = None
         self.break_stream = False
+        self.stream_pause = 0.0  # seconds a stream pauses before its last word
         self.usage_on_chunks = False  # "usage": null on every chunk when usage is asked for
 
     @property
@@ -147,6 +148,8 @@ class FakeProvider:
                     assert request.transport is not None
                     request.transport.close()
                     return resp
+                if self.stream_pause and i == 2:
+                    await asyncio.sleep(self.stream_pause)
                 chunk = {"id": "c1", "object": "chat.completion.chunk", "model": model,
                          "choices": [{"index": 0, "delta": {"content": w},
                                       "finish_reason": None if i < 2 else "stop"}]}

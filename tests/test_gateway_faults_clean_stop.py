@@ -1,7 +1,8 @@
 """`tlog serve` and `witness serve` stop cleanly on SIGTERM: exit 0 after closing their
 store (uvicorn re-raises the signal once it stopped serving; the service absorbs it), and
 what they acknowledged is there on the next start. The gateway answers the calls still
-waiting for the log instead of letting uvicorn cancel them."""
+waiting for the log instead of letting uvicorn cancel them, and the calls its grace
+period did not cover get a receipt and a clean end."""
 
 from __future__ import annotations
 
@@ -13,9 +14,12 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 
+from gateway.receipts.outbox import Outbox
+from tests.test_demo import Demo
 from tests.test_gateway_fakes import API_KEY, FakeLog, FakeProvider, write_config
 from tests.test_outbox_durability import wait_ready
 from tests.tlogutil import free_port, start, start_tlog
@@ -70,16 +74,31 @@ class Stopped:
 
     statuses: list[int]
     bodies: list[str]
+    receipt_ids: list[str]
     exit_code: int | None
     output: str
 
+    def receipts(self, tmp_path: Path) -> list[dict[str, Any]]:
+        """The receipt of each answer, from the stopped gateway's outbox."""
+        box = Outbox(tmp_path / "data")
+        try:
+            rows = [box.get(i) for i in self.receipt_ids]
+        finally:
+            box.close()
+        assert all(r is not None for r in rows), self.receipt_ids
+        return [json.loads(r.entry) for r in rows if r is not None]
+
 
 def sigterm_with_calls_in_flight(tmp_path: Path, extra_gateway: str, calls: int = 3,
-                                 delay: float = 0.0, log_fails: bool = False) -> Stopped:
+                                 delay: float = 0.0, log_fails: bool = False,
+                                 stream_pause: float = 0.0) -> Stopped:
     """Serve the gateway (tests.test_gateway_fakes, stopped as `gateway serve` is) with a
     provider answering after `delay` seconds; one call first (logged while the log
-    answers), then, with `log_fails`, the log acknowledges nothing; `calls` calls start,
-    and SIGTERM comes 0.5 s later."""
+    answers), then, with `log_fails`, the log acknowledges nothing; `calls` calls start
+    (streams pausing `stream_pause` seconds before their last word, if that is set), and
+    SIGTERM comes 0.5 s later."""
+    body = {**BODY, "stream": True} if stream_pause else BODY
+
     async def go() -> Stopped:
         prov, log = FakeProvider(), FakeLog()
         await prov.start()
@@ -98,9 +117,9 @@ def sigterm_with_calls_in_flight(tmp_path: Path, extra_gateway: str, calls: int 
                     first = await c.post(url + "/v1/chat/completions", json=BODY, headers=AUTH)
                     assert first.status_code == 200
                     log.fail = log_fails
-                    prov.delay = delay
+                    prov.delay, prov.stream_pause = delay, stream_pause
                     flying = [asyncio.create_task(c.post(url + "/v1/chat/completions",
-                                                         json=BODY, headers=AUTH))
+                                                         json=body, headers=AUTH))
                               for _ in range(calls)]
                     await asyncio.sleep(0.5)  # all of them in the gateway now
                     gw.send_signal(signal.SIGTERM)
@@ -112,7 +131,8 @@ def sigterm_with_calls_in_flight(tmp_path: Path, extra_gateway: str, calls: int 
                     await gw.wait()
                 await prov.stop()
                 await log.stop()
-        return Stopped([a.status_code for a in answers], [a.text for a in answers], code,
+        return Stopped([a.status_code for a in answers], [a.text for a in answers],
+                       [a.headers.get("x-receipt-id", "") for a in answers], code,
                        out.read_text(errors="replace"))
 
     return asyncio.run(go())
@@ -139,3 +159,82 @@ def test_gateway_sigterm_lets_calls_finish_within_shutdown_grace(tmp_path: Path)
     assert r.statuses == [200, 200], r.bodies
     assert r.exit_code == 0
     assert "Exception in ASGI application" not in r.output
+
+
+def test_gateway_sigterm_cut_calls_get_a_receipt_and_503(tmp_path: Path) -> None:
+    """Calls still waiting for their provider when `shutdown_grace` runs out were forwarded:
+    each gets 503 gateway_stopping and a receipt recording that (before: uvicorn cancelled
+    them, a 500, "Exception in ASGI application", and no receipt for a prompt that went
+    upstream)."""
+    r = sigterm_with_calls_in_flight(tmp_path, "shutdown_grace = 1\n", calls=2, delay=5.0)
+    assert r.statuses == [503, 503], r.bodies
+    assert all(json.loads(b)["error"]["code"] == "gateway_stopping" for b in r.bodies)
+    assert r.exit_code == 0
+    assert "Exception in ASGI application" not in r.output
+    for rc in r.receipts(tmp_path):
+        assert rc["refusal"] == {"code": "gateway_stopping", "status": 503}
+        assert rc["forwarded_hash"] is not None  # it had gone upstream
+        assert rc["route"]["route_id"] == "r1"
+
+
+def test_gateway_sigterm_cut_stream_ends_with_an_error_event_and_a_receipt(
+        tmp_path: Path) -> None:
+    """A stream still running when `shutdown_grace` runs out ends with an error event and
+    its last chunk (no `[DONE]`), and its receipt records `gateway_stopping`."""
+    r = sigterm_with_calls_in_flight(tmp_path, "shutdown_grace = 1\n", calls=2,
+                                     stream_pause=5.0)
+    assert r.statuses == [200, 200], r.bodies
+    for b in r.bodies:
+        assert "[DONE]" not in b
+        last = json.loads(b.strip().split("\n\n")[-1].removeprefix("data: "))
+        assert last["error"]["code"] == "gateway_stopping"
+    assert r.exit_code == 0
+    assert "Exception in ASGI application" not in r.output
+    for rc in r.receipts(tmp_path):
+        assert rc["refusal"] == {"code": "gateway_stopping", "status": 200}
+
+
+def test_demo_gateway_sigterm_cuts_calls_on_both_listeners_with_receipts(
+        tmp_path: Path) -> None:
+    """The real `gateway serve` of the demo (a plain and a TLS listener, 5 s grace), its
+    provider frozen: calls on either listener, streamed or not, are answered 503
+    gateway_stopping with a receipt once SIGTERM's grace runs out, and the gateway exits
+    0 with no "Exception in ASGI application". (Before, each got a 500 and no receipt; and the signal reached one
+    listener's server, so the other only began its own grace once the first had stopped.)"""
+    d = Demo(tmp_path / "demo")
+    try:
+        pids = {p: Path(f"/proc/{p}/cmdline").read_bytes() for p in d.children}
+        gw = next(p for p, c in pids.items() if b"gateway\0serve" in c)
+        prov = next(p for p, c in pids.items() if b"gateway.demo.provider" in c)
+        os.kill(prov, signal.SIGSTOP)
+        try:
+            hdrs = {"Authorization": f"Bearer {d.ready['api_key']}"}
+            body = {"model": "demo-chat", "messages": [{"role": "user", "content": "hi"}]}
+
+            async def calls() -> list[httpx.Response]:
+                async with httpx.AsyncClient(timeout=60, verify=False) as c:  # noqa: S501 - the attested TLS key, on loopback
+                    flying = [asyncio.create_task(c.post(
+                        f"{base}/v1/chat/completions", json={**body, "stream": s},
+                        headers=hdrs)) for base in (d.ready["gateway"], d.ready["gateway_tls"])
+                        for s in (False, True)]
+                    await asyncio.sleep(1.0)
+                    os.kill(gw, signal.SIGTERM)
+                    return await asyncio.gather(*flying)
+
+            answers = asyncio.run(calls())
+        finally:
+            os.kill(prov, signal.SIGCONT)
+        assert [a.status_code for a in answers] == [503] * 4, [a.text for a in answers]
+        assert all(a.json()["error"]["code"] == "gateway_stopping" for a in answers)
+        d.terminate()
+        assert "gateway exited with status 0" in d.stderr()
+        box = Outbox(tmp_path / "demo" / "gateway")
+        try:
+            rows = [box.get(a.headers["x-receipt-id"]) for a in answers]
+        finally:
+            box.close()
+        assert all(r is not None and json.loads(r.entry)["refusal"]["code"] ==
+                   "gateway_stopping" for r in rows)
+        assert "Exception in ASGI application" not in d.stderr()
+    finally:
+        d.kill()

@@ -60,6 +60,7 @@ OPENAPI = (Path(__file__).parent / "openapi.json").read_bytes()
 """The OpenAPI 3 description of the gateway's HTTP API, written by hand."""
 LEASE_STATES = ("verified", "unverified-allowed", "refused", "unknown")
 COUNTS_TTL = 1.0  # seconds the outbox counts shown by /metrics may be old
+CUT_WAIT = 2.0  # seconds shutdown waits for cancelled calls to write their receipts
 log = logging.getLogger("gateway.api.app")
 
 
@@ -131,7 +132,13 @@ class Gateway:
         await self.svc.status.start()
 
     async def shutdown(self) -> None:
-        """Close the pool and stop following the ledger."""
+        """Once the requests still running are done (the server cancelled those its grace
+        period did not cover; a model call then writes its receipt, `pipeline.stopped`),
+        at most CUT_WAIT seconds: close the pool and stop following the ledger."""
+        loop = asyncio.get_running_loop()
+        until = loop.time() + CUT_WAIT
+        while self.metrics.inflight and loop.time() < until:
+            await asyncio.sleep(0.01)
         if self.svc.upstream is not None:
             await self.svc.upstream.close()
         if self.svc.signatures is not None:

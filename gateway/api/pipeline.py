@@ -150,6 +150,7 @@ class Call:
     strip_usage: bool = False  # usage was asked upstream for the gateway, not the client
     status: int = 0
     stream: bool = False
+    committing: bool = False  # its receipt is being (or was) signed and written
 
     def headers(self, status: int = 200) -> Headers:
         """The response headers every answer to this call carries (the E2EE ones only on a
@@ -204,6 +205,12 @@ async def model_call(svc: Services, scope: Scope, receive: Receive, send: Send,
             if e.route_id is not None and call.route is None:
                 call.route = svc.router.by_id.get(e.route_id)
             status, out, ctype = e.status, e.body(), JSON
+    except asyncio.CancelledError:
+        if call.committing or call.status:  # its receipt written, or its stream begun
+            await settle(svc, call)
+            raise
+        err = stopped(call)
+        status, out, ctype = err.status, err.body(), JSON
     except BaseException:
         await settle(svc, call)  # ended any other way: settled all the same
         raise
@@ -717,6 +724,9 @@ async def relay_stream(svc: Services, call: Call, reply: UpstreamReply, send: Se
     except (TimeoutError, OSError, asyncio.IncompleteReadError, ProtocolError) as e:
         call.refusal = {"code": "upstream_stream_broken", "status": 200}
         log.warning("stream broken %s: %s", call.request_hash, type(e).__name__)
+    except asyncio.CancelledError:
+        err = stopped(call)
+        await emit(stream_error(call, err.code, err.message))
     finally:
         await chunks.aclose()  # a stream ended early releases (closes) its connection
     call.provider_response_hash = prov.hexdigest()
@@ -779,6 +789,22 @@ def seal_event(call: Call, ev: sse.Event, obj: Any) -> bytes:
         return stream_error(call, e.code, e.message)
 
 
+def stopped(call: Call) -> GatewayError:
+    """The server cancelled this call: its stop's grace period (`[gateway] shutdown_grace`)
+    ran out before the answer. The cancel is absorbed (the call goes on to its receipt,
+    recording `gateway_stopping`, and a 503, or a stream's error event and end), and
+    `Gateway.shutdown` waits for that before the outbox closes: a call forwarded upstream
+    is never left without a receipt. A call cancelled once its receipt was being written
+    (`call.committing`) is not: that receipt stands, and the cancel goes on."""
+    task = asyncio.current_task()
+    if task is not None:
+        task.uncancel()
+    err = GatewayError(503, "gateway_stopping", "the gateway is stopping and could not finish "
+                       "this call in time; its receipt records that", type_="server_error")
+    call.refusal = {"code": err.code, "status": 200 if call.status == 200 else err.status}
+    return err
+
+
 def stream_error(call: Call, code: str, reason: str) -> bytes:
     """The error event that ends a stream early (OpenAI error shape); recorded as the
     call's refusal. The reason names the rule, never content."""
@@ -835,6 +861,7 @@ async def commit_receipt(svc: Services, call: Call, response_hash: str) -> None:
     replicas find it: one Redis script for both when both go to Redis, settling first (a
     failed index write never skips the settlement). The call is settled even if
     signing or the outbox fails."""
+    call.committing = True
     try:
         _, entry = svc.signer.sign(receipt_body(call, svc.identity, svc.keyset_index,
                                                 response_hash))

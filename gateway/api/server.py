@@ -402,9 +402,13 @@ async def serve(cfg: gconfig.Config, sock: socket.socket, stop: StopSignal, *,
                 log.error("receipt shipper exited with %s; restarting it", shipper.returncode)
                 shipper = start_shipper(cfg, outbox, status)
 
+    servers: list[tuple[uvicorn.Server, socket.socket]] = []
+
     def stop_watching() -> None:
         nonlocal stopping
         stopping = True  # a shipper that exits now (a signal to the group) stays down
+        for s, _ in servers:  # the signal reaches one server: both stop now, in one grace
+            s.should_exit = True
 
     def server(app: Any, with_tls: bool, lifespan: str) -> uvicorn.Server:
         config = uvicorn_config(
@@ -426,7 +430,7 @@ async def serve(cfg: gconfig.Config, sock: socket.socket, stop: StopSignal, *,
                       attest=ident.attest, e2ee_key=ident.e2ee_private,
                       keyset_index=logged.index, keyset_proof=logged.proof,
                       readiness=ready, tracer=spans, shared_mac_key=ident.shared_mac_key)
-        servers = [(server(app, tls, "on"), sock)]
+        servers.append((server(app, tls, "on"), sock))
         if tls_sock is not None:  # the app's lifespan runs once, with the main listener
             servers.append((server(app, True, "off"), tls_sock))
         tasks = [asyncio.create_task(s.serve(sockets=[k])) for s, k in servers]
