@@ -16,9 +16,10 @@ gathers what the receipt records; `Services` holds what the steps use.
 Invariants:
 - No byte goes upstream unless the route's lease satisfies its policy (the
   lease is acquired first; a TLS pin is checked on the handshake).
-- Everything after authentication gets a receipt, refusals included; it is
-  committed to the outbox before the response completes (before the last
-  chunk of a stream). A call whose receipt cannot be kept is not answered:
+- Everything after authentication gets a receipt, refusals included (and a
+  call the server cancels when its stop's grace period runs out: `stopped`);
+  it is committed to the outbox before the response completes (before the
+  last chunk of a stream). A call whose receipt cannot be kept is not answered:
   refused up front (503 `outbox_full` or `outbox_unavailable`, nothing
   forwarded, no receipt) when the outbox says so, else 503
   `outbox_unavailable` instead of the answer, or a stream cut off without its
