@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import re
 import time
@@ -710,6 +711,48 @@ def test_relay_stream_records_a_broken_stream() -> None:
     signed = json.loads(svc.outbox.puts[0][2])  # type: ignore[attr-defined]
     assert signed["refusal"] == call.refusal
     assert signed["response_hash"] == receipt.digest(SALT, ev)
+
+
+def test_relay_stream_cut_by_the_stop_commits_its_receipt_before_any_send() -> None:
+    """The server cancels a stream when its stop's grace runs out, here while a send waits
+    on a client that stopped reading for good: the receipt (refusal gateway_stopping, the
+    hash covering the error event that ends the stream) is committed without waiting on
+    that client again; the error event then goes with the stream's end."""
+    svc = services()
+    call = served_call(svc)
+    call.status = 200
+    ev, _ = chunk_event({"choices": [{"delta": {"content": "a"}}]})
+    sent: list[dict[str, Any]] = []
+    stuck = asyncio.Event()
+
+    async def send(m: dict[str, Any]) -> None:  # as uvicorn: written, then after the first
+        sent.append(m)                            # body each send waits for a drain that
+        if sum(bool(x.get("body")) for x in sent) > 1:  # never comes
+            stuck.set()
+            await asyncio.Event().wait()
+
+    async def go() -> None:
+        task = asyncio.create_task(pipeline.relay_stream(
+            svc, call, StreamReply([ev, ev]), send))  # type: ignore[arg-type]
+        await stuck.wait()
+        assert svc.outbox.puts == []  # type: ignore[attr-defined]
+        task.cancel()
+        for _ in range(100):
+            await asyncio.sleep(0)
+            if svc.outbox.puts:  # type: ignore[attr-defined]
+                break
+        task.cancel()  # the end's send waits on the client too
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    run(go())
+    assert call.refusal == {"code": "gateway_stopping", "status": 200}
+    signed = json.loads(svc.outbox.puts[0][2])  # type: ignore[attr-defined]
+    assert signed["refusal"] == call.refusal
+    end = sent[-1]
+    assert end["more_body"] is False
+    assert json.loads(end["body"].removeprefix(b"data: "))["error"]["code"] == "gateway_stopping"
+    assert signed["response_hash"] == receipt.digest(SALT, ev + ev + end["body"])
 
 
 # -- receipt_body, commit_receipt, logged_in_time ------------------------------------

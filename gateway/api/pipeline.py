@@ -695,6 +695,7 @@ async def relay_stream(svc: Services, call: Call, reply: UpstreamReply, send: Se
         await send({"type": "http.response.body", "body": out, "more_body": True})
 
     chunks = reply.chunks()
+    cut = b""  # the error event that ends a stream cut by the stop, sent with its end
     try:
         async for chunk in chunks:
             prov.update(chunk)
@@ -725,9 +726,10 @@ async def relay_stream(svc: Services, call: Call, reply: UpstreamReply, send: Se
     except (TimeoutError, OSError, asyncio.IncompleteReadError, ProtocolError) as e:
         call.refusal = {"code": "upstream_stream_broken", "status": 200}
         log.warning("stream broken %s: %s", call.request_hash, type(e).__name__)
-    except asyncio.CancelledError:
-        err = stopped(call)
-        await emit(stream_error(call, err.code, err.message))
+    except asyncio.CancelledError:  # the stop's grace ran out (perhaps while a send waited
+        err = stopped(call)         # on a client that does not read): nothing more is sent
+        cut = stream_error(call, err.code, err.message)  # before the receipt is committed
+        resp.update(cut)
     finally:
         await chunks.aclose()  # a stream ended early releases (closes) its connection
     call.provider_response_hash = prov.hexdigest()
@@ -738,7 +740,7 @@ async def relay_stream(svc: Services, call: Call, reply: UpstreamReply, send: Se
             call, "outbox_unavailable", "the receipt could not be stored")})
         call.refusal = {"code": "outbox_unavailable", "status": 503}
         return
-    await send({"type": "http.response.body", "body": b"", "more_body": False})
+    await send({"type": "http.response.body", "body": cut, "more_body": False})
 
 
 def relay_event(call: Call, ev: sse.Event) -> bytes:
