@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -226,8 +227,12 @@ def test_demo_gateway_sigterm_cuts_calls_on_both_listeners_with_receipts(
             os.kill(prov, signal.SIGCONT)
         assert [a.status_code for a in answers] == [503] * 4, [a.text for a in answers]
         assert all(a.json()["error"]["code"] == "gateway_stopping" for a in answers)
-        d.terminate()
+        for _ in range(300):  # the demo reports the gateway's exit once it has noticed it
+            if "gateway exited" in d.stderr():
+                break
+            time.sleep(0.1)
         assert "gateway exited with status 0" in d.stderr()
+        d.terminate()
         box = Outbox(tmp_path / "demo" / "gateway")
         try:
             rows = [box.get(a.headers["x-receipt-id"]) for a in answers]

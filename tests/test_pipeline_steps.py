@@ -105,6 +105,7 @@ class FakeStatus:
     enabled: bool = True
     log_down: bool = False
     logged: bool = True
+    stopping: bool = False
     waits: list[tuple[str, float]] = field(default_factory=list)
 
     async def wait_logged(self, receipt_id: str, timeout: float) -> bool:
@@ -713,21 +714,22 @@ def test_relay_stream_records_a_broken_stream() -> None:
     assert signed["response_hash"] == receipt.digest(SALT, ev)
 
 
-def test_relay_stream_cut_by_the_stop_commits_its_receipt_before_any_send() -> None:
-    """The server cancels a stream when its stop's grace runs out, here while a send waits
-    on a client that stopped reading for good: the receipt (refusal gateway_stopping, the
-    hash covering the error event that ends the stream) is committed without waiting on
-    that client again; the error event then goes with the stream's end."""
+def cut_stream(stopping: bool) -> tuple[pipeline.Services, pipeline.Call, bytes,
+                                         list[dict[str, Any]]]:
+    """A stream cancelled while a send waits on a client that stopped reading for good
+    (as uvicorn: the bytes written, then a drain that never comes), the server `stopping`
+    or not; (services, call, the event streamed twice, what was sent)."""
     svc = services()
+    svc.status.stopping = stopping  # type: ignore[attr-defined]
     call = served_call(svc)
     call.status = 200
     ev, _ = chunk_event({"choices": [{"delta": {"content": "a"}}]})
     sent: list[dict[str, Any]] = []
     stuck = asyncio.Event()
 
-    async def send(m: dict[str, Any]) -> None:  # as uvicorn: written, then after the first
-        sent.append(m)                            # body each send waits for a drain that
-        if sum(bool(x.get("body")) for x in sent) > 1:  # never comes
+    async def send(m: dict[str, Any]) -> None:
+        sent.append(m)
+        if sum(bool(x.get("body")) for x in sent) > 1:
             stuck.set()
             await asyncio.Event().wait()
 
@@ -739,13 +741,22 @@ def test_relay_stream_cut_by_the_stop_commits_its_receipt_before_any_send() -> N
         task.cancel()
         for _ in range(100):
             await asyncio.sleep(0)
-            if svc.outbox.puts:  # type: ignore[attr-defined]
+            if svc.outbox.puts or task.done():  # type: ignore[attr-defined]
                 break
         task.cancel()  # the end's send waits on the client too
         with contextlib.suppress(asyncio.CancelledError):
             await task
 
     run(go())
+    return svc, call, ev, sent
+
+
+def test_relay_stream_cut_by_the_stop_commits_its_receipt_before_any_send() -> None:
+    """The server, stopping, cancels a stream when the grace runs out, here while a send
+    waits on a client that stopped reading: the receipt (refusal gateway_stopping, the
+    hash covering the error event that ends the stream) is committed without waiting on
+    that client again; the error event then goes with the stream's end."""
+    svc, call, ev, sent = cut_stream(stopping=True)
     assert call.refusal == {"code": "gateway_stopping", "status": 200}
     signed = json.loads(svc.outbox.puts[0][2])  # type: ignore[attr-defined]
     assert signed["refusal"] == call.refusal
@@ -753,6 +764,14 @@ def test_relay_stream_cut_by_the_stop_commits_its_receipt_before_any_send() -> N
     assert end["more_body"] is False
     assert json.loads(end["body"].removeprefix(b"data: "))["error"]["code"] == "gateway_stopping"
     assert signed["response_hash"] == receipt.digest(SALT, ev + ev + end["body"])
+
+
+def test_relay_stream_cancelled_otherwise_is_not_taken_for_the_stop() -> None:
+    """A cancel while the server is not stopping is not absorbed as `gateway_stopping`."""
+    svc, call, _, sent = cut_stream(stopping=False)
+    assert call.refusal is None
+    assert svc.outbox.puts == []  # type: ignore[attr-defined]
+    assert all(m.get("more_body", True) for m in sent)  # the stream was not ended as cut
 
 
 # -- receipt_body, commit_receipt, logged_in_time ------------------------------------

@@ -206,8 +206,8 @@ async def model_call(svc: Services, scope: Scope, receive: Receive, send: Send,
             if e.route_id is not None and call.route is None:
                 call.route = svc.router.by_id.get(e.route_id)
             status, out, ctype = e.status, e.body(), JSON
-    except asyncio.CancelledError:
-        if call.committing or call.status:  # its receipt written, or its stream begun
+    except asyncio.CancelledError:  # cut by the server's stop (`stopped`), or else not ours
+        if not svc.status.stopping or call.committing or call.status:
             await settle(svc, call)
             raise
         err = stopped(call)
@@ -727,8 +727,10 @@ async def relay_stream(svc: Services, call: Call, reply: UpstreamReply, send: Se
         call.refusal = {"code": "upstream_stream_broken", "status": 200}
         log.warning("stream broken %s: %s", call.request_hash, type(e).__name__)
     except asyncio.CancelledError:  # the stop's grace ran out (perhaps while a send waited
-        err = stopped(call)         # on a client that does not read): nothing more is sent
-        cut = stream_error(call, err.code, err.message)  # before the receipt is committed
+        if not svc.status.stopping:  # on a client that does not read): nothing more is
+            raise                    # sent before the receipt is committed
+        err = stopped(call)
+        cut = stream_error(call, err.code, err.message)
         resp.update(cut)
     finally:
         await chunks.aclose()  # a stream ended early releases (closes) its connection
@@ -793,8 +795,8 @@ def seal_event(call: Call, ev: sse.Event, obj: Any) -> bytes:
 
 
 def stopped(call: Call) -> GatewayError:
-    """The server cancelled this call: its stop's grace period (`[gateway] shutdown_grace`)
-    ran out before the answer. The cancel is absorbed (the call goes on to its receipt,
+    """The server, stopping (`LogStatus.stopping`), cancelled this call: the stop's grace
+    period (`[gateway] shutdown_grace`) ran out before the answer. The cancel is absorbed (the call goes on to its receipt,
     recording `gateway_stopping`, and a 503, or a stream's error event and end), and
     `Gateway.shutdown` waits for that before the outbox closes: a call forwarded upstream
     is never left without a receipt. A call cancelled once its receipt was being written

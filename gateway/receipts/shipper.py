@@ -633,6 +633,11 @@ class LogStatus:
         self._until = until
         loop.call_at(until, self._release)
 
+    @property
+    def stopping(self) -> bool:
+        """Whether the server began to stop (`drain` was called)."""
+        return self._until is not None
+
     def _release(self) -> None:
         for futs in self._waiters.values():
             for fut in futs:
