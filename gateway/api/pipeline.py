@@ -796,11 +796,12 @@ def seal_event(call: Call, ev: sse.Event, obj: Any) -> bytes:
 
 def stopped(call: Call) -> GatewayError:
     """The server, stopping (`LogStatus.stopping`), cancelled this call: the stop's grace
-    period (`[gateway] shutdown_grace`) ran out before the answer. The cancel is absorbed (the call goes on to its receipt,
-    recording `gateway_stopping`, and a 503, or a stream's error event and end), and
-    `Gateway.shutdown` waits for that before the outbox closes: a call forwarded upstream
-    is never left without a receipt. A call cancelled once its receipt was being written
-    (`call.committing`) is not: that receipt stands, and the cancel goes on."""
+    period (`[gateway] shutdown_grace`) ran out before the answer. The cancel is absorbed
+    (the call goes on to its receipt, recording `gateway_stopping`, and a 503, or a
+    stream's error event and end), and `Gateway.shutdown` waits for that before the outbox
+    closes: a call forwarded upstream is never left without a receipt. A call cancelled
+    once its receipt was being written (`call.committing`) is not: that receipt stands, and
+    the cancel goes on."""
     task = asyncio.current_task()
     if task is not None:
         task.uncancel()
