@@ -13,8 +13,10 @@ if [ ${#need[@]} -gt 0 ]; then
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
   if command -v apt-get >/dev/null 2>&1; then
     echo "setup: installing ${need[*]}" >&2
-    $SUDO apt-get update -q >/dev/null || true
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q "${need[@]}" >/dev/null \
+    # a new machine may still be installing something else: wait for dpkg's lock
+    lock=(-o DPkg::Lock::Timeout=300)
+    $SUDO apt-get "${lock[@]}" update -q >/dev/null || true
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get "${lock[@]}" install -y -q "${need[@]}" >/dev/null \
       || echo "setup: WARNING: could not install ${need[*]}; the tests that need them will skip loudly" >&2
   else
     echo "setup: WARNING: no apt-get; install ${need[*]} yourself" >&2
