@@ -18,10 +18,19 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
+from gateway.api import app as gateway_app
 from gateway.receipts.outbox import Outbox
 from tests.test_demo import Demo
-from tests.test_gateway_fakes import API_KEY, FakeLog, FakeProvider, write_config
+from tests.test_gateway_fakes import (
+    API_KEY,
+    FakeLog,
+    FakeProvider,
+    gateway_stack,
+    post_chat,
+    write_config,
+)
 from tests.test_outbox_durability import wait_ready
 from tests.tlogutil import free_port, start, start_tlog
 from tlog import checkpoint, note
@@ -243,3 +252,36 @@ def test_demo_gateway_sigterm_cuts_calls_on_both_listeners_with_receipts(
         assert "Exception in ASGI application" not in d.stderr()
     finally:
         d.kill()
+
+
+def test_app_shutdown_waits_for_calls_another_listener_still_serves(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`gateway serve` has two listeners and the app's lifespan runs with one of them. When
+    that one had nothing in flight, the app's shutdown starts while the other's calls are
+    still within their grace: it waits for them (here a call the provider answers after
+    0.6 s) before closing what they use. It waited CUT_WAIT only, and a call of the other
+    listener outlived the app's pool, Redis clients and ledger follower."""
+    monkeypatch.setattr(gateway_app, "CUT_WAIT", 0.1)
+
+    async def go() -> tuple[int, list[int]]:
+        async with gateway_stack(tmp_path, extra_gateway="shutdown_grace = 5\n") as s:
+            s.prov.delay = 0.6
+            call = asyncio.create_task(post_chat(s.url))
+            while not s.prov.received:  # the call is with the provider now
+                await asyncio.sleep(0.01)
+            app = s.gw.app
+            in_flight_at_close: list[int] = []
+            close = app.svc.status.close
+
+            async def recorded() -> None:
+                in_flight_at_close.append(app.metrics.inflight)
+                await close()
+
+            app.svc.status.close = recorded  # type: ignore[method-assign]
+            await app.shutdown()  # as the lifespan's server, idle, does
+            r = await call
+            return r.status_code, in_flight_at_close
+
+    status, in_flight_at_close = asyncio.run(go())
+    assert status == 200
+    assert in_flight_at_close[0] == 0

@@ -132,11 +132,13 @@ class Gateway:
         await self.svc.status.start()
 
     async def shutdown(self) -> None:
-        """Once the requests still running are done (the server cancelled those its grace
-        period did not cover; a model call then writes its receipt, `pipeline.stopped`),
-        at most CUT_WAIT seconds: close the pool and stop following the ledger."""
+        """Once the requests still running are done, close the pool and stop following
+        the ledger. Every listener's server stops at once, but this runs when the one with
+        the lifespan has finished: another's calls may still be within their grace, and
+        those a server cancels then write their receipts (`pipeline.stopped`). So it waits
+        at most `shutdown_grace` + CUT_WAIT seconds."""
         loop = asyncio.get_running_loop()
-        until = loop.time() + CUT_WAIT
+        until = loop.time() + self.svc.cfg.gateway.shutdown_grace + CUT_WAIT
         while self.metrics.inflight and loop.time() < until:
             await asyncio.sleep(0.01)
         if self.svc.upstream is not None:
