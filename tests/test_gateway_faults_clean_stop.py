@@ -99,14 +99,42 @@ class Stopped:
         return [json.loads(r.entry) for r in rows if r is not None]
 
 
+@dataclass
+class Raw:
+    """An answer read off a raw connection (the fields of httpx's the tests read)."""
+
+    status_code: int
+    text: str
+    headers: dict[str, str]
+
+
+async def upload_half(port: int) -> Raw:
+    """A chat call whose body stops halfway (the client still uploading), then its answer
+    read to the connection's end."""
+    body = json.dumps(BODY).encode()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\n"
+                 b"Authorization: Bearer " + API_KEY.encode() + b"\r\n"
+                 b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body)
+                 + body[:len(body) // 2])
+    await writer.drain()
+    raw = await reader.read()
+    writer.close()
+    head, _, text = raw.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = dict(line.lower().split(": ", 1) for line in lines[1:] if ": " in line)
+    return Raw(int(lines[0].split()[1]), text.decode(errors="replace"), headers)
+
+
 def sigterm_with_calls_in_flight(tmp_path: Path, extra_gateway: str, calls: int = 3,
                                  delay: float = 0.0, log_fails: bool = False,
-                                 stream_pause: float = 0.0) -> Stopped:
+                                 stream_pause: float = 0.0, uploading: bool = False
+                                 ) -> Stopped:
     """Serve the gateway (tests.test_gateway_fakes, stopped as `gateway serve` is) with a
     provider answering after `delay` seconds; one call first (logged while the log
     answers), then, with `log_fails`, the log acknowledges nothing; `calls` calls start
-    (streams pausing `stream_pause` seconds before their last word, if that is set), and
-    SIGTERM comes 0.5 s later."""
+    (streams pausing `stream_pause` seconds before their last word, if that is set; with
+    `uploading`, calls whose body stops halfway), and SIGTERM comes 0.5 s later."""
     body = {**BODY, "stream": True} if stream_pause else BODY
 
     async def go() -> Stopped:
@@ -128,9 +156,10 @@ def sigterm_with_calls_in_flight(tmp_path: Path, extra_gateway: str, calls: int 
                     assert first.status_code == 200
                     log.fail = log_fails
                     prov.delay, prov.stream_pause = delay, stream_pause
-                    flying = [asyncio.create_task(c.post(url + "/v1/chat/completions",
-                                                         json=body, headers=AUTH))
-                              for _ in range(calls)]
+                    flying = [asyncio.create_task(
+                        upload_half(port) if uploading else
+                        c.post(url + "/v1/chat/completions", json=body, headers=AUTH))
+                        for _ in range(calls)]
                     await asyncio.sleep(0.5)  # all of them in the gateway now
                     gw.send_signal(signal.SIGTERM)
                     answers = await asyncio.gather(*flying)
@@ -285,3 +314,15 @@ def test_app_shutdown_waits_for_calls_another_listener_still_serves(
     status, in_flight_at_close = asyncio.run(go())
     assert status == 200
     assert in_flight_at_close[0] == 0
+
+
+def test_gateway_sigterm_answers_a_request_still_uploading_503(tmp_path: Path) -> None:
+    """A request whose body is still coming when `shutdown_grace` runs out has no receipt
+    to write (not yet parsed): it is answered 503 gateway_stopping, the gateway exits 0
+    (before: uvicorn's cancel made it a 500 and "Exception in ASGI application")."""
+    r = sigterm_with_calls_in_flight(tmp_path, "shutdown_grace = 1\n", calls=2,
+                                     uploading=True)
+    assert r.statuses == [503, 503], r.bodies
+    assert all(json.loads(b)["error"]["code"] == "gateway_stopping" for b in r.bodies)
+    assert r.exit_code == 0
+    assert "Exception in ASGI application" not in r.output

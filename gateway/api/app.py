@@ -189,6 +189,10 @@ class Gateway:
         status = 500
         try:
             status = await self._dispatch(scope, receive, send, path, start)
+        except asyncio.CancelledError:
+            if not (self.svc.status.stopping and await self._stopped(send)):
+                raise
+            status = 503
         except Exception:  # noqa: BLE001 - a bug must not become a traceback to the caller
             log.exception("internal error", extra={"fields": {"endpoint": endpoint}})
             if endpoint in MODEL_CALLS.values():
@@ -199,6 +203,24 @@ class Gateway:
         finally:
             metrics.inflight -= 1
             metrics.request(endpoint, status, time.perf_counter() - start)
+
+    @staticmethod
+    async def _stopped(send: Send) -> bool:
+        """Answer a request the server cut as it stopped (its grace ran out) 503
+        `gateway_stopping`, and absorb the cancel; False if the answer had begun (the
+        cancel goes on). A model call with a receipt to write did that first
+        (`pipeline.stopped`); this one had none (not yet authenticated or parsed, or not
+        a model call)."""
+        err = GatewayError(503, "gateway_stopping", "the gateway is stopping and could not "
+                           "finish this request in time", type_="server_error")
+        try:
+            await respond(send, err.status, err.body(), JSON)
+        except Exception:  # noqa: BLE001 - the response had started
+            return False
+        task = asyncio.current_task()
+        if task is not None:
+            task.uncancel()
+        return True
 
     def _called(self, kind: str, call: pipeline.Call | None, status: int, code: str | None,
                 start: float) -> None:
