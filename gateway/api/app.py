@@ -30,7 +30,7 @@ from gateway.api import jsonlog, pipeline, shared
 from gateway.api.apikeys import KeyStore, RedisRevocations, Revocations, admin_ok
 from gateway.api.attestation import Attest, AttestationDocuments
 from gateway.api.config import Config
-from gateway.api.errors import GatewayError, bad_request, unauthorized
+from gateway.api.errors import GatewayError, bad_request, stopping, unauthorized
 from gateway.api.health import Check, Readiness
 from gateway.api.metrics import CONTENT_TYPE as METRICS_TYPE
 from gateway.api.metrics import Gauge, Metrics
@@ -211,15 +211,12 @@ class Gateway:
         cancel goes on). A model call with a receipt to write did that first
         (`pipeline.stopped`); this one had none (not yet authenticated or parsed, or not
         a model call)."""
-        err = GatewayError(503, "gateway_stopping", "the gateway is stopping and could not "
-                           "finish this request in time", type_="server_error")
+        err = stopping("the gateway is stopping and could not finish this request in time")
         try:
             await respond(send, err.status, err.body(), JSON)
         except Exception:  # noqa: BLE001 - the response had started
             return False
-        task = asyncio.current_task()
-        if task is not None:
-            task.uncancel()
+        pipeline.absorb_cancel()
         return True
 
     def _called(self, kind: str, call: pipeline.Call | None, status: int, code: str | None,

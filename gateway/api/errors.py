@@ -54,5 +54,10 @@ def refused(status: int, code: str, message: str, route_id: str | None = None) -
     return GatewayError(status, code, message, type_="upstream_error", route_id=route_id)
 
 
+def stopping(message: str) -> GatewayError:
+    """503 `gateway_stopping`: the server's stop cut the request (its grace ran out)."""
+    return GatewayError(503, "gateway_stopping", message, type_="server_error")
+
+
 MALFORMED = error_body("malformed HTTP request", "invalid_request_error", "malformed_http")
 """The 400 body of a request the HTTP parser rejects (tlog.service.uvicorn_config)."""

@@ -55,7 +55,14 @@ import orjson
 from gateway.api import shared
 from gateway.api.apikeys import KeyStore
 from gateway.api.config import ApiKey, Config, RouteSpec
-from gateway.api.errors import GatewayError, bad_request, error_body, refused, unauthorized
+from gateway.api.errors import (
+    GatewayError,
+    bad_request,
+    error_body,
+    refused,
+    stopping,
+    unauthorized,
+)
 from gateway.api.ratelimit import Hold, Limits, RedisLimits
 from gateway.api.receipt_index import RedisReceiptIndex
 from gateway.api.replay import MemoryReplay, ReplayStore, ReplayUnavailable
@@ -802,13 +809,18 @@ def stopped(call: Call) -> GatewayError:
     closes: a call forwarded upstream is never left without a receipt. A call cancelled
     once its receipt was being written (`call.committing`) is not: that receipt stands, and
     the cancel goes on."""
+    absorb_cancel()
+    err = stopping("the gateway is stopping and could not finish this call in time; its "
+                   "receipt records that")
+    call.refusal = {"code": err.code, "status": 200 if call.status == 200 else err.status}
+    return err
+
+
+def absorb_cancel() -> None:
+    """Take back the cancel the current task just caught (`Task.uncancel`): it goes on."""
     task = asyncio.current_task()
     if task is not None:
         task.uncancel()
-    err = GatewayError(503, "gateway_stopping", "the gateway is stopping and could not finish "
-                       "this call in time; its receipt records that", type_="server_error")
-    call.refusal = {"code": err.code, "status": 200 if call.status == 200 else err.status}
-    return err
 
 
 def stream_error(call: Call, code: str, reason: str) -> bytes:
