@@ -199,7 +199,6 @@ LIMIT_FLAGS = {"header_timeout": float, "body_timeout": float, "keep_alive_timeo
                "max_header_bytes": int}
 
 
-
 def seconds(text: str) -> float:
     """An argparse type: a positive, finite number of seconds. nan, inf, zero and negatives
     are a usage error naming the flag (exit 2), never a loop that spins or a crash later."""
@@ -210,6 +209,7 @@ def seconds(text: str) -> float:
     if not (math.isfinite(value) and value > 0):
         raise argparse.ArgumentTypeError(f"not a positive, finite number of seconds: {text!r}")
     return value
+
 
 def add_limit_arguments(parser: argparse.ArgumentParser) -> None:
     """`--header-timeout`, `--body-timeout`, `--keep-alive-timeout`, `--max-connections`,

@@ -12,11 +12,12 @@ its connections corked (tlog/cork.py: a whole answer in one write).
 When listening, one JSON line goes to stdout: `{"gateway": URL,
 "receipt_signing_key": B64, "keyset_hash": HEX, "keyset_index": INT,
 "tls_spki_sha256": HEX}` plus `"gateway_tls": URL` with `--tls-listen`.
-SIGTERM/SIGINT stop it cleanly: no new connections; calls in flight get up to
-`[gateway] shutdown_grace` to finish (then uvicorn cancels them); calls waiting for the
-log (`require_log_inclusion`) are answered 503 `log_unavailable` LOG_WAIT_MARGIN before
-that (their receipts stay queued for the next start); a shipper that exits meanwhile is
-not restarted.
+SIGTERM/SIGINT stop it cleanly, both listeners at once: no new connections; calls in
+flight get up to `[gateway] shutdown_grace` to finish, then what still runs is cancelled
+and answered 503 `gateway_stopping`, with its receipt (`pipeline.stopped`); calls waiting
+for the log (`require_log_inclusion`) are answered 503 `log_unavailable` LOG_WAIT_MARGIN
+before that (their receipts stay queued for the next start); a shipper that exits
+meanwhile is not restarted.
 
 Attested TLS: HTTPS is served with the TLS key derived from dstack KMS
 (gateway/identity/keys.py), whose SPKI SHA-256 is `tls_spki_sha256` in the
