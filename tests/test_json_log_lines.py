@@ -1,4 +1,4 @@
-"""The services' JSON log lines (`tlog.service.JsonFormatter`, `log_json`).
+"""The services' JSON log lines (`tlog.service.JsonFormatter`, `JsonLines`, `log_json`).
 
 The formatter writes the common line with orjson; these tests hold it to the
 json.dumps line it replaced: the same JSON value, ASCII only, values that are
@@ -7,6 +7,8 @@ not JSON logged by their type name, and an exception's message never logged.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import datetime
 import enum
@@ -15,14 +17,17 @@ import logging
 import math
 import re
 import sys
+import threading
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tlog.service import JsonFormatter, log_json
+from gateway.api import jsonlog
+from tlog.service import JsonFormatter, JsonLines, log_json
 
 TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 
@@ -171,3 +176,163 @@ def test_log_json_sends_lines_to_stderr_without_caller_or_thread_lookups(
         root.handlers[:], root.level = saved[0], saved[1]
         (logging._srcfile, logging.logThreads,  # type: ignore[attr-defined]
          logging.logProcesses, logging.logMultiprocessing) = saved[2:]
+
+
+class Writes:
+    """A stream that records each write."""
+
+    def __init__(self) -> None:
+        self.writes: list[str] = []
+
+    def write(self, text: str) -> None:
+        self.writes.append(text)
+
+    def flush(self) -> None:
+        pass
+
+    def lines(self) -> list[dict[str, Any]]:
+        return [json.loads(x) for x in "".join(self.writes).splitlines()]
+
+
+@contextlib.contextmanager
+def root_handler(handler: logging.Handler) -> Iterator[None]:
+    """`handler` as the root logger's only handler, at INFO, for the block."""
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    root.handlers[:], root.level = [handler], logging.INFO
+    try:
+        yield
+    finally:
+        root.handlers[:], root.level = saved
+
+
+def test_a_loop_turns_lines_leave_in_one_write_in_order() -> None:
+    out = Writes()
+    h = JsonLines(out)
+    log = logging.getLogger("pag.test.turn")
+
+    async def main() -> list[int]:
+        for i in range(3):
+            log.info("line %d", i)
+        jsonlog.call("r-1", "chat", "r1", 200, None, 1.5, "none", False)
+        held = len(out.writes)
+        await asyncio.sleep(0)  # the end of the turn
+        await asyncio.sleep(0)
+        return [held, len(out.writes)]
+
+    with root_handler(h):
+        assert asyncio.run(main()) == [0, 1]
+    docs = out.lines()
+    assert [d["msg"] for d in docs] == ["line 0", "line 1", "line 2", "call"]
+    assert docs[3]["receipt_id"] == "r-1" and docs[3]["logger"] == "gateway.calls"
+
+
+def test_without_a_loop_a_line_leaves_at_once_and_flush_empties_what_is_held() -> None:
+    out = Writes()
+    h = JsonLines(out)
+    with root_handler(h):
+        logging.getLogger("pag.test.now").info("now")
+        assert [d["msg"] for d in out.lines()] == ["now"]
+
+        async def held() -> None:
+            logging.getLogger("pag.test.now").info("held")
+            h.flush()  # as logging.shutdown does at exit, or close
+            assert [d["msg"] for d in out.lines()] == ["now", "held"]
+
+        asyncio.run(held())
+    assert len(out.writes) == 2
+
+
+def test_a_line_from_another_thread_while_lines_are_held_keeps_the_order() -> None:
+    out = Writes()
+    h = JsonLines(out)
+    log = logging.getLogger("pag.test.thread")
+
+    async def main() -> None:
+        log.info("loop 1")
+        t = threading.Thread(target=log.info, args=("thread",))
+        t.start()
+        t.join()
+        log.info("loop 2")
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+
+    with root_handler(h):
+        asyncio.run(main())
+    assert [d["msg"] for d in out.lines()] == ["loop 1", "thread", "loop 2"]
+    assert len(out.writes) == 1
+
+
+def test_the_direct_call_line_is_the_line_logging_writes() -> None:
+    direct, logged = Writes(), Writes()
+    args = ("0192abcd-1234-7000-8000-0123456789ab", "chat", "r\u00e9", 502, "no_route",
+            12.34567, "aci-1", True)
+    with root_handler(JsonLines(direct)):
+        assert JsonLines.sole(jsonlog.CALLS, logging.INFO) is not None
+        jsonlog.call(*args)
+    sink = logging.StreamHandler(logged)
+    sink.setFormatter(JsonFormatter())
+    with root_handler(sink):  # not a JsonLines: logging's own path
+        assert JsonLines.sole(jsonlog.CALLS, logging.INFO) is None
+        jsonlog.call(*args)
+    a, b = "".join(direct.writes), "".join(logged.writes)
+    assert a.isascii() and "\\u00e9" in a
+    assert TIME.fullmatch(json.loads(a)["time"])
+    assert re.sub(TIME, "T", a) == re.sub(TIME, "T", b)
+
+
+def test_the_direct_path_is_taken_only_where_logging_would_reach_that_handler_alone() -> None:
+    h = JsonLines(Writes())
+    calls = jsonlog.CALLS
+    with root_handler(h):
+        assert JsonLines.sole(calls, logging.INFO) is h
+        assert JsonLines.sole(calls, logging.DEBUG) is None  # below the root's level
+        extra = logging.StreamHandler(Writes())  # as pytest's caplog adds one
+        logging.getLogger("gateway").addHandler(extra)
+        try:
+            assert JsonLines.sole(calls, logging.INFO) is None
+        finally:
+            logging.getLogger("gateway").removeHandler(extra)
+        calls.addFilter(lambda r: False)
+        try:
+            assert JsonLines.sole(calls, logging.INFO) is None
+        finally:
+            calls.filters.clear()
+        h.addFilter(lambda r: False)
+        try:
+            assert JsonLines.sole(calls, logging.INFO) is None
+        finally:
+            h.filters.clear()
+        calls.propagate = False  # then no handler gets its records but lastResort
+        try:
+            assert JsonLines.sole(calls, logging.INFO) is None
+        finally:
+            calls.propagate = True
+        calls.disabled = True
+        try:
+            assert JsonLines.sole(calls, logging.INFO) is None
+        finally:
+            calls.disabled = False
+        assert JsonLines.sole(calls, logging.INFO) is h
+
+
+def test_a_filtered_or_silenced_call_line_is_not_written() -> None:
+    out = Writes()
+    with root_handler(JsonLines(out)):
+        jsonlog.CALLS.addFilter(lambda r: False)
+        try:
+            jsonlog.call("r-2", "chat", None, 200, None, 1.0, "none", False)
+        finally:
+            jsonlog.CALLS.filters.clear()
+        jsonlog.CALLS.setLevel(logging.WARNING)
+        try:
+            jsonlog.call("r-3", "chat", None, 200, None, 1.0, "none", False)
+        finally:
+            jsonlog.CALLS.setLevel(logging.NOTSET)
+        jsonlog.call("r-4", "chat", None, 200, None, 1.0, "none", False)
+    assert [d["receipt_id"] for d in out.lines()] == ["r-4"]
+
+
+def test_json_lines_takes_no_other_formatter() -> None:
+    with pytest.raises(TypeError):
+        JsonLines(Writes()).setFormatter(logging.Formatter())
