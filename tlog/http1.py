@@ -229,10 +229,16 @@ class Connection(asyncio.Protocol):
             self._waiter.set_result(None)
 
     async def _wait(self, deadline: float | None) -> None:
+        """Until the protocol wakes this side (data, the end, an error); TimeoutError at the
+        loop-time `deadline`. With None no timeout context is entered (one that never fires
+        cost every wait about 2 us): the caller's own `asyncio.timeout` is the limit."""
         self._waiter = asyncio.get_running_loop().create_future()
         try:
-            async with asyncio.timeout_at(deadline):
+            if deadline is None:
                 await self._waiter
+            else:
+                async with asyncio.timeout_at(deadline):
+                    await self._waiter
         finally:
             self._waiter = None
 
