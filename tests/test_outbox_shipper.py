@@ -332,6 +332,48 @@ def test_batches_in_flight_are_bounded_so_receipts_arriving_meanwhile_share_one(
     assert len(log.batch_accepts) <= 40  # 200 receipts in few batches, not one per poll
 
 
+def test_while_a_batch_waits_out_the_interval_the_outbox_is_looked_at_once_before_it_leaves(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A receipt every 10 ms for 1.2 s, batches 0.3 s apart: every receipt is logged, and
+    the outbox is read a few times a batch, not every POLL (2 ms)."""
+    interval = 0.3
+    looks = [0]
+    original = Outbox.unlogged_after
+
+    def counted(self: Outbox, *args: Any) -> Any:
+        looks[0] += 1
+        return original(self, *args)
+
+    monkeypatch.setattr(Outbox, "unlogged_after", counted)
+
+    async def run() -> tuple[int, int, list[float]]:
+        log = FakeLog(old_batches=True)
+        await log.start()
+        box = Outbox(tmp_path / "gw")
+        sh = Shipper(tmp_path / "gw", log.url, log.token, log.vkey, concurrency=8,
+                     batch_interval=interval)
+        await sh.start()
+        try:
+            for i in range(120):
+                await box.put(f"{i:032x}", f"{i:064x}",
+                              json.dumps({"request_hash": f"{i:064x}"}).encode())
+                await asyncio.sleep(0.01)
+            for _ in range(200):
+                if box.counts()[1] == 0:
+                    break
+                await asyncio.sleep(0.02)
+            return looks[0], len(log.entries), log.batch_starts
+        finally:
+            await sh.close()
+            box.close()
+            await log.stop()
+
+    n, logged, starts = asyncio.run(run())
+    assert logged == 120
+    assert len(starts) >= 3
+    assert n <= 15 * len(starts), (n, len(starts))  # before: 784 looks, 5 batches
+
+
 def test_batch_posts_start_at_least_the_interval_apart_and_a_lone_receipt_goes_at_once(
         tmp_path: Path) -> None:
     interval = 0.25
