@@ -260,7 +260,7 @@ def test_a_line_from_another_thread_while_lines_are_held_keeps_the_order() -> No
     with root_handler(h):
         asyncio.run(main())
     assert [d["msg"] for d in out.lines()] == ["loop 1", "thread", "loop 2"]
-    assert len(out.writes) == 1
+    assert len(out.writes) == 2  # the thread's line left at once, with what was held
 
 
 def test_the_direct_call_line_is_the_line_logging_writes() -> None:
@@ -336,3 +336,53 @@ def test_a_filtered_or_silenced_call_line_is_not_written() -> None:
 def test_json_lines_takes_no_other_formatter() -> None:
     with pytest.raises(TypeError):
         JsonLines(Writes()).setFormatter(logging.Formatter())
+
+
+def test_a_failing_stream_loses_its_lines_and_fails_no_caller() -> None:
+    class Broken(Writes):
+        fail = True
+
+        def write(self, text: str) -> None:
+            if self.fail:
+                raise OSError(28, "No space left on device")
+            super().write(text)
+
+    out = Broken()
+    h = JsonLines(out)
+    log = logging.getLogger("pag.test.broken")
+
+    async def main() -> None:
+        log.info("lost in a turn")
+        jsonlog.call("r-5", "chat", None, 200, None, 1.0, "none", False)
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+
+    with root_handler(h):
+        log.info("lost at once")
+        asyncio.run(main())
+        out.fail = False
+        log.info("kept")
+    assert [d["msg"] for d in out.lines()] == ["kept"]
+
+
+def test_a_line_held_by_a_loop_that_stopped_leaves_with_the_next_loops_line() -> None:
+    out = Writes()
+    h = JsonLines(out)
+    log = logging.getLogger("pag.test.stopped")
+    with root_handler(h):
+        first = asyncio.new_event_loop()
+        try:
+            first.call_soon(log.info, "one")
+            first.call_soon(first.stop)  # the same turn: none follows for the flush
+            first.run_forever()
+        finally:
+            first.close()
+        assert out.writes == []  # held
+
+        async def next_loop() -> None:
+            log.info("two")
+            await asyncio.sleep(0)
+            await asyncio.sleep(0)
+
+        asyncio.run(next_loop())
+    assert [d["msg"] for d in out.lines()] == ["one", "two"]

@@ -494,6 +494,7 @@ class JsonLines(logging.StreamHandler):  # type: ignore[type-arg]
         super().__init__(stream)
         self.formatter: JsonFormatter = JsonFormatter()
         self._held: list[str] = []
+        self._due: asyncio.AbstractEventLoop | None = None  # the loop a flush is due on
 
     def setFormatter(self, fmt: logging.Formatter | None) -> None:  # noqa: N802 - logging's name
         if not isinstance(fmt, JsonFormatter):
@@ -512,21 +513,27 @@ class JsonLines(logging.StreamHandler):  # type: ignore[type-arg]
         """Write one formatted line (as `emit` does once it is formatted)."""
         with self.lock:  # type: ignore[union-attr]  # created by Handler.__init__
             self._held.append(line)
-            if len(self._held) > 1:
-                return  # a flush is already due
             try:
-                asyncio.get_running_loop().call_soon(self.flush)
-            except RuntimeError:  # no loop in this thread
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # no loop in this thread: now, after what is held
                 self.flush()
+                return
+            if self._due is not loop:  # (a loop that stopped before its flush ran: this one)
+                self._due = loop
+                loop.call_soon(self.flush)
 
     def flush(self) -> None:
-        """Write what is held, in one write."""
+        """Write what is held, in one write. A stream that fails loses those lines and
+        raises nothing (as a logging handler never fails its caller)."""
         with self.lock:  # type: ignore[union-attr]
-            if self._held:
-                held, self._held = self._held, []
-                self.stream.write("\n".join(held) + "\n")
-            if self.stream and hasattr(self.stream, "flush"):
-                self.stream.flush()
+            held, self._held, self._due = self._held, [], None
+            try:
+                if held:
+                    self.stream.write("\n".join(held) + "\n")
+                if self.stream and hasattr(self.stream, "flush"):
+                    self.stream.flush()
+            except Exception:  # noqa: BLE001, S110 - nowhere left to report it
+                pass
 
     @staticmethod
     def sole(logger: logging.Logger, level: int) -> JsonLines | None:
