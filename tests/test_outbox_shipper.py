@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ import pytest
 from gateway.receipts import outbox as ob
 from gateway.receipts.outbox import Outbox
 from gateway.receipts.shipper import BATCHES_IN_FLIGHT, ProofChecker, ShipError, Shipper
+from tests.test_doorbell import counting
 from tests.test_gateway_fakes import FakeLog
 from tests.tlogutil import start_tlog, stop
 from tlog import batch, checkpoint, merkle, note, proof
@@ -332,41 +334,50 @@ def test_batches_in_flight_are_bounded_so_receipts_arriving_meanwhile_share_one(
     assert len(log.batch_accepts) <= 40  # 200 receipts in few batches, not one per poll
 
 
+@contextlib.asynccontextmanager
+async def interval_shipper(data: Path, interval: float
+                           ) -> AsyncIterator[tuple[FakeLog, Outbox]]:
+    """A fake log, an outbox in `data` and its shipper posting batches `interval` apart."""
+    log = FakeLog(old_batches=True)
+    await log.start()
+    box = Outbox(data)
+    sh = Shipper(data, log.url, log.token, log.vkey, concurrency=8, batch_interval=interval)
+    await sh.start()
+    try:
+        yield log, box
+    finally:
+        await sh.close()
+        box.close()
+        await log.stop()
+
+
+async def steady(box: Outbox, numbers: range, every: float = 0.01) -> None:
+    """Commit receipt `i` for each i of `numbers`, `every` seconds apart."""
+    for i in numbers:
+        await box.put(f"{i:032x}", f"{i:064x}", json.dumps({"request_hash": f"{i:064x}"}).encode())
+        await asyncio.sleep(every)
+
+
+async def drained(box: Outbox, looks: int) -> None:
+    """Wait until nothing in the outbox is unlogged, looking at most `looks` times."""
+    for _ in range(looks):
+        if box.counts()[1] == 0:
+            return
+        await asyncio.sleep(0.02)
+
+
 def test_while_a_batch_waits_out_the_interval_the_outbox_is_looked_at_once_before_it_leaves(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A receipt every 10 ms for 1.2 s, batches 0.3 s apart: every receipt is logged, and
     the outbox is read a few times a batch, not every POLL (2 ms)."""
     interval = 0.3
-    looks = [0]
-    original = Outbox.unlogged_after
-
-    def counted(self: Outbox, *args: Any) -> Any:
-        looks[0] += 1
-        return original(self, *args)
-
-    monkeypatch.setattr(Outbox, "unlogged_after", counted)
+    looks = counting(monkeypatch, "unlogged_after")
 
     async def run() -> tuple[int, int, list[float]]:
-        log = FakeLog(old_batches=True)
-        await log.start()
-        box = Outbox(tmp_path / "gw")
-        sh = Shipper(tmp_path / "gw", log.url, log.token, log.vkey, concurrency=8,
-                     batch_interval=interval)
-        await sh.start()
-        try:
-            for i in range(120):
-                await box.put(f"{i:032x}", f"{i:064x}",
-                              json.dumps({"request_hash": f"{i:064x}"}).encode())
-                await asyncio.sleep(0.01)
-            for _ in range(200):
-                if box.counts()[1] == 0:
-                    break
-                await asyncio.sleep(0.02)
+        async with interval_shipper(tmp_path / "gw", interval) as (log, box):
+            await steady(box, range(120))
+            await drained(box, 200)
             return looks[0], len(log.entries), log.batch_starts
-        finally:
-            await sh.close()
-            box.close()
-            await log.stop()
 
     n, logged, starts = asyncio.run(run())
     assert logged == 120
@@ -379,14 +390,8 @@ def test_batch_posts_start_at_least_the_interval_apart_and_a_lone_receipt_goes_a
     interval = 0.25
 
     async def run() -> tuple[list[float], float | None, bool, int]:
-        log = FakeLog(old_batches=True)
-        await log.start()
-        ob = Outbox(tmp_path / "gw")
-        sh = Shipper(tmp_path / "gw", log.url, log.token, log.vkey, concurrency=8,
-                     batch_interval=interval)
-        await sh.start()
         loop = asyncio.get_running_loop()
-        try:
+        async with interval_shipper(tmp_path / "gw", interval) as (log, ob):
             t0 = loop.time()
             first = None
             await ob.put(f"{0:032x}", f"{0:064x}", json.dumps({"request_hash": "0" * 64}).encode())
@@ -399,19 +404,9 @@ def test_batch_posts_start_at_least_the_interval_apart_and_a_lone_receipt_goes_a
             await ob.put(f"{1:032x}", f"{1:064x}", json.dumps({"request_hash": "1" * 64}).encode())
             await asyncio.sleep(0.02)
             waited = ob.counts()[1] == 1
-            for i in range(2, 120):  # a steady stream
-                await ob.put(f"{i:032x}", f"{i:064x}",
-                             json.dumps({"request_hash": f"{i:064x}"}).encode())
-                await asyncio.sleep(0.01)
-            for _ in range(400):
-                if ob.counts()[1] == 0:
-                    break
-                await asyncio.sleep(0.02)
+            await steady(ob, range(2, 120))
+            await drained(ob, 400)
             return log.batch_starts, first, waited, len(log.entries)
-        finally:
-            await sh.close()
-            ob.close()
-            await log.stop()
 
     starts, first, waited, logged = asyncio.run(run())
     assert logged == 120  # every receipt logged once
