@@ -227,7 +227,7 @@ def test_a_loop_turns_lines_leave_in_one_write_in_order() -> None:
     assert docs[3]["receipt_id"] == "r-1" and docs[3]["logger"] == "gateway.calls"
 
 
-def test_without_a_loop_a_line_leaves_at_once_and_flush_empties_what_is_held() -> None:
+def test_without_a_loop_a_line_leaves_at_once_and_flush_or_close_empties_what_is_held() -> None:
     out = Writes()
     h = JsonLines(out)
     with root_handler(h):
@@ -236,11 +236,14 @@ def test_without_a_loop_a_line_leaves_at_once_and_flush_empties_what_is_held() -
 
         async def held() -> None:
             logging.getLogger("pag.test.now").info("held")
-            h.flush()  # as logging.shutdown does at exit, or close
+            h.flush()  # as logging.shutdown does at exit
             assert [d["msg"] for d in out.lines()] == ["now", "held"]
+            logging.getLogger("pag.test.now").info("held till close")
+            h.close()
+            assert [d["msg"] for d in out.lines()] == ["now", "held", "held till close"]
 
         asyncio.run(held())
-    assert len(out.writes) == 2
+    assert len(out.writes) == 3
 
 
 def test_a_line_from_another_thread_while_lines_are_held_keeps_the_order() -> None:

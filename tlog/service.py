@@ -535,6 +535,11 @@ class JsonLines(logging.StreamHandler):  # type: ignore[type-arg]
             except Exception:  # noqa: BLE001, S110 - nowhere left to report it
                 pass
 
+    def close(self) -> None:
+        """Write what is held, then close as any handler does."""
+        self.flush()
+        super().close()
+
     @staticmethod
     def sole(logger: logging.Logger, level: int) -> JsonLines | None:
         """The JsonLines handler that alone gets `logger`'s records at `level` (the
