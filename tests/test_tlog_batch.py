@@ -4,6 +4,7 @@ default answer unchanged."""
 
 from __future__ import annotations
 
+import base64
 import json
 from pathlib import Path
 
@@ -111,6 +112,31 @@ def test_mixed_heads_are_answered_under_the_newest_and_refusals_kept(tmp_path: P
         assert isinstance(p, proof.TlogProof) and p.extra == entry
         proof.check_inclusion(p, cp)
     assert a.index == idx1[2] and a.hashes != results[0].hashes  # type: ignore[union-attr]
+    store.close()
+
+
+def test_a_batch_of_add_answers_shares_its_base64_and_formats_each_proof_alone(
+        tmp_path: Path) -> None:
+    """`POST /add` answers of one batch format their proofs with one memo of base64 hashes;
+    each text is byte for byte the proof formatted alone, and verifies."""
+    store = SQLiteStore(tmp_path / "log.db")
+    log = Log(store, note.generate_signer("test.example/memo"))
+    log.served = log._commit([b"before %d" % i for i in range(37)])[0]  # noqa: SLF001
+    entries = [b"entry %d" % i for i in range(21)]
+    head, indices = log._commit(entries)  # noqa: SLF001
+    log.served = head
+    answers = log._answers(entries, indices)  # noqa: SLF001
+    cp, _ = checkpoint.open(head.note, log.signer.verifier())
+    for a, entry in zip(answers, entries, strict=True):
+        alone = proof.TlogProof(a.index, a.hashes, head.note, entry).format()
+        assert a.proof == alone
+        parsed = proof.parse(a.proof)
+        assert parsed.extra == entry
+        proof.check_inclusion(parsed, cp)
+    memo = answers[0].paths.b64
+    assert all(a.paths.b64 is memo for a in answers)
+    assert len(memo) < sum(len(a.hashes) for a in answers) / 2  # neighbours' paths shared
+    assert all(memo[h] == base64.b64encode(h) for h in memo)
     store.close()
 
 

@@ -9,12 +9,15 @@ from __future__ import annotations
 import httpx
 import psycopg
 import pytest
+from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.test_tlog_postgres import pg_url  # noqa: F401 - the fresh-schema fixture
 from tests.test_tlog_witnessing import junk, serve_fake
 from tests.tlogutil import free_port, start, start_tlog, stop
 from tlog import checkpoint, merkle, note
+from tlog.metrics import route
+from tlog.service import RequestCounter
 from witness import cosignature, request
 
 
@@ -60,6 +63,24 @@ def test_log_metrics_count_what_happened(tmp_path):
         stop(proc)
         fake.shutdown()
         fake.server_close()
+
+
+def test_the_request_counter_counts_each_route_and_status_and_keeps_few_children() -> None:
+    registry = CollectorRegistry()
+    count = RequestCounter(Counter("r", "requests", ["route", "status"], registry=registry),
+                           route)
+    for i in range(300):  # distinct paths of a few routes
+        count(f"/tile/0/{i:03d}", 200, 0.001)
+        count(f"/proof/{i:064x}", 404 if i % 3 else 200, 0.001)
+    count("/add", 200, 0.01)
+    count("/add", 503, 0.01)
+    count('/%22%7D%0Aevil', 404, 0.0)
+    got = {(s.labels["route"], s.labels["status"]): s.value
+           for fam in text_string_to_metric_families(generate_latest(registry).decode())
+           for s in fam.samples if s.name == "r_total"}
+    assert got == {("tile", "200"): 300, ("proof", "404"): 200, ("proof", "200"): 100,
+                   ("add", "200"): 1, ("add", "503"): 1, ("other", "404"): 1}
+    assert len(count._children) == len(got)  # noqa: SLF001 - one child per label pair
 
 
 def test_log_readyz_tells_the_truth_on_sqlite(tmp_path):

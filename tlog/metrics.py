@@ -31,6 +31,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from tlog.sequencer import SEQUENCER
+from tlog.service import RequestCounter
 
 if TYPE_CHECKING:
     from tlog.sequencer import Log
@@ -61,13 +62,11 @@ class LogMetrics(Collector):
         self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter("tlog_http_requests", "HTTP requests answered, by route and "
                                 "status", ["route", "status"], registry=self.registry)
+        self.record = RequestCounter(self.requests, route)
+        """service.Recorder for every answered request."""
         self.append_seconds = Histogram("tlog_append_seconds", "POST /add, arrival to "
                                         "acknowledgement", registry=self.registry)
         self.registry.register(self)
-
-    def record(self, path: str, status: int, seconds: float) -> None:
-        """service.Recorder for every answered request."""
-        self.requests.labels(route(path), str(status)).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -110,6 +110,9 @@ class Paths:
         self._size = size
         self._node: merkle.NodeReader | None = node
         self._paths: dict[int, tuple[bytes, ...]] = {}
+        self.b64: dict[bytes, bytes] = {}
+        """The base64 of path hashes, shared by the batch's formatted proofs (most of
+        neighbouring entries' paths are the same hashes)."""
 
     def __getitem__(self, index: int) -> tuple[bytes, ...]:
         if self._indices is not None and self._node is not None:
@@ -142,7 +145,7 @@ class Added:
     @property
     def proof(self) -> bytes:
         """What POST /add answers as `proof`: c2sp.org/tlog-proof@v1 text, `extra` the entry."""
-        return self.tlog_proof().format()
+        return self.tlog_proof().format(self.paths.b64)
 
     def tlog_proof(self) -> proof.TlogProof:
         """The parts of `proof`, to format with a memo shared by a batch's answers."""

@@ -24,6 +24,7 @@ from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from tlog.service import RequestCounter
 from witness.state import StateError
 
 if TYPE_CHECKING:
@@ -41,13 +42,11 @@ class WitnessMetrics(Collector):
         self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter("witness_http_requests", "HTTP requests answered, by route "
                                 "and status", ["route", "status"], registry=self.registry)
+        self.record = RequestCounter(self.requests, lambda path: ROUTES.get(path, "other"))
+        """service.Recorder for every answered request."""
         self.refusals = Counter("witness_refusals", "add-checkpoint refusals, by status",
                                 ["status"], registry=self.registry)
         self.registry.register(self)
-
-    def record(self, path: str, status: int, seconds: float) -> None:
-        """service.Recorder for every answered request."""
-        self.requests.labels(ROUTES.get(path, "other"), str(status)).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
