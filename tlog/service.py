@@ -1,9 +1,10 @@
 """Plumbing every HTTP service of the project shares (log, witness, gateway).
 
-The ASGI body reader and responder, `--listen` parsing and binding, the
-server limits, data directory checks, JSON log lines, seeds from the dstack KMS,
-private key files, the durable SQLite opener, the single-writer lock and the
-package version; nothing here knows what a log or a witness is.
+The ASGI body reader and responder, the per-request counter, `--listen`
+parsing and binding, the server limits, data directory checks, JSON log
+lines, seeds from the dstack KMS, private key files, the durable SQLite
+opener, the single-writer lock and the package version; nothing here knows
+what a log or a witness is.
 
 Invariants: `read_body` never buffers more than `limit` bytes (a declared
 Content-Length over the limit is refused before reading); `respond` always
@@ -45,11 +46,14 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from tlog.cork import corked
+
+if TYPE_CHECKING:
+    from prometheus_client import Counter
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -115,10 +119,10 @@ class RequestCounter:
     its lock and checks its values on every call (about 2.8 us a request, against 0.8
     for the child's own `inc`, measured in a tight loop)."""
 
-    def __init__(self, counter: Any, route: Callable[[str], str]) -> None:
+    def __init__(self, counter: Counter, route: Callable[[str], str]) -> None:
         self._counter = counter
         self._route = route
-        self._children: dict[tuple[str, int], Any] = {}
+        self._children: dict[tuple[str, int], Counter] = {}
 
     def __call__(self, path: str, status: int, seconds: float) -> None:
         key = (self._route(path), status)
