@@ -144,12 +144,10 @@ class Added:
 
     @property
     def proof(self) -> bytes:
-        """What POST /add answers as `proof`: c2sp.org/tlog-proof@v1 text, `extra` the entry."""
-        return self.tlog_proof().format(self.paths.b64)
-
-    def tlog_proof(self) -> proof.TlogProof:
-        """The parts of `proof`, to format with a memo shared by a batch's answers."""
-        return proof.TlogProof(self.index, self.hashes, self.head.note, self.entry)
+        """What POST /add answers as `proof`: c2sp.org/tlog-proof@v1 text, `extra` the entry
+        (formatted with the base64 memo the batch's answers share, `Paths.b64`)."""
+        return proof.TlogProof(self.index, self.hashes, self.head.note,
+                               self.entry).format(self.paths.b64)
 
 
 Pending = tuple[list[bytes], "asyncio.Future[list[Added]]"]

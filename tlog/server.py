@@ -198,11 +198,10 @@ class TlogApp:
         if batch.wanted(headers.get(b"accept", b"")):
             return await respond(send, 200, self._compact(results),
                                  batch.MEDIA_TYPE.encode(), b"no-store")
-        b64: dict[bytes, bytes] = {}  # the base64 of hashes the entries' paths share
         out: list[dict[str, object]] = [
             {"error": str(r), "code": r.code} if isinstance(r, AppendError)
             else {"index": r.index, "checkpoint": r.checkpoint.decode(),
-                  "proof": r.tlog_proof().format(b64).decode()}
+                  "proof": r.proof.decode()}
             for r in results]
         await _json(send, 200, {"entries": out})
 
