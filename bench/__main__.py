@@ -381,6 +381,10 @@ def gateway_rows(tmp: Path, seconds: float, samples: int, profile: float, rounds
 
     per_call = {"gateway": cpu_ms(g16), **{n: 1000 * cpu[n] / max(g16_calls, 1) for n in chain}}
     direct_ms = cpu_ms(res[("direct", 16)])
+    # at one client each call runs alone: the gateway's CPU per call is time added to it
+    rows.append(Row("gateway CPU per call at c=1 (serial with the call)",
+                    f"{cpu_ms(res[('gateway', 1)]):.3f} ms",
+                    f"added p50 {fmt(added('direct'), ' ms')}", "", "(load-independent)", None))
     rows.append(Row("CPU per call at c=16: gateway; shipper+tlog+witness",
                     f"{per_call['gateway']:.3f} ms; "
                     f"{sum(per_call[n] for n in ('shipper', 'tlog', 'witness')):.3f} ms",
