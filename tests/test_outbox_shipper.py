@@ -72,18 +72,36 @@ def test_wrong_entry_index_or_key_is_refused() -> None:
         checker.check(ENTRIES[3], answer(3, signer=note.generate_signer("log.test/x")))
 
 
+async def put_receipt(box: Outbox, i: int) -> None:
+    """Commit receipt number `i` (its id and request hash are `i` in hex)."""
+    await box.put(f"{i:032x}", f"{i:064x}", json.dumps({"request_hash": f"{i:064x}"}).encode())
+
+
+async def steady(box: Outbox, numbers: range, every: float = 0.01) -> None:
+    """Commit receipt `i` for each i of `numbers`, `every` seconds apart."""
+    for i in numbers:
+        await put_receipt(box, i)
+        await asyncio.sleep(every)
+
+
+async def drained(box: Outbox, looks: int, every: float = 0.02) -> None:
+    """Wait until nothing in the outbox is unlogged, looking at most `looks` times, `every`
+    seconds apart."""
+    for _ in range(looks):
+        if box.counts()[1] == 0:
+            return
+        await asyncio.sleep(every)
+
+
 async def _ship_all(data, url: str, token: str, vkey: str, n: int) -> tuple[Any, list]:
     """Queue n receipts, run a shipper until all are logged; (shipper, ledger proofs)."""
     ob = Outbox(data)
     for i in range(n):
-        await ob.put(f"{i:032x}", f"{i:064x}", json.dumps({"request_hash": f"{i:064x}"}).encode())
+        await put_receipt(ob, i)
     sh = Shipper(data, url, token, vkey, concurrency=4)
     await sh.start()
     try:
-        for _ in range(600):
-            if ob.counts()[1] == 0:
-                break
-            await asyncio.sleep(0.05)
+        await drained(ob, 600, 0.05)
         rows = [ob.get(f"{i:032x}") for i in range(n)]
     finally:
         await sh.close()
@@ -313,14 +331,10 @@ def test_batches_in_flight_are_bounded_so_receipts_arriving_meanwhile_share_one(
         await sh.start()
         try:
             for i in range(200):  # receipts keep arriving while batches are slow
-                await ob.put(f"{i:032x}", f"{i:064x}",
-                             json.dumps({"request_hash": f"{i:064x}"}).encode())
+                await put_receipt(ob, i)
                 if i % 10 == 9:
                     await asyncio.sleep(0.005)
-            for _ in range(600):
-                if ob.counts()[1] == 0:
-                    break
-                await asyncio.sleep(0.02)
+            await drained(ob, 600)
             return sh, log, [ob.get(f"{i:032x}") for i in range(200)]
         finally:
             await sh.close()
@@ -349,21 +363,6 @@ async def interval_shipper(data: Path, interval: float
         await sh.close()
         box.close()
         await log.stop()
-
-
-async def steady(box: Outbox, numbers: range, every: float = 0.01) -> None:
-    """Commit receipt `i` for each i of `numbers`, `every` seconds apart."""
-    for i in numbers:
-        await box.put(f"{i:032x}", f"{i:064x}", json.dumps({"request_hash": f"{i:064x}"}).encode())
-        await asyncio.sleep(every)
-
-
-async def drained(box: Outbox, looks: int) -> None:
-    """Wait until nothing in the outbox is unlogged, looking at most `looks` times."""
-    for _ in range(looks):
-        if box.counts()[1] == 0:
-            return
-        await asyncio.sleep(0.02)
 
 
 def test_while_a_batch_waits_out_the_interval_the_outbox_is_looked_at_once_before_it_leaves(
