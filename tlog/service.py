@@ -594,7 +594,7 @@ def limit_malloc_arenas(arenas: int = 2) -> bool:
     before any thread starts. Each thread that allocates otherwise gets an arena of its own,
     and memory freed in one stays resident there: `tlog serve`'s peak RSS after the bench's
     appends was 193-212 MiB at 1M entries and 190-196 at 10M with the default, 175 and 167
-    with two arenas, at the same speed (docs/benchmarks.md)."""
+    with two arenas, at the same speed (docs/benchmarks-history.md)."""
     try:
         libc = ctypes.CDLL(None)
         return bool(libc.mallopt(M_ARENA_MAX, arenas))

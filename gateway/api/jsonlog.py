@@ -25,7 +25,7 @@ def call(receipt_id: str | None, kind: str, route: str | None, status: int, code
     Where `gateway serve`'s JSON handler alone writes it (`JsonLines.sole`), the line goes
     to it directly: the same line, without a `LogRecord` and logging's dispatch. (At 16
     clients, leaving the line out saved the gateway's loop thread about 30 us a call,
-    against 5 us for the same line logged in a tight loop: docs/benchmarks.md.)"""
+    against 5 us for the same line logged in a tight loop: docs/benchmarks-history.md.)"""
     if not CALLS.isEnabledFor(logging.INFO):
         return
     fields = {"receipt_id": receipt_id, "kind": kind, "route": route, "status": status,

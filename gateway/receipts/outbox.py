@@ -73,7 +73,7 @@ OUTBOX_FILE = "outbox.sqlite3"
 LEDGER_FILE = "ledger.sqlite3"
 WAL_LIMIT = 32 << 20  # bytes of write-ahead log past which it is restarted (at most)
 # (4 MiB truncated the outbox's WAL 4-7 times a second at 16 clients, on the event loop;
-# 32 MiB: about once, and 12-16 % more calls a second: docs/benchmarks.md)
+# 32 MiB: about once, and 12-16 % more calls a second: docs/benchmarks-history.md)
 CHECKPOINT_EVERY = 0.1  # seconds between passive checkpoints of the WAL, off the loop
 TRIM_WAIT = 0.05  # seconds a restart waits for readers of an older snapshot
 TRIM_RETRY = 1.0  # seconds before a restart readers kept from finishing is tried again

@@ -324,7 +324,7 @@ class Shipper:
         bell after each cost more than the look it saved.) With a batch interval of 0
         (answers wait for the log: latency first) it waits for the bell after each empty
         look and looks again as soon as it rings, not POLL after the last look (one
-        client: a median 4.45 ms added per call instead of 6.24, docs/benchmarks.md).
+        client: a median 4.45 ms added per call instead of 6.24, docs/benchmarks-history.md).
         While a batch waits out the interval nothing can leave before it does, so the
         next look comes POLL before it leaves (at 16 clients, one look a batch instead of
         one every POLL: 25 a batch at the default interval)."""
