@@ -393,7 +393,7 @@ def test_batch_posts_start_at_least_the_interval_apart_and_a_lone_receipt_goes_a
         async with interval_shipper(tmp_path / "gw", interval) as (log, ob):
             t0 = loop.time()
             first = None
-            await ob.put(f"{0:032x}", f"{0:064x}", json.dumps({"request_hash": "0" * 64}).encode())
+            await put_receipt(ob, 0)
             for _ in range(200):  # the first receipt after a pause: posted without waiting
                 if ob.counts()[1] == 0:
                     first = loop.time() - t0
