@@ -497,8 +497,8 @@ def bulk_log(entries: int) -> Path:
     transactions: entries and hash tiles (`tiles.extend`, 65,536 leaves at a
     time), then the leaf index and lookup keys sorted by key, so the random-key
     indexes are built in one pass instead of page by page. The signed
-    checkpoint is the one `recover` signs when the log is first opened (the
-    path a crash between persist and checkpoint takes). The tables are
+    checkpoint is the one `recover` signs when the log is first opened (over
+    entries no checkpoint covers yet). The tables are
     tlog/sqlite_store.py's: tiles by `tile_id` with each full leaf tile's
     inner row, the prefix index tables. The cache directory names the
     layout (`LOG_LAYOUT`), so a log cached by an older loader is rebuilt,

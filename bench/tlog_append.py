@@ -121,7 +121,7 @@ def proofs(entries: int, tmp: Path, samples: int = 2000) -> dict[str, float]:
     for start_i in range(0, entries, batch):
         n = min(batch, entries - start_i)
         chunk = [b'{"request_hash": "%064x"}' % (start_i + i) for i in range(n)]
-        log._commit(chunk)  # the same three steps an append batch takes
+        log._commit(chunk)  # the same two steps an append batch takes
     build = time.perf_counter() - t0
     log.served = log.head
     store.close()

@@ -69,6 +69,47 @@ def test_failure_after_each_step_recovers(tmp_path, step):
     store.close()
 
 
+def outrun(store: storage.Storage, entries: list[bytes],
+           head: storage.Head | None = None) -> None:
+    """Store `entries` after the last one, as persist does, with `head` (None: no checkpoint
+    over them, as a log an older version wrote could be left after a crash)."""
+    start = store.size()
+    hashes = [merkle.leaf_hash(e) for e in entries]
+    store.persist(start, entries, hashes, tiles.extend(start, hashes, store.read_tile), [],
+                  head)
+
+
+def test_recover_covers_entries_that_outran_the_checkpoint(tmp_path):
+    signer = keys.load_signer(tmp_path)
+    store = SQLiteStore(tmp_path / "log.db")
+    _run(Log(store, signer), [b"x%d" % i for i in range(5)])
+    before = store.head()
+    outrun(store, [b"y%d" % i for i in range(3)])
+    assert store.head() == before and store.size() == 8
+    head = Log(store, signer).head  # recover, on open
+    assert head.size == 8 and store.head() == head
+    entries = store.read_entries(0, 8)
+    assert entries == [*(b"x%d" % i for i in range(5)), *(b"y%d" % i for i in range(3))]
+    hashes = [merkle.leaf_hash(e) for e in entries]
+    assert merkle.root(hashes) == head.root
+    merkle.verify_consistency(5, 8, merkle.consistency_proof(5, 8, hashes), before.root,
+                              head.root)
+    store.close()
+
+
+def test_persist_commits_entries_and_checkpoint_together(tmp_path):
+    """A checkpoint that cannot be stored (its size is taken) takes the entries with it."""
+    signer = keys.load_signer(tmp_path)
+    store = SQLiteStore(tmp_path / "log.db")
+    _run(Log(store, signer), [b"x%d" % i for i in range(5)])
+    before = store.head()
+    with pytest.raises(storage.StorageError):
+        outrun(store, [b"y"], before)
+    assert store.size() == 5 and store.head() == before
+    assert not store.find_leaves([merkle.leaf_hash(b"y")])
+    store.close()
+
+
 def test_recover_refuses_tampered_tiles(tmp_path):
     signer = keys.load_signer(tmp_path)
     store = SQLiteStore(tmp_path / "log.db")

@@ -8,7 +8,7 @@ import urllib.parse
 import httpx
 import pytest
 
-from tests.test_tlog_crash import _run
+from tests.test_tlog_crash import _run, outrun
 from tests.tlogutil import start_tlog, stop
 from tlog import checkpoint, keys, merkle, note, storage, tiles
 from tlog.sequencer import AppendError, Log
@@ -51,6 +51,26 @@ def test_postgres_failure_after_each_step_recovers(tmp_path, pg_url, step):
     entries = store.read_entries(0, head.size)
     assert entries[:3] == [b"a", b"b", b"c"]
     assert merkle.root([merkle.leaf_hash(e) for e in entries]) == head.root
+    store.close()
+
+
+def test_postgres_entries_that_outran_the_checkpoint_are_covered(tmp_path, pg_url):
+    from tlog.postgres_store import PostgresStore
+
+    signer = keys.load_signer(tmp_path)
+    store = PostgresStore(pg_url)
+    _run(Log(store, signer), [b"a", b"b", b"c"])
+    before = store.head()
+    with pytest.raises(storage.StorageError):  # its checkpoint's size is taken: nothing stored
+        outrun(store, [b"d"], before)
+    assert store.size() == 3 and store.head() == before
+    outrun(store, [b"d", b"e"])  # no checkpoint over them, as an older version could leave
+    assert store.head() == before
+    head = Log(store, signer).head  # recover
+    hashes = [merkle.leaf_hash(e) for e in store.read_entries(0, 5)]
+    assert head.size == 5 and merkle.root(hashes) == head.root
+    merkle.verify_consistency(3, 5, merkle.consistency_proof(3, 5, hashes), before.root,
+                              head.root)
     store.close()
 
 

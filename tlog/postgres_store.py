@@ -164,7 +164,8 @@ class PostgresStore:
         return [bytes(r[0]) for r in rows]
 
     def persist(self, start: int, entries: Sequence[bytes], hashes: Sequence[bytes],
-                tiles: dict[tuple[int, int], bytes], keys: Sequence[tuple[str, int]]) -> None:
+                tiles: dict[tuple[int, int], bytes], keys: Sequence[tuple[str, int]],
+                head: Head | None = None) -> None:
         with self._writing() as cur:
             cur.executemany("INSERT INTO tlog_entries (idx, data) VALUES (%s, %s)",
                             [(start + i, e) for i, e in enumerate(entries)])
@@ -180,6 +181,8 @@ class PostgresStore:
             if keys:
                 cur.executemany("INSERT INTO tlog_lookup (key, idx) VALUES (%s, %s) "
                                 "ON CONFLICT DO NOTHING", list(keys))
+            if head is not None:
+                _insert_checkpoint(cur, head)
 
     def find_leaves(self, hashes: Sequence[bytes]) -> dict[bytes, int]:
         with self._reading() as db:
@@ -207,8 +210,7 @@ class PostgresStore:
 
     def checkpoint(self, head: Head) -> None:
         with self._writing() as cur:
-            cur.execute("INSERT INTO tlog_checkpoints (size, root, note) VALUES (%s, %s, %s)",
-                        (head.size, head.root, head.note))
+            _insert_checkpoint(cur, head)
 
     def update_note(self, size: int, note_bytes: bytes) -> None:
         with self._writing() as cur:
@@ -227,3 +229,8 @@ class PostgresStore:
         with self._lock, self._rlock:
             self._db.close()
             self._rdb.close()
+
+
+def _insert_checkpoint(cur: psycopg.Cursor, head: Head) -> None:
+    cur.execute("INSERT INTO tlog_checkpoints (size, root, note) VALUES (%s, %s, %s)",
+                (head.size, head.root, head.note))

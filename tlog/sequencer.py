@@ -610,9 +610,10 @@ class Log:
             self._faults(step)
 
     def _commit(self, entries: list[bytes]) -> tuple[Head, list[int]]:
-        """Steps 1-3 for one batch (runs in a worker thread): the head covering the batch
+        """Both steps for one batch (runs in a worker thread): the head covering the batch
         and each entry's index. An entry the log holds, or that an earlier entry of the
-        batch carries, keeps that index and is not written again."""
+        batch carries, keeps that index and is not written again; a batch of such entries
+        writes nothing."""
         with self._commit_lock:
             if self._stale:
                 self._reload()
@@ -636,19 +637,30 @@ class Log:
                 changed = tiles.extend(start, new_hashes, self.read_tile)
                 keys = [(k, start + j) for j, e in enumerate(new)
                         if (k := lookup_key(e)) is not None]
-                self.store.persist(start, new, new_hashes, changed, keys)
+                size = start + len(new)
+                head = sign_head(self.signer, size,
+                                 merkle.tree_root(size, self._changed_node(changed)))
+                self.store.persist(start, new, new_hashes, changed, keys, head)
                 with self._cache_lock:
                     if generation == self._generation:
                         for key, data in changed.items():
                             self._tiles.put(key, data)
-                self.size = start + len(new)
+                self.size, self.head = size, head
             self._fault("persist")
-            if self.head.size < self.size:
-                head = sign_head(self.signer, self.size, merkle.tree_root(self.size, self.node))
-                self.store.checkpoint(head)
-                self.head = head
-            self._fault("checkpoint")
             return self.head, indices
+
+    def _changed_node(self, changed: dict[tuple[int, int], bytes]) -> merkle.NodeReader:
+        """`node` over the stored tiles with `changed` ones in their place: the tree a batch
+        makes, read before it is stored (nothing read from `changed` is cached)."""
+
+        def node(level: int, index: int) -> bytes:
+            tl, ti, _, _ = tiles.locate(level, index)
+            data = changed.get((tl, ti))
+            if data is None:
+                return self.node(level, index)
+            return tiles.node_from_tile(data, level, index)
+
+        return node
 
     async def _run(self) -> None:
         queue = self._queue
@@ -669,7 +681,7 @@ class Log:
             raise
 
     async def _append(self, batch: list[Pending]) -> bool:
-        """One batch through the three steps, answered; False once this log may no longer
+        """One batch through both steps, answered; False once this log may no longer
         sequence."""
         entries = [e for group, _ in batch for e in group]
         try:

@@ -365,7 +365,8 @@ class SQLiteStore:
         return [bytes(r[0]) for r in rows]
 
     def persist(self, start: int, entries: Sequence[bytes], hashes: Sequence[bytes],
-                tiles: dict[tuple[int, int], bytes], keys: Sequence[tuple[str, int]]) -> None:
+                tiles: dict[tuple[int, int], bytes], keys: Sequence[tuple[str, int]],
+                head: Head | None = None) -> None:
         """The entries' index rows join those held in memory (tlog/recent.py). While a
         fold is in progress, this transaction also writes its next piece; all the rest of
         it if another FOLD_AT entries' rows have filled meanwhile."""
@@ -386,6 +387,8 @@ class SQLiteStore:
                            inner_rows(tiles))
             for k in pieces:
                 self._write_piece(db, k)
+            if head is not None:
+                _insert_checkpoint(db, head)
         self._pieces_written(len(pieces))
         memory.add(start + len(entries), [(prefix(h), start + i) for i, h in enumerate(hashes)],
                    [(key_prefix(k), ix) for k, ix in keys])
@@ -443,8 +446,7 @@ class SQLiteStore:
 
     def checkpoint(self, head: Head) -> None:
         with self._writing() as db:
-            db.execute("INSERT INTO checkpoints (size, root, note) VALUES (?, ?, ?)",
-                       (head.size, head.root, head.note))
+            _insert_checkpoint(db, head)
 
     def update_note(self, size: int, note_bytes: bytes) -> None:
         with self._writing() as db:
@@ -485,6 +487,11 @@ class SQLiteStore:
             if self._lock_fd >= 0:
                 os.close(self._lock_fd)
                 self._lock_fd = -1
+
+
+def _insert_checkpoint(db: sqlite3.Connection, head: Head) -> None:
+    db.execute("INSERT INTO checkpoints (size, root, note) VALUES (?, ?, ?)",
+               (head.size, head.root, head.note))
 
 
 def _checkpoints(db: sqlite3.Connection, closing: threading.Event) -> None:

@@ -1,16 +1,19 @@
-"""Log storage as three explicit steps, and the recovery that follows a crash.
+"""Log storage as two explicit steps, and the recovery that follows a crash.
 
 An append goes through:
 1. sequence: the sequencer gives a batch of entries consecutive indices;
 2. persist: entries, their leaf hashes, the hash tiles they change (with the
-   inner row of each leaf tile they fill) and their lookup keys are committed
-   in ONE transaction (`Storage.persist`);
-3. checkpoint: the new tree head is signed and committed (`Storage.checkpoint`).
+   inner row of each leaf tile they fill), their lookup keys and the signed
+   checkpoint over the grown tree are committed in ONE transaction
+   (`Storage.persist`).
 
-Nothing is acknowledged before step 3 has committed. A crash between 2 and 3
-leaves entries that no checkpoint covers yet; `recover` (run on every open)
-signs a checkpoint over them, so recovery is the normal path. A crash before
-2 commits loses only entries nobody was told about.
+Nothing is acknowledged before step 2 has committed, and nothing it wrote is
+visible without the rest: a crash before its commit loses only entries nobody
+was told about. Storage can still hold entries that no checkpoint covers: a log
+written by an earlier version (which committed the checkpoint in a third
+transaction of its own) after a crash between the two, or entries loaded in
+bulk. `recover` (run on every open) signs a checkpoint over them
+(`Storage.checkpoint`), so recovery is the normal path.
 
 The log holds each entry once. Step 1 looks every entry's leaf hash up in
 the leaf index (`Storage.find_leaves`) and among the batch's earlier
@@ -61,7 +64,7 @@ import orjson
 
 from tlog import checkpoint, merkle, note, tiles
 
-STEPS = ("sequence", "persist", "checkpoint")
+STEPS = ("sequence", "persist")
 
 HEX64 = re.compile(r"[0-9a-f]{64}")
 """A request hash: 64 lower-case hex digits."""
@@ -117,11 +120,14 @@ class Storage(Protocol):
         """Entries [start, end)."""
 
     def persist(self, start: int, entries: Sequence[bytes], hashes: Sequence[bytes],
-                tiles: dict[tuple[int, int], bytes], keys: Sequence[tuple[str, int]]) -> None:
+                tiles: dict[tuple[int, int], bytes], keys: Sequence[tuple[str, int]],
+                head: Head | None = None) -> None:
         """Step 2: entries from index `start` with their leaf hashes (`hashes[i]` is
         merkle.leaf_hash(entries[i]): the caller has them from sequencing), changed tiles
-        (with the inner row of each full leaf tile among them, `inner_rows`), lookup keys;
-        atomically. Raises StorageError (writing nothing) if the log already holds one of
+        (with the inner row of each full leaf tile among them, `inner_rows`), lookup keys
+        and `head`, the signed checkpoint of size start + len(entries); atomically.
+        Without `head` the entries are left for `recover` to cover, as an older log's
+        could be. Raises StorageError (writing nothing) if the log already holds one of
         the entries."""
 
     def find_leaves(self, hashes: Sequence[bytes]) -> dict[bytes, int]:
@@ -140,7 +146,7 @@ class Storage(Protocol):
         """Record the inner rows of full leaf tiles from `start`, keeping any already held."""
 
     def checkpoint(self, head: Head) -> None:
-        """Step 3: record a new signed checkpoint."""
+        """Record a signed checkpoint over entries already stored (`recover`)."""
 
     def update_note(self, size: int, note_bytes: bytes) -> None:
         """Replace the stored note of checkpoint `size` (cosignatures added)."""
@@ -257,7 +263,7 @@ def recover(store: Storage, signer: note.Signer) -> Head:
     leaf index, every full leaf tile its inner row.
 
     A new log gets a signed checkpoint of size 0 (root SHA-256("")). Entries
-    persisted after the last checkpoint (a crash between steps 2 and 3) are
+    stored beyond the last checkpoint (an older version's crash, a bulk load) are
     covered by a new checkpoint computed from the stored tiles.
     """
     index_leaves(store)
