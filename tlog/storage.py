@@ -10,8 +10,8 @@ An append goes through:
 Nothing is acknowledged before step 2 has committed, and nothing it wrote is
 visible without the rest: a crash before its commit loses only entries nobody
 was told about. Storage can still hold entries that no checkpoint covers: a log
-written by an earlier version (which committed the checkpoint in a third
-transaction of its own) after a crash between the two, or entries loaded in
+written by an earlier version (which committed the checkpoint in a transaction
+of its own, after the entries') after a crash between the two, or entries loaded in
 bulk. `recover` (run on every open) signs a checkpoint over them
 (`Storage.checkpoint`), so recovery is the normal path.
 
