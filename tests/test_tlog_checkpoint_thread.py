@@ -12,7 +12,7 @@ import time
 import pytest
 
 from tests.test_tlog_crash import _run
-from tlog import keys, sqlite_store, storage
+from tlog import keys, sqlite_store, storage, walpace
 from tlog.sequencer import Log
 from tlog.sqlite_store import SQLiteStore
 
@@ -23,8 +23,9 @@ def checkpoint_threads() -> set[threading.Thread]:
 
 def largest_wal(tmp_path, monkeypatch, every: float) -> int:
     """The largest size the WAL file reached over 40 appends, with checkpoints by the thread
-    every `every` seconds and none by the appending thread."""
+    every `every` seconds (after any commit) and none by the appending thread."""
     monkeypatch.setattr(sqlite_store, "WAL_PAGES", 10**9)
+    monkeypatch.setattr(walpace, "COMMITS", 1)
     monkeypatch.setattr(sqlite_store, "CHECKPOINT_EVERY", every)
     tmp_path.mkdir()
     store = SQLiteStore(tmp_path / "log.db")

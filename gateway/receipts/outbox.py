@@ -26,13 +26,14 @@ Invariants:
   stored) and gets it back when read.
 
 Bounded disk (docs/reliability.md):
-- The write-ahead log of each file is folded back by a background thread
-  every `CHECKPOINT_EVERY` and, once it passes `WAL_LIMIT`, restarted between
-  two transactions (fully folded in, written again from its start and its file
-  cut back to the limit), so it cannot grow under a steady load that never lets
-  a passive checkpoint catch up. In "process" mode the checkpoint thread does
-  the restart while the writer holds its next commits back (the event loop goes
-  on serving); in "fsync" mode the writer thread does. A restart that readers
+- The write-ahead log of each file is folded back by a background thread, at a tick
+  of `CHECKPOINT_EVERY` once `tlog.walpace.COMMITS` commits were made since it last
+  did (tlog/walpace.py says why), and, once it passes `WAL_LIMIT`, restarted between
+  two transactions (fully folded in, written again from its start and its file cut
+  back to the limit), so it cannot grow under a steady load that never lets a
+  passive checkpoint catch up. In "process" mode the checkpoint thread does the
+  restart while the writer holds its next commits back (the event loop goes on
+  serving); in "fsync" mode the writer thread does. A restart that readers
   keep from finishing is tried again `TRIM_RETRY` later, not at every commit.
 - A receipt is pruned (deleted with its acknowledgement) only once it is logged
   and older than the retention, or sooner, oldest first, while the outbox is
@@ -68,13 +69,14 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from gateway.receipts.doorbell import Ringer
 from tlog import proof
+from tlog.walpace import Pace
 
 OUTBOX_FILE = "outbox.sqlite3"
 LEDGER_FILE = "ledger.sqlite3"
 WAL_LIMIT = 32 << 20  # bytes of write-ahead log past which it is restarted (at most)
 # (4 MiB truncated the outbox's WAL 4-7 times a second at 16 clients, on the event loop;
 # 32 MiB: about once, and 12-16 % more calls a second: docs/benchmarks-history.md)
-CHECKPOINT_EVERY = 0.1  # seconds between passive checkpoints of the WAL, off the loop
+CHECKPOINT_EVERY = 0.1  # seconds between looks at the WAL's checkpoint (walpace), off the loop
 TRIM_WAIT = 0.05  # seconds a restart waits for readers of an older snapshot
 TRIM_RETRY = 1.0  # seconds before a restart readers kept from finishing is tried again
 MAX_BYTES = 1 << 30  # default hard bound on the bytes the outbox and ledger use
@@ -247,6 +249,7 @@ class _Writer:
         self._handback: Callable[[], None] | None = None  # set by the loop, run by the thread
         self._holding = False  # (on the loop) commits wait for a restart
         self._trim_after = 0.0  # monotonic time before which no restart is tried
+        self._pace = Pace()  # commits since the last passive checkpoint
         self._checkpointer = threading.Thread(target=self._checkpoint, daemon=True,
                                               name=f"{path.stem}-checkpoint")
         self._checkpointer.start()
@@ -259,9 +262,9 @@ class _Writer:
             self._thread.start()
 
     def _checkpoint(self) -> None:
-        """Fold the WAL into the database every CHECKPOINT_EVERY, on this thread's own
-        connection; when the writer asks (`_trim_wal`), restart it instead, then hand the
-        writer its commits back."""
+        """Fold the WAL into the database at a tick of CHECKPOINT_EVERY once the writer made
+        enough commits (`Pace`), on this thread's own connection; when the writer asks
+        (`_trim_wal`), restart it instead, then hand the writer its commits back."""
         conn = sqlite3.connect(self.path, isolation_level=None, timeout=TRIM_WAIT)
         try:
             while not self._closing.is_set():
@@ -274,8 +277,8 @@ class _Writer:
                     finally:
                         with contextlib.suppress(RuntimeError):  # the loop has closed
                             handback()
-                else:
-                    with contextlib.suppress(sqlite3.Error):  # a full disk: next time
+                elif self._pace.due():
+                    with contextlib.suppress(sqlite3.Error):  # a full disk: at the next one
                         conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
         finally:
             conn.close()
@@ -382,6 +385,7 @@ class _Writer:
                     self._wconn.execute(op.sql, op.args)
             fault("commit")
             self._wconn.execute("COMMIT")
+            self._pace.committed()
         except (sqlite3.Error, OSError) as e:
             if self._wconn.in_transaction:
                 with contextlib.suppress(sqlite3.Error):
