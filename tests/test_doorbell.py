@@ -70,6 +70,30 @@ def test_ringing_a_shipper_that_is_gone_is_harmless_and_the_next_one_is_rung() -
     asyncio.run(run())
 
 
+@pytest.mark.parametrize("callers", [1, 3])
+def test_the_outbox_rings_only_after_the_callers_of_its_commit_went_on(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, callers: int) -> None:
+    """A ring wakes the shipper; the calls whose receipts the commit holds send their answers
+    first (here: record that they resumed), so the shipper does not run ahead of them."""
+    events: list[str] = []
+    monkeypatch.setattr(Ringer, "ring", lambda self: events.append("rang"))
+
+    async def call(ob: Outbox, n: int) -> None:
+        await ob.put(f"{n:032x}", f"{n:064x}", b"entry")
+        events.append("answered")
+
+    async def run() -> None:
+        ob = Outbox(tmp_path)
+        try:
+            await asyncio.gather(*(call(ob, n) for n in range(callers)))
+            await asyncio.sleep(0)  # the loop turn after them
+        finally:
+            ob.close()
+
+    asyncio.run(run())
+    assert events == ["answered"] * callers + ["rang"]
+
+
 def test_a_bell_whose_gateway_closed_its_end_goes_back_to_polling() -> None:
     async def run() -> bool:
         r, w = os.pipe()

@@ -242,7 +242,8 @@ class _Writer:
         self._wconn.execute(f"PRAGMA journal_size_limit={wal_limit}")
         self._wal = Path(f"{path}-wal")
         self.faults: FaultHook | None = None
-        self.committed: Callable[[], None] | None = None  # after each committed batch
+        self.committed: Callable[[], None] | None = None  # after each committed batch, its
+        # writes' callers told (on the loop: their tasks are due to resume)
         self.vacuum_due = False  # set after deletions: free pages go back to the file system
         self._closing = threading.Event()
         self._trim_asked = threading.Event()
@@ -356,14 +357,14 @@ class _Writer:
     def _apply(self, batch: list[_Op]) -> None:
         """Run a batch in one transaction; on failure, each op alone, so only culprits fail."""
         err, committed = self._run(batch)
-        if committed and self.committed is not None:
-            self.committed()
         if err is None or committed or len(batch) == 1:
             for op in batch:
                 op.done(err)
         else:
             for op in batch:
                 op.done(self._run([op])[0])
+        if committed and self.committed is not None:
+            self.committed()
         if self.vacuum_due:  # outside any transaction: executescript steps it to the end
             self.vacuum_due = False
             with contextlib.suppress(sqlite3.Error):
@@ -451,7 +452,7 @@ class Outbox:
             if writable else None
         self.ringer = Ringer()  # the shipper's doorbell, once `gateway serve` attaches it
         if self._writer is not None:
-            self._writer.committed = self.ringer.ring
+            self._writer.committed = self._ring_after_answers
         _connect(data_dir / LEDGER_FILE, LEDGER_SCHEMA).close()
         if not writable:
             _connect(path, OUTBOX_SCHEMA).close()
@@ -485,6 +486,18 @@ class Outbox:
             self.failing = f"{type(e).__name__}: {e}"
             raise OutboxUnavailable(self.failing) from e
         self.failing = None
+
+    def _ring_after_answers(self) -> None:
+        """Ring the shipper after a commit: on the event loop, once the calls the commit
+        resumed (due first, in this loop turn) have sent their answers; at once elsewhere
+        (the "fsync" writer thread, or `close`). A ring wakes an idle shipper, and on two
+        CPUs the shipper then ran before the answer left: at 20 calls a second, ringing
+        after the answers cut the gateway's added p50 from 2.42-2.54 ms to 2.13-2.43
+        (five runs each, docs/benchmarks.md)."""
+        try:
+            asyncio.get_running_loop().call_soon(self.ringer.ring)
+        except RuntimeError:
+            self.ringer.ring()
 
     async def put(self, receipt_id: str, request_hash: str, entry: bytes,
                   key_sha256: str | None = None) -> None:
