@@ -23,7 +23,8 @@ Parts (`--only` takes their names):
 - `gateway`: `python -m gateway demo`; the demo provider directly against
   through the gateway (receipts signed, committed, shipped, logged and
   witnessed): added p50 at one client, throughput at 16, and the added time
-  to the first chunk of a streamed answer; beside them LiteLLM's proxy (one
+  to the first chunk of a streamed answer, and the added p50 at about 10 calls a
+  second (a Python client, pausing between calls); beside them LiteLLM's proxy (one
   worker, same provider) when `.bench-venv` has `litellm[proxy]`. Then the
   demo again with `--require-log-inclusion` (each answer waits until its
   receipt is logged and witnessed): its added p50 at one client and throughput
@@ -271,6 +272,30 @@ def first_chunk_ms(client: httpx.Client, url: str, body: dict, headers: dict[str
     return dt * 1000
 
 
+PACED_RATE = 10  # calls a second to each of direct and gateway in the paced row
+
+
+def paced_ms(client: httpx.Client, direct: gateway_overhead.Target,
+             gw: gateway_overhead.Target, samples: int) -> dict[str, list[float]]:
+    """Milliseconds of each of `samples` calls (after 10 unmeasured) to direct and to the
+    gateway, one after the other, about PACED_RATE a second to each: the processes sleep between
+    calls, as at a quiet deployment, which the wrk rows never let them."""
+    out: dict[str, list[float]] = {direct.name: [], gw.name: []}
+    msg = [{"role": "user", "content": gateway_overhead.PROMPT}]
+    for i in range(samples + 10):
+        for t in (direct, gw):
+            time.sleep(0.5 / PACED_RATE)
+            t0 = time.perf_counter()
+            r = client.post(t.url + "/chat/completions", json={"model": t.model, "messages": msg},
+                            headers={"Authorization": f"Bearer {t.key}"})
+            ms = 1000 * (time.perf_counter() - t0)
+            if r.status_code != 200:
+                raise RuntimeError(f"paced call to {t.name} answered {r.status_code}")
+            if i >= 10:
+                out[t.name].append(ms)
+    return out
+
+
 def demo_targets(demo: gateway_overhead.Demo
                  ) -> tuple[gateway_overhead.Target, gateway_overhead.Target]:
     """The demo's provider called directly (plain HTTP) and through its gateway."""
@@ -330,6 +355,7 @@ def gateway_rows(tmp: Path, seconds: float, samples: int, profile: float, rounds
                                         {"Authorization": f"Bearer {t.key}"})
                     if i >= 20:
                         ttfc[t.name].append(ms)
+            paced = paced_ms(client, direct, gw, samples // 2)
         if profile:
             run_profiles(demo, gw, tmp, profile)
     finally:
@@ -401,6 +427,10 @@ def gateway_rows(tmp: Path, seconds: float, samples: int, profile: float, rounds
                     f"{sum(per_call.values()):.3f} ms",
                     f"0.3x direct allows {budget:.3f} ms ({os.cpu_count()} CPUs)", "",
                     "(the ceiling)", None))
+    p_d, p_g = statistics.median(paced["direct"]), statistics.median(paced["gateway"])
+    rows.append(Row(f"gateway at {PACED_RATE} calls a second: added p50", fmt(p_g - p_d, " ms"),
+                    f"direct p50 {fmt(p_d, ' ms')}", f"{p_g / p_d:.2f}x", "(informational)",
+                    None))
     if ("litellm", 1) in res:  # against the first round, which ran next to it
         (l1,), (l16,) = res[("litellm", 1)], res[("litellm", 16)]
         d1, g1, g16_first = res[("direct", 1)][0], res[("gateway", 1)][0], g16[0]
