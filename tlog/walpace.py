@@ -4,8 +4,8 @@ A passive checkpoint that copies the whole WAL back lets the next commit write t
 WAL from its start again, and that commit first writes and fsyncs a new WAL header
 (SQLite does so at synchronous=NORMAL as at FULL), on the committing thread. With a
 checkpoint on every tick of a fixed period, a writer committing less often than that
-period paid this fsync at every commit: at 20 calls a second the gateway's event loop
-ran one `fdatasync` a call (docs/benchmarks.md).
+period paid this fsync at every commit: at about 10 calls a second the gateway's event
+loop ran one `fdatasync` a call (docs/benchmarks.md).
 
 So a tick checkpoints only once `COMMITS` commits were made since the last
 checkpoint. Under load that is every tick, as before; at a low rate the restart's

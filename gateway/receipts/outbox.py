@@ -490,10 +490,9 @@ class Outbox:
     def _ring_after_answers(self) -> None:
         """Ring the shipper after a commit: on the event loop, once the calls the commit
         resumed (due first, in this loop turn) have sent their answers; at once elsewhere
-        (the "fsync" writer thread, or `close`). A ring wakes an idle shipper, and on two
-        CPUs the shipper then ran before the answer left: at 20 calls a second, ringing
-        after the answers cut the gateway's added p50 from 2.42-2.54 ms to 2.13-2.43
-        (five runs each, docs/benchmarks.md)."""
+        (the "fsync" writer thread, or `close`). A ring wakes an idle shipper, which on two
+        CPUs then ran before the answer left: at about 10 calls a second the gateway's
+        added p50 was 0.1-0.3 ms lower ringing after the answers (docs/benchmarks.md)."""
         try:
             asyncio.get_running_loop().call_soon(self.ringer.ring)
         except RuntimeError:
