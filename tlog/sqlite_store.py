@@ -107,7 +107,7 @@ WAL_PAGES = 10000
 
 CHECKPOINT_EVERY = 0.25
 """Seconds between the checkpoint thread's looks at the WAL: a passive checkpoint runs at a
-look once enough commits were made since the last (tlog/walpace.py). They copy committed WAL
+look once enough waits in the WAL (tlog/walpace.py). They copy committed WAL
 pages into the database on a connection of their own, so no append waits for them: with
 only the automatic checkpoint, run by the committing thread, `POST /add` at 64 clients on
 a log of 10M entries had a p99 of 300 ms (105 ms with no checkpoint at all). A checkpoint
@@ -209,7 +209,7 @@ class SQLiteStore:
         self._inode = os.stat(path).st_ino
         self._absent: set[bytes] = set()
         self._closing = threading.Event()
-        self._pace = Pace()  # commits since the last passive checkpoint
+        self._pace = Pace(path)  # when the checkpoint thread folds the WAL back
         self._checkpointer: threading.Thread | None = None
         try:
             with self._reading() as db:
@@ -299,7 +299,6 @@ class SQLiteStore:
                 try:
                     yield db
                     db.execute("COMMIT")
-                    self._pace.committed()
                 except BaseException:
                     if db.in_transaction:  # SQLite may have rolled back itself (disk full)
                         with contextlib.suppress(sqlite3.Error):

@@ -7,37 +7,57 @@ checkpoint on every tick of a fixed period, a writer committing less often than 
 period paid this fsync at every commit: at about 10 calls a second the gateway's event
 loop ran one `fdatasync` a call (docs/benchmarks.md).
 
-So a tick checkpoints only once `COMMITS` commits were made since the last
-checkpoint. Under load that is every tick, as before; at a low rate the restart's
-fsync comes once in `COMMITS` commits. The WAL then holds at most the pages of
-`COMMITS` commits, plus those of one tick, before the thread folds them back; commits
-already in it stay as durable as the database's `synchronous` setting makes them.
+So a tick checkpoints only once `BYTES` of pages wait in the WAL to be copied back.
+Under load that is every tick, as before; at a low rate the restart's fsync comes once
+per `BYTES` written; and the WAL never holds much more than `BYTES` (plus a tick's
+writes) that a checkpoint could have copied back, however many pages each commit
+writes. Commits in it stay as durable as the database's `synchronous` setting makes
+them.
+
+The bytes waiting are read from the WAL-index header SQLite keeps in the `-shm` file
+beside the database: the WAL's last valid frame (`mxFrame`) less the frames already
+copied back (`nBackfill`), times the page size (the layout of
+https://sqlite.org/walformat.html, which every SQLite version sharing a database file
+must agree on). A header read while a writer changes it can be off; the next tick reads
+it again.
 """
 
 from __future__ import annotations
 
-COMMITS = 64
-"""Commits since the last checkpoint that make the next tick run one."""
+import struct
+from pathlib import Path
+
+BYTES = 2 << 20
+"""Bytes of WAL pages not yet copied back that make the next tick run a checkpoint."""
+
+_HEADER = 100  # bytes of the -shm file read: the first header copy and nBackfill
+_PAGE_SIZE = struct.Struct("=H")  # at 14: the page size (1 means 65536), native order
+_MX_FRAME = struct.Struct("=I")  # at 16: the last valid frame
+_BACKFILLED = struct.Struct("=I")  # at 96: frames copied back into the database
 
 
 class Pace:
-    """Commits counted by the one writer (`committed`), read by the checkpoint thread
-    (`due`). The count only grows, and only the writer's thread changes it, so the
-    other thread's read of it needs no lock."""
+    """Whether the WAL of the database at `path` holds enough to fold back (`due`), for
+    its checkpoint thread. `limit`, if given, lowers the threshold to a quarter of it (a
+    WAL limit below 4 * BYTES still sees checkpoints before the limit)."""
 
-    def __init__(self) -> None:
-        self.commits = COMMITS  # read when made, so a test can set the module's value
-        self._made = 0  # commits so far
-        self._done = 0  # of them, made before the last checkpoint
+    def __init__(self, path: str | Path, limit: int | None = None) -> None:
+        self.threshold = BYTES if limit is None else max(1, min(BYTES, limit // 4))
+        self._shm = Path(f"{path}-shm")
 
-    def committed(self) -> None:
-        """Count one committed write transaction."""
-        self._made += 1
+    def waiting(self) -> int:
+        """Bytes of WAL pages not yet copied back (0 with no WAL-index yet)."""
+        try:
+            with self._shm.open("rb") as f:
+                head = f.read(_HEADER)
+        except OSError:
+            return 0
+        if len(head) < _HEADER:
+            return 0
+        page = _PAGE_SIZE.unpack_from(head, 14)[0]
+        frames = _MX_FRAME.unpack_from(head, 16)[0] - _BACKFILLED.unpack_from(head, 96)[0]
+        return max(0, frames) * (65536 if page == 1 else page)
 
     def due(self) -> bool:
-        """Whether a checkpoint should run now; True also counts it as run."""
-        made = self._made
-        if made - self._done < self.commits:
-            return False
-        self._done = made
-        return True
+        """Whether a checkpoint should run now."""
+        return self.waiting() >= self.threshold
