@@ -76,7 +76,7 @@ LEDGER_FILE = "ledger.sqlite3"
 WAL_LIMIT = 32 << 20  # bytes of write-ahead log past which it is restarted (at most)
 # (4 MiB truncated the outbox's WAL 4-7 times a second at 16 clients, on the event loop;
 # 32 MiB: about once, and 12-16 % more calls a second: docs/benchmarks-history.md)
-CHECKPOINT_EVERY = 0.1  # seconds between looks at the WAL's checkpoint (walpace), off the loop
+CHECKPOINT_EVERY = 0.1  # seconds between the checkpoint thread's looks at the WAL (walpace)
 TRIM_WAIT = 0.05  # seconds a restart waits for readers of an older snapshot
 TRIM_RETRY = 1.0  # seconds before a restart readers kept from finishing is tried again
 MAX_BYTES = 1 << 30  # default hard bound on the bytes the outbox and ledger use
@@ -279,7 +279,7 @@ class _Writer:
                         with contextlib.suppress(RuntimeError):  # the loop has closed
                             handback()
                 elif self._pace.due():
-                    with contextlib.suppress(sqlite3.Error):  # a full disk: at the next one
+                    with contextlib.suppress(sqlite3.Error):  # a full disk: at the next tick
                         conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
         finally:
             conn.close()
