@@ -23,9 +23,9 @@ def checkpoint_threads() -> set[threading.Thread]:
 
 def largest_wal(tmp_path, monkeypatch, every: float) -> int:
     """The largest size the WAL file reached over 40 appends, with checkpoints by the thread
-    every `every` seconds (whenever anything waits) and none by the appending thread."""
+    every `every` seconds (after any commit) and none by the appending thread."""
     monkeypatch.setattr(sqlite_store, "WAL_PAGES", 10**9)
-    monkeypatch.setattr(walpace, "BYTES", 1)
+    monkeypatch.setattr(walpace, "WEIGHT", 1)
     monkeypatch.setattr(sqlite_store, "CHECKPOINT_EVERY", every)
     tmp_path.mkdir()
     store = SQLiteStore(tmp_path / "log.db")

@@ -1,11 +1,10 @@
-"""The checkpoint threads fold a WAL back only once enough waits in it (tlog/walpace.py): a
-writer committing now and then does not restart its WAL, and fsync its new header, at
+"""The checkpoint threads fold a WAL back only once enough was committed (tlog/walpace.py):
+a writer committing now and then does not restart its WAL, and fsync its new header, at
 every commit. A restart shows in the WAL file's header: its checkpoint sequence number."""
 
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 import time
 from pathlib import Path
 
@@ -23,38 +22,38 @@ def restarts_so_far(wal: Path) -> int:
     return int.from_bytes(wal.read_bytes()[12:16], "big")
 
 
-def test_pace_counts_the_bytes_waiting_in_the_wal(tmp_path: Path) -> None:
-    db = sqlite3.connect(tmp_path / "t.db", isolation_level=None)
-    db.execute("PRAGMA journal_mode=WAL")
-    db.execute("PRAGMA wal_autocheckpoint=0")
-    db.execute("CREATE TABLE t (x BLOB)")
-    pace = walpace.Pace(tmp_path / "t.db", limit=16 * 4096)  # due at 4 pages waiting
-    before = pace.waiting()
-    assert before % 4096 == 0 and before > 0  # the CREATE TABLE's pages
-    db.execute("INSERT INTO t VALUES (?)", (b"x" * 3000,))
-    assert before < pace.waiting() < 4 * 4096
+def test_pace_is_due_once_the_commits_weigh_enough() -> None:
+    pace = walpace.Pace()
+    pace.weight = 3
     assert not pace.due()
-    for _ in range(4):
-        db.execute("INSERT INTO t VALUES (?)", (b"x" * 3000,))
+    pace.committed()
+    pace.committed()
+    assert not pace.due()
+    pace.committed()
     assert pace.due()
-    other = sqlite3.connect(tmp_path / "t.db", isolation_level=None)
-    other.execute("PRAGMA wal_checkpoint(PASSIVE)")  # copied back: nothing waits
-    assert pace.waiting() == 0 and not pace.due()
-    other.close()
-    db.close()
+    assert not pace.due()  # counted as run: the next needs a weight of three more
+    pace.committed(0)  # a commit weighs at least one
+    pace.committed(5)
+    assert pace.due()
 
 
-def test_pace_reads_no_wal_index_as_nothing_waiting(tmp_path: Path) -> None:
-    assert walpace.Pace(tmp_path / "absent.db").waiting() == 0
-    (tmp_path / "short.db-shm").write_bytes(b"\xff" * 40)  # torn or foreign: not trusted
-    assert walpace.Pace(tmp_path / "short.db").waiting() == 0
+def test_a_large_batch_makes_the_log_checkpoint_due_sooner(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "log.db")
+    log = Log(store, keys.load_signer(tmp_path))
+    pace = store._pace  # noqa: SLF001 - the store's own pace
+    pace.weight = 1 + 1000 // sqlite_store.ENTRIES_PER_WEIGHT
+    _run(log, [b"one"])
+    assert not pace.due()
+    _run(log, [b"entry %d" % n for n in range(1000)])  # one batch, one transaction
+    assert pace.due()
+    store.close()
 
 
-@pytest.mark.parametrize("threshold", [1, 1 << 30])
+@pytest.mark.parametrize("weight", [1, 1000])
 def test_an_outbox_written_now_and_then_restarts_its_wal_only_at_its_pace(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, threshold: int) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, weight: int) -> None:
     monkeypatch.setattr(outbox, "CHECKPOINT_EVERY", 0.005)
-    monkeypatch.setattr(walpace, "BYTES", threshold)
+    monkeypatch.setattr(walpace, "WEIGHT", weight)
 
     async def go() -> tuple[int, int]:
         ob = outbox.Outbox(tmp_path)
@@ -69,17 +68,17 @@ def test_an_outbox_written_now_and_then_restarts_its_wal_only_at_its_pace(
         return first, last
 
     first, last = asyncio.run(go())
-    if threshold == 1:
+    if weight == 1:
         assert last >= first + 6  # folded back at nearly every tick, so restarted
     else:
         assert last == first
 
 
-@pytest.mark.parametrize("threshold", [1, 1 << 30])
+@pytest.mark.parametrize("weight", [1, 1000])
 def test_a_log_appended_to_now_and_then_restarts_its_wal_only_at_its_pace(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, threshold: int) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, weight: int) -> None:
     monkeypatch.setattr(sqlite_store, "CHECKPOINT_EVERY", 0.005)
-    monkeypatch.setattr(walpace, "BYTES", threshold)
+    monkeypatch.setattr(walpace, "WEIGHT", weight)
     store = SQLiteStore(tmp_path / "log.db")
     log = Log(store, keys.load_signer(tmp_path))
     wal = tmp_path / "log.db-wal"
@@ -90,7 +89,7 @@ def test_a_log_appended_to_now_and_then_restarts_its_wal_only_at_its_pace(
         _run(log, [b"entry %d" % n])
     last = restarts_so_far(wal)
     store.close()
-    if threshold == 1:
+    if weight == 1:
         assert last >= first + 6
     else:
         assert last == first

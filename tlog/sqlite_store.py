@@ -107,11 +107,16 @@ WAL_PAGES = 10000
 
 CHECKPOINT_EVERY = 0.25
 """Seconds between the checkpoint thread's looks at the WAL: a passive checkpoint runs at a
-look once enough waits in the WAL (tlog/walpace.py). They copy committed WAL
+look once enough was committed since the last (tlog/walpace.py). They copy committed WAL
 pages into the database on a connection of their own, so no append waits for them: with
 only the automatic checkpoint, run by the committing thread, `POST /add` at 64 clients on
 a log of 10M entries had a p99 of 300 ms (105 ms with no checkpoint at all). A checkpoint
 only copies what commits already made durable."""
+
+ENTRIES_PER_WEIGHT = 64
+"""A batch of N entries weighs 1 + N // ENTRIES_PER_WEIGHT in the checkpoint thread's pace
+(tlog/walpace.py): a few large batches, which write many pages, make a checkpoint due as
+many small ones do, well before the WAL reaches WAL_PAGES."""
 
 IN_LIST = 500
 """Prefixes looked up per query (SQLite limits the number of bound parameters)."""
@@ -209,7 +214,7 @@ class SQLiteStore:
         self._inode = os.stat(path).st_ino
         self._absent: set[bytes] = set()
         self._closing = threading.Event()
-        self._pace = Pace(path)  # when the checkpoint thread folds the WAL back
+        self._pace = Pace()  # when the checkpoint thread folds the WAL back
         self._checkpointer: threading.Thread | None = None
         try:
             with self._reading() as db:
@@ -287,9 +292,10 @@ class SQLiteStore:
                 self._folds += 1
 
     @contextlib.contextmanager
-    def _writing(self) -> Iterator[sqlite3.Connection]:
+    def _writing(self, weight: int = 1) -> Iterator[sqlite3.Connection]:
         """One write transaction: committed (fsynced) on return, rolled back on any error;
-        a failure of the database or file system raises StorageError."""
+        a failure of the database or file system raises StorageError. Its `weight` counts
+        toward the checkpoint thread's pace."""
         with self._lock:
             db = self._db
             try:
@@ -299,6 +305,7 @@ class SQLiteStore:
                 try:
                     yield db
                     db.execute("COMMIT")
+                    self._pace.committed(weight)
                 except BaseException:
                     if db.in_transaction:  # SQLite may have rolled back itself (disk full)
                         with contextlib.suppress(sqlite3.Error):
@@ -377,7 +384,7 @@ class SQLiteStore:
         if memory.due():
             memory.start_fold()
         pieces = memory.pieces_due()
-        with self._writing() as db:
+        with self._writing(1 + len(entries) // ENTRIES_PER_WEIGHT) as db:
             unchecked = [h for h in hashes if h not in self._absent]
             self._absent = set()
             if len(set(hashes)) != len(hashes) or (unchecked and self._held(db, unchecked)):

@@ -27,8 +27,8 @@ Invariants:
 
 Bounded disk (docs/reliability.md):
 - The write-ahead log of each file is folded back by a background thread, at a tick
-  of `CHECKPOINT_EVERY` once `tlog.walpace.BYTES` (or a quarter of its limit) wait in
-  it (tlog/walpace.py says why), and, once it passes `WAL_LIMIT`, restarted between
+  of `CHECKPOINT_EVERY` once `tlog.walpace.WEIGHT` commits were made since it last
+  did (tlog/walpace.py says why), and, once it passes `WAL_LIMIT`, restarted between
   two transactions (fully folded in, written again from its start and its file cut
   back to the limit), so it cannot grow under a steady load that never lets a
   passive checkpoint catch up. In "process" mode the checkpoint thread does the
@@ -250,7 +250,7 @@ class _Writer:
         self._handback: Callable[[], None] | None = None  # set by the loop, run by the thread
         self._holding = False  # (on the loop) commits wait for a restart
         self._trim_after = 0.0  # monotonic time before which no restart is tried
-        self._pace = Pace(path, wal_limit)  # when the checkpoint thread folds the WAL back
+        self._pace = Pace()  # when the checkpoint thread folds the WAL back
         self._checkpointer = threading.Thread(target=self._checkpoint, daemon=True,
                                               name=f"{path.stem}-checkpoint")
         self._checkpointer.start()
@@ -263,8 +263,8 @@ class _Writer:
             self._thread.start()
 
     def _checkpoint(self) -> None:
-        """Fold the WAL into the database at a tick of CHECKPOINT_EVERY once enough waits in
-        it (`Pace`), on this thread's own connection; when the writer asks
+        """Fold the WAL into the database at a tick of CHECKPOINT_EVERY once the writer made
+        enough commits (`Pace`), on this thread's own connection; when the writer asks
         (`_trim_wal`), restart it instead, then hand the writer its commits back."""
         conn = sqlite3.connect(self.path, isolation_level=None, timeout=TRIM_WAIT)
         try:
@@ -386,6 +386,7 @@ class _Writer:
                     self._wconn.execute(op.sql, op.args)
             fault("commit")
             self._wconn.execute("COMMIT")
+            self._pace.committed()
         except (sqlite3.Error, OSError) as e:
             if self._wconn.in_transaction:
                 with contextlib.suppress(sqlite3.Error):
