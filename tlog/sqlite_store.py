@@ -507,8 +507,8 @@ def _insert_checkpoint(db: sqlite3.Connection, head: Head) -> None:
 def _checkpoints(db: sqlite3.Connection, closing: threading.Event, pace: Pace) -> None:
     """A passive checkpoint at a tick of CHECKPOINT_EVERY once `pace` says one is due, until
     `closing` is set (the checkpoint thread; it holds no reference to its store). One that
-    fails (disk full) is tried again at the next tick; the WAL meanwhile keeps every commit,
-    and past WAL_PAGES the committing thread checkpoints too."""
+    fails (disk full) waits until the pace is due again; the WAL meanwhile keeps every
+    commit, and past WAL_PAGES the committing thread checkpoints too."""
     try:
         while not closing.wait(CHECKPOINT_EVERY):
             if not pace.due():

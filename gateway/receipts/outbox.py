@@ -279,7 +279,7 @@ class _Writer:
                         with contextlib.suppress(RuntimeError):  # the loop has closed
                             handback()
                 elif self._pace.due():
-                    with contextlib.suppress(sqlite3.Error):  # a full disk: at the next tick
+                    with contextlib.suppress(sqlite3.Error):  # a full disk: when next due
                         conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
         finally:
             conn.close()
