@@ -37,14 +37,16 @@ def test_pace_is_due_once_the_commits_weigh_enough() -> None:
     assert pace.due()
 
 
-def test_a_large_batch_makes_the_log_checkpoint_due_sooner(tmp_path: Path) -> None:
+def test_a_batch_of_many_bytes_makes_the_log_checkpoint_due_sooner(tmp_path: Path) -> None:
     store = SQLiteStore(tmp_path / "log.db")
     log = Log(store, keys.load_signer(tmp_path))
     pace = store._pace  # noqa: SLF001 - the store's own pace
-    pace.weight = 1 + 1000 // sqlite_store.ENTRIES_PER_WEIGHT
+    pace.weight = 10
     _run(log, [b"one"])
     assert not pace.due()
-    _run(log, [b"entry %d" % n for n in range(1000)])  # one batch, one transaction
+    big = [b"%02d" % n + b"x" * 59_998 for n in range(10)]  # one batch of 600 kB
+    assert 1 + sum(map(len, big)) // sqlite_store.BYTES_PER_WEIGHT >= pace.weight
+    _run(log, big)
     assert pace.due()
     store.close()
 

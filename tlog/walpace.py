@@ -9,8 +9,8 @@ loop ran one `fdatasync` a call (docs/benchmarks.md).
 
 So a tick checkpoints only once the writer's commits since the last checkpoint weigh
 `WEIGHT`: one each, and a writer whose commits vary in size (the log's batches) adds
-to a large one's weight, so that the WAL holds a bounded number of pages before it is
-folded back. Under load that is every tick, as before; at a low rate the restart's
+to a large one's weight by its bytes, so that the WAL holds a bounded number of pages
+before it is folded back. Under load that is every tick, as before; at a low rate the restart's
 fsync comes once in `WEIGHT` small commits. Commits in the WAL stay as durable as the
 database's `synchronous` setting makes them.
 
